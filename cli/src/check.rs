@@ -1,0 +1,109 @@
+//! `capsid check`: the host report as a table or JSON.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use capsid_sandbox::check::{HostReport, KvmFlavor};
+use capsid_sandbox::config::Config;
+
+/// Arguments of `capsid check`.
+#[derive(Debug, clap::Args)]
+pub struct CheckArgs {
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Prints the report; exits non-zero with the reason when no backend is usable.
+pub fn run(config: Option<&Path>, args: &CheckArgs) -> anyhow::Result<ExitCode> {
+    let config = Config::load(config)?;
+    let report = HostReport::gather(&config);
+    if args.json {
+        let text = serde_json::to_string_pretty(&report).context("serializing the report")?;
+        println!("{text}");
+    } else {
+        print!("{}", table(&report));
+    }
+    match report.selection.backend {
+        Some(_) => Ok(ExitCode::SUCCESS),
+        None => {
+            eprintln!("capsid: no usable backend: {}", report.selection.reason);
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn yes_no(v: bool) -> &'static str {
+    if v {
+        "yes"
+    } else {
+        "no"
+    }
+}
+
+fn found(p: Option<&Path>) -> String {
+    p.map_or_else(|| "not found".to_string(), |p| p.display().to_string())
+}
+
+fn table(r: &HostReport) -> String {
+    let kvm = match (&r.kvm.error, r.kvm.api_version) {
+        (Some(e), _) => e.clone(),
+        (None, Some(v)) => format!("/dev/kvm, API version {v}"),
+        (None, None) => "unusable".to_string(),
+    };
+    let flavor = match r.kvm.flavor {
+        KvmFlavor::Hardware => format!(
+            "hardware-assisted ({}{})",
+            r.kvm.cpu_virt.as_deref().unwrap_or("?"),
+            match r.kvm.tdp {
+                Some(true) => ", EPT/NPT",
+                Some(false) => ", no EPT/NPT",
+                None => "",
+            }
+        ),
+        KvmFlavor::Pvm => "PVM (software; standard guest kernels cannot run)".to_string(),
+        KvmFlavor::Unknown => "unknown (no vmx/svm visible)".to_string(),
+    };
+    let caps = if r.kvm.api_version.is_none() {
+        "-".to_string()
+    } else if r.kvm.missing_caps.is_empty() {
+        "all present".to_string()
+    } else {
+        format!("missing {}", r.kvm.missing_caps.join(", "))
+    };
+    let qemu = r.qemu.as_ref().map_or_else(
+        || "not found".to_string(),
+        |q| {
+            format!(
+                "{} ({}; microvm: {}, vhost-user: {})",
+                q.path.display(),
+                q.version,
+                yes_no(q.microvm),
+                yes_no(q.vhost_user)
+            )
+        },
+    );
+    let asset = |a: &capsid_sandbox::check::Asset| {
+        format!("{} ({})", a.path.display(), if a.present { "present" } else { "missing" })
+    };
+    let backend = r.selection.backend.map_or("none", |b| b.as_str());
+    let rows = [
+        ("KVM", kvm),
+        ("KVM kind", flavor),
+        ("KVM capabilities", caps),
+        ("/dev/net/tun", yes_no(r.tun).to_string()),
+        ("/dev/vhost-vsock", yes_no(r.vhost_vsock).to_string()),
+        ("/dev/vhost-net", yes_no(r.vhost_net).to_string()),
+        ("QEMU", qemu),
+        ("capsid-vmm", found(r.capsid_vmm.as_deref())),
+        ("capsid-vhost", found(r.capsid_vhost.as_deref())),
+        ("containerd", r.containerd.clone().unwrap_or_else(|| "not found".into())),
+        ("kernel", asset(&r.assets.kernel)),
+        ("bzImage", asset(&r.assets.bzimage)),
+        ("initramfs", asset(&r.assets.initramfs)),
+        ("backend", format!("{backend}: {}", r.selection.reason)),
+    ];
+    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    rows.iter().map(|(k, v)| format!("{k:<width$}  {v}\n")).collect()
+}

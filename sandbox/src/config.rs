@@ -1,0 +1,329 @@
+//! capsid's host configuration, `/etc/capsid/config.toml`.
+//!
+//! Every key is optional; a missing file means all defaults. Paths default to
+//! where `make install` puts things. docs/configuration.md lists every key.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// Where the configuration is read from unless told otherwise.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/capsid/config.toml";
+/// Environment variable naming another configuration file.
+pub const CONFIG_ENV: &str = "CAPSID_CONFIG";
+/// Where `make install` puts the guest kernel, initramfs and images.
+pub const DEFAULT_SHARE_DIR: &str = "/usr/local/share/capsid";
+
+/// Errors reading the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file exists but cannot be read.
+    #[error("cannot read config file {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("invalid config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said, with line and column.
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("invalid config value {key}: {message}")]
+    Value {
+        /// The key, as `section.key`.
+        key: &'static str,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+/// Result of configuration operations.
+pub type Result<T> = std::result::Result<T, ConfigError>;
+
+/// Which VM backend runs sandboxes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackendKind {
+    /// capsid's own VMM on hardware-assisted KVM.
+    CapsidVmm,
+    /// QEMU microvm accelerated by KVM.
+    QemuKvm,
+    /// QEMU microvm with TCG software emulation (works everywhere, slowly).
+    QemuTcg,
+}
+
+impl BackendKind {
+    /// The name used in config files and reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::CapsidVmm => "capsid-vmm",
+            Self::QemuKvm => "qemu-kvm",
+            Self::QemuTcg => "qemu-tcg",
+        }
+    }
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for BackendKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "capsid-vmm" => Ok(Self::CapsidVmm),
+            "qemu-kvm" => Ok(Self::QemuKvm),
+            "qemu-tcg" => Ok(Self::QemuTcg),
+            other => Err(format!(
+                "unknown backend {other:?} (expected capsid-vmm, qemu-kvm or qemu-tcg)"
+            )),
+        }
+    }
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where binaries and assets are.
+    pub paths: PathsConfig,
+    /// Which backend to use.
+    pub backend: BackendConfig,
+    /// Default VM size.
+    pub vm: VmConfig,
+}
+
+/// `[paths]`: binaries, guest assets and state directories.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PathsConfig {
+    /// Uncompressed guest kernel (ELF with a PVH note).
+    pub kernel: PathBuf,
+    /// Compressed guest kernel, for VMMs that boot bzImage.
+    pub bzimage: PathBuf,
+    /// Guest initramfs whose `/init` is capsid-agent.
+    pub initramfs: PathBuf,
+    /// Bundled OCI images (`<name>.tar` archives or layout directories).
+    pub images_dir: PathBuf,
+    /// Cached read-only rootfs disk images.
+    pub cache_dir: PathBuf,
+    /// Per-sandbox runtime state: sockets, logs.
+    pub state_dir: PathBuf,
+    /// The QEMU binary (a name is looked up in PATH).
+    pub qemu: PathBuf,
+    /// The capsid-vmm binary.
+    pub vmm: PathBuf,
+    /// The capsid-vhost binary.
+    pub vhost: PathBuf,
+}
+
+impl Default for PathsConfig {
+    fn default() -> Self {
+        let share = Path::new(DEFAULT_SHARE_DIR);
+        Self {
+            kernel: share.join("vmlinux"),
+            bzimage: share.join("bzImage"),
+            initramfs: share.join("initramfs.cpio.gz"),
+            images_dir: share.join("images"),
+            cache_dir: PathBuf::from("/var/lib/capsid/cache"),
+            state_dir: PathBuf::from("/run/capsid"),
+            qemu: PathBuf::from("qemu-system-x86_64"),
+            vmm: PathBuf::from("capsid-vmm"),
+            vhost: PathBuf::from("capsid-vhost"),
+        }
+    }
+}
+
+/// `[backend]`: automatic choice, or a forced one.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BackendConfig {
+    /// `"auto"` (absent) lets `capsid check` decide; otherwise that backend
+    /// is used, and an error says why if this host cannot run it.
+    #[serde(with = "backend_choice")]
+    pub kind: Option<BackendKind>,
+}
+
+/// `[vm]`: the size of a sandbox when nothing else says.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VmConfig {
+    /// vCPUs per sandbox.
+    pub vcpus: u32,
+    /// Guest RAM per sandbox, in MiB.
+    pub memory_mib: u32,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        Self { vcpus: 1, memory_mib: 256 }
+    }
+}
+
+/// Smallest guest RAM the guest kernel and agent boot in.
+pub const MIN_MEMORY_MIB: u32 = 64;
+/// Most vCPUs the guest kernel is built for (`CONFIG_NR_CPUS`).
+pub const MAX_VCPUS: u32 = 32;
+
+impl Config {
+    /// Reads the configuration from `path`, or from `$CAPSID_CONFIG`, or from
+    /// the default path; a default path that does not exist gives defaults.
+    pub fn load(path: Option<&Path>) -> Result<Self> {
+        let env = std::env::var_os(CONFIG_ENV).map(PathBuf::from);
+        match path.map(Path::to_path_buf).or(env) {
+            Some(explicit) => Self::read(&explicit),
+            None => {
+                let default = Path::new(DEFAULT_CONFIG_PATH);
+                if default.exists() {
+                    Self::read(default)
+                } else {
+                    Ok(Self::default())
+                }
+            }
+        }
+    }
+
+    /// Reads and validates one file.
+    pub fn read(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_path_buf(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and validates configuration text.
+    pub fn parse(text: &str) -> Result<Self> {
+        let config: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::new(),
+            message: e.message().to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.vm.vcpus == 0 || self.vm.vcpus > MAX_VCPUS {
+            return Err(ConfigError::Value {
+                key: "vm.vcpus",
+                message: format!("{} is not between 1 and {MAX_VCPUS}", self.vm.vcpus),
+            });
+        }
+        if self.vm.memory_mib < MIN_MEMORY_MIB {
+            return Err(ConfigError::Value {
+                key: "vm.memory_mib",
+                message: format!(
+                    "{} MiB is below the {MIN_MEMORY_MIB} MiB a guest needs",
+                    self.vm.memory_mib
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+mod backend_choice {
+    //! `kind = "auto" | "capsid-vmm" | "qemu-kvm" | "qemu-tcg"`.
+
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+
+    use super::BackendKind;
+
+    pub fn serialize<S: Serializer>(v: &Option<BackendKind>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(v.map_or("auto", BackendKind::as_str))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<BackendKind>, D::Error> {
+        let text = String::deserialize(d)?;
+        if text == "auto" {
+            return Ok(None);
+        }
+        text.parse().map(Some).map_err(D::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_means_defaults() {
+        assert_eq!(Config::parse("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn keys_are_read() {
+        let c = Config::parse(
+            r#"
+            [paths]
+            kernel = "/k/vmlinux"
+            [backend]
+            kind = "qemu-tcg"
+            [vm]
+            vcpus = 2
+            memory_mib = 512
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.paths.kernel, PathBuf::from("/k/vmlinux"));
+        assert_eq!(c.paths.initramfs, PathsConfig::default().initramfs);
+        assert_eq!(c.backend.kind, Some(BackendKind::QemuTcg));
+        assert_eq!(c.vm, VmConfig { vcpus: 2, memory_mib: 512 });
+    }
+
+    #[test]
+    fn auto_backend_is_none() {
+        let c = Config::parse("[backend]\nkind = \"auto\"\n").unwrap();
+        assert_eq!(c.backend.kind, None);
+    }
+
+    #[test]
+    fn unknown_backend_is_named() {
+        let e = Config::parse("[backend]\nkind = \"firecracker\"\n").unwrap_err();
+        assert!(e.to_string().contains("firecracker"), "{e}");
+    }
+
+    #[test]
+    fn unknown_key_is_rejected() {
+        let e = Config::parse("[vm]\nmemory = 5\n").unwrap_err();
+        assert!(e.to_string().contains("memory"), "{e}");
+    }
+
+    #[test]
+    fn tiny_memory_is_rejected() {
+        let e = Config::parse("[vm]\nmemory_mib = 8\n").unwrap_err();
+        assert!(e.to_string().contains("vm.memory_mib"), "{e}");
+    }
+
+    #[test]
+    fn missing_explicit_file_is_an_error() {
+        let e = Config::load(Some(Path::new("/nonexistent/capsid.toml"))).unwrap_err();
+        assert!(matches!(e, ConfigError::Read { .. }));
+    }
+
+    #[test]
+    fn round_trips_through_toml() {
+        let mut c = Config::default();
+        c.backend.kind = Some(BackendKind::CapsidVmm);
+        let text = toml::to_string(&c).unwrap();
+        assert_eq!(Config::parse(&text).unwrap(), c);
+    }
+}

@@ -1,0 +1,175 @@
+//! How big a container's VM is: from the OCI spec's resources, overridden by
+//! `io.capsid.*` annotations, with the host config's defaults for the rest.
+//!
+//! * vCPUs: `io.capsid.vcpus`, else ceil(cpu quota / period), else the default.
+//! * RAM: `io.capsid.memory_mib`, else the memory limit plus headroom for the
+//!   guest kernel and agent, else the default.
+
+use std::collections::HashMap;
+
+use capsid_sandbox::config::{VmConfig, MAX_VCPUS, MIN_MEMORY_MIB};
+use oci_spec::runtime::Spec;
+
+/// Annotation overriding the number of vCPUs.
+pub const ANNOTATION_VCPUS: &str = "io.capsid.vcpus";
+/// Annotation overriding guest RAM, in MiB.
+pub const ANNOTATION_MEMORY_MIB: &str = "io.capsid.memory_mib";
+/// Guest RAM added to a container's memory limit for the guest kernel, the
+/// agent and page tables.
+pub const MEMORY_HEADROOM_MIB: u32 = 64;
+
+/// Errors sizing a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum SizingError {
+    /// An annotation is not a number in range.
+    #[error("annotation {key}={value:?}: {reason}")]
+    Annotation {
+        /// The annotation.
+        key: &'static str,
+        /// Its value.
+        value: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The spec's resources ask for something no VM can be.
+    #[error("OCI spec resources: {0}")]
+    Resources(String),
+}
+
+/// Result of sizing.
+pub type Result<T> = std::result::Result<T, SizingError>;
+
+/// The size of one sandbox VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmSize {
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Guest RAM in MiB.
+    pub memory_mib: u32,
+}
+
+/// Sizes the VM for `spec`, with `defaults` from the host config.
+pub fn vm_size(spec: &Spec, defaults: &VmConfig) -> Result<VmSize> {
+    let empty = HashMap::new();
+    let annotations = spec.annotations().as_ref().unwrap_or(&empty);
+    let resources = spec.linux().as_ref().and_then(|l| l.resources().as_ref());
+
+    let vcpus = match annotation(annotations, ANNOTATION_VCPUS, 1, MAX_VCPUS)? {
+        Some(v) => v,
+        None => {
+            let cpu = resources.and_then(|r| r.cpu().as_ref());
+            match (cpu.and_then(|c| c.quota()), cpu.and_then(|c| c.period())) {
+                (Some(quota), Some(period)) if quota > 0 && period > 0 => {
+                    let quota = quota.unsigned_abs();
+                    let n = quota.div_ceil(period);
+                    u32::try_from(n).ok().filter(|n| *n <= MAX_VCPUS).ok_or_else(|| {
+                        SizingError::Resources(format!(
+                            "cpu quota {quota}/{period} needs {n} vCPUs, more than {MAX_VCPUS}"
+                        ))
+                    })?
+                }
+                _ => defaults.vcpus,
+            }
+        }
+    };
+
+    let memory_mib = match annotation(annotations, ANNOTATION_MEMORY_MIB, MIN_MEMORY_MIB, u32::MAX)? {
+        Some(m) => m,
+        None => match resources.and_then(|r| r.memory().as_ref()).and_then(|m| m.limit()) {
+            Some(limit) if limit > 0 => {
+                let limit_mib = limit.unsigned_abs().div_ceil(1 << 20);
+                u32::try_from(limit_mib)
+                    .ok()
+                    .and_then(|m| m.checked_add(MEMORY_HEADROOM_MIB))
+                    .ok_or_else(|| {
+                        SizingError::Resources(format!("memory limit {limit} bytes is too large"))
+                    })?
+                    .max(MIN_MEMORY_MIB)
+            }
+            _ => defaults.memory_mib,
+        },
+    };
+    Ok(VmSize { vcpus, memory_mib })
+}
+
+fn annotation(
+    annotations: &HashMap<String, String>,
+    key: &'static str,
+    min: u32,
+    max: u32,
+) -> Result<Option<u32>> {
+    let Some(value) = annotations.get(key) else {
+        return Ok(None);
+    };
+    let n: u32 = value.trim().parse().map_err(|_| SizingError::Annotation {
+        key,
+        value: value.clone(),
+        reason: "not a whole number".into(),
+    })?;
+    if !(min..=max).contains(&n) {
+        return Err(SizingError::Annotation {
+            key,
+            value: value.clone(),
+            reason: format!("must be between {min} and {max}"),
+        });
+    }
+    Ok(Some(n))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(json: &str) -> Spec {
+        serde_json::from_str(json).unwrap()
+    }
+
+    const BASE: &str = r#"{"ociVersion":"1.0.2","root":{"path":"rootfs"}"#;
+
+    #[test]
+    fn defaults_when_nothing_is_said() {
+        let s = spec(&format!("{BASE}}}"));
+        let size = vm_size(&s, &VmConfig::default()).unwrap();
+        assert_eq!(size, VmSize { vcpus: 1, memory_mib: 256 });
+    }
+
+    #[test]
+    fn resources_set_the_size() {
+        let s = spec(&format!(
+            r#"{BASE},"linux":{{"resources":{{"cpu":{{"quota":150000,"period":100000}},
+            "memory":{{"limit":134217728}}}}}}}}"#
+        ));
+        let size = vm_size(&s, &VmConfig::default()).unwrap();
+        assert_eq!(size, VmSize { vcpus: 2, memory_mib: 128 + MEMORY_HEADROOM_MIB });
+    }
+
+    #[test]
+    fn annotations_win() {
+        let s = spec(&format!(
+            r#"{BASE},"annotations":{{"io.capsid.vcpus":"3","io.capsid.memory_mib":"512"}},
+            "linux":{{"resources":{{"memory":{{"limit":134217728}}}}}}}}"#
+        ));
+        let size = vm_size(&s, &VmConfig::default()).unwrap();
+        assert_eq!(size, VmSize { vcpus: 3, memory_mib: 512 });
+    }
+
+    #[test]
+    fn bad_annotations_are_named() {
+        for (value, why) in [("lots", "not a whole number"), ("0", "between"), ("99", "between")] {
+            let s = spec(&format!(r#"{BASE},"annotations":{{"io.capsid.vcpus":"{value}"}}}}"#));
+            let e = vm_size(&s, &VmConfig::default()).unwrap_err().to_string();
+            assert!(e.contains("io.capsid.vcpus") && e.contains(why), "{e}");
+        }
+        let s = spec(&format!(r#"{BASE},"annotations":{{"io.capsid.memory_mib":"8"}}}}"#));
+        let e = vm_size(&s, &VmConfig::default()).unwrap_err().to_string();
+        assert!(e.contains("io.capsid.memory_mib"), "{e}");
+    }
+
+    #[test]
+    fn unlimited_quota_uses_default() {
+        let s = spec(&format!(
+            r#"{BASE},"linux":{{"resources":{{"cpu":{{"quota":-1,"period":100000}}}}}}}}"#
+        ));
+        assert_eq!(vm_size(&s, &VmConfig::default()).unwrap().vcpus, 1);
+    }
+}

@@ -1,0 +1,98 @@
+//! A private containerd for tests: its own root, state and sockets under a
+//! temp dir, killed and cleaned up on drop.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running private containerd.
+#[derive(Debug)]
+pub struct Containerd {
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl Containerd {
+    /// Starts containerd with a config that keeps it away from any system
+    /// instance, and waits until its socket answers.
+    pub fn start() -> Self {
+        let dir = tempfile::Builder::new().prefix("capsid-ctrd").tempdir().expect("temp dir");
+        let d = dir.path();
+        let config = format!(
+            r#"version = 2
+root = "{root}"
+state = "{state}"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "{sock}"
+[ttrpc]
+  address = "{sock}.ttrpc"
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{opt}"
+"#,
+            root = d.join("root").display(),
+            state = d.join("state").display(),
+            sock = d.join("containerd.sock").display(),
+            opt = d.join("opt").display(),
+        );
+        let cfg = d.join("config.toml");
+        std::fs::write(&cfg, config).expect("write containerd config");
+        let log = std::fs::File::create(d.join("containerd.log")).expect("containerd log");
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(&cfg)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup log"))
+            .stderr(log)
+            .spawn()
+            .expect("containerd must be installed (make deps)");
+        let me = Self { child, dir };
+        let start = Instant::now();
+        while !me.ctr().args(["version"]).output().is_ok_and(|o| o.status.success()) {
+            assert!(start.elapsed() < Duration::from_secs(20), "containerd did not come up");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        me
+    }
+
+    /// The gRPC socket.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("containerd.sock")
+    }
+
+    /// The private root (for checking leftovers).
+    pub fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+
+    /// A `ctr` command talking to this containerd.
+    pub fn ctr(&self) -> Command {
+        let mut cmd = Command::new("ctr");
+        cmd.arg("-a").arg(self.socket()).stdin(Stdio::null());
+        cmd
+    }
+
+    /// containerd's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // Snapshots may still be mounted: unmount everything below our dir
+        // (deepest first) before the temp dir is removed.
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        let mut ours: Vec<&str> = mounts
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(1))
+            .filter(|m| Path::new(m).starts_with(self.dir.path()))
+            .collect();
+        ours.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in ours {
+            let _ = Command::new("umount").arg("-l").arg(m).status();
+        }
+    }
+}

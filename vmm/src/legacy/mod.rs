@@ -1,0 +1,183 @@
+//! Legacy PC devices: COM1 (8250 UART) for the console, and the i8042
+//! keyboard controller whose reset pulse is how a guest ends the VM.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use vm_superio::{I8042Device, Serial, Trigger};
+
+use crate::vstate::vcpu::Bus;
+
+/// COM1's I/O ports.
+pub const COM1_BASE: u16 = 0x3f8;
+const COM1_LEN: u16 = 8;
+/// i8042 data and command ports.
+pub const I8042_DATA: u16 = 0x60;
+/// i8042 command port: writing 0xFE pulses the CPU reset line.
+pub const I8042_COMMAND: u16 = 0x64;
+
+/// A trigger that records that it fired (the i8042 reset line, and the UART
+/// interrupt until interrupt routing lands).
+#[derive(Debug, Default, Clone)]
+pub struct Flag(Arc<AtomicBool>);
+
+impl Flag {
+    /// Whether it has fired.
+    pub fn is_set(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+impl Trigger for Flag {
+    type E = std::convert::Infallible;
+
+    fn trigger(&self) -> Result<(), Self::E> {
+        self.0.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// A device register's offset from its base port (callers match the range
+/// first, so it is small).
+fn port_offset(port: u16, base: u16) -> u8 {
+    u8::try_from(port.wrapping_sub(base)).unwrap_or(u8::MAX)
+}
+
+/// The port-I/O devices of the VM.
+pub struct LegacyBus {
+    serial: Mutex<Serial<Flag, vm_superio::serial::NoEvents, Box<dyn Write + Send>>>,
+    i8042: Mutex<I8042Device<Flag>>,
+    reset: Flag,
+    unhandled_logged: AtomicBool,
+}
+
+impl std::fmt::Debug for LegacyBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LegacyBus").field("reset", &self.reset.is_set()).finish()
+    }
+}
+
+impl LegacyBus {
+    /// COM1 writing to `console`, and the i8042.
+    pub fn new(console: Box<dyn Write + Send>) -> Self {
+        let reset = Flag::default();
+        Self {
+            serial: Mutex::new(Serial::new(Flag::default(), console)),
+            i8042: Mutex::new(I8042Device::new(reset.clone())),
+            reset,
+            unhandled_logged: AtomicBool::new(false),
+        }
+    }
+
+    fn log_unhandled(&self, what: &str, addr: u64) {
+        // Once per VM: a guest probing absent hardware must not flood the log.
+        if !self.unhandled_logged.swap(true, Ordering::Relaxed) {
+            tracing::debug!(what, addr = format_args!("{addr:#x}"), "access to no device (further ones not logged)");
+        }
+    }
+}
+
+impl Bus for LegacyBus {
+    fn pio_read(&self, port: u16, data: &mut [u8]) {
+        data.fill(0xff);
+        let Some(first) = data.first_mut() else { return };
+        match port {
+            p if (COM1_BASE..COM1_BASE + COM1_LEN).contains(&p) => {
+                if let Ok(mut serial) = self.serial.lock() {
+                    *first = serial.read(port_offset(p, COM1_BASE));
+                }
+            }
+            I8042_DATA | I8042_COMMAND => {
+                if let Ok(mut i8042) = self.i8042.lock() {
+                    *first = i8042.read(port_offset(port, I8042_DATA));
+                }
+            }
+            _ => self.log_unhandled("pio read", u64::from(port)),
+        }
+    }
+
+    fn pio_write(&self, port: u16, data: &[u8]) -> bool {
+        let Some(&value) = data.first() else { return false };
+        match port {
+            p if (COM1_BASE..COM1_BASE + COM1_LEN).contains(&p) => {
+                if let Ok(mut serial) = self.serial.lock() {
+                    if let Err(e) = serial.write(port_offset(p, COM1_BASE), value) {
+                        tracing::warn!(error = ?e, "serial console write failed");
+                    }
+                }
+                false
+            }
+            I8042_DATA | I8042_COMMAND => {
+                if let Ok(mut i8042) = self.i8042.lock() {
+                    // Errors here are the device refusing a command byte it
+                    // does not model: harmless.
+                    let _ = i8042.write(port_offset(port, I8042_DATA), value);
+                }
+                self.reset.is_set()
+            }
+            _ => {
+                self.log_unhandled("pio write", u64::from(port));
+                false
+            }
+        }
+    }
+
+    fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        data.fill(0xff);
+        self.log_unhandled("mmio read", addr);
+    }
+
+    fn mmio_write(&self, addr: u64, _data: &[u8]) {
+        self.log_unhandled("mmio write", addr);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn serial_output_reaches_console() {
+        let sink = Sink::default();
+        let bus = LegacyBus::new(Box::new(sink.clone()));
+        for b in b"hi\n" {
+            assert!(!bus.pio_write(COM1_BASE, &[*b]));
+        }
+        assert_eq!(sink.0.lock().unwrap().as_slice(), b"hi\n");
+        // Line status register: transmitter empty.
+        let mut lsr = [0u8];
+        bus.pio_read(COM1_BASE + 5, &mut lsr);
+        assert_ne!(lsr[0] & 0x20, 0);
+    }
+
+    #[test]
+    fn i8042_pulse_resets() {
+        let bus = LegacyBus::new(Box::new(std::io::sink()));
+        assert!(!bus.pio_write(I8042_COMMAND, &[0x20]));
+        assert!(bus.pio_write(I8042_COMMAND, &[0xfe]));
+    }
+
+    #[test]
+    fn unknown_ports_read_as_ones_and_do_not_panic() {
+        let bus = LegacyBus::new(Box::new(std::io::sink()));
+        let mut data = [0u8; 4];
+        bus.pio_read(0x1234, &mut data);
+        assert_eq!(data, [0xff; 4]);
+        assert!(!bus.pio_write(0x1234, &[]));
+        bus.mmio_write(0xd000_0000, &[1, 2, 3, 4]);
+    }
+}

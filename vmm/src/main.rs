@@ -1,0 +1,50 @@
+//! capsid-vmm: runs one microVM described by a JSON config file.
+//!
+//! Exit status: 0 when the guest reset itself (how a capsid guest ends),
+//! 3 when the guest crashed, 1 when the VMM failed.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use capsid_vmm::builder;
+use capsid_vmm::config::VmConfig;
+use capsid_vmm::vstate::vcpu::VcpuStop;
+use capsid_vmm::{EXIT_GUEST_CRASH, EXIT_GUEST_RESET, EXIT_VMM_ERROR};
+use clap::Parser;
+
+/// Runs one capsid microVM.
+#[derive(Debug, Parser)]
+#[command(name = "capsid-vmm", version, about)]
+struct Args {
+    /// The VM description (JSON).
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CAPSID_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    match run(&args) {
+        Ok(VcpuStop::Reset) => ExitCode::from(EXIT_GUEST_RESET),
+        Ok(VcpuStop::Crash(why)) => {
+            eprintln!("capsid-vmm: guest crashed: {why}");
+            ExitCode::from(EXIT_GUEST_CRASH)
+        }
+        Err(e) => {
+            eprintln!("capsid-vmm: {e:#}");
+            ExitCode::from(EXIT_VMM_ERROR)
+        }
+    }
+}
+
+fn run(args: &Args) -> anyhow::Result<VcpuStop> {
+    let config = VmConfig::from_file(&args.config)?;
+    let machine = builder::build(&config)?;
+    Ok(machine.run()?)
+}
