@@ -66,6 +66,8 @@ def main():
     src.add_argument("--agent", help="static capsid-agent binary, installed as /init")
     src.add_argument("--init", help="any static program or script to install as /init")
     ap.add_argument("--busybox", help="also install this static busybox as /bin/busybox with sh")
+    ap.add_argument("--file", action="append", default=[], metavar="SRC:DEST",
+                    help="also install SRC at DEST (mode 0755), e.g. a test tool")
     ap.add_argument("--out", required=True, help="output .cpio.gz")
     args = ap.parse_args()
 
@@ -87,6 +89,15 @@ def main():
         with open(args.busybox, "rb") as f:
             cpio.file("bin/busybox", f.read())
         cpio.symlink("bin/sh", "busybox")
+    for spec in args.file:
+        src, _, dest = spec.partition(":")
+        if not dest:
+            sys.exit(f"mkinitramfs: --file {spec}: expected SRC:DEST")
+        try:
+            with open(src, "rb") as f:
+                cpio.file(dest.lstrip("/"), f.read())
+        except OSError as e:
+            sys.exit(f"mkinitramfs: cannot read {src}: {e.strerror}")
     cpio.file("init", init)
     data = cpio.finish()
 

@@ -85,7 +85,11 @@ fn table(r: &HostReport) -> String {
         },
     );
     let asset = |a: &capsid_sandbox::check::Asset| {
-        format!("{} ({})", a.path.display(), if a.present { "present" } else { "missing" })
+        format!(
+            "{} ({})",
+            a.path.display(),
+            if a.present { "present" } else { "missing" }
+        )
     };
     let backend = r.selection.backend.map_or("none", |b| b.as_str());
     let rows = [
@@ -98,12 +102,17 @@ fn table(r: &HostReport) -> String {
         ("QEMU", qemu),
         ("capsid-vmm", found(r.capsid_vmm.as_deref())),
         ("capsid-vhost", found(r.capsid_vhost.as_deref())),
-        ("containerd", r.containerd.clone().unwrap_or_else(|| "not found".into())),
+        (
+            "containerd",
+            r.containerd.clone().unwrap_or_else(|| "not found".into()),
+        ),
         ("kernel", asset(&r.assets.kernel)),
         ("bzImage", asset(&r.assets.bzimage)),
         ("initramfs", asset(&r.assets.initramfs)),
         ("backend", format!("{backend}: {}", r.selection.reason)),
     ];
     let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
-    rows.iter().map(|(k, v)| format!("{k:<width$}  {v}\n")).collect()
+    rows.iter()
+        .map(|(k, v)| format!("{k:<width$}  {v}\n"))
+        .collect()
 }

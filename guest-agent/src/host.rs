@@ -38,10 +38,18 @@ pub fn agent_port(cmdline: &str) -> u32 {
 
 /// Connects a stream to the host's vsock `port`.
 pub fn connect_to_host(port: u32) -> Result<OwnedFd> {
-    let fd = socket(AddressFamily::Vsock, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)
-        .map_err(HostError::Socket)?;
-    connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &VsockAddr::new(VSOCK_HOST_CID, port))
-        .map_err(|source| HostError::Connect { port, source })?;
+    let fd = socket(
+        AddressFamily::Vsock,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(HostError::Socket)?;
+    connect(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &VsockAddr::new(VSOCK_HOST_CID, port),
+    )
+    .map_err(|source| HostError::Connect { port, source })?;
     Ok(fd)
 }
 
@@ -51,7 +59,10 @@ mod tests {
 
     #[test]
     fn port_comes_from_cmdline() {
-        assert_eq!(agent_port("console=ttyS0 capsid.agent_port=2048 quiet"), 2048);
+        assert_eq!(
+            agent_port("console=ttyS0 capsid.agent_port=2048 quiet"),
+            2048
+        );
         assert_eq!(agent_port("console=ttyS0"), AGENT_HOST_PORT);
         assert_eq!(agent_port("capsid.agent_port=junk"), AGENT_HOST_PORT);
     }

@@ -43,8 +43,18 @@ struct PseudoFs {
 
 /// What PID 1 mounts, in order (sysfs before cgroup2, which lives in it).
 const PSEUDO_FILESYSTEMS: &[PseudoFs] = &[
-    PseudoFs { fstype: "proc", target: "/proc", flags: NOSUID_NODEV_NOEXEC, data: None },
-    PseudoFs { fstype: "sysfs", target: "/sys", flags: NOSUID_NODEV_NOEXEC, data: None },
+    PseudoFs {
+        fstype: "proc",
+        target: "/proc",
+        flags: NOSUID_NODEV_NOEXEC,
+        data: None,
+    },
+    PseudoFs {
+        fstype: "sysfs",
+        target: "/sys",
+        flags: NOSUID_NODEV_NOEXEC,
+        data: None,
+    },
     PseudoFs {
         fstype: "devtmpfs",
         target: "/dev",
@@ -63,8 +73,18 @@ const PSEUDO_FILESYSTEMS: &[PseudoFs] = &[
         flags: NOSUID_NODEV_NOEXEC,
         data: Some("mode=1777"),
     },
-    PseudoFs { fstype: "tmpfs", target: "/run", flags: NOSUID_NODEV, data: Some("mode=0755") },
-    PseudoFs { fstype: "tmpfs", target: "/tmp", flags: NOSUID_NODEV, data: Some("mode=1777") },
+    PseudoFs {
+        fstype: "tmpfs",
+        target: "/run",
+        flags: NOSUID_NODEV,
+        data: Some("mode=0755"),
+    },
+    PseudoFs {
+        fstype: "tmpfs",
+        target: "/tmp",
+        flags: NOSUID_NODEV,
+        data: Some("mode=1777"),
+    },
     PseudoFs {
         fstype: "cgroup2",
         target: "/sys/fs/cgroup",
@@ -89,9 +109,18 @@ pub fn pseudo_filesystems() -> Result<()> {
         if is_mount_point(fs.target) {
             continue;
         }
-        mount(Some(fs.fstype), fs.target, Some(fs.fstype), fs.flags, fs.data).map_err(
-            |source| MountError::Mount { fstype: fs.fstype, target: fs.target, source },
-        )?;
+        mount(
+            Some(fs.fstype),
+            fs.target,
+            Some(fs.fstype),
+            fs.flags,
+            fs.data,
+        )
+        .map_err(|source| MountError::Mount {
+            fstype: fs.fstype,
+            target: fs.target,
+            source,
+        })?;
     }
     Ok(())
 }

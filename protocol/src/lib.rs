@@ -5,13 +5,27 @@
 #![allow(missing_debug_implementations)]
 
 /// Protobuf messages of the agent API.
-#[allow(clippy::all, clippy::pedantic, clippy::unwrap_used, unused, nonstandard_style, missing_docs)]
+#[allow(
+    clippy::all,
+    clippy::pedantic,
+    clippy::unwrap_used,
+    unused,
+    nonstandard_style,
+    missing_docs
+)]
 pub mod agent {
     include!(concat!(env!("OUT_DIR"), "/agent.rs"));
 }
 
 /// ttrpc client and server stubs of the agent API.
-#[allow(clippy::all, clippy::pedantic, clippy::unwrap_used, unused, nonstandard_style, missing_docs)]
+#[allow(
+    clippy::all,
+    clippy::pedantic,
+    clippy::unwrap_used,
+    unused,
+    nonstandard_style,
+    missing_docs
+)]
 pub mod agent_ttrpc {
     include!(concat!(env!("OUT_DIR"), "/agent_ttrpc.rs"));
 }

@@ -174,7 +174,11 @@ impl HostReport {
         }
         Self {
             kvm,
-            tun: fs::OpenOptions::new().read(true).write(true).open("/dev/net/tun").is_ok(),
+            tun: fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/net/tun")
+                .is_ok(),
             vhost_vsock: Path::new("/dev/vhost-vsock").exists(),
             vhost_net: Path::new("/dev/vhost-net").exists(),
             qemu,
@@ -229,14 +233,22 @@ pub fn select_backend(facts: &BackendFacts<'_>, forced: Option<BackendKind>) -> 
             "capsid-vmm not found".to_string()
         }
     };
-    let pick = |backend, reason: String| Selection { backend: Some(backend), reason };
-    let refuse = |reason: String| Selection { backend: None, reason };
+    let pick = |backend, reason: String| Selection {
+        backend: Some(backend),
+        reason,
+    };
+    let refuse = |reason: String| Selection {
+        backend: None,
+        reason,
+    };
 
     match forced {
         Some(BackendKind::CapsidVmm) if vmm_ok => {
             pick(BackendKind::CapsidVmm, "forced by config".into())
         }
-        Some(BackendKind::CapsidVmm) => refuse(format!("config forces capsid-vmm, but {}", vmm_why())),
+        Some(BackendKind::CapsidVmm) => {
+            refuse(format!("config forces capsid-vmm, but {}", vmm_why()))
+        }
         Some(BackendKind::QemuKvm) if qemu_ok && kvm_ok => {
             pick(BackendKind::QemuKvm, "forced by config".into())
         }
@@ -254,13 +266,23 @@ pub fn select_backend(facts: &BackendFacts<'_>, forced: Option<BackendKind>) -> 
         ),
         None if kvm_ok && qemu_ok => pick(
             BackendKind::QemuKvm,
-            format!("hardware-assisted KVM, but capsid-vmm unusable: {}", vmm_why()),
+            format!(
+                "hardware-assisted KVM, but capsid-vmm unusable: {}",
+                vmm_why()
+            ),
         ),
         None if qemu_ok => pick(
             BackendKind::QemuTcg,
-            format!("{}; QEMU microvm with TCG works everywhere (slowly)", kvm_why()),
+            format!(
+                "{}; QEMU microvm with TCG works everywhere (slowly)",
+                kvm_why()
+            ),
         ),
-        None => refuse(format!("no usable backend: {}; and {}", vmm_why(), qemu_why())),
+        None => refuse(format!(
+            "no usable backend: {}; and {}",
+            vmm_why(),
+            qemu_why()
+        )),
     }
 }
 
@@ -274,10 +296,13 @@ pub fn probe_kvm(dev: &Path) -> KvmReport {
     } else {
         KvmFlavor::Unknown
     };
-    let tdp = ["/sys/module/kvm_intel/parameters/ept", "/sys/module/kvm_amd/parameters/npt"]
-        .iter()
-        .find_map(|p| fs::read_to_string(p).ok())
-        .map(|v| matches!(v.trim(), "Y" | "1"));
+    let tdp = [
+        "/sys/module/kvm_intel/parameters/ept",
+        "/sys/module/kvm_amd/parameters/npt",
+    ]
+    .iter()
+    .find_map(|p| fs::read_to_string(p).ok())
+    .map(|v| matches!(v.trim(), "Y" | "1"));
     let mut report = KvmReport {
         present: dev.exists(),
         api_version: None,
@@ -323,20 +348,36 @@ pub fn probe_qemu(path: &Path) -> Option<QemuReport> {
     let version = command_first_line(path, &["--version"])?;
     let machines = command_output(path, &["-machine", "help"]).unwrap_or_default();
     let devices = command_output(path, &["-device", "help"]).unwrap_or_default();
-    let microvm = machines.lines().any(|l| l.split_whitespace().next() == Some("microvm"));
-    let vhost_user = ["vhost-user-blk", "vhost-user-vsock-device", "vhost-user-rng"]
-        .iter()
-        .all(|d| devices.contains(&format!("\"{d}\"")));
-    Some(QemuReport { path: path.to_path_buf(), version, microvm, vhost_user })
+    let microvm = machines
+        .lines()
+        .any(|l| l.split_whitespace().next() == Some("microvm"));
+    let vhost_user = [
+        "vhost-user-blk",
+        "vhost-user-vsock-device",
+        "vhost-user-rng",
+    ]
+    .iter()
+    .all(|d| devices.contains(&format!("\"{d}\"")));
+    Some(QemuReport {
+        path: path.to_path_buf(),
+        version,
+        microvm,
+        vhost_user,
+    })
 }
 
 fn command_output(program: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> Option<String> {
     let out = Command::new(program).args(args).output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn command_first_line(program: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> Option<String> {
-    command_output(program, args)?.lines().next().map(|l| l.trim().to_string())
+    command_output(program, args)?
+        .lines()
+        .next()
+        .map(|l| l.trim().to_string())
 }
 
 #[cfg(test)]
@@ -365,7 +406,12 @@ mod tests {
     }
 
     fn facts<'a>(kvm: &'a KvmReport, qemu: Option<&'a QemuReport>, vmm: bool) -> BackendFacts<'a> {
-        BackendFacts { kvm, qemu, capsid_vmm: vmm, capsid_vhost: true }
+        BackendFacts {
+            kvm,
+            qemu,
+            capsid_vmm: vmm,
+            capsid_vhost: true,
+        }
     }
 
     #[test]
@@ -412,7 +458,11 @@ mod tests {
         let s = select_backend(&facts(&k, None, false), None);
         assert_eq!(s.backend, None);
         assert!(s.reason.contains("/dev/kvm does not exist"), "{}", s.reason);
-        assert!(s.reason.contains("qemu-system-x86_64 not found"), "{}", s.reason);
+        assert!(
+            s.reason.contains("qemu-system-x86_64 not found"),
+            "{}",
+            s.reason
+        );
     }
 
     #[test]
@@ -430,7 +480,11 @@ mod tests {
         let q = qemu(true);
         let s = select_backend(&facts(&k, Some(&q), true), Some(BackendKind::CapsidVmm));
         assert_eq!(s.backend, None);
-        assert!(s.reason.contains("config forces capsid-vmm"), "{}", s.reason);
+        assert!(
+            s.reason.contains("config forces capsid-vmm"),
+            "{}",
+            s.reason
+        );
         let s = select_backend(&facts(&k, Some(&q), true), Some(BackendKind::QemuKvm));
         assert_eq!(s.backend, None);
         let s = select_backend(&facts(&k, Some(&q), true), Some(BackendKind::QemuTcg));

@@ -168,7 +168,10 @@ pub struct VmConfig {
 
 impl Default for VmConfig {
     fn default() -> Self {
-        Self { vcpus: 1, memory_mib: 256 }
+        Self {
+            vcpus: 1,
+            memory_mib: 256,
+        }
     }
 }
 
@@ -286,7 +289,13 @@ mod tests {
         assert_eq!(c.paths.kernel, PathBuf::from("/k/vmlinux"));
         assert_eq!(c.paths.initramfs, PathsConfig::default().initramfs);
         assert_eq!(c.backend.kind, Some(BackendKind::QemuTcg));
-        assert_eq!(c.vm, VmConfig { vcpus: 2, memory_mib: 512 });
+        assert_eq!(
+            c.vm,
+            VmConfig {
+                vcpus: 2,
+                memory_mib: 512
+            }
+        );
     }
 
     #[test]

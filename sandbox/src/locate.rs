@@ -13,7 +13,11 @@ pub fn binary(program: &Path) -> Option<PathBuf> {
         .ok()
         .and_then(|exe| exe.parent().map(|dir| dir.join(program)));
     let in_path = std::env::var_os("PATH")
-        .map(|paths| std::env::split_paths(&paths).map(|dir| dir.join(program)).collect::<Vec<_>>())
+        .map(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join(program))
+                .collect::<Vec<_>>()
+        })
         .unwrap_or_default();
     beside.into_iter().chain(in_path).find(|p| is_executable(p))
 }

@@ -7,7 +7,10 @@ use std::process::ExitCode;
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|a| a == "-v" || a == "--version") {
-        println!("containerd-shim-capsid-v2 version {}", env!("CARGO_PKG_VERSION"));
+        println!(
+            "containerd-shim-capsid-v2 version {}",
+            env!("CARGO_PKG_VERSION")
+        );
         return ExitCode::SUCCESS;
     }
     eprintln!(

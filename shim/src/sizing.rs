@@ -62,20 +62,27 @@ pub fn vm_size(spec: &Spec, defaults: &VmConfig) -> Result<VmSize> {
                 (Some(quota), Some(period)) if quota > 0 && period > 0 => {
                     let quota = quota.unsigned_abs();
                     let n = quota.div_ceil(period);
-                    u32::try_from(n).ok().filter(|n| *n <= MAX_VCPUS).ok_or_else(|| {
-                        SizingError::Resources(format!(
-                            "cpu quota {quota}/{period} needs {n} vCPUs, more than {MAX_VCPUS}"
-                        ))
-                    })?
+                    u32::try_from(n)
+                        .ok()
+                        .filter(|n| *n <= MAX_VCPUS)
+                        .ok_or_else(|| {
+                            SizingError::Resources(format!(
+                                "cpu quota {quota}/{period} needs {n} vCPUs, more than {MAX_VCPUS}"
+                            ))
+                        })?
                 }
                 _ => defaults.vcpus,
             }
         }
     };
 
-    let memory_mib = match annotation(annotations, ANNOTATION_MEMORY_MIB, MIN_MEMORY_MIB, u32::MAX)? {
+    let memory_mib = match annotation(annotations, ANNOTATION_MEMORY_MIB, MIN_MEMORY_MIB, u32::MAX)?
+    {
         Some(m) => m,
-        None => match resources.and_then(|r| r.memory().as_ref()).and_then(|m| m.limit()) {
+        None => match resources
+            .and_then(|r| r.memory().as_ref())
+            .and_then(|m| m.limit())
+        {
             Some(limit) if limit > 0 => {
                 let limit_mib = limit.unsigned_abs().div_ceil(1 << 20);
                 u32::try_from(limit_mib)
@@ -130,7 +137,13 @@ mod tests {
     fn defaults_when_nothing_is_said() {
         let s = spec(&format!("{BASE}}}"));
         let size = vm_size(&s, &VmConfig::default()).unwrap();
-        assert_eq!(size, VmSize { vcpus: 1, memory_mib: 256 });
+        assert_eq!(
+            size,
+            VmSize {
+                vcpus: 1,
+                memory_mib: 256
+            }
+        );
     }
 
     #[test]
@@ -140,7 +153,13 @@ mod tests {
             "memory":{{"limit":134217728}}}}}}}}"#
         ));
         let size = vm_size(&s, &VmConfig::default()).unwrap();
-        assert_eq!(size, VmSize { vcpus: 2, memory_mib: 128 + MEMORY_HEADROOM_MIB });
+        assert_eq!(
+            size,
+            VmSize {
+                vcpus: 2,
+                memory_mib: 128 + MEMORY_HEADROOM_MIB
+            }
+        );
     }
 
     #[test]
@@ -150,17 +169,31 @@ mod tests {
             "linux":{{"resources":{{"memory":{{"limit":134217728}}}}}}}}"#
         ));
         let size = vm_size(&s, &VmConfig::default()).unwrap();
-        assert_eq!(size, VmSize { vcpus: 3, memory_mib: 512 });
+        assert_eq!(
+            size,
+            VmSize {
+                vcpus: 3,
+                memory_mib: 512
+            }
+        );
     }
 
     #[test]
     fn bad_annotations_are_named() {
-        for (value, why) in [("lots", "not a whole number"), ("0", "between"), ("99", "between")] {
-            let s = spec(&format!(r#"{BASE},"annotations":{{"io.capsid.vcpus":"{value}"}}}}"#));
+        for (value, why) in [
+            ("lots", "not a whole number"),
+            ("0", "between"),
+            ("99", "between"),
+        ] {
+            let s = spec(&format!(
+                r#"{BASE},"annotations":{{"io.capsid.vcpus":"{value}"}}}}"#
+            ));
             let e = vm_size(&s, &VmConfig::default()).unwrap_err().to_string();
             assert!(e.contains("io.capsid.vcpus") && e.contains(why), "{e}");
         }
-        let s = spec(&format!(r#"{BASE},"annotations":{{"io.capsid.memory_mib":"8"}}}}"#));
+        let s = spec(&format!(
+            r#"{BASE},"annotations":{{"io.capsid.memory_mib":"8"}}}}"#
+        ));
         let e = vm_size(&s, &VmConfig::default()).unwrap_err().to_string();
         assert!(e.contains("io.capsid.memory_mib"), "{e}");
     }

@@ -16,7 +16,10 @@ impl Containerd {
     /// Starts containerd with a config that keeps it away from any system
     /// instance, and waits until its socket answers.
     pub fn start() -> Self {
-        let dir = tempfile::Builder::new().prefix("capsid-ctrd").tempdir().expect("temp dir");
+        let dir = tempfile::Builder::new()
+            .prefix("capsid-ctrd")
+            .tempdir()
+            .expect("temp dir");
         let d = dir.path();
         let config = format!(
             r#"version = 2
@@ -48,8 +51,16 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             .expect("containerd must be installed (make deps)");
         let me = Self { child, dir };
         let start = Instant::now();
-        while !me.ctr().args(["version"]).output().is_ok_and(|o| o.status.success()) {
-            assert!(start.elapsed() < Duration::from_secs(20), "containerd did not come up");
+        while !me
+            .ctr()
+            .args(["version"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "containerd did not come up"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         me

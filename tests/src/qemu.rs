@@ -55,10 +55,26 @@ impl Guest {
     pub fn spawn(&self, serial: &Path) -> Child {
         let mem = format!("{}M", self.memory_mib);
         Command::new("qemu-system-x86_64")
-            .args(["-M", "microvm,acpi=off,memory-backend=mem", "-accel", "tcg", "-m", &mem])
-            .args(["-object", &format!("memory-backend-memfd,id=mem,size={mem},share=on")])
+            .args([
+                "-M",
+                "microvm,acpi=off,memory-backend=mem",
+                "-accel",
+                "tcg",
+                "-m",
+                &mem,
+            ])
+            .args([
+                "-object",
+                &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
+            ])
             .args(["-global", "virtio-mmio.force-legacy=false"])
-            .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
+            .args([
+                "-nodefaults",
+                "-no-user-config",
+                "-display",
+                "none",
+                "-no-reboot",
+            ])
             .args(["-serial", &format!("file:{}", serial.display())])
             .arg("-kernel")
             .arg(&self.kernel)
@@ -93,6 +109,10 @@ impl Guest {
         };
         let elapsed = start.elapsed();
         let serial = std::fs::read_to_string(&serial).unwrap_or_default();
-        GuestRun { serial, exit_code, elapsed }
+        GuestRun {
+            serial,
+            exit_code,
+            elapsed,
+        }
     }
 }

@@ -48,7 +48,10 @@ fn json_report_matches_this_host() {
     assert_eq!(report["assets"]["initramfs"]["present"], true);
     if pvm {
         assert_eq!(report["selection"]["backend"], "qemu-tcg", "{stdout}");
-        assert!(report["selection"]["reason"].as_str().unwrap().contains("PVM"));
+        assert!(report["selection"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("PVM"));
     } else if report["kvm"]["flavor"] == "hardware" {
         assert_eq!(report["selection"]["backend"], "capsid-vmm", "{stdout}");
     }
@@ -62,7 +65,9 @@ fn table_names_the_backend() {
     assert_eq!(code, 0);
     let backend = stdout.lines().find(|l| l.starts_with("backend")).unwrap();
     assert!(
-        ["capsid-vmm", "qemu-kvm", "qemu-tcg"].iter().any(|b| backend.contains(b)),
+        ["capsid-vmm", "qemu-kvm", "qemu-tcg"]
+            .iter()
+            .any(|b| backend.contains(b)),
         "{stdout}"
     );
 }

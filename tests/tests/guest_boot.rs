@@ -18,13 +18,22 @@ fn boots_to_agent(kernel: &str) {
     );
     // The agent got as far as trying vsock, so every mount before it worked.
     assert!(
-        run.serial.contains("cannot connect to host vsock port 1024"),
+        run.serial
+            .contains("cannot connect to host vsock port 1024"),
         "agent did not reach the vsock step:\n{}",
         run.serial
     );
-    assert_eq!(run.exit_code, Some(0), "QEMU did not end by guest reboot:\n{}", run.serial);
+    assert_eq!(
+        run.exit_code,
+        Some(0),
+        "QEMU did not end by guest reboot:\n{}",
+        run.serial
+    );
     assert!(!run.serial.contains("Kernel panic"), "{}", run.serial);
-    eprintln!("{kernel}: booted to the agent and back in {:?}", run.elapsed);
+    eprintln!(
+        "{kernel}: booted to the agent and back in {:?}",
+        run.elapsed
+    );
 }
 
 #[test]
@@ -39,9 +48,13 @@ fn vmlinux_boots_through_pvh() {
 
 #[test]
 fn agent_refuses_to_run_outside_the_guest() {
-    let agent = capsid_tests::repo_root()
-        .join("target/x86_64-unknown-linux-gnu/release/capsid-agent");
-    assert!(agent.exists(), "{} missing: run `make agent`", agent.display());
+    let agent =
+        capsid_tests::repo_root().join("target/x86_64-unknown-linux-gnu/release/capsid-agent");
+    assert!(
+        agent.exists(),
+        "{} missing: run `make agent`",
+        agent.display()
+    );
     let (code, _, stderr) = capsid_tests::run(&mut std::process::Command::new(agent));
     assert_eq!(code, 2);
     assert!(stderr.contains("must run as PID 1"), "{stderr}");

@@ -18,8 +18,14 @@ fn archives_import_and_run_with_runc() {
 
     let (code, out, _) = run(ctrd.ctr().args(["images", "ls", "-q"]));
     assert_eq!(code, 0);
-    assert!(out.lines().any(|l| l == "docker.io/capsid/busybox:latest"), "{out}");
-    assert!(out.lines().any(|l| l == "docker.io/capsid/layered:latest"), "{out}");
+    assert!(
+        out.lines().any(|l| l == "docker.io/capsid/busybox:latest"),
+        "{out}"
+    );
+    assert!(
+        out.lines().any(|l| l == "docker.io/capsid/layered:latest"),
+        "{out}"
+    );
 
     // The reference runtime sees the layer semantics: whiteout, opaque dir,
     // overwritten file.

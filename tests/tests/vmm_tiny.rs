@@ -19,8 +19,8 @@ use capsid_tests::{bin, run};
 ///   hlt                f4
 /// ```
 const HELLO_AND_RESET: &[u8] = &[
-    0xba, 0xf8, 0x03, 0xb0, b'O', 0xee, 0xb0, b'K', 0xee, 0xb0, 0x0a, 0xee, 0xb0, 0xfe, 0xe6,
-    0x64, 0xf4,
+    0xba, 0xf8, 0x03, 0xb0, b'O', 0xee, 0xb0, b'K', 0xee, 0xb0, 0x0a, 0xee, 0xb0, 0xfe, 0xe6, 0x64,
+    0xf4,
 ];
 
 fn vmm_with_guest(guest: &[u8], extra_config: &str) -> (i32, String, String) {
@@ -41,7 +41,11 @@ fn vmm_with_guest(guest: &[u8], extra_config: &str) -> (i32, String, String) {
     )
     .unwrap();
     let (code, _, stderr) = run(Command::new(bin("capsid-vmm")).arg("--config").arg(&config));
-    (code, std::fs::read_to_string(&serial).unwrap_or_default(), stderr)
+    (
+        code,
+        std::fs::read_to_string(&serial).unwrap_or_default(),
+        stderr,
+    )
 }
 
 #[test]

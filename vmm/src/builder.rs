@@ -93,13 +93,13 @@ pub fn build(config: &VmConfig) -> Result<Machine> {
                 source,
             })?;
             let addr = u64::from(*load_addr);
-            memory.write_slice(&bytes, GuestAddress(addr)).map_err(|_| {
-                BuildError::ImageTooLarge {
+            memory
+                .write_slice(&bytes, GuestAddress(addr))
+                .map_err(|_| BuildError::ImageTooLarge {
                     path: image.display().to_string(),
                     size: bytes.len(),
                     addr,
-                }
-            })?;
+                })?;
             for vcpu in &vcpus {
                 // Validation keeps load_addr below 0xa0000, so it fits 16 bits
                 // only when below 64 KiB; larger addresses use CS.
@@ -107,7 +107,12 @@ pub fn build(config: &VmConfig) -> Result<Machine> {
             }
         }
     }
-    Ok(Machine { vcpus, vm, bus, memory })
+    Ok(Machine {
+        vcpus,
+        vm,
+        bus,
+        memory,
+    })
 }
 
 fn open_serial(path: &std::path::Path) -> Result<File> {
@@ -115,7 +120,10 @@ fn open_serial(path: &std::path::Path) -> Result<File> {
         .create(true)
         .append(true)
         .open(path)
-        .map_err(|source| BuildError::Serial { path: path.display().to_string(), source })
+        .map_err(|source| BuildError::Serial {
+            path: path.display().to_string(),
+            source,
+        })
 }
 
 impl Machine {
@@ -129,7 +137,12 @@ impl Machine {
     /// takes the other vCPU threads with it.
     pub fn run(self) -> Result<VcpuStop> {
         let (tx, rx) = mpsc::channel();
-        let Machine { vcpus, vm: _vm, bus, memory } = self;
+        let Machine {
+            vcpus,
+            vm: _vm,
+            bus,
+            memory,
+        } = self;
         for mut vcpu in vcpus {
             let tx = tx.clone();
             let bus = Arc::clone(&bus);

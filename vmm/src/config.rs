@@ -127,7 +127,10 @@ mod tests {
         assert_eq!(c.memory_bytes(), 16 << 20);
         assert_eq!(
             c.boot,
-            BootConfig::RealMode { image: "/tmp/g.bin".into(), load_addr: 4096 }
+            BootConfig::RealMode {
+                image: "/tmp/g.bin".into(),
+                load_addr: 4096
+            }
         );
     }
 

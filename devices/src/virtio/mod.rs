@@ -1,3 +1,129 @@
-//! Virtio device models and what they share (virtio 1.2, section 2).
+//! Virtio device models and what they share (virtio 1.2, sections 2–5).
+//!
+//! A device model implements [`VirtioDevice`]: it is told about queue kicks
+//! and host-side readiness, works on the queues and guest memory it is
+//! handed, and says which queues need their driver notified. Transport and
+//! interrupt delivery are the hosting's business (`crate::hosting`), so the
+//! same model runs in-process in capsid-vmm and behind vhost-user for QEMU.
 
 pub mod rng;
+
+use std::os::fd::RawFd;
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+
+/// VIRTIO_F_VERSION_1: a modern (non-legacy) device.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// VIRTIO_RING_F_EVENT_IDX: used/avail event suppression.
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+/// VIRTIO_RING_F_INDIRECT_DESC: descriptor tables (virtio-queue walks them).
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
+/// What every capsid device offers. Nothing is offered that the models do
+/// not implement (QEMU also assumes indirect descriptors for some
+/// vhost-user devices without asking).
+pub const COMMON_FEATURES: u64 =
+    VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | VIRTIO_RING_F_INDIRECT_DESC;
+
+/// Why a device is being asked to work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceEvent {
+    /// The driver kicked queue `n`.
+    Queue(u16),
+    /// The device's host-side fd ([`VirtioDevice::backend_fd`]) is readable.
+    Backend,
+}
+
+/// An error of a device model, named by device.
+#[derive(Debug, thiserror::Error)]
+#[error("virtio-{device}")]
+pub struct DeviceError {
+    /// The device kind ("blk", "vsock", ...).
+    pub device: &'static str,
+    /// What went wrong.
+    #[source]
+    pub source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl DeviceError {
+    /// Wraps a device module's error.
+    pub fn new(
+        device: &'static str,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            device,
+            source: Box::new(source),
+        }
+    }
+}
+
+/// Bit for queue `index` in a notification mask.
+pub const fn queue_bit(index: usize) -> u64 {
+    1 << index
+}
+
+/// A virtio device model, independent of transport.
+pub trait VirtioDevice: Send {
+    /// Virtio device id (section 5).
+    fn device_type(&self) -> u32;
+    /// Short name for logs and errors ("blk", "vsock", ...).
+    fn name(&self) -> &'static str;
+    /// Maximum size of each queue; its length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Feature bits the device offers.
+    fn features(&self) -> u64;
+    /// Feature bits the driver accepted (a subset of [`Self::features`]).
+    fn ack_features(&mut self, features: u64);
+    /// Reads device configuration space at `offset`; bytes beyond it read as 0.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes device configuration space (ignored unless the device has
+    /// writable fields).
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    /// An fd that becomes readable when the host side has work for the
+    /// device (a tap, an epoll set of sockets); `None` when there is none.
+    fn backend_fd(&self) -> Option<RawFd> {
+        None
+    }
+    /// Handles `event`, returning a mask ([`queue_bit`]) of the queues whose
+    /// driver must be notified.
+    fn process(
+        &mut self,
+        event: DeviceEvent,
+        queues: &mut [&mut Queue],
+        mem: &GuestMemoryMmap,
+    ) -> Result<u64, DeviceError>;
+    /// The driver reset the device: drop all in-flight state.
+    fn reset(&mut self) {}
+}
+
+/// Reads `data.len()` bytes of a configuration structure `config` at
+/// `offset`; what lies beyond it reads as zero.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    if start >= config.len() {
+        return;
+    }
+    let end = config.len().min(start.saturating_add(data.len()));
+    data[..end - start].copy_from_slice(&config[start..end]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_reads_are_bounded() {
+        let cfg = [1u8, 2, 3, 4];
+        let mut d = [9u8; 3];
+        read_config_bytes(&cfg, 2, &mut d);
+        assert_eq!(d, [3, 4, 0]);
+        read_config_bytes(&cfg, 100, &mut d);
+        assert_eq!(d, [0, 0, 0]);
+        read_config_bytes(&cfg, u64::MAX, &mut d);
+        assert_eq!(d, [0, 0, 0]);
+    }
+}

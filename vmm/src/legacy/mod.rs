@@ -54,7 +54,9 @@ pub struct LegacyBus {
 
 impl std::fmt::Debug for LegacyBus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LegacyBus").field("reset", &self.reset.is_set()).finish()
+        f.debug_struct("LegacyBus")
+            .field("reset", &self.reset.is_set())
+            .finish()
     }
 }
 
@@ -73,7 +75,11 @@ impl LegacyBus {
     fn log_unhandled(&self, what: &str, addr: u64) {
         // Once per VM: a guest probing absent hardware must not flood the log.
         if !self.unhandled_logged.swap(true, Ordering::Relaxed) {
-            tracing::debug!(what, addr = format_args!("{addr:#x}"), "access to no device (further ones not logged)");
+            tracing::debug!(
+                what,
+                addr = format_args!("{addr:#x}"),
+                "access to no device (further ones not logged)"
+            );
         }
     }
 }
@@ -81,7 +87,9 @@ impl LegacyBus {
 impl Bus for LegacyBus {
     fn pio_read(&self, port: u16, data: &mut [u8]) {
         data.fill(0xff);
-        let Some(first) = data.first_mut() else { return };
+        let Some(first) = data.first_mut() else {
+            return;
+        };
         match port {
             p if (COM1_BASE..COM1_BASE + COM1_LEN).contains(&p) => {
                 if let Ok(mut serial) = self.serial.lock() {
@@ -98,7 +106,9 @@ impl Bus for LegacyBus {
     }
 
     fn pio_write(&self, port: u16, data: &[u8]) -> bool {
-        let Some(&value) = data.first() else { return false };
+        let Some(&value) = data.first() else {
+            return false;
+        };
         match port {
             p if (COM1_BASE..COM1_BASE + COM1_LEN).contains(&p) => {
                 if let Ok(mut serial) = self.serial.lock() {

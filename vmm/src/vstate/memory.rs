@@ -87,8 +87,12 @@ mod tests {
         assert_eq!(mem.num_regions(), 1);
         let after_map = rss_kib();
         // 2 GiB mapped, almost nothing resident.
-        assert!(after_map < before + 16 * 1024, "{before} -> {after_map} KiB");
-        mem.write_slice(&[1u8; 4096], GuestAddress(1 << 30)).unwrap();
+        assert!(
+            after_map < before + 16 * 1024,
+            "{before} -> {after_map} KiB"
+        );
+        mem.write_slice(&[1u8; 4096], GuestAddress(1 << 30))
+            .unwrap();
         let mut back = [0u8; 4096];
         mem.read_slice(&mut back, GuestAddress(1 << 30)).unwrap();
         assert_eq!(back, [1u8; 4096]);

@@ -53,11 +53,13 @@ pub struct Vcpu {
 impl Vcpu {
     /// Creates vCPU `index` of `vm`.
     pub fn new(vm: &VmFd, index: u8) -> Result<Self> {
-        let fd = vm.create_vcpu(u64::from(index)).map_err(|source| VcpuError::Ioctl {
-            index,
-            what: "KVM_CREATE_VCPU",
-            source,
-        })?;
+        let fd = vm
+            .create_vcpu(u64::from(index))
+            .map_err(|source| VcpuError::Ioctl {
+                index,
+                what: "KVM_CREATE_VCPU",
+                source,
+            })?;
         Ok(Self { index, fd })
     }
 
@@ -68,22 +70,33 @@ impl Vcpu {
 
     fn ioctl_err(&self, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
         let index = self.index;
-        move |source| VcpuError::Ioctl { index, what, source }
+        move |source| VcpuError::Ioctl {
+            index,
+            what,
+            source,
+        }
     }
 
     /// Enters 16-bit real mode at `0:entry`, as firmware hands over.
     pub fn setup_real_mode(&self, entry: u16) -> Result<()> {
-        let mut sregs = self.fd.get_sregs().map_err(self.ioctl_err("KVM_GET_SREGS"))?;
+        let mut sregs = self
+            .fd
+            .get_sregs()
+            .map_err(self.ioctl_err("KVM_GET_SREGS"))?;
         sregs.cs.base = 0;
         sregs.cs.selector = 0;
-        self.fd.set_sregs(&sregs).map_err(self.ioctl_err("KVM_SET_SREGS"))?;
+        self.fd
+            .set_sregs(&sregs)
+            .map_err(self.ioctl_err("KVM_SET_SREGS"))?;
         let regs = kvm_bindings::kvm_regs {
             rip: u64::from(entry),
             rflags: 0x2,
             rsp: u64::from(entry),
             ..Default::default()
         };
-        self.fd.set_regs(&regs).map_err(self.ioctl_err("KVM_SET_REGS"))
+        self.fd
+            .set_regs(&regs)
+            .map_err(self.ioctl_err("KVM_SET_REGS"))
     }
 
     /// Runs the vCPU until the guest resets or crashes.
@@ -119,7 +132,9 @@ impl Vcpu {
                     return Ok(VcpuStop::Crash("KVM_EXIT_INTERNAL_ERROR".into()))
                 }
                 VcpuExit::SystemEvent(kind, _) => {
-                    return Ok(VcpuStop::Crash(format!("KVM_EXIT_SYSTEM_EVENT type {kind}")))
+                    return Ok(VcpuStop::Crash(format!(
+                        "KVM_EXIT_SYSTEM_EVENT type {kind}"
+                    )))
                 }
                 other => {
                     tracing::debug!(vcpu = self.index, exit = ?other, "unhandled vCPU exit");

@@ -48,9 +48,13 @@ impl Vm {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
         let ioctl = |what| move |source| VmError::Ioctl { what, source };
-        fd.set_tss_address(KVM_TSS_ADDRESS).map_err(ioctl("KVM_SET_TSS_ADDR"))?;
+        fd.set_tss_address(KVM_TSS_ADDRESS)
+            .map_err(ioctl("KVM_SET_TSS_ADDR"))?;
         fd.create_irq_chip().map_err(ioctl("KVM_CREATE_IRQCHIP"))?;
-        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
         fd.create_pit2(pit).map_err(ioctl("KVM_CREATE_PIT2"))?;
         for (slot, region) in memory.iter().enumerate() {
             let slot = u32::try_from(slot).map_err(|_| VmError::TooManyRegions)?;

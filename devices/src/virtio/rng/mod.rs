@@ -3,8 +3,10 @@
 //! One queue; the driver posts device-writable buffers and the device fills
 //! them with random bytes from the host's `getrandom(2)`.
 
+mod device;
 mod request;
 
+pub use device::{Rng, RNG_QUEUE_SIZE};
 pub use request::{process_queue, EntropySource, HostEntropy, RngStats};
 
 /// Virtio device id of the entropy device.

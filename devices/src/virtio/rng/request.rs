@@ -49,35 +49,45 @@ where
 {
     let mut stats = RngStats::default();
     let mut buf = vec![0u8; MAX_BYTES_PER_REQUEST as usize];
-    while let Some(chain) = queue.pop_descriptor_chain(mem) {
-        let head = chain.head_index();
-        let mut written: u32 = 0;
-        let mut ok = true;
-        for desc in chain {
-            if !desc.is_write_only() {
-                ok = false;
-                break;
+    // Event-index drivers only kick again once we re-enable notifications,
+    // so drain, re-enable, and go round if more arrived meanwhile.
+    loop {
+        queue.disable_notification(mem).map_err(RngError::Queue)?;
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let mut written: u32 = 0;
+            let mut ok = true;
+            for desc in chain {
+                if !desc.is_write_only() {
+                    ok = false;
+                    break;
+                }
+                let want = desc.len().min(MAX_BYTES_PER_REQUEST - written);
+                if want == 0 {
+                    break;
+                }
+                let chunk = &mut buf[..want as usize];
+                source.fill(chunk)?;
+                if let Err(e) = mem.write_slice(chunk, desc.addr()) {
+                    tracing::debug!(error = %e, "rng: descriptor outside guest memory");
+                    ok = false;
+                    break;
+                }
+                written += want;
             }
-            let want = desc.len().min(MAX_BYTES_PER_REQUEST - written);
-            if want == 0 {
-                break;
+            if !ok {
+                stats.malformed += 1;
+                written = 0;
             }
-            let chunk = &mut buf[..want as usize];
-            source.fill(chunk)?;
-            if let Err(e) = mem.write_slice(chunk, desc.addr()) {
-                tracing::debug!(error = %e, "rng: descriptor outside guest memory");
-                ok = false;
-                break;
-            }
-            written += want;
+            queue
+                .add_used(mem, head, written)
+                .map_err(RngError::Queue)?;
+            stats.requests += 1;
+            stats.bytes += u64::from(written);
         }
-        if !ok {
-            stats.malformed += 1;
-            written = 0;
+        if !queue.enable_notification(mem).map_err(RngError::Queue)? {
+            break;
         }
-        queue.add_used(mem, head, written).map_err(RngError::Queue)?;
-        stats.requests += 1;
-        stats.bytes += u64::from(written);
     }
     let notify = stats.requests > 0 && queue.needs_notification(mem).map_err(RngError::Queue)?;
     Ok((stats, notify))
@@ -109,7 +119,12 @@ mod tests {
     }
 
     fn desc(addr: u64, len: u32, flags: u32, next: u16) -> RawDescriptor {
-        RawDescriptor::from(SplitDescriptor::new(addr, len, u16::try_from(flags).unwrap(), next))
+        RawDescriptor::from(SplitDescriptor::new(
+            addr,
+            len,
+            u16::try_from(flags).unwrap(),
+            next,
+        ))
     }
 
     #[test]
@@ -124,7 +139,14 @@ mod tests {
         let mut q: Queue = vq.create_queue().unwrap();
 
         let (stats, _) = process_queue(&mut q, &mem, &mut Counting(0)).unwrap();
-        assert_eq!(stats, RngStats { requests: 1, bytes: 24, malformed: 0 });
+        assert_eq!(
+            stats,
+            RngStats {
+                requests: 1,
+                bytes: 24,
+                malformed: 0
+            }
+        );
         let mut got = [0u8; 8];
         mem.read_slice(&mut got, GuestAddress(0x5_0000)).unwrap();
         assert_eq!(got, [17, 18, 19, 20, 21, 22, 23, 24]);
@@ -150,17 +172,26 @@ mod tests {
     fn address_outside_memory_is_rejected() {
         let mem = memory();
         let vq = MockSplitQueue::new(&mem, 16);
-        vq.build_desc_chain(&[desc(0xffff_0000, 16, VRING_DESC_F_WRITE, 0)]).unwrap();
+        vq.build_desc_chain(&[desc(0xffff_0000, 16, VRING_DESC_F_WRITE, 0)])
+            .unwrap();
         let mut q: Queue = vq.create_queue().unwrap();
         let (stats, _) = process_queue(&mut q, &mem, &mut Counting(0)).unwrap();
-        assert_eq!(stats, RngStats { requests: 1, bytes: 0, malformed: 1 });
+        assert_eq!(
+            stats,
+            RngStats {
+                requests: 1,
+                bytes: 0,
+                malformed: 1
+            }
+        );
     }
 
     #[test]
     fn huge_request_is_capped() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
         let vq = MockSplitQueue::new(&mem, 16);
-        vq.build_desc_chain(&[desc(0x10_0000, 0x20_0000, VRING_DESC_F_WRITE, 0)]).unwrap();
+        vq.build_desc_chain(&[desc(0x10_0000, 0x20_0000, VRING_DESC_F_WRITE, 0)])
+            .unwrap();
         let mut q: Queue = vq.create_queue().unwrap();
         let (stats, _) = process_queue(&mut q, &mem, &mut HostEntropy).unwrap();
         assert_eq!(stats.bytes, u64::from(MAX_BYTES_PER_REQUEST));

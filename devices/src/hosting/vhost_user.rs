@@ -1,0 +1,220 @@
+//! Serving a [`VirtioDevice`] as a vhost-user backend (the `vhost` and
+//! `vhost-user-backend` crates do the protocol; this adapts the model).
+
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackendMut, VhostUserDaemon, VringRwLock, VringT};
+use virtio_queue::Queue;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::virtio::{DeviceEvent, VirtioDevice};
+
+/// Errors serving a device over vhost-user.
+#[derive(Debug, thiserror::Error)]
+pub enum VhostUserError {
+    /// Another process is serving on the socket path.
+    #[error("socket {0} is in use by another process")]
+    SocketInUse(PathBuf),
+    /// A stale socket file could not be removed.
+    #[error("cannot remove stale socket {path}")]
+    RemoveStale {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The vhost-user daemon failed to start or serve.
+    #[error("vhost-user daemon: {0}")]
+    Daemon(String),
+    /// The device's host-side fd could not be added to the event loop.
+    #[error("cannot watch the device's host-side fd")]
+    Watch(#[source] std::io::Error),
+    /// An eventfd could not be created.
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
+}
+
+/// Result of vhost-user hosting.
+pub type Result<T> = std::result::Result<T, VhostUserError>;
+
+/// A device model behind vhost-user.
+pub struct VhostUserDevice<D: VirtioDevice> {
+    device: D,
+    mem: Option<GuestMemoryAtomic<GuestMemoryMmap>>,
+    exit: (EventConsumer, EventNotifier),
+}
+
+impl<D: VirtioDevice> std::fmt::Debug for VhostUserDevice<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VhostUserDevice")
+            .field("device", &self.device.name())
+            .finish()
+    }
+}
+
+impl<D: VirtioDevice> VhostUserDevice<D> {
+    fn num_queues(&self) -> usize {
+        self.device.queue_max_sizes().len()
+    }
+
+    /// The event id under which the device's host-side fd is reported:
+    /// ids 0..num_queues are the queues, num_queues is the exit event.
+    fn backend_event(&self) -> u16 {
+        u16::try_from(self.num_queues() + 1).unwrap_or(u16::MAX)
+    }
+}
+
+impl<D: VirtioDevice + Sync> VhostUserBackendMut for VhostUserDevice<D> {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        self.num_queues()
+    }
+
+    fn max_queue_size(&self) -> usize {
+        self.device
+            .queue_max_sizes()
+            .iter()
+            .copied()
+            .max()
+            .map_or(0, usize::from)
+    }
+
+    fn features(&self) -> u64 {
+        self.device.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn acked_features(&mut self, features: u64) {
+        self.device.ack_features(features);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ
+    }
+
+    fn reset_device(&mut self) {
+        self.device.reset();
+    }
+
+    fn set_event_idx(&mut self, _enabled: bool) {
+        // The vrings carry the event-index flag themselves; the device's
+        // queue handling asks them.
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let mut data = vec![0u8; size.min(4096) as usize];
+        self.device.read_config(u64::from(offset), &mut data);
+        data
+    }
+
+    fn set_config(&mut self, offset: u32, buf: &[u8]) -> std::io::Result<()> {
+        self.device.write_config(u64::from(offset), buf);
+        Ok(())
+    }
+
+    fn update_memory(&mut self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> std::io::Result<()> {
+        self.mem = Some(mem);
+        Ok(())
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        Some((self.exit.0.try_clone().ok()?, self.exit.1.try_clone().ok()?))
+    }
+
+    fn handle_event(
+        &mut self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread_id: usize,
+    ) -> std::io::Result<()> {
+        if !evset.contains(EventSet::IN) {
+            return Ok(());
+        }
+        let event = if usize::from(device_event) < self.num_queues() {
+            DeviceEvent::Queue(device_event)
+        } else if device_event == self.backend_event() {
+            DeviceEvent::Backend
+        } else {
+            tracing::warn!(device_event, "unexpected vhost-user event");
+            return Ok(());
+        };
+        let Some(mem) = self.mem.as_ref() else {
+            // Events before the frontend sent its memory table: nothing to do.
+            return Ok(());
+        };
+        let mem = mem.memory();
+        let notify = {
+            let mut guards: Vec<_> = vrings.iter().map(VringT::get_mut).collect();
+            let mut queues: Vec<&mut Queue> =
+                guards.iter_mut().map(|g| g.get_queue_mut()).collect();
+            self.device
+                .process(event, &mut queues, &mem)
+                .map_err(|e| std::io::Error::other(crate::describe(&e)))?
+        };
+        for (index, vring) in vrings.iter().enumerate() {
+            if notify & crate::virtio::queue_bit(index) != 0 {
+                vring.signal_used_queue()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Refuses a socket path another process serves on; removes a stale one.
+fn claim_socket_path(path: &Path) -> Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    if UnixStream::connect(path).is_ok() {
+        return Err(VhostUserError::SocketInUse(path.to_path_buf()));
+    }
+    std::fs::remove_file(path).map_err(|source| VhostUserError::RemoveStale {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Serves `device` on the vhost-user socket `path` for one frontend
+/// connection; returns when the frontend disconnects. The socket file is
+/// removed on return.
+pub fn serve<D: VirtioDevice + Sync + 'static>(device: D, path: &Path) -> Result<()> {
+    claim_socket_path(path)?;
+    let backend_fd = device.backend_fd();
+    let exit =
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK).map_err(VhostUserError::EventFd)?;
+    let name = device.name();
+    let backend = Arc::new(RwLock::new(VhostUserDevice {
+        device,
+        mem: None,
+        exit,
+    }));
+    let backend_event = backend
+        .read()
+        .map(|b| b.backend_event())
+        .unwrap_or(u16::MAX);
+    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let mut daemon = VhostUserDaemon::new(format!("capsid-vhost-{name}"), backend, mem)
+        .map_err(|e| VhostUserError::Daemon(e.to_string()))?;
+    if let Some(fd) = backend_fd {
+        for handler in daemon.get_epoll_handlers() {
+            handler
+                .register_listener(fd, EventSet::IN, u64::from(backend_event))
+                .map_err(VhostUserError::Watch)?;
+        }
+    }
+    let result = daemon
+        .serve(path)
+        .map_err(|e| VhostUserError::Daemon(e.to_string()));
+    let _ = std::fs::remove_file(path);
+    result
+}
