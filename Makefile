@@ -17,7 +17,7 @@ APT_PACKAGES := build-essential pkg-config python3 cpio xz-utils \
 	qemu-system-x86 busybox-static erofs-utils e2fsprogs \
 	containerd runc iproute2 containernetworking-plugins util-linux
 
-.PHONY: all deps kernel agent initramfs images assets build release test install demo clean
+.PHONY: all deps kernel agent guest-tool initramfs images assets build release test install demo clean
 
 all: build assets
 
@@ -39,6 +39,11 @@ agent:
 	CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static" \
 		$(CARGO) build --release --locked -p capsid-agent --target $(TARGET)
 
+# Static helper for test guests (vsock client/server).
+guest-tool:
+	CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static" \
+		$(CARGO) build --release --locked -p capsid-guest-tool --target $(TARGET)
+
 initramfs: agent
 	python3 images/mkinitramfs.py --agent $(AGENT) --out $(BUILD)/initramfs.cpio.gz
 
@@ -53,7 +58,7 @@ build:
 release:
 	$(CARGO) build --locked --release --workspace
 
-test: deps build assets
+test: deps build assets guest-tool
 	$(CARGO) test --locked --workspace --no-fail-fast
 
 install: release assets

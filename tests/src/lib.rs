@@ -5,6 +5,7 @@ pub mod containerd;
 pub mod initramfs;
 pub mod qemu;
 pub mod vhost;
+pub mod vsock;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

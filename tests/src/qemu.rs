@@ -14,6 +14,8 @@ pub struct GuestRun {
     pub exit_code: Option<i32>,
     /// Wall time from spawn to exit.
     pub elapsed: Duration,
+    /// What QEMU itself printed on stderr.
+    pub qemu_stderr: String,
 }
 
 /// One QEMU microvm guest.
@@ -51,8 +53,11 @@ impl Guest {
         self
     }
 
-    /// Starts QEMU; the serial console goes to `serial`.
+    /// Starts QEMU; the serial console goes to `serial`, QEMU's own
+    /// messages to `qemu.err` beside it.
     pub fn spawn(&self, serial: &Path) -> Child {
+        let err_path = serial.with_file_name("qemu.err");
+        let stderr = std::fs::File::create(&err_path).expect("create qemu.err");
         let mem = format!("{}M", self.memory_mib);
         Command::new("qemu-system-x86_64")
             .args([
@@ -84,7 +89,7 @@ impl Guest {
             .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(stderr)
             .spawn()
             .expect("qemu-system-x86_64 must be installed (make deps)")
     }
@@ -108,11 +113,13 @@ impl Guest {
             std::thread::sleep(Duration::from_millis(20));
         };
         let elapsed = start.elapsed();
-        let serial = std::fs::read_to_string(&serial).unwrap_or_default();
-        GuestRun {
-            serial,
-            exit_code,
-            elapsed,
+        let qemu_stderr = std::fs::read_to_string(dir.path().join("qemu.err")).unwrap_or_default();
+        let mut serial = std::fs::read_to_string(&serial).unwrap_or_default();
+        if !qemu_stderr.is_empty() {
+            // Failure messages print the serial log: let them show QEMU's word too.
+            serial.push_str("\n--- qemu stderr ---\n");
+            serial.push_str(&qemu_stderr);
         }
+        GuestRun { serial, exit_code, elapsed, qemu_stderr }
     }
 }

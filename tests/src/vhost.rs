@@ -14,7 +14,21 @@ pub struct VhostDevice {
 impl VhostDevice {
     /// Starts `capsid-vhost <args…> --socket <socket>` and waits for the socket.
     pub fn spawn(args: &[&str], socket: &Path) -> Self {
-        let child = Command::new(crate::bin("capsid-vhost"))
+        Self::start(Command::new(crate::bin("capsid-vhost")), args, socket)
+    }
+
+    /// Like [`Self::spawn`], inside the network namespace `netns` (through
+    /// `ip netns exec`, which execs, so the child is capsid-vhost itself):
+    /// for devices whose host side (a tap) lives there.
+    pub fn spawn_in_netns(netns: &str, args: &[&str], socket: &Path) -> Self {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", netns])
+            .arg(crate::bin("capsid-vhost"));
+        Self::start(cmd, args, socket)
+    }
+
+    fn start(mut cmd: Command, args: &[&str], socket: &Path) -> Self {
+        let child = cmd
             .args(args)
             .arg("--socket")
             .arg(socket)

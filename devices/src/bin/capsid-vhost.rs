@@ -8,7 +8,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use capsid_devices::hosting::vhost_user;
+use capsid_devices::virtio::blk::{Blk, BlkConfig};
+use capsid_devices::virtio::net::{parse_mac, Net, Tap};
 use capsid_devices::virtio::rng::Rng;
+use capsid_devices::virtio::vsock::Vsock;
 use clap::{Parser, Subcommand};
 
 /// Serves a capsid virtio device over vhost-user.
@@ -21,11 +24,51 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Device {
+    /// Block device (virtio-blk) backed by a file or host block device.
+    Blk {
+        /// vhost-user socket to listen on.
+        #[arg(long, value_name = "PATH")]
+        socket: PathBuf,
+        /// The disk image (a regular file or a block device).
+        #[arg(long, value_name = "FILE")]
+        path: PathBuf,
+        /// Open the image read-only and offer a read-only disk.
+        #[arg(long)]
+        readonly: bool,
+        /// Id returned to the guest (at most 20 bytes; default: the file name).
+        #[arg(long, value_name = "ID")]
+        serial: Option<String>,
+    },
+    /// Network device (virtio-net) attached to an existing tap interface.
+    Net {
+        /// vhost-user socket to listen on.
+        #[arg(long, value_name = "PATH")]
+        socket: PathBuf,
+        /// The tap interface, in this process's network namespace.
+        #[arg(long, value_name = "NAME")]
+        tap: String,
+        /// MAC address offered in the device's configuration space.
+        #[arg(long, value_name = "MAC", value_parser = parse_mac)]
+        mac: Option<[u8; 6]>,
+    },
     /// Entropy device (virtio-rng) fed by the host's getrandom(2).
     Rng {
         /// vhost-user socket to listen on.
         #[arg(long, value_name = "PATH")]
         socket: PathBuf,
+    },
+    /// Socket device (virtio-vsock) with a hybrid Unix-socket host side.
+    Vsock {
+        /// vhost-user socket to listen on.
+        #[arg(long, value_name = "PATH")]
+        socket: PathBuf,
+        /// The guest's CID (3 or more).
+        #[arg(long, value_name = "CID")]
+        guest_cid: u64,
+        /// Host Unix socket: clients connect here and write `CONNECT <port>`;
+        /// guest connections to port P go to `<PATH>_<P>`.
+        #[arg(long, value_name = "PATH")]
+        uds_path: PathBuf,
     },
 }
 
@@ -39,9 +82,28 @@ fn main() -> ExitCode {
         .init();
     let args = Args::parse();
     let result = match args.device {
+        Device::Blk {
+            socket,
+            path,
+            readonly,
+            serial,
+        } => Blk::new(&BlkConfig {
+            path,
+            read_only: readonly,
+            serial,
+        })
+        .map_err(anyhow::Error::from)
+        .and_then(|dev| vhost_user::serve(dev, &socket).map_err(anyhow::Error::from)),
+        Device::Net { socket, tap, mac } => Tap::open(&tap)
+            .map_err(anyhow::Error::from)
+            .and_then(|tap| Net::new(tap, mac).map_err(anyhow::Error::from))
+            .and_then(|dev| vhost_user::serve(dev, &socket).map_err(anyhow::Error::from)),
         Device::Rng { socket } => {
             vhost_user::serve(Rng::default(), &socket).map_err(anyhow::Error::from)
         }
+        Device::Vsock { socket, guest_cid, uds_path } => Vsock::new(guest_cid, &uds_path)
+            .map_err(anyhow::Error::from)
+            .and_then(|dev| vhost_user::serve(dev, &socket).map_err(anyhow::Error::from)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

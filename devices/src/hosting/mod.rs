@@ -1,4 +1,5 @@
 //! Where device models run: behind vhost-user for QEMU (`vhost_user`), or
 //! in-process under capsid-vmm's virtio-mmio transport.
 
+mod relay;
 pub mod vhost_user;

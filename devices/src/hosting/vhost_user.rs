@@ -1,7 +1,7 @@
 //! Serving a [`VirtioDevice`] as a vhost-user backend (the `vhost` and
 //! `vhost-user-backend` crates do the protocol; this adapts the model).
 
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
@@ -14,6 +14,7 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
+use super::relay;
 use crate::virtio::{DeviceEvent, VirtioDevice};
 
 /// Errors serving a device over vhost-user.
@@ -40,6 +41,9 @@ pub enum VhostUserError {
     /// An eventfd could not be created.
     #[error("cannot create an eventfd")]
     EventFd(#[source] std::io::Error),
+    /// The relay in front of the daemon could not be set up.
+    #[error("cannot set up the vhost-user relay")]
+    Relay(#[source] std::io::Error),
 }
 
 /// Result of vhost-user hosting.
@@ -189,6 +193,9 @@ fn claim_socket_path(path: &Path) -> Result<()> {
 /// removed on return.
 pub fn serve<D: VirtioDevice + Sync + 'static>(device: D, path: &Path) -> Result<()> {
     claim_socket_path(path)?;
+    // QEMU's virtio-net front end enables rings before acking the protocol
+    // features, which the vhost crate refuses: serve it through the relay.
+    let relayed = device.device_type() == crate::virtio::net::VIRTIO_ID_NET;
     let backend_fd = device.backend_fd();
     let exit =
         new_event_consumer_and_notifier(EventFlag::NONBLOCK).map_err(VhostUserError::EventFd)?;
@@ -212,9 +219,23 @@ pub fn serve<D: VirtioDevice + Sync + 'static>(device: D, path: &Path) -> Result
                 .map_err(VhostUserError::Watch)?;
         }
     }
-    let result = daemon
-        .serve(path)
-        .map_err(|e| VhostUserError::Daemon(e.to_string()));
+    let result = if relayed {
+        let listener = UnixListener::bind(path).map_err(VhostUserError::Relay)?;
+        let private = relay::private_path(path);
+        let relay = relay::spawn(listener, private.clone()).map_err(VhostUserError::Relay)?;
+        let result = daemon
+            .serve(&private)
+            .map_err(|e| VhostUserError::Daemon(e.to_string()));
+        // Once the daemon's connection is over the relay winds down too.
+        if result.is_ok() {
+            let _ = relay.join();
+        }
+        result
+    } else {
+        daemon
+            .serve(path)
+            .map_err(|e| VhostUserError::Daemon(e.to_string()))
+    };
     let _ = std::fs::remove_file(path);
     result
 }

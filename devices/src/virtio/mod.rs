@@ -6,7 +6,10 @@
 //! interrupt delivery are the hosting's business (`crate::hosting`), so the
 //! same model runs in-process in capsid-vmm and behind vhost-user for QEMU.
 
+pub mod blk;
+pub mod net;
 pub mod rng;
+pub mod vsock;
 
 use std::os::fd::RawFd;
 
