@@ -201,25 +201,35 @@ impl Connection {
         }
         let len = data.len();
         if self.guest_bytes_buffered() + len > CONN_TX_BUF_SIZE as usize {
-            tracing::debug!(len, buffered = self.tx_buf.len(), "vsock: guest overran its credit");
+            tracing::debug!(
+                len,
+                buffered = self.tx_buf.len(),
+                "vsock: guest overran its credit"
+            );
             return TxOutcome::Violation;
         }
         let mut written = 0;
         if self.tx_buf.is_empty() && !self.host_write_shut {
             while written < len {
-                let Ok(rest) = data.offset(written) else { break };
+                let Ok(rest) = data.offset(written) else {
+                    break;
+                };
                 match self.stream.write_volatile(&rest) {
                     Ok(0) => break,
                     Ok(n) => written += n,
                     Err(VolatileMemoryError::IOError(e)) if e.kind() == ErrorKind::Interrupted => {}
-                    Err(VolatileMemoryError::IOError(e)) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(VolatileMemoryError::IOError(e)) if e.kind() == ErrorKind::WouldBlock => {
+                        break
+                    }
                     Err(_) => return self.host_gone(),
                 }
             }
         }
         self.fwd_cnt += Wrapping(u32::try_from(written).unwrap_or(u32::MAX));
         if written < len {
-            let Ok(rest) = data.offset(written) else { return TxOutcome::Violation };
+            let Ok(rest) = data.offset(written) else {
+                return TxOutcome::Violation;
+            };
             let mut bytes = vec![0u8; rest.len()];
             let copied = rest.copy_to(&mut bytes[..]);
             self.tx_buf.extend(&bytes[..copied]);
@@ -278,7 +288,10 @@ impl Connection {
     /// Marks the connection for a RST to the guest and removal.
     pub fn reset(&mut self) {
         self.state = ConnState::Closing;
-        self.pending = Pending { rst: true, ..Pending::default() };
+        self.pending = Pending {
+            rst: true,
+            ..Pending::default()
+        };
     }
 
     fn maybe_credit_update(&mut self) {
@@ -358,12 +371,21 @@ impl Connection {
         // Every packet carries our credit, so no separate update is owed.
         self.last_fwd_cnt_sent = self.fwd_cnt;
         self.pending.credit_update = false;
-        RxHeader { op, flags, len, buf_alloc: CONN_TX_BUF_SIZE, fwd_cnt: self.fwd_cnt.0 }
+        RxHeader {
+            op,
+            flags,
+            len,
+            buf_alloc: CONN_TX_BUF_SIZE,
+            fwd_cnt: self.fwd_cnt.0,
+        }
     }
 
     /// Reads host data into `data`, at most the guest's credit. `Some(0)`
     /// is EOF, `None` is nothing available now.
-    fn read_from_host<B: BitmapSlice>(&mut self, data: Option<&VolatileSlice<'_, B>>) -> Option<u32> {
+    fn read_from_host<B: BitmapSlice>(
+        &mut self,
+        data: Option<&VolatileSlice<'_, B>>,
+    ) -> Option<u32> {
         let data = data?;
         let max = data.len().min(self.peer_credit() as usize);
         if max == 0 {
@@ -398,7 +420,11 @@ impl Connection {
 /// Reads what is available of a `CONNECT` line into `buf`, one byte at a
 /// time so that no byte after the newline is consumed. Returns Ok(true)
 /// once the newline has arrived.
-pub fn read_connect_line(stream: &mut UnixStream, buf: &mut Vec<u8>, limit: usize) -> std::io::Result<bool> {
+pub fn read_connect_line(
+    stream: &mut UnixStream,
+    buf: &mut Vec<u8>,
+    limit: usize,
+) -> std::io::Result<bool> {
     let mut byte = [0u8; 1];
     while buf.len() < limit {
         match stream.read(&mut byte) {

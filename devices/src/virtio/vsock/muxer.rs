@@ -120,8 +120,10 @@ impl Muxer {
             }
             let _ = std::fs::remove_file(uds_path);
         }
-        let listen_err =
-            |source| VsockError::Listen { path: uds_path.display().to_string(), source };
+        let listen_err = |source| VsockError::Listen {
+            path: uds_path.display().to_string(),
+            source,
+        };
         let listener = UnixListener::bind(uds_path).map_err(listen_err)?;
         listener.set_nonblocking(true).map_err(listen_err)?;
         let epoll = Epoll::new().map_err(VsockError::Epoll)?;
@@ -190,7 +192,10 @@ impl Muxer {
             tracing::debug!(?hdr, "vsock: dropping packet with bad addressing or type");
             return;
         }
-        let key = ConnKey { local_port: hdr.dst_port, peer_port: hdr.src_port };
+        let key = ConnKey {
+            local_port: hdr.dst_port,
+            peer_port: hdr.src_port,
+        };
         if hdr.op == VSOCK_OP_REQUEST {
             self.on_guest_connect(key, hdr);
             return;
@@ -259,7 +264,11 @@ impl Muxer {
         let fd = conn.stream.as_raw_fd();
         if self
             .epoll
-            .ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::empty(), fd as u64))
+            .ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::empty(), fd as u64),
+            )
             .is_err()
         {
             self.queue_orphan_rst(key);
@@ -267,7 +276,14 @@ impl Muxer {
         }
         self.stats.connections += 1;
         self.fd_keys.insert(fd, key);
-        self.conns.insert(key, Entry { conn, interest: EventSet::empty(), hup: false });
+        self.conns.insert(
+            key,
+            Entry {
+                conn,
+                interest: EventSet::empty(),
+                hup: false,
+            },
+        );
         self.refresh(key);
     }
 
@@ -276,7 +292,9 @@ impl Muxer {
             let fd = entry.conn.stream.as_raw_fd();
             self.fd_keys.remove(&fd);
             if !entry.hup {
-                let _ = self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+                let _ = self
+                    .epoll
+                    .ctl(ControlOperation::Delete, fd, EpollEvent::default());
             }
         }
         self.queued.remove(&key);
@@ -291,7 +309,9 @@ impl Muxer {
     /// Brings a connection's epoll interest and rx queue place in line with
     /// its state; removes it once it is closed and owes nothing.
     fn refresh(&mut self, key: ConnKey) {
-        let Some(entry) = self.conns.get_mut(&key) else { return };
+        let Some(entry) = self.conns.get_mut(&key) else {
+            return;
+        };
         if entry.conn.state == ConnState::Closing && !entry.conn.pending.any() {
             self.remove(key);
             return;
@@ -313,7 +333,11 @@ impl Muxer {
             let fd = entry.conn.stream.as_raw_fd();
             if self
                 .epoll
-                .ctl(ControlOperation::Modify, fd, EpollEvent::new(interest, fd as u64))
+                .ctl(
+                    ControlOperation::Modify,
+                    fd,
+                    EpollEvent::new(interest, fd as u64),
+                )
                 .is_ok()
             {
                 entry.interest = interest;
@@ -348,23 +372,33 @@ impl Muxer {
             self.accept_clients();
             return;
         }
-        let Ok(fd) = RawFd::try_from(token) else { return };
+        let Ok(fd) = RawFd::try_from(token) else {
+            return;
+        };
         if self.connecting.contains_key(&fd) {
             self.read_connect(fd);
             return;
         }
-        let Some(&key) = self.fd_keys.get(&fd) else { return };
-        let Some(entry) = self.conns.get_mut(&key) else { return };
+        let Some(&key) = self.fd_keys.get(&fd) else {
+            return;
+        };
+        let Some(entry) = self.conns.get_mut(&key) else {
+            return;
+        };
         if set.contains(EventSet::OUT) {
             entry.conn.flush_to_host();
         }
-        if set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::READ_HANG_UP | EventSet::ERROR) {
+        if set
+            .intersects(EventSet::IN | EventSet::HANG_UP | EventSet::READ_HANG_UP | EventSet::ERROR)
+        {
             entry.conn.pending.rw = true;
         }
         if set.intersects(EventSet::HANG_UP | EventSet::ERROR) && !entry.hup {
             // HUP is reported whatever the interest: take the fd out of the
             // set, or a stream we cannot read yet would wake us forever.
-            let _ = self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+            let _ = self
+                .epoll
+                .ctl(ControlOperation::Delete, fd, EpollEvent::default());
             entry.hup = true;
             if entry.conn.wants_host_write() {
                 entry.conn.flush_to_host();
@@ -385,7 +419,11 @@ impl Muxer {
                     let fd = stream.as_raw_fd();
                     if self
                         .epoll
-                        .ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, fd as u64))
+                        .ctl(
+                            ControlOperation::Add,
+                            fd,
+                            EpollEvent::new(EventSet::IN, fd as u64),
+                        )
                         .is_ok()
                     {
                         self.connecting.insert(fd, (stream, Vec::new()));
@@ -398,17 +436,26 @@ impl Muxer {
     }
 
     fn read_connect(&mut self, fd: RawFd) {
-        let Some((stream, line)) = self.connecting.get_mut(&fd) else { return };
+        let Some((stream, line)) = self.connecting.get_mut(&fd) else {
+            return;
+        };
         match read_connect_line(stream, line, MAX_CONNECT_LINE) {
             Err(e) if e.kind() == ErrorKind::WouldBlock => {}
             Ok(false) => {}
             Ok(true) => {
                 let port = Connection::parse_connect_line(line);
-                let Some((stream, _)) = self.connecting.remove(&fd) else { return };
-                let _ = self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+                let Some((stream, _)) = self.connecting.remove(&fd) else {
+                    return;
+                };
+                let _ = self
+                    .epoll
+                    .ctl(ControlOperation::Delete, fd, EpollEvent::default());
                 match port {
                     Some(peer_port) => {
-                        let key = ConnKey { local_port: self.allocate_local_port(peer_port), peer_port };
+                        let key = ConnKey {
+                            local_port: self.allocate_local_port(peer_port),
+                            peer_port,
+                        };
                         self.insert(key, Connection::local_init(stream));
                     }
                     None => {
@@ -419,7 +466,9 @@ impl Muxer {
             }
             Err(_) => {
                 self.stats.bad_connect_lines += 1;
-                let _ = self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+                let _ = self
+                    .epoll
+                    .ctl(ControlOperation::Delete, fd, EpollEvent::default());
                 self.connecting.remove(&fd);
             }
         }
@@ -429,7 +478,10 @@ impl Muxer {
         loop {
             let port = self.next_local_port;
             self.next_local_port = self.next_local_port.wrapping_add(1).max(FIRST_LOCAL_PORT);
-            if !self.conns.contains_key(&ConnKey { local_port: port, peer_port }) {
+            if !self.conns.contains_key(&ConnKey {
+                local_port: port,
+                peer_port,
+            }) {
                 return port;
             }
         }
@@ -443,12 +495,20 @@ impl Muxer {
         data: Option<&VolatileSlice<'_, B>>,
     ) -> Option<(ConnKey, RxHeader)> {
         if let Some(key) = self.orphan_rsts.pop_front() {
-            let hdr = RxHeader { op: VSOCK_OP_RST, flags: 0, len: 0, buf_alloc: 0, fwd_cnt: 0 };
+            let hdr = RxHeader {
+                op: VSOCK_OP_RST,
+                flags: 0,
+                len: 0,
+                buf_alloc: 0,
+                fwd_cnt: 0,
+            };
             return Some((key, hdr));
         }
         while let Some(key) = self.rxq.pop_front() {
             self.queued.remove(&key);
-            let Some(entry) = self.conns.get_mut(&key) else { continue };
+            let Some(entry) = self.conns.get_mut(&key) else {
+                continue;
+            };
             let hdr = entry.conn.next_rx(data);
             self.refresh(key);
             if let Some(hdr) = hdr {
@@ -465,7 +525,9 @@ impl Muxer {
             self.remove(key);
         }
         for (fd, _) in self.connecting.drain() {
-            let _ = self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+            let _ = self
+                .epoll
+                .ctl(ControlOperation::Delete, fd, EpollEvent::default());
         }
         self.rxq.clear();
         self.queued.clear();
