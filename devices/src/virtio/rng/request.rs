@@ -79,9 +79,13 @@ where
                 stats.malformed += 1;
                 written = 0;
             }
-            queue
-                .add_used(mem, head, written)
-                .map_err(RngError::Queue)?;
+            // A head index the guest made up cannot be returned: count it
+            // and carry on.
+            if let Err(e) = queue.add_used(mem, head, written) {
+                tracing::debug!(error = %e, head, "rng: cannot return chain");
+                stats.malformed += 1;
+                continue;
+            }
             stats.requests += 1;
             stats.bytes += u64::from(written);
         }

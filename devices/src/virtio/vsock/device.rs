@@ -53,6 +53,26 @@ impl Vsock {
         self.muxer.stats
     }
 
+    /// Returns a chain to the driver. A head index the guest made up (out of
+    /// the ring) cannot be returned: it is counted and skipped, and the
+    /// device carries on.
+    fn return_chain(
+        &mut self,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+        head: u16,
+        len: u32,
+    ) -> bool {
+        match queue.add_used(mem, head, len) {
+            Ok(()) => true,
+            Err(e) => {
+                self.malformed += 1;
+                tracing::debug!(error = %e, head, "vsock: cannot return chain");
+                false
+            }
+        }
+    }
+
     /// Takes every packet the guest queued on tx.
     fn process_tx(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool> {
         let mut used_any = false;
@@ -83,8 +103,7 @@ impl Vsock {
                         tracing::debug!(error = %e, "vsock: malformed tx chain");
                     }
                 }
-                queue.add_used(mem, head, 0).map_err(VsockError::Queue)?;
-                used_any = true;
+                used_any |= self.return_chain(queue, mem, head, 0);
             }
             if !queue.enable_notification(mem).map_err(VsockError::Queue)? {
                 break;
@@ -115,8 +134,7 @@ impl Vsock {
                 Err(e) => {
                     self.malformed += 1;
                     tracing::debug!(error = %e, "vsock: malformed rx chain");
-                    queue.add_used(mem, head, 0).map_err(VsockError::Queue)?;
-                    used_any = true;
+                    used_any |= self.return_chain(queue, mem, head, 0);
                     continue;
                 }
             };
@@ -139,8 +157,7 @@ impl Vsock {
             let used = u32::try_from(pkt.header_slice().len())
                 .unwrap_or(0)
                 .saturating_add(rx.len);
-            queue.add_used(mem, head, used).map_err(VsockError::Queue)?;
-            used_any = true;
+            used_any |= self.return_chain(queue, mem, head, used);
         }
         Ok(used_any && queue.needs_notification(mem).map_err(VsockError::Queue)?)
     }
@@ -682,6 +699,37 @@ mod tests {
             .flat_map(|(_, d)| d.clone())
             .collect();
         assert_eq!(rw, b"queued");
+    }
+
+    #[test]
+    fn slow_host_listener_cannot_stall_the_device() {
+        use nix::sys::socket::{
+            bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr,
+        };
+        let mut r = Rig::new();
+        // A host service that never accepts, with a backlog of one.
+        let path = format!("{}_77", r.uds().display());
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::empty(),
+            None,
+        )
+        .unwrap();
+        bind(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            &UnixAddr::new(path.as_str()).unwrap(),
+        )
+        .unwrap();
+        listen(&fd, Backlog::new(1).unwrap()).unwrap();
+        r.post_rx(4);
+        let start = std::time::Instant::now();
+        for port in 0..8 {
+            r.send(Hdr::guest(VSOCK_OP_REQUEST, 2000 + port, 77), &[]);
+        }
+        assert!(start.elapsed() < std::time::Duration::from_secs(5));
+        // Past the backlog, connects are refused rather than waited for.
+        assert!(r.dev.connection_count() < 8, "{}", r.dev.connection_count());
     }
 
     #[test]

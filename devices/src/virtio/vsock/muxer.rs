@@ -247,11 +247,11 @@ impl Muxer {
             self.queue_orphan_rst(key);
             return;
         }
-        let path = format!("{}_{}", self.uds_path.display(), key.local_port);
-        let stream = match UnixStream::connect(&path) {
-            Ok(s) if s.set_nonblocking(true).is_ok() => s,
-            Ok(_) | Err(_) => {
-                tracing::debug!(path, "vsock: guest connect refused: nobody listens there");
+        let path = PathBuf::from(format!("{}_{}", self.uds_path.display(), key.local_port));
+        let stream = match connect_nonblocking(&path) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(path = %path.display(), error = %e, "vsock: guest connect refused");
                 self.queue_orphan_rst(key);
                 return;
             }
@@ -534,6 +534,22 @@ impl Muxer {
         self.orphan_rsts.clear();
         self.rx_starved = false;
     }
+}
+
+/// Connects to a host Unix socket without ever blocking: a listener whose
+/// backlog is full refuses (EAGAIN) instead of stalling the device, so a
+/// guest cannot hang it by connecting to a slow host service.
+fn connect_nonblocking(path: &Path) -> std::io::Result<UnixStream> {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    let addr = UnixAddr::new(path)?;
+    connect(fd.as_raw_fd(), &addr)?;
+    Ok(UnixStream::from(fd))
 }
 
 impl Drop for Muxer {
