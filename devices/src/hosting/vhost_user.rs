@@ -161,9 +161,15 @@ impl<D: VirtioDevice + Sync> VhostUserBackendMut for VhostUserDevice<D> {
             let mut guards: Vec<_> = vrings.iter().map(VringT::get_mut).collect();
             let mut queues: Vec<&mut Queue> =
                 guards.iter_mut().map(|g| g.get_queue_mut()).collect();
-            self.device
-                .process(event, &mut queues, &mem)
-                .map_err(|e| std::io::Error::other(crate::describe(&e)))?
+            // An error here is the guest's doing (a broken ring): log it and
+            // keep serving; returning it would end the device's event loop.
+            match self.device.process(event, &mut queues, &mem) {
+                Ok(notify) => notify,
+                Err(e) => {
+                    tracing::warn!(device = self.device.name(), error = %crate::describe(&e), "request processing failed");
+                    0
+                }
+            }
         };
         for (index, vring) in vrings.iter().enumerate() {
             if notify & crate::virtio::queue_bit(index) != 0 {
