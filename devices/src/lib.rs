@@ -6,6 +6,7 @@
 //! vhost-user to QEMU (`hosting`).
 
 pub mod hosting;
+pub mod socket_claim;
 pub mod virtio;
 
 /// An error and its sources, as one line.

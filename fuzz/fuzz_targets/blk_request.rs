@@ -29,7 +29,8 @@ fn disks() -> &'static (Disk, Disk) {
     DISKS.get_or_init(|| {
         let make = |read_only| {
             let file = tempfile::tempfile().expect("temp file");
-            file.set_len(DISK_SECTORS * SECTOR_SIZE).expect("size temp file");
+            file.set_len(DISK_SECTORS * SECTOR_SIZE)
+                .expect("size temp file");
             Disk::from_file(file, read_only).expect("disk")
         };
         (make(false), make(true))
@@ -40,8 +41,8 @@ fuzz_target!(|data: &[u8]| {
     let Some((&control, image)) = data.split_first() else {
         return;
     };
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)])
-        .expect("guest memory");
+    let mem =
+        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("guest memory");
     let n = image.len().min(MEM_SIZE);
     mem.write_slice(&image[..n], GuestAddress(0))
         .expect("fill guest memory");

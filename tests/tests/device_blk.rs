@@ -140,7 +140,12 @@ fn guest_write_reaches_host_file() {
         "{}",
         run.serial
     );
-    assert_eq!(console_value(&run.serial, "dd_rc"), Some("0"), "{}", run.serial);
+    assert_eq!(
+        console_value(&run.serial, "dd_rc"),
+        Some("0"),
+        "{}",
+        run.serial
+    );
     assert_eq!(
         console_value(&run.serial, "discard_rc"),
         Some("0"),
@@ -159,7 +164,10 @@ fn guest_write_reaches_host_file() {
         .take(65536)
         .collect();
     assert!(after[at..at + 65536] == pattern[..], "pattern not on disk");
-    assert!(after[..at] == before[..at], "bytes before the write changed");
+    assert!(
+        after[..at] == before[..at],
+        "bytes before the write changed"
+    );
     assert!(
         after[at + 65536..DISCARD_AT] == before[at + 65536..DISCARD_AT],
         "bytes after the write changed"
@@ -196,9 +204,19 @@ fn readonly_disk_refuses_guest_writes() {
         run.serial
     );
     // The kernel took VIRTIO_BLK_F_RO and marked the disk read-only ...
-    assert_eq!(console_value(&run.serial, "ro"), Some("1"), "{}", run.serial);
+    assert_eq!(
+        console_value(&run.serial, "ro"),
+        Some("1"),
+        "{}",
+        run.serial
+    );
     // ... so the write fails before it reaches the device.
-    assert_ne!(console_value(&run.serial, "dd_rc"), Some("0"), "{}", run.serial);
+    assert_ne!(
+        console_value(&run.serial, "dd_rc"),
+        Some("0"),
+        "{}",
+        run.serial
+    );
     let err = console_value(&run.serial, "dd_err").unwrap_or_default();
     assert!(
         ["not permitted", "Read-only", "I/O error"]

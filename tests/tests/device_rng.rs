@@ -60,7 +60,7 @@ fn guest_reads_hwrng() {
 fn socket_in_use_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("rng.sock");
-    let _first = VhostDevice::spawn(&["rng"], &sock);
+    let mut first = VhostDevice::spawn(&["rng"], &sock);
     let (code, _, stderr) = capsid_tests::run(
         std::process::Command::new(capsid_tests::bin("capsid-vhost"))
             .args(["rng", "--socket"])
@@ -69,4 +69,7 @@ fn socket_in_use_is_refused() {
     assert_eq!(code, 1);
     assert!(stderr.contains("in use"), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    // The refused second process did not disturb the first.
+    assert_eq!(first.wait_exit(Duration::from_millis(300)), None, "first device exited");
+    assert!(sock.exists());
 }

@@ -101,7 +101,11 @@ fn main() -> ExitCode {
         Device::Rng { socket } => {
             vhost_user::serve(Rng::default(), &socket).map_err(anyhow::Error::from)
         }
-        Device::Vsock { socket, guest_cid, uds_path } => Vsock::new(guest_cid, &uds_path)
+        Device::Vsock {
+            socket,
+            guest_cid,
+            uds_path,
+        } => Vsock::new(guest_cid, &uds_path)
             .map_err(anyhow::Error::from)
             .and_then(|dev| vhost_user::serve(dev, &socket).map_err(anyhow::Error::from)),
     };

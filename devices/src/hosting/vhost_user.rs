@@ -1,8 +1,8 @@
 //! Serving a [`VirtioDevice`] as a vhost-user backend (the `vhost` and
 //! `vhost-user-backend` crates do the protocol; this adapts the model).
 
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::os::unix::net::UnixListener;
+use std::path::Path;
 use std::sync::{Arc, RwLock};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -15,23 +15,15 @@ use vmm_sys_util::event::{
 };
 
 use super::relay;
+use crate::socket_claim::{ClaimError, SocketClaim};
 use crate::virtio::{DeviceEvent, VirtioDevice};
 
 /// Errors serving a device over vhost-user.
 #[derive(Debug, thiserror::Error)]
 pub enum VhostUserError {
-    /// Another process is serving on the socket path.
-    #[error("socket {0} is in use by another process")]
-    SocketInUse(PathBuf),
-    /// A stale socket file could not be removed.
-    #[error("cannot remove stale socket {path}")]
-    RemoveStale {
-        /// The path.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
+    /// The socket path cannot be claimed (in use, or unwritable).
+    #[error(transparent)]
+    Claim(#[from] ClaimError),
     /// The vhost-user daemon failed to start or serve.
     #[error("vhost-user daemon: {0}")]
     Daemon(String),
@@ -180,25 +172,12 @@ impl<D: VirtioDevice + Sync> VhostUserBackendMut for VhostUserDevice<D> {
     }
 }
 
-/// Refuses a socket path another process serves on; removes a stale one.
-fn claim_socket_path(path: &Path) -> Result<()> {
-    if !path.exists() {
-        return Ok(());
-    }
-    if UnixStream::connect(path).is_ok() {
-        return Err(VhostUserError::SocketInUse(path.to_path_buf()));
-    }
-    std::fs::remove_file(path).map_err(|source| VhostUserError::RemoveStale {
-        path: path.to_path_buf(),
-        source,
-    })
-}
-
 /// Serves `device` on the vhost-user socket `path` for one frontend
 /// connection; returns when the frontend disconnects. The socket file is
 /// removed on return.
 pub fn serve<D: VirtioDevice + Sync + 'static>(device: D, path: &Path) -> Result<()> {
-    claim_socket_path(path)?;
+    // Held until return: the socket and its lock file go away with it.
+    let _claim = SocketClaim::new(path)?;
     // QEMU's virtio-net front end enables rings before acking the protocol
     // features, which the vhost crate refuses: serve it through the relay.
     let relayed = device.device_type() == crate::virtio::net::VIRTIO_ID_NET;
@@ -225,7 +204,7 @@ pub fn serve<D: VirtioDevice + Sync + 'static>(device: D, path: &Path) -> Result
                 .map_err(VhostUserError::Watch)?;
         }
     }
-    let result = if relayed {
+    if relayed {
         let listener = UnixListener::bind(path).map_err(VhostUserError::Relay)?;
         let private = relay::private_path(path);
         let relay = relay::spawn(listener, private.clone()).map_err(VhostUserError::Relay)?;
@@ -241,7 +220,5 @@ pub fn serve<D: VirtioDevice + Sync + 'static>(device: D, path: &Path) -> Result
         daemon
             .serve(path)
             .map_err(|e| VhostUserError::Daemon(e.to_string()))
-    };
-    let _ = std::fs::remove_file(path);
-    result
+    }
 }

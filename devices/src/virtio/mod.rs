@@ -11,10 +11,12 @@ pub mod net;
 pub mod rng;
 pub mod vsock;
 
+use std::num::Wrapping;
 use std::os::fd::RawFd;
+use std::sync::atomic::Ordering;
 
-use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{GuestMemory, GuestMemoryMmap};
 
 /// VIRTIO_F_VERSION_1: a modern (non-legacy) device.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
@@ -98,6 +100,18 @@ pub trait VirtioDevice: Send {
     ) -> Result<u64, DeviceError>;
     /// The driver reset the device: drop all in-flight state.
     fn reset(&mut self) {}
+}
+
+/// Whether the driver's available index is at most a queue's worth of
+/// entries ahead of the device. virtio-queue refuses to walk a ring that is
+/// not, while `enable_notification` keeps reporting work on it: a drain
+/// loop must stop there or a hostile driver makes it spin forever.
+pub fn avail_ring_sane<Q: QueueT, M: GuestMemory>(
+    queue: &Q,
+    mem: &M,
+) -> Result<bool, virtio_queue::Error> {
+    let avail = queue.avail_idx(mem, Ordering::Acquire)?;
+    Ok((avail - Wrapping(queue.next_avail())).0 <= queue.size())
 }
 
 /// Reads `data.len()` bytes of a configuration structure `config` at

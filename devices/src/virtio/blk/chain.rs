@@ -148,7 +148,12 @@ where
         if count > max_descriptors {
             return Err(ChainError::TooLong(max_descriptors));
         }
-        tracing::trace!(addr = desc.addr().0, len = desc.len(), flags = desc.flags(), "blk: descriptor");
+        tracing::trace!(
+            addr = desc.addr().0,
+            len = desc.len(),
+            flags = desc.flags(),
+            "blk: descriptor"
+        );
         last_has_next = desc.has_next();
         if desc.is_write_only() {
             seen_writable = true;
@@ -265,7 +270,10 @@ mod tests {
             Err(ChainError::Truncated)
         );
         assert_eq!(
-            collect(std::iter::repeat_n(desc(0x1000, 1, VRING_DESC_F_NEXT), 9), 8),
+            collect(
+                std::iter::repeat_n(desc(0x1000, 1, VRING_DESC_F_NEXT), 9),
+                8
+            ),
             Err(ChainError::TooLong(8))
         );
         assert_eq!(collect([], 8), Err(ChainError::Empty));

@@ -57,7 +57,13 @@ impl Blk {
             None => config
                 .path
                 .file_name()
-                .map(|n| n.as_bytes().iter().copied().take(VIRTIO_BLK_ID_BYTES).collect())
+                .map(|n| {
+                    n.as_bytes()
+                        .iter()
+                        .copied()
+                        .take(VIRTIO_BLK_ID_BYTES)
+                        .collect()
+                })
                 .unwrap_or_default(),
         };
         let disk = Disk::open(&config.path, config.read_only)?;
@@ -225,7 +231,10 @@ mod tests {
         .unwrap();
         let features = blk.features();
         assert_ne!(features & VIRTIO_BLK_F_RO, 0);
-        assert_eq!(features & (VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES), 0);
+        assert_eq!(
+            features & (VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES),
+            0
+        );
         let mut c = [0u8; CONFIG_LEN];
         blk.read_config(0, &mut c);
         assert_eq!(le32(&c, 36), 0);

@@ -203,7 +203,10 @@ impl Disk {
 
 /// The host file system cannot do this kind of fallocate.
 fn unsupported(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS))
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS)
+    )
 }
 
 fn into_io(e: VolatileMemoryError) -> io::Error {
@@ -361,7 +364,9 @@ mod tests {
         let f = image(&[1u8; 1024]);
         let disk = Disk::open(f.path(), true).unwrap();
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
-        assert!(disk.write_from_guest(0, &mem, GuestAddress(0), 512).is_err());
+        assert!(disk
+            .write_from_guest(0, &mem, GuestAddress(0), 512)
+            .is_err());
         assert!(disk.write_zeroes(0, 512, false).is_err());
         assert!(disk.discard(0, 512).is_err());
         assert_eq!(std::fs::read(f.path()).unwrap(), vec![1u8; 1024]);
@@ -386,7 +391,8 @@ mod tests {
     fn zero_fallback_writes_exact_range() {
         let f = image(&[5u8; 3 * ZERO_CHUNK]);
         let disk = Disk::open(f.path(), false).unwrap();
-        disk.write_zero_bytes(100, (ZERO_CHUNK + 10) as u64).unwrap();
+        disk.write_zero_bytes(100, (ZERO_CHUNK + 10) as u64)
+            .unwrap();
         let on_disk = std::fs::read(f.path()).unwrap();
         assert_eq!(&on_disk[..100], &[5u8; 100][..]);
         assert!(on_disk[100..ZERO_CHUNK + 110].iter().all(|&b| b == 0));

@@ -12,8 +12,6 @@
 //! answered: it is not returned to the driver, only counted as malformed
 //! and logged.
 
-use std::num::Wrapping;
-use std::sync::atomic::Ordering;
 
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestMemory, Permissions};
@@ -131,7 +129,7 @@ where
         if !queue.enable_notification(mem).map_err(BlkError::Queue)? {
             break;
         }
-        if !avail_index_sane(queue, mem)? {
+        if !crate::virtio::avail_ring_sane(queue, mem).map_err(BlkError::Queue)? {
             // The walk stopped on a bad ring, not an empty one: going round
             // again would spin. The queue stays idle until the driver
             // resets it.
@@ -144,15 +142,6 @@ where
     }
     let notify = stats.requests > 0 && queue.needs_notification(mem).map_err(BlkError::Queue)?;
     Ok((stats, notify))
-}
-
-/// Whether the driver's available index is at most a queue's worth of
-/// entries ahead of the device (virtio-queue refuses to walk it otherwise).
-fn avail_index_sane<Q: QueueT, M: GuestMemory>(queue: &Q, mem: &M) -> Result<bool> {
-    let avail = queue
-        .avail_idx(mem, Ordering::Acquire)
-        .map_err(BlkError::Queue)?;
-    Ok((avail - Wrapping(queue.next_avail())).0 <= queue.size())
 }
 
 /// Serves one chain; returns the used length (bytes written into the chain,
@@ -237,15 +226,13 @@ fn execute<M: GuestMemory>(
     match kind {
         VIRTIO_BLK_T_IN if body.len() == 0 => read(mem, ctx.disk, sector, writable, stats),
         VIRTIO_BLK_T_OUT if writable.len() == 0 => write(mem, ctx.disk, sector, &body, stats),
-        VIRTIO_BLK_T_FLUSH if body.len() == 0 && writable.len() == 0 => {
-            match ctx.disk.flush() {
-                Ok(()) => Outcome::ok(0),
-                Err(e) => {
-                    tracing::warn!(error = %e, "blk: flush failed");
-                    Outcome::ioerr(0)
-                }
+        VIRTIO_BLK_T_FLUSH if body.len() == 0 && writable.len() == 0 => match ctx.disk.flush() {
+            Ok(()) => Outcome::ok(0),
+            Err(e) => {
+                tracing::warn!(error = %e, "blk: flush failed");
+                Outcome::ioerr(0)
             }
-        }
+        },
         VIRTIO_BLK_T_GET_ID if body.len() == 0 => match writable.write_prefix(mem, ctx.serial) {
             Some(n) => Outcome::ok(n as u64),
             None => Outcome::ioerr(0),
@@ -310,7 +297,10 @@ fn check_transfer<M: GuestMemory>(
     access: Permissions,
 ) -> Option<u64> {
     if !data.len().is_multiple_of(SECTOR_SIZE) {
-        tracing::debug!(len = data.len(), "blk: data is not a whole number of sectors");
+        tracing::debug!(
+            len = data.len(),
+            "blk: data is not a whole number of sectors"
+        );
         return None;
     }
     let Some(offset) = disk_offset(disk, sector, data.len()) else {
@@ -538,7 +528,14 @@ mod tests {
             let (stats, _) = process_queue(&mut q, &self.mem, &self.ctx()).unwrap();
             let used = vq.used().idx().load();
             let lens = (0..used)
-                .map(|i| vq.used().ring().ref_at(usize::from(i)).unwrap().load().len())
+                .map(|i| {
+                    vq.used()
+                        .ring()
+                        .ref_at(usize::from(i))
+                        .unwrap()
+                        .load()
+                        .len()
+                })
                 .collect();
             (stats, lens)
         }
@@ -590,7 +587,9 @@ mod tests {
     fn write_reaches_the_file() {
         let f = Fixture::new(false);
         f.header(VIRTIO_BLK_T_OUT, 3);
-        f.mem.write_slice(&[0x5a; 1024], GuestAddress(DATA)).unwrap();
+        f.mem
+            .write_slice(&[0x5a; 1024], GuestAddress(DATA))
+            .unwrap();
         let (stats, used) = f.serve(&[desc(HEADER, 16, R), desc(DATA, 1024, R), status_desc()]);
         assert_eq!(f.status(), VIRTIO_BLK_S_OK);
         assert_eq!(used, [1]);
@@ -782,7 +781,8 @@ mod tests {
             } else {
                 d.flags() | u16::try_from(VRING_DESC_F_NEXT).unwrap()
             };
-            let raw = SplitDescriptor::new(d.addr().0, d.len(), flags, u16::try_from(i + 1).unwrap());
+            let raw =
+                SplitDescriptor::new(d.addr().0, d.len(), flags, u16::try_from(i + 1).unwrap());
             f.mem
                 .write_obj(raw, GuestAddress(TABLE + 16 * i as u64))
                 .unwrap();
@@ -814,7 +814,10 @@ mod tests {
         let vq = MockSplitQueue::new(&f.mem, 16);
         let mut descs = vec![desc(HEADER, 16, R)];
         descs.extend((0..u64::from(SEG_MAX) / 2).flat_map(|i| {
-            [desc(DATA + 512 * i, 256, W), desc(DATA + 512 * i + 256, 256, W)]
+            [
+                desc(DATA + 512 * i, 256, W),
+                desc(DATA + 512 * i + 256, 256, W),
+            ]
         }));
         descs.push(status_desc());
         assert_eq!(descs.len(), SEG_MAX as usize + 2);
@@ -828,13 +831,26 @@ mod tests {
     #[test]
     fn sector_beyond_capacity_is_an_io_error() {
         let f = Fixture::new(false);
-        for (sector, len) in [(SECTORS, 512), (SECTORS - 1, 1024), (u64::MAX, 512), (u64::MAX / 512, 1024)] {
+        for (sector, len) in [
+            (SECTORS, 512),
+            (SECTORS - 1, 1024),
+            (u64::MAX, 512),
+            (u64::MAX / 512, 1024),
+        ] {
             f.header(VIRTIO_BLK_T_OUT, sector);
             let (_, used) = f.serve(&[desc(HEADER, 16, R), desc(DATA, len, R), status_desc()]);
-            assert_eq!((f.status(), used), (VIRTIO_BLK_S_IOERR, vec![1]), "sector {sector}");
+            assert_eq!(
+                (f.status(), used),
+                (VIRTIO_BLK_S_IOERR, vec![1]),
+                "sector {sector}"
+            );
             f.header(VIRTIO_BLK_T_IN, sector);
             let (_, used) = f.serve(&[desc(HEADER, 16, R), desc(DATA, len, W), status_desc()]);
-            assert_eq!((f.status(), used), (VIRTIO_BLK_S_IOERR, vec![1]), "sector {sector}");
+            assert_eq!(
+                (f.status(), used),
+                (VIRTIO_BLK_S_IOERR, vec![1]),
+                "sector {sector}"
+            );
         }
         assert_eq!(f.on_disk(), original());
         // The last sector itself is fine.
@@ -855,8 +871,11 @@ mod tests {
         assert_eq!((stats.malformed, used.len()), (1, 0));
         // The status byte outside guest memory.
         f.header(VIRTIO_BLK_T_OUT, 0);
-        let (stats, used) =
-            f.serve(&[desc(HEADER, 16, R), desc(DATA, 512, R), desc(0xffff_0000, 1, W)]);
+        let (stats, used) = f.serve(&[
+            desc(HEADER, 16, R),
+            desc(DATA, 512, R),
+            desc(0xffff_0000, 1, W),
+        ]);
         assert_eq!((stats.malformed, used.len()), (1, 0));
         assert_eq!(f.on_disk(), original(), "no I/O for an unanswerable chain");
     }
@@ -947,11 +966,27 @@ mod tests {
         let unmap = VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP;
         let cases: &[(u32, Vec<[u8; 16]>, u8)] = &[
             // Unmap on a discard, unknown flags.
-            (VIRTIO_BLK_T_DISCARD, vec![segment(0, 8, unmap)], VIRTIO_BLK_S_UNSUPP),
-            (VIRTIO_BLK_T_WRITE_ZEROES, vec![segment(0, 8, 4)], VIRTIO_BLK_S_UNSUPP),
+            (
+                VIRTIO_BLK_T_DISCARD,
+                vec![segment(0, 8, unmap)],
+                VIRTIO_BLK_S_UNSUPP,
+            ),
+            (
+                VIRTIO_BLK_T_WRITE_ZEROES,
+                vec![segment(0, 8, 4)],
+                VIRTIO_BLK_S_UNSUPP,
+            ),
             // Past the end, or overflowing.
-            (VIRTIO_BLK_T_WRITE_ZEROES, vec![segment(SECTORS - 1, 2, 0)], VIRTIO_BLK_S_IOERR),
-            (VIRTIO_BLK_T_DISCARD, vec![segment(u64::MAX, 1, 0)], VIRTIO_BLK_S_IOERR),
+            (
+                VIRTIO_BLK_T_WRITE_ZEROES,
+                vec![segment(SECTORS - 1, 2, 0)],
+                VIRTIO_BLK_S_IOERR,
+            ),
+            (
+                VIRTIO_BLK_T_DISCARD,
+                vec![segment(u64::MAX, 1, 0)],
+                VIRTIO_BLK_S_IOERR,
+            ),
             // Too big a segment, too many segments.
             (
                 VIRTIO_BLK_T_WRITE_ZEROES,
@@ -971,7 +1006,11 @@ mod tests {
             ),
         ];
         for (kind, segs, want) in cases {
-            assert_eq!(discard_request(&f, *kind, segs), (*want, vec![1]), "{segs:?}");
+            assert_eq!(
+                discard_request(&f, *kind, segs),
+                (*want, vec![1]),
+                "{segs:?}"
+            );
         }
         assert_eq!(f.on_disk(), original());
         // A payload that is not whole segments.

@@ -94,14 +94,24 @@ impl<T: FrameIo + AsRawFd> Net<T> {
     }
 
     fn receive(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<u64> {
-        let (status, notify) = process_rx(
+        let result = process_rx(
             queue,
             mem,
             &mut self.tap,
             &mut self.rx,
             header_len(self.acked),
             &mut self.stats,
-        )?;
+        );
+        let (status, notify) = match result {
+            Ok(done) => done,
+            Err(e) => {
+                // A broken ring or tap: the tap stays readable, so keep it
+                // out of the set until the driver kicks again, or the event
+                // loop would spin on the same error.
+                let _ = self.set_polling(false);
+                return Err(e);
+            }
+        };
         self.set_polling(status == RxStatus::Poll)?;
         Ok(if notify { queue_bit(RX_QUEUE) } else { 0 })
     }
@@ -325,12 +335,45 @@ mod tests {
     }
 
     #[test]
+    fn receive_error_stops_polling() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let rx = MockSplitQueue::new(&mem, 16);
+        let tx = MockSplitQueue::create(&mem, GuestAddress(0x8_0000), 16);
+        let desc = RawDescriptor::from(SplitDescriptor::new(
+            0x4_0000,
+            2048,
+            u16::try_from(VRING_DESC_F_WRITE).unwrap(),
+            0,
+        ));
+        rx.build_desc_chain(&[desc, desc]).unwrap();
+        let mut rxq: Queue = rx.create_queue().unwrap();
+        let mut txq: Queue = tx.create_queue().unwrap();
+        let mut net = Net::new(FakeTap::new(), None).unwrap();
+        net.ack_features(VIRTIO_F_VERSION_1);
+        let fd = net.backend_fd().unwrap();
+        net.process(DeviceEvent::Queue(0), &mut [&mut rxq, &mut txq], &mem)
+            .unwrap();
+        assert!(readable(fd));
+
+        // The driver moves its used ring out of guest memory.
+        rxq.try_set_used_ring_address(GuestAddress(0xfff0_0000))
+            .unwrap();
+        net.tap.incoming.push_back(frame(1));
+        assert!(net
+            .process(DeviceEvent::Backend, &mut [&mut rxq, &mut txq], &mem)
+            .is_err());
+        assert!(!readable(fd));
+    }
+
+    #[test]
     fn transmit_kick_sends() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         let rx = MockSplitQueue::new(&mem, 16);
         let tx = MockSplitQueue::create(&mem, GuestAddress(0x8_0000), 16);
-        tx.build_desc_chain(&[RawDescriptor::from(SplitDescriptor::new(0x4_0000, 80, 0, 0))])
-            .unwrap();
+        tx.build_desc_chain(&[RawDescriptor::from(SplitDescriptor::new(
+            0x4_0000, 80, 0, 0,
+        ))])
+        .unwrap();
         let mut rxq: Queue = rx.create_queue().unwrap();
         let mut txq: Queue = tx.create_queue().unwrap();
         let mut net = Net::new(FakeTap::new(), None).unwrap();

@@ -110,11 +110,16 @@ where
         let Some(chain) = queue.pop_descriptor_chain(mem) else {
             // Out of buffers: ask for a kick when more are posted, unless
             // some arrived meanwhile.
-            if queue.enable_notification(mem).map_err(NetError::Queue)? {
-                queue.disable_notification(mem).map_err(NetError::Queue)?;
-                continue;
+            if !queue.enable_notification(mem).map_err(NetError::Queue)? {
+                break RxStatus::Blocked;
             }
-            break RxStatus::Blocked;
+            if !crate::virtio::avail_ring_sane(queue, mem).map_err(NetError::Queue)? {
+                // Nothing can be popped from such a ring: wait for a kick.
+                tracing::warn!("virtio-net: receive ring index runs more than a queue ahead");
+                break RxStatus::Blocked;
+            }
+            queue.disable_notification(mem).map_err(NetError::Queue)?;
+            continue;
         };
         let head = chain.head_index();
         let frame = &state.buf[..state.pending];
@@ -139,9 +144,7 @@ where
                 0
             }
         };
-        queue
-            .add_used(mem, head, len)
-            .map_err(NetError::Queue)?;
+        queue.add_used(mem, head, len).map_err(NetError::Queue)?;
         used += 1;
     };
     let notify = used > 0 && queue.needs_notification(mem).map_err(NetError::Queue)?;
@@ -161,8 +164,7 @@ fn prepare_header(frame: &mut [u8], header_len: usize) -> Result<()> {
     }
     frame[..header_len].fill(0);
     if header_len == VIRTIO_NET_HDR_LEN {
-        frame[VIRTIO_NET_HDR_NUM_BUFFERS..VIRTIO_NET_HDR_LEN]
-            .copy_from_slice(&1u16.to_le_bytes());
+        frame[VIRTIO_NET_HDR_NUM_BUFFERS..VIRTIO_NET_HDR_LEN].copy_from_slice(&1u16.to_le_bytes());
     }
     Ok(())
 }
@@ -245,7 +247,12 @@ mod tests {
         f
     }
 
-    fn run(q: &mut Queue, mem: &GuestMemoryMmap, tap: &mut FakeTap, st: &mut RxState) -> (RxStatus, NetStats) {
+    fn run(
+        q: &mut Queue,
+        mem: &GuestMemoryMmap,
+        tap: &mut FakeTap,
+        st: &mut RxState,
+    ) -> (RxStatus, NetStats) {
         let mut stats = NetStats::default();
         let (status, _) = process_rx(q, mem, tap, st, VIRTIO_NET_HDR_LEN, &mut stats).unwrap();
         (status, stats)
@@ -358,6 +365,21 @@ mod tests {
     }
 
     #[test]
+    fn avail_index_far_ahead_does_not_spin() {
+        let mem = memory();
+        let vq = MockSplitQueue::new(&mem, 16);
+        let mut q: Queue = vq.create_queue().unwrap();
+        vq.avail().idx().store(40);
+        let mut tap = FakeTap::new();
+        tap.incoming.push_back(tap_frame(60, 1));
+        let mut st = RxState::default();
+        let (status, stats) = run(&mut q, &mem, &mut tap, &mut st);
+        assert_eq!(status, RxStatus::Blocked);
+        assert_eq!(stats, NetStats::default());
+        assert!(st.has_pending());
+    }
+
+    #[test]
     fn queue_not_ready_blocks_without_reading() {
         let mem = memory();
         let mut q = Queue::new(16).unwrap();
@@ -385,7 +407,8 @@ mod tests {
         assert_eq!(vq.used().ring().ref_at(0).unwrap().load().len(), 0);
         assert_eq!(vq.used().ring().ref_at(1).unwrap().load().len(), 72);
         let mut untouched = [0u8; 100];
-        mem.read_slice(&mut untouched, GuestAddress(0x4_0000)).unwrap();
+        mem.read_slice(&mut untouched, GuestAddress(0x4_0000))
+            .unwrap();
         assert_eq!(untouched, [0u8; 100]);
     }
 

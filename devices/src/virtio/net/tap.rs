@@ -17,7 +17,8 @@ const TUN_PATH: &str = "/dev/net/tun";
 /// TUNSETIFF flags: an Ethernet tap, no packet-info prefix, a virtio-net
 /// header in front of every frame.
 #[allow(clippy::cast_possible_truncation)] // 0x5002 fits in a short
-const TAP_FLAGS: libc::c_short = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+const TAP_FLAGS: libc::c_short =
+    (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
 
 /// The header length set at attach time, before features are negotiated.
 #[allow(clippy::cast_possible_truncation)] // 12
@@ -207,7 +208,8 @@ impl FrameIo for Tap {
     }
 
     fn set_header_len(&mut self, len: usize) -> io::Result<()> {
-        let len = libc::c_int::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let len =
+            libc::c_int::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
         self.ioctl_int(libc::TUNSETVNETHDRSZ, len)
     }
 }

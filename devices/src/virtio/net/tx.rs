@@ -69,6 +69,10 @@ where
         if !queue.enable_notification(mem).map_err(NetError::Queue)? {
             break;
         }
+        if !crate::virtio::avail_ring_sane(queue, mem).map_err(NetError::Queue)? {
+            tracing::warn!("virtio-net: transmit ring index runs more than a queue ahead; ignored");
+            break;
+        }
     }
     Ok(used > 0 && queue.needs_notification(mem).map_err(NetError::Queue)?)
 }
@@ -113,7 +117,8 @@ fn check_header(frame: &[u8], header_len: usize, acked: u64) -> Result<()> {
         return Err(NetError::ShortFrame(frame.len()));
     }
     let (flags, gso_type) = (frame[0], frame[1]);
-    let csum_ok = flags == 0 || (flags == VIRTIO_NET_HDR_F_NEEDS_CSUM && acked & VIRTIO_NET_F_CSUM != 0);
+    let csum_ok =
+        flags == 0 || (flags == VIRTIO_NET_HDR_F_NEEDS_CSUM && acked & VIRTIO_NET_F_CSUM != 0);
     let gso_ok = match gso_type {
         VIRTIO_NET_HDR_GSO_NONE => true,
         VIRTIO_NET_HDR_GSO_TCPV4 => acked & VIRTIO_NET_F_HOST_TSO4 != 0,
@@ -165,8 +170,16 @@ mod tests {
         let mut tap = FakeTap::new();
         let mut stats = NetStats::default();
         let mut buf = vec![0u8; MAX_BUFFER_SIZE];
-        let notify = process_tx(q, mem, &mut tap, &mut buf, VIRTIO_NET_HDR_LEN, acked, &mut stats)
-            .unwrap();
+        let notify = process_tx(
+            q,
+            mem,
+            &mut tap,
+            &mut buf,
+            VIRTIO_NET_HDR_LEN,
+            acked,
+            &mut stats,
+        )
+        .unwrap();
         Run { tap, stats, notify }
     }
 
@@ -178,7 +191,8 @@ mod tests {
     fn header_and_frame_are_sent_as_one() {
         let mem = memory();
         mem.write_slice(&[0u8; 12], GuestAddress(0x4_0000)).unwrap();
-        mem.write_slice(&[0xab; 60], GuestAddress(0x5_0000)).unwrap();
+        mem.write_slice(&[0xab; 60], GuestAddress(0x5_0000))
+            .unwrap();
         let vq = MockSplitQueue::new(&mem, 16);
         vq.build_desc_chain(&[desc(0x4_0000, 12, N, 1), desc(0x5_0000, 60, 0, 0)])
             .unwrap();
@@ -216,7 +230,8 @@ mod tests {
             desc(0x6_0000, 50, 0, 0),
         ];
         for (i, d) in table.iter().enumerate() {
-            mem.write_obj(*d, GuestAddress(0x8_0000 + 16 * i as u64)).unwrap();
+            mem.write_obj(*d, GuestAddress(0x8_0000 + 16 * i as u64))
+                .unwrap();
         }
         mem.write_slice(&[7u8; 50], GuestAddress(0x6_0000)).unwrap();
         let vq = MockSplitQueue::new(&mem, 16);
@@ -248,7 +263,8 @@ mod tests {
     fn address_that_wraps_is_dropped() {
         let mem = memory();
         let vq = MockSplitQueue::new(&mem, 16);
-        vq.build_desc_chain(&[desc(u64::MAX - 4, 100, 0, 0)]).unwrap();
+        vq.build_desc_chain(&[desc(u64::MAX - 4, 100, 0, 0)])
+            .unwrap();
         let mut q: Queue = vq.create_queue().unwrap();
         let r = run(&mut q, &mem);
         assert_eq!(r.stats.tx_malformed, 1);
@@ -315,11 +331,8 @@ mod tests {
         let vq = MockSplitQueue::new(&mem, 16);
         // Small descriptors looping 0 → 1 → 0: the bytes stay under the
         // size limit, so only the link check catches it.
-        vq.add_desc_chains(
-            &[desc(0x4_0000, 20, N, 1), desc(0x5_0000, 20, N, 0)],
-            0,
-        )
-        .unwrap();
+        vq.add_desc_chains(&[desc(0x4_0000, 20, N, 1), desc(0x5_0000, 20, N, 0)], 0)
+            .unwrap();
         let mut q: Queue = vq.create_queue().unwrap();
         let r = run(&mut q, &mem);
         assert_eq!(r.stats.tx_malformed, 1);
@@ -330,7 +343,8 @@ mod tests {
     fn dangling_next_index_is_dropped() {
         let mem = memory();
         let vq = MockSplitQueue::new(&mem, 16);
-        vq.add_desc_chains(&[desc(0x4_0000, 100, N, 40)], 0).unwrap();
+        vq.add_desc_chains(&[desc(0x4_0000, 100, N, 40)], 0)
+            .unwrap();
         let mut q: Queue = vq.create_queue().unwrap();
         let r = run(&mut q, &mem);
         assert_eq!(r.stats.tx_malformed, 1);
@@ -388,16 +402,38 @@ mod tests {
         tap.refuse_writes = true;
         let mut stats = NetStats::default();
         let mut buf = vec![0u8; MAX_BUFFER_SIZE];
-        process_tx(&mut q, &mem, &mut tap, &mut buf, VIRTIO_NET_HDR_LEN, 0, &mut stats).unwrap();
+        process_tx(
+            &mut q,
+            &mem,
+            &mut tap,
+            &mut buf,
+            VIRTIO_NET_HDR_LEN,
+            0,
+            &mut stats,
+        )
+        .unwrap();
         assert_eq!(stats.tx_dropped, 1);
         assert_eq!(vq.used().idx().load(), 1);
+    }
+
+    #[test]
+    fn avail_index_far_ahead_does_not_spin() {
+        let mem = memory();
+        let vq = MockSplitQueue::new(&mem, 16);
+        let mut q: Queue = vq.create_queue().unwrap();
+        vq.avail().idx().store(40);
+        let r = run(&mut q, &mem);
+        assert_eq!(r.stats, NetStats::default());
+        assert!(!r.notify);
     }
 
     #[test]
     fn many_chains_are_drained_in_one_pass() {
         let mem = memory();
         let vq = MockSplitQueue::new(&mem, 16);
-        let chains: Vec<_> = (0..16).map(|i| desc(0x4_0000 + i * 0x1000, 64, 0, 0)).collect();
+        let chains: Vec<_> = (0..16)
+            .map(|i| desc(0x4_0000 + i * 0x1000, 64, 0, 0))
+            .collect();
         vq.add_desc_chains(&chains, 0).unwrap();
         let mut q: Queue = vq.create_queue().unwrap();
         let r = run(&mut q, &mem);

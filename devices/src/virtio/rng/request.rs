@@ -92,6 +92,10 @@ where
         if !queue.enable_notification(mem).map_err(RngError::Queue)? {
             break;
         }
+        if !crate::virtio::avail_ring_sane(queue, mem).map_err(RngError::Queue)? {
+            tracing::warn!("rng: available ring index runs more than a queue ahead; queue ignored");
+            break;
+        }
     }
     let notify = stats.requests > 0 && queue.needs_notification(mem).map_err(RngError::Queue)?;
     Ok((stats, notify))
@@ -188,6 +192,16 @@ mod tests {
                 malformed: 1
             }
         );
+    }
+
+    #[test]
+    fn avail_index_far_ahead_does_not_spin() {
+        let mem = memory();
+        let vq = MockSplitQueue::new(&mem, 16);
+        let mut q: Queue = vq.create_queue().unwrap();
+        vq.avail().idx().store(40);
+        let (stats, _) = process_queue(&mut q, &mem, &mut Counting(0)).unwrap();
+        assert_eq!(stats.requests, 0);
     }
 
     #[test]

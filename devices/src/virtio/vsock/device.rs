@@ -105,7 +105,9 @@ impl Vsock {
                 }
                 used_any |= self.return_chain(queue, mem, head, 0);
             }
-            if !queue.enable_notification(mem).map_err(VsockError::Queue)? {
+            if !queue.enable_notification(mem).map_err(VsockError::Queue)?
+                || !ring_sane(queue, mem)?
+            {
                 break;
             }
         }
@@ -122,7 +124,7 @@ impl Vsock {
                 // posts more (it kicks the rx queue when it does).
                 self.muxer.set_rx_starved(true);
                 let more = queue.enable_notification(mem).map_err(VsockError::Queue)?;
-                if more {
+                if more && ring_sane(queue, mem)? {
                     self.muxer.set_rx_starved(false);
                     continue;
                 }
@@ -161,6 +163,16 @@ impl Vsock {
         }
         Ok(used_any && queue.needs_notification(mem).map_err(VsockError::Queue)?)
     }
+}
+
+/// See [`crate::virtio::avail_ring_sane`]: a ring the guest broke is left
+/// alone (with a warning) instead of being polled forever.
+fn ring_sane(queue: &Queue, mem: &GuestMemoryMmap) -> Result<bool> {
+    let sane = crate::virtio::avail_ring_sane(queue, mem).map_err(VsockError::Queue)?;
+    if !sane {
+        tracing::warn!("vsock: available ring index runs more than a queue ahead; queue ignored");
+    }
+    Ok(sane)
 }
 
 impl VirtioDevice for Vsock {
@@ -247,6 +259,8 @@ mod tests {
     };
 
     const CID: u64 = 3;
+    const RXQ: u16 = 0;
+    const TXQ: u16 = 1;
     const HDR: u32 = 44;
     const QSIZE: u16 = 16;
     const RX_Q: u64 = 0x0;
@@ -410,7 +424,7 @@ mod tests {
                     desc(base + 0x100, hdr.len, 0, 0),
                 ]);
             }
-            self.run(DeviceEvent::Queue(TX_QUEUE as u16));
+            self.run(DeviceEvent::Queue(TXQ));
         }
 
         /// Posts `n` rx buffers (header + 64 KiB each).
@@ -665,7 +679,7 @@ mod tests {
             desc(TX_BUF, HDR, VRING_DESC_F_NEXT, 1),
             desc(TX_BUF + 0x100, 16, VRING_DESC_F_NEXT, 0),
         ]);
-        r.run(DeviceEvent::Queue(TX_QUEUE as u16));
+        r.run(DeviceEvent::Queue(TXQ));
         assert_eq!(r.dev.malformed, 4);
         // Every chain was returned to the driver.
         assert_eq!(r.txq.used().idx().load(), 5);
@@ -690,7 +704,7 @@ mod tests {
         r.host_events();
         assert!(r.received().is_empty());
         r.post_rx(2);
-        r.run(DeviceEvent::Queue(RX_QUEUE as u16));
+        r.run(DeviceEvent::Queue(RXQ));
         r.host_events();
         let got = r.received();
         let rw: Vec<u8> = got
@@ -730,6 +744,16 @@ mod tests {
         assert!(start.elapsed() < std::time::Duration::from_secs(5));
         // Past the backlog, connects are refused rather than waited for.
         assert!(r.dev.connection_count() < 8, "{}", r.dev.connection_count());
+    }
+
+    #[test]
+    fn avail_index_far_ahead_does_not_spin() {
+        let mut r = Rig::new();
+        r.txq.avail().idx().store(40);
+        r.run(DeviceEvent::Queue(TXQ));
+        r.rxq.avail().idx().store(40);
+        r.run(DeviceEvent::Queue(RXQ));
+        // Reaching here is the test: neither drain loop spun.
     }
 
     #[test]

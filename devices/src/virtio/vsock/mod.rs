@@ -83,9 +83,9 @@ pub enum VsockError {
         #[source]
         source: std::io::Error,
     },
-    /// The socket path is served by another process.
-    #[error("vsock socket {0} is in use by another process")]
-    InUse(String),
+    /// The host socket path cannot be claimed (in use, or unwritable).
+    #[error(transparent)]
+    Claim(#[from] crate::socket_claim::ClaimError),
     /// epoll failed.
     #[error("epoll")]
     Epoll(#[source] std::io::Error),

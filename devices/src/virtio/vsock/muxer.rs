@@ -18,6 +18,8 @@ use vm_memory::bitmap::BitmapSlice;
 use vm_memory::VolatileSlice;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
+use crate::socket_claim::SocketClaim;
+
 use super::connection::{read_connect_line, ConnState, Connection, RxHeader, TxOutcome};
 use super::{
     Result, VsockError, FIRST_LOCAL_PORT, MAX_CONNECTIONS, MAX_CONNECT_LINE, VSOCK_HOST_CID,
@@ -88,6 +90,8 @@ struct Entry {
 pub struct Muxer {
     guest_cid: u64,
     uds_path: PathBuf,
+    /// The listening socket's path, removed (with its lock) on drop.
+    _claim: SocketClaim,
     listener: UnixListener,
     epoll: Epoll,
     conns: HashMap<ConnKey, Entry>,
@@ -114,12 +118,7 @@ impl std::fmt::Debug for Muxer {
 impl Muxer {
     /// Listens on `uds_path` for host-initiated connections to guest `guest_cid`.
     pub fn new(guest_cid: u64, uds_path: &Path) -> Result<Self> {
-        if uds_path.exists() {
-            if UnixStream::connect(uds_path).is_ok() {
-                return Err(VsockError::InUse(uds_path.display().to_string()));
-            }
-            let _ = std::fs::remove_file(uds_path);
-        }
+        let claim = SocketClaim::new(uds_path)?;
         let listen_err = |source| VsockError::Listen {
             path: uds_path.display().to_string(),
             source,
@@ -137,6 +136,7 @@ impl Muxer {
         Ok(Self {
             guest_cid,
             uds_path: uds_path.to_path_buf(),
+            _claim: claim,
             listener,
             epoll,
             conns: HashMap::new(),
@@ -552,8 +552,3 @@ fn connect_nonblocking(path: &Path) -> std::io::Result<UnixStream> {
     Ok(UnixStream::from(fd))
 }
 
-impl Drop for Muxer {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.uds_path);
-    }
-}
