@@ -1,0 +1,377 @@
+//! QEMU microvm as a capsid backend: `-M microvm,acpi=off` with KVM or TCG,
+//! memfd-shared guest RAM, and capsid's own virtio devices served over
+//! vhost-user by one `capsid-vhost` process per device.
+
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use super::process::{status_code, Supervised};
+use super::{Backend, BackendError, Result, Vm, VmExit, VmSpec};
+use crate::config::BackendKind;
+
+/// The kernel command line every capsid guest gets under QEMU microvm.
+/// QEMU's microvm has no i8042: the guest ends the VM with a triple-fault
+/// reboot (`reboot=t`), which `-no-reboot` turns into QEMU exiting.
+const BASE_CMDLINE: &str = "console=ttyS0 reboot=t panic=-1 quiet";
+/// How long device backends get to put up their sockets.
+const DEVICE_START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// QEMU microvm.
+#[derive(Debug, Clone)]
+pub struct QemuBackend {
+    kind: BackendKind,
+    qemu: PathBuf,
+    vhost: PathBuf,
+}
+
+impl QemuBackend {
+    /// A QEMU backend accelerated as `kind` says (qemu-kvm or qemu-tcg),
+    /// running `qemu` and `vhost` (capsid-vhost).
+    pub fn new(kind: BackendKind, qemu: &Path, vhost: &Path) -> Result<Self> {
+        if kind == BackendKind::CapsidVmm {
+            return Err(BackendError::InvalidSpec(
+                "QEMU cannot be the capsid-vmm backend".into(),
+            ));
+        }
+        let find = |p: &Path| {
+            crate::locate::binary(p)
+                .ok_or_else(|| BackendError::BinaryNotFound(p.display().to_string()))
+        };
+        Ok(Self {
+            kind,
+            qemu: find(qemu)?,
+            vhost: find(vhost)?,
+        })
+    }
+
+    fn accel(&self) -> (&'static str, &'static str) {
+        match self.kind {
+            BackendKind::QemuKvm => ("kvm", "host"),
+            _ => ("tcg", "max"),
+        }
+    }
+}
+
+impl Backend for QemuBackend {
+    fn kind(&self) -> BackendKind {
+        self.kind
+    }
+
+    fn start(&self, spec: &VmSpec) -> Result<Box<dyn Vm>> {
+        spec.validate()?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&spec.run_dir)
+            .map_err(|source| BackendError::RunDir {
+                path: spec.run_dir.clone(),
+                source,
+            })?;
+        let mut vm = QemuVm {
+            vsock: spec.vsock_path(),
+            serial: spec.serial_log(),
+            run_dir: spec.run_dir.clone(),
+            qemu: None,
+            devices: Vec::new(),
+            exit: None,
+            stopping: false,
+        };
+        // On any error `vm` is dropped, which kills what was started and
+        // removes the run directory.
+        let device_args = self.start_devices(spec, &mut vm)?;
+        let qemu = Supervised::spawn(
+            "qemu",
+            self.command(spec, &device_args),
+            &spec.run_dir.join("qemu.log"),
+        )?;
+        vm.qemu = Some(qemu);
+        Ok(Box::new(vm))
+    }
+}
+
+impl QemuBackend {
+    /// Starts one capsid-vhost per device and returns QEMU's arguments for them.
+    fn start_devices(&self, spec: &VmSpec, vm: &mut QemuVm) -> Result<Vec<String>> {
+        let run = &spec.run_dir;
+        let mut qemu_args = Vec::new();
+        let mut sockets = Vec::new();
+        let add = |vm: &mut QemuVm,
+                   id: &str,
+                   args: Vec<String>,
+                   netns: Option<&Path>|
+         -> Result<PathBuf> {
+            let socket = run.join(format!("vhost-{id}.sock"));
+            let mut cmd = match netns {
+                Some(ns) => {
+                    let mut c = Command::new("nsenter");
+                    c.arg(format!("--net={}", ns.display())).arg(&self.vhost);
+                    c
+                }
+                None => Command::new(&self.vhost),
+            };
+            cmd.args(&args).arg("--socket").arg(&socket);
+            vm.devices.push(Supervised::spawn(
+                &format!("capsid-vhost {id}"),
+                cmd,
+                &run.join(format!("vhost-{id}.log")),
+            )?);
+            Ok(socket)
+        };
+
+        let s = add(
+            vm,
+            "vsock",
+            vec![
+                "vsock".into(),
+                "--guest-cid".into(),
+                spec.guest_cid.to_string(),
+                "--uds-path".into(),
+                spec.vsock_path().display().to_string(),
+            ],
+            None,
+        )?;
+        qemu_args.extend(chardev("vsock", &s));
+        qemu_args.extend([
+            "-device".into(),
+            "vhost-user-vsock-device,chardev=vsock".into(),
+        ]);
+        sockets.push(s);
+
+        let s = add(vm, "rng", vec!["rng".into()], None)?;
+        qemu_args.extend(chardev("rng", &s));
+        qemu_args.extend(["-device".into(), "vhost-user-rng,chardev=rng".into()]);
+        sockets.push(s);
+
+        for (i, disk) in spec.disks.iter().enumerate() {
+            let id = format!("blk{i}");
+            let mut args = vec![
+                "blk".into(),
+                "--path".into(),
+                disk.path.display().to_string(),
+                "--serial".into(),
+                disk.serial.clone(),
+            ];
+            if disk.readonly {
+                args.push("--readonly".into());
+            }
+            let s = add(vm, &id, args, None)?;
+            qemu_args.extend(chardev(&id, &s));
+            qemu_args.extend([
+                "-device".into(),
+                format!("vhost-user-blk,chardev={id},num-queues=1"),
+            ]);
+            sockets.push(s);
+        }
+
+        if let Some(net) = &spec.net {
+            let args = vec![
+                "net".into(),
+                "--tap".into(),
+                net.tap.clone(),
+                "--mac".into(),
+                net.mac.clone(),
+            ];
+            let s = add(vm, "net0", args, net.netns.as_deref())?;
+            qemu_args.extend(chardev("net0", &s));
+            qemu_args.extend([
+                "-netdev".into(),
+                "vhost-user,id=net0,chardev=net0".into(),
+                "-device".into(),
+                format!("virtio-net-device,netdev=net0,mac={}", net.mac),
+            ]);
+            sockets.push(s);
+        }
+
+        // The sockets appear once each backend listens; a backend that dies
+        // first (bad disk, missing tap) fails the start with its own words.
+        let deadline = Instant::now() + DEVICE_START_TIMEOUT;
+        for (socket, index) in sockets.iter().zip(0..) {
+            while !socket.exists() {
+                let dev = &mut vm.devices[index];
+                if let Some(status) = dev.try_wait()? {
+                    return Err(BackendError::StartFailed {
+                        what: dev.what().to_string(),
+                        detail: format!(
+                            "exit status {}: {}",
+                            status_code(status),
+                            dev.last_words()
+                        ),
+                    });
+                }
+                if Instant::now() > deadline {
+                    return Err(BackendError::StartFailed {
+                        what: dev.what().to_string(),
+                        detail: "its socket did not appear within 10 s".into(),
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        Ok(qemu_args)
+    }
+
+    fn command(&self, spec: &VmSpec, device_args: &[String]) -> Command {
+        let (accel, cpu) = self.accel();
+        let mem = format!("{}M", spec.memory_mib);
+        let mut cmdline = String::from(BASE_CMDLINE);
+        for arg in &spec.kernel_args {
+            cmdline.push(' ');
+            cmdline.push_str(arg);
+        }
+        let mut cmd = Command::new(&self.qemu);
+        cmd.args(["-name", &format!("capsid-{}", spec.name)])
+            .args(["-M", "microvm,acpi=off,memory-backend=mem"])
+            .args(["-accel", accel, "-cpu", cpu])
+            .args(["-smp", &spec.vcpus.to_string(), "-m", &mem])
+            .args([
+                "-object",
+                &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
+            ])
+            .args(["-global", "virtio-mmio.force-legacy=false"])
+            .args([
+                "-nodefaults",
+                "-no-user-config",
+                "-display",
+                "none",
+                "-no-reboot",
+            ])
+            .args(["-serial", &format!("file:{}", spec.serial_log().display())])
+            .args([
+                "-qmp",
+                &format!(
+                    "unix:{},server=on,wait=off",
+                    spec.run_dir.join("qmp.sock").display()
+                ),
+            ])
+            .arg("-kernel")
+            .arg(&spec.kernel)
+            .arg("-initrd")
+            .arg(&spec.initramfs)
+            .args(["-append", &cmdline])
+            .args(device_args)
+            // Memory the guest frees goes back to the host by itself, and an
+            // inflated balloon gives way before the guest OOMs.
+            .args([
+                "-device",
+                "virtio-balloon-device,deflate-on-oom=on,free-page-reporting=on",
+            ]);
+        cmd
+    }
+}
+
+fn chardev(id: &str, socket: &Path) -> [String; 2] {
+    [
+        "-chardev".into(),
+        format!("socket,id={id},path={}", socket.display()),
+    ]
+}
+
+/// A VM run by QEMU.
+#[derive(Debug)]
+pub struct QemuVm {
+    vsock: PathBuf,
+    serial: PathBuf,
+    run_dir: PathBuf,
+    qemu: Option<Supervised>,
+    devices: Vec<Supervised>,
+    exit: Option<VmExit>,
+    stopping: bool,
+}
+
+impl QemuVm {
+    /// Reaps the device backends (they exit once QEMU is gone) and removes
+    /// the run directory.
+    fn clean_up(&mut self) {
+        for dev in &mut self.devices {
+            let _ = dev.terminate(Duration::from_secs(2));
+        }
+        let _ = std::fs::remove_dir_all(&self.run_dir);
+    }
+
+    fn exit_from(&self, status: std::process::ExitStatus) -> VmExit {
+        if self.stopping {
+            VmExit::Stopped
+        } else if status.success() {
+            VmExit::GuestShutdown
+        } else {
+            VmExit::Failed(status_code(status))
+        }
+    }
+}
+
+impl Vm for QemuVm {
+    fn vsock_path(&self) -> &Path {
+        &self.vsock
+    }
+
+    fn serial_log(&self) -> &Path {
+        &self.serial
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        self.qemu
+            .iter()
+            .chain(&self.devices)
+            .map(Supervised::pid)
+            .collect()
+    }
+
+    fn try_wait(&mut self) -> Result<Option<VmExit>> {
+        if self.exit.is_some() {
+            return Ok(self.exit);
+        }
+        let Some(qemu) = self.qemu.as_mut() else {
+            return Ok(None);
+        };
+        match qemu.try_wait()? {
+            Some(status) => {
+                let exit = self.exit_from(status);
+                self.exit = Some(exit);
+                self.clean_up();
+                Ok(Some(exit))
+            }
+            None => Ok(None),
+        }
+    }
+
+    fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<VmExit>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(exit) = self.try_wait()? {
+                return Ok(Some(exit));
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn stop(&mut self, grace: Duration) -> Result<VmExit> {
+        if let Some(exit) = self.try_wait()? {
+            return Ok(exit);
+        }
+        self.stopping = true;
+        let status = match self.qemu.as_mut() {
+            Some(qemu) => Some(qemu.terminate(grace)?),
+            None => None,
+        };
+        let exit = status.map_or(VmExit::Stopped, |s| self.exit_from(s));
+        self.exit = Some(exit);
+        self.clean_up();
+        Ok(exit)
+    }
+}
+
+impl Drop for QemuVm {
+    fn drop(&mut self) {
+        if self.exit.is_none() {
+            if let Some(qemu) = self.qemu.as_mut() {
+                let _ = qemu.terminate(Duration::from_millis(500));
+            }
+            self.clean_up();
+        }
+    }
+}

@@ -1,0 +1,109 @@
+//! The QEMU microvm backend of the sandbox crate: starts our kernel and
+//! agent with capsid's vhost-user devices, and leaves nothing behind.
+
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use capsid_sandbox::backend::qemu::QemuBackend;
+use capsid_sandbox::backend::{Backend, VmExit, VmSpec};
+use capsid_sandbox::config::BackendKind;
+use capsid_tests::{artifact, bin};
+
+fn backend() -> QemuBackend {
+    QemuBackend::new(BackendKind::QemuTcg, Path::new("qemu-system-x86_64"), &bin("capsid-vhost")).unwrap()
+}
+
+fn spec(run_dir: PathBuf) -> VmSpec {
+    VmSpec {
+        name: "test".into(),
+        vcpus: 1,
+        memory_mib: 256,
+        kernel: artifact("kernel/vmlinux"),
+        initramfs: artifact("initramfs.cpio.gz"),
+        kernel_args: vec![],
+        disks: vec![],
+        net: None,
+        guest_cid: 3,
+        run_dir,
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") Z ")
+}
+
+#[test]
+fn agent_reaches_the_host_and_stop_cleans_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("vm");
+    std::fs::create_dir(&run).unwrap();
+    // The agent connects out to host port 1024 when it is ready.
+    let listener = UnixListener::bind(run.join("vsock.sock_1024")).unwrap();
+    let mut vm = backend().start(&spec(run.clone())).unwrap();
+    let pids = vm.pids();
+    assert_eq!(pids.len(), 3, "qemu + vsock + rng backends");
+    let (_agent, _) = listener.accept().unwrap();
+
+    assert_eq!(vm.stop(Duration::from_secs(2)).unwrap(), VmExit::Stopped);
+    for pid in pids {
+        assert!(!alive(pid), "process {pid} survived stop");
+    }
+    assert!(!run.exists(), "run directory left behind");
+}
+
+#[test]
+fn guest_that_cannot_reach_the_host_shuts_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("vm");
+    let mut vm = backend().start(&spec(run.clone())).unwrap();
+    let exit = vm.wait_timeout(Duration::from_secs(90)).unwrap();
+    assert_eq!(exit, Some(VmExit::GuestShutdown));
+    assert!(!run.exists(), "run directory left behind");
+}
+
+#[test]
+fn missing_kernel_is_named_and_nothing_is_made() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("vm");
+    let mut s = spec(run.clone());
+    s.kernel = "/nonexistent/vmlinux".into();
+    let e = backend().start(&s).unwrap_err().to_string();
+    assert!(e.contains("kernel /nonexistent/vmlinux does not exist"), "{e}");
+    assert!(!run.exists());
+}
+
+#[test]
+fn failing_device_fails_the_start_with_its_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("vm");
+    let disk = dir.path().join("disk.img");
+    std::fs::write(&disk, vec![0u8; 4096]).unwrap();
+    let mut s = spec(run.clone());
+    s.disks.push(capsid_sandbox::backend::DiskSpec {
+        path: disk.clone(),
+        readonly: true,
+        serial: "x".repeat(20),
+    });
+    // A tap that does not exist: the net backend dies, and says why.
+    s.net = Some(capsid_sandbox::backend::NetSpec {
+        tap: "capsid-notap0".into(),
+        mac: "52:54:00:00:00:01".into(),
+        netns: None,
+    });
+    let e = backend().start(&s).unwrap_err().to_string();
+    assert!(e.contains("capsid-vhost net0") && e.contains("capsid-notap0"), "{e}");
+    assert!(!run.exists(), "run directory left behind");
+}
+
+#[test]
+fn impossible_specs_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = spec(dir.path().join("vm"));
+    s.memory_mib = 8;
+    assert!(backend().start(&s).unwrap_err().to_string().contains("8 MiB"));
+    let mut s = spec(dir.path().join("vm"));
+    s.vcpus = 0;
+    assert!(backend().start(&s).unwrap_err().to_string().contains("0 vCPUs"));
+}
