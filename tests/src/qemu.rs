@@ -120,6 +120,11 @@ impl Guest {
             serial.push_str("\n--- qemu stderr ---\n");
             serial.push_str(&qemu_stderr);
         }
-        GuestRun { serial, exit_code, elapsed, qemu_stderr }
+        GuestRun {
+            serial,
+            exit_code,
+            elapsed,
+            qemu_stderr,
+        }
     }
 }

@@ -17,7 +17,10 @@ pub fn connect(uds: &Path, port: u32) -> std::io::Result<UnixStream> {
         if s.read(&mut b)? == 0 {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::ConnectionRefused,
-                format!("connection closed before OK (got {:?})", String::from_utf8_lossy(&line)),
+                format!(
+                    "connection closed before OK (got {:?})",
+                    String::from_utf8_lossy(&line)
+                ),
             ));
         }
         line.push(b[0]);

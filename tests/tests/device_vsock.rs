@@ -23,20 +23,31 @@ fn guest_tool() -> PathBuf {
 fn vsock_guest(dir: &Path, script: &str) -> (VhostDevice, Guest, PathBuf) {
     let uds = dir.join("vsock.sock");
     let dev = VhostDevice::spawn(
-        &["vsock", "--guest-cid", GUEST_CID, "--uds-path", uds.to_str().unwrap()],
+        &[
+            "vsock",
+            "--guest-cid",
+            GUEST_CID,
+            "--uds-path",
+            uds.to_str().unwrap(),
+        ],
         &dir.join("vhost-vsock.sock"),
     );
     let tool = guest_tool();
     let initrd = initramfs::build(dir, script, &[(&tool, "bin/capsid-guest-tool")]);
     let guest = Guest::new(&artifact("kernel/vmlinux"), &initrd)
-        .args(["-chardev", &format!("socket,id=vs,path={}", dev.socket().display())])
+        .args([
+            "-chardev",
+            &format!("socket,id=vs,path={}", dev.socket().display()),
+        ])
         .args(["-device", "vhost-user-vsock-device,chardev=vs"]);
     (dev, guest, uds)
 }
 
 /// Deterministic bytes: a test can regenerate what it sent.
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..len)
         .map(|_| {
             x ^= x << 13;
@@ -80,7 +91,9 @@ fn echo_through(uds: &Path, port: u32, data: Vec<u8>) -> ([u8; 32], [u8; 32], us
 fn wait_for_server(listener: &UnixListener) -> UnixStream {
     let (conn, _) = listener.accept().unwrap();
     let mut line = String::new();
-    BufReader::new(conn.try_clone().unwrap()).read_line(&mut line).unwrap();
+    BufReader::new(conn.try_clone().unwrap())
+        .read_line(&mut line)
+        .unwrap();
     assert_eq!(line, "listening\n");
     conn
 }
@@ -96,23 +109,41 @@ fn guest_connects_to_host_and_host_echoes() {
     let host = thread::spawn(move || {
         let (conn, _) = listener.accept().unwrap();
         let mut line = String::new();
-        BufReader::new(conn.try_clone().unwrap()).read_line(&mut line).unwrap();
+        BufReader::new(conn.try_clone().unwrap())
+            .read_line(&mut line)
+            .unwrap();
         let mut conn = conn;
-        conn.write_all(format!("host-echo: {line}").as_bytes()).unwrap();
+        conn.write_all(format!("host-echo: {line}").as_bytes())
+            .unwrap();
         line
     });
     let run = guest.run_to_exit(Duration::from_secs(120));
-    assert_eq!(initramfs::script_status(&run.serial), Some(0), "{}", run.serial);
+    assert_eq!(
+        initramfs::script_status(&run.serial),
+        Some(0),
+        "{}",
+        run.serial
+    );
     assert_eq!(host.join().unwrap(), "hello-from-guest\n");
-    assert!(run.serial.contains("host-echo: hello-from-guest"), "{}", run.serial);
-    assert_eq!(dev.wait_exit(Duration::from_secs(5)), Some(0), "{}", dev.stderr());
+    assert!(
+        run.serial.contains("host-echo: hello-from-guest"),
+        "{}",
+        run.serial
+    );
+    assert_eq!(
+        dev.wait_exit(Duration::from_secs(5)),
+        Some(0),
+        "{}",
+        dev.stderr()
+    );
     assert!(!uds.exists(), "vsock socket left behind");
 }
 
 #[test]
 fn host_connects_to_guest_64mib_both_ways_and_32_concurrent() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut dev, guest, uds) = vsock_guest(dir.path(), "capsid-guest-tool vsock-echo-server 5000 1235");
+    let (mut dev, guest, uds) =
+        vsock_guest(dir.path(), "capsid-guest-tool vsock-echo-server 5000 1235");
     let control = UnixListener::bind(format!("{}_1235", uds.display())).unwrap();
     let uds_host = uds.clone();
     let host = thread::spawn(move || {
@@ -123,12 +154,17 @@ fn host_connects_to_guest_64mib_both_ways_and_32_concurrent() {
         let secs = start.elapsed().as_secs_f64();
         assert_eq!(n, 64 << 20, "echoed byte count");
         assert_eq!(sent, got, "64 MiB echo differs");
-        eprintln!("vsock echo: 64 MiB each way in {secs:.2} s ({:.1} MiB/s each way)", 64.0 / secs);
+        eprintln!(
+            "vsock echo: 64 MiB each way in {secs:.2} s ({:.1} MiB/s each way)",
+            64.0 / secs
+        );
 
         let workers: Vec<_> = (0..32)
             .map(|i| {
                 let uds = uds_host.clone();
-                thread::spawn(move || echo_through(&uds, 5000, pattern(100 + i, 256 * 1024 + i as usize)))
+                thread::spawn(move || {
+                    echo_through(&uds, 5000, pattern(100 + i, 256 * 1024 + i as usize))
+                })
             })
             .collect();
         for (i, w) in workers.into_iter().enumerate() {
@@ -140,8 +176,18 @@ fn host_connects_to_guest_64mib_both_ways_and_32_concurrent() {
     });
     let run = guest.run_to_exit(Duration::from_secs(600));
     host.join().unwrap();
-    assert_eq!(initramfs::script_status(&run.serial), Some(0), "{}", run.serial);
-    assert_eq!(dev.wait_exit(Duration::from_secs(5)), Some(0), "{}", dev.stderr());
+    assert_eq!(
+        initramfs::script_status(&run.serial),
+        Some(0),
+        "{}",
+        run.serial
+    );
+    assert_eq!(
+        dev.wait_exit(Duration::from_secs(5)),
+        Some(0),
+        "{}",
+        dev.stderr()
+    );
 }
 
 #[test]
@@ -173,7 +219,12 @@ fn connect_to_a_port_nobody_listens_on_is_refused() {
     let run = guest.run_to_exit(Duration::from_secs(120));
     host.join().unwrap();
     assert!(run.serial.contains("guest-connect-rc=1"), "{}", run.serial);
-    assert_eq!(initramfs::script_status(&run.serial), Some(0), "{}", run.serial);
+    assert_eq!(
+        initramfs::script_status(&run.serial),
+        Some(0),
+        "{}",
+        run.serial
+    );
 }
 
 #[test]
@@ -186,15 +237,35 @@ fn bad_arguments_are_one_clear_error() {
                 .current_dir(dir.path()),
         )
     };
-    let (code, _, err) = run(&["vsock", "--socket", "v.sock", "--guest-cid", "2", "--uds-path", "u.sock"]);
+    let (code, _, err) = run(&[
+        "vsock",
+        "--socket",
+        "v.sock",
+        "--guest-cid",
+        "2",
+        "--uds-path",
+        "u.sock",
+    ]);
     assert_eq!(code, 1);
     assert!(err.contains("guest CID 2 is reserved"), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
-    let (code, _, err) = run(&["vsock", "--socket", "v.sock", "--guest-cid", "3", "--uds-path", "/nonexistent/dir/u.sock"]);
+    let (code, _, err) = run(&[
+        "vsock",
+        "--socket",
+        "v.sock",
+        "--guest-cid",
+        "3",
+        "--uds-path",
+        "/nonexistent/dir/u.sock",
+    ]);
     assert_eq!(code, 1);
     assert!(err.contains("/nonexistent/dir/u.sock"), "{err}");
     let (code, _, err) = run(&["frobnicate", "--socket", "x"]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("frobnicate"), "{err}");
-    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "files left behind");
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "files left behind"
+    );
 }

@@ -103,7 +103,8 @@ fn read_message(sock: &UnixStream) -> io::Result<Option<Message>> {
     }];
     // SAFETY: the one iovec covers `header`, which is owned here and
     // exclusively borrowed for the call; any bytes are a valid `[u8]`.
-    let (n, nfds) = unsafe { sock.recv_with_fds(&mut iov, &mut raw_fds) }.map_err(io::Error::from)?;
+    let (n, nfds) =
+        unsafe { sock.recv_with_fds(&mut iov, &mut raw_fds) }.map_err(io::Error::from)?;
     let fds = raw_fds[..nfds.min(MAX_ATTACHED_FD_ENTRIES)]
         .iter()
         // SAFETY: recvmsg installed these descriptors in this process for
@@ -170,7 +171,11 @@ impl Gate {
                     // Malformed: let the daemon refuse it.
                     return vec![Route::ToDaemon(msg)];
                 };
-                tracing::debug!(index, num, "vhost-user: holding back an early SET_VRING_ENABLE");
+                tracing::debug!(
+                    index,
+                    num,
+                    "vhost-user: holding back an early SET_VRING_ENABLE"
+                );
                 self.held.insert(index, num);
                 if msg.flags() & FLAG_NEED_REPLY == 0 {
                     return Vec::new();
@@ -306,7 +311,11 @@ mod tests {
     const PROTOCOL: u64 = 1 << 30;
 
     fn set_features(features: u64) -> Message {
-        Message::new(VHOST_USER_SET_FEATURES, FLAG_VERSION_1, features.to_ne_bytes().to_vec())
+        Message::new(
+            VHOST_USER_SET_FEATURES,
+            FLAG_VERSION_1,
+            features.to_ne_bytes().to_vec(),
+        )
     }
 
     fn enable(index: u32, num: u32, flags: u32) -> Message {
@@ -334,14 +343,21 @@ mod tests {
         let out = gate.route(set_features(PROTOCOL | 1 << 32));
         assert_eq!(
             daemon_requests(&out),
-            [VHOST_USER_SET_FEATURES, VHOST_USER_SET_VRING_ENABLE, VHOST_USER_SET_VRING_ENABLE]
+            [
+                VHOST_USER_SET_FEATURES,
+                VHOST_USER_SET_VRING_ENABLE,
+                VHOST_USER_SET_VRING_ENABLE
+            ]
         );
         let Route::ToDaemon(ring1) = &out[2] else {
             panic!("{out:?}")
         };
         assert_eq!((ring1.body_u32(0), ring1.body_u32(4)), (Some(1), Some(0)));
         // Once acked, enables pass straight through.
-        assert_eq!(daemon_requests(&gate.route(enable(0, 1, 0))), [VHOST_USER_SET_VRING_ENABLE]);
+        assert_eq!(
+            daemon_requests(&gate.route(enable(0, 1, 0))),
+            [VHOST_USER_SET_VRING_ENABLE]
+        );
     }
 
     #[test]
@@ -393,7 +409,11 @@ mod tests {
         assert_eq!(&buf, b"x");
 
         // A reply from the daemon reaches QEMU.
-        write_message(&daemon, &Message::new(1, FLAG_VERSION_1 | FLAG_REPLY, vec![1; 8])).unwrap();
+        write_message(
+            &daemon,
+            &Message::new(1, FLAG_VERSION_1 | FLAG_REPLY, vec![1; 8]),
+        )
+        .unwrap();
         let reply = read_message(&qemu).unwrap().unwrap();
         assert_eq!(reply.request(), 1);
         assert_eq!(reply.body, vec![1; 8]);
@@ -408,7 +428,7 @@ mod tests {
     fn oversized_message_is_refused() {
         let (a, b) = UnixStream::pair().unwrap();
         let mut m = Message::new(12, FLAG_VERSION_1, Vec::new());
-        m.header[8..].copy_from_slice(&(MAX_MSG_SIZE as u32 + 1).to_ne_bytes());
+        m.header[8..].copy_from_slice(&u32::try_from(MAX_MSG_SIZE + 1).unwrap().to_ne_bytes());
         write_message(&a, &m).unwrap();
         assert!(read_message(&b).is_err());
     }

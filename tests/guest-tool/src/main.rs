@@ -68,7 +68,8 @@ fn cmd_connect(port: u32) -> std::io::Result<()> {
     let mut out = std::io::stdout().lock();
     std::io::copy(&mut &sock, &mut out)?;
     out.flush()?;
-    t.join().map_err(|_| std::io::Error::other("stdin thread panicked"))??;
+    t.join()
+        .map_err(|_| std::io::Error::other("stdin thread panicked"))??;
     Ok(())
 }
 
@@ -78,7 +79,11 @@ fn cmd_echo_server(port: u32, notify_port: u32) -> std::io::Result<()> {
     let a = addr(libc::VMADDR_CID_ANY, port);
     // SAFETY: `a` is a valid sockaddr_vm of the size passed; raw is our socket.
     let rc = unsafe {
-        libc::bind(raw, std::ptr::from_ref(&a).cast(), std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t)
+        libc::bind(
+            raw,
+            std::ptr::from_ref(&a).cast(),
+            std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+        )
     };
     // SAFETY: listen(2) on our bound socket.
     if rc < 0 || unsafe { libc::listen(raw, 64) } < 0 {
@@ -86,7 +91,14 @@ fn cmd_echo_server(port: u32, notify_port: u32) -> std::io::Result<()> {
     }
     std::thread::spawn(move || loop {
         // SAFETY: accept(2) on our listening socket; null address is allowed.
-        let c = unsafe { libc::accept4(raw, std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC) };
+        let c = unsafe {
+            libc::accept4(
+                raw,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_CLOEXEC,
+            )
+        };
         if c < 0 {
             continue;
         }
@@ -114,7 +126,9 @@ fn main() -> ExitCode {
         (Some("vsock-connect"), Some(p), _) => cmd_connect(p),
         (Some("vsock-echo-server"), Some(p), Some(n)) => cmd_echo_server(p, n),
         _ => {
-            eprintln!("usage: capsid-guest-tool vsock-connect PORT | vsock-echo-server PORT NOTIFY_PORT");
+            eprintln!(
+                "usage: capsid-guest-tool vsock-connect PORT | vsock-echo-server PORT NOTIFY_PORT"
+            );
             return ExitCode::from(2);
         }
     };

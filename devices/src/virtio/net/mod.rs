@@ -28,8 +28,6 @@ pub const NET_NUM_QUEUES: usize = 2;
 
 /// The device handles packets with partial checksum (driver → device).
 pub const VIRTIO_NET_F_CSUM: u64 = 1 << 0;
-/// The driver handles packets with partial checksum (device → driver).
-pub const VIRTIO_NET_F_GUEST_CSUM: u64 = 1 << 1;
 /// The device has a MAC address in its configuration space.
 pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
 /// The device accepts TCPv4 segmentation offload.
@@ -74,10 +72,11 @@ pub const VIRTIO_NET_HDR_NUM_BUFFERS: usize = 10;
 /// Length of an Ethernet header: the shortest frame worth delivering.
 pub const ETH_HLEN: usize = 14;
 
-/// The largest header plus frame the device moves in one chain: a 64 KiB
-/// segmentation-offload packet with its Ethernet and virtio-net headers.
-/// Every frame buffer is allocated once at this size; nothing the guest
-/// says makes the device allocate more.
+/// The most bytes (virtio-net header and frame) the device moves in one
+/// chain: room for a 64 KiB segmentation-offload packet from the driver, or
+/// the largest frame a tap carries (MTU 65521 with Ethernet and VLAN
+/// headers). Each direction has one buffer of this size, allocated once;
+/// nothing the guest says makes the device allocate more.
 pub const MAX_BUFFER_SIZE: usize = 65562;
 
 /// Counters of what the device did, for logs and tests.

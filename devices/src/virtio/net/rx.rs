@@ -93,6 +93,14 @@ where
                 break RxStatus::Poll;
             }
             match tap.read_frame(&mut state.buf) {
+                Ok(n) if n >= state.buf.len() => {
+                    // Cut short: no frame the device handles fills the
+                    // whole buffer.
+                    read += 1;
+                    tracing::debug!(len = n, "virtio-net: dropping a frame too long to read");
+                    stats.rx_dropped += 1;
+                    continue;
+                }
                 Ok(n) => {
                     read += 1;
                     if let Err(e) = prepare_header(&mut state.buf[..n], header_len) {
@@ -490,6 +498,22 @@ mod tests {
         assert_eq!(status, RxStatus::Poll);
         assert_eq!(stats.rx_dropped, 3);
         assert_eq!(vq.used().idx().load(), 0);
+    }
+
+    #[test]
+    fn truncated_frame_from_the_tap_is_dropped() {
+        let mem = memory();
+        let vq = MockSplitQueue::new(&mem, 16);
+        vq.build_desc_chain(&[desc(0x4_0000, 0x1_0000, W, 0)])
+            .unwrap();
+        let mut q: Queue = vq.create_queue().unwrap();
+        let mut tap = FakeTap::new();
+        tap.incoming.push_back(tap_frame(MAX_BUFFER_SIZE, 1));
+        let mut st = RxState::default();
+        let (status, stats) = run(&mut q, &mem, &mut tap, &mut st);
+        assert_eq!(status, RxStatus::Poll);
+        assert_eq!(stats.rx_dropped, 1, "{stats:?}");
+        assert_eq!(vq.used().idx().load(), 0, "{stats:?}");
     }
 
     #[test]

@@ -64,7 +64,8 @@ pub type Result<T> = std::result::Result<T, TapError>;
 /// in production, an in-memory fake in tests.
 pub trait FrameIo {
     /// Reads one frame into `buf`, returning its length; `WouldBlock` when
-    /// none is waiting. A frame longer than `buf` is truncated.
+    /// none is waiting. A frame longer than `buf` is cut short, and the
+    /// length returned is then `buf.len()` or more.
     fn read_frame(&mut self, buf: &mut [u8]) -> io::Result<usize>;
     /// Writes one frame.
     fn write_frame(&mut self, frame: &[u8]) -> io::Result<()>;
@@ -261,7 +262,7 @@ impl FrameIo for FakeTap {
             .ok_or_else(|| io::Error::from(io::ErrorKind::WouldBlock))?;
         let n = frame.len().min(buf.len());
         buf[..n].copy_from_slice(&frame[..n]);
-        Ok(n)
+        Ok(frame.len())
     }
 
     fn write_frame(&mut self, frame: &[u8]) -> io::Result<()> {
