@@ -58,7 +58,10 @@ impl SocketClaim {
             .truncate(false)
             .write(true)
             .open(&lock_path)
-            .map_err(|source| ClaimError::LockFile { path: lock_path.clone(), source })?;
+            .map_err(|source| ClaimError::LockFile {
+                path: lock_path.clone(),
+                source,
+            })?;
         let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock)
             .map_err(|_| ClaimError::InUse(path.to_path_buf()))?;
         match std::fs::remove_file(path) {
@@ -66,10 +69,17 @@ impl SocketClaim {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(source) => {
                 let _ = std::fs::remove_file(&lock_path);
-                return Err(ClaimError::RemoveStale { path: path.to_path_buf(), source });
+                return Err(ClaimError::RemoveStale {
+                    path: path.to_path_buf(),
+                    source,
+                });
             }
         }
-        Ok(Self { path: path.to_path_buf(), lock_path, _lock: lock })
+        Ok(Self {
+            path: path.to_path_buf(),
+            lock_path,
+            _lock: lock,
+        })
     }
 
     /// The claimed path.
@@ -117,6 +127,9 @@ mod tests {
     #[test]
     fn unwritable_directory_is_named() {
         let e = SocketClaim::new(Path::new("/nonexistent/dir/s.sock")).unwrap_err();
-        assert!(e.to_string().contains("/nonexistent/dir/s.sock.lock"), "{e}");
+        assert!(
+            e.to_string().contains("/nonexistent/dir/s.sock.lock"),
+            "{e}"
+        );
     }
 }

@@ -11,7 +11,12 @@ use capsid_sandbox::config::BackendKind;
 use capsid_tests::{artifact, bin};
 
 fn backend() -> QemuBackend {
-    QemuBackend::new(BackendKind::QemuTcg, Path::new("qemu-system-x86_64"), &bin("capsid-vhost")).unwrap()
+    QemuBackend::new(
+        BackendKind::QemuTcg,
+        Path::new("qemu-system-x86_64"),
+        &bin("capsid-vhost"),
+    )
+    .unwrap()
 }
 
 fn spec(run_dir: PathBuf) -> VmSpec {
@@ -31,7 +36,9 @@ fn spec(run_dir: PathBuf) -> VmSpec {
 
 fn alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
-        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") Z ")
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
 }
 
 #[test]
@@ -70,7 +77,10 @@ fn missing_kernel_is_named_and_nothing_is_made() {
     let mut s = spec(run.clone());
     s.kernel = "/nonexistent/vmlinux".into();
     let e = backend().start(&s).unwrap_err().to_string();
-    assert!(e.contains("kernel /nonexistent/vmlinux does not exist"), "{e}");
+    assert!(
+        e.contains("kernel /nonexistent/vmlinux does not exist"),
+        "{e}"
+    );
     assert!(!run.exists());
 }
 
@@ -93,7 +103,10 @@ fn failing_device_fails_the_start_with_its_reason() {
         netns: None,
     });
     let e = backend().start(&s).unwrap_err().to_string();
-    assert!(e.contains("capsid-vhost net0") && e.contains("capsid-notap0"), "{e}");
+    assert!(
+        e.contains("capsid-vhost net0") && e.contains("capsid-notap0"),
+        "{e}"
+    );
     assert!(!run.exists(), "run directory left behind");
 }
 
@@ -102,8 +115,16 @@ fn impossible_specs_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = spec(dir.path().join("vm"));
     s.memory_mib = 8;
-    assert!(backend().start(&s).unwrap_err().to_string().contains("8 MiB"));
+    assert!(backend()
+        .start(&s)
+        .unwrap_err()
+        .to_string()
+        .contains("8 MiB"));
     let mut s = spec(dir.path().join("vm"));
     s.vcpus = 0;
-    assert!(backend().start(&s).unwrap_err().to_string().contains("0 vCPUs"));
+    assert!(backend()
+        .start(&s)
+        .unwrap_err()
+        .to_string()
+        .contains("0 vCPUs"));
 }

@@ -70,6 +70,10 @@ fn socket_in_use_is_refused() {
     assert!(stderr.contains("in use"), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     // The refused second process did not disturb the first.
-    assert_eq!(first.wait_exit(Duration::from_millis(300)), None, "first device exited");
+    assert_eq!(
+        first.wait_exit(Duration::from_millis(300)),
+        None,
+        "first device exited"
+    );
     assert!(sock.exists());
 }

@@ -12,7 +12,6 @@
 //! answered: it is not returned to the driver, only counted as malformed
 //! and logged.
 
-
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestMemory, Permissions};
 

@@ -551,4 +551,3 @@ fn connect_nonblocking(path: &Path) -> std::io::Result<UnixStream> {
     connect(fd.as_raw_fd(), &addr)?;
     Ok(UnixStream::from(fd))
 }
-
