@@ -1,7 +1,9 @@
-//! Reaching the host: the agent connects out over vsock when it is ready, so
-//! the host learns of readiness without polling.
+//! Reaching the host over vsock: the agent connects out to the host when
+//! it is ready (so the host learns of readiness without polling) and serves
+//! its API on that connection; process stdio streams are further
+//! connections to host ports the host names.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 
 use capsid_protocol::{AGENT_HOST_PORT, VSOCK_HOST_CID};
 use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, VsockAddr};
@@ -19,14 +21,14 @@ pub enum HostError {
         port: u32,
         /// Why.
         #[source]
-        source: nix::Error,
+        source: std::io::Error,
     },
 }
 
 /// Result of host connection operations.
 pub type Result<T> = std::result::Result<T, HostError>;
 
-/// The host port the agent connects to: `capsid.agent_port=` on the kernel
+/// The host port the agent serves on: `capsid.agent_port=` on the kernel
 /// command line, or [`AGENT_HOST_PORT`].
 pub fn agent_port(cmdline: &str) -> u32 {
     cmdline
@@ -36,21 +38,20 @@ pub fn agent_port(cmdline: &str) -> u32 {
         .unwrap_or(AGENT_HOST_PORT)
 }
 
-/// Connects a stream to the host's vsock `port`.
+/// Connects a blocking stream to the host's vsock `port`.
 pub fn connect_to_host(port: u32) -> Result<OwnedFd> {
-    let fd = socket(
-        AddressFamily::Vsock,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .map_err(HostError::Socket)?;
-    connect(
-        std::os::fd::AsRawFd::as_raw_fd(&fd),
-        &VsockAddr::new(VSOCK_HOST_CID, port),
-    )
-    .map_err(|source| HostError::Connect { port, source })?;
+    let fd = socket(AddressFamily::Vsock, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)
+        .map_err(HostError::Socket)?;
+    connect(fd.as_raw_fd(), &VsockAddr::new(VSOCK_HOST_CID, port))
+        .map_err(|e| HostError::Connect { port, source: e.into() })?;
     Ok(fd)
+}
+
+/// Connects the agent's control stream to the host.
+pub async fn connect_control(port: u32) -> Result<tokio_vsock::VsockStream> {
+    tokio_vsock::VsockStream::connect(tokio_vsock::VsockAddr::new(VSOCK_HOST_CID, port))
+        .await
+        .map_err(|source| HostError::Connect { port, source })
 }
 
 #[cfg(test)]
@@ -59,10 +60,7 @@ mod tests {
 
     #[test]
     fn port_comes_from_cmdline() {
-        assert_eq!(
-            agent_port("console=ttyS0 capsid.agent_port=2048 quiet"),
-            2048
-        );
+        assert_eq!(agent_port("console=ttyS0 capsid.agent_port=2048 quiet"), 2048);
         assert_eq!(agent_port("console=ttyS0"), AGENT_HOST_PORT);
         assert_eq!(agent_port("capsid.agent_port=junk"), AGENT_HOST_PORT);
     }

@@ -28,6 +28,21 @@ pub enum MountError {
         #[source]
         source: nix::Error,
     },
+    /// Moving from the initramfs to a tmpfs root failed.
+    #[error("cannot leave the initramfs ({step})")]
+    SwitchRoot {
+        /// The step that failed.
+        step: &'static str,
+        /// Why.
+        #[source]
+        source: nix::Error,
+    },
+}
+
+impl MountError {
+    fn switch(step: &'static str, source: nix::Error) -> Self {
+        Self::SwitchRoot { step, source }
+    }
 }
 
 /// Result of mount operations.
@@ -95,6 +110,41 @@ const PSEUDO_FILESYSTEMS: &[PseudoFs] = &[
 
 const NOSUID_NODEV: MsFlags = MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV);
 const NOSUID_NODEV_NOEXEC: MsFlags = NOSUID_NODEV.union(MsFlags::MS_NOEXEC);
+
+/// Set in the environment of the re-executed agent, once it runs from the
+/// tmpfs root.
+const SWITCHED_ENV: &str = "CAPSID_AGENT_ROOT";
+
+/// Moves the agent from the initramfs onto a tmpfs root and re-executes
+/// it there (still PID 1). pivot_root(2) cannot move away from the initial
+/// root mount (ramfs or tmpfs, it has no parent mount), and container
+/// runtimes pivot_root into each container; from a tmpfs mounted over it,
+/// they can. Returns at once in the re-executed agent.
+pub fn leave_initramfs() -> Result<()> {
+    if std::env::var_os(SWITCHED_ENV).is_some() {
+        return Ok(());
+    }
+    let new_root = Path::new("/newroot");
+    let io = |step| move |e: std::io::Error| MountError::switch(step, nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO)));
+    fs::create_dir_all(new_root).map_err(io("mkdir /newroot"))?;
+    mount(Some("tmpfs"), new_root, Some("tmpfs"), MsFlags::empty(), Some("mode=0755"))
+        .map_err(|e| MountError::switch("mount tmpfs", e))?;
+    fs::copy("/init", new_root.join("init")).map_err(io("copy /init"))?;
+    for dir in ["dev", "proc", "sys", "run", "tmp", "etc", "root", "mnt"] {
+        fs::create_dir_all(new_root.join(dir)).map_err(io("mkdir"))?;
+    }
+    // The initramfs copy is freed once nothing maps it (after the exec).
+    let _ = fs::remove_file("/init");
+    nix::unistd::chdir(new_root).map_err(|e| MountError::switch("chdir", e))?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .map_err(|e| MountError::switch("move to /", e))?;
+    nix::unistd::chroot(".").map_err(|e| MountError::switch("chroot", e))?;
+    nix::unistd::chdir("/").map_err(|e| MountError::switch("chdir /", e))?;
+    let env = std::ffi::CString::new(format!("{SWITCHED_ENV}=tmpfs"))
+        .map_err(|_| MountError::switch("environment", nix::Error::EINVAL))?;
+    let err = nix::unistd::execve(c"/init", &[c"/init"], &[env]);
+    Err(MountError::switch("exec /init", err.unwrap_err()))
+}
 
 /// Mounts proc, sys, dev, devpts, shm, run, tmp and the cgroup2 hierarchy.
 ///

@@ -2,7 +2,12 @@
 //! decide which VM backend this host can run, and (as they land) the backends
 //! themselves and the agent client.
 
+pub mod agent;
 pub mod backend;
 pub mod check;
 pub mod config;
+pub mod image;
 pub mod locate;
+pub mod sandbox;
+pub mod spec;
+pub mod stdio;

@@ -4,6 +4,7 @@
 pub mod containerd;
 pub mod initramfs;
 pub mod qemu;
+pub mod sandbox;
 pub mod vhost;
 pub mod vsock;
 

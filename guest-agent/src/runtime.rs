@@ -1,0 +1,209 @@
+//! `capsid-agent __runtime …`: the OCI runtime half of the agent, run as a
+//! short-lived child process.
+//!
+//! Creating a container forks (namespaces, the container's init); forking
+//! a multi-threaded async process is unsafe, so the agent re-executes
+//! itself for that, single-threaded, like containerd runs runc. The
+//! container work itself is youki's `libcontainer` — a complete OCI
+//! runtime (namespaces, mounts, devices, masked and read-only paths,
+//! capabilities, rlimits, users, cgroup v2 limits, hooks) that is used as a
+//! library instead of written again. The container's stdio is this
+//! process's own stdio, which the container init inherits.
+//!
+//! The outcome is written to a result file: `pid N` or `error MESSAGE`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::syscall::syscall::SyscallType;
+
+/// Where libcontainer keeps its per-container state.
+pub const STATE_ROOT: &str = "/run/capsid/state";
+/// The first argument that selects the runtime half.
+pub const RUNTIME_ARG: &str = "__runtime";
+
+/// What the runtime helper is asked to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Job {
+    /// Create (not start) the container of `bundle`.
+    Create {
+        /// Container id.
+        id: String,
+        /// OCI bundle (config.json + rootfs).
+        bundle: PathBuf,
+    },
+    /// Start an extra process (OCI `process` JSON) in the running container.
+    Exec {
+        /// Container id.
+        id: String,
+        /// The process.json file.
+        process: PathBuf,
+    },
+}
+
+/// A parsed helper invocation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invocation {
+    /// The job.
+    pub job: Job,
+    /// Where to write the outcome.
+    pub result: PathBuf,
+    /// Console socket that receives the pty master (terminal processes).
+    pub console_socket: Option<PathBuf>,
+}
+
+impl Invocation {
+    /// The arguments (after the program name) that run this invocation.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut args = vec![RUNTIME_ARG.to_string()];
+        match &self.job {
+            Job::Create { id, bundle } => {
+                args.extend(["create".into(), id.clone(), bundle.display().to_string()]);
+            }
+            Job::Exec { id, process } => {
+                args.extend(["exec".into(), id.clone(), process.display().to_string()]);
+            }
+        }
+        args.extend(["--result".into(), self.result.display().to_string()]);
+        if let Some(sock) = &self.console_socket {
+            args.extend(["--console-socket".into(), sock.display().to_string()]);
+        }
+        args
+    }
+
+    /// Parses what [`Self::to_args`] produced.
+    pub fn parse(args: &[String]) -> Option<Self> {
+        let mut it = args.iter();
+        if it.next()? != RUNTIME_ARG {
+            return None;
+        }
+        let kind = it.next()?;
+        let id = it.next()?.clone();
+        let path = PathBuf::from(it.next()?);
+        let job = match kind.as_str() {
+            "create" => Job::Create { id, bundle: path },
+            "exec" => Job::Exec { id, process: path },
+            _ => return None,
+        };
+        let (mut result, mut console_socket) = (None, None);
+        while let Some(flag) = it.next() {
+            let value = PathBuf::from(it.next()?);
+            match flag.as_str() {
+                "--result" => result = Some(value),
+                "--console-socket" => console_socket = Some(value),
+                _ => return None,
+            }
+        }
+        Some(Self { job, result: result?, console_socket })
+    }
+}
+
+/// Runs the helper; the exit code only says whether a result was written.
+pub fn main(args: &[String]) -> ExitCode {
+    let Some(inv) = Invocation::parse(args) else {
+        eprintln!("capsid-agent: bad runtime invocation {args:?}");
+        return ExitCode::from(2);
+    };
+    // libcontainer says what exactly failed through tracing: keep that
+    // next to the result so an error can quote it.
+    let log_path = inv.result.with_extension("log");
+    if let Ok(log) = std::fs::File::create(&log_path) {
+        let _ = tracing_subscriber::fmt()
+            .with_writer(std::sync::Mutex::new(log))
+            .with_ansi(false)
+            .without_time()
+            .with_max_level(tracing::Level::WARN)
+            .try_init();
+    }
+    let outcome = match run(&inv) {
+        Ok(pid) => format!("pid {pid}\n"),
+        Err(e) => {
+            let detail = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let last = detail.lines().find(|l| l.contains("ERROR")).unwrap_or("").trim();
+            let text = if last.is_empty() { e } else { format!("{e} ({last})") };
+            format!("error {}\n", text.replace('\n', " "))
+        }
+    };
+    let _ = std::fs::remove_file(&log_path);
+    match std::fs::write(&inv.result, outcome) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(_) => ExitCode::FAILURE,
+    }
+}
+
+fn builder(id: &str, console_socket: Option<&Path>) -> Result<ContainerBuilder, String> {
+    ContainerBuilder::new(id.to_string(), SyscallType::default())
+        .with_root_path(STATE_ROOT)
+        .map(|b| b.with_console_socket(console_socket))
+        .map_err(|e| e.to_string())
+}
+
+fn run(inv: &Invocation) -> Result<i32, String> {
+    match &inv.job {
+        Job::Create { id, bundle } => {
+            let container = builder(id, inv.console_socket.as_deref())?
+                .as_init(bundle)
+                .with_systemd(false)
+                .with_detach(true)
+                .build()
+                .map_err(|e| describe(&e))?;
+            container
+                .pid()
+                .map(|p| p.as_raw())
+                .ok_or_else(|| "container has no init process".to_string())
+        }
+        Job::Exec { id, process } => builder(id, inv.console_socket.as_deref())?
+            .as_tenant()
+            .with_process(Some(process))
+            .with_detach(true)
+            .build()
+            .map(|p| p.as_raw())
+            .map_err(|e| describe(&e)),
+    }
+}
+
+fn describe(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let part = s.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        cur = s.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invocations_round_trip() {
+        for inv in [
+            Invocation {
+                job: Job::Create { id: "c1".into(), bundle: "/run/b".into() },
+                result: "/run/r".into(),
+                console_socket: None,
+            },
+            Invocation {
+                job: Job::Exec { id: "c1".into(), process: "/run/p.json".into() },
+                result: "/run/r".into(),
+                console_socket: Some("/run/c.sock".into()),
+            },
+        ] {
+            assert_eq!(Invocation::parse(&inv.to_args()), Some(inv));
+        }
+    }
+
+    #[test]
+    fn garbage_is_refused() {
+        let args: Vec<String> = ["__runtime", "explode", "x", "y"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(Invocation::parse(&args), None);
+        let args: Vec<String> = ["__runtime", "create", "x", "y"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(Invocation::parse(&args), None, "no result file");
+    }
+}

@@ -1,0 +1,187 @@
+//! The host's side of the agent API: waiting for the agent to dial in over
+//! hybrid vsock, and typed calls with timeouts.
+//!
+//! The agent connects to host port [`AGENT_HOST_PORT`] when it is ready,
+//! which the VM's vsock device turns into a connection to the Unix socket
+//! `<vsock path>_<port>`; that socket is bound before the VM starts, so
+//! readiness costs no polling at all.
+
+use std::path::Path;
+use std::time::Duration;
+
+use capsid_protocol::agent::*;
+use capsid_protocol::agent_ttrpc::AgentClient as RawClient;
+pub use capsid_protocol::AGENT_HOST_PORT;
+use tokio::net::UnixListener;
+
+/// Errors talking to the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The agent did not connect in time.
+    #[error("the guest agent did not connect within {0:?}")]
+    Timeout(Duration),
+    /// Accepting the agent's connection failed.
+    #[error("cannot accept the agent connection")]
+    Accept(#[source] std::io::Error),
+    /// The agent answered with an error.
+    #[error("agent: {message}")]
+    Rpc {
+        /// ttrpc status code name.
+        code: String,
+        /// The agent's message.
+        message: String,
+    },
+    /// The connection failed.
+    #[error("agent connection: {0}")]
+    Transport(String),
+}
+
+/// Result of agent calls.
+pub type Result<T> = std::result::Result<T, AgentError>;
+
+impl From<ttrpc::Error> for AgentError {
+    fn from(e: ttrpc::Error) -> Self {
+        match e {
+            ttrpc::Error::RpcStatus(s) => {
+                AgentError::Rpc { code: format!("{:?}", s.code()), message: s.message().to_string() }
+            }
+            other => AgentError::Transport(other.to_string()),
+        }
+    }
+}
+
+/// How long a control call may take (process waits and event polls have none).
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Binds the socket the agent will dial (`<vsock>_<AGENT_HOST_PORT>`).
+pub fn bind_agent_listener(vsock_path: &Path) -> std::io::Result<UnixListener> {
+    UnixListener::bind(format!("{}_{AGENT_HOST_PORT}", vsock_path.display()))
+}
+
+/// A connected agent.
+#[derive(Clone)]
+pub struct Agent {
+    client: RawClient,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent").finish_non_exhaustive()
+    }
+}
+
+fn ctx(timeout: Option<Duration>) -> ttrpc::context::Context {
+    match timeout {
+        Some(t) => ttrpc::context::with_timeout(i64::try_from(t.as_nanos()).unwrap_or(i64::MAX)),
+        None => ttrpc::context::Context::default(),
+    }
+}
+
+impl Agent {
+    /// Waits up to `timeout` for the agent to connect on `listener`.
+    pub async fn accept(listener: &UnixListener, timeout: Duration) -> Result<Self> {
+        let (stream, _) = tokio::time::timeout(timeout, listener.accept())
+            .await
+            .map_err(|_| AgentError::Timeout(timeout))?
+            .map_err(AgentError::Accept)?;
+        let socket = ttrpc::r#async::transport::Socket::new(stream);
+        Ok(Self { client: RawClient::new(ttrpc::r#async::Client::new(socket)) })
+    }
+
+    /// Version and boot timing of the agent.
+    pub async fn health(&self) -> Result<HealthResponse> {
+        Ok(self.client.health(ctx(Some(CALL_TIMEOUT)), &HealthRequest::new()).await?)
+    }
+
+    /// Creates the container (its init is prepared, not started).
+    pub async fn create_container(&self, req: &CreateContainerRequest) -> Result<u32> {
+        Ok(self.client.create_container(ctx(Some(CALL_TIMEOUT)), req).await?.pid)
+    }
+
+    /// Starts the init (empty exec id) or a prepared exec.
+    pub async fn start_process(&self, container_id: &str, exec_id: &str) -> Result<u32> {
+        let mut req = StartProcessRequest::new();
+        req.container_id = container_id.into();
+        req.exec_id = exec_id.into();
+        Ok(self.client.start_process(ctx(Some(CALL_TIMEOUT)), &req).await?.pid)
+    }
+
+    /// Prepares an extra process in the container.
+    pub async fn exec_process(&self, req: &ExecProcessRequest) -> Result<()> {
+        self.client.exec_process(ctx(Some(CALL_TIMEOUT)), req).await?;
+        Ok(())
+    }
+
+    /// Waits (without a timeout) for a process to exit with its output drained.
+    pub async fn wait_process(&self, container_id: &str, exec_id: &str) -> Result<WaitProcessResponse> {
+        let mut req = WaitProcessRequest::new();
+        req.container_id = container_id.into();
+        req.exec_id = exec_id.into();
+        Ok(self.client.wait_process(ctx(None), &req).await?)
+    }
+
+    /// Sends `signal` to a process (or all of the container's processes).
+    pub async fn signal_process(&self, container_id: &str, exec_id: &str, signal: u32, all: bool) -> Result<()> {
+        let mut req = SignalProcessRequest::new();
+        req.container_id = container_id.into();
+        req.exec_id = exec_id.into();
+        req.signal = signal;
+        req.all = all;
+        self.client.signal_process(ctx(Some(CALL_TIMEOUT)), &req).await?;
+        Ok(())
+    }
+
+    /// Resizes a terminal.
+    pub async fn resize_pty(&self, container_id: &str, exec_id: &str, rows: u32, columns: u32) -> Result<()> {
+        let mut req = ResizePtyRequest::new();
+        req.container_id = container_id.into();
+        req.exec_id = exec_id.into();
+        req.rows = rows;
+        req.columns = columns;
+        self.client.resize_pty(ctx(Some(CALL_TIMEOUT)), &req).await?;
+        Ok(())
+    }
+
+    /// The container's processes.
+    pub async fn list_processes(&self, container_id: &str) -> Result<Vec<ProcessInfo>> {
+        let mut req = ListProcessesRequest::new();
+        req.container_id = container_id.into();
+        Ok(self.client.list_processes(ctx(Some(CALL_TIMEOUT)), &req).await?.processes)
+    }
+
+    /// cgroup and guest memory statistics.
+    pub async fn stats(&self, container_id: &str) -> Result<StatsResponse> {
+        let mut req = StatsRequest::new();
+        req.container_id = container_id.into();
+        Ok(self.client.stats(ctx(Some(CALL_TIMEOUT)), &req).await?)
+    }
+
+    /// New cgroup limits (OCI `linux.resources` JSON).
+    pub async fn update_container(&self, container_id: &str, resources_json: Vec<u8>) -> Result<()> {
+        let mut req = UpdateContainerRequest::new();
+        req.container_id = container_id.into();
+        req.oci_resources_json = resources_json;
+        self.client.update_container(ctx(Some(CALL_TIMEOUT)), &req).await?;
+        Ok(())
+    }
+
+    /// Freezes or thaws the container.
+    pub async fn pause_container(&self, container_id: &str, paused: bool) -> Result<()> {
+        let mut req = PauseContainerRequest::new();
+        req.container_id = container_id.into();
+        req.paused = paused;
+        self.client.pause_container(ctx(Some(CALL_TIMEOUT)), &req).await?;
+        Ok(())
+    }
+
+    /// The next container event (waits for one).
+    pub async fn next_event(&self) -> Result<Event> {
+        Ok(self.client.next_event(ctx(None), &NextEventRequest::new()).await?)
+    }
+
+    /// Asks the guest to kill everything and power off.
+    pub async fn shutdown(&self) -> Result<()> {
+        self.client.shutdown(ctx(Some(Duration::from_secs(5))), &ShutdownRequest::new()).await?;
+        Ok(())
+    }
+}

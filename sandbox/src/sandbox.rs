@@ -1,0 +1,255 @@
+//! One sandbox: a VM from a backend, with its agent connected. The shim and
+//! `capsid run` both drive containers through this.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::agent::{self, Agent, AgentError};
+use crate::backend::{self, Backend, BackendError, DiskSpec, NetSpec, Vm, VmExit, VmSpec};
+use crate::config::{BackendKind, Config};
+use crate::stdio::{PendingStreams, PortAllocator, StreamsWanted};
+
+/// How long the agent may take to connect after the VM started (TCG boots
+/// take about a second; a loaded CI machine much longer).
+pub const AGENT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Errors of a sandbox.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// The VM could not be started.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    /// The agent failed.
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    /// The VM ended before its agent connected.
+    #[error("the VM exited before its agent was ready ({exit:?}); console: {console}")]
+    DiedEarly {
+        /// How it ended.
+        exit: VmExit,
+        /// The last lines of the guest console.
+        console: String,
+    },
+    /// A host socket or directory could not be made.
+    #[error("cannot set up {what}")]
+    Io {
+        /// What.
+        what: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// No backend can run here.
+    #[error("no usable VM backend: {0}")]
+    NoBackend(String),
+}
+
+/// Result of sandbox operations.
+pub type Result<T> = std::result::Result<T, SandboxError>;
+
+/// What the sandbox's VM is made of.
+#[derive(Debug, Clone, Default)]
+pub struct SandboxOptions {
+    /// Sandbox id (names the run directory).
+    pub id: String,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Guest RAM in MiB.
+    pub memory_mib: u32,
+    /// Disks (rootfs images first).
+    pub disks: Vec<DiskSpec>,
+    /// Network interface.
+    pub net: Option<NetSpec>,
+    /// Extra kernel arguments.
+    pub kernel_args: Vec<String>,
+}
+
+/// When each start-up phase finished, from [`Sandbox::start`]'s call.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StartTimings {
+    /// VMM and device processes spawned.
+    pub vm_spawned: Duration,
+    /// The agent connected (the guest booted to PID 1 and dialed out).
+    pub agent_connected: Duration,
+    /// Guest kernel uptime when the agent started (from Health).
+    pub guest_boot_to_agent: Duration,
+}
+
+/// A running VM with a connected agent.
+#[derive(Debug)]
+pub struct Sandbox {
+    id: String,
+    vm: Arc<Mutex<Box<dyn Vm>>>,
+    agent: Agent,
+    vsock_path: PathBuf,
+    ports: PortAllocator,
+    /// Start-up timing.
+    pub timings: StartTimings,
+}
+
+/// Picks the backend for this host (the config may force one).
+pub fn backend_for(config: &Config) -> Result<Arc<dyn Backend>> {
+    let kind = match config.backend.kind {
+        Some(kind) => kind,
+        None => {
+            let report = crate::check::HostReport::gather(config);
+            report.selection.backend.ok_or(SandboxError::NoBackend(report.selection.reason))?
+        }
+    };
+    match kind {
+        BackendKind::QemuKvm | BackendKind::QemuTcg => Ok(Arc::new(backend::qemu::QemuBackend::new(
+            kind,
+            &config.paths.qemu,
+            &config.paths.vhost,
+        )?)),
+        BackendKind::CapsidVmm => Err(SandboxError::NoBackend(
+            "the capsid-vmm backend cannot run containers in this build".into(),
+        )),
+    }
+}
+
+impl Sandbox {
+    /// Starts a VM and waits for its agent.
+    pub async fn start(config: &Config, backend: Arc<dyn Backend>, opts: SandboxOptions) -> Result<Self> {
+        let start = Instant::now();
+        let run_dir = config.paths.state_dir.join(&opts.id);
+        std::fs::create_dir_all(&run_dir)
+            .map_err(|source| SandboxError::Io { what: format!("run directory {}", run_dir.display()), source })?;
+        let spec = VmSpec {
+            name: opts.id.clone(),
+            vcpus: opts.vcpus,
+            memory_mib: opts.memory_mib,
+            kernel: config.paths.kernel.clone(),
+            initramfs: config.paths.initramfs.clone(),
+            kernel_args: opts.kernel_args.clone(),
+            disks: opts.disks.clone(),
+            net: opts.net.clone(),
+            guest_cid: 3,
+            run_dir: run_dir.clone(),
+        };
+        let vsock_path = spec.vsock_path();
+        let listener = match agent::bind_agent_listener(&vsock_path) {
+            Ok(l) => l,
+            Err(source) => {
+                let _ = std::fs::remove_dir_all(&run_dir);
+                return Err(SandboxError::Io { what: "agent socket".into(), source });
+            }
+        };
+        let started = tokio::task::spawn_blocking(move || backend.start(&spec)).await;
+        let vm = match started {
+            Ok(Ok(vm)) => vm,
+            Ok(Err(e)) => {
+                let _ = std::fs::remove_dir_all(&run_dir);
+                return Err(e.into());
+            }
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&run_dir);
+                return Err(SandboxError::Io { what: "VM start task".into(), source: std::io::Error::other(e) });
+            }
+        };
+        let vm_spawned = start.elapsed();
+        let vm = Arc::new(Mutex::new(vm));
+        // Either the agent connects, or the VM dies first and we say why.
+        let agent = tokio::select! {
+            agent = Agent::accept(&listener, AGENT_TIMEOUT) => agent,
+            exit = watch_exit(vm.clone()) => {
+                let console = console_tail(&run_dir.join("console.log"));
+                return Err(SandboxError::DiedEarly { exit, console });
+            }
+        };
+        let agent = match agent {
+            Ok(a) => a,
+            Err(e) => {
+                stop_vm(&vm);
+                return Err(e.into());
+            }
+        };
+        let agent_connected = start.elapsed();
+        let health = match agent.health().await {
+            Ok(h) => h,
+            Err(e) => {
+                stop_vm(&vm);
+                return Err(e.into());
+            }
+        };
+        tracing::info!(id = %opts.id, version = %health.version, ?agent_connected, "agent connected");
+        Ok(Self {
+            id: opts.id,
+            vm,
+            agent,
+            vsock_path,
+            ports: PortAllocator::default(),
+            timings: StartTimings {
+                vm_spawned,
+                agent_connected,
+                guest_boot_to_agent: Duration::from_nanos(health.kernel_boot_ns),
+            },
+        })
+    }
+
+    /// The sandbox id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The agent.
+    pub fn agent(&self) -> &Agent {
+        &self.agent
+    }
+
+    /// Host processes of the VM.
+    pub fn pids(&self) -> Vec<u32> {
+        self.vm.lock().map(|vm| vm.pids()).unwrap_or_default()
+    }
+
+    /// Binds the host ends of a new process's streams.
+    pub fn bind_streams(&self, wanted: StreamsWanted) -> Result<PendingStreams> {
+        PendingStreams::bind(&self.vsock_path, &self.ports, wanted)
+            .map_err(|source| SandboxError::Io { what: "stdio sockets".into(), source })
+    }
+
+    /// Resolves when the VM ends by itself.
+    pub async fn exited(&self) -> VmExit {
+        watch_exit(self.vm.clone()).await
+    }
+
+    /// Powers the guest off through the agent, then makes sure the VM is
+    /// gone and its run directory removed.
+    pub async fn stop(self) -> VmExit {
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.agent.shutdown()).await;
+        let vm = self.vm.clone();
+        tokio::task::spawn_blocking(move || {
+            let Ok(mut vm) = vm.lock() else { return VmExit::Stopped };
+            match vm.wait_timeout(Duration::from_secs(5)) {
+                Ok(Some(exit)) => exit,
+                _ => vm.stop(Duration::from_secs(2)).unwrap_or(VmExit::Stopped),
+            }
+        })
+        .await
+        .unwrap_or(VmExit::Stopped)
+    }
+}
+
+fn stop_vm(vm: &Arc<Mutex<Box<dyn Vm>>>) {
+    if let Ok(mut vm) = vm.lock() {
+        let _ = vm.stop(Duration::from_secs(1));
+    }
+}
+
+async fn watch_exit(vm: Arc<Mutex<Box<dyn Vm>>>) -> VmExit {
+    loop {
+        let done = vm.lock().ok().and_then(|mut vm| vm.try_wait().ok().flatten());
+        if let Some(exit) = done {
+            return exit;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn console_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let tail = lines[lines.len().saturating_sub(5)..].join(" | ");
+    if tail.is_empty() { "(empty)".into() } else { tail }
+}

@@ -1,0 +1,146 @@
+//! Containers in sandboxes for tests: a rootfs disk made straight from the
+//! bundled busybox image, the QEMU-TCG backend, and helpers to run a
+//! command and collect its output.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use capsid_protocol::agent::{BlockLayer, CreateContainerRequest, Rootfs};
+use capsid_sandbox::backend::qemu::QemuBackend;
+use capsid_sandbox::backend::DiskSpec;
+use capsid_sandbox::config::{BackendKind, Config};
+use capsid_sandbox::sandbox::{Sandbox, SandboxOptions};
+use capsid_sandbox::spec::{self, ImageDefaults, RunOptions};
+use capsid_sandbox::stdio::StreamsWanted;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::{artifact, bin};
+
+/// Serial of the rootfs disk the tests attach.
+pub const ROOTFS_SERIAL: &str = "capsid-rootfs";
+
+/// An erofs image of an OCI image layout's layers (applied in order with
+/// plain tar: fine for the single-layer busybox image).
+pub fn erofs_from_layout(layout: &Path, out: &Path) -> PathBuf {
+    let staging = out.with_extension("d");
+    std::fs::create_dir_all(&staging).unwrap();
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let blob = |digest: &str| layout.join("blobs/sha256").join(digest.trim_start_matches("sha256:"));
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(blob(index["manifests"][0]["digest"].as_str().unwrap())).unwrap(),
+    )
+    .unwrap();
+    for layer in manifest["layers"].as_array().unwrap() {
+        let st = Command::new("tar")
+            .arg("-xzf")
+            .arg(blob(layer["digest"].as_str().unwrap()))
+            .arg("-C")
+            .arg(&staging)
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    let st = Command::new("mkfs.erofs").arg("--quiet").arg(out).arg(&staging).status().unwrap();
+    assert!(st.success(), "mkfs.erofs failed");
+    std::fs::remove_dir_all(&staging).unwrap();
+    out.to_path_buf()
+}
+
+/// A host config pointing at this build's artifacts, with state under `dir`.
+pub fn test_config(dir: &Path) -> Config {
+    let mut c = Config::default();
+    c.paths.kernel = artifact("kernel/vmlinux");
+    c.paths.bzimage = artifact("kernel/bzImage");
+    c.paths.initramfs = artifact("initramfs.cpio.gz");
+    c.paths.images_dir = artifact("images");
+    c.paths.cache_dir = dir.join("cache");
+    c.paths.state_dir = dir.join("run");
+    c.paths.vhost = bin("capsid-vhost");
+    c.paths.vmm = bin("capsid-vmm");
+    c.backend.kind = Some(BackendKind::QemuTcg);
+    c
+}
+
+/// A started sandbox with the busybox rootfs attached.
+pub async fn busybox_sandbox(dir: &Path, id: &str) -> Sandbox {
+    let rootfs = erofs_from_layout(&artifact("images/busybox"), &dir.join("busybox.erofs"));
+    let config = test_config(dir);
+    let backend = Arc::new(
+        QemuBackend::new(BackendKind::QemuTcg, Path::new("qemu-system-x86_64"), &config.paths.vhost).unwrap(),
+    );
+    let opts = SandboxOptions {
+        id: id.into(),
+        vcpus: 1,
+        memory_mib: 256,
+        disks: vec![DiskSpec { path: rootfs, readonly: true, serial: ROOTFS_SERIAL.into() }],
+        net: None,
+        kernel_args: vec![],
+    };
+    Sandbox::start(&config, backend, opts).await.unwrap()
+}
+
+/// What a finished container process produced.
+#[derive(Debug)]
+pub struct Output {
+    /// Exit status (128+N after signal N).
+    pub status: i32,
+    /// Killed by the OOM killer.
+    pub oom_killed: bool,
+    /// Its stdout.
+    pub stdout: Vec<u8>,
+    /// Its stderr.
+    pub stderr: Vec<u8>,
+}
+
+/// The create request for container `id` running `opts` on the busybox rootfs.
+pub fn create_request(id: &str, opts: &RunOptions) -> CreateContainerRequest {
+    let image = ImageDefaults { cmd: vec!["/bin/sh".into()], ..Default::default() };
+    let spec = spec::build(&image, opts).unwrap();
+    let mut req = CreateContainerRequest::new();
+    req.container_id = id.into();
+    req.oci_spec_json = serde_json::to_vec(&spec).unwrap();
+    let mut layer = BlockLayer::new();
+    layer.disk_serial = ROOTFS_SERIAL.into();
+    layer.fs_type = "erofs".into();
+    let mut rootfs = Rootfs::new();
+    rootfs.layers.push(layer);
+    req.rootfs = protobuf::MessageField::some(rootfs);
+    req
+}
+
+/// Creates and starts container `id` in `sb`, feeds it `stdin`, and
+/// collects its output until it exits.
+pub async fn run_container(sb: &Sandbox, id: &str, opts: &RunOptions, stdin: &[u8]) -> Output {
+    let pending = sb
+        .bind_streams(StreamsWanted { stdin: true, stdout: true, stderr: true, terminal: opts.tty })
+        .unwrap();
+    let mut req = create_request(id, opts);
+    req.stdio = protobuf::MessageField::some(pending.stdio.clone());
+    let (created, streams) = tokio::join!(sb.agent().create_container(&req), pending.accept());
+    created.unwrap();
+    let streams = streams.unwrap();
+    sb.agent().start_process(id, "").await.unwrap();
+    let input = stdin.to_vec();
+    let mut stdin_stream = streams.stdin.unwrap();
+    let feeder = tokio::spawn(async move {
+        let _ = stdin_stream.write_all(&input).await;
+        let _ = stdin_stream.shutdown().await;
+    });
+    let read_all = |s: Option<tokio::net::UnixStream>| async move {
+        let mut buf = Vec::new();
+        if let Some(mut s) = s {
+            let _ = s.read_to_end(&mut buf).await;
+        }
+        buf
+    };
+    let (out, err, waited) = tokio::join!(
+        read_all(streams.stdout),
+        read_all(streams.stderr),
+        sb.agent().wait_process(id, "")
+    );
+    let _ = feeder.await;
+    let waited = waited.unwrap();
+    Output { status: waited.exit_status, oom_killed: waited.oom_killed, stdout: out, stderr: err }
+}
