@@ -176,7 +176,12 @@ pub struct CreateRequest {
 impl Agent {
     /// A new agent state using `reaper` for child exits.
     pub fn new(reaper: Reaper, boot: crate::BootInfo) -> Self {
-        Self { reaper, containers: Mutex::new(HashMap::new()), events: Events::default(), boot }
+        Self {
+            reaper,
+            containers: Mutex::new(HashMap::new()),
+            events: Events::default(),
+            boot,
+        }
     }
 
     fn container(&self, id: &str) -> Result<Arc<Container>> {
@@ -201,7 +206,13 @@ impl Agent {
     pub async fn next_event(&self) -> Event {
         loop {
             let notified = self.events.ready.notified();
-            if let Some(ev) = self.events.queue.lock().ok().and_then(|mut q| q.pop_front()) {
+            if let Some(ev) = self
+                .events
+                .queue
+                .lock()
+                .ok()
+                .and_then(|mut q| q.pop_front())
+            {
                 return ev;
             }
             notified.await;
@@ -212,14 +223,20 @@ impl Agent {
     /// started. Returns the init's pid.
     pub async fn create(self: &Arc<Self>, req: CreateRequest) -> Result<u32> {
         if !rootfs::valid_id(&req.id) {
-            return Err(ContainerError::Invalid(format!("container id {:?}", req.id)));
+            return Err(ContainerError::Invalid(format!(
+                "container id {:?}",
+                req.id
+            )));
         }
         let mut spec: Spec = serde_json::from_slice(&req.spec_json)
             .map_err(|e| ContainerError::Invalid(format!("OCI spec: {e}")))?;
         {
             let mut containers = self.containers.lock().map_err(|_| poisoned())?;
             if containers.contains_key(&req.id) {
-                return Err(ContainerError::AlreadyExists(format!("container {:?}", req.id)));
+                return Err(ContainerError::AlreadyExists(format!(
+                    "container {:?}",
+                    req.id
+                )));
             }
             // Reserve the id while the slow part runs.
             containers.insert(
@@ -227,7 +244,9 @@ impl Agent {
                 Arc::new(Container {
                     id: req.id.clone(),
                     dirs: BundleDirs::new(&req.id),
-                    cgroup: PathBuf::from("/sys/fs/cgroup").join(CGROUP_PARENT.trim_start_matches('/')).join(&req.id),
+                    cgroup: PathBuf::from("/sys/fs/cgroup")
+                        .join(CGROUP_PARENT.trim_start_matches('/'))
+                        .join(&req.id),
                     processes: Mutex::new(HashMap::new()),
                 }),
             );
@@ -264,12 +283,22 @@ impl Agent {
 
         adapt_spec(spec, &dirs.rootfs, &req.id, req.stdio.terminal)?;
         let config = dirs.bundle.join("config.json");
-        spec.save(&config).map_err(|e| internal("writing config.json", &e))?;
+        spec.save(&config)
+            .map_err(|e| internal("writing config.json", &e))?;
 
         let process = Process::new("");
-        container.processes.lock().map_err(|_| poisoned())?.insert(String::new(), process.clone());
-        let job = Job::Create { id: req.id.clone(), bundle: dirs.bundle.clone() };
-        let pid = self.run_runtime(&container, &process, job, &req.stdio).await?;
+        container
+            .processes
+            .lock()
+            .map_err(|_| poisoned())?
+            .insert(String::new(), process.clone());
+        let job = Job::Create {
+            id: req.id.clone(),
+            bundle: dirs.bundle.clone(),
+        };
+        let pid = self
+            .run_runtime(&container, &process, job, &req.stdio)
+            .await?;
         Ok(u32::try_from(pid).unwrap_or(0))
     }
 
@@ -283,7 +312,11 @@ impl Agent {
         stdio_spec: &Stdio,
     ) -> Result<i32> {
         let bundle = container.dirs.bundle.clone();
-        let tag = if process.exec_id.is_empty() { "init".to_string() } else { process.exec_id.clone() };
+        let tag = if process.exec_id.is_empty() {
+            "init".to_string()
+        } else {
+            process.exec_id.clone()
+        };
         let result = bundle.join(format!("result-{tag}"));
         let stdio_spec = stdio_spec.clone();
         let streams = tokio::task::spawn_blocking(move || stdio::connect_streams(&stdio_spec))
@@ -308,23 +341,36 @@ impl Agent {
         let mut cmd = Command::new("/proc/self/exe");
         cmd.args(inv.to_args());
         let tty_streams = if terminal {
-            cmd.stdin(ProcStdio::null()).stdout(ProcStdio::null()).stderr(ProcStdio::null());
+            cmd.stdin(ProcStdio::null())
+                .stdout(ProcStdio::null())
+                .stderr(ProcStdio::null());
             Some(streams)
         } else {
-            let Streams { stdin, stdout, stderr } = streams;
-            cmd.stdin(ProcStdio::from(stdin)).stdout(ProcStdio::from(stdout)).stderr(ProcStdio::from(stderr));
+            let Streams {
+                stdin,
+                stdout,
+                stderr,
+            } = streams;
+            cmd.stdin(ProcStdio::from(stdin))
+                .stdout(ProcStdio::from(stdout))
+                .stderr(ProcStdio::from(stderr));
             None
         };
-        let (_, helper_exit) = self.reaper.spawn(&mut cmd).map_err(|e| internal("starting the runtime", &e))?;
+        let (_, helper_exit) = self
+            .reaper
+            .spawn(&mut cmd)
+            .map_err(|e| internal("starting the runtime", &e))?;
         // Our copies of the stream fds go now: the process holds the only
         // ones, so the host sees EOF exactly when the process is done.
         drop(cmd);
         // The pty master arrives while the helper runs.
         let master = match console {
             Some((path, listener)) => {
-                let got = tokio::task::spawn_blocking(move || stdio::receive_pty_master(&listener, CONSOLE_TIMEOUT))
-                    .await
-                    .map_err(|e| internal("console task", &e))?;
+                let got = tokio::task::spawn_blocking(move || {
+                    stdio::receive_pty_master(&listener, CONSOLE_TIMEOUT)
+                })
+                .await
+                .map_err(|e| internal("console task", &e))?;
                 let _ = fs::remove_file(path);
                 Some(got)
             }
@@ -334,14 +380,20 @@ impl Agent {
         let outcome = fs::read_to_string(&result).unwrap_or_default();
         let _ = fs::remove_file(&result);
         let pid: i32 = match outcome.trim().strip_prefix("pid ") {
-            Some(pid) => pid.parse().map_err(|_| ContainerError::Internal(format!("runtime said {outcome:?}")))?,
+            Some(pid) => pid
+                .parse()
+                .map_err(|_| ContainerError::Internal(format!("runtime said {outcome:?}")))?,
             None => {
-                let why = outcome.trim().strip_prefix("error ").unwrap_or("the runtime failed without a word");
+                let why = outcome
+                    .trim()
+                    .strip_prefix("error ")
+                    .unwrap_or("the runtime failed without a word");
                 return Err(ContainerError::FailedPrecondition(why.to_string()));
             }
         };
         if let (Some(master), Some(streams)) = (master, tty_streams) {
-            let master = master.map_err(|e| ContainerError::FailedPrecondition(crate::describe(&e)))?;
+            let master =
+                master.map_err(|e| ContainerError::FailedPrecondition(crate::describe(&e)))?;
             let pump = TtyPump::start(master, streams).map_err(|e| internal("tty pump", &e))?;
             *process.tty.lock().map_err(|_| poisoned())? = Some(Arc::new(Mutex::new(pump)));
         }
@@ -356,7 +408,10 @@ impl Agent {
         let exit_rx = self.reaper.wait_for(pid);
         let agent = Arc::clone(self);
         tokio::spawn(async move {
-            let exit = exit_rx.await.unwrap_or(Exit { status: 255, signaled: false });
+            let exit = exit_rx.await.unwrap_or(Exit {
+                status: 255,
+                signaled: false,
+            });
             let tty = process.tty.lock().ok().and_then(|t| t.clone());
             if let Some(tty) = tty {
                 let _ = tokio::task::spawn_blocking(move || {
@@ -366,9 +421,15 @@ impl Agent {
                 })
                 .await;
             }
-            let oom = exit.signaled && exit.status == 128 + 9 && stats::oom_kills(&container.cgroup) > 0;
-            let info = ExitInfo { status: exit.status, at_unix_ns: now_unix_ns(), oom_killed: oom };
-            let _ = process.exit.send(Some(info));
+            let oom =
+                exit.signaled && exit.status == 128 + 9 && stats::oom_kills(&container.cgroup) > 0;
+            let info = ExitInfo {
+                status: exit.status,
+                at_unix_ns: now_unix_ns(),
+                oom_killed: oom,
+            };
+            // send_replace stores the value even when nobody is subscribed yet.
+            process.exit.send_replace(Some(info));
             tracing::info!(container = %container.id, exec = %process.exec_id, pid, status = exit.status, oom, "process exited");
             if oom {
                 let mut ev = Event::new();
@@ -399,23 +460,41 @@ impl Agent {
             })
             .await
             .map_err(|e| internal("start task", &e))?
-            .map_err(|e| ContainerError::FailedPrecondition(format!("cannot start: {}", crate::describe(&e))))?;
-            return Ok(process.pid().and_then(|p| u32::try_from(p).ok()).unwrap_or(0));
+            .map_err(|e| {
+                ContainerError::FailedPrecondition(format!("cannot start: {}", crate::describe(&e)))
+            })?;
+            return Ok(process
+                .pid()
+                .and_then(|p| u32::try_from(p).ok())
+                .unwrap_or(0));
         }
         let pending = process
             .pending
             .lock()
             .map_err(|_| poisoned())?
             .take()
-            .ok_or_else(|| ContainerError::FailedPrecondition(format!("exec {exec_id:?} was started already")))?;
-        let job = Job::Exec { id: id.to_string(), process: pending.spec_path.clone() };
-        let pid = self.run_runtime(&container, &process, job, &pending.stdio).await?;
+            .ok_or_else(|| {
+                ContainerError::FailedPrecondition(format!("exec {exec_id:?} was started already"))
+            })?;
+        let job = Job::Exec {
+            id: id.to_string(),
+            process: pending.spec_path.clone(),
+        };
+        let pid = self
+            .run_runtime(&container, &process, job, &pending.stdio)
+            .await?;
         let _ = fs::remove_file(&pending.spec_path);
         Ok(u32::try_from(pid).unwrap_or(0))
     }
 
     /// Prepares an extra process; it runs on [`Self::start`].
-    pub fn exec(&self, id: &str, exec_id: &str, process_json: &[u8], stdio_spec: &Stdio) -> Result<()> {
+    pub fn exec(
+        &self,
+        id: &str,
+        exec_id: &str,
+        process_json: &[u8],
+        stdio_spec: &Stdio,
+    ) -> Result<()> {
         let container = self.container(id)?;
         if exec_id.is_empty() || !rootfs::valid_id(exec_id) {
             return Err(ContainerError::Invalid(format!("exec id {exec_id:?}")));
@@ -431,7 +510,10 @@ impl Agent {
         let text = serde_json::to_vec(&proc_spec).map_err(|e| internal("process.json", &e))?;
         fs::write(&spec_path, text).map_err(|e| internal("writing process.json", &e))?;
         let process = Process::new(exec_id);
-        *process.pending.lock().map_err(|_| poisoned())? = Some(PendingExec { spec_path, stdio: stdio_spec.clone() });
+        *process.pending.lock().map_err(|_| poisoned())? = Some(PendingExec {
+            spec_path,
+            stdio: stdio_spec.clone(),
+        });
         processes.insert(exec_id.to_string(), process);
         Ok(())
     }
@@ -444,7 +526,9 @@ impl Agent {
             if let Some(info) = *rx.borrow_and_update() {
                 return Ok(info);
             }
-            rx.changed().await.map_err(|_| ContainerError::Internal("exit watch closed".into()))?;
+            rx.changed()
+                .await
+                .map_err(|_| ContainerError::Internal("exit watch closed".into()))?;
         }
     }
 
@@ -463,11 +547,13 @@ impl Agent {
         }
         let process = container.process(exec_id)?;
         if process.exited().is_some() {
-            return Err(ContainerError::NotFound(format!("process {exec_id:?} has exited")));
+            return Err(ContainerError::NotFound(format!(
+                "process {exec_id:?} has exited"
+            )));
         }
-        let pid = process
-            .pid()
-            .ok_or_else(|| ContainerError::FailedPrecondition(format!("process {exec_id:?} is not running")))?;
+        let pid = process.pid().ok_or_else(|| {
+            ContainerError::FailedPrecondition(format!("process {exec_id:?} is not running"))
+        })?;
         kill(Pid::from_raw(pid), sig).map_err(|e| internal("kill", &e))
     }
 
@@ -476,11 +562,14 @@ impl Agent {
         let process = self.container(id)?.process(exec_id)?;
         let tty = process.tty.lock().map_err(|_| poisoned())?.clone();
         let Some(tty) = tty else {
-            return Err(ContainerError::FailedPrecondition(format!("process {exec_id:?} has no terminal")));
+            return Err(ContainerError::FailedPrecondition(format!(
+                "process {exec_id:?} has no terminal"
+            )));
         };
         let clamp = |v: u32| u16::try_from(v).unwrap_or(u16::MAX);
         let pump = tty.lock().map_err(|_| poisoned())?;
-        pump.resize(clamp(rows), clamp(cols)).map_err(|e| internal("TIOCSWINSZ", &e))
+        pump.resize(clamp(rows), clamp(cols))
+            .map_err(|e| internal("TIOCSWINSZ", &e))
     }
 
     /// The container's processes (pid, exec id, command line).
@@ -498,9 +587,18 @@ impl Agent {
             .into_iter()
             .map(|pid| {
                 let cmd = fs::read(format!("/proc/{pid}/cmdline"))
-                    .map(|b| String::from_utf8_lossy(&b).replace('\0', " ").trim().to_string())
+                    .map(|b| {
+                        String::from_utf8_lossy(&b)
+                            .replace('\0', " ")
+                            .trim()
+                            .to_string()
+                    })
                     .unwrap_or_default();
-                (u32::try_from(pid).unwrap_or(0), by_pid.get(&pid).cloned().unwrap_or_default(), cmd)
+                (
+                    u32::try_from(pid).unwrap_or(0),
+                    by_pid.get(&pid).cloned().unwrap_or_default(),
+                    cmd,
+                )
             })
             .collect())
     }
@@ -532,17 +630,35 @@ impl Agent {
         };
         if let Some(mem) = res.memory() {
             if let Some(limit) = mem.limit() {
-                write("memory.max", if limit < 0 { "max".into() } else { limit.to_string() })?;
+                write(
+                    "memory.max",
+                    if limit < 0 {
+                        "max".into()
+                    } else {
+                        limit.to_string()
+                    },
+                )?;
             }
         }
         if let Some(pids) = res.pids() {
             let limit = pids.limit();
-            write("pids.max", if limit <= 0 { "max".into() } else { limit.to_string() })?;
+            write(
+                "pids.max",
+                if limit <= 0 {
+                    "max".into()
+                } else {
+                    limit.to_string()
+                },
+            )?;
         }
         if let Some(cpu) = res.cpu() {
             if let Some(quota) = cpu.quota() {
                 let period = cpu.period().unwrap_or(100_000);
-                let q = if quota <= 0 { "max".to_string() } else { quota.to_string() };
+                let q = if quota <= 0 {
+                    "max".to_string()
+                } else {
+                    quota.to_string()
+                };
                 write("cpu.max", format!("{q} {period}"))?;
             }
             if let Some(shares) = cpu.shares() {
@@ -556,8 +672,11 @@ impl Agent {
 
     /// Kills every container process and tears the containers down.
     pub fn kill_everything(&self) {
-        let containers: Vec<Arc<Container>> =
-            self.containers.lock().map(|c| c.values().cloned().collect()).unwrap_or_default();
+        let containers: Vec<Arc<Container>> = self
+            .containers
+            .lock()
+            .map(|c| c.values().cloned().collect())
+            .unwrap_or_default();
         for c in containers {
             let _ = fs::write(c.cgroup.join("cgroup.kill"), "1");
             for pid in c.cgroup_pids() {
@@ -603,7 +722,10 @@ fn adapt_spec(spec: &mut Spec, rootfs: &Path, id: &str, terminal: bool) -> Resul
     let mut linux = spec.linux().clone().unwrap_or_default();
     linux.set_cgroups_path(Some(PathBuf::from(CGROUP_PARENT).join(id)));
     if let Some(ns) = linux.namespaces().clone() {
-        let kept = ns.into_iter().filter(|n| n.typ() != LinuxNamespaceType::Network).collect();
+        let kept = ns
+            .into_iter()
+            .filter(|n| n.typ() != LinuxNamespaceType::Network)
+            .collect();
         linux.set_namespaces(Some(kept));
     }
     spec.set_linux(Some(linux));
@@ -622,13 +744,35 @@ mod tests {
         assert!(ns.iter().any(|n| n.typ() == LinuxNamespaceType::Network));
         linux.set_namespaces(Some(ns));
         spec.set_linux(Some(linux));
-        adapt_spec(&mut spec, Path::new("/run/capsid/bundles/c1/rootfs"), "c1", true).unwrap();
-        assert_eq!(spec.root().as_ref().unwrap().path(), Path::new("/run/capsid/bundles/c1/rootfs"));
+        adapt_spec(
+            &mut spec,
+            Path::new("/run/capsid/bundles/c1/rootfs"),
+            "c1",
+            true,
+        )
+        .unwrap();
+        assert_eq!(
+            spec.root().as_ref().unwrap().path(),
+            Path::new("/run/capsid/bundles/c1/rootfs")
+        );
         assert_eq!(spec.process().as_ref().unwrap().terminal(), Some(true));
         let linux = spec.linux().as_ref().unwrap();
-        assert_eq!(linux.cgroups_path().as_deref(), Some(Path::new("/capsid/c1")));
-        assert!(linux.namespaces().as_ref().unwrap().iter().all(|n| n.typ() != LinuxNamespaceType::Network));
-        assert!(linux.namespaces().as_ref().unwrap().iter().any(|n| n.typ() == LinuxNamespaceType::Pid));
+        assert_eq!(
+            linux.cgroups_path().as_deref(),
+            Some(Path::new("/capsid/c1"))
+        );
+        assert!(linux
+            .namespaces()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .all(|n| n.typ() != LinuxNamespaceType::Network));
+        assert!(linux
+            .namespaces()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .any(|n| n.typ() == LinuxNamespaceType::Pid));
     }
 
     #[test]

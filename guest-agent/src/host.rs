@@ -40,10 +40,19 @@ pub fn agent_port(cmdline: &str) -> u32 {
 
 /// Connects a blocking stream to the host's vsock `port`.
 pub fn connect_to_host(port: u32) -> Result<OwnedFd> {
-    let fd = socket(AddressFamily::Vsock, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)
-        .map_err(HostError::Socket)?;
-    connect(fd.as_raw_fd(), &VsockAddr::new(VSOCK_HOST_CID, port))
-        .map_err(|e| HostError::Connect { port, source: e.into() })?;
+    let fd = socket(
+        AddressFamily::Vsock,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(HostError::Socket)?;
+    connect(fd.as_raw_fd(), &VsockAddr::new(VSOCK_HOST_CID, port)).map_err(|e| {
+        HostError::Connect {
+            port,
+            source: e.into(),
+        }
+    })?;
     Ok(fd)
 }
 
@@ -60,7 +69,10 @@ mod tests {
 
     #[test]
     fn port_comes_from_cmdline() {
-        assert_eq!(agent_port("console=ttyS0 capsid.agent_port=2048 quiet"), 2048);
+        assert_eq!(
+            agent_port("console=ttyS0 capsid.agent_port=2048 quiet"),
+            2048
+        );
         assert_eq!(agent_port("console=ttyS0"), AGENT_HOST_PORT);
         assert_eq!(agent_port("capsid.agent_port=junk"), AGENT_HOST_PORT);
     }

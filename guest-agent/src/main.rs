@@ -51,7 +51,11 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     let started = monotonic_ns();
-    tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(false).without_time().init();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .without_time()
+        .init();
 
     if let Err(e) = mount::leave_initramfs() {
         fatal(&describe(&e));
@@ -63,11 +67,22 @@ fn main() -> ExitCode {
         tracing::warn!(error = %e, "cannot bring up lo");
     }
     let uptime = kernel_uptime_ns().unwrap_or_default();
-    let boot = BootInfo { agent_started_ns: started, kernel_boot_ns: uptime };
+    let boot = BootInfo {
+        agent_started_ns: started,
+        kernel_boot_ns: uptime,
+    };
     let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
-    println!("{READY_MARKER} version={} kernel_boot_ms={}", env!("CARGO_PKG_VERSION"), uptime / 1_000_000);
+    println!(
+        "{READY_MARKER} version={} kernel_boot_ms={}",
+        env!("CARGO_PKG_VERSION"),
+        uptime / 1_000_000
+    );
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => fatal(&format!("cannot start the async runtime: {e}")),
     };
@@ -81,7 +96,9 @@ fn main() -> ExitCode {
 /// Connects to the host and serves the API until Shutdown.
 async fn serve(port: u32, boot: BootInfo) -> Result<(), String> {
     let reaper = reaper::Reaper::start().map_err(|e| format!("cannot watch SIGCHLD: {e}"))?;
-    let conn = host::connect_control(port).await.map_err(|e| describe(&e))?;
+    let conn = host::connect_control(port)
+        .await
+        .map_err(|e| describe(&e))?;
     tracing::info!(port, "connected to the host");
     let agent = Arc::new(container::Agent::new(reaper, boot));
     let shutdown = Arc::new(tokio::sync::Notify::new());
@@ -94,7 +111,10 @@ async fn serve(port: u32, boot: BootInfo) -> Result<(), String> {
     let mut server = ttrpc::r#async::Server::new()
         .add_listener(ttrpc::r#async::transport::Listener::new(incoming))
         .register_service(services);
-    server.start().await.map_err(|e| format!("cannot serve the agent API: {e}"))?;
+    server
+        .start()
+        .await
+        .map_err(|e| format!("cannot serve the agent API: {e}"))?;
     shutdown.notified().await;
     // Let the Shutdown reply reach the host before the VM goes away.
     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -106,7 +126,10 @@ use futures::StreamExt as _;
 
 fn monotonic_ns() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map(|t| u64::try_from(t.tv_sec()).unwrap_or(0) * 1_000_000_000 + u64::try_from(t.tv_nsec()).unwrap_or(0))
+        .map(|t| {
+            u64::try_from(t.tv_sec()).unwrap_or(0) * 1_000_000_000
+                + u64::try_from(t.tv_nsec()).unwrap_or(0)
+        })
         .unwrap_or(0)
 }
 
@@ -114,7 +137,12 @@ fn monotonic_ns() -> u64 {
 fn kernel_uptime_ns() -> Option<u64> {
     let text = fs::read_to_string("/proc/uptime").ok()?;
     let secs: f64 = text.split_whitespace().next()?.parse().ok()?;
-    Some(Duration::from_secs_f64(secs).as_nanos().try_into().unwrap_or(u64::MAX))
+    Some(
+        Duration::from_secs_f64(secs)
+            .as_nanos()
+            .try_into()
+            .unwrap_or(u64::MAX),
+    )
 }
 
 /// An error and its sources, as one line.

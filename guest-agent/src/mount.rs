@@ -125,10 +125,23 @@ pub fn leave_initramfs() -> Result<()> {
         return Ok(());
     }
     let new_root = Path::new("/newroot");
-    let io = |step| move |e: std::io::Error| MountError::switch(step, nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO)));
+    let io = |step| {
+        move |e: std::io::Error| {
+            MountError::switch(
+                step,
+                nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+            )
+        }
+    };
     fs::create_dir_all(new_root).map_err(io("mkdir /newroot"))?;
-    mount(Some("tmpfs"), new_root, Some("tmpfs"), MsFlags::empty(), Some("mode=0755"))
-        .map_err(|e| MountError::switch("mount tmpfs", e))?;
+    mount(
+        Some("tmpfs"),
+        new_root,
+        Some("tmpfs"),
+        MsFlags::empty(),
+        Some("mode=0755"),
+    )
+    .map_err(|e| MountError::switch("mount tmpfs", e))?;
     fs::copy("/init", new_root.join("init")).map_err(io("copy /init"))?;
     for dir in ["dev", "proc", "sys", "run", "tmp", "etc", "root", "mnt"] {
         fs::create_dir_all(new_root.join(dir)).map_err(io("mkdir"))?;

@@ -30,10 +30,20 @@ pub struct Exit {
 impl Exit {
     fn from_wait(status: WaitStatus) -> Option<(Pid, Exit)> {
         match status {
-            WaitStatus::Exited(pid, code) => Some((pid, Exit { status: code, signaled: false })),
-            WaitStatus::Signaled(pid, sig, _) => {
-                Some((pid, Exit { status: 128 + sig as i32, signaled: true }))
-            }
+            WaitStatus::Exited(pid, code) => Some((
+                pid,
+                Exit {
+                    status: code,
+                    signaled: false,
+                },
+            )),
+            WaitStatus::Signaled(pid, sig, _) => Some((
+                pid,
+                Exit {
+                    status: 128 + sig as i32,
+                    signaled: true,
+                },
+            )),
             _ => None,
         }
     }
@@ -90,7 +100,9 @@ impl Reaper {
     }
 
     fn deliver(&self, pid: i32, exit: Exit) {
-        let Ok(mut state) = self.state.lock() else { return };
+        let Ok(mut state) = self.state.lock() else {
+            return;
+        };
         match state.waiters.remove(&pid) {
             Some(waiters) => {
                 for w in waiters {
@@ -124,10 +136,15 @@ impl Reaper {
 
     /// Spawns `cmd` and returns its pid with a future for its exit; the
     /// registration happens before the reaper can see the exit.
-    pub fn spawn(&self, cmd: &mut std::process::Command) -> std::io::Result<(i32, oneshot::Receiver<Exit>)> {
+    pub fn spawn(
+        &self,
+        cmd: &mut std::process::Command,
+    ) -> std::io::Result<(i32, oneshot::Receiver<Exit>)> {
         let (tx, rx) = oneshot::channel();
-        let mut state =
-            self.state.lock().map_err(|_| std::io::Error::other("reaper state poisoned"))?;
+        let mut state = self
+            .state
+            .lock()
+            .map_err(|_| std::io::Error::other("reaper state poisoned"))?;
         let child = cmd.spawn()?;
         let pid = i32::try_from(child.id()).unwrap_or(i32::MAX);
         state.waiters.entry(pid).or_default().push(tx);
@@ -144,9 +161,21 @@ mod tests {
     #[test]
     fn late_registration_still_gets_the_exit() {
         let r = Reaper::default();
-        r.deliver(42, Exit { status: 3, signaled: false });
+        r.deliver(
+            42,
+            Exit {
+                status: 3,
+                signaled: false,
+            },
+        );
         let mut rx = r.wait_for(42);
-        assert_eq!(rx.try_recv().unwrap(), Exit { status: 3, signaled: false });
+        assert_eq!(
+            rx.try_recv().unwrap(),
+            Exit {
+                status: 3,
+                signaled: false
+            }
+        );
     }
 
     #[test]
@@ -154,15 +183,33 @@ mod tests {
         let r = Reaper::default();
         let mut rx = r.wait_for(7);
         assert!(rx.try_recv().is_err());
-        r.deliver(7, Exit { status: 137, signaled: true });
-        assert_eq!(rx.try_recv().unwrap(), Exit { status: 137, signaled: true });
+        r.deliver(
+            7,
+            Exit {
+                status: 137,
+                signaled: true,
+            },
+        );
+        assert_eq!(
+            rx.try_recv().unwrap(),
+            Exit {
+                status: 137,
+                signaled: true
+            }
+        );
     }
 
     #[test]
     fn unclaimed_exits_are_bounded() {
         let r = Reaper::default();
         for pid in 0..i32::try_from(MAX_UNCLAIMED + 10).unwrap() {
-            r.deliver(pid, Exit { status: 0, signaled: false });
+            r.deliver(
+                pid,
+                Exit {
+                    status: 0,
+                    signaled: false,
+                },
+            );
         }
         let state = r.state.lock().unwrap();
         assert_eq!(state.unclaimed.len(), MAX_UNCLAIMED);

@@ -59,7 +59,10 @@ impl BundleDirs {
     /// The bundle of container `id`.
     pub fn new(id: &str) -> Self {
         let bundle = Path::new(BUNDLES).join(id);
-        Self { rootfs: bundle.join("rootfs"), bundle }
+        Self {
+            rootfs: bundle.join("rootfs"),
+            bundle,
+        }
     }
 
     fn layer(&self, i: usize) -> PathBuf {
@@ -75,7 +78,9 @@ impl BundleDirs {
 pub fn valid_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 128
-        && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
         && !id.starts_with('.')
 }
 
@@ -94,7 +99,10 @@ pub fn find_disk(sys_block: &Path, serial: &str) -> Option<PathBuf> {
 }
 
 fn mkdir(path: &Path) -> Result<()> {
-    fs::create_dir_all(path).map_err(|source| RootfsError::Write { path: path.to_path_buf(), source })
+    fs::create_dir_all(path).map_err(|source| RootfsError::Write {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 fn do_mount(
@@ -125,7 +133,10 @@ pub fn assemble(id: &str, spec: &Rootfs) -> Result<BundleDirs> {
     for (i, layer) in spec.layers.iter().enumerate() {
         if !matches!(layer.fs_type.as_str(), "erofs" | "ext4") {
             teardown(id);
-            return Err(RootfsError::Invalid(format!("layer filesystem {:?}", layer.fs_type)));
+            return Err(RootfsError::Invalid(format!(
+                "layer filesystem {:?}",
+                layer.fs_type
+            )));
         }
         let disk = find_disk(Path::new("/sys/block"), &layer.disk_serial)
             .ok_or_else(|| RootfsError::NoSuchDisk(layer.disk_serial.clone()));
@@ -154,17 +165,36 @@ pub fn assemble(id: &str, spec: &Rootfs) -> Result<BundleDirs> {
         } else {
             let disk = find_disk(Path::new("/sys/block"), &spec.upper_disk_serial)
                 .ok_or_else(|| RootfsError::NoSuchDisk(spec.upper_disk_serial.clone()))?;
-            do_mount(&disk.display().to_string(), &rw, "ext4", MsFlags::MS_NODEV, None)?;
+            do_mount(
+                &disk.display().to_string(),
+                &rw,
+                "ext4",
+                MsFlags::MS_NODEV,
+                None,
+            )?;
         }
         let (upper, work) = (rw.join("upper"), rw.join("work"));
         mkdir(&upper)?;
         mkdir(&work)?;
         // overlayfs lists lower layers top first.
-        let lowerdir =
-            lowers.iter().rev().map(|p| p.display().to_string()).collect::<Vec<_>>().join(":");
-        let data =
-            format!("lowerdir={lowerdir},upperdir={},workdir={}", upper.display(), work.display());
-        do_mount("overlay", &dirs.rootfs, "overlay", MsFlags::empty(), Some(&data))
+        let lowerdir = lowers
+            .iter()
+            .rev()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(":");
+        let data = format!(
+            "lowerdir={lowerdir},upperdir={},workdir={}",
+            upper.display(),
+            work.display()
+        );
+        do_mount(
+            "overlay",
+            &dirs.rootfs,
+            "overlay",
+            MsFlags::empty(),
+            Some(&data),
+        )
     })();
     match result {
         Ok(()) => Ok(dirs),
@@ -196,14 +226,22 @@ pub fn teardown(id: &str) {
 
 /// Writes /etc/hostname, /etc/hosts and (when servers are given)
 /// /etc/resolv.conf into the assembled rootfs, as runtimes do.
-pub fn write_etc(rootfs: &Path, hostname: &str, dns_servers: &[String], dns_search: &[String]) -> Result<()> {
+pub fn write_etc(
+    rootfs: &Path,
+    hostname: &str,
+    dns_servers: &[String],
+    dns_search: &[String],
+) -> Result<()> {
     let etc = rootfs.join("etc");
     mkdir(&etc)?;
     let write = |name: &str, text: String| {
         let path = etc.join(name);
         // A symlink here (resolv.conf often is one) must not redirect the
         // write outside the rootfs: replace it.
-        if path.symlink_metadata().is_ok_and(|m| m.file_type().is_symlink()) {
+        if path
+            .symlink_metadata()
+            .is_ok_and(|m| m.file_type().is_symlink())
+        {
             let _ = fs::remove_file(&path);
         }
         fs::write(&path, text).map_err(|source| RootfsError::Write { path, source })
@@ -215,11 +253,18 @@ pub fn write_etc(rootfs: &Path, hostname: &str, dns_servers: &[String], dns_sear
         "hosts",
         format!(
             "127.0.0.1\tlocalhost{0}\n::1\tlocalhost ip6-localhost ip6-loopback\n",
-            if hostname.is_empty() { String::new() } else { format!(" {hostname}") }
+            if hostname.is_empty() {
+                String::new()
+            } else {
+                format!(" {hostname}")
+            }
         ),
     )?;
     if !dns_servers.is_empty() {
-        let mut text: String = dns_servers.iter().map(|s| format!("nameserver {s}\n")).collect();
+        let mut text: String = dns_servers
+            .iter()
+            .map(|s| format!("nameserver {s}\n"))
+            .collect();
         if !dns_search.is_empty() {
             text.push_str(&format!("search {}\n", dns_search.join(" ")));
         }
@@ -247,8 +292,14 @@ mod tests {
             fs::create_dir(dir.path().join(name)).unwrap();
             fs::write(dir.path().join(name).join("serial"), serial).unwrap();
         }
-        assert_eq!(find_disk(dir.path(), "capsid-root"), Some(PathBuf::from("/dev/vda")));
-        assert_eq!(find_disk(dir.path(), "scratch"), Some(PathBuf::from("/dev/vdb")));
+        assert_eq!(
+            find_disk(dir.path(), "capsid-root"),
+            Some(PathBuf::from("/dev/vda"))
+        );
+        assert_eq!(
+            find_disk(dir.path(), "scratch"),
+            Some(PathBuf::from("/dev/vdb"))
+        );
         assert_eq!(find_disk(dir.path(), "nope"), None);
     }
 
@@ -258,9 +309,20 @@ mod tests {
         fs::create_dir(dir.path().join("etc")).unwrap();
         let outside = dir.path().join("outside");
         std::os::unix::fs::symlink(&outside, dir.path().join("etc/resolv.conf")).unwrap();
-        write_etc(dir.path(), "box", &["10.0.0.1".into()], &["example.org".into()]).unwrap();
-        assert_eq!(fs::read_to_string(dir.path().join("etc/hostname")).unwrap(), "box\n");
-        assert!(fs::read_to_string(dir.path().join("etc/hosts")).unwrap().contains("localhost box"));
+        write_etc(
+            dir.path(),
+            "box",
+            &["10.0.0.1".into()],
+            &["example.org".into()],
+        )
+        .unwrap();
+        assert_eq!(
+            fs::read_to_string(dir.path().join("etc/hostname")).unwrap(),
+            "box\n"
+        );
+        assert!(fs::read_to_string(dir.path().join("etc/hosts"))
+            .unwrap()
+            .contains("localhost box"));
         assert_eq!(
             fs::read_to_string(dir.path().join("etc/resolv.conf")).unwrap(),
             "nameserver 10.0.0.1\nsearch example.org\n"

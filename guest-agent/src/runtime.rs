@@ -95,7 +95,11 @@ impl Invocation {
                 _ => return None,
             }
         }
-        Some(Self { job, result: result?, console_socket })
+        Some(Self {
+            job,
+            result: result?,
+            console_socket,
+        })
     }
 }
 
@@ -120,8 +124,16 @@ pub fn main(args: &[String]) -> ExitCode {
         Ok(pid) => format!("pid {pid}\n"),
         Err(e) => {
             let detail = std::fs::read_to_string(&log_path).unwrap_or_default();
-            let last = detail.lines().find(|l| l.contains("ERROR")).unwrap_or("").trim();
-            let text = if last.is_empty() { e } else { format!("{e} ({last})") };
+            let last = detail
+                .lines()
+                .find(|l| l.contains("ERROR"))
+                .unwrap_or("")
+                .trim();
+            let text = if last.is_empty() {
+                e
+            } else {
+                format!("{e} ({last})")
+            };
             format!("error {}\n", text.replace('\n', " "))
         }
     };
@@ -185,12 +197,18 @@ mod tests {
     fn invocations_round_trip() {
         for inv in [
             Invocation {
-                job: Job::Create { id: "c1".into(), bundle: "/run/b".into() },
+                job: Job::Create {
+                    id: "c1".into(),
+                    bundle: "/run/b".into(),
+                },
                 result: "/run/r".into(),
                 console_socket: None,
             },
             Invocation {
-                job: Job::Exec { id: "c1".into(), process: "/run/p.json".into() },
+                job: Job::Exec {
+                    id: "c1".into(),
+                    process: "/run/p.json".into(),
+                },
                 result: "/run/r".into(),
                 console_socket: Some("/run/c.sock".into()),
             },
@@ -201,9 +219,15 @@ mod tests {
 
     #[test]
     fn garbage_is_refused() {
-        let args: Vec<String> = ["__runtime", "explode", "x", "y"].iter().map(|s| s.to_string()).collect();
+        let args: Vec<String> = ["__runtime", "explode", "x", "y"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         assert_eq!(Invocation::parse(&args), None);
-        let args: Vec<String> = ["__runtime", "create", "x", "y"].iter().map(|s| s.to_string()).collect();
+        let args: Vec<String> = ["__runtime", "create", "x", "y"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         assert_eq!(Invocation::parse(&args), None, "no result file");
     }
 }

@@ -42,7 +42,11 @@ fn status(e: ContainerError) -> TtrpcError {
 
 #[async_trait]
 impl AgentService for Service {
-    async fn health(&self, _ctx: &TtrpcContext, _req: HealthRequest) -> TtrpcResult<HealthResponse> {
+    async fn health(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: HealthRequest,
+    ) -> TtrpcResult<HealthResponse> {
         let mut r = HealthResponse::new();
         r.version = env!("CARGO_PKG_VERSION").to_string();
         r.agent_started_ns = self.agent.boot.agent_started_ns;
@@ -69,23 +73,48 @@ impl AgentService for Service {
         Ok(r)
     }
 
-    async fn start_process(&self, _ctx: &TtrpcContext, req: StartProcessRequest) -> TtrpcResult<StartProcessResponse> {
-        let pid = self.agent.start(&req.container_id, &req.exec_id).await.map_err(status)?;
+    async fn start_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: StartProcessRequest,
+    ) -> TtrpcResult<StartProcessResponse> {
+        let pid = self
+            .agent
+            .start(&req.container_id, &req.exec_id)
+            .await
+            .map_err(status)?;
         let mut r = StartProcessResponse::new();
         r.pid = pid;
         Ok(r)
     }
 
-    async fn exec_process(&self, _ctx: &TtrpcContext, req: ExecProcessRequest) -> TtrpcResult<ExecProcessResponse> {
+    async fn exec_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ExecProcessRequest,
+    ) -> TtrpcResult<ExecProcessResponse> {
         let stdio = req.stdio.into_option().unwrap_or_default();
         self.agent
-            .exec(&req.container_id, &req.exec_id, &req.oci_process_json, &stdio)
+            .exec(
+                &req.container_id,
+                &req.exec_id,
+                &req.oci_process_json,
+                &stdio,
+            )
             .map_err(status)?;
         Ok(ExecProcessResponse::new())
     }
 
-    async fn wait_process(&self, _ctx: &TtrpcContext, req: WaitProcessRequest) -> TtrpcResult<WaitProcessResponse> {
-        let exit = self.agent.wait(&req.container_id, &req.exec_id).await.map_err(status)?;
+    async fn wait_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: WaitProcessRequest,
+    ) -> TtrpcResult<WaitProcessResponse> {
+        let exit = self
+            .agent
+            .wait(&req.container_id, &req.exec_id)
+            .await
+            .map_err(status)?;
         let mut r = WaitProcessResponse::new();
         r.exit_status = exit.status;
         r.exited_at_unix_ns = exit.at_unix_ns;
@@ -93,23 +122,39 @@ impl AgentService for Service {
         Ok(r)
     }
 
-    async fn signal_process(&self, _ctx: &TtrpcContext, req: SignalProcessRequest) -> TtrpcResult<Empty> {
-        self.agent.signal(&req.container_id, &req.exec_id, req.signal, req.all).map_err(status)?;
+    async fn signal_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: SignalProcessRequest,
+    ) -> TtrpcResult<Empty> {
+        self.agent
+            .signal(&req.container_id, &req.exec_id, req.signal, req.all)
+            .map_err(status)?;
         Ok(Empty::new())
     }
 
     async fn resize_pty(&self, _ctx: &TtrpcContext, req: ResizePtyRequest) -> TtrpcResult<Empty> {
-        self.agent.resize(&req.container_id, &req.exec_id, req.rows, req.columns).map_err(status)?;
+        self.agent
+            .resize(&req.container_id, &req.exec_id, req.rows, req.columns)
+            .map_err(status)?;
         Ok(Empty::new())
     }
 
-    async fn close_stdin(&self, _ctx: &TtrpcContext, _req: CloseStdinRequest) -> TtrpcResult<Empty> {
+    async fn close_stdin(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: CloseStdinRequest,
+    ) -> TtrpcResult<Empty> {
         // stdin is a vsock stream straight into the process: the host
         // half-closing it is the EOF. Nothing to do here.
         Ok(Empty::new())
     }
 
-    async fn list_processes(&self, _ctx: &TtrpcContext, req: ListProcessesRequest) -> TtrpcResult<ListProcessesResponse> {
+    async fn list_processes(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ListProcessesRequest,
+    ) -> TtrpcResult<ListProcessesResponse> {
         let mut r = ListProcessesResponse::new();
         for (pid, exec_id, command) in self.agent.list(&req.container_id).map_err(status)? {
             let mut p = ProcessInfo::new();
@@ -125,13 +170,26 @@ impl AgentService for Service {
         self.agent.stats(&req.container_id).map_err(status)
     }
 
-    async fn update_container(&self, _ctx: &TtrpcContext, req: UpdateContainerRequest) -> TtrpcResult<Empty> {
-        self.agent.update(&req.container_id, &req.oci_resources_json).map_err(status)?;
+    async fn update_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: UpdateContainerRequest,
+    ) -> TtrpcResult<Empty> {
+        self.agent
+            .update(&req.container_id, &req.oci_resources_json)
+            .map_err(status)?;
         Ok(Empty::new())
     }
 
-    async fn pause_container(&self, _ctx: &TtrpcContext, req: PauseContainerRequest) -> TtrpcResult<Empty> {
-        self.agent.pause(&req.container_id, req.paused).await.map_err(status)?;
+    async fn pause_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: PauseContainerRequest,
+    ) -> TtrpcResult<Empty> {
+        self.agent
+            .pause(&req.container_id, req.paused)
+            .await
+            .map_err(status)?;
         Ok(Empty::new())
     }
 

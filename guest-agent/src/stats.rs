@@ -3,7 +3,9 @@
 use std::fs;
 use std::path::Path;
 
-use capsid_protocol::agent::{CpuStats, GuestMemInfo, IoStats, MemoryStats, PidsStats, StatsResponse};
+use capsid_protocol::agent::{
+    CpuStats, GuestMemInfo, IoStats, MemoryStats, PidsStats, StatsResponse,
+};
 
 /// Parses `key value` lines (cpu.stat, memory.stat, memory.events).
 fn keyed(text: &str, key: &str) -> u64 {
@@ -18,14 +20,19 @@ fn keyed(text: &str, key: &str) -> u64 {
 
 /// A single-value file; "max" reads as 0 (no limit).
 fn single(path: &Path) -> u64 {
-    fs::read_to_string(path).ok().and_then(|t| t.trim().parse().ok()).unwrap_or(0)
+    fs::read_to_string(path)
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// Sums rbytes/wbytes/rios/wios over every device of io.stat.
 fn io_stat(text: &str) -> IoStats {
     let mut io = IoStats::new();
     for field in text.split_whitespace() {
-        let Some((k, v)) = field.split_once('=') else { continue };
+        let Some((k, v)) = field.split_once('=') else {
+            continue;
+        };
         let v: u64 = v.parse().unwrap_or(0);
         match k {
             "rbytes" => io.read_bytes += v,
@@ -58,7 +65,10 @@ pub fn guest_meminfo(text: &str) -> GuestMemInfo {
 
 /// OOM kills recorded in the cgroup's memory.events.
 pub fn oom_kills(cgroup: &Path) -> u64 {
-    keyed(&fs::read_to_string(cgroup.join("memory.events")).unwrap_or_default(), "oom_kill")
+    keyed(
+        &fs::read_to_string(cgroup.join("memory.events")).unwrap_or_default(),
+        "oom_kill",
+    )
 }
 
 /// Everything for one cgroup.
@@ -92,8 +102,9 @@ pub fn collect(cgroup: &Path) -> StatsResponse {
     resp.memory = protobuf::MessageField::some(memory);
     resp.pids = protobuf::MessageField::some(pids);
     resp.io = protobuf::MessageField::some(io_stat(&read("io.stat")));
-    resp.guest_memory =
-        protobuf::MessageField::some(guest_meminfo(&fs::read_to_string("/proc/meminfo").unwrap_or_default()));
+    resp.guest_memory = protobuf::MessageField::some(guest_meminfo(
+        &fs::read_to_string("/proc/meminfo").unwrap_or_default(),
+    ));
     resp
 }
 
@@ -121,13 +132,24 @@ mod tests {
         assert_eq!((s.memory.anon_bytes, s.memory.file_bytes), (1024, 2048));
         assert_eq!((s.memory.oom_events, s.memory.oom_kill_events), (2, 1));
         assert_eq!((s.pids.current, s.pids.limit), (3, 100));
-        assert_eq!((s.io.read_bytes, s.io.write_bytes, s.io.read_ios, s.io.write_ios), (15, 20, 2, 2));
+        assert_eq!(
+            (
+                s.io.read_bytes,
+                s.io.write_bytes,
+                s.io.read_ios,
+                s.io.write_ios
+            ),
+            (15, 20, 2, 2)
+        );
         assert_eq!(oom_kills(dir.path()), 1);
     }
 
     #[test]
     fn meminfo_is_in_bytes() {
         let m = guest_meminfo("MemTotal:  1000 kB\nMemFree: 200 kB\nMemAvailable: 500 kB\nCached: 100 kB\nSwapCached: 7 kB\n");
-        assert_eq!((m.total, m.free, m.available, m.cached), (1024000, 204800, 512000, 102400));
+        assert_eq!(
+            (m.total, m.free, m.available, m.cached),
+            (1024000, 204800, 512000, 102400)
+        );
     }
 }

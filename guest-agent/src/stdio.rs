@@ -61,7 +61,11 @@ fn connect(stream: &'static str, port: u32) -> Result<OwnedFd> {
             .map(OwnedFd::from)
             .map_err(StdioError::DevNull);
     }
-    host::connect_to_host(port).map_err(|source| StdioError::Connect { stream, port, source })
+    host::connect_to_host(port).map_err(|source| StdioError::Connect {
+        stream,
+        port,
+        source,
+    })
 }
 
 /// Connects the host streams of `stdio` (ports of 0 get /dev/null).
@@ -77,7 +81,9 @@ pub fn connect_streams(stdio: &Stdio) -> Result<Streams> {
 pub fn receive_pty_master(listener: &UnixListener, timeout: Duration) -> Result<OwnedFd> {
     // The runtime may fail before it ever connects: poll the accept with a
     // deadline rather than block on it.
-    listener.set_nonblocking(true).map_err(StdioError::Console)?;
+    listener
+        .set_nonblocking(true)
+        .map_err(StdioError::Console)?;
     let deadline = std::time::Instant::now() + timeout;
     let conn = loop {
         match listener.accept() {
@@ -92,12 +98,18 @@ pub fn receive_pty_master(listener: &UnixListener, timeout: Duration) -> Result<
         }
     };
     conn.set_nonblocking(false).map_err(StdioError::Console)?;
-    conn.set_read_timeout(Some(timeout)).map_err(StdioError::Console)?;
+    conn.set_read_timeout(Some(timeout))
+        .map_err(StdioError::Console)?;
     let mut buf = [0u8; 4096];
     let mut iov = [std::io::IoSliceMut::new(&mut buf)];
     let mut cmsg = nix::cmsg_space!([RawFd; 1]);
-    let msg = recvmsg::<()>(conn.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
-        .map_err(|e| StdioError::Console(e.into()))?;
+    let msg = recvmsg::<()>(
+        conn.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(|e| StdioError::Console(e.into()))?;
     for c in msg.cmsgs().map_err(|e| StdioError::Console(e.into()))? {
         if let ControlMessageOwned::ScmRights(fds) = c {
             if let Some(&fd) = fds.first() {
@@ -107,7 +119,9 @@ pub fn receive_pty_master(listener: &UnixListener, timeout: Duration) -> Result<
             }
         }
     }
-    Err(StdioError::Console(std::io::Error::other("console socket message carried no fd")))
+    Err(StdioError::Console(std::io::Error::other(
+        "console socket message carried no fd",
+    )))
 }
 
 /// The pumps between a pty master and the host streams.
@@ -125,24 +139,36 @@ impl TtyPump {
         let mut stdin = File::from(streams.stdin);
         let mut stdout = File::from(streams.stdout);
         drop(streams.stderr);
-        std::thread::Builder::new().name("tty-in".into()).spawn(move || {
-            let _ = std::io::copy(&mut stdin, &mut master_in);
-        })?;
-        let output = std::thread::Builder::new().name("tty-out".into()).spawn(move || {
-            let mut buf = [0u8; 16 * 1024];
-            // EIO once every slave fd is closed: the process is gone.
-            while let Ok(n) = master_out.read(&mut buf) {
-                if n == 0 || stdout.write_all(&buf[..n]).is_err() {
-                    break;
+        std::thread::Builder::new()
+            .name("tty-in".into())
+            .spawn(move || {
+                let _ = std::io::copy(&mut stdin, &mut master_in);
+            })?;
+        let output = std::thread::Builder::new()
+            .name("tty-out".into())
+            .spawn(move || {
+                let mut buf = [0u8; 16 * 1024];
+                // EIO once every slave fd is closed: the process is gone.
+                while let Ok(n) = master_out.read(&mut buf) {
+                    if n == 0 || stdout.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
                 }
-            }
-        })?;
-        Ok(Self { master, output: Some(output) })
+            })?;
+        Ok(Self {
+            master,
+            output: Some(output),
+        })
     }
 
     /// Sets the terminal size.
     pub fn resize(&self, rows: u16, cols: u16) -> std::io::Result<()> {
-        let ws = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+        let ws = libc::winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
         // SAFETY: TIOCSWINSZ reads a winsize from the pointer, which is valid
         // for the duration of the call; the fd is our pty master.
         let rc = unsafe { libc::ioctl(self.master.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
@@ -162,5 +188,8 @@ impl TtyPump {
 
 /// A console socket path for a terminal process of container `bundle`.
 pub fn console_socket_path(bundle: &Path, exec_id: &str) -> std::path::PathBuf {
-    bundle.join(format!("console-{}.sock", if exec_id.is_empty() { "init" } else { exec_id }))
+    bundle.join(format!(
+        "console-{}.sock",
+        if exec_id.is_empty() { "init" } else { exec_id }
+    ))
 }

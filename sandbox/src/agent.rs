@@ -42,9 +42,10 @@ pub type Result<T> = std::result::Result<T, AgentError>;
 impl From<ttrpc::Error> for AgentError {
     fn from(e: ttrpc::Error) -> Self {
         match e {
-            ttrpc::Error::RpcStatus(s) => {
-                AgentError::Rpc { code: format!("{:?}", s.code()), message: s.message().to_string() }
-            }
+            ttrpc::Error::RpcStatus(s) => AgentError::Rpc {
+                code: format!("{:?}", s.code()),
+                message: s.message().to_string(),
+            },
             other => AgentError::Transport(other.to_string()),
         }
     }
@@ -85,17 +86,26 @@ impl Agent {
             .map_err(|_| AgentError::Timeout(timeout))?
             .map_err(AgentError::Accept)?;
         let socket = ttrpc::r#async::transport::Socket::new(stream);
-        Ok(Self { client: RawClient::new(ttrpc::r#async::Client::new(socket)) })
+        Ok(Self {
+            client: RawClient::new(ttrpc::r#async::Client::new(socket)),
+        })
     }
 
     /// Version and boot timing of the agent.
     pub async fn health(&self) -> Result<HealthResponse> {
-        Ok(self.client.health(ctx(Some(CALL_TIMEOUT)), &HealthRequest::new()).await?)
+        Ok(self
+            .client
+            .health(ctx(Some(CALL_TIMEOUT)), &HealthRequest::new())
+            .await?)
     }
 
     /// Creates the container (its init is prepared, not started).
     pub async fn create_container(&self, req: &CreateContainerRequest) -> Result<u32> {
-        Ok(self.client.create_container(ctx(Some(CALL_TIMEOUT)), req).await?.pid)
+        Ok(self
+            .client
+            .create_container(ctx(Some(CALL_TIMEOUT)), req)
+            .await?
+            .pid)
     }
 
     /// Starts the init (empty exec id) or a prepared exec.
@@ -103,17 +113,27 @@ impl Agent {
         let mut req = StartProcessRequest::new();
         req.container_id = container_id.into();
         req.exec_id = exec_id.into();
-        Ok(self.client.start_process(ctx(Some(CALL_TIMEOUT)), &req).await?.pid)
+        Ok(self
+            .client
+            .start_process(ctx(Some(CALL_TIMEOUT)), &req)
+            .await?
+            .pid)
     }
 
     /// Prepares an extra process in the container.
     pub async fn exec_process(&self, req: &ExecProcessRequest) -> Result<()> {
-        self.client.exec_process(ctx(Some(CALL_TIMEOUT)), req).await?;
+        self.client
+            .exec_process(ctx(Some(CALL_TIMEOUT)), req)
+            .await?;
         Ok(())
     }
 
     /// Waits (without a timeout) for a process to exit with its output drained.
-    pub async fn wait_process(&self, container_id: &str, exec_id: &str) -> Result<WaitProcessResponse> {
+    pub async fn wait_process(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+    ) -> Result<WaitProcessResponse> {
         let mut req = WaitProcessRequest::new();
         req.container_id = container_id.into();
         req.exec_id = exec_id.into();
@@ -121,24 +141,40 @@ impl Agent {
     }
 
     /// Sends `signal` to a process (or all of the container's processes).
-    pub async fn signal_process(&self, container_id: &str, exec_id: &str, signal: u32, all: bool) -> Result<()> {
+    pub async fn signal_process(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        signal: u32,
+        all: bool,
+    ) -> Result<()> {
         let mut req = SignalProcessRequest::new();
         req.container_id = container_id.into();
         req.exec_id = exec_id.into();
         req.signal = signal;
         req.all = all;
-        self.client.signal_process(ctx(Some(CALL_TIMEOUT)), &req).await?;
+        self.client
+            .signal_process(ctx(Some(CALL_TIMEOUT)), &req)
+            .await?;
         Ok(())
     }
 
     /// Resizes a terminal.
-    pub async fn resize_pty(&self, container_id: &str, exec_id: &str, rows: u32, columns: u32) -> Result<()> {
+    pub async fn resize_pty(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        rows: u32,
+        columns: u32,
+    ) -> Result<()> {
         let mut req = ResizePtyRequest::new();
         req.container_id = container_id.into();
         req.exec_id = exec_id.into();
         req.rows = rows;
         req.columns = columns;
-        self.client.resize_pty(ctx(Some(CALL_TIMEOUT)), &req).await?;
+        self.client
+            .resize_pty(ctx(Some(CALL_TIMEOUT)), &req)
+            .await?;
         Ok(())
     }
 
@@ -146,7 +182,11 @@ impl Agent {
     pub async fn list_processes(&self, container_id: &str) -> Result<Vec<ProcessInfo>> {
         let mut req = ListProcessesRequest::new();
         req.container_id = container_id.into();
-        Ok(self.client.list_processes(ctx(Some(CALL_TIMEOUT)), &req).await?.processes)
+        Ok(self
+            .client
+            .list_processes(ctx(Some(CALL_TIMEOUT)), &req)
+            .await?
+            .processes)
     }
 
     /// cgroup and guest memory statistics.
@@ -157,11 +197,17 @@ impl Agent {
     }
 
     /// New cgroup limits (OCI `linux.resources` JSON).
-    pub async fn update_container(&self, container_id: &str, resources_json: Vec<u8>) -> Result<()> {
+    pub async fn update_container(
+        &self,
+        container_id: &str,
+        resources_json: Vec<u8>,
+    ) -> Result<()> {
         let mut req = UpdateContainerRequest::new();
         req.container_id = container_id.into();
         req.oci_resources_json = resources_json;
-        self.client.update_container(ctx(Some(CALL_TIMEOUT)), &req).await?;
+        self.client
+            .update_container(ctx(Some(CALL_TIMEOUT)), &req)
+            .await?;
         Ok(())
     }
 
@@ -170,18 +216,25 @@ impl Agent {
         let mut req = PauseContainerRequest::new();
         req.container_id = container_id.into();
         req.paused = paused;
-        self.client.pause_container(ctx(Some(CALL_TIMEOUT)), &req).await?;
+        self.client
+            .pause_container(ctx(Some(CALL_TIMEOUT)), &req)
+            .await?;
         Ok(())
     }
 
     /// The next container event (waits for one).
     pub async fn next_event(&self) -> Result<Event> {
-        Ok(self.client.next_event(ctx(None), &NextEventRequest::new()).await?)
+        Ok(self
+            .client
+            .next_event(ctx(None), &NextEventRequest::new())
+            .await?)
     }
 
     /// Asks the guest to kill everything and power off.
     pub async fn shutdown(&self) -> Result<()> {
-        self.client.shutdown(ctx(Some(Duration::from_secs(5))), &ShutdownRequest::new()).await?;
+        self.client
+            .shutdown(ctx(Some(Duration::from_secs(5))), &ShutdownRequest::new())
+            .await?;
         Ok(())
     }
 }

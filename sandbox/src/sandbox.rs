@@ -94,28 +94,35 @@ pub fn backend_for(config: &Config) -> Result<Arc<dyn Backend>> {
         Some(kind) => kind,
         None => {
             let report = crate::check::HostReport::gather(config);
-            report.selection.backend.ok_or(SandboxError::NoBackend(report.selection.reason))?
+            report
+                .selection
+                .backend
+                .ok_or(SandboxError::NoBackend(report.selection.reason))?
         }
     };
     match kind {
-        BackendKind::QemuKvm | BackendKind::QemuTcg => Ok(Arc::new(backend::qemu::QemuBackend::new(
-            kind,
-            &config.paths.qemu,
-            &config.paths.vhost,
-        )?)),
-        BackendKind::CapsidVmm => Err(SandboxError::NoBackend(
-            "the capsid-vmm backend cannot run containers in this build".into(),
+        BackendKind::QemuKvm | BackendKind::QemuTcg => Ok(Arc::new(
+            backend::qemu::QemuBackend::new(kind, &config.paths.qemu, &config.paths.vhost)?,
         )),
+        BackendKind::CapsidVmm => Ok(Arc::new(backend::capsid_vmm::CapsidVmmBackend::new(
+            &config.paths.vmm,
+        )?)),
     }
 }
 
 impl Sandbox {
     /// Starts a VM and waits for its agent.
-    pub async fn start(config: &Config, backend: Arc<dyn Backend>, opts: SandboxOptions) -> Result<Self> {
+    pub async fn start(
+        config: &Config,
+        backend: Arc<dyn Backend>,
+        opts: SandboxOptions,
+    ) -> Result<Self> {
         let start = Instant::now();
         let run_dir = config.paths.state_dir.join(&opts.id);
-        std::fs::create_dir_all(&run_dir)
-            .map_err(|source| SandboxError::Io { what: format!("run directory {}", run_dir.display()), source })?;
+        std::fs::create_dir_all(&run_dir).map_err(|source| SandboxError::Io {
+            what: format!("run directory {}", run_dir.display()),
+            source,
+        })?;
         let spec = VmSpec {
             name: opts.id.clone(),
             vcpus: opts.vcpus,
@@ -133,7 +140,10 @@ impl Sandbox {
             Ok(l) => l,
             Err(source) => {
                 let _ = std::fs::remove_dir_all(&run_dir);
-                return Err(SandboxError::Io { what: "agent socket".into(), source });
+                return Err(SandboxError::Io {
+                    what: "agent socket".into(),
+                    source,
+                });
             }
         };
         let started = tokio::task::spawn_blocking(move || backend.start(&spec)).await;
@@ -145,7 +155,10 @@ impl Sandbox {
             }
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&run_dir);
-                return Err(SandboxError::Io { what: "VM start task".into(), source: std::io::Error::other(e) });
+                return Err(SandboxError::Io {
+                    what: "VM start task".into(),
+                    source: std::io::Error::other(e),
+                });
             }
         };
         let vm_spawned = start.elapsed();
@@ -205,8 +218,12 @@ impl Sandbox {
 
     /// Binds the host ends of a new process's streams.
     pub fn bind_streams(&self, wanted: StreamsWanted) -> Result<PendingStreams> {
-        PendingStreams::bind(&self.vsock_path, &self.ports, wanted)
-            .map_err(|source| SandboxError::Io { what: "stdio sockets".into(), source })
+        PendingStreams::bind(&self.vsock_path, &self.ports, wanted).map_err(|source| {
+            SandboxError::Io {
+                what: "stdio sockets".into(),
+                source,
+            }
+        })
     }
 
     /// Resolves when the VM ends by itself.
@@ -220,7 +237,9 @@ impl Sandbox {
         let _ = tokio::time::timeout(Duration::from_secs(5), self.agent.shutdown()).await;
         let vm = self.vm.clone();
         tokio::task::spawn_blocking(move || {
-            let Ok(mut vm) = vm.lock() else { return VmExit::Stopped };
+            let Ok(mut vm) = vm.lock() else {
+                return VmExit::Stopped;
+            };
             match vm.wait_timeout(Duration::from_secs(5)) {
                 Ok(Some(exit)) => exit,
                 _ => vm.stop(Duration::from_secs(2)).unwrap_or(VmExit::Stopped),
@@ -239,7 +258,10 @@ fn stop_vm(vm: &Arc<Mutex<Box<dyn Vm>>>) {
 
 async fn watch_exit(vm: Arc<Mutex<Box<dyn Vm>>>) -> VmExit {
     loop {
-        let done = vm.lock().ok().and_then(|mut vm| vm.try_wait().ok().flatten());
+        let done = vm
+            .lock()
+            .ok()
+            .and_then(|mut vm| vm.try_wait().ok().flatten());
         if let Some(exit) = done {
             return exit;
         }
@@ -251,5 +273,9 @@ fn console_tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     let tail = lines[lines.len().saturating_sub(5)..].join(" | ");
-    if tail.is_empty() { "(empty)".into() } else { tail }
+    if tail.is_empty() {
+        "(empty)".into()
+    } else {
+        tail
+    }
 }

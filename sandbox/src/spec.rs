@@ -72,7 +72,11 @@ pub struct RunOptions {
 }
 
 fn invalid(what: &'static str, value: &str, reason: impl Into<String>) -> SpecError {
-    SpecError::Invalid { what, value: value.to_string(), reason: reason.into() }
+    SpecError::Invalid {
+        what,
+        value: value.to_string(),
+        reason: reason.into(),
+    }
 }
 
 /// Parses `uid[:gid]` (numeric; `root` means 0).
@@ -81,7 +85,8 @@ pub fn parse_user(value: &str) -> Result<(u32, u32)> {
         if s == "root" {
             return Ok(0);
         }
-        s.parse().map_err(|_| invalid("user", value, "only numeric uid[:gid] is supported"))
+        s.parse()
+            .map_err(|_| invalid("user", value, "only numeric uid[:gid] is supported"))
     };
     match value.split_once(':') {
         Some((u, g)) => Ok((num(u)?, num(g)?)),
@@ -93,8 +98,9 @@ pub fn parse_user(value: &str) -> Result<(u32, u32)> {
 }
 
 fn parse_rlimit(value: &str) -> Result<PosixRlimit> {
-    let (name, limits) =
-        value.split_once('=').ok_or_else(|| invalid("rlimit", value, "expected NAME=SOFT[:HARD]"))?;
+    let (name, limits) = value
+        .split_once('=')
+        .ok_or_else(|| invalid("rlimit", value, "expected NAME=SOFT[:HARD]"))?;
     let typ = match name.to_ascii_lowercase().as_str() {
         "nofile" => PosixRlimitType::RlimitNofile,
         "nproc" => PosixRlimitType::RlimitNproc,
@@ -106,7 +112,10 @@ fn parse_rlimit(value: &str) -> Result<PosixRlimit> {
         "cpu" => PosixRlimitType::RlimitCpu,
         other => return Err(invalid("rlimit", value, format!("unknown limit {other:?}"))),
     };
-    let num = |s: &str| s.parse::<u64>().map_err(|_| invalid("rlimit", value, "limits are numbers"));
+    let num = |s: &str| {
+        s.parse::<u64>()
+            .map_err(|_| invalid("rlimit", value, "limits are numbers"))
+    };
     let (soft, hard) = match limits.split_once(':') {
         Some((s, h)) => (num(s)?, num(h)?),
         None => (num(limits)?, num(limits)?),
@@ -127,23 +136,34 @@ fn merge_env(base: &[String], over: &[String]) -> Vec<String> {
     let mut order = Vec::new();
     let mut values: HashMap<String, String> = HashMap::new();
     for kv in base.iter().chain(over) {
-        let key = kv.split_once('=').map_or(kv.as_str(), |(k, _)| k).to_string();
+        let key = kv
+            .split_once('=')
+            .map_or(kv.as_str(), |(k, _)| k)
+            .to_string();
         if !values.contains_key(&key) {
             order.push(key.clone());
         }
         values.insert(key, kv.clone());
     }
-    order.into_iter().filter_map(|k| values.remove(&k)).collect()
+    order
+        .into_iter()
+        .filter_map(|k| values.remove(&k))
+        .collect()
 }
 
 /// Builds the spec.
 pub fn build(image: &ImageDefaults, opts: &RunOptions) -> Result<Spec> {
-    let cmd = if opts.command.is_empty() { &image.cmd } else { &opts.command };
+    let cmd = if opts.command.is_empty() {
+        &image.cmd
+    } else {
+        &opts.command
+    };
     let args: Vec<String> = image.entrypoint.iter().chain(cmd).cloned().collect();
     if args.is_empty() {
         return Err(SpecError::NoCommand);
     }
-    let mut defaults = vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string()];
+    let mut defaults =
+        vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string()];
     if opts.tty {
         defaults.push("TERM=xterm".into());
     }
@@ -152,12 +172,22 @@ pub fn build(image: &ImageDefaults, opts: &RunOptions) -> Result<Spec> {
     }
     let env = merge_env(&merge_env(&defaults, &image.env), &opts.env);
     let user_text = opts.user.clone().unwrap_or_else(|| image.user.clone());
-    let (uid, gid) = if user_text.is_empty() { (0, 0) } else { parse_user(&user_text)? };
+    let (uid, gid) = if user_text.is_empty() {
+        (0, 0)
+    } else {
+        parse_user(&user_text)?
+    };
     let cwd = opts
         .workdir
         .clone()
         .filter(|w| !w.is_empty())
-        .unwrap_or_else(|| if image.working_dir.is_empty() { "/".into() } else { image.working_dir.clone() });
+        .unwrap_or_else(|| {
+            if image.working_dir.is_empty() {
+                "/".into()
+            } else {
+                image.working_dir.clone()
+            }
+        });
     if !cwd.starts_with('/') {
         return Err(invalid("workdir", &cwd, "must be an absolute path"));
     }
@@ -170,15 +200,25 @@ pub fn build(image: &ImageDefaults, opts: &RunOptions) -> Result<Spec> {
 
     let mut spec = Spec::default();
     let default_process = spec.process().clone().unwrap_or_default();
+    // Like containerd and Docker: no ambient capabilities, so a non-root
+    // process ends up with none effective after exec.
+    let mut caps = default_process.capabilities().clone().unwrap_or_default();
+    caps.set_ambient(None);
     let process = ProcessBuilder::default()
         .terminal(opts.tty)
         .args(args)
         .env(env)
         .cwd(cwd)
-        .user(UserBuilder::default().uid(uid).gid(gid).build().map_err(|e| SpecError::Build(e.to_string()))?)
+        .user(
+            UserBuilder::default()
+                .uid(uid)
+                .gid(gid)
+                .build()
+                .map_err(|e| SpecError::Build(e.to_string()))?,
+        )
         .rlimits(rlimits)
         .no_new_privileges(true)
-        .capabilities(default_process.capabilities().clone().unwrap_or_default())
+        .capabilities(caps)
         .build()
         .map_err(|e| SpecError::Build(e.to_string()))?;
     spec.set_process(Some(process));
@@ -229,13 +269,26 @@ mod tests {
     fn command_replaces_cmd_and_keeps_entrypoint() {
         let mut img = image();
         img.entrypoint = vec!["/entry".into()];
-        let spec = build(&img, &RunOptions { command: vec!["echo".into(), "hi".into()], ..Default::default() }).unwrap();
-        assert_eq!(spec.process().as_ref().unwrap().args().as_ref().unwrap(), &["/entry", "echo", "hi"]);
+        let spec = build(
+            &img,
+            &RunOptions {
+                command: vec!["echo".into(), "hi".into()],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            spec.process().as_ref().unwrap().args().as_ref().unwrap(),
+            &["/entry", "echo", "hi"]
+        );
     }
 
     #[test]
     fn env_merges_with_user_winning() {
-        let opts = RunOptions { env: vec!["A=user".into(), "B=2".into()], ..Default::default() };
+        let opts = RunOptions {
+            env: vec!["A=user".into(), "B=2".into()],
+            ..Default::default()
+        };
         let spec = build(&image(), &opts).unwrap();
         let env = spec.process().as_ref().unwrap().env().clone().unwrap();
         assert_eq!(env, ["PATH=/bin", "A=user", "B=2"]);
@@ -256,25 +309,64 @@ mod tests {
         let p = spec.process().as_ref().unwrap();
         assert_eq!((p.user().uid(), p.user().gid()), (1000, 1000));
         assert_eq!(p.cwd().to_str(), Some("/tmp"));
-        let nofile = p.rlimits().as_ref().unwrap().iter().find(|r| r.typ() == PosixRlimitType::RlimitNofile).unwrap();
+        let nofile = p
+            .rlimits()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|r| r.typ() == PosixRlimitType::RlimitNofile)
+            .unwrap();
         assert_eq!((nofile.soft(), nofile.hard()), (64, 128));
         assert_eq!(spec.root().as_ref().unwrap().readonly(), Some(true));
         assert_eq!(spec.hostname().as_deref(), Some("box"));
-        let mem = spec.linux().as_ref().unwrap().resources().as_ref().unwrap().memory().as_ref().unwrap();
+        let mem = spec
+            .linux()
+            .as_ref()
+            .unwrap()
+            .resources()
+            .as_ref()
+            .unwrap()
+            .memory()
+            .as_ref()
+            .unwrap();
         assert_eq!(mem.limit(), Some(64 << 20));
     }
 
     #[test]
     fn bad_values_are_named() {
-        let e = build(&image(), &RunOptions { user: Some("alice".into()), ..Default::default() }).unwrap_err();
+        let e = build(
+            &image(),
+            &RunOptions {
+                user: Some("alice".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("alice"), "{e}");
-        let e = build(&image(), &RunOptions { rlimits: vec!["nofile=9:1".into()], ..Default::default() }).unwrap_err();
+        let e = build(
+            &image(),
+            &RunOptions {
+                rlimits: vec!["nofile=9:1".into()],
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("soft limit above hard"), "{e}");
-        let e = build(&image(), &RunOptions { workdir: Some("rel".into()), ..Default::default() }).unwrap_err();
+        let e = build(
+            &image(),
+            &RunOptions {
+                workdir: Some("rel".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("absolute"), "{e}");
         let mut img = image();
         img.cmd.clear();
-        assert!(matches!(build(&img, &RunOptions::default()), Err(SpecError::NoCommand)));
+        assert!(matches!(
+            build(&img, &RunOptions::default()),
+            Err(SpecError::NoCommand)
+        ));
     }
 
     #[test]
@@ -286,6 +378,8 @@ mod tests {
         assert_eq!(p.cwd().to_str(), Some("/work"));
         let linux = spec.linux().as_ref().unwrap();
         assert!(!linux.masked_paths().as_ref().unwrap().is_empty());
-        assert!(p.capabilities().as_ref().unwrap().bounding().as_ref().unwrap().len() < 20);
+        let caps = p.capabilities().as_ref().unwrap();
+        assert!(caps.bounding().as_ref().unwrap().len() < 20);
+        assert!(caps.ambient().as_ref().is_none_or(|a| a.is_empty()));
     }
 }

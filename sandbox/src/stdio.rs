@@ -19,7 +19,9 @@ pub struct PortAllocator {
 
 impl Default for PortAllocator {
     fn default() -> Self {
-        Self { next: AtomicU32::new(FIRST_STDIO_PORT) }
+        Self {
+            next: AtomicU32::new(FIRST_STDIO_PORT),
+        }
     }
 }
 
@@ -63,7 +65,11 @@ pub struct Streams {
 
 impl PendingStreams {
     /// Binds listeners for the wanted streams.
-    pub fn bind(vsock_path: &Path, ports: &PortAllocator, wanted: StreamsWanted) -> std::io::Result<Self> {
+    pub fn bind(
+        vsock_path: &Path,
+        ports: &PortAllocator,
+        wanted: StreamsWanted,
+    ) -> std::io::Result<Self> {
         let mut stdio = Stdio::new();
         stdio.terminal = wanted.terminal;
         let bind = |want: bool| -> std::io::Result<(u32, Option<(UnixListener, PathBuf)>)> {
@@ -80,7 +86,10 @@ impl PendingStreams {
         stdio.stdin_port = p0;
         stdio.stdout_port = p1;
         stdio.stderr_port = p2;
-        Ok(Self { stdio, listeners: [l0, l1, l2] })
+        Ok(Self {
+            stdio,
+            listeners: [l0, l1, l2],
+        })
     }
 
     /// Accepts the agent's connections (it makes them while creating or
@@ -88,12 +97,18 @@ impl PendingStreams {
     pub async fn accept(self) -> std::io::Result<Streams> {
         let [a, b, c] = self.listeners;
         async fn one(l: Option<(UnixListener, PathBuf)>) -> std::io::Result<Option<UnixStream>> {
-            let Some((listener, path)) = l else { return Ok(None) };
+            let Some((listener, path)) = l else {
+                return Ok(None);
+            };
             let accepted = listener.accept().await.map(|(s, _)| Some(s));
             let _ = std::fs::remove_file(path);
             accepted
         }
         let (stdin, stdout, stderr) = tokio::try_join!(one(a), one(b), one(c))?;
-        Ok(Streams { stdin, stdout, stderr })
+        Ok(Streams {
+            stdin,
+            stdout,
+            stderr,
+        })
     }
 }

@@ -1,11 +1,13 @@
 //! Helpers for capsid's end-to-end tests: where the built binaries and guest
 //! assets are, running QEMU microvm guests, and a private containerd.
 
+pub mod asm;
 pub mod containerd;
 pub mod initramfs;
 pub mod qemu;
 pub mod sandbox;
 pub mod vhost;
+pub mod vmm;
 pub mod vsock;
 
 use std::path::{Path, PathBuf};

@@ -27,7 +27,11 @@ pub fn erofs_from_layout(layout: &Path, out: &Path) -> PathBuf {
     std::fs::create_dir_all(&staging).unwrap();
     let index: serde_json::Value =
         serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
-    let blob = |digest: &str| layout.join("blobs/sha256").join(digest.trim_start_matches("sha256:"));
+    let blob = |digest: &str| {
+        layout
+            .join("blobs/sha256")
+            .join(digest.trim_start_matches("sha256:"))
+    };
     let manifest: serde_json::Value = serde_json::from_slice(
         &std::fs::read(blob(index["manifests"][0]["digest"].as_str().unwrap())).unwrap(),
     )
@@ -42,7 +46,12 @@ pub fn erofs_from_layout(layout: &Path, out: &Path) -> PathBuf {
             .unwrap();
         assert!(st.success());
     }
-    let st = Command::new("mkfs.erofs").arg("--quiet").arg(out).arg(&staging).status().unwrap();
+    let st = Command::new("mkfs.erofs")
+        .arg("--quiet")
+        .arg(out)
+        .arg(&staging)
+        .status()
+        .unwrap();
     assert!(st.success(), "mkfs.erofs failed");
     std::fs::remove_dir_all(&staging).unwrap();
     out.to_path_buf()
@@ -68,13 +77,22 @@ pub async fn busybox_sandbox(dir: &Path, id: &str) -> Sandbox {
     let rootfs = erofs_from_layout(&artifact("images/busybox"), &dir.join("busybox.erofs"));
     let config = test_config(dir);
     let backend = Arc::new(
-        QemuBackend::new(BackendKind::QemuTcg, Path::new("qemu-system-x86_64"), &config.paths.vhost).unwrap(),
+        QemuBackend::new(
+            BackendKind::QemuTcg,
+            Path::new("qemu-system-x86_64"),
+            &config.paths.vhost,
+        )
+        .unwrap(),
     );
     let opts = SandboxOptions {
         id: id.into(),
         vcpus: 1,
         memory_mib: 256,
-        disks: vec![DiskSpec { path: rootfs, readonly: true, serial: ROOTFS_SERIAL.into() }],
+        disks: vec![DiskSpec {
+            path: rootfs,
+            readonly: true,
+            serial: ROOTFS_SERIAL.into(),
+        }],
         net: None,
         kernel_args: vec![],
     };
@@ -96,7 +114,10 @@ pub struct Output {
 
 /// The create request for container `id` running `opts` on the busybox rootfs.
 pub fn create_request(id: &str, opts: &RunOptions) -> CreateContainerRequest {
-    let image = ImageDefaults { cmd: vec!["/bin/sh".into()], ..Default::default() };
+    let image = ImageDefaults {
+        cmd: vec!["/bin/sh".into()],
+        ..Default::default()
+    };
     let spec = spec::build(&image, opts).unwrap();
     let mut req = CreateContainerRequest::new();
     req.container_id = id.into();
@@ -114,7 +135,12 @@ pub fn create_request(id: &str, opts: &RunOptions) -> CreateContainerRequest {
 /// collects its output until it exits.
 pub async fn run_container(sb: &Sandbox, id: &str, opts: &RunOptions, stdin: &[u8]) -> Output {
     let pending = sb
-        .bind_streams(StreamsWanted { stdin: true, stdout: true, stderr: true, terminal: opts.tty })
+        .bind_streams(StreamsWanted {
+            stdin: true,
+            stdout: true,
+            stderr: true,
+            terminal: opts.tty,
+        })
         .unwrap();
     let mut req = create_request(id, opts);
     req.stdio = protobuf::MessageField::some(pending.stdio.clone());
@@ -142,5 +168,10 @@ pub async fn run_container(sb: &Sandbox, id: &str, opts: &RunOptions, stdin: &[u
     );
     let _ = feeder.await;
     let waited = waited.unwrap();
-    Output { status: waited.exit_status, oom_killed: waited.oom_killed, stdout: out, stderr: err }
+    Output {
+        status: waited.exit_status,
+        oom_killed: waited.oom_killed,
+        stdout: out,
+        stderr: err,
+    }
 }

@@ -1,19 +1,35 @@
-//! Turns a [`VmConfig`] into a running VM and runs it to its end.
+//! Turns a [`VmConfig`] into a [`Machine`] ready to run: guest memory, the
+//! KVM VM, the virtio devices and their wiring, the kernel and its boot
+//! structures, the vCPUs' entry state, the legacy devices, the control
+//! socket. Anything that fails leaves nothing behind.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::sync::mpsc;
+use std::os::unix::net::UnixListener;
+use std::path::Path;
 use std::sync::Arc;
 
+use capsid_devices::hosting::mmio::MMIO_DEVICE_SIZE;
+use capsid_devices::socket_claim::{ClaimError, SocketClaim};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::config::{BootConfig, VmConfig};
+use crate::boot::loader::{self, BootEntry, LinuxBoot};
+use crate::boot::{self, BootError, I8042_GSI, SERIAL_GSI};
+use crate::config::{BootConfig, VmConfig, SERIAL_STDOUT};
+use crate::devices::event_loop::EventLoop;
+use crate::devices::{self, DeviceError, IrqLine, MmioPlacement, VmBus};
 use crate::legacy::LegacyBus;
+use crate::machine::{ControlSocket, Machine};
 use crate::vstate::memory::{self, MemoryError};
-use crate::vstate::vcpu::{Bus, Vcpu, VcpuError, VcpuStop};
+use crate::vstate::vcpu::{Vcpu, VcpuError};
 use crate::vstate::vm::{Vm, VmError};
 
-/// Errors building or running a VM.
+/// The command line every Linux guest gets before the devices and the
+/// config's own arguments: console on COM1, reboot through the i8042
+/// (which ends the VMM), reboot at once on panic.
+pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
+
+/// Errors building a VM.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
     /// Guest memory.
@@ -25,6 +41,12 @@ pub enum BuildError {
     /// A vCPU.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    /// Loading the kernel or writing the boot structures.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// A device.
+    #[error(transparent)]
+    Devices(#[from] DeviceError),
     /// The boot image cannot be read.
     #[error("cannot read boot image {path}")]
     ReadImage {
@@ -53,69 +75,199 @@ pub enum BuildError {
         #[source]
         source: std::io::Error,
     },
-    /// A vCPU thread could not be started.
-    #[error("cannot start a vCPU thread")]
-    Thread(#[source] std::io::Error),
+    /// The control socket path cannot be claimed.
+    #[error(transparent)]
+    ControlClaim(#[from] ClaimError),
+    /// The kernel loader thread ended without a result.
+    #[error("the kernel loader thread failed")]
+    Loader,
+    /// The control socket cannot be bound.
+    #[error("cannot listen on control socket {path}")]
+    ControlBind {
+        /// The socket path.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
-/// Result of building and running.
+/// Result of building.
 pub type Result<T> = std::result::Result<T, BuildError>;
 
-/// A VM ready to run.
-#[derive(Debug)]
-pub struct Machine {
-    // Field order matters on drop: vCPUs and the VM go before the memory
-    // they map.
-    vcpus: Vec<Vcpu>,
-    vm: Vm,
-    bus: Arc<LegacyBus>,
-    memory: GuestMemoryMmap,
+/// The full kernel command line with `extra` and devices at `places`.
+pub fn kernel_cmdline(extra: &str, places: &[MmioPlacement]) -> String {
+    let mut cmdline = String::from(BASE_CMDLINE);
+    for place in places {
+        cmdline.push_str(&format!(
+            " virtio_mmio.device={}K@{:#x}:{}",
+            MMIO_DEVICE_SIZE >> 10,
+            place.base,
+            place.gsi
+        ));
+    }
+    let extra = extra.trim();
+    if !extra.is_empty() {
+        cmdline.push(' ');
+        cmdline.push_str(extra);
+    }
+    cmdline
 }
 
-/// Builds the VM `config` describes: memory, KVM VM, devices, vCPUs with
-/// their entry state, boot image loaded.
+/// Builds the VM `config` describes.
 pub fn build(config: &VmConfig) -> Result<Machine> {
+    let start = std::time::Instant::now();
+    let phase = |name: &str| {
+        tracing::debug!(
+            phase = name,
+            elapsed_us = start.elapsed().as_micros(),
+            "build"
+        );
+    };
+    let memory = memory::create_guest_memory(config.memory_bytes())?;
+    // Devices go in a fixed order at fixed places, so the command line is
+    // known before they exist: the kernel loads on a second thread while
+    // KVM sets up the VM (both take milliseconds, mostly page faults and
+    // memory slot set-up).
+    let places: Vec<MmioPlacement> = (0..config.virtio_device_count())
+        .map(devices::placement)
+        .collect();
+    let (entry, vm_devices) = std::thread::scope(|scope| {
+        let loader = std::thread::Builder::new()
+            .name("loader".into())
+            .spawn_scoped(scope, || load_boot_image(config, &memory, &places));
+        let vm_devices = Vm::new(&memory, config.vcpus)
+            .map_err(BuildError::from)
+            .and_then(|vm| {
+                phase("vm");
+                let virtio = devices::create_virtio(&vm, &memory, config)?;
+                phase("devices");
+                Ok((vm, virtio))
+            });
+        let entry = match loader {
+            Ok(handle) => handle.join().unwrap_or(Err(BuildError::Loader)),
+            // No second thread: load here.
+            Err(_) => load_boot_image(config, &memory, &places),
+        };
+        (entry, vm_devices)
+    });
+    let (vm, virtio) = vm_devices?;
+    let entry = entry?;
+    phase("boot image");
+
+    let supported = vm.supported_cpuid()?;
+    let tsc_deadline = vm.has_tsc_deadline();
+    let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
+    for index in 0..config.vcpus {
+        let vcpu = Vcpu::new(vm.fd(), index)?;
+        vcpu.configure(&supported, config.vcpus, tsc_deadline)?;
+        vcpus.push(vcpu);
+    }
+    if let Some(bsp) = vcpus.first() {
+        match entry {
+            Entry::Kernel(entry) => bsp.setup_boot(entry)?,
+            Entry::RealMode(ip) => bsp.setup_real_mode(ip)?,
+        }
+    }
+    phase("vcpus");
+
+    // Files last, so that a failure above leaves none behind.
+    let control = config
+        .control_socket
+        .as_deref()
+        .map(bind_control)
+        .transpose()?;
     let console: Box<dyn Write + Send> = match &config.serial {
+        Some(path) if path.as_os_str() == SERIAL_STDOUT => Box::new(std::io::stdout()),
         Some(path) => Box::new(open_serial(path)?),
         None => Box::new(std::io::sink()),
     };
-    let memory = memory::create_guest_memory(config.memory_bytes())?;
-    let vm = Vm::new(&memory)?;
-    let bus = Arc::new(LegacyBus::new(console));
-    let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
-    for index in 0..config.vcpus {
-        vcpus.push(Vcpu::new(vm.fd(), index)?);
-    }
+    let legacy = LegacyBus::new(
+        console,
+        IrqLine::new(&vm, SERIAL_GSI)?,
+        IrqLine::new(&vm, I8042_GSI)?,
+    );
+    let slots = Arc::new(virtio.slots);
+    let event_loop = EventLoop::new(Arc::clone(&slots))?;
+    let bus = Arc::new(VmBus::new(legacy, Arc::clone(&slots), event_loop.handle()));
+    Ok(Machine::new(
+        config.memory_mib,
+        vcpus,
+        vm,
+        bus,
+        slots,
+        event_loop,
+        virtio.balloon,
+        memory,
+        control,
+    ))
+}
+
+enum Entry {
+    Kernel(BootEntry),
+    RealMode(u16),
+}
+
+fn load_boot_image(
+    config: &VmConfig,
+    mem: &GuestMemoryMmap,
+    places: &[MmioPlacement],
+) -> Result<Entry> {
     match &config.boot {
+        BootConfig::Linux {
+            kernel,
+            initramfs,
+            cmdline,
+        } => {
+            let ram: Vec<(u64, u64)> =
+                memory::ram_ranges(usize::try_from(config.memory_bytes()).unwrap_or(usize::MAX))
+                    .into_iter()
+                    .map(|(a, l)| (a.0, l as u64))
+                    .collect();
+            let low_ram_end = ram.first().map_or(0, |(a, l)| a + l);
+            let memory_map = boot::memory_map(&ram);
+            let cmdline = kernel_cmdline(cmdline, places);
+            let entry = loader::load_linux(
+                mem,
+                &LinuxBoot {
+                    kernel,
+                    initramfs: initramfs.as_deref(),
+                    cmdline: &cmdline,
+                    memory_map: &memory_map,
+                    low_ram_end,
+                    vcpus: config.vcpus,
+                },
+            )?;
+            Ok(Entry::Kernel(entry))
+        }
         BootConfig::RealMode { image, load_addr } => {
             let bytes = std::fs::read(image).map_err(|source| BuildError::ReadImage {
                 path: image.display().to_string(),
                 source,
             })?;
             let addr = u64::from(*load_addr);
-            memory
-                .write_slice(&bytes, GuestAddress(addr))
+            mem.write_slice(&bytes, GuestAddress(addr))
                 .map_err(|_| BuildError::ImageTooLarge {
                     path: image.display().to_string(),
                     size: bytes.len(),
                     addr,
                 })?;
-            for vcpu in &vcpus {
-                // Validation keeps load_addr below 0xa0000, so it fits 16 bits
-                // only when below 64 KiB; larger addresses use CS.
-                vcpu.setup_real_mode(u16::try_from(addr).unwrap_or(0))?;
-            }
+            // Validation keeps load_addr below 64 KiB.
+            Ok(Entry::RealMode(u16::try_from(*load_addr).unwrap_or(0)))
         }
     }
-    Ok(Machine {
-        vcpus,
-        vm,
-        bus,
-        memory,
-    })
 }
 
-fn open_serial(path: &std::path::Path) -> Result<File> {
+fn bind_control(path: &Path) -> Result<ControlSocket> {
+    let claim = SocketClaim::new(path)?;
+    let listener = UnixListener::bind(path).map_err(|source| BuildError::ControlBind {
+        path: path.display().to_string(),
+        source,
+    })?;
+    Ok(ControlSocket { listener, claim })
+}
+
+fn open_serial(path: &Path) -> Result<File> {
     OpenOptions::new()
         .create(true)
         .append(true)
@@ -126,42 +278,16 @@ fn open_serial(path: &std::path::Path) -> Result<File> {
         })
 }
 
-impl Machine {
-    /// The KVM VM.
-    pub fn vm(&self) -> &Vm {
-        &self.vm
-    }
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-    /// Runs every vCPU on its own thread until the first one stops; that
-    /// vCPU's reason is the VM's end. The process exits after this, which
-    /// takes the other vCPU threads with it.
-    pub fn run(self) -> Result<VcpuStop> {
-        let (tx, rx) = mpsc::channel();
-        let Machine {
-            vcpus,
-            vm: _vm,
-            bus,
-            memory,
-        } = self;
-        for mut vcpu in vcpus {
-            let tx = tx.clone();
-            let bus = Arc::clone(&bus);
-            // Each vCPU thread holds the guest memory mapping, so it outlives
-            // any vCPU still inside KVM_RUN while the VM is being torn down.
-            let memory = memory.clone();
-            std::thread::Builder::new()
-                .name(format!("vcpu{}", vcpu.index()))
-                .spawn(move || {
-                    let result = vcpu.run(bus.as_ref() as &dyn Bus);
-                    drop(memory);
-                    // The receiver is gone only when the VM is already ending.
-                    let _ = tx.send(result);
-                })
-                .map_err(BuildError::Thread)?;
-        }
-        drop(tx);
-        rx.recv()
-            .unwrap_or_else(|_| Ok(VcpuStop::Crash("every vCPU thread ended".into())))
-            .map_err(BuildError::from)
+    #[test]
+    fn cmdline_without_devices() {
+        assert_eq!(
+            kernel_cmdline("  quiet  ", &[]),
+            format!("{BASE_CMDLINE} quiet")
+        );
+        assert_eq!(kernel_cmdline("", &[]), BASE_CMDLINE);
     }
 }

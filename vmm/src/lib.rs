@@ -1,18 +1,29 @@
 //! capsid-vmm: a KVM virtual machine monitor for capsid's microVMs.
 //!
-//! `config` is data; `builder` turns it into a running VM; everything that
-//! talks to KVM (and so holds the unsafe code) lives under `vstate`.
+//! `config` is data; `builder` turns it into a [`machine::Machine`], which
+//! runs it; `boot` lays out and loads what the guest starts with; `vstate`
+//! holds everything that talks to KVM; `legacy` and `devices` are the
+//! emulated hardware; `control` is the API socket.
 
+pub mod boot;
 pub mod builder;
 pub mod config;
+pub mod control;
+pub mod devices;
 pub mod legacy;
+pub mod machine;
+pub mod metrics;
 pub mod vstate;
 
-/// Process exit status when the guest asked for a reset (i8042 or triple
-/// fault on purpose): the normal way a capsid guest ends.
+/// Process exit status when the guest asked for a reset (i8042, as
+/// `reboot=k` does): the normal way a capsid guest ends.
 pub const EXIT_GUEST_RESET: u8 = 0;
-/// Process exit status when the VMM itself failed.
+/// Process exit status when the VMM itself failed (bad config, missing or
+/// unloadable kernel, KVM error); one line on stderr says why.
 pub const EXIT_VMM_ERROR: u8 = 1;
-/// Process exit status when the guest crashed (KVM shutdown exit, internal
-/// error, failed entry).
+/// Process exit status when the guest crashed (triple fault, failed entry,
+/// KVM internal error).
 pub const EXIT_GUEST_CRASH: u8 = 3;
+/// Process exit status when the host ended the VM: SIGTERM/SIGINT, or a
+/// `shutdown` request the guest did not answer within its timeout.
+pub const EXIT_STOPPED: u8 = 4;

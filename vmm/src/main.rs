@@ -1,15 +1,16 @@
 //! capsid-vmm: runs one microVM described by a JSON config file.
 //!
 //! Exit status: 0 when the guest reset itself (how a capsid guest ends),
-//! 3 when the guest crashed, 1 when the VMM failed.
+//! 1 when the VMM failed, 3 when the guest crashed, 4 when the host ended
+//! the VM (signal, or a shutdown request the guest did not answer).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use capsid_vmm::builder;
 use capsid_vmm::config::VmConfig;
-use capsid_vmm::vstate::vcpu::VcpuStop;
-use capsid_vmm::{EXIT_GUEST_CRASH, EXIT_GUEST_RESET, EXIT_VMM_ERROR};
+use capsid_vmm::machine::VmEnd;
+use capsid_vmm::{EXIT_GUEST_CRASH, EXIT_GUEST_RESET, EXIT_STOPPED, EXIT_VMM_ERROR};
 use clap::Parser;
 
 /// Runs one capsid microVM.
@@ -31,19 +32,23 @@ fn main() -> ExitCode {
         .init();
     let args = Args::parse();
     match run(&args) {
-        Ok(VcpuStop::Reset) => ExitCode::from(EXIT_GUEST_RESET),
-        Ok(VcpuStop::Crash(why)) => {
+        Ok(VmEnd::Reset) => ExitCode::from(EXIT_GUEST_RESET),
+        Ok(VmEnd::Crash(why)) => {
             eprintln!("capsid-vmm: guest crashed: {why}");
             ExitCode::from(EXIT_GUEST_CRASH)
         }
+        Ok(VmEnd::Stopped(why)) => {
+            eprintln!("capsid-vmm: stopped: {why}");
+            ExitCode::from(EXIT_STOPPED)
+        }
         Err(e) => {
-            eprintln!("capsid-vmm: {e:#}");
+            eprintln!("capsid-vmm: {}", capsid_devices::describe(e.as_ref()));
             ExitCode::from(EXIT_VMM_ERROR)
         }
     }
 }
 
-fn run(args: &Args) -> anyhow::Result<VcpuStop> {
+fn run(args: &Args) -> anyhow::Result<VmEnd> {
     let config = VmConfig::from_file(&args.config)?;
     let machine = builder::build(&config)?;
     Ok(machine.run()?)

@@ -6,6 +6,7 @@
 //! interrupt delivery are the hosting's business (`crate::hosting`), so the
 //! same model runs in-process in capsid-vmm and behind vhost-user for QEMU.
 
+pub mod balloon;
 pub mod blk;
 pub mod net;
 pub mod rng;

@@ -5,6 +5,7 @@
 //! the guest only through the hybrid vsock socket the VM exposes, so
 //! nothing above this module knows which backend runs.
 
+pub mod capsid_vmm;
 mod process;
 pub mod qemu;
 

@@ -1,24 +1,29 @@
-//! Legacy PC devices: COM1 (8250 UART) for the console, and the i8042
-//! keyboard controller whose reset pulse is how a guest ends the VM.
+//! Legacy PC devices on port I/O: COM1 (8250 UART, vm-superio) for the
+//! console, interrupting on IRQ 4, and the i8042 keyboard controller
+//! whose reset line is how a guest ends the VM (IRQ 1 for the keys the
+//! host injects).
+
+pub mod i8042;
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use vm_superio::{I8042Device, Serial, Trigger};
+use vm_superio::{Serial, Trigger};
 
+use self::i8042::I8042;
+use crate::devices::IrqLine;
 use crate::vstate::vcpu::Bus;
 
 /// COM1's I/O ports.
 pub const COM1_BASE: u16 = 0x3f8;
 const COM1_LEN: u16 = 8;
-/// i8042 data and command ports.
+/// i8042 data port.
 pub const I8042_DATA: u16 = 0x60;
 /// i8042 command port: writing 0xFE pulses the CPU reset line.
 pub const I8042_COMMAND: u16 = 0x64;
 
-/// A trigger that records that it fired (the i8042 reset line, and the UART
-/// interrupt until interrupt routing lands).
+/// A trigger that records that it fired (the i8042 reset line).
 #[derive(Debug, Default, Clone)]
 pub struct Flag(Arc<AtomicBool>);
 
@@ -44,10 +49,12 @@ fn port_offset(port: u16, base: u16) -> u8 {
     u8::try_from(port.wrapping_sub(base)).unwrap_or(u8::MAX)
 }
 
+type Console = Box<dyn Write + Send>;
+
 /// The port-I/O devices of the VM.
 pub struct LegacyBus {
-    serial: Mutex<Serial<Flag, vm_superio::serial::NoEvents, Box<dyn Write + Send>>>,
-    i8042: Mutex<I8042Device<Flag>>,
+    serial: Mutex<Serial<IrqLine, vm_superio::serial::NoEvents, Console>>,
+    i8042: Mutex<I8042<Flag, IrqLine>>,
     reset: Flag,
     unhandled_logged: AtomicBool,
 }
@@ -61,24 +68,40 @@ impl std::fmt::Debug for LegacyBus {
 }
 
 impl LegacyBus {
-    /// COM1 writing to `console`, and the i8042.
-    pub fn new(console: Box<dyn Write + Send>) -> Self {
+    /// COM1 writing to `console` and interrupting on `serial_irq`, and the
+    /// i8042 interrupting on `keyboard_irq`.
+    pub fn new(console: Console, serial_irq: IrqLine, keyboard_irq: IrqLine) -> Self {
         let reset = Flag::default();
         Self {
-            serial: Mutex::new(Serial::new(Flag::default(), console)),
-            i8042: Mutex::new(I8042Device::new(reset.clone())),
+            serial: Mutex::new(Serial::new(serial_irq, console)),
+            i8042: Mutex::new(I8042::new(reset.clone(), keyboard_irq)),
             reset,
             unhandled_logged: AtomicBool::new(false),
         }
     }
 
-    fn log_unhandled(&self, what: &str, addr: u64) {
-        // Once per VM: a guest probing absent hardware must not flood the log.
+    /// Presses Ctrl-Alt-Del on the guest's keyboard.
+    pub fn ctrl_alt_del(&self) {
+        if let Ok(mut i8042) = self.i8042.lock() {
+            i8042.ctrl_alt_del();
+        }
+    }
+
+    /// Flushes the console.
+    pub fn flush(&self) {
+        if let Ok(mut serial) = self.serial.lock() {
+            let _ = serial.writer_mut().flush();
+        }
+    }
+
+    /// Logs an access to no device, once per VM: a guest probing absent
+    /// hardware must not flood the log.
+    pub fn log_unhandled(&self, what: &str, addr: u64) {
         if !self.unhandled_logged.swap(true, Ordering::Relaxed) {
-            tracing::debug!(
+            tracing::warn!(
                 what,
                 addr = format_args!("{addr:#x}"),
-                "access to no device (further ones not logged)"
+                "guest access to no device (further ones not logged)"
             );
         }
     }
@@ -120,9 +143,7 @@ impl Bus for LegacyBus {
             }
             I8042_DATA | I8042_COMMAND => {
                 if let Ok(mut i8042) = self.i8042.lock() {
-                    // Errors here are the device refusing a command byte it
-                    // does not model: harmless.
-                    let _ = i8042.write(port_offset(port, I8042_DATA), value);
+                    i8042.write(port_offset(port, I8042_DATA), value);
                 }
                 self.reset.is_set()
             }
@@ -160,10 +181,18 @@ mod tests {
         }
     }
 
+    fn bus(console: Console) -> LegacyBus {
+        LegacyBus::new(
+            console,
+            IrqLine::detached().unwrap(),
+            IrqLine::detached().unwrap(),
+        )
+    }
+
     #[test]
     fn serial_output_reaches_console() {
         let sink = Sink::default();
-        let bus = LegacyBus::new(Box::new(sink.clone()));
+        let bus = bus(Box::new(sink.clone()));
         for b in b"hi\n" {
             assert!(!bus.pio_write(COM1_BASE, &[*b]));
         }
@@ -176,14 +205,26 @@ mod tests {
 
     #[test]
     fn i8042_pulse_resets() {
-        let bus = LegacyBus::new(Box::new(std::io::sink()));
+        let bus = bus(Box::new(std::io::sink()));
         assert!(!bus.pio_write(I8042_COMMAND, &[0x20]));
         assert!(bus.pio_write(I8042_COMMAND, &[0xfe]));
     }
 
     #[test]
+    fn ctrl_alt_del_reaches_the_data_port() {
+        let bus = bus(Box::new(std::io::sink()));
+        bus.ctrl_alt_del();
+        let mut status = [0u8];
+        bus.pio_read(I8042_COMMAND, &mut status);
+        assert_eq!(status[0] & 1, 1);
+        let mut key = [0u8];
+        bus.pio_read(I8042_DATA, &mut key);
+        assert_eq!(key[0], 0x1d);
+    }
+
+    #[test]
     fn unknown_ports_read_as_ones_and_do_not_panic() {
-        let bus = LegacyBus::new(Box::new(std::io::sink()));
+        let bus = bus(Box::new(std::io::sink()));
         let mut data = [0u8; 4];
         bus.pio_read(0x1234, &mut data);
         assert_eq!(data, [0xff; 4]);

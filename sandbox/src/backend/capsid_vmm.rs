@@ -1,0 +1,320 @@
+//! capsid-vmm as a capsid backend: one `capsid-vmm` process per VM, given
+//! the whole VM as one JSON config (devices in-process: blk, net, vsock,
+//! rng, balloon), stopped through its control socket (Ctrl-Alt-Del, then
+//! the VMM's own deadline), then SIGTERM, then SIGKILL.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use super::process::{status_code, Supervised};
+use super::{Backend, BackendError, Result, Vm, VmExit, VmSpec};
+use crate::config::BackendKind;
+
+/// How long capsid-vmm gets to build the VM and put up its control socket.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a control request may take.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// capsid's own VMM.
+#[derive(Debug, Clone)]
+pub struct CapsidVmmBackend {
+    vmm: PathBuf,
+}
+
+impl CapsidVmmBackend {
+    /// A backend running the capsid-vmm binary `vmm` (a bare name is looked
+    /// up beside the running executable, then in PATH).
+    pub fn new(vmm: &Path) -> Result<Self> {
+        let vmm = crate::locate::binary(vmm)
+            .ok_or_else(|| BackendError::BinaryNotFound(vmm.display().to_string()))?;
+        Ok(Self { vmm })
+    }
+
+    /// The VM config capsid-vmm is given for `spec`.
+    pub fn vm_config(spec: &VmSpec) -> Value {
+        let drives: Vec<Value> = spec
+            .disks
+            .iter()
+            .map(|d| json!({"path": d.path, "read_only": d.readonly, "serial": d.serial}))
+            .collect();
+        let net: Vec<Value> = spec
+            .net
+            .iter()
+            .map(|n| json!({"tap": n.tap, "mac": n.mac}))
+            .collect();
+        json!({
+            "vcpus": spec.vcpus,
+            "memory_mib": spec.memory_mib,
+            "boot": {"linux": {
+                "kernel": spec.kernel,
+                "initramfs": spec.initramfs,
+                "cmdline": spec.kernel_args.join(" "),
+            }},
+            "serial": spec.serial_log(),
+            "drives": drives,
+            "net": net,
+            "vsock": {"guest_cid": spec.guest_cid, "uds_path": spec.vsock_path()},
+            "rng": true,
+            // Memory the guest frees goes back to the host by itself, and an
+            // inflated balloon gives way before the guest OOMs.
+            "balloon": {"deflate_on_oom": true, "free_page_reporting": true},
+            "control_socket": control_path(&spec.run_dir),
+        })
+    }
+}
+
+fn control_path(run_dir: &Path) -> PathBuf {
+    run_dir.join("vmm-api.sock")
+}
+
+impl Backend for CapsidVmmBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::CapsidVmm
+    }
+
+    fn start(&self, spec: &VmSpec) -> Result<Box<dyn Vm>> {
+        spec.validate()?;
+        if spec.vcpus > u32::from(u8::MAX) {
+            return Err(BackendError::InvalidSpec(format!("{} vCPUs", spec.vcpus)));
+        }
+        let run_err = |source| BackendError::RunDir {
+            path: spec.run_dir.clone(),
+            source,
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&spec.run_dir)
+            .map_err(run_err)?;
+        let mut vm = CapsidVm {
+            vsock: spec.vsock_path(),
+            serial: spec.serial_log(),
+            run_dir: spec.run_dir.clone(),
+            control: control_path(&spec.run_dir),
+            vmm: None,
+            exit: None,
+            stopping: false,
+        };
+        // From here on, an error drops `vm`, which kills what was started
+        // and removes the run directory.
+        let config = spec.run_dir.join("vm.json");
+        std::fs::write(&config, Self::vm_config(spec).to_string()).map_err(run_err)?;
+        let mut cmd = match spec.net.as_ref().and_then(|n| n.netns.as_ref()) {
+            // The tap lives in the sandbox's network namespace: so must the VMM.
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net={}", ns.display())).arg(&self.vmm);
+                c
+            }
+            None => Command::new(&self.vmm),
+        };
+        cmd.arg("--config").arg(&config);
+        let vmm = vm.vmm.insert(Supervised::spawn(
+            "capsid-vmm",
+            cmd,
+            &spec.run_dir.join("vmm.log"),
+        )?);
+        // The control socket appears once the VM is built; a VMM that dies
+        // first (bad kernel, missing disk) fails the start with its words.
+        let deadline = Instant::now() + START_TIMEOUT;
+        while !vm.control.exists() {
+            if let Some(status) = vmm.try_wait()? {
+                return Err(BackendError::StartFailed {
+                    what: "capsid-vmm".into(),
+                    detail: format!("exit status {}: {}", status_code(status), vmm.last_words()),
+                });
+            }
+            if Instant::now() > deadline {
+                return Err(BackendError::StartFailed {
+                    what: "capsid-vmm".into(),
+                    detail: "its control socket did not appear within 10 s".into(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(Box::new(vm))
+    }
+}
+
+/// A VM run by capsid-vmm.
+#[derive(Debug)]
+pub struct CapsidVm {
+    vsock: PathBuf,
+    serial: PathBuf,
+    run_dir: PathBuf,
+    control: PathBuf,
+    vmm: Option<Supervised>,
+    exit: Option<VmExit>,
+    stopping: bool,
+}
+
+/// Sends one request to capsid-vmm's control socket and returns its answer.
+pub fn control_request(socket: &Path, request: &Value) -> std::io::Result<Value> {
+    let stream = UnixStream::connect(socket)?;
+    stream.set_read_timeout(Some(CONTROL_TIMEOUT))?;
+    stream.set_write_timeout(Some(CONTROL_TIMEOUT))?;
+    let mut line = request.to_string();
+    line.push('\n');
+    (&stream).write_all(line.as_bytes())?;
+    let mut answer = String::new();
+    BufReader::new(&stream).read_line(&mut answer)?;
+    serde_json::from_str(&answer).map_err(std::io::Error::other)
+}
+
+impl CapsidVm {
+    fn exit_from(&self, status: std::process::ExitStatus) -> VmExit {
+        if self.stopping {
+            VmExit::Stopped
+        } else if status.success() {
+            VmExit::GuestShutdown
+        } else {
+            VmExit::Failed(status_code(status))
+        }
+    }
+
+    fn clean_up(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.run_dir);
+    }
+}
+
+impl Vm for CapsidVm {
+    fn vsock_path(&self) -> &Path {
+        &self.vsock
+    }
+
+    fn serial_log(&self) -> &Path {
+        &self.serial
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        self.vmm.iter().map(Supervised::pid).collect()
+    }
+
+    fn try_wait(&mut self) -> Result<Option<VmExit>> {
+        if self.exit.is_some() {
+            return Ok(self.exit);
+        }
+        let Some(vmm) = self.vmm.as_mut() else {
+            return Ok(None);
+        };
+        match vmm.try_wait()? {
+            Some(status) => {
+                let exit = self.exit_from(status);
+                self.exit = Some(exit);
+                self.clean_up();
+                Ok(Some(exit))
+            }
+            None => Ok(None),
+        }
+    }
+
+    fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<VmExit>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(exit) = self.try_wait()? {
+                return Ok(Some(exit));
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn stop(&mut self, grace: Duration) -> Result<VmExit> {
+        if let Some(exit) = self.try_wait()? {
+            return Ok(exit);
+        }
+        self.stopping = true;
+        // Ctrl-Alt-Del first; the VMM ends the VM itself when the guest
+        // does not react within half the grace period.
+        let half = grace / 2;
+        let timeout_ms = u64::try_from(half.as_millis()).unwrap_or(u64::MAX);
+        let asked = control_request(
+            &self.control,
+            &json!({"op": "shutdown", "timeout_ms": timeout_ms}),
+        );
+        let status = match self.vmm.as_mut() {
+            Some(vmm) => {
+                let waited = if asked.is_ok() {
+                    vmm.wait_timeout(grace)?
+                } else {
+                    None
+                };
+                Some(match waited {
+                    Some(status) => status,
+                    None => vmm.terminate(half)?,
+                })
+            }
+            None => None,
+        };
+        let exit = status.map_or(VmExit::Stopped, |s| self.exit_from(s));
+        self.exit = Some(exit);
+        self.clean_up();
+        Ok(exit)
+    }
+}
+
+impl Drop for CapsidVm {
+    fn drop(&mut self) {
+        if self.exit.is_none() {
+            if let Some(vmm) = self.vmm.as_mut() {
+                let _ = vmm.terminate(Duration::from_millis(500));
+            }
+            self.clean_up();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{DiskSpec, NetSpec};
+
+    #[test]
+    fn config_carries_the_whole_spec() {
+        let spec = VmSpec {
+            name: "t".into(),
+            vcpus: 2,
+            memory_mib: 512,
+            kernel: "/k/vmlinux".into(),
+            initramfs: "/k/initramfs".into(),
+            kernel_args: vec!["quiet".into(), "capsid.x=1".into()],
+            disks: vec![DiskSpec {
+                path: "/d/root.img".into(),
+                readonly: true,
+                serial: "root".into(),
+            }],
+            net: Some(NetSpec {
+                tap: "tap0".into(),
+                mac: "52:54:00:00:00:01".into(),
+                netns: None,
+            }),
+            guest_cid: 7,
+            run_dir: "/run/capsid/t".into(),
+        };
+        let c = CapsidVmmBackend::vm_config(&spec);
+        assert_eq!(c["vcpus"], 2);
+        assert_eq!(c["boot"]["linux"]["cmdline"], "quiet capsid.x=1");
+        assert_eq!(c["drives"][0]["read_only"], true);
+        assert_eq!(c["drives"][0]["serial"], "root");
+        assert_eq!(c["net"][0]["tap"], "tap0");
+        assert_eq!(c["vsock"]["guest_cid"], 7);
+        assert_eq!(c["vsock"]["uds_path"], "/run/capsid/t/vsock.sock");
+        assert_eq!(c["serial"], "/run/capsid/t/console.log");
+        assert_eq!(c["control_socket"], "/run/capsid/t/vmm-api.sock");
+        assert_eq!(c["balloon"]["free_page_reporting"], true);
+    }
+
+    #[test]
+    fn missing_binary_is_named() {
+        let e = CapsidVmmBackend::new(Path::new("/nonexistent/capsid-vmm")).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/capsid-vmm"), "{e}");
+    }
+}
