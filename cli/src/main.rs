@@ -2,6 +2,8 @@
 #![forbid(unsafe_code)]
 
 mod check;
+mod run;
+mod tty;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -23,6 +25,8 @@ struct Cli {
 enum Command {
     /// Reports what this host can do and which VM backend capsid uses.
     Check(check::CheckArgs),
+    /// Runs a container in its own microVM.
+    Run(run::RunArgs),
 }
 
 fn main() -> ExitCode {
@@ -36,6 +40,20 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Check(args) => check::run(cli.config.as_deref(), &args),
+        Command::Run(args) => {
+            let code = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt.block_on(run::run(cli.config.as_deref(), args)),
+                Err(e) => Err(anyhow::Error::from(e).context("starting the async runtime")),
+            };
+            // Like `docker run`: 125 when capsid itself failed, else the
+            // container's status. Exit right away: a read of our stdin may
+            // still be pending on a blocking thread.
+            let code = code.unwrap_or_else(|e| {
+                eprintln!("capsid: {e:#}");
+                125
+            });
+            std::process::exit(code);
+        }
     };
     match result {
         Ok(code) => code,
@@ -45,3 +63,4 @@ fn main() -> ExitCode {
         }
     }
 }
+
