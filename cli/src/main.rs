@@ -26,7 +26,7 @@ enum Command {
     /// Reports what this host can do and which VM backend capsid uses.
     Check(check::CheckArgs),
     /// Runs a container in its own microVM.
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
 }
 
 fn main() -> ExitCode {
@@ -42,7 +42,7 @@ fn main() -> ExitCode {
         Command::Check(args) => check::run(cli.config.as_deref(), &args),
         Command::Run(args) => {
             let code = match tokio::runtime::Runtime::new() {
-                Ok(rt) => rt.block_on(run::run(cli.config.as_deref(), args)),
+                Ok(rt) => rt.block_on(run::run(cli.config.as_deref(), *args)),
                 Err(e) => Err(anyhow::Error::from(e).context("starting the async runtime")),
             };
             // Like `docker run`: 125 when capsid itself failed, else the
