@@ -70,6 +70,7 @@ install: release assets
 
 demo: deps install
 	$(PREFIX)/bin/capsid check
+	$(PREFIX)/bin/capsid run busybox -- sh -c 'echo hello from $$(hostname) in a microVM; uname -r'
 
 clean:
 	$(CARGO) clean

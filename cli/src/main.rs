@@ -42,12 +42,17 @@ fn main() -> ExitCode {
         Command::Check(args) => check::run(cli.config.as_deref(), &args),
         Command::Run(args) => {
             let code = match tokio::runtime::Runtime::new() {
-                Ok(rt) => rt.block_on(run::run(cli.config.as_deref(), *args)),
+                Ok(rt) => {
+                    let code = rt.block_on(run::run(cli.config.as_deref(), *args));
+                    // A read of our stdin may still block a runtime thread
+                    // (a terminal): do not wait for it.
+                    rt.shutdown_background();
+                    code
+                }
                 Err(e) => Err(anyhow::Error::from(e).context("starting the async runtime")),
             };
             // Like `docker run`: 125 when capsid itself failed, else the
-            // container's status. Exit right away: a read of our stdin may
-            // still be pending on a blocking thread.
+            // container's status.
             let code = code.unwrap_or_else(|e| {
                 eprintln!("capsid: {e:#}");
                 125

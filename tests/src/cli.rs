@@ -1,0 +1,86 @@
+//! Running the `capsid` CLI in tests, with a private config (state and
+//! cache under a temp dir) so leftovers can be checked.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use crate::bin;
+
+/// A private capsid installation for one test.
+#[derive(Debug)]
+pub struct Capsid {
+    /// Holds the state and cache dirs.
+    pub dir: tempfile::TempDir,
+    config: PathBuf,
+}
+
+impl Capsid {
+    /// Writes a config pointing at this build's artifacts.
+    pub fn new() -> Self {
+        let dir = tempfile::Builder::new().prefix("capsid-cli").tempdir().unwrap();
+        let config = crate::sandbox::test_config(dir.path());
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
+        Self { dir, config: path }
+    }
+
+    /// The config file.
+    pub fn config(&self) -> &Path {
+        &self.config
+    }
+
+    /// `capsid --config … run ARGS`.
+    pub fn run_cmd(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(bin("capsid"));
+        cmd.arg("--config").arg(&self.config).arg("run").args(args);
+        cmd
+    }
+
+    /// Runs `capsid run ARGS` with `stdin` as its standard input file.
+    pub fn run(&self, args: &[&str], stdin: Option<&Path>) -> Output {
+        let mut cmd = self.run_cmd(args);
+        match stdin {
+            Some(p) => cmd.stdin(std::fs::File::open(p).unwrap()),
+            None => cmd.stdin(Stdio::null()),
+        };
+        cmd.output().unwrap()
+    }
+
+    /// Asserts nothing of a sandbox is left: no run directories, no
+    /// processes that mention this test's directory.
+    pub fn assert_no_leftovers(&self) {
+        let run = self.dir.path().join("run");
+        let left: Vec<_> = std::fs::read_dir(&run)
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "left in the state dir: {left:?}");
+        let marker = self.dir.path().display().to_string();
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            assert!(!cmdline.contains(&marker), "process left running: {cmdline}");
+        }
+        // Only the image cache remains (disks, no temp files or locks).
+        let cache = self.dir.path().join("cache/images");
+        for entry in std::fs::read_dir(&cache).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            assert!(name.ends_with(".erofs") || name.ends_with(".ext4"), "cache leftover {name}");
+        }
+    }
+}
+
+impl Default for Capsid {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// stdout as text.
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// stderr as text.
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
