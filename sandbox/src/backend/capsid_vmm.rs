@@ -214,19 +214,6 @@ impl Vm for CapsidVm {
         }
     }
 
-    fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<VmExit>> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(exit) = self.try_wait()? {
-                return Ok(Some(exit));
-            }
-            if Instant::now() >= deadline {
-                return Ok(None);
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
     fn stop(&mut self, grace: Duration) -> Result<VmExit> {
         if let Some(exit) = self.try_wait()? {
             return Ok(exit);

@@ -203,7 +203,18 @@ pub trait Vm: Send + std::fmt::Debug {
     /// Whether the VM has ended, without blocking.
     fn try_wait(&mut self) -> Result<Option<VmExit>>;
     /// Waits until the VM ends or `timeout` passes.
-    fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<VmExit>>;
+    fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<VmExit>> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(exit) = self.try_wait()? {
+                return Ok(Some(exit));
+            }
+            if std::time::Instant::now() >= deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
     /// Stops the VM: asks the VMM to quit, kills it after `grace`, reaps
     /// every process and removes the run directory.
     fn stop(&mut self, grace: Duration) -> Result<VmExit>;
