@@ -282,6 +282,7 @@ impl Agent {
             .map_err(|e| internal("writing /etc", &e))?;
 
         adapt_spec(spec, &dirs.rootfs, &req.id, req.stdio.terminal)?;
+        check_program(spec, &dirs.rootfs)?;
         let config = dirs.bundle.join("config.json");
         spec.save(&config)
             .map_err(|e| internal("writing config.json", &e))?;
@@ -688,6 +689,20 @@ impl Agent {
 
 fn poisoned() -> ContainerError {
     ContainerError::Internal("agent state lock poisoned".into())
+}
+
+/// Refuses a main program the kernel could not execute, with the reason.
+fn check_program(spec: &Spec, rootfs: &Path) -> Result<()> {
+    let Some(process) = spec.process() else { return Ok(()) };
+    let Some(program) = process.args().as_ref().and_then(|a| a.first()) else {
+        return Err(ContainerError::Invalid("the process has no args".into()));
+    };
+    let path = process
+        .env()
+        .as_ref()
+        .and_then(|env| env.iter().find_map(|kv| kv.strip_prefix("PATH=")))
+        .unwrap_or("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+    rootfs::check_executable(rootfs, program, path).map_err(|e| ContainerError::FailedPrecondition(e.to_string()))
 }
 
 /// Whether the process the job starts has a terminal.

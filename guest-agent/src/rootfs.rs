@@ -273,9 +273,99 @@ pub fn write_etc(
     Ok(())
 }
 
+/// Resolves `path` inside `rootfs`, following symlinks as the container
+/// would see them (absolute targets are relative to the rootfs).
+fn resolve_in(rootfs: &Path, path: &Path) -> Option<PathBuf> {
+    let mut current = PathBuf::from("/");
+    let mut pending: Vec<std::ffi::OsString> =
+        path.components().rev().filter_map(|c| match c {
+            std::path::Component::Normal(n) => Some(n.to_os_string()),
+            std::path::Component::ParentDir => Some("..".into()),
+            _ => None,
+        }).collect();
+    let mut hops = 0;
+    while let Some(part) = pending.pop() {
+        if part == ".." {
+            current.pop();
+            continue;
+        }
+        let next = current.join(&part);
+        let host = rootfs.join(next.strip_prefix("/").ok()?);
+        match fs::read_link(&host) {
+            Ok(target) => {
+                hops += 1;
+                if hops > 40 {
+                    return None;
+                }
+                if target.is_absolute() {
+                    current = PathBuf::from("/");
+                }
+                for c in target.components().rev() {
+                    match c {
+                        std::path::Component::Normal(n) => pending.push(n.to_os_string()),
+                        std::path::Component::ParentDir => pending.push("..".into()),
+                        _ => {}
+                    }
+                }
+            }
+            Err(_) => current = next,
+        }
+    }
+    Some(rootfs.join(current.strip_prefix("/").ok()?))
+}
+
+/// Checks that the program a process would run is something the kernel
+/// can execute (ELF or `#!` script). The runtime's exec would otherwise
+/// fall back to running the file with /bin/sh, as execvp does, and turn an
+/// "exec format error" into a confusing shell message. A program that
+/// cannot be found is left for the runtime to report.
+pub fn check_executable(rootfs: &Path, program: &str, path_env: &str) -> Result<()> {
+    let candidates: Vec<PathBuf> = if program.contains('/') {
+        vec![PathBuf::from(program)]
+    } else {
+        path_env.split(':').filter(|d| !d.is_empty()).map(|d| Path::new(d).join(program)).collect()
+    };
+    for candidate in candidates {
+        let Some(host) = resolve_in(rootfs, &candidate) else { continue };
+        if !host.is_file() {
+            continue;
+        }
+        let mut magic = [0u8; 4];
+        let n = fs::File::open(&host)
+            .and_then(|mut f| std::io::Read::read(&mut f, &mut magic))
+            .unwrap_or(0);
+        if (n >= 4 && magic == *b"\x7fELF") || (n >= 2 && magic[..2] == *b"#!") {
+            return Ok(());
+        }
+        return Err(RootfsError::Invalid(format!(
+            "exec format error: {program} is neither an ELF binary nor a #! script"
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn executables_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("bin");
+        fs::create_dir(&bin).unwrap();
+        fs::write(bin.join("prog"), b"\x7fELF rest").unwrap();
+        fs::write(bin.join("script"), b"#!/bin/sh\necho").unwrap();
+        fs::write(bin.join("junk"), b"\x00\x01junk").unwrap();
+        std::os::unix::fs::symlink("prog", bin.join("link")).unwrap();
+        std::os::unix::fs::symlink("/bin/junk", bin.join("abs")).unwrap();
+        for ok in ["prog", "script", "link", "/bin/prog", "missing"] {
+            assert!(check_executable(dir.path(), ok, "/usr/bin:/bin").is_ok(), "{ok}");
+        }
+        for bad in ["junk", "/bin/junk", "abs"] {
+            let e = check_executable(dir.path(), bad, "/bin").unwrap_err().to_string();
+            assert!(e.contains("exec format error"), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn ids_are_checked() {

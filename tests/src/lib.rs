@@ -5,6 +5,7 @@ pub mod asm;
 pub mod cli;
 pub mod containerd;
 pub mod initramfs;
+pub mod oci;
 pub mod qemu;
 pub mod sandbox;
 pub mod vhost;

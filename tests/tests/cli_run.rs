@@ -172,3 +172,18 @@ fn bad_input_is_one_clear_error() {
     let cached = std::fs::read_dir(c.dir.path().join("cache/images")).map(|d| d.count()).unwrap_or(0);
     assert_eq!(cached, 0, "a corrupt image left something in the cache");
 }
+
+#[test]
+fn exec_format_error_is_reported() {
+    let c = Capsid::new();
+    let image = capsid_tests::oci::busybox_plus(
+        c.dir.path(),
+        "garbage",
+        &[("/bin/garbage", b"\x00\x01 this is not a program\n", 0o755)],
+    );
+    let o = c.run(&[image.to_str().unwrap(), "--", "/bin/garbage"], None);
+    let err = stderr(&o);
+    assert_ne!(o.status.code(), Some(0), "{err}");
+    assert!(err.to_lowercase().contains("exec format error"), "{err}");
+    c.assert_no_leftovers();
+}
