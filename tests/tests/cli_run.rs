@@ -104,8 +104,9 @@ fn signals_reach_the_container() {
     assert_eq!(rest, "got TERM\n");
     assert_eq!(o.status.code(), Some(3));
 
-    // No handler: PID 1 ignores SIGINT; a second one escalates to SIGKILL.
-    let (child, _out) = start_waiting(&c, "echo ready; exec sleep 1000");
+    // A container that ignores SIGINT (as a PID 1 without a handler does):
+    // a second one within the grace period escalates to SIGKILL.
+    let (child, _out) = start_waiting(&c, "trap '' INT; echo ready; while true; do sleep 0.1; done");
     signal(&child, nix::sys::signal::Signal::SIGINT);
     std::thread::sleep(Duration::from_millis(500));
     signal(&child, nix::sys::signal::Signal::SIGINT);
