@@ -68,4 +68,3 @@ fn main() -> ExitCode {
         }
     }
 }
-

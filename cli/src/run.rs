@@ -93,7 +93,11 @@ pub async fn run(config_path: Option<&Path>, args: RunArgs) -> anyhow::Result<i3
     if vcpus == 0 || vcpus > MAX_VCPUS {
         bail!("--cpus {vcpus}: must be between 1 and {MAX_VCPUS}");
     }
-    let reference = args.image.clone().or(args.image_arg.clone()).unwrap_or_else(|| "busybox".into());
+    let reference = args
+        .image
+        .clone()
+        .or(args.image_arg.clone())
+        .unwrap_or_else(|| "busybox".into());
 
     // Image → cached rootfs disk (converted once, then a cache hit).
     let images_dir = config.paths.images_dir.clone();
@@ -138,7 +142,11 @@ pub async fn run(config_path: Option<&Path>, args: RunArgs) -> anyhow::Result<i3
             id: id.clone(),
             vcpus,
             memory_mib,
-            disks: vec![DiskSpec { path: rootfs.path.clone(), readonly: true, serial: ROOTFS_SERIAL.into() }],
+            disks: vec![DiskSpec {
+                path: rootfs.path.clone(),
+                readonly: true,
+                serial: ROOTFS_SERIAL.into(),
+            }],
             net: None,
             kernel_args: vec![],
         },
@@ -150,7 +158,16 @@ pub async fn run(config_path: Option<&Path>, args: RunArgs) -> anyhow::Result<i3
         agent_connected: rootfs_time + sandbox.timings.agent_connected,
         ..Phases::default()
     };
-    let result = run_in(&sandbox, &id, &oci, rootfs.fs_type.as_str(), args.tty, t0, &mut phases).await;
+    let result = run_in(
+        &sandbox,
+        &id,
+        &oci,
+        rootfs.fs_type.as_str(),
+        args.tty,
+        t0,
+        &mut phases,
+    )
+    .await;
     sandbox.stop().await;
     drop(rootfs);
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
@@ -188,7 +205,12 @@ async fn run_in(
     phases: &mut Phases,
 ) -> anyhow::Result<i32> {
     let agent = sandbox.agent();
-    let pending = sandbox.bind_streams(StreamsWanted { stdin: true, stdout: true, stderr: true, terminal: tty })?;
+    let pending = sandbox.bind_streams(StreamsWanted {
+        stdin: true,
+        stdout: true,
+        stderr: true,
+        terminal: tty,
+    })?;
     let mut req = CreateContainerRequest::new();
     req.container_id = id.into();
     req.oci_spec_json = serde_json::to_vec(oci).context("serializing the OCI spec")?;
@@ -197,7 +219,11 @@ async fn run_in(
     layer.fs_type = fs_type.into();
     let mut rootfs = Rootfs::new();
     rootfs.layers.push(layer);
-    rootfs.readonly = oci.root().as_ref().and_then(|r| r.readonly()).unwrap_or(false);
+    rootfs.readonly = oci
+        .root()
+        .as_ref()
+        .and_then(|r| r.readonly())
+        .unwrap_or(false);
     req.rootfs = protobuf::MessageField::some(rootfs);
     req.stdio = protobuf::MessageField::some(pending.stdio.clone());
 
@@ -213,7 +239,11 @@ async fn run_in(
         .map_err(|_| anyhow!("the guest did not connect the container's stdio"))??;
     phases.created = t0.elapsed();
 
-    let raw = if tty { RawMode::enable_on_stdin() } else { None };
+    let raw = if tty {
+        RawMode::enable_on_stdin()
+    } else {
+        None
+    };
     if tty {
         if let Some((rows, cols)) = crate::tty::size() {
             let _ = agent.resize_pty(id, "", rows.into(), cols.into()).await;
@@ -286,7 +316,11 @@ fn start_pumps(streams: Streams) -> Pumps {
 /// Relays SIGINT/SIGTERM/SIGHUP/SIGQUIT to the container; a second one
 /// within [`KILL_ESCALATION`] sends SIGKILL (the container's init ignores
 /// signals it has no handler for). Window size changes resize its pty.
-fn forward_signals(agent: capsid_sandbox::agent::Agent, id: String, tty: bool) -> tokio::task::JoinHandle<()> {
+fn forward_signals(
+    agent: capsid_sandbox::agent::Agent,
+    id: String,
+    tty: bool,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let kinds = [
             (SignalKind::interrupt(), 2),
@@ -300,7 +334,11 @@ fn forward_signals(agent: capsid_sandbox::agent::Agent, id: String, tty: bool) -
                 streams.push((s, num));
             }
         }
-        let mut winch = if tty { signal(SignalKind::window_change()).ok() } else { None };
+        let mut winch = if tty {
+            signal(SignalKind::window_change()).ok()
+        } else {
+            None
+        };
         let mut last: Option<Instant> = None;
         loop {
             let next = futures::future::select_all(streams.iter_mut().map(|(s, n)| {
@@ -330,4 +368,3 @@ fn forward_signals(agent: capsid_sandbox::agent::Agent, id: String, tty: bool) -
         }
     })
 }
-

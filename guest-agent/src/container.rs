@@ -693,7 +693,9 @@ fn poisoned() -> ContainerError {
 
 /// Refuses a main program the kernel could not execute, with the reason.
 fn check_program(spec: &Spec, rootfs: &Path) -> Result<()> {
-    let Some(process) = spec.process() else { return Ok(()) };
+    let Some(process) = spec.process() else {
+        return Ok(());
+    };
     let Some(program) = process.args().as_ref().and_then(|a| a.first()) else {
         return Err(ContainerError::Invalid("the process has no args".into()));
     };
@@ -702,7 +704,8 @@ fn check_program(spec: &Spec, rootfs: &Path) -> Result<()> {
         .as_ref()
         .and_then(|env| env.iter().find_map(|kv| kv.strip_prefix("PATH=")))
         .unwrap_or("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
-    rootfs::check_executable(rootfs, program, path).map_err(|e| ContainerError::FailedPrecondition(e.to_string()))
+    rootfs::check_executable(rootfs, program, path)
+        .map_err(|e| ContainerError::FailedPrecondition(e.to_string()))
 }
 
 /// Whether the process the job starts has a terminal.

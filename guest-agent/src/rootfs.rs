@@ -277,12 +277,15 @@ pub fn write_etc(
 /// would see them (absolute targets are relative to the rootfs).
 fn resolve_in(rootfs: &Path, path: &Path) -> Option<PathBuf> {
     let mut current = PathBuf::from("/");
-    let mut pending: Vec<std::ffi::OsString> =
-        path.components().rev().filter_map(|c| match c {
+    let mut pending: Vec<std::ffi::OsString> = path
+        .components()
+        .rev()
+        .filter_map(|c| match c {
             std::path::Component::Normal(n) => Some(n.to_os_string()),
             std::path::Component::ParentDir => Some("..".into()),
             _ => None,
-        }).collect();
+        })
+        .collect();
     let mut hops = 0;
     while let Some(part) = pending.pop() {
         if part == ".." {
@@ -323,10 +326,16 @@ pub fn check_executable(rootfs: &Path, program: &str, path_env: &str) -> Result<
     let candidates: Vec<PathBuf> = if program.contains('/') {
         vec![PathBuf::from(program)]
     } else {
-        path_env.split(':').filter(|d| !d.is_empty()).map(|d| Path::new(d).join(program)).collect()
+        path_env
+            .split(':')
+            .filter(|d| !d.is_empty())
+            .map(|d| Path::new(d).join(program))
+            .collect()
     };
     for candidate in candidates {
-        let Some(host) = resolve_in(rootfs, &candidate) else { continue };
+        let Some(host) = resolve_in(rootfs, &candidate) else {
+            continue;
+        };
         if !host.is_file() {
             continue;
         }
@@ -359,10 +368,15 @@ mod tests {
         std::os::unix::fs::symlink("prog", bin.join("link")).unwrap();
         std::os::unix::fs::symlink("/bin/junk", bin.join("abs")).unwrap();
         for ok in ["prog", "script", "link", "/bin/prog", "missing"] {
-            assert!(check_executable(dir.path(), ok, "/usr/bin:/bin").is_ok(), "{ok}");
+            assert!(
+                check_executable(dir.path(), ok, "/usr/bin:/bin").is_ok(),
+                "{ok}"
+            );
         }
         for bad in ["junk", "/bin/junk", "abs"] {
-            let e = check_executable(dir.path(), bad, "/bin").unwrap_err().to_string();
+            let e = check_executable(dir.path(), bad, "/bin")
+                .unwrap_err()
+                .to_string();
             assert!(e.contains("exec format error"), "{bad}: {e}");
         }
     }

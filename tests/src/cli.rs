@@ -17,7 +17,10 @@ pub struct Capsid {
 impl Capsid {
     /// Writes a config pointing at this build's artifacts.
     pub fn new() -> Self {
-        let dir = tempfile::Builder::new().prefix("capsid-cli").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("capsid-cli")
+            .tempdir()
+            .unwrap();
         let config = crate::sandbox::test_config(dir.path());
         let path = dir.path().join("config.toml");
         std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
@@ -56,15 +59,23 @@ impl Capsid {
         assert!(left.is_empty(), "left in the state dir: {left:?}");
         let marker = self.dir.path().display().to_string();
         for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+                continue;
+            };
             let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            assert!(!cmdline.contains(&marker), "process left running: {cmdline}");
+            assert!(
+                !cmdline.contains(&marker),
+                "process left running: {cmdline}"
+            );
         }
         // Only the image cache remains (disks, no temp files or locks).
         let cache = self.dir.path().join("cache/images");
         for entry in std::fs::read_dir(&cache).into_iter().flatten().flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            assert!(name.ends_with(".erofs") || name.ends_with(".ext4"), "cache leftover {name}");
+            assert!(
+                name.ends_with(".erofs") || name.ends_with(".ext4"),
+                "cache leftover {name}"
+            );
         }
     }
 }

@@ -23,12 +23,22 @@ fn echo_and_exit_status() {
 fn stdin_and_bulk_output_are_exact() {
     let c = Capsid::new();
     let input = c.dir.path().join("input");
-    let data: Vec<u8> = (0..32u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 24) as u8).collect();
+    let data: Vec<u8> = (0..32u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
+        .collect();
     std::fs::write(&input, &data).unwrap();
     let o = c.run(&["--", "sha256sum"], Some(&input));
-    assert_eq!(stdout(&o), format!("{:x}  -\n", Sha256::digest(&data)), "{}", stderr(&o));
+    assert_eq!(
+        stdout(&o),
+        format!("{:x}  -\n", Sha256::digest(&data)),
+        "{}",
+        stderr(&o)
+    );
 
-    let o = c.run(&["--", "sh", "-c", "head -c 52428800 /dev/zero; echo err >&2"], None);
+    let o = c.run(
+        &["--", "sh", "-c", "head -c 52428800 /dev/zero; echo err >&2"],
+        None,
+    );
     assert_eq!(o.stdout.len(), 50 << 20);
     assert!(o.stdout.iter().all(|&b| b == 0));
     assert!(stderr(&o).ends_with("err\n"), "{}", stderr(&o));
@@ -41,14 +51,34 @@ fn settings_reach_the_container() {
     let c = Capsid::new();
     let o = c.run(
         &[
-            "--env", "GREETING=hi", "--workdir", "/tmp", "--user", "1000:1000", "--hostname", "box",
-            "--rlimit", "nofile=100:200", "--", "sh", "-c",
+            "--env",
+            "GREETING=hi",
+            "--workdir",
+            "/tmp",
+            "--user",
+            "1000:1000",
+            "--hostname",
+            "box",
+            "--rlimit",
+            "nofile=100:200",
+            "--",
+            "sh",
+            "-c",
             "echo $GREETING; pwd; id -u; hostname; ulimit -n",
         ],
         None,
     );
     assert_eq!(stdout(&o), "hi\n/tmp\n1000\nbox\n100\n", "{}", stderr(&o));
-    let o = c.run(&["--read-only", "--", "sh", "-c", "touch /x 2>/dev/null && echo writable || echo read-only"], None);
+    let o = c.run(
+        &[
+            "--read-only",
+            "--",
+            "sh",
+            "-c",
+            "touch /x 2>/dev/null && echo writable || echo read-only",
+        ],
+        None,
+    );
     assert_eq!(stdout(&o), "read-only\n", "{}", stderr(&o));
     c.assert_no_leftovers();
 }
@@ -56,7 +86,19 @@ fn settings_reach_the_container() {
 #[test]
 fn memory_limit_is_enforced_and_reported() {
     let c = Capsid::new();
-    let o = c.run(&["--memory-limit", "64", "--", "dd", "if=/dev/zero", "of=/dev/null", "bs=128M", "count=1"], None);
+    let o = c.run(
+        &[
+            "--memory-limit",
+            "64",
+            "--",
+            "dd",
+            "if=/dev/zero",
+            "of=/dev/null",
+            "bs=128M",
+            "count=1",
+        ],
+        None,
+    );
     assert_eq!(o.status.code(), Some(137), "{}", stderr(&o));
     assert!(stderr(&o).contains("memory limit"), "{}", stderr(&o));
     c.assert_no_leftovers();
@@ -65,14 +107,31 @@ fn memory_limit_is_enforced_and_reported() {
 #[test]
 fn layered_image_shows_whiteouts_and_opaque_dirs() {
     let c = Capsid::new();
-    let o = c.run(&["layered", "--", "sh", "-c", "ls /data; echo --; ls /opaque; echo --; cat /etc/layer"], None);
-    assert_eq!(stdout(&o), "keep.txt\n--\nnew.txt\n--\n3\n", "{}", stderr(&o));
+    let o = c.run(
+        &[
+            "layered",
+            "--",
+            "sh",
+            "-c",
+            "ls /data; echo --; ls /opaque; echo --; cat /etc/layer",
+        ],
+        None,
+    );
+    assert_eq!(
+        stdout(&o),
+        "keep.txt\n--\nnew.txt\n--\n3\n",
+        "{}",
+        stderr(&o)
+    );
     c.assert_no_leftovers();
 }
 
 /// Starts a container that prints a line when ready, and returns the child
 /// and a reader of its stdout.
-fn start_waiting(c: &Capsid, script: &str) -> (std::process::Child, BufReader<std::process::ChildStdout>) {
+fn start_waiting(
+    c: &Capsid,
+    script: &str,
+) -> (std::process::Child, BufReader<std::process::ChildStdout>) {
     let mut child = c
         .run_cmd(&["--", "sh", "-c", script])
         .stdin(Stdio::null())
@@ -95,8 +154,10 @@ fn signal(child: &std::process::Child, sig: nix::sys::signal::Signal) {
 fn signals_reach_the_container() {
     let c = Capsid::new();
     // A trap: SIGTERM reaches it, it prints and exits 3.
-    let (child, mut out) =
-        start_waiting(&c, "trap 'echo got TERM; exit 3' TERM; echo ready; while true; do sleep 0.1; done");
+    let (child, mut out) = start_waiting(
+        &c,
+        "trap 'echo got TERM; exit 3' TERM; echo ready; while true; do sleep 0.1; done",
+    );
     signal(&child, nix::sys::signal::Signal::SIGTERM);
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
@@ -106,12 +167,20 @@ fn signals_reach_the_container() {
 
     // A container that ignores SIGINT (as a PID 1 without a handler does):
     // a second one within the grace period escalates to SIGKILL.
-    let (child, _out) = start_waiting(&c, "trap '' INT; echo ready; while true; do sleep 0.1; done");
+    let (child, _out) = start_waiting(
+        &c,
+        "trap '' INT; echo ready; while true; do sleep 0.1; done",
+    );
     signal(&child, nix::sys::signal::Signal::SIGINT);
     std::thread::sleep(Duration::from_millis(500));
     signal(&child, nix::sys::signal::Signal::SIGINT);
     let o = child.wait_with_output().unwrap();
-    assert_eq!(o.status.code(), Some(137), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        o.status.code(),
+        Some(137),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     c.assert_no_leftovers();
 }
 
@@ -123,7 +192,11 @@ fn tty_works_under_a_pty() {
         capsid_tests::bin("capsid").display(),
         c.config().display()
     );
-    let o = std::process::Command::new("script").args(["-qec", &cmd, "/dev/null"]).stdin(Stdio::null()).output().unwrap();
+    let o = std::process::Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
     let text = stdout(&o).replace('\r', "");
     assert!(text.contains("/dev/pts/"), "{text}");
     assert!(text.contains("hello-tty"), "{text}");
@@ -147,7 +220,11 @@ fn bad_input_is_one_clear_error() {
         assert_eq!(o.status.code(), Some(125), "{args:?}: {}", stderr(&o));
         let err = stderr(&o);
         assert!(err.contains(needle), "{args:?}: {err}");
-        assert_eq!(err.lines().filter(|l| l.starts_with("capsid:")).count(), 1, "{args:?}: {err}");
+        assert_eq!(
+            err.lines().filter(|l| l.starts_with("capsid:")).count(),
+            1,
+            "{args:?}: {err}"
+        );
     }
     c.assert_no_leftovers();
 
@@ -156,11 +233,23 @@ fn bad_input_is_one_clear_error() {
     let c = Capsid::new();
     let bad = c.dir.path().join("bad");
     let src = capsid_tests::artifact("images/busybox");
-    assert!(std::process::Command::new("cp").arg("-r").arg(&src).arg(&bad).status().unwrap().success());
-    let index: serde_json::Value = serde_json::from_slice(&std::fs::read(bad.join("index.json")).unwrap()).unwrap();
-    let blob = |d: &str| bad.join("blobs/sha256").join(d.trim_start_matches("sha256:"));
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(blob(index["manifests"][0]["digest"].as_str().unwrap())).unwrap()).unwrap();
+    assert!(std::process::Command::new("cp")
+        .arg("-r")
+        .arg(&src)
+        .arg(&bad)
+        .status()
+        .unwrap()
+        .success());
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(bad.join("index.json")).unwrap()).unwrap();
+    let blob = |d: &str| {
+        bad.join("blobs/sha256")
+            .join(d.trim_start_matches("sha256:"))
+    };
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(blob(index["manifests"][0]["digest"].as_str().unwrap())).unwrap(),
+    )
+    .unwrap();
     let layer = blob(manifest["layers"][0]["digest"].as_str().unwrap());
     let mut bytes = std::fs::read(&layer).unwrap();
     let mid = bytes.len() / 2;
@@ -168,9 +257,15 @@ fn bad_input_is_one_clear_error() {
     std::fs::write(&layer, bytes).unwrap();
     let o = c.run(&[bad.to_str().unwrap(), "--", "true"], None);
     assert_eq!(o.status.code(), Some(125));
-    assert!(stderr(&o).contains("does not match its digest"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("does not match its digest"),
+        "{}",
+        stderr(&o)
+    );
     c.assert_no_leftovers();
-    let cached = std::fs::read_dir(c.dir.path().join("cache/images")).map(|d| d.count()).unwrap_or(0);
+    let cached = std::fs::read_dir(c.dir.path().join("cache/images"))
+        .map(|d| d.count())
+        .unwrap_or(0);
     assert_eq!(cached, 0, "a corrupt image left something in the cache");
 }
 
