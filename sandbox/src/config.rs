@@ -103,6 +103,8 @@ pub struct Config {
     pub backend: BackendConfig,
     /// Default VM size.
     pub vm: VmConfig,
+    /// The rootfs disk cache.
+    pub cache: CacheConfig,
 }
 
 /// `[paths]`: binaries, guest assets and state directories.
@@ -171,6 +173,23 @@ impl Default for VmConfig {
         Self {
             vcpus: 1,
             memory_mib: 256,
+        }
+    }
+}
+
+/// `[cache]`: how much disk the cached rootfs images may take.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Most MiB the cached rootfs disks may take; past it the least
+    /// recently used disks that no sandbox uses are removed. 0: no limit.
+    pub max_size_mib: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            max_size_mib: 10 * 1024,
         }
     }
 }
@@ -283,12 +302,15 @@ mod tests {
             [vm]
             vcpus = 2
             memory_mib = 512
+            [cache]
+            max_size_mib = 100
             "#,
         )
         .unwrap();
         assert_eq!(c.paths.kernel, PathBuf::from("/k/vmlinux"));
         assert_eq!(c.paths.initramfs, PathsConfig::default().initramfs);
         assert_eq!(c.backend.kind, Some(BackendKind::QemuTcg));
+        assert_eq!(c.cache.max_size_mib, 100);
         assert_eq!(
             c.vm,
             VmConfig {

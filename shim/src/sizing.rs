@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 
 use capsid_sandbox::config::{VmConfig, MAX_VCPUS, MIN_MEMORY_MIB};
-use oci_spec::runtime::Spec;
+use oci_spec::runtime::{LinuxResources, Spec};
 
 /// Annotation overriding the number of vCPUs.
 pub const ANNOTATION_VCPUS: &str = "io.capsid.vcpus";
@@ -34,6 +34,9 @@ pub enum SizingError {
     /// The spec's resources ask for something no VM can be.
     #[error("OCI spec resources: {0}")]
     Resources(String),
+    /// An update asks for more than the running VM has.
+    #[error("the VM's size is fixed when it boots: {0}")]
+    Fixed(String),
 }
 
 /// Result of sizing.
@@ -97,6 +100,56 @@ pub fn vm_size(spec: &Spec, defaults: &VmConfig) -> Result<VmSize> {
         },
     };
     Ok(VmSize { vcpus, memory_mib })
+}
+
+/// Refuses a resource update the running VM cannot follow: limits must fit
+/// in its vCPUs and RAM, and the `io.capsid.*` size annotations cannot change.
+pub fn check_update(
+    resources: &LinuxResources,
+    annotations: &HashMap<String, String>,
+    size: VmSize,
+) -> Result<()> {
+    if let Some(limit) = resources
+        .memory()
+        .as_ref()
+        .and_then(|m| m.limit())
+        .filter(|l| *l > 0)
+    {
+        let room = u64::from(size.memory_mib.saturating_sub(MEMORY_HEADROOM_MIB)) << 20;
+        if limit.unsigned_abs() > room {
+            return Err(SizingError::Fixed(format!(
+                "a memory limit of {} MiB does not fit in the VM's {} MiB \
+                 (at most {} MiB for the container)",
+                limit.unsigned_abs().div_ceil(1 << 20),
+                size.memory_mib,
+                room >> 20
+            )));
+        }
+    }
+    let cpu = resources.cpu().as_ref();
+    if let (Some(quota), Some(period)) = (cpu.and_then(|c| c.quota()), cpu.and_then(|c| c.period()))
+    {
+        if quota > 0 && period > 0 && quota.unsigned_abs().div_ceil(period) > u64::from(size.vcpus)
+        {
+            return Err(SizingError::Fixed(format!(
+                "a CPU quota of {quota}/{period} needs more than the VM's {} vCPUs",
+                size.vcpus
+            )));
+        }
+    }
+    for (key, current) in [
+        (ANNOTATION_VCPUS, size.vcpus),
+        (ANNOTATION_MEMORY_MIB, size.memory_mib),
+    ] {
+        if let Some(value) = annotations.get(key) {
+            if value.trim().parse::<u32>().ok() != Some(current) {
+                return Err(SizingError::Fixed(format!(
+                    "{key} cannot change from {current} to {value:?}"
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn annotation(
@@ -196,6 +249,48 @@ mod tests {
         ));
         let e = vm_size(&s, &VmConfig::default()).unwrap_err().to_string();
         assert!(e.contains("io.capsid.memory_mib"), "{e}");
+    }
+
+    #[test]
+    fn updates_must_fit_the_vm() {
+        let size = VmSize {
+            vcpus: 2,
+            memory_mib: 256,
+        };
+        let res = |json: &str| -> LinuxResources { serde_json::from_str(json).unwrap() };
+        let none = HashMap::new();
+        check_update(&res(r#"{"memory":{"limit":134217728}}"#), &none, size).unwrap();
+        check_update(
+            &res(r#"{"cpu":{"quota":200000,"period":100000}}"#),
+            &none,
+            size,
+        )
+        .unwrap();
+        check_update(&res(r#"{"pids":{"limit":10}}"#), &none, size).unwrap();
+        let e = check_update(&res(r#"{"memory":{"limit":1073741824}}"#), &none, size)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("1024 MiB does not fit in the VM's 256 MiB"),
+            "{e}"
+        );
+        let e = check_update(
+            &res(r#"{"cpu":{"quota":300000,"period":100000}}"#),
+            &none,
+            size,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("2 vCPUs"), "{e}");
+        let grow: HashMap<String, String> =
+            [(ANNOTATION_VCPUS.to_string(), "4".to_string())].into();
+        let e = check_update(&res("{}"), &grow, size)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("io.capsid.vcpus cannot change from 2"), "{e}");
+        let same: HashMap<String, String> =
+            [(ANNOTATION_MEMORY_MIB.to_string(), "256".to_string())].into();
+        check_update(&res("{}"), &same, size).unwrap();
     }
 
     #[test]

@@ -76,6 +76,11 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         self.dir.path().join("root")
     }
 
+    /// The private state directory (task bundles live under it).
+    pub fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
     /// A `ctr` command talking to this containerd.
     pub fn ctr(&self) -> Command {
         let mut cmd = Command::new("ctr");

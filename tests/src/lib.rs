@@ -8,6 +8,7 @@ pub mod initramfs;
 pub mod oci;
 pub mod qemu;
 pub mod sandbox;
+pub mod shim;
 pub mod vhost;
 pub mod vmm;
 pub mod vsock;

@@ -88,8 +88,50 @@ impl RootfsCache {
     /// (reported through `progress`) and cached.
     pub fn prepare(&self, image: &Image, progress: &dyn Fn(&str)) -> Result<PreparedRootfs> {
         let key = image.chain_key();
-        if let Some(hit) = self.lookup(&key)? {
-            tracing::debug!(image = %image.name, path = %hit.path.display(), "rootfs cache hit");
+        self.prepare_key(&key, &image.name, &|mkfs, unique, out| {
+            let staging = RemoveOnDrop::new(self.dir.join(format!("{key}.staging-{unique}")));
+            fs::create_dir(&staging.0)
+                .map_err(|source| cache_error("create", &staging.0, source))?;
+            unpack::unpack_layers(image, &staging.0, progress)?;
+            let message = match (mkfs.fs_type, self.fs_type) {
+                (FsType::Ext4, None) => {
+                    "building ext4 image (mkfs.erofs is not installed)".to_string()
+                }
+                (fs_type, _) => format!("building {fs_type} image"),
+            };
+            tracing::info!(image = %image.name, key, "{message}");
+            progress(&message);
+            mkfs.build(&staging.0, out)
+        })
+    }
+
+    /// The disk of a directory tree that never changes while `key` names it
+    /// (`key`: 64 hex digits the caller derives from the tree's identity,
+    /// e.g. containerd's committed layer snapshots): from the cache, or
+    /// built from `dir` as it is and cached. `name` is for logs.
+    pub fn prepare_dir(&self, key: &str, name: &str, dir: &Path) -> Result<PreparedRootfs> {
+        if !is_key(key) {
+            return Err(ImageError::Invalid(format!(
+                "cache key {key:?} is not 64 hex digits"
+            )));
+        }
+        self.prepare_key(key, name, &|mkfs, _, out| {
+            tracing::info!(name, key, dir = %dir.display(), "building {} image", mkfs.fs_type);
+            mkfs.build(dir, out)
+        })
+    }
+
+    /// The disk for `key`: a leased cache hit, or `produce(mkfs, unique,
+    /// out)` builds it at the temporary path `out` under the key's build
+    /// lock and it is published.
+    fn prepare_key(
+        &self,
+        key: &str,
+        name: &str,
+        produce: &dyn Fn(&Mkfs, &str, &Path) -> Result<()>,
+    ) -> Result<PreparedRootfs> {
+        if let Some(hit) = self.lookup(key)? {
+            tracing::debug!(name, path = %hit.path.display(), "rootfs cache hit");
             return Ok(hit);
         }
         fs::create_dir_all(&self.dir).map_err(|source| ImageError::Cache {
@@ -99,10 +141,10 @@ impl RootfsCache {
         })?;
         let _build_lock = BuildLock::acquire(&self.dir.join(format!("{key}.lock")))?;
         // Another process may have built it while this one waited.
-        if let Some(hit) = self.lookup(&key)? {
+        if let Some(hit) = self.lookup(key)? {
             return Ok(hit);
         }
-        self.build(image, &key, progress)
+        self.build(name, key, produce)
     }
 
     /// A cached disk for `key`, leased; `None` if there is none.
@@ -140,27 +182,22 @@ impl RootfsCache {
         self.dir.join(format!("{key}.{fs_type}"))
     }
 
-    /// Unpacks, builds and publishes the disk; called with the build lock.
-    fn build(&self, image: &Image, key: &str, progress: &dyn Fn(&str)) -> Result<PreparedRootfs> {
+    /// Builds (through `produce`) and publishes the disk; called with the
+    /// build lock.
+    fn build(
+        &self,
+        name: &str,
+        key: &str,
+        produce: &dyn Fn(&Mkfs, &str, &Path) -> Result<()>,
+    ) -> Result<PreparedRootfs> {
         let mkfs = Mkfs::detect(self.fs_type)?;
         let unique = format!(
             "{}-{}",
             std::process::id(),
             TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
         );
-        let staging = RemoveOnDrop::new(self.dir.join(format!("{key}.staging-{unique}")));
-        fs::create_dir(&staging.0).map_err(|source| cache_error("create", &staging.0, source))?;
-        unpack::unpack_layers(image, &staging.0, progress)?;
-
-        let message = match (mkfs.fs_type, self.fs_type) {
-            (FsType::Ext4, None) => "building ext4 image (mkfs.erofs is not installed)".to_string(),
-            (fs_type, _) => format!("building {fs_type} image"),
-        };
-        tracing::info!(image = %image.name, key, "{message}");
-        progress(&message);
         let temp = RemoveOnDrop::new(self.dir.join(format!("{key}.tmp-{unique}")));
-        mkfs.build(&staging.0, &temp.0)?;
-        drop(staging);
+        produce(&mkfs, &unique, &temp.0)?;
 
         let file = File::open(&temp.0).map_err(|source| cache_error("open", &temp.0, source))?;
         file.sync_all()
@@ -177,7 +214,7 @@ impl RootfsCache {
         }
         let size = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         tracing::info!(
-            image = %image.name,
+            image = %name,
             path = %path.display(),
             size = %super::human_size(size),
             "cached rootfs disk"
@@ -476,6 +513,28 @@ mod tests {
         assert!(live_temp.exists());
         drop(building);
         assert_eq!(fs::read_dir(cache.dir()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_directory_is_built_once_then_reused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = RootfsCache::new(&tmp.path().join("cache")).with_fs_type(FsType::Ext4);
+        if Mkfs::detect(Some(FsType::Ext4)).is_err() {
+            return;
+        }
+        let tree = tmp.path().join("tree");
+        fs::create_dir_all(tree.join("etc")).unwrap();
+        fs::write(tree.join("etc/motd"), b"hi").unwrap();
+        let key = "a1".repeat(32);
+        let first = cache.prepare_dir(&key, "tree", &tree).unwrap();
+        assert!(!first.cache_hit);
+        assert_eq!(first.path, cache.dir().join(format!("{key}.ext4")));
+        let second = cache.prepare_dir(&key, "tree", &tree).unwrap();
+        assert!(second.cache_hit);
+        // Only the disk remains: no lock, staging or temporary files.
+        assert_eq!(fs::read_dir(cache.dir()).unwrap().count(), 1);
+        let e = cache.prepare_dir("../x", "tree", &tree).unwrap_err();
+        assert!(e.to_string().contains("64 hex digits"), "{e}");
     }
 
     #[test]

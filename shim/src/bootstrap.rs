@@ -1,0 +1,286 @@
+//! The shim v2 process contract as containerd 1.6 speaks it:
+//!
+//! * `start`: spawn the serving daemon (its own process group), wait until
+//!   it listens, print its address (`unix:///run/containerd/s/<hash>`) as a
+//!   plain line and exit 0;
+//! * serve mode (no action): the Task API on that socket, registered as
+//!   `containerd.task.v2.Task` (what containerd 1.6 calls) and
+//!   `containerd.task.v3.Task` (newer containerd), events to
+//!   `$TTRPC_ADDRESS`, until Shutdown or SIGTERM;
+//! * `delete`: [`crate::cleanup`], then a `DeleteResponse` on stdout.
+//!
+//! containerd-shim's own `run` is not used: it answers `start` with the
+//! JSON of the newer bootstrap protocol, which containerd 1.6 would take
+//! for the address, and it registers the v3 service name only.
+
+use std::io::{IsTerminal, Read, Write};
+use std::os::unix::net::UnixListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+
+use capsid_sandbox::config::CONFIG_ENV;
+use containerd_shim::publisher::RemotePublisher;
+use containerd_shim::Flags;
+use containerd_shim_protos::api::DeleteResponse;
+use containerd_shim_protos::protobuf::{Message, MessageField};
+use containerd_shim_protos::shim_async::{create_task, Task};
+use containerd_shim_protos::ttrpc::r#async::transport::Listener;
+use containerd_shim_protos::ttrpc::r#async::Server;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::cleanup::{self, ADDRESS_FILE};
+use crate::events::Events;
+use crate::options::{self, OptionsError};
+use crate::shutdown::Shutdown;
+use crate::task::TaskService;
+
+/// The service name containerd 1.6 calls.
+pub const TASK_SERVICE_V2: &str = "containerd.task.v2.Task";
+/// The service name the protos crate generates (containerd 2.x).
+pub const TASK_SERVICE_V3: &str = "containerd.task.v3.Task";
+/// What the daemon tells `start` once it listens.
+const READY: &str = "ready";
+/// Exit status containerd records for a task whose shim died.
+const KILLED_STATUS: u32 = 128 + 9;
+
+/// Errors of the shim's actions.
+#[derive(Debug, thiserror::Error)]
+pub enum BootstrapError {
+    /// A flag is missing.
+    #[error("missing -{0}")]
+    MissingFlag(&'static str),
+    /// The runtime options are unusable.
+    #[error(transparent)]
+    Options(#[from] OptionsError),
+    /// A system call or file operation failed.
+    #[error("cannot {what}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The daemon did not come up.
+    #[error("the shim daemon failed to start: {0}")]
+    Daemon(String),
+    /// containerd's event service is unreachable.
+    #[error("cannot connect to containerd's event service at {address}: {message}")]
+    Publisher {
+        /// `$TTRPC_ADDRESS`.
+        address: String,
+        /// What failed.
+        message: String,
+    },
+    /// The ttrpc server failed.
+    #[error("ttrpc server: {0}")]
+    Server(String),
+}
+
+/// Result of the shim's actions.
+pub type Result<T> = std::result::Result<T, BootstrapError>;
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BootstrapError {
+    let what = what.into();
+    move |source| BootstrapError::Io { what, source }
+}
+
+fn socket_path(address: &str) -> &Path {
+    Path::new(address.strip_prefix("unix://").unwrap_or(address))
+}
+
+/// `start`: returns the address to print.
+pub fn start(flags: &Flags) -> Result<String> {
+    if flags.id.is_empty() {
+        return Err(BootstrapError::MissingFlag("id"));
+    }
+    if flags.namespace.is_empty() {
+        return Err(BootstrapError::MissingFlag("namespace"));
+    }
+    let mut input = Vec::new();
+    if !std::io::stdin().is_terminal() {
+        std::io::stdin()
+            .take(1 << 20)
+            .read_to_end(&mut input)
+            .map_err(io_err("read the runtime options"))?;
+    }
+    let config_path = options::config_path_from_start_input(&input)?;
+    let address = containerd_shim::socket_address(&flags.address, &flags.namespace, &flags.id);
+    let socket = socket_path(&address);
+    if socket.exists() {
+        if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+            // A live shim for this task: reuse it.
+            return Ok(address);
+        }
+        std::fs::remove_file(socket)
+            .map_err(io_err(format!("remove stale {}", socket.display())))?;
+    }
+
+    let exe = std::env::current_exe().map_err(io_err("find the shim binary"))?;
+    let mut cmd = Command::new(exe);
+    cmd.args(["-namespace", &flags.namespace, "-id", &flags.id])
+        .args(["-address", &flags.address, "-socket", &address]);
+    if !flags.publish_binary.is_empty() {
+        cmd.args(["-publish-binary", &flags.publish_binary]);
+    }
+    if flags.debug {
+        cmd.arg("-debug");
+    }
+    if let Some(path) = &config_path {
+        cmd.env(CONFIG_ENV, path);
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    let mut child = cmd.spawn().map_err(io_err("spawn the shim daemon"))?;
+    let mut said = String::new();
+    if let Some(mut out) = child.stdout.take() {
+        let _ = out.read_to_string(&mut said);
+    }
+    if said.trim() != READY {
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
+        let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
+        return Err(BootstrapError::Daemon(format!("{status}: {}", err.trim())));
+    }
+    std::fs::write(ADDRESS_FILE, &address).map_err(io_err("write the address file"))?;
+    tracing::info!(id = %flags.id, %address, pid = child.id(), "shim started");
+    Ok(address)
+}
+
+/// `delete`: cleans up and returns the serialized DeleteResponse.
+pub fn delete(flags: &Flags) -> Result<Vec<u8>> {
+    let bundle = if flags.bundle.is_empty() {
+        std::env::current_dir().map_err(io_err("find the bundle"))?
+    } else {
+        PathBuf::from(&flags.bundle)
+    };
+    tracing::info!(id = %flags.id, bundle = %bundle.display(), "delete");
+    cleanup::clean_up(&bundle);
+    let response = DeleteResponse {
+        pid: 0,
+        exit_status: KILLED_STATUS,
+        exited_at: MessageField::some(crate::process::timestamp(std::time::SystemTime::now())),
+        ..Default::default()
+    };
+    response
+        .write_to_bytes()
+        .map_err(|e| BootstrapError::Server(e.to_string()))
+}
+
+/// Serve mode: the Task API until the shim is shut down.
+pub async fn serve(flags: &Flags, log: Option<std::fs::File>) -> Result<()> {
+    if flags.socket.is_empty() {
+        return Err(BootstrapError::MissingFlag("socket"));
+    }
+    let socket = socket_path(&flags.socket).to_path_buf();
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir).map_err(io_err(format!("create {}", dir.display())))?;
+    }
+    let listener =
+        UnixListener::bind(&socket).map_err(io_err(format!("listen on {}", socket.display())))?;
+    let listener =
+        Listener::try_from(listener).map_err(io_err(format!("listen on {}", socket.display())))?;
+
+    let address = std::env::var("TTRPC_ADDRESS").unwrap_or_default();
+    let publisher =
+        RemotePublisher::new(&address)
+            .await
+            .map_err(|e| BootstrapError::Publisher {
+                address: address.clone(),
+                message: e.to_string(),
+            })?;
+    let events = Events::forward_to(publisher, flags.namespace.clone());
+    let shutdown = Shutdown::default();
+    let service = Arc::new(TaskService::new(
+        flags.namespace.clone(),
+        events,
+        shutdown.clone(),
+    ));
+    let task: Arc<dyn Task + Send + Sync> = service.clone();
+    let mut services = create_task(task.clone());
+    if let Some(v3) = create_task(task).remove(TASK_SERVICE_V3) {
+        services.insert(TASK_SERVICE_V2.to_string(), v3);
+    }
+    let mut server = Server::new()
+        .add_listener(listener)
+        .register_service(services);
+    server
+        .start()
+        .await
+        .map_err(|e| BootstrapError::Server(e.to_string()))?;
+    announce_ready(log)?;
+    tracing::info!(id = %flags.id, socket = %socket.display(), pid = std::process::id(), "serving");
+
+    let mut term = signal(SignalKind::terminate()).map_err(io_err("handle SIGTERM"))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(io_err("handle SIGINT"))?;
+    tokio::select! {
+        _ = shutdown.wait() => {}
+        _ = term.recv() => tracing::info!("SIGTERM"),
+        _ = int.recv() => tracing::info!("SIGINT"),
+    }
+    service.destroy_all().await;
+    let _ = server.shutdown().await;
+    let _ = std::fs::remove_file(&socket);
+    tracing::info!(id = %flags.id, "shim exiting");
+    Ok(())
+}
+
+/// Tells `start` the daemon listens (it reads stdout to its end), and
+/// points stderr at the log so that nothing is written to a closed pipe.
+fn announce_ready(log: Option<std::fs::File>) -> Result<()> {
+    let mut out = std::io::stdout();
+    writeln!(out, "{READY}")
+        .and_then(|_| out.flush())
+        .map_err(io_err("tell start the shim is ready"))?;
+    let null = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/null")
+        .map_err(io_err("open /dev/null"))?;
+    nix::unistd::dup2_stdout(&null).map_err(|e| io_err("close stdout")(e.into()))?;
+    let err_sink = log.unwrap_or(null);
+    nix::unistd::dup2_stderr(&err_sink).map_err(|e| io_err("redirect stderr")(e.into()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_are_unix_paths() {
+        assert_eq!(
+            socket_path("unix:///run/containerd/s/abc"),
+            Path::new("/run/containerd/s/abc")
+        );
+        assert_eq!(socket_path("/x/y"), Path::new("/x/y"));
+    }
+
+    #[test]
+    fn start_needs_an_id() {
+        let flags = Flags::default();
+        assert!(matches!(
+            start(&flags),
+            Err(BootstrapError::MissingFlag("id"))
+        ));
+    }
+
+    #[test]
+    fn delete_answers_with_a_killed_status() {
+        let dir = tempfile::tempdir().unwrap();
+        let flags = Flags {
+            bundle: dir.path().display().to_string(),
+            id: "t1".into(),
+            ..Default::default()
+        };
+        let bytes = delete(&flags).unwrap();
+        let resp = DeleteResponse::parse_from_bytes(&bytes).unwrap();
+        assert_eq!(resp.exit_status, 137);
+        assert!(resp.exited_at.is_some());
+    }
+}

@@ -1,0 +1,217 @@
+//! The `delete` action: containerd runs it in the bundle when a shim died
+//! or a Create failed. It removes whatever the state file says the sandbox
+//! made — the VM's processes (recognised by start time, and any process
+//! whose command line names the sandbox's run directory), the layer mount,
+//! the run directory with its sockets, per-container disks — and the
+//! shim's own socket. Running it twice is harmless.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::rootfs;
+use crate::state::{ProcessRef, ShimState};
+
+/// How long killed VM processes get to disappear.
+const KILL_WAIT: Duration = Duration::from_secs(5);
+/// The file in the bundle holding the shim's socket address.
+pub const ADDRESS_FILE: &str = "address";
+
+/// What a cleanup did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct CleanupReport {
+    /// Host processes killed.
+    pub killed: Vec<u32>,
+    /// Files and directories removed.
+    pub removed: Vec<PathBuf>,
+}
+
+/// Cleans up after the shim of `bundle`.
+pub fn clean_up(bundle: &Path) -> CleanupReport {
+    let mut report = CleanupReport::default();
+    let state = match ShimState::load(bundle) {
+        Ok(state) => state,
+        Err(e) => {
+            tracing::warn!(error = %crate::describe(&e), "unreadable state file; cleaning what can be found");
+            None
+        }
+    };
+    if let Some(state) = &state {
+        let mut victims: Vec<ProcessRef> = state
+            .vm_processes
+            .iter()
+            .copied()
+            .filter(ProcessRef::is_alive)
+            .collect();
+        if !state.run_dir.as_os_str().is_empty() {
+            for pid in processes_naming(&state.run_dir) {
+                if let Some(p) = ProcessRef::of(pid) {
+                    if !victims.contains(&p) {
+                        victims.push(p);
+                    }
+                }
+            }
+        }
+        for p in &victims {
+            let Ok(raw) = i32::try_from(p.pid) else {
+                continue;
+            };
+            if kill(Pid::from_raw(raw), Signal::SIGKILL).is_ok() {
+                tracing::info!(pid = p.pid, "killed sandbox process");
+                report.killed.push(p.pid);
+            }
+        }
+        let deadline = Instant::now() + KILL_WAIT;
+        while victims.iter().any(ProcessRef::is_alive) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if let Some(mp) = &state.mount_point {
+            rootfs::unmount(mp);
+        }
+        if remove(&state.run_dir) {
+            report.removed.push(state.run_dir.clone());
+        }
+        for file in &state.scratch_files {
+            if remove(file) {
+                report.removed.push(file.clone());
+            }
+        }
+    }
+    if let Some(socket) = shim_socket(bundle) {
+        if std::os::unix::net::UnixStream::connect(&socket).is_err() && remove(&socket) {
+            report.removed.push(socket);
+        }
+    }
+    if let Err(e) = ShimState::remove(bundle) {
+        tracing::warn!(error = %crate::describe(&e), "cannot remove state file");
+    }
+    tracing::info!(killed = ?report.killed, removed = ?report.removed, "cleaned up");
+    report
+}
+
+/// The shim's socket path, from the bundle's `address` file.
+fn shim_socket(bundle: &Path) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(bundle.join(ADDRESS_FILE)).ok()?;
+    let path = text.trim().strip_prefix("unix://").unwrap_or(text.trim());
+    (!path.is_empty()).then(|| PathBuf::from(path))
+}
+
+/// Removes a file or directory tree; whether something was there.
+fn remove(path: &Path) -> bool {
+    if path.as_os_str().is_empty() {
+        return false;
+    }
+    let result = match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(path),
+        Ok(_) => std::fs::remove_file(path),
+        Err(_) => return false,
+    };
+    match result {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot remove");
+            false
+        }
+    }
+}
+
+/// Processes (other than this one) with an argument inside `dir`.
+pub fn processes_naming(dir: &Path) -> Vec<u32> {
+    let needle = format!("{}/", dir.display());
+    let me = std::process::id();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        .filter(|pid| *pid != me)
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| {
+                    c.split(|b| *b == 0)
+                        .any(|arg| String::from_utf8_lossy(arg).contains(&needle))
+                })
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    #[test]
+    fn a_dead_shims_leftovers_go_and_twice_is_fine() {
+        let tmp = tempfile::tempdir().unwrap();
+        let bundle = tmp.path().join("bundle");
+        let run_dir = tmp.path().join("run/default-t1");
+        let sibling = tmp.path().join("run/default-t10");
+        std::fs::create_dir_all(&bundle).unwrap();
+        std::fs::create_dir_all(&run_dir).unwrap();
+        std::fs::create_dir_all(&sibling).unwrap();
+        std::fs::write(run_dir.join("vsock.sock"), b"").unwrap();
+        let scratch = tmp.path().join("disk.erofs");
+        std::fs::write(&scratch, b"disk").unwrap();
+        // A "VM process" found by its command line (cat waits on its
+        // stdin before it looks at its file argument), and one of a
+        // sandbox whose name merely starts the same way.
+        let cat = |arg: PathBuf| {
+            Command::new("cat")
+                .arg("-")
+                .arg(arg)
+                .stdin(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        };
+        let mut ours = cat(run_dir.join("x"));
+        let mut theirs = cat(sibling.join("x"));
+        let recorded = Command::new("sleep").arg("1000").spawn().unwrap();
+        let state = ShimState {
+            sandbox: "default-t1".into(),
+            run_dir: run_dir.clone(),
+            vm_processes: vec![ProcessRef::of(recorded.id()).unwrap()],
+            mount_point: Some(bundle.join("capsid-lowers")),
+            scratch_files: vec![scratch.clone()],
+        };
+        state.save(&bundle).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+
+        let report = clean_up(&bundle);
+        let mut recorded = recorded;
+        assert!(recorded.wait().is_ok());
+        assert!(report.killed.contains(&recorded.id()), "{report:?}");
+        assert!(ours.wait().is_ok());
+        assert!(report.killed.contains(&ours.id()), "{report:?}");
+        assert!(!report.killed.contains(&theirs.id()), "{report:?}");
+        assert!(
+            theirs.try_wait().unwrap().is_none(),
+            "a sibling sandbox was hit"
+        );
+        assert!(!run_dir.exists() && !scratch.exists());
+        assert!(sibling.exists());
+        assert!(!crate::state::path(&bundle).exists());
+
+        assert_eq!(clean_up(&bundle), CleanupReport::default());
+        theirs.kill().unwrap();
+        theirs.wait().unwrap();
+    }
+
+    #[test]
+    fn the_address_file_names_the_socket() {
+        let tmp = tempfile::tempdir().unwrap();
+        assert_eq!(shim_socket(tmp.path()), None);
+        std::fs::write(
+            tmp.path().join(ADDRESS_FILE),
+            "unix:///run/containerd/s/ab\n",
+        )
+        .unwrap();
+        assert_eq!(
+            shim_socket(tmp.path()),
+            Some(PathBuf::from("/run/containerd/s/ab"))
+        );
+    }
+}

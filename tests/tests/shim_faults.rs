@@ -1,0 +1,196 @@
+//! capsid's shim under stress and failure: bad input refused with one
+//! clear error and nothing left, concurrent containers, the VM or the shim
+//! killed with SIGKILL, and a batch of run/delete cycles that must leave no
+//! processes, mounts, files or containerd fds behind.
+
+use std::time::{Duration, Instant};
+
+use capsid_tests::shim::{Background, ShimHarness, BUSYBOX};
+
+const LONG: Duration = Duration::from_secs(120);
+/// Run/delete cycles of the leak check (`CAPSID_SHIM_CYCLES` overrides: 100
+/// by hand takes about four minutes under TCG).
+const CYCLES: usize = 10;
+
+#[test]
+fn bad_input_fails_create_with_one_clear_error() {
+    let h = ShimHarness::start();
+    let bad_kernel = h.config().with_file_name("missing-kernel.toml");
+    let text = std::fs::read_to_string(h.config()).unwrap();
+    let text = text.replace("vmlinux\"", "vmlinux-missing\"");
+    std::fs::write(&bad_kernel, text).unwrap();
+    let bad_kernel = bad_kernel.display().to_string();
+    let cases: [(&str, Vec<&str>, &str); 5] = [
+        (
+            "b1",
+            vec!["--annotation", "io.capsid.vcpus=lots"],
+            "annotation io.capsid.vcpus=\"lots\": not a whole number",
+        ),
+        (
+            "b2",
+            vec!["--annotation", "io.capsid.memory_mib=8"],
+            "annotation io.capsid.memory_mib=\"8\": must be between 64",
+        ),
+        (
+            "b3",
+            vec!["--mount", "type=bind,src=/tmp,dst=/host,options=rbind:rw"],
+            "host bind mount /tmp -> /host is not supported",
+        ),
+        (
+            "b4",
+            vec!["--runtime-config-path", &bad_kernel],
+            "vmlinux-missing does not exist",
+        ),
+        (
+            "b5",
+            vec!["--annotation", "io.capsid.vcpus=99"],
+            "annotation io.capsid.vcpus=\"99\": must be between 1 and 32",
+        ),
+    ];
+    for (id, flags, expected) in &cases {
+        let mut all = vec!["--rm"];
+        all.extend(flags);
+        let (code, out, err) = capsid_tests::run(&mut h.run_cmd(&all, BUSYBOX, id, &["true"]));
+        assert_ne!(code, 0, "{id} ran: {out}");
+        let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("ctr: ")).collect();
+        assert_eq!(errors.len(), 1, "{id}: {err}");
+        assert!(errors[0].contains(expected), "{id}: {err}");
+    }
+    let ids: Vec<&str> = cases.iter().map(|c| c.0).collect();
+    h.assert_clean(&ids);
+    let (_, out, _) = h.ctr(&["container", "ls", "-q"]);
+    assert_eq!(out.trim(), "", "containers left: {out}");
+}
+
+#[test]
+fn ten_concurrent_containers_succeed_and_clean_up() {
+    let h = ShimHarness::start();
+    let ids: Vec<String> = (0..10).map(|i| format!("c{i}")).collect();
+    let runs: Vec<Background> = ids
+        .iter()
+        .map(|id| {
+            Background::spawn(h.run_cmd(
+                &["--rm"],
+                BUSYBOX,
+                id,
+                &["sh", "-c", &format!("echo ok-{id}")],
+            ))
+        })
+        .collect();
+    for (id, bg) in ids.iter().zip(runs) {
+        let (code, out, err) = bg.wait(Duration::from_secs(300));
+        assert_eq!(code, 0, "{id}: {err}\n{}", h.log_tail());
+        assert_eq!(out, format!("ok-{id}\n"));
+    }
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    h.assert_clean(&ids);
+}
+
+#[test]
+fn killing_the_vm_ends_the_task_with_a_fault() {
+    let h = ShimHarness::start();
+    h.run_detached("v1", &["sleep", "1000"]);
+    let pids = h.vm_pids("v1");
+    let qemu = pids
+        .iter()
+        .copied()
+        .find(|p| {
+            capsid_tests::shim::cmdline(*p)
+                .first()
+                .is_some_and(|a| a.contains("qemu"))
+        })
+        .expect("the VM's QEMU process");
+    kill9(qemu);
+    h.wait_status("v1", "STOPPED", LONG);
+    let (code, _, err) = h.ctr(&["task", "delete", "v1"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("exit code 255"), "{err}");
+    let (code, _, err) = h.ctr(&["container", "delete", "v1"]);
+    assert_eq!(code, 0, "{err}");
+    h.assert_clean(&["v1"]);
+}
+
+#[test]
+fn killing_the_shim_lets_containerd_clean_up() {
+    let h = ShimHarness::start();
+    h.run_detached("s1", &["sleep", "1000"]);
+    assert!(!h.vm_pids("s1").is_empty());
+    let shim = h.shim_pid("s1").expect("the shim of s1");
+    kill9(shim);
+    // containerd notices, runs `delete` in the bundle, and forgets the task.
+    let start = Instant::now();
+    while !h.status("s1").is_empty() {
+        assert!(start.elapsed() < LONG, "task s1 still listed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Its cleanup report arrives in containerd's log once `delete` is done.
+    let start = Instant::now();
+    while !h.log().contains("killed sandbox process") {
+        assert!(
+            start.elapsed() < LONG,
+            "no cleanup report\n{}",
+            h.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (code, _, err) = h.ctr(&["container", "delete", "s1"]);
+    assert_eq!(code, 0, "{err}");
+    h.assert_clean(&["s1"]);
+}
+
+#[test]
+fn run_delete_cycles_leave_nothing_behind() {
+    let cycles = std::env::var("CAPSID_SHIM_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(CYCLES);
+    let h = ShimHarness::start();
+    // One cycle first: containerd opens what it keeps open for good.
+    let (code, _, err) = h.run("warm", BUSYBOX, &["true"]);
+    assert_eq!(code, 0, "{err}");
+    h.assert_clean(&["warm"]);
+    let fds_before = containerd_fds(&h);
+    let start = Instant::now();
+    for i in 0..cycles {
+        let id = format!("cycle{i}");
+        let (code, out, err) = h.run(&id, BUSYBOX, &["echo", &id]);
+        assert_eq!(code, 0, "{id}: {err}\n{}", h.log_tail());
+        assert_eq!(out, format!("{id}\n"));
+    }
+    let elapsed = start.elapsed();
+    let ids: Vec<String> = (0..cycles).map(|i| format!("cycle{i}")).collect();
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    h.assert_clean(&ids);
+    let fds_after = containerd_fds(&h);
+    eprintln!(
+        "{cycles} run/delete cycles in {elapsed:?}; containerd fds {fds_before} -> {fds_after}"
+    );
+    assert!(
+        fds_after <= fds_before + 2,
+        "containerd fds grew from {fds_before} to {fds_after}"
+    );
+}
+
+fn kill9(pid: u32) {
+    let st = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+/// containerd's open fds (its pid found by its config path).
+fn containerd_fds(h: &ShimHarness) -> usize {
+    let root = h.ctrd.root().parent().unwrap().display().to_string();
+    let pid = capsid_tests::shim::processes_with(&root)
+        .into_iter()
+        .find(|p| {
+            capsid_tests::shim::cmdline(*p)
+                .first()
+                .is_some_and(|a| a.ends_with("containerd"))
+        })
+        .expect("containerd's pid");
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
