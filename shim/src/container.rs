@@ -132,6 +132,9 @@ pub struct Container {
     agent: Agent,
     sandbox: Mutex<Option<Sandbox>>,
     vm_exit: watch::Receiver<Option<VmExit>>,
+    /// An OOM kill was published as TaskOOM already (the agent's event and
+    /// a process's exit status both tell of it; containerd hears it once).
+    oom_reported: Arc<AtomicBool>,
     execs: Mutex<HashMap<String, Arc<Process>>>,
     paused: AtomicBool,
     rootfs: Mutex<Option<RootfsDisk>>,
@@ -326,6 +329,7 @@ impl Container {
             agent,
             sandbox: Mutex::new(sandbox),
             vm_exit,
+            oom_reported: Arc::new(AtomicBool::new(false)),
             execs: Mutex::new(HashMap::new()),
             paused: AtomicBool::new(false),
             rootfs: Mutex::new(partial.rootfs.take()),
@@ -338,6 +342,7 @@ impl Container {
             container.agent.clone(),
             container.id.clone(),
             container.events.clone(),
+            container.oom_reported.clone(),
         ));
         if let Ok(mut bg) = container.background.lock() {
             bg.extend([monitor, oom]);
@@ -640,7 +645,14 @@ impl Container {
             }
         };
         match waited {
-            Ok(w) => ExitInfo::from_agent(w.exit_status, w.exited_at_unix_ns),
+            Ok(w) => {
+                // The exit can overtake the agent's OOM event: make sure
+                // containerd hears of the OOM kill before the exit.
+                if w.oom_killed {
+                    publish_oom(&self.events, &self.id, &self.oom_reported);
+                }
+                ExitInfo::from_agent(w.exit_status, w.exited_at_unix_ns)
+            }
             Err(e) => {
                 // The connection to the agent broke: the VM is going down.
                 let exit =
@@ -708,16 +720,24 @@ async fn monitor_vm(container: std::sync::Weak<Container>, tx: watch::Sender<Opt
 }
 
 /// Forwards the agent's OOM events as TaskOOM.
-async fn forward_oom(agent: Agent, id: String, events: Events) {
+async fn forward_oom(agent: Agent, id: String, events: Events, reported: Arc<AtomicBool>) {
     while let Ok(ev) = agent.next_event().await {
         if ev.container_id == id && matches!(ev.kind, Some(event::Kind::Oom(_))) {
-            tracing::warn!(container = %id, "OOM kill in the container");
-            events.publish(TaskOOM {
-                container_id: id.clone(),
-                ..Default::default()
-            });
+            publish_oom(&events, &id, &reported);
         }
     }
+}
+
+/// Publishes TaskOOM for container `id`, once.
+fn publish_oom(events: &Events, id: &str, reported: &AtomicBool) {
+    if reported.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        return;
+    }
+    tracing::warn!(container = %id, "OOM kill in the container");
+    events.publish(TaskOOM {
+        container_id: id.to_string(),
+        ..Default::default()
+    });
 }
 
 fn poisoned() -> ContainerError {
