@@ -15,7 +15,7 @@ BINARIES    := capsid capsid-vmm capsid-vhost containerd-shim-capsid-v2
 APT_PACKAGES := build-essential pkg-config python3 cpio xz-utils \
 	linux-source-6.1 flex bison bc libelf-dev libssl-dev \
 	qemu-system-x86 busybox-static erofs-utils e2fsprogs \
-	containerd runc iproute2 containernetworking-plugins util-linux
+	containerd runc iproute2 containernetworking-plugins iptables nftables util-linux
 
 .PHONY: all deps kernel agent guest-tool initramfs images assets build release test install demo clean
 

@@ -1,8 +1,11 @@
 //! `capsid`: containers in microVMs from the command line.
 #![forbid(unsafe_code)]
 
+mod bench;
 mod check;
+mod network;
 mod run;
+mod stats;
 mod tty;
 
 use std::path::PathBuf;
@@ -27,6 +30,10 @@ enum Command {
     Check(check::CheckArgs),
     /// Runs a container in its own microVM.
     Run(Box<run::RunArgs>),
+    /// Shows every running sandbox's memory: assigned, touched, reclaimed.
+    Stats(stats::StatsArgs),
+    /// Measures start-up latency (phase by phase) and memory per sandbox.
+    Bench(Box<bench::BenchArgs>),
 }
 
 fn main() -> ExitCode {
@@ -36,10 +43,14 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        // A closing span logs how long it took: the phases of `capsid run`.
+        .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Check(args) => check::run(cli.config.as_deref(), &args),
+        Command::Stats(args) => stats::run(cli.config.as_deref(), &args),
+        Command::Bench(args) => bench::run(cli.config.as_deref(), *args).map(|()| ExitCode::SUCCESS),
         Command::Run(args) => {
             let code = match tokio::runtime::Runtime::new() {
                 Ok(rt) => {

@@ -6,6 +6,7 @@
 
 use std::path::Path;
 
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
@@ -13,12 +14,15 @@ use capsid_protocol::agent::{BlockLayer, CreateContainerRequest, Rootfs};
 use capsid_sandbox::backend::DiskSpec;
 use capsid_sandbox::config::{Config, MAX_VCPUS, MIN_MEMORY_MIB};
 use capsid_sandbox::image::{self, RootfsCache};
+use capsid_sandbox::network::GuestDns;
 use capsid_sandbox::sandbox::{self as sb, Sandbox, SandboxOptions};
 use capsid_sandbox::spec::{self, ImageDefaults, RunOptions};
 use capsid_sandbox::stdio::{Streams, StreamsWanted};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tracing::Instrument;
 use tokio::signal::unix::{signal, SignalKind};
 
+use crate::bench::timings::{Recorder, TIMINGS_ENV};
 use crate::tty::RawMode;
 
 /// The serial of the rootfs disk the guest mounts.
@@ -62,9 +66,23 @@ pub struct RunArgs {
     /// cgroup memory limit of the container, in MiB.
     #[arg(long, value_name = "MiB")]
     memory_limit: Option<u64>,
+    /// Keep the host's balloon policy away from this sandbox's memory.
+    #[arg(long)]
+    no_balloon: bool,
     /// Resource limit, e.g. `nofile=1024:2048` (repeatable).
     #[arg(long = "rlimit", value_name = "NAME=SOFT[:HARD]")]
     rlimits: Vec<String>,
+    /// Network: `none` (no NIC; the default without --publish) or
+    /// `bridge` (the CNI network of the config).
+    #[arg(long, value_name = "none|bridge")]
+    network: Option<String>,
+    /// Publish a container port on the host, `HOST:CONTAINER[/tcp|udp]`
+    /// (repeatable; implies --network bridge).
+    #[arg(short = 'p', long = "publish", value_name = "HOST:CONTAINER[/PROTO]")]
+    publish: Vec<String>,
+    /// Name server for the container's /etc/resolv.conf (repeatable).
+    #[arg(long = "dns", value_name = "IP")]
+    dns: Vec<String>,
     /// Command and arguments (default: the image's).
     #[arg(last = true, value_name = "CMD")]
     command: Vec<String>,
@@ -79,11 +97,31 @@ struct Phases {
     created: Duration,
     started: Duration,
     exited: Duration,
+    first_output: Option<Duration>,
 }
 
 /// Runs the container; returns its exit status.
 pub async fn run(config_path: Option<&Path>, args: RunArgs) -> anyhow::Result<i32> {
-    let t0 = Instant::now();
+    let mut timings = Recorder::new();
+    let result = run_timed(config_path, args, &mut timings)
+        .instrument(tracing::info_span!("capsid_run"))
+        .await;
+    // Machine-readable phases for `capsid bench` (see docs/performance.md).
+    if let Some(path) = std::env::var_os(TIMINGS_ENV) {
+        timings.finish(&result);
+        if let Err(e) = timings.write(Path::new(&path)) {
+            eprintln!("capsid: {e:#}");
+        }
+    }
+    result
+}
+
+async fn run_timed(
+    config_path: Option<&Path>,
+    args: RunArgs,
+    timings: &mut Recorder,
+) -> anyhow::Result<i32> {
+    let t0 = timings.origin();
     let config = Config::load(config_path)?;
     let memory_mib = args.memory.unwrap_or(config.vm.memory_mib);
     if memory_mib < MIN_MEMORY_MIB {
@@ -93,6 +131,8 @@ pub async fn run(config_path: Option<&Path>, args: RunArgs) -> anyhow::Result<i3
     if vcpus == 0 || vcpus > MAX_VCPUS {
         bail!("--cpus {vcpus}: must be between 1 and {MAX_VCPUS}");
     }
+    let net_plan = crate::network::Plan::parse(args.network.as_deref(), &args.publish, &args.dns)?;
+    net_plan.check_ports()?;
     let reference = args
         .image
         .clone()
@@ -108,9 +148,11 @@ pub async fn run(config_path: Option<&Path>, args: RunArgs) -> anyhow::Result<i3
         let rootfs = cache.prepare(&image, &|msg| eprintln!("capsid: {msg}"))?;
         Ok((image.config, rootfs))
     })
+    .instrument(tracing::info_span!("rootfs"))
     .await
     .context("image task")??;
     let rootfs_time = t0.elapsed();
+    timings.phases().rootfs_ready_ms = Some(timings.now());
 
     let id = format!("run-{}", std::process::id());
     let defaults = image_defaults(&image_config);
@@ -135,7 +177,14 @@ pub async fn run(config_path: Option<&Path>, args: RunArgs) -> anyhow::Result<i3
     }
 
     let backend = sb::backend_for(&config)?;
-    let sandbox = Sandbox::start(
+    // From here until the container runs, a signal ends the start-up
+    // through the clean-up below instead of killing us mid-way.
+    let mut early_signals = EarlySignals::catch();
+    let net = net_plan.setup(&config, &id).await?;
+    let dns = net_plan.resolver(net.as_ref());
+    let backend_kind = backend.kind();
+    let start_called = Instant::now();
+    let start = Sandbox::start(
         &config,
         backend,
         SandboxOptions {
@@ -147,11 +196,25 @@ pub async fn run(config_path: Option<&Path>, args: RunArgs) -> anyhow::Result<i3
                 readonly: true,
                 serial: ROOTFS_SERIAL.into(),
             }],
-            net: None,
+            net: net.as_ref().and_then(|n| n.net_spec()),
             kernel_args: vec![],
+            network: net.as_ref().and_then(|n| n.guest_network()),
+            balloon_opt_out: args.no_balloon,
         },
     )
-    .await?;
+    .instrument(tracing::info_span!("sandbox_start"));
+    let started = tokio::select! {
+        started = start => started.map_err(anyhow::Error::from),
+        sig = early_signals.recv() => Err(anyhow!("interrupted by signal {sig} while starting the VM")),
+    };
+    let sandbox = match started {
+        Ok(sandbox) => sandbox,
+        Err(e) => {
+            crate::network::teardown(net).await;
+            return Err(e);
+        }
+    };
+    timings.sandbox_started(backend_kind.as_str(), start_called, &sandbox.timings);
     let mut phases = Phases {
         rootfs: rootfs_time,
         vm_spawned: rootfs_time + sandbox.timings.vm_spawned,
@@ -160,15 +223,22 @@ pub async fn run(config_path: Option<&Path>, args: RunArgs) -> anyhow::Result<i3
     };
     let result = run_in(
         &sandbox,
-        &id,
         &oci,
         rootfs.fs_type.as_str(),
+        &dns,
         args.tty,
         t0,
         &mut phases,
     )
+    .instrument(tracing::info_span!("container"))
     .await;
-    sandbox.stop().await;
+    record_phases(timings, &phases);
+    sandbox
+        .stop()
+        .instrument(tracing::info_span!("vm_stop"))
+        .await;
+    timings.phases().vm_gone_ms = Some(timings.now());
+    crate::network::teardown(net).await;
     drop(rootfs);
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     tracing::info!(
@@ -184,7 +254,18 @@ pub async fn run(config_path: Option<&Path>, args: RunArgs) -> anyhow::Result<i3
     result
 }
 
-fn image_defaults(config: &oci_spec::image::ImageConfiguration) -> ImageDefaults {
+/// Copies the container phases (durations since the origin; zero: not
+/// reached) into the timings record.
+fn record_phases(timings: &mut Recorder, phases: &Phases) {
+    let at = |d: Duration| (!d.is_zero()).then(|| d.as_secs_f64() * 1000.0);
+    let p = timings.phases();
+    p.container_created_ms = at(phases.created);
+    p.process_started_ms = at(phases.started);
+    p.exit_reported_ms = at(phases.exited);
+    p.first_output_ms = phases.first_output.and_then(at);
+}
+
+pub(crate) fn image_defaults(config: &oci_spec::image::ImageConfiguration) -> ImageDefaults {
     let c = config.config().clone().unwrap_or_default();
     ImageDefaults {
         entrypoint: c.entrypoint().clone().unwrap_or_default(),
@@ -197,13 +278,15 @@ fn image_defaults(config: &oci_spec::image::ImageConfiguration) -> ImageDefaults
 
 async fn run_in(
     sandbox: &Sandbox,
-    id: &str,
     oci: &oci_spec::runtime::Spec,
     fs_type: &str,
+    dns: &GuestDns,
     tty: bool,
     t0: Instant,
     phases: &mut Phases,
 ) -> anyhow::Result<i32> {
+    // The container is named after its sandbox.
+    let id = sandbox.id();
     let agent = sandbox.agent();
     let pending = sandbox.bind_streams(StreamsWanted {
         stdin: true,
@@ -226,6 +309,9 @@ async fn run_in(
         .unwrap_or(false);
     req.rootfs = protobuf::MessageField::some(rootfs);
     req.stdio = protobuf::MessageField::some(pending.stdio.clone());
+    req.dns_servers = dns.servers.clone();
+    req.dns_search = dns.search.clone();
+    req.dns_options = dns.options.clone();
 
     let accept = pending.accept();
     tokio::pin!(accept);
@@ -252,7 +338,8 @@ async fn run_in(
     agent.start_process(id, "").await?;
     phases.started = t0.elapsed();
 
-    let pumps = start_pumps(streams);
+    let first_output = Arc::new(OnceLock::new());
+    let pumps = start_pumps(streams, first_output.clone());
     let signals = forward_signals(agent.clone(), id.to_string(), tty);
     let exit = tokio::select! {
         waited = agent.wait_process(id, "") => waited?,
@@ -264,6 +351,9 @@ async fn run_in(
     phases.exited = t0.elapsed();
     // All output reaches our stdout/stderr before we report the exit.
     pumps.drain().await;
+    phases.first_output = first_output
+        .get()
+        .map(|at: &Instant| at.saturating_duration_since(t0));
     signals.abort();
     drop(raw);
     if exit.oom_killed {
@@ -285,7 +375,27 @@ impl Pumps {
     }
 }
 
-fn start_pumps(streams: Streams) -> Pumps {
+/// Copies `from` to `to`, noting when the first byte arrived.
+async fn copy_noting_first<R, W>(mut from: R, mut to: W, first: Arc<OnceLock<Instant>>)
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; 8192];
+    let Ok(n) = from.read(&mut buf).await else {
+        return;
+    };
+    if n > 0 {
+        let _ = first.set(Instant::now());
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+        let _ = tokio::io::copy(&mut from, &mut to).await;
+    }
+    let _ = to.flush().await;
+}
+
+fn start_pumps(streams: Streams, first_output: Arc<OnceLock<Instant>>) -> Pumps {
     if let Some(mut to_guest) = streams.stdin {
         // Detached: a read from our stdin may block forever (a terminal),
         // and must not hold up the exit.
@@ -296,19 +406,20 @@ fn start_pumps(streams: Streams) -> Pumps {
         });
     }
     let mut outputs = Vec::new();
-    if let Some(mut from) = streams.stdout {
-        outputs.push(tokio::spawn(async move {
-            let mut out = tokio::io::stdout();
-            let _ = tokio::io::copy(&mut from, &mut out).await;
-            let _ = out.flush().await;
-        }));
+    if let Some(from) = streams.stdout {
+        let first = first_output.clone();
+        outputs.push(tokio::spawn(copy_noting_first(
+            from,
+            tokio::io::stdout(),
+            first,
+        )));
     }
-    if let Some(mut from) = streams.stderr {
-        outputs.push(tokio::spawn(async move {
-            let mut err = tokio::io::stderr();
-            let _ = tokio::io::copy(&mut from, &mut err).await;
-            let _ = err.flush().await;
-        }));
+    if let Some(from) = streams.stderr {
+        outputs.push(tokio::spawn(copy_noting_first(
+            from,
+            tokio::io::stderr(),
+            first_output,
+        )));
     }
     Pumps { outputs }
 }
@@ -367,4 +478,43 @@ fn forward_signals(
             }
         }
     })
+}
+
+/// SIGINT, SIGTERM, SIGHUP and SIGQUIT caught while the sandbox starts.
+struct EarlySignals(Vec<(tokio::signal::unix::Signal, i32)>);
+
+impl EarlySignals {
+    /// Catches them from now on (they no longer end the process by
+    /// themselves).
+    fn catch() -> Self {
+        let kinds = [
+            (SignalKind::interrupt(), 2),
+            (SignalKind::terminate(), 15),
+            (SignalKind::hangup(), 1),
+            (SignalKind::quit(), 3),
+        ];
+        Self(
+            kinds
+                .into_iter()
+                .filter_map(|(kind, num)| signal(kind).ok().map(|s| (s, num)))
+                .collect(),
+        )
+    }
+
+    /// The number of the first one that arrives.
+    async fn recv(&mut self) -> i32 {
+        if self.0.is_empty() {
+            return futures::future::pending().await;
+        }
+        let next = futures::future::select_all(self.0.iter_mut().map(|(s, n)| {
+            let n = *n;
+            Box::pin(async move {
+                match s.recv().await {
+                    Some(()) => n,
+                    None => futures::future::pending().await,
+                }
+            })
+        }));
+        next.await.0
+    }
 }

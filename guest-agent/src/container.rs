@@ -171,6 +171,8 @@ pub struct CreateRequest {
     pub dns_servers: Vec<String>,
     /// resolv.conf search domains.
     pub dns_search: Vec<String>,
+    /// resolv.conf options.
+    pub dns_options: Vec<String>,
 }
 
 impl Agent {
@@ -278,8 +280,17 @@ impl Agent {
                 other => internal("assembling the rootfs", &other),
             })?;
         let hostname = spec.hostname().clone().unwrap_or_default();
-        rootfs::write_etc(&dirs.rootfs, &hostname, &req.dns_servers, &req.dns_search)
-            .map_err(|e| internal("writing /etc", &e))?;
+        rootfs::write_etc(
+            &dirs.rootfs,
+            &hostname,
+            &req.dns_servers,
+            &req.dns_search,
+            &req.dns_options,
+        )
+        .map_err(|e| match e {
+            rootfs::RootfsError::Invalid(_) => ContainerError::Invalid(e.to_string()),
+            other => internal("writing /etc", &other),
+        })?;
 
         adapt_spec(spec, &dirs.rootfs, &req.id, req.stdio.terminal)?;
         check_program(spec, &dirs.rootfs)?;

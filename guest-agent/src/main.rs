@@ -13,6 +13,7 @@
 mod container;
 mod host;
 mod mount;
+mod netconf;
 mod netif;
 mod reaper;
 mod rootfs;
@@ -124,7 +125,8 @@ async fn serve(port: u32, boot: BootInfo) -> Result<(), String> {
 
 use futures::StreamExt as _;
 
-fn monotonic_ns() -> u64 {
+/// CLOCK_MONOTONIC in nanoseconds (0 if unreadable).
+pub(crate) fn monotonic_ns() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .map(|t| {
             u64::try_from(t.tv_sec()).unwrap_or(0) * 1_000_000_000

@@ -231,7 +231,9 @@ pub fn write_etc(
     hostname: &str,
     dns_servers: &[String],
     dns_search: &[String],
+    dns_options: &[String],
 ) -> Result<()> {
+    check_resolver(dns_servers, dns_search, dns_options)?;
     let etc = rootfs.join("etc");
     mkdir(&etc)?;
     let write = |name: &str, text: String| {
@@ -268,7 +270,30 @@ pub fn write_etc(
         if !dns_search.is_empty() {
             text.push_str(&format!("search {}\n", dns_search.join(" ")));
         }
+        if !dns_options.is_empty() {
+            text.push_str(&format!("options {}\n", dns_options.join(" ")));
+        }
         write("resolv.conf", text)?;
+    }
+    Ok(())
+}
+
+/// Name servers must be IP addresses; search domains and options single
+/// printable words (each becomes part of one resolv.conf line).
+fn check_resolver(servers: &[String], search: &[String], options: &[String]) -> Result<()> {
+    if let Some(bad) = servers
+        .iter()
+        .find(|s| s.parse::<std::net::IpAddr>().is_err())
+    {
+        return Err(RootfsError::Invalid(format!(
+            "DNS server {bad:?} is not an IP address"
+        )));
+    }
+    let word = |w: &String| !w.is_empty() && w.chars().all(|c| c.is_ascii_graphic());
+    if let Some(bad) = search.iter().chain(options).find(|w| !word(w)) {
+        return Err(RootfsError::Invalid(format!(
+            "DNS search domain or option {bad:?} is not one printable word"
+        )));
     }
     Ok(())
 }
@@ -418,6 +443,7 @@ mod tests {
             "box",
             &["10.0.0.1".into()],
             &["example.org".into()],
+            &["ndots:2".into()],
         )
         .unwrap();
         assert_eq!(
@@ -429,8 +455,23 @@ mod tests {
             .contains("localhost box"));
         assert_eq!(
             fs::read_to_string(dir.path().join("etc/resolv.conf")).unwrap(),
-            "nameserver 10.0.0.1\nsearch example.org\n"
+            "nameserver 10.0.0.1\nsearch example.org\noptions ndots:2\n"
         );
         assert!(!outside.exists(), "write followed the symlink");
+    }
+
+    #[test]
+    fn bad_resolver_settings_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = |v: &str| vec![v.to_string()];
+        for (servers, search, options) in [
+            (s("10.0.0.1\nnameserver 1.2.3.4"), vec![], vec![]),
+            (s("dns.example"), vec![], vec![]),
+            (s("10.0.0.1"), s("a b"), vec![]),
+            (s("10.0.0.1"), vec![], s("")),
+        ] {
+            let err = write_etc(dir.path(), "", &servers, &search, &options).unwrap_err();
+            assert!(matches!(err, RootfsError::Invalid(_)), "{err}");
+        }
     }
 }

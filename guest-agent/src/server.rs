@@ -51,6 +51,7 @@ impl AgentService for Service {
         r.version = env!("CARGO_PKG_VERSION").to_string();
         r.agent_started_ns = self.agent.boot.agent_started_ns;
         r.kernel_boot_ns = self.agent.boot.kernel_boot_ns;
+        r.now_ns = crate::monotonic_ns();
         Ok(r)
     }
 
@@ -66,6 +67,7 @@ impl AgentService for Service {
             stdio: req.stdio.into_option().unwrap_or_default(),
             dns_servers: req.dns_servers,
             dns_search: req.dns_search,
+            dns_options: req.dns_options,
         };
         let pid = self.agent.create(create).await.map_err(status)?;
         let mut r = CreateContainerResponse::new();
@@ -202,4 +204,33 @@ impl AgentService for Service {
         self.shutdown.notify_one();
         Ok(Empty::new())
     }
+
+    async fn configure_network(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ConfigureNetworkRequest,
+    ) -> TtrpcResult<Empty> {
+        let plan = crate::netconf::plan(&req).map_err(netconf_status)?;
+        tokio::task::spawn_blocking(move || crate::netconf::apply(&plan))
+            .await
+            .map_err(|e| {
+                netconf_status(crate::netconf::NetconfError::Invalid(format!(
+                    "network task: {e}"
+                )))
+            })?
+            .map_err(netconf_status)?;
+        Ok(Empty::new())
+    }
+}
+
+fn netconf_status(e: crate::netconf::NetconfError) -> TtrpcError {
+    let code = match &e {
+        crate::netconf::NetconfError::Invalid(_) => Code::INVALID_ARGUMENT,
+        crate::netconf::NetconfError::NoSuchInterface { .. } => Code::NOT_FOUND,
+        crate::netconf::NetconfError::Netlink { .. } => Code::INTERNAL,
+    };
+    let mut s = Status::new();
+    s.set_code(code);
+    s.set_message(e.to_string());
+    TtrpcError::RpcStatus(s)
 }

@@ -99,6 +99,18 @@ impl Agent {
             .await?)
     }
 
+    /// Configures the guest's network interfaces and routes.
+    pub async fn configure_network(
+        &self,
+        network: &crate::network::GuestNetwork,
+    ) -> Result<()> {
+        let req = crate::network::configure_request(network);
+        self.client
+            .configure_network(ctx(Some(CALL_TIMEOUT)), &req)
+            .await?;
+        Ok(())
+    }
+
     /// Creates the container (its init is prepared, not started).
     pub async fn create_container(&self, req: &CreateContainerRequest) -> Result<u32> {
         Ok(self

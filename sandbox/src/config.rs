@@ -9,6 +9,9 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+mod memory;
+pub use memory::MemoryConfig;
+
 /// Where the configuration is read from unless told otherwise.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/capsid/config.toml";
 /// Environment variable naming another configuration file.
@@ -105,6 +108,10 @@ pub struct Config {
     pub vm: VmConfig,
     /// The rootfs disk cache.
     pub cache: CacheConfig,
+    /// The network `capsid run --network bridge` joins.
+    pub network: NetworkConfig,
+    /// Over-assignment and the balloon policy.
+    pub memory: MemoryConfig,
 }
 
 /// `[paths]`: binaries, guest assets and state directories.
@@ -194,6 +201,33 @@ impl Default for CacheConfig {
     }
 }
 
+/// `[network]`: the CNI network of `capsid run --network bridge`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// IPv4 subnet of the bundled network (`ADDRESS/PREFIX`); the bridge
+    /// takes its first address, containers the others.
+    pub subnet: String,
+    /// Linux bridge of the bundled network.
+    pub bridge: String,
+    /// Where CNI plugins are looked up, in order (`CNI_PATH`).
+    pub plugin_dirs: Vec<PathBuf>,
+    /// A CNI conflist used instead of the bundled network (`subnet` and
+    /// `bridge` then do not apply).
+    pub conflist: Option<PathBuf>,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        Self {
+            subnet: "10.213.0.0/24".into(),
+            bridge: "capsid0".into(),
+            plugin_dirs: vec![PathBuf::from("/usr/lib/cni"), PathBuf::from("/opt/cni/bin")],
+            conflist: None,
+        }
+    }
+}
+
 /// Smallest guest RAM the guest kernel and agent boot in.
 pub const MIN_MEMORY_MIB: u32 = 64;
 /// Most vCPUs the guest kernel is built for (`CONFIG_NR_CPUS`).
@@ -256,6 +290,18 @@ impl Config {
                     "{} MiB is below the {MIN_MEMORY_MIB} MiB a guest needs",
                     self.vm.memory_mib
                 ),
+            });
+        }
+        if let Err(message) = crate::cni::conflist::check_subnet(&self.network.subnet) {
+            return Err(ConfigError::Value {
+                key: "network.subnet",
+                message,
+            });
+        }
+        if let Err(message) = crate::cni::conflist::check_ifname(&self.network.bridge) {
+            return Err(ConfigError::Value {
+                key: "network.bridge",
+                message,
             });
         }
         Ok(())
@@ -348,6 +394,21 @@ mod tests {
     fn missing_explicit_file_is_an_error() {
         let e = Config::load(Some(Path::new("/nonexistent/capsid.toml"))).unwrap_err();
         assert!(matches!(e, ConfigError::Read { .. }));
+    }
+
+    #[test]
+    fn network_section_is_read_and_checked() {
+        let c = Config::parse(
+            "[network]\nsubnet = \"10.9.0.0/16\"\nbridge = \"br9\"\nplugin_dirs = [\"/x\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.network.subnet, "10.9.0.0/16");
+        assert_eq!(c.network.bridge, "br9");
+        assert_eq!(c.network.plugin_dirs, [PathBuf::from("/x")]);
+        let e = Config::parse("[network]\nsubnet = \"10.9.0.0\"\n").unwrap_err();
+        assert!(e.to_string().contains("network.subnet"), "{e}");
+        let e = Config::parse("[network]\nbridge = \"a-very-long-bridge\"\n").unwrap_err();
+        assert!(e.to_string().contains("network.bridge"), "{e}");
     }
 
     #[test]

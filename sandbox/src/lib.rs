@@ -3,11 +3,14 @@
 //! themselves and the agent client.
 
 pub mod agent;
+pub mod balloon;
 pub mod backend;
 pub mod check;
+pub mod cni;
 pub mod config;
 pub mod image;
 pub mod locate;
+pub mod network;
 pub mod sandbox;
 pub mod spec;
 pub mod stdio;

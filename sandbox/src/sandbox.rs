@@ -20,6 +20,10 @@ pub enum SandboxError {
     /// The VM could not be started.
     #[error(transparent)]
     Backend(#[from] BackendError),
+    /// The memory registry refused the sandbox (over-assignment limit) or
+    /// cannot be written.
+    #[error(transparent)]
+    Balloon(#[from] crate::balloon::BalloonError),
     /// The agent failed.
     #[error(transparent)]
     Agent(#[from] AgentError),
@@ -63,6 +67,12 @@ pub struct SandboxOptions {
     pub net: Option<NetSpec>,
     /// Extra kernel arguments.
     pub kernel_args: Vec<String>,
+    /// The guest's interface configuration (addresses, routes, MTU), sent
+    /// to the agent before [`Sandbox::start`] returns. DNS is not applied
+    /// here: it goes into each container's CreateContainer request.
+    pub network: Option<crate::network::GuestNetwork>,
+    /// Keep the balloon policy away from this sandbox's memory.
+    pub balloon_opt_out: bool,
 }
 
 /// When each start-up phase finished, from [`Sandbox::start`]'s call.
@@ -74,6 +84,18 @@ pub struct StartTimings {
     pub agent_connected: Duration,
     /// Guest kernel uptime when the agent started (from Health).
     pub guest_boot_to_agent: Duration,
+    /// When [`Sandbox::start`] was called (the origin of the durations).
+    pub started_at: Option<Instant>,
+    /// The Health request was sent (host side).
+    pub health_sent: Duration,
+    /// The Health response arrived (host side).
+    pub health_received: Duration,
+    /// Guest CLOCK_MONOTONIC when the agent started as PID 1 (from Health).
+    pub guest_agent_started: Duration,
+    /// Guest CLOCK_MONOTONIC when the agent answered Health; `None` from an
+    /// agent that does not report it. Guest time g maps to host time
+    /// `started_at + (health_sent + health_received) / 2 - (now - g)`.
+    pub guest_now_at_health: Option<Duration>,
 }
 
 /// A running VM with a connected agent.
@@ -84,6 +106,8 @@ pub struct Sandbox {
     agent: Agent,
     vsock_path: PathBuf,
     ports: PortAllocator,
+    /// The sandbox's entry for the balloon policy; removed when dropped.
+    _balloon_registration: Option<crate::balloon::registry::Registration>,
     /// Start-up timing.
     pub timings: StartTimings,
 }
@@ -118,6 +142,15 @@ impl Sandbox {
         opts: SandboxOptions,
     ) -> Result<Self> {
         let start = Instant::now();
+        // Refused here when over the over-assignment limit, before
+        // anything is made; deregistered when dropped, on any error too.
+        let mut balloon_registration = crate::balloon::register_sandbox(
+            config,
+            &opts.id,
+            backend.kind(),
+            opts.memory_mib,
+            !opts.balloon_opt_out,
+        )?;
         let run_dir = config.paths.state_dir.join(&opts.id);
         std::fs::create_dir_all(&run_dir).map_err(|source| SandboxError::Io {
             what: format!("run directory {}", run_dir.display()),
@@ -162,6 +195,11 @@ impl Sandbox {
             }
         };
         let vm_spawned = start.elapsed();
+        if let Some(reg) = balloon_registration.as_mut() {
+            if let Err(e) = reg.attach_vm(vm.pids().first().copied(), vm.balloon()) {
+                tracing::warn!(id = %opts.id, error = %e, "cannot record the VM for the balloon policy");
+            }
+        }
         let vm = Arc::new(Mutex::new(vm));
         // Either the agent connects, or the VM dies first and we say why.
         let agent = tokio::select! {
@@ -179,6 +217,7 @@ impl Sandbox {
             }
         };
         let agent_connected = start.elapsed();
+        let health_sent = start.elapsed();
         let health = match agent.health().await {
             Ok(h) => h,
             Err(e) => {
@@ -186,17 +225,31 @@ impl Sandbox {
                 return Err(e.into());
             }
         };
+        let health_received = start.elapsed();
         tracing::info!(id = %opts.id, version = %health.version, ?agent_connected, "agent connected");
+        if let Some(network) = &opts.network {
+            if let Err(e) = agent.configure_network(network).await {
+                stop_vm(&vm);
+                return Err(e.into());
+            }
+        }
         Ok(Self {
             id: opts.id,
             vm,
             agent,
             vsock_path,
             ports: PortAllocator::default(),
+            _balloon_registration: balloon_registration,
             timings: StartTimings {
                 vm_spawned,
                 agent_connected,
                 guest_boot_to_agent: Duration::from_nanos(health.kernel_boot_ns),
+                started_at: Some(start),
+                health_sent,
+                health_received,
+                guest_agent_started: Duration::from_nanos(health.agent_started_ns),
+                guest_now_at_health: (health.now_ns > 0)
+                    .then(|| Duration::from_nanos(health.now_ns)),
             },
         })
     }
@@ -209,6 +262,11 @@ impl Sandbox {
     /// The agent.
     pub fn agent(&self) -> &Agent {
         &self.agent
+    }
+
+    /// The VM's balloon.
+    pub fn balloon(&self) -> Option<crate::balloon::BalloonHandle> {
+        self.vm.lock().ok().and_then(|vm| vm.balloon())
     }
 
     /// Host processes of the VM.

@@ -2,8 +2,8 @@
 //! or a Create failed. It removes whatever the state file says the sandbox
 //! made — the VM's processes (recognised by start time, and any process
 //! whose command line names the sandbox's run directory), the layer mount,
-//! the run directory with its sockets, per-container disks — and the
-//! shim's own socket. Running it twice is harmless.
+//! the run directory with its sockets, per-container disks, the tap in the
+//! container's network namespace — and the shim's own socket. Running it twice is harmless.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -69,6 +69,10 @@ pub fn clean_up(bundle: &Path) -> CleanupReport {
         }
         if let Some(mp) = &state.mount_point {
             rootfs::unmount(mp);
+        }
+        // After the VM's processes: none holds the tap open any more.
+        if let Some(net) = &state.network {
+            crate::network::detach_leftovers(net);
         }
         if remove(&state.run_dir) {
             report.removed.push(state.run_dir.clone());
@@ -176,6 +180,7 @@ mod tests {
             vm_processes: vec![ProcessRef::of(recorded.id()).unwrap()],
             mount_point: Some(bundle.join("capsid-lowers")),
             scratch_files: vec![scratch.clone()],
+            network: None,
         };
         state.save(&bundle).unwrap();
         std::thread::sleep(Duration::from_millis(50));

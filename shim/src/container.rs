@@ -17,6 +17,7 @@ use capsid_sandbox::agent::{Agent, AgentError};
 use capsid_sandbox::backend::{DiskSpec, VmExit};
 use capsid_sandbox::config::Config;
 use capsid_sandbox::image::RootfsCache;
+use capsid_sandbox::network::{NetworkError, TapAttachment};
 use capsid_sandbox::sandbox::{backend_for, Sandbox, SandboxError, SandboxOptions};
 use capsid_sandbox::stdio::PendingStreams;
 use containerd_shim_protos::events::task::{TaskExit, TaskOOM};
@@ -28,6 +29,7 @@ use tokio::task::JoinHandle;
 
 use crate::events::Events;
 use crate::io::{IoError, ProcessIo, StdioPaths};
+use crate::network;
 use crate::process::{ExitInfo, Process, Status};
 use crate::rootfs::{self, RootfsDisk, RootfsError, RootfsSource};
 use crate::sizing::{self, SizingError, VmSize};
@@ -95,6 +97,9 @@ pub enum ContainerError {
     /// The state file failed.
     #[error(transparent)]
     State(#[from] StateError),
+    /// The network could not be attached.
+    #[error(transparent)]
+    Network(#[from] NetworkError),
     /// A host-side task failed.
     #[error("internal error: {0}")]
     Internal(String),
@@ -138,6 +143,7 @@ pub struct Container {
     execs: Mutex<HashMap<String, Arc<Process>>>,
     paused: AtomicBool,
     rootfs: Mutex<Option<RootfsDisk>>,
+    network: Mutex<Option<TapAttachment>>,
     config: Config,
     events: Events,
     background: Mutex<Vec<JoinHandle<()>>>,
@@ -164,12 +170,16 @@ struct Partial {
     state: ShimState,
     rootfs: Option<RootfsDisk>,
     sandbox: Option<Sandbox>,
+    network: Option<TapAttachment>,
 }
 
 impl Partial {
     async fn undo(mut self) {
         if let Some(sb) = self.sandbox.take() {
             sb.stop().await;
+        }
+        if let Some(att) = self.network.take() {
+            network::detach(att).await;
         }
         release_rootfs(self.rootfs.take());
         if let Some(mp) = &self.state.mount_point {
@@ -224,10 +234,17 @@ impl Container {
         })?;
         let mut spec: Spec = serde_json::from_slice(&text)
             .map_err(|e| ContainerError::SpecParse(oci_spec::OciSpecError::SerDe(e)))?;
+        let netns = network::netns_path(&spec);
+        if let Some(path) = &netns {
+            network::check_netns(path).map_err(|e| ContainerError::Invalid(e.to_string()))?;
+        }
+        // Read before adapt() drops the bind mount that carries it.
+        let spec_dns = network::dns_from_spec(&spec);
         for change in spec::adapt(&mut spec)? {
             tracing::info!(container = %req.id, "{change}");
         }
         let size = sizing::vm_size(&spec, &config.vm)?;
+        let balloon_policy = sizing::balloon_policy(&spec)?;
         req.stdio.validate()?;
         let root = spec
             .root()
@@ -267,14 +284,22 @@ impl Container {
         let fs_type = disk.prepared.fs_type.to_string();
         partial.rootfs = Some(disk);
 
+        if let Some(path) = &netns {
+            let record = network::record_for(path, &name);
+            partial.state.network = Some(record.clone());
+            partial.state.save(&req.bundle)?;
+            partial.network = Some(network::attach(&record).await?);
+        }
         let backend = backend_for(&config)?;
         let opts = SandboxOptions {
             id: name.clone(),
             vcpus: size.vcpus,
             memory_mib: size.memory_mib,
             disks: vec![disk_spec],
-            net: None,
+            net: partial.network.as_ref().map(TapAttachment::net_spec),
             kernel_args: Vec::new(),
+            network: partial.network.as_ref().map(|a| a.guest.clone()),
+            balloon_opt_out: !balloon_policy,
         };
         let sandbox = Sandbox::start(&config, backend, opts).await?;
         partial.state.vm_processes = sandbox
@@ -314,6 +339,18 @@ impl Container {
             .unwrap_or(false);
         create.rootfs = protobuf::MessageField::some(rootfs);
         create.stdio = protobuf::MessageField::some(pending.stdio.clone());
+        let dns = spec_dns.or_else(|| {
+            partial
+                .network
+                .as_ref()
+                .map(|a| a.guest.dns.clone())
+                .filter(|d| !d.is_empty())
+        });
+        if let Some(dns) = dns {
+            create.dns_servers = dns.servers;
+            create.dns_search = dns.search;
+            create.dns_options = dns.options;
+        }
         let (pid, streams) = with_streams(pending, agent.create_container(&create)).await?;
         let init = Process::new("", req.stdio.clone());
         init.set_pid(pid);
@@ -333,6 +370,7 @@ impl Container {
             execs: Mutex::new(HashMap::new()),
             paused: AtomicBool::new(false),
             rootfs: Mutex::new(partial.rootfs.take()),
+            network: Mutex::new(partial.network.take()),
             config,
             events,
             background: Mutex::new(Vec::new()),
@@ -580,6 +618,10 @@ impl Container {
         if let Some(sandbox) = sandbox {
             let exit = sandbox.stop().await;
             tracing::info!(container = %self.id, ?exit, "sandbox stopped");
+        }
+        let attachment = self.network.lock().ok().and_then(|mut n| n.take());
+        if let Some(attachment) = attachment {
+            network::detach(attachment).await;
         }
         release_rootfs(self.rootfs.lock().ok().and_then(|mut r| r.take()));
         self.evict_cache();

@@ -14,6 +14,9 @@ use oci_spec::runtime::{LinuxResources, Spec};
 pub const ANNOTATION_VCPUS: &str = "io.capsid.vcpus";
 /// Annotation overriding guest RAM, in MiB.
 pub const ANNOTATION_MEMORY_MIB: &str = "io.capsid.memory_mib";
+/// Annotation opting a sandbox in or out of the balloon policy: `on`
+/// (default) or `off` (the host never reclaims its memory).
+pub const ANNOTATION_BALLOON_POLICY: &str = "io.capsid.balloon.policy";
 /// Guest RAM added to a container's memory limit for the guest kernel, the
 /// agent and page tables.
 pub const MEMORY_HEADROOM_MIB: u32 = 64;
@@ -176,6 +179,23 @@ fn annotation(
     Ok(Some(n))
 }
 
+/// Whether the balloon policy may reclaim memory from `spec`'s sandbox.
+pub fn balloon_policy(spec: &Spec) -> Result<bool> {
+    let value = spec
+        .annotations()
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION_BALLOON_POLICY));
+    match value.map(String::as_str) {
+        None | Some("on") => Ok(true),
+        Some("off") => Ok(false),
+        Some(other) => Err(SizingError::Annotation {
+            key: ANNOTATION_BALLOON_POLICY,
+            value: other.to_string(),
+            reason: "expected on or off".into(),
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -185,6 +205,21 @@ mod tests {
     }
 
     const BASE: &str = r#"{"ociVersion":"1.0.2","root":{"path":"rootfs"}"#;
+
+    #[test]
+    fn balloon_policy_annotation() {
+        let s = spec(&format!("{BASE}}}"));
+        assert!(balloon_policy(&s).unwrap());
+        let with = |v: &str| {
+            spec(&format!(
+                r#"{BASE},"annotations":{{"io.capsid.balloon.policy":"{v}"}}}}"#
+            ))
+        };
+        assert!(balloon_policy(&with("on")).unwrap());
+        assert!(!balloon_policy(&with("off")).unwrap());
+        let e = balloon_policy(&with("maybe")).unwrap_err();
+        assert!(e.to_string().contains("io.capsid.balloon.policy"), "{e}");
+    }
 
     #[test]
     fn defaults_when_nothing_is_said() {

@@ -74,6 +74,10 @@ pub struct ShimState {
     pub mount_point: Option<PathBuf>,
     /// Files made for this container only (removed on delete).
     pub scratch_files: Vec<PathBuf>,
+    /// The tap made in the container's network namespace (recorded before
+    /// it is made).
+    #[serde(default)]
+    pub network: Option<crate::network::NetworkRecord>,
 }
 
 /// The state file of `bundle`.
@@ -187,6 +191,10 @@ mod tests {
             }],
             mount_point: Some("/b/m".into()),
             scratch_files: vec!["/c/d.erofs".into()],
+            network: Some(crate::network::NetworkRecord {
+                netns: "/var/run/netns/x".into(),
+                tap: "tap0_0123456789".into(),
+            }),
         };
         state.save(dir.path()).unwrap();
         assert_eq!(ShimState::load(dir.path()).unwrap(), Some(state));

@@ -56,6 +56,12 @@ impl Capsid {
         let left: Vec<_> = std::fs::read_dir(&run)
             .map(|d| d.flatten().map(|e| e.path()).collect())
             .unwrap_or_default();
+        // `.cni` keeps the bundled network's IPAM state across runs: allowed
+        // as long as it holds no lease.
+        let left: Vec<_> = left
+            .into_iter()
+            .filter(|p| p.file_name() != Some(".cni".as_ref()) || cni_leases(p) > 0)
+            .collect();
         assert!(left.is_empty(), "left in the state dir: {left:?}");
         let marker = self.dir.path().display().to_string();
         for entry in std::fs::read_dir("/proc").unwrap().flatten() {
@@ -84,6 +90,25 @@ impl Default for Capsid {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// Host-local leases (files named by an address) under a `.cni` dir.
+fn cni_leases(dir: &Path) -> usize {
+    let mut count = 0;
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            count += cni_leases(&path);
+        } else if entry
+            .file_name()
+            .to_string_lossy()
+            .parse::<std::net::IpAddr>()
+            .is_ok()
+        {
+            count += 1;
+        }
+    }
+    count
 }
 
 /// stdout as text.

@@ -95,6 +95,8 @@ pub async fn busybox_sandbox(dir: &Path, id: &str) -> Sandbox {
         }],
         net: None,
         kernel_args: vec![],
+        network: None,
+        balloon_opt_out: false,
     };
     Sandbox::start(&config, backend, opts).await.unwrap()
 }

@@ -97,6 +97,7 @@ impl Backend for CapsidVmmBackend {
             serial: spec.serial_log(),
             run_dir: spec.run_dir.clone(),
             control: control_path(&spec.run_dir),
+            memory_mib: spec.memory_mib,
             vmm: None,
             exit: None,
             stopping: false,
@@ -149,6 +150,7 @@ pub struct CapsidVm {
     serial: PathBuf,
     run_dir: PathBuf,
     control: PathBuf,
+    memory_mib: u32,
     vmm: Option<Supervised>,
     exit: Option<VmExit>,
     stopping: bool,
@@ -245,6 +247,15 @@ impl Vm for CapsidVm {
         self.exit = Some(exit);
         self.clean_up();
         Ok(exit)
+    }
+
+    fn balloon(&self) -> Option<crate::balloon::BalloonHandle> {
+        Some(crate::balloon::BalloonHandle::new(
+            crate::balloon::BalloonEndpoint::CapsidVmm {
+                socket: self.control.clone(),
+            },
+            self.memory_mib,
+        ))
     }
 }
 

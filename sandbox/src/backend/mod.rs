@@ -218,6 +218,11 @@ pub trait Vm: Send + std::fmt::Debug {
     /// Stops the VM: asks the VMM to quit, kills it after `grace`, reaps
     /// every process and removes the run directory.
     fn stop(&mut self, grace: Duration) -> Result<VmExit>;
+    /// The VM's balloon (set its size, read the guest's memory statistics),
+    /// if it has one.
+    fn balloon(&self) -> Option<crate::balloon::BalloonHandle> {
+        None
+    }
 }
 
 /// Something that starts VMs.

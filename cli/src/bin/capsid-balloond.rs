@@ -1,0 +1,117 @@
+//! `capsid-balloond`: the host's balloon coordinator. Watches host memory
+//! pressure and every registered sandbox's balloon, inflates idle guests'
+//! balloons when the host is short and deflates them when it is not
+//! (docs/memory.md). One per state directory; a second one exits at once.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::Context;
+use capsid_sandbox::balloon::coordinator::{Coordinator, HostSource};
+use capsid_sandbox::balloon::registry::Registry;
+use capsid_sandbox::config::Config;
+use clap::Parser;
+
+/// Reclaims idle guests' memory when the host runs short.
+#[derive(Debug, Parser)]
+#[command(name = "capsid-balloond", version, about)]
+struct Args {
+    /// Configuration file (default: $CAPSID_CONFIG, then /etc/capsid/config.toml).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Exit once no sandbox has been registered for three rounds.
+    #[arg(long)]
+    exit_when_idle: bool,
+    /// Run one round, print what it saw and did as JSON, and exit.
+    #[arg(long)]
+    once: bool,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CAPSID_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("capsid-balloond: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let config = Config::load(args.config.as_deref())?;
+    if !config.memory.enabled {
+        anyhow::bail!("memory.enabled is false in the configuration: nothing to coordinate");
+    }
+    let registry = Registry::new(&config.paths.state_dir);
+    let Some(_lock) = registry.coordinator_lock()? else {
+        tracing::info!(dir = %registry.dir().display(), "another coordinator runs; exiting");
+        return Ok(());
+    };
+    let host = HostSource::from_config(&config.memory);
+    let mut coordinator = Coordinator::new(config.memory.clone(), registry, host);
+    if args.once {
+        let round = coordinator.round()?;
+        println!("{}", round_json(&round));
+        return Ok(());
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the signal runtime")?;
+    let flag = stop.clone();
+    let worker = std::thread::spawn(move || coordinator.run(&flag, args.exit_when_idle));
+    tracing::info!(
+        interval_ms = config.memory.interval_ms,
+        pretend_host_mib = ?config.memory.pretend_host_mib,
+        "balloon coordinator running"
+    );
+    rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+            _ = wait_thread(&worker) => {}
+        }
+        anyhow::Ok(())
+    })?;
+    stop.store(true, Ordering::Relaxed);
+    worker
+        .join()
+        .map_err(|_| anyhow::anyhow!("the coordinator thread panicked"))?;
+    Ok(())
+}
+
+async fn wait_thread(worker: &std::thread::JoinHandle<()>) {
+    while !worker.is_finished() {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+fn round_json(r: &capsid_sandbox::balloon::coordinator::Round) -> serde_json::Value {
+    serde_json::json!({
+        "host": r.host.map(|h| serde_json::json!({
+            "total_mib": h.total_mib,
+            "available_mib": h.available_mib,
+            "psi_some_avg10": h.psi_some_avg10,
+        })),
+        "sandboxes": r.sandboxes.iter().map(|s| serde_json::json!({
+            "id": s.entry.id,
+            "rss_mib": s.rss_mib,
+            "balloon": s.balloon,
+        })).collect::<Vec<_>>(),
+        "decisions": r.decisions.iter().map(|d| serde_json::json!({
+            "id": d.id, "from_mib": d.from_mib, "to_mib": d.to_mib, "reason": d.reason,
+        })).collect::<Vec<_>>(),
+    })
+}

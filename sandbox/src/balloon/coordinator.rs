@@ -1,0 +1,256 @@
+//! The coordinator: every `interval` it lists the registered sandboxes,
+//! reads their balloons and the host's memory, lets the policy decide and
+//! applies the decisions, logging each with its reason. `capsid-balloond`
+//! runs one; tests and demos run one in-process.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::host::{self, HostMemory};
+use super::policy::{self, Decision, PolicyParams, SandboxView};
+use super::registry::{Entry, Registry};
+use super::{BalloonStatus, Result};
+use crate::config::MemoryConfig;
+
+/// Where the host's memory figures come from.
+#[derive(Debug, Clone)]
+pub enum HostSource {
+    /// `/proc/meminfo` and PSI.
+    Proc,
+    /// A host of this many MiB (changeable while running), whose used
+    /// memory is what the registered VMM processes hold.
+    Pretend(Arc<AtomicU64>),
+}
+
+impl HostSource {
+    /// The source a config asks for.
+    pub fn from_config(c: &MemoryConfig) -> Self {
+        match c.pretend_host_mib {
+            Some(mib) => Self::Pretend(Arc::new(AtomicU64::new(mib))),
+            None => Self::Proc,
+        }
+    }
+
+    /// The host's total memory, MiB.
+    pub fn total_mib(&self) -> Option<u64> {
+        match self {
+            Self::Proc => host::meminfo().map(|(total, _)| total),
+            Self::Pretend(mib) => Some(mib.load(Ordering::Relaxed)),
+        }
+    }
+
+    fn read(&self, vmm_rss_mib: u64) -> Option<HostMemory> {
+        match self {
+            Self::Proc => host::meminfo().map(|(total_mib, available_mib)| HostMemory {
+                total_mib,
+                available_mib,
+                overdrawn_mib: 0,
+                psi_some_avg10: host::psi_memory(),
+            }),
+            Self::Pretend(mib) => {
+                let total_mib = mib.load(Ordering::Relaxed);
+                Some(HostMemory {
+                    total_mib,
+                    available_mib: total_mib.saturating_sub(vmm_rss_mib),
+                    overdrawn_mib: vmm_rss_mib.saturating_sub(total_mib),
+                    psi_some_avg10: None,
+                })
+            }
+        }
+    }
+}
+
+/// One sandbox as last seen.
+#[derive(Debug, Clone)]
+pub struct Observed {
+    /// Its registry entry.
+    pub entry: Entry,
+    /// Host memory its VMM holds for it, MiB ([`host::vm_footprint_mib`]).
+    pub rss_mib: Option<u64>,
+    /// Its balloon, when it answered.
+    pub balloon: Option<BalloonStatus>,
+}
+
+/// What one round saw and did.
+#[derive(Debug, Clone)]
+pub struct Round {
+    /// The host.
+    pub host: Option<HostMemory>,
+    /// Every registered sandbox.
+    pub sandboxes: Vec<Observed>,
+    /// The changes made.
+    pub decisions: Vec<Decision>,
+}
+
+/// Runs the policy over the registry.
+#[derive(Debug)]
+pub struct Coordinator {
+    config: MemoryConfig,
+    registry: Registry,
+    host: HostSource,
+    /// Balloon sizes this coordinator asked for (QEMU only reports where
+    /// the balloon is, not where it is going).
+    targets: HashMap<String, u64>,
+    /// Per sandbox, the largest working set seen lately and when.
+    working_sets: HashMap<String, (u64, Instant)>,
+}
+
+/// How long a working set figure holds up the floor.
+const WORKING_SET_MEMORY: Duration = Duration::from_secs(30);
+
+impl Coordinator {
+    /// A coordinator for the sandboxes of `registry`.
+    pub fn new(config: MemoryConfig, registry: Registry, host: HostSource) -> Self {
+        Self {
+            config,
+            registry,
+            host,
+            targets: HashMap::new(),
+            working_sets: HashMap::new(),
+        }
+    }
+
+    fn params(&self, host_total_mib: u64) -> PolicyParams {
+        let pct = |p: u32| host_total_mib * u64::from(p) / 100;
+        PolicyParams {
+            floor_mib: self.config.floor_mib,
+            headroom_mib: self.config.headroom_mib,
+            low_watermark_mib: pct(self.config.low_watermark_percent),
+            high_watermark_mib: pct(self.config.high_watermark_percent),
+            psi_threshold: f64::from(self.config.psi_threshold),
+            deflate_step_mib: self.config.deflate_step_mib,
+        }
+    }
+
+    /// Observes everything, decides, applies.
+    pub fn round(&mut self) -> Result<Round> {
+        let entries = self.registry.entries()?;
+        let sandboxes: Vec<Observed> = entries
+            .into_iter()
+            .map(|entry| {
+                let rss_mib = entry.vmm_pid.and_then(host::vm_footprint_mib);
+                let balloon = entry.balloon.as_ref().and_then(|b| match b.status() {
+                    Ok(s) => Some(s),
+                    Err(e) => {
+                        tracing::debug!(id = %entry.id, error = %e, "balloon unreachable");
+                        None
+                    }
+                });
+                Observed {
+                    entry,
+                    rss_mib,
+                    balloon,
+                }
+            })
+            .collect();
+        self.targets
+            .retain(|id, _| sandboxes.iter().any(|s| &s.entry.id == id));
+        self.working_sets
+            .retain(|id, _| sandboxes.iter().any(|s| &s.entry.id == id));
+        let now = Instant::now();
+        for s in &sandboxes {
+            let Some(ws) = s
+                .balloon
+                .and_then(|b| b.stats.working_set_mib(u64::from(b.actual_mib)))
+            else {
+                continue;
+            };
+            let slot = self
+                .working_sets
+                .entry(s.entry.id.clone())
+                .or_insert((ws, now));
+            if ws >= slot.0 || now.duration_since(slot.1) > WORKING_SET_MEMORY {
+                *slot = (ws, now);
+            }
+        }
+        let vmm_rss: u64 = sandboxes.iter().filter_map(|s| s.rss_mib).sum();
+        let Some(host) = self.host.read(vmm_rss) else {
+            tracing::warn!("host memory figures unavailable; no balloon changes");
+            return Ok(Round {
+                host: None,
+                sandboxes,
+                decisions: Vec::new(),
+            });
+        };
+        let views: Vec<SandboxView> = sandboxes
+            .iter()
+            .filter(|s| s.entry.policy)
+            .filter_map(|s| {
+                let b = s.balloon?;
+                let actual = u64::from(b.actual_mib);
+                let target = self
+                    .targets
+                    .get(&s.entry.id)
+                    .copied()
+                    .unwrap_or(u64::from(b.target_mib.max(b.actual_mib)));
+                Some(SandboxView {
+                    id: s.entry.id.clone(),
+                    assigned_mib: u64::from(b.assigned_mib),
+                    target_mib: target,
+                    actual_mib: actual,
+                    stats: b.stats,
+                    recent_working_set_mib: self.working_sets.get(&s.entry.id).map_or(0, |w| w.0),
+                })
+            })
+            .collect();
+        let decisions = policy::decide(&self.params(host.total_mib), &host, &views);
+        let mut applied = Vec::new();
+        for d in decisions {
+            let Some(handle) = sandboxes
+                .iter()
+                .find(|s| s.entry.id == d.id)
+                .and_then(|s| s.entry.balloon.as_ref())
+            else {
+                continue;
+            };
+            match handle.set_target(d.to_mib) {
+                Ok(()) => {
+                    tracing::info!(
+                        id = %d.id,
+                        from_mib = d.from_mib,
+                        to_mib = d.to_mib,
+                        reason = %d.reason,
+                        "{}",
+                        if d.to_mib > d.from_mib { "inflating balloon" } else { "deflating balloon" }
+                    );
+                    self.targets.insert(d.id.clone(), d.to_mib);
+                    applied.push(d);
+                }
+                Err(e) => tracing::warn!(id = %d.id, error = %e, "cannot resize balloon"),
+            }
+        }
+        Ok(Round {
+            host: Some(host),
+            sandboxes,
+            decisions: applied,
+        })
+    }
+
+    /// Runs rounds every `memory.interval_ms` until `stop` is set, or,
+    /// with `exit_when_idle`, until no sandbox has been registered for
+    /// three rounds in a row.
+    pub fn run(&mut self, stop: &AtomicBool, exit_when_idle: bool) {
+        let interval = Duration::from_millis(self.config.interval_ms);
+        let mut idle_rounds = 0;
+        while !stop.load(Ordering::Relaxed) {
+            let started = Instant::now();
+            match self.round() {
+                Ok(r) if r.sandboxes.is_empty() => idle_rounds += 1,
+                Ok(_) => idle_rounds = 0,
+                Err(e) => tracing::warn!(error = %e, "balloon round failed"),
+            }
+            if exit_when_idle && idle_rounds >= 3 {
+                tracing::info!("no sandboxes left; exiting");
+                return;
+            }
+            let rest = interval.saturating_sub(started.elapsed());
+            // Sleep in slices so a stop request is seen promptly.
+            let until = Instant::now() + rest;
+            while !stop.load(Ordering::Relaxed) && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(50).min(rest));
+            }
+        }
+    }
+}

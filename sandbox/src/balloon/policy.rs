@@ -1,0 +1,408 @@
+//! The reclaim policy, as pure decisions: given the host's memory and
+//! every sandbox's balloon and guest statistics, which balloons to inflate
+//! or deflate, and why. No I/O here, so every rule is unit-tested,
+//! including against guests that report absurd figures.
+//!
+//! * Host short (available below the low watermark, or PSI memory stall
+//!   above the threshold): inflate the balloons of the sandboxes with the
+//!   most reclaimable memory (free + caches) first, until the shortfall
+//!   (minus inflation still under way) is covered.
+//! * Never below a sandbox's floor: guest-usable memory stays at least
+//!   `max(floor_mib, working set + headroom_mib)`; a guest whose report is
+//!   unusable is not inflated at all.
+//! * Host comfortable (available above the high watermark): deflate
+//!   gradually, `deflate_step_mib` per sandbox per round, within what the
+//!   host can spare above the high watermark.
+//! * A guest whose working set grew past its floor gets its balloon
+//!   shrunk at once, whatever the host's state.
+
+use super::host::HostMemory;
+use super::stats::GuestMemStats;
+
+/// The policy's knobs (from `[memory]` of the config).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PolicyParams {
+    /// Guest-usable memory never goes below this, MiB.
+    pub floor_mib: u64,
+    /// Kept free above the guest's working set, MiB.
+    pub headroom_mib: u64,
+    /// Reclaim when the host has less available than this, MiB.
+    pub low_watermark_mib: u64,
+    /// Give back when the host has more available than this, MiB.
+    pub high_watermark_mib: u64,
+    /// PSI `some avg10` above which the host counts as short, percent.
+    pub psi_threshold: f64,
+    /// MiB given back per sandbox per round.
+    pub deflate_step_mib: u64,
+}
+
+/// One sandbox as the policy sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SandboxView {
+    /// Sandbox id.
+    pub id: String,
+    /// Memory assigned to the VM, MiB.
+    pub assigned_mib: u64,
+    /// Balloon size last asked for, MiB.
+    pub target_mib: u64,
+    /// Balloon size the guest reached, MiB.
+    pub actual_mib: u64,
+    /// The guest's sanitized statistics.
+    pub stats: GuestMemStats,
+    /// The largest working set seen lately, MiB. Guest statistics lag the
+    /// balloon by a polling interval: while a balloon grows, a stale
+    /// report makes the working set look smaller than it is, so the floor
+    /// rests on the recent maximum instead.
+    pub recent_working_set_mib: u64,
+}
+
+impl SandboxView {
+    /// Guest-usable memory that must stay, MiB (the whole VM when the
+    /// guest's report is unusable).
+    pub fn floor_mib(&self, p: &PolicyParams) -> u64 {
+        match self.stats.working_set_mib(self.actual_mib) {
+            Some(ws) => ws
+                .max(self.recent_working_set_mib)
+                .saturating_add(p.headroom_mib)
+                .max(p.floor_mib)
+                .min(self.assigned_mib),
+            None => self.assigned_mib,
+        }
+    }
+
+    /// The largest balloon the floor allows, MiB.
+    pub fn max_balloon_mib(&self, p: &PolicyParams) -> u64 {
+        self.assigned_mib.saturating_sub(self.floor_mib(p))
+    }
+
+    /// MiB more the balloon could take now: free + caches, within the floor.
+    pub fn reclaimable_mib(&self, p: &PolicyParams) -> u64 {
+        let room = self.max_balloon_mib(p).saturating_sub(self.target_mib);
+        room.min(self.stats.reclaimable_mib())
+    }
+}
+
+/// A balloon to resize.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// Sandbox id.
+    pub id: String,
+    /// Balloon size before, MiB.
+    pub from_mib: u64,
+    /// Balloon size to set, MiB.
+    pub to_mib: u64,
+    /// Why, for the log.
+    pub reason: String,
+}
+
+/// The host's state, as the policy classifies it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pressure {
+    /// Short by this many MiB.
+    Short(u64),
+    /// Between the watermarks: hold.
+    Steady,
+    /// This many MiB above the high watermark to give back.
+    Comfortable(u64),
+}
+
+/// Classifies the host.
+pub fn pressure(p: &PolicyParams, host: &HostMemory) -> Pressure {
+    let stalled = host.psi_some_avg10.is_some_and(|v| v > p.psi_threshold);
+    if host.available_mib < p.low_watermark_mib || host.overdrawn_mib > 0 {
+        Pressure::Short(
+            (p.low_watermark_mib - host.available_mib).saturating_add(host.overdrawn_mib),
+        )
+    } else if stalled {
+        // Enough looks available, yet tasks stall: reclaim a step's worth.
+        Pressure::Short(p.deflate_step_mib.max(1))
+    } else if host.available_mib > p.high_watermark_mib {
+        Pressure::Comfortable(host.available_mib - p.high_watermark_mib)
+    } else {
+        Pressure::Steady
+    }
+}
+
+/// Decides this round's balloon changes for `sandboxes` (only those the
+/// policy may act on).
+pub fn decide(p: &PolicyParams, host: &HostMemory, sandboxes: &[SandboxView]) -> Vec<Decision> {
+    let mut out = Vec::new();
+    // Guests whose working set grew past their floor get memory back first.
+    for s in sandboxes {
+        let max = s.max_balloon_mib(p);
+        if s.stats.valid && s.target_mib > max {
+            out.push(Decision {
+                id: s.id.clone(),
+                from_mib: s.target_mib,
+                to_mib: max,
+                reason: format!(
+                    "working set grew: floor {} MiB of {} MiB",
+                    s.floor_mib(p),
+                    s.assigned_mib
+                ),
+            });
+        }
+    }
+    let touched = |id: &str, out: &[Decision]| out.iter().any(|d| d.id == id);
+    match pressure(p, host) {
+        Pressure::Short(short) => {
+            // Inflation already asked for but not yet reached will free
+            // memory by itself: do not ask twice.
+            let in_flight: u64 = sandboxes
+                .iter()
+                .map(|s| s.target_mib.saturating_sub(s.actual_mib))
+                .sum();
+            let mut need = short.saturating_sub(in_flight);
+            let mut order: Vec<&SandboxView> =
+                sandboxes.iter().filter(|s| !touched(&s.id, &out)).collect();
+            order.sort_by(|a, b| b.reclaimable_mib(p).cmp(&a.reclaimable_mib(p)));
+            for s in order {
+                if need == 0 {
+                    break;
+                }
+                let take = s.reclaimable_mib(p).min(need);
+                if take == 0 {
+                    continue;
+                }
+                need -= take;
+                out.push(Decision {
+                    id: s.id.clone(),
+                    from_mib: s.target_mib,
+                    to_mib: s.target_mib + take,
+                    reason: format!(
+                        "host short by {short} MiB (available {} MiB): guest has {} MiB free + {} MiB cache, floor {} MiB",
+                        host.available_mib,
+                        s.stats.free_mib,
+                        s.stats.caches_mib,
+                        s.floor_mib(p)
+                    ),
+                });
+            }
+        }
+        Pressure::Comfortable(spare) => {
+            let mut budget = spare;
+            // The guests with the least available memory get theirs first.
+            let mut order: Vec<&SandboxView> = sandboxes
+                .iter()
+                .filter(|s| s.target_mib > 0 && !touched(&s.id, &out))
+                .collect();
+            order.sort_by_key(|s| s.stats.available_mib);
+            for s in order {
+                let give = s.target_mib.min(p.deflate_step_mib).min(budget);
+                if give == 0 {
+                    break;
+                }
+                budget -= give;
+                out.push(Decision {
+                    id: s.id.clone(),
+                    from_mib: s.target_mib,
+                    to_mib: s.target_mib - give,
+                    reason: format!(
+                        "host has {} MiB available, above the high watermark",
+                        host.available_mib
+                    ),
+                });
+            }
+        }
+        Pressure::Steady => {}
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P: PolicyParams = PolicyParams {
+        floor_mib: 128,
+        headroom_mib: 64,
+        low_watermark_mib: 100,
+        high_watermark_mib: 300,
+        psi_threshold: 10.0,
+        deflate_step_mib: 64,
+    };
+
+    fn host(available_mib: u64) -> HostMemory {
+        HostMemory {
+            total_mib: 1000,
+            available_mib,
+            overdrawn_mib: 0,
+            psi_some_avg10: Some(0.0),
+        }
+    }
+
+    fn stats(total: u64, free: u64, available: u64, caches: u64) -> GuestMemStats {
+        GuestMemStats {
+            valid: true,
+            total_mib: total,
+            free_mib: free,
+            available_mib: available,
+            caches_mib: caches,
+            ..GuestMemStats::default()
+        }
+    }
+
+    fn view(id: &str, target: u64, s: GuestMemStats) -> SandboxView {
+        SandboxView {
+            id: id.into(),
+            assigned_mib: 512,
+            target_mib: target,
+            actual_mib: target,
+            stats: s,
+            recent_working_set_mib: 0,
+        }
+    }
+
+    #[test]
+    fn the_most_reclaimable_guest_is_inflated_first() {
+        let idle = view("idle", 0, stats(500, 50, 450, 350));
+        let busy = view("busy", 0, stats(500, 20, 100, 60));
+        let d = decide(&P, &host(0), &[busy, idle]);
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert_eq!(d[0].id, "idle");
+        assert_eq!(d[0].to_mib, 100, "just the shortfall");
+        assert!(
+            d[0].reason.contains("host short by 100 MiB"),
+            "{}",
+            d[0].reason
+        );
+    }
+
+    #[test]
+    fn inflation_stops_at_the_floor_then_moves_on() {
+        // Working set 50 MiB: floor 128 (the absolute minimum wins over
+        // 50 + 64), so at most 384 MiB of balloon.
+        let idle = view("idle", 0, stats(500, 50, 450, 400));
+        let other = view("other", 0, stats(500, 100, 300, 300));
+        assert_eq!(idle.floor_mib(&P), 128);
+        // Short by 1000 MiB: idle gives all it can, then the next guest
+        // gives what its floor allows (working set 200 + 64 headroom).
+        let p = PolicyParams {
+            low_watermark_mib: 1000,
+            ..P
+        };
+        let d = decide(&p, &host(0), &[other, idle]);
+        assert_eq!(d.len(), 2, "{d:?}");
+        assert_eq!(d[0].id, "idle");
+        assert_eq!(d[0].to_mib, 384);
+        assert_eq!(d[1].id, "other");
+        assert_eq!(d[1].to_mib, 512 - 264);
+    }
+
+    #[test]
+    fn an_overdrawn_pretend_host_counts_the_overdraft() {
+        let h = HostMemory {
+            overdrawn_mib: 150,
+            ..host(0)
+        };
+        assert_eq!(pressure(&P, &h), Pressure::Short(250));
+    }
+
+    #[test]
+    fn a_stale_report_cannot_lower_the_floor() {
+        // The report predates a 300 MiB balloon: taken at face value the
+        // working set would be 0; the recent maximum (200) holds the floor.
+        let mut s = view("a", 300, stats(500, 250, 450, 200));
+        s.recent_working_set_mib = 200;
+        assert_eq!(s.floor_mib(&P), 264);
+        assert_eq!(s.max_balloon_mib(&P), 248);
+        let d = decide(&P, &host(0), &[s]);
+        assert_eq!(d[0].to_mib, 248);
+        assert!(d[0].reason.contains("working set grew"));
+    }
+
+    #[test]
+    fn in_flight_inflation_is_not_asked_twice() {
+        let mut s = view("a", 200, stats(500, 50, 450, 350));
+        s.actual_mib = 50;
+        let d = decide(&P, &host(0), &[s]);
+        assert!(d.is_empty(), "{d:?}");
+    }
+
+    #[test]
+    fn pressure_from_psi_alone_reclaims_a_step() {
+        let h = HostMemory {
+            total_mib: 1000,
+            available_mib: 200,
+            overdrawn_mib: 0,
+            psi_some_avg10: Some(50.0),
+        };
+        let d = decide(&P, &h, &[view("a", 0, stats(500, 50, 450, 350))]);
+        assert_eq!(d[0].to_mib, 64);
+    }
+
+    #[test]
+    fn comfort_deflates_gradually_within_the_spare_memory() {
+        let a = view("a", 300, stats(500, 10, 150, 10));
+        let b = view("b", 30, stats(500, 10, 100, 10));
+        let d = decide(&P, &host(400), &[a.clone(), b.clone()]);
+        // 100 MiB spare: b (least available) first gets its 30, a 64.
+        assert_eq!(d[0].id, "b");
+        assert_eq!(d[0].to_mib, 0);
+        assert_eq!(d[1].id, "a");
+        assert_eq!(d[1].to_mib, 300 - 64);
+        let d = decide(&P, &host(340), &[a, b]);
+        assert_eq!(d.iter().map(|d| d.from_mib - d.to_mib).sum::<u64>(), 40);
+        // Between the watermarks nothing moves.
+        assert!(decide(&P, &host(200), &[view("a", 300, stats(500, 10, 150, 10))]).is_empty());
+    }
+
+    #[test]
+    fn a_grown_working_set_gets_memory_back_even_under_pressure() {
+        // Balloon 300, guest has used all the rest: working set 500-5-300.
+        let s = view("a", 300, stats(500, 5, 5, 0));
+        let d = decide(&P, &host(0), &[s]);
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].to_mib, 512 - (195 + 64));
+        assert!(d[0].reason.contains("working set grew"));
+    }
+
+    #[test]
+    fn absurd_or_lying_stats_never_push_past_the_floor() {
+        let hostile = [
+            // Unusable reports (as sanitize marks them): never inflated.
+            GuestMemStats::default(),
+            GuestMemStats {
+                valid: false,
+                total_mib: u64::MAX,
+                free_mib: u64::MAX,
+                available_mib: u64::MAX,
+                caches_mib: u64::MAX,
+                ..GuestMemStats::default()
+            },
+            // Valid-looking lies: "all free", "free beyond everything".
+            stats(512, 512, 512, 512),
+            stats(u64::MAX, u64::MAX, u64::MAX, u64::MAX),
+            stats(1, u64::MAX, 0, u64::MAX),
+        ];
+        for s in hostile {
+            for target in [0, 100, 384, 512, u64::MAX / 2] {
+                let mut v = view("h", target, s);
+                v.actual_mib = target.min(512);
+                for avail in [0, 200, 10_000] {
+                    for d in decide(&P, &host(avail), std::slice::from_ref(&v)) {
+                        // Never more than the floor allows, never growing a
+                        // balloon on an unusable report.
+                        if d.to_mib > d.from_mib {
+                            assert!(s.valid, "{s:?} {d:?}");
+                            assert!(d.to_mib <= 512 - P.floor_mib, "{s:?} {d:?}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_liar_cannot_make_others_reclaim_less_than_they_should_or_more() {
+        // The liar claims everything is reclaimable: it is chosen first and
+        // loses only down to its own floor; honest guests stay untouched
+        // when that covers the shortfall.
+        let liar = view("liar", 0, stats(512, 512, 512, 512));
+        let honest = view("honest", 0, stats(500, 100, 300, 100));
+        let d = decide(&P, &host(0), &[honest, liar]);
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].id, "liar");
+        assert!(d[0].to_mib <= 512 - 128);
+    }
+}

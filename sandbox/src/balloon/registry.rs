@@ -1,0 +1,376 @@
+//! The registry of running sandboxes the policy looks after: one JSON file
+//! per sandbox in `<state_dir>/.balloon/<id>.json`, written when the
+//! sandbox starts and removed when it stops. Entries whose processes are
+//! all gone (a crashed shim whose VM died too) are stale and removed by
+//! whoever lists them. A lock file serializes the over-assignment check
+//! with the write of the new entry, so two sandboxes starting at once
+//! cannot both squeeze under the limit.
+
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{Flock, FlockArg};
+use serde::{Deserialize, Serialize};
+
+use super::host;
+use super::{BalloonError, BalloonHandle, Result};
+use crate::config::BackendKind;
+
+/// Name of the registry directory under the state directory (a dot name,
+/// which no sandbox id starts with).
+pub const REGISTRY_DIR: &str = ".balloon";
+/// Largest entry file read.
+const MAX_ENTRY_LEN: u64 = 64 * 1024;
+
+/// What the policy knows of one sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// Sandbox id.
+    pub id: String,
+    /// Which backend runs it.
+    pub backend: BackendKind,
+    /// Memory assigned to the VM, MiB.
+    pub assigned_mib: u32,
+    /// Whether the policy may inflate its balloon (false: opted out).
+    pub policy: bool,
+    /// The process that started the sandbox (shim or `capsid run`).
+    pub owner_pid: u32,
+    /// Its start time (see [`host::start_time`]).
+    pub owner_start: Option<u64>,
+    /// The VMM process, once started.
+    pub vmm_pid: Option<u32>,
+    /// Its start time.
+    pub vmm_start: Option<u64>,
+    /// The balloon, once the VM runs.
+    pub balloon: Option<BalloonHandle>,
+}
+
+impl Entry {
+    /// A new entry for the sandbox being started by this process.
+    pub fn new(id: &str, backend: BackendKind, assigned_mib: u32, policy: bool) -> Self {
+        let me = std::process::id();
+        Self {
+            id: id.to_string(),
+            backend,
+            assigned_mib,
+            policy,
+            owner_pid: me,
+            owner_start: host::start_time(me),
+            vmm_pid: None,
+            vmm_start: None,
+            balloon: None,
+        }
+    }
+
+    /// Whether any of its processes still runs (a VMM outliving its shim
+    /// still holds memory).
+    pub fn alive(&self) -> bool {
+        host::alive(self.owner_pid, self.owner_start)
+            || self
+                .vmm_pid
+                .is_some_and(|pid| host::alive(pid, self.vmm_start))
+    }
+}
+
+/// The registry directory.
+#[derive(Debug, Clone)]
+pub struct Registry {
+    dir: PathBuf,
+}
+
+impl Registry {
+    /// The registry of sandboxes whose state lives in `state_dir`.
+    pub fn new(state_dir: &Path) -> Self {
+        Self {
+            dir: state_dir.join(REGISTRY_DIR),
+        }
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn err(path: &Path) -> impl FnOnce(std::io::Error) -> BalloonError + '_ {
+        move |source| BalloonError::Registry {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    fn lock(&self) -> Result<Flock<File>> {
+        std::fs::create_dir_all(&self.dir).map_err(Self::err(&self.dir))?;
+        let path = self.dir.join("lock");
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(Self::err(&path))?;
+        Flock::lock(file, FlockArg::LockExclusive)
+            .map_err(|(_, errno)| Self::err(&path)(std::io::Error::from(errno)))
+    }
+
+    /// Takes the coordinator's lock, held for the coordinator's lifetime:
+    /// `None` when another coordinator runs for this registry.
+    pub fn coordinator_lock(&self) -> Result<Option<Flock<File>>> {
+        std::fs::create_dir_all(&self.dir).map_err(Self::err(&self.dir))?;
+        let path = self.dir.join("coordinator.lock");
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(Self::err(&path))?;
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => Ok(Some(lock)),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+            Err((_, errno)) => Err(Self::err(&path)(std::io::Error::from(errno))),
+        }
+    }
+
+    /// The live entries, sorted by id; stale and unreadable ones are
+    /// removed (an unreadable one is logged: it is not ours to trust).
+    pub fn entries(&self) -> Result<Vec<Entry>> {
+        let list = match std::fs::read_dir(&self.dir) {
+            Ok(list) => list,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(Self::err(&self.dir)(e)),
+        };
+        let mut out = Vec::new();
+        for item in list.flatten() {
+            let path = item.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("json") {
+                continue;
+            }
+            match read_entry(&path) {
+                Some(entry) if entry.alive() => out.push(entry),
+                Some(entry) => {
+                    tracing::info!(id = %entry.id, "removing the balloon entry of a sandbox whose processes are gone");
+                    let _ = std::fs::remove_file(&path);
+                }
+                None => {
+                    tracing::warn!(path = %path.display(), "removing an unreadable balloon entry");
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
+    /// Registers `entry` unless the memory assigned to all live sandboxes
+    /// would then exceed `limit_mib` (when given). The returned
+    /// registration removes the entry when dropped.
+    pub fn register(&self, entry: Entry, limit: Option<Limit>) -> Result<Registration> {
+        if entry.id.is_empty() || entry.id.contains('/') || entry.id.starts_with('.') {
+            return Err(Self::err(&self.dir)(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("sandbox id {:?} cannot name a registry entry", entry.id),
+            )));
+        }
+        let _lock = self.lock()?;
+        let path = self.dir.join(format!("{}.json", entry.id));
+        if let Some(limit) = limit {
+            let others: u64 = self
+                .entries()?
+                .iter()
+                .filter(|e| e.id != entry.id)
+                .map(|e| u64::from(e.assigned_mib))
+                .sum();
+            let total = others + u64::from(entry.assigned_mib);
+            let limit_mib = limit.limit_mib();
+            if total > limit_mib {
+                return Err(BalloonError::Overcommitted {
+                    id: entry.id.clone(),
+                    new_mib: u64::from(entry.assigned_mib),
+                    total_mib: total,
+                    limit_mib,
+                    ratio: limit.ratio,
+                    host_mib: limit.host_mib,
+                });
+            }
+        }
+        let reg = Registration { path, entry };
+        reg.write()?;
+        Ok(reg)
+    }
+}
+
+/// The over-assignment limit: `ratio` × `host_mib`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limit {
+    /// memory.overcommit_ratio.
+    pub ratio: f64,
+    /// The host's memory (or the pretended size), MiB.
+    pub host_mib: u64,
+}
+
+impl Limit {
+    /// The most MiB all sandboxes together may be assigned.
+    pub fn limit_mib(&self) -> u64 {
+        // Validated config: 0 < ratio <= 1000; the product fits easily.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let mib = (self.ratio * self.host_mib as f64) as u64;
+        mib
+    }
+}
+
+fn read_entry(path: &Path) -> Option<Entry> {
+    use std::io::Read;
+    let mut text = String::new();
+    File::open(path)
+        .ok()?
+        .take(MAX_ENTRY_LEN)
+        .read_to_string(&mut text)
+        .ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// A sandbox's registry entry; dropping it deregisters the sandbox.
+#[derive(Debug)]
+pub struct Registration {
+    path: PathBuf,
+    entry: Entry,
+}
+
+impl Registration {
+    /// The entry as registered.
+    pub fn entry(&self) -> &Entry {
+        &self.entry
+    }
+
+    /// Records the running VM: its VMM process and balloon.
+    pub fn attach_vm(
+        &mut self,
+        vmm_pid: Option<u32>,
+        balloon: Option<BalloonHandle>,
+    ) -> Result<()> {
+        self.entry.vmm_pid = vmm_pid;
+        self.entry.vmm_start = vmm_pid.and_then(host::start_time);
+        self.entry.balloon = balloon;
+        self.write()
+    }
+
+    fn write(&self) -> Result<()> {
+        let tmp = self.path.with_extension("json.tmp");
+        let text = serde_json::to_vec(&self.entry)
+            .map_err(|e| Registry::err(&self.path)(std::io::Error::other(e)))?;
+        std::fs::write(&tmp, text).map_err(Registry::err(&tmp))?;
+        std::fs::rename(&tmp, &self.path).map_err(Registry::err(&self.path))
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balloon::BalloonEndpoint;
+
+    fn limit(host_mib: u64) -> Option<Limit> {
+        Some(Limit {
+            ratio: 2.0,
+            host_mib,
+        })
+    }
+
+    #[test]
+    fn register_list_and_deregister() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::new(dir.path());
+        assert!(reg.entries().unwrap().is_empty());
+        let mut a = reg
+            .register(Entry::new("a", BackendKind::QemuTcg, 256, true), None)
+            .unwrap();
+        a.attach_vm(
+            Some(std::process::id()),
+            Some(BalloonHandle::new(
+                BalloonEndpoint::Qmp {
+                    socket: "/x/qmp.sock".into(),
+                },
+                256,
+            )),
+        )
+        .unwrap();
+        let list = reg.entries().unwrap();
+        assert_eq!(list.len(), 1);
+        assert_eq!(list[0].assigned_mib, 256);
+        assert!(list[0].balloon.is_some());
+        drop(a);
+        assert!(reg.entries().unwrap().is_empty());
+    }
+
+    #[test]
+    fn overcommit_limit_is_enforced() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::new(dir.path());
+        let _a = reg
+            .register(Entry::new("a", BackendKind::QemuTcg, 600, true), limit(500))
+            .unwrap();
+        let e = reg
+            .register(Entry::new("b", BackendKind::QemuTcg, 401, true), limit(500))
+            .unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains("1001 MiB") && text.contains("1000 MiB"),
+            "{text}"
+        );
+        assert!(!dir.path().join(REGISTRY_DIR).join("b.json").exists());
+        reg.register(Entry::new("b", BackendKind::QemuTcg, 400, true), limit(500))
+            .unwrap();
+    }
+
+    #[test]
+    fn stale_and_garbage_entries_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::new(dir.path());
+        let mut dead = Entry::new("dead", BackendKind::QemuTcg, 256, true);
+        dead.owner_pid = u32::MAX;
+        dead.vmm_pid = Some(u32::MAX - 1);
+        std::fs::create_dir_all(reg.dir()).unwrap();
+        std::fs::write(
+            reg.dir().join("dead.json"),
+            serde_json::to_vec(&dead).unwrap(),
+        )
+        .unwrap();
+        std::fs::write(reg.dir().join("junk.json"), b"{not json").unwrap();
+        // A dead entry does not count against the limit either.
+        let _live = reg
+            .register(
+                Entry::new("live", BackendKind::QemuTcg, 500, true),
+                limit(250),
+            )
+            .unwrap();
+        let ids: Vec<String> = reg.entries().unwrap().into_iter().map(|e| e.id).collect();
+        assert_eq!(ids, ["live"]);
+        assert!(!reg.dir().join("dead.json").exists());
+        assert!(!reg.dir().join("junk.json").exists());
+    }
+
+    #[test]
+    fn one_coordinator_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::new(dir.path());
+        let first = reg.coordinator_lock().unwrap();
+        assert!(first.is_some());
+        assert!(reg.coordinator_lock().unwrap().is_none());
+        drop(first);
+        assert!(reg.coordinator_lock().unwrap().is_some());
+    }
+
+    #[test]
+    fn ids_that_escape_the_directory_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::new(dir.path());
+        for id in ["", "../x", ".hidden"] {
+            assert!(reg
+                .register(Entry::new(id, BackendKind::QemuTcg, 64, true), None)
+                .is_err());
+        }
+    }
+}

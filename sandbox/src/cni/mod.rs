@@ -1,0 +1,368 @@
+//! A sandbox on a CNI network, for `capsid run --network bridge`: capsid is
+//! the container runtime of the CNI spec (1.0.0) here. It creates a named
+//! network namespace, runs the plugin chain of a conflist (the bundled
+//! `capsid` network: bridge + host-local + portmap + firewall) to put a veth
+//! in it, closes every unpublished port ([`isolation`]), and joins a tap for
+//! the VM to the veth ([`crate::network::attach`]). Teardown undoes it all
+//! in reverse: tap, filter, CNI DEL (iptables rules, IPAM lease, veth),
+//! namespace.
+
+pub mod conflist;
+pub mod exec;
+pub mod isolation;
+pub mod netns;
+pub mod ports;
+pub mod result;
+
+use std::fs::File;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::Command;
+
+use nix::fcntl::{Flock, FlockArg};
+
+use serde_json::{Map, Value};
+
+use crate::backend::NetSpec;
+use crate::config::Config;
+use crate::network::{self, GuestNetwork, NetworkError, TapAttachment};
+use conflist::ConfList;
+use exec::{Attachment, Plugins};
+use isolation::Isolation;
+use netns::NamedNetns;
+use ports::PortMapping;
+use result::CniResult;
+
+/// The interface name the plugins give the veth inside the namespace.
+pub const IFNAME: &str = "eth0";
+
+/// Errors of CNI networking.
+#[derive(Debug, thiserror::Error)]
+pub enum CniError {
+    /// A configuration is unusable.
+    #[error("invalid {what}: {reason}")]
+    Config {
+        /// What was being read.
+        what: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A file or process operation failed.
+    #[error("{what}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A plugin executable is missing.
+    #[error(
+        "CNI plugin {plugin:?} not found in {path} (is containernetworking-plugins installed?)"
+    )]
+    NoPlugin {
+        /// The plugin type.
+        plugin: String,
+        /// Where it was looked for.
+        path: String,
+    },
+    /// A plugin failed; the reason is the plugin's own message.
+    #[error("CNI plugin {plugin} failed ({command}): {reason}")]
+    Plugin {
+        /// The plugin type.
+        plugin: String,
+        /// ADD or DEL.
+        command: String,
+        /// Its error reply or stderr.
+        reason: String,
+    },
+    /// An iptables command failed.
+    #[error("`{command}` failed: {reason}")]
+    Firewall {
+        /// What was run.
+        command: String,
+        /// Its stderr.
+        reason: String,
+    },
+    /// A published port cannot be had.
+    #[error("--publish: {0}")]
+    Port(String),
+    /// The tap could not be joined to the veth.
+    #[error("cannot attach the VM to the network")]
+    Attach(#[source] NetworkError),
+}
+
+/// Result of CNI operations.
+pub type Result<T> = std::result::Result<T, CniError>;
+
+/// Checks published ports before anything is set up: distinct, and free
+/// on the host.
+pub fn check_ports(ports: &[PortMapping]) -> Result<()> {
+    ports::check_distinct(ports).map_err(CniError::Port)?;
+    for p in ports {
+        p.check_free().map_err(CniError::Port)?;
+    }
+    Ok(())
+}
+
+/// The network configuration in effect: the configured conflist, or the
+/// bundled one.
+pub fn conflist_for(config: &Config) -> Result<ConfList> {
+    match &config.network.conflist {
+        Some(path) => ConfList::read(path),
+        None => ConfList::bundled(
+            &config.network,
+            &conflist::ipam_dir(&config.paths.state_dir),
+        ),
+    }
+}
+
+/// One sandbox's place on a CNI network. [`CniNetwork::teardown`] removes
+/// it; dropping it does the same, as a last resort on error paths.
+#[derive(Debug)]
+pub struct CniNetwork {
+    plugins: Plugins,
+    list: ConfList,
+    attachment: Attachment,
+    runtime: Map<String, Value>,
+    netns: Option<NamedNetns>,
+    /// The ADD result, once ADD succeeded (DEL is due from then on).
+    added: Option<CniResult>,
+    isolation: Option<Isolation>,
+    tap: Option<TapAttachment>,
+    /// The bundled network's bridge and the lock serializing its creation
+    /// (by ADD) and removal (after the last DEL); `None` for a user's
+    /// conflist, whose bridges are not ours to remove.
+    bridge: Option<(String, PathBuf)>,
+}
+
+impl CniNetwork {
+    /// Creates namespace `capsid-ID`, runs ADD, closes unpublished ports
+    /// and attaches tap for the VM. On error nothing is left. Blocks (runs
+    /// plugins and iproute2).
+    pub fn setup(config: &Config, id: &str, ports: &[PortMapping]) -> Result<Self> {
+        let list = conflist_for(config)?;
+        if !ports.is_empty() && !list.has_capability("portMappings") {
+            return Err(CniError::Config {
+                what: format!("network {:?}", list.name),
+                reason: "--publish needs a plugin with the portMappings capability (portmap)"
+                    .into(),
+            });
+        }
+        check_ports(ports)?;
+        let plugins = Plugins::new(&config.network.plugin_dirs);
+        plugins.check(&list)?;
+        let bridge = config.network.conflist.is_none().then(|| {
+            (
+                config.network.bridge.clone(),
+                conflist::ipam_dir(&config.paths.state_dir).with_file_name("bridge.lock"),
+            )
+        });
+        let netns = NamedNetns::create(&format!("capsid-{id}"))?;
+        let mut runtime = Map::new();
+        if !ports.is_empty() {
+            runtime.insert(
+                "portMappings".into(),
+                Value::Array(ports.iter().map(PortMapping::to_cni).collect()),
+            );
+        }
+        let mut net = Self {
+            plugins,
+            attachment: Attachment {
+                container_id: id.to_owned(),
+                netns: netns.path().to_owned(),
+                ifname: IFNAME.into(),
+            },
+            list,
+            runtime,
+            netns: Some(netns),
+            added: None,
+            isolation: None,
+            tap: None,
+            bridge,
+        };
+        // From here on an error drops `net`, which undoes what was done.
+        let added = {
+            let _lock = net.lock_bridge()?;
+            net.plugins.add(&net.list, &net.attachment, &net.runtime)?
+        };
+        let addr = added.container_ipv4().first().map(|(a, _)| *a);
+        net.added = Some(added);
+        if let Some(addr) = addr {
+            let iso = Isolation::new(&net.list.name, id, addr);
+            iso.apply()?;
+            net.isolation = Some(iso);
+        } else {
+            tracing::warn!(id, "the CNI result has no IPv4 address: no inbound filter");
+        }
+        let tap = network::attach(&net.attachment.netns, &network::tap_name_for(id))
+            .map_err(CniError::Attach)?;
+        net.tap = Some(tap);
+        tracing::info!(id, netns = %net.attachment.netns.display(), address = ?addr, "on CNI network {}", net.list.name);
+        Ok(net)
+    }
+
+    /// The VM's NIC.
+    pub fn net_spec(&self) -> Option<NetSpec> {
+        self.tap.as_ref().map(TapAttachment::net_spec)
+    }
+
+    /// What the guest configures on its interface.
+    pub fn guest_network(&self) -> Option<GuestNetwork> {
+        self.tap.as_ref().map(|t| t.guest.clone())
+    }
+
+    /// The container's IPv4 address on the network.
+    pub fn container_ipv4(&self) -> Option<Ipv4Addr> {
+        self.added
+            .as_ref()
+            .and_then(|r| r.container_ipv4().first().map(|(a, _)| *a))
+    }
+
+    /// Name servers the plugins returned (the bundled network returns none).
+    pub fn dns_servers(&self) -> Vec<String> {
+        self.added
+            .as_ref()
+            .map(|r| r.parsed.dns.nameservers.clone())
+            .unwrap_or_default()
+    }
+
+    /// The namespace's path.
+    pub fn netns_path(&self) -> PathBuf {
+        self.attachment.netns.clone()
+    }
+
+    /// Removes everything [`CniNetwork::setup`] made; every step is tried,
+    /// the first error is returned.
+    pub fn teardown(mut self) -> Result<()> {
+        self.undo()
+    }
+
+    fn undo(&mut self) -> Result<()> {
+        let mut first_err: Option<CniError> = None;
+        if let Some(tap) = self.tap.take() {
+            if let Err(e) = tap.detach() {
+                first_err.get_or_insert(CniError::Attach(e));
+            }
+        }
+        if let Some(iso) = self.isolation.take() {
+            if let Err(e) = iso.remove() {
+                first_err.get_or_insert(e);
+            }
+        }
+        let added = self.added.take();
+        if let Some(added) = &added {
+            // bridge's DEL finds the masquerade rules to remove through the
+            // addresses still on the veth: make sure they are there.
+            self.restore_addresses(added);
+        }
+        let lock = self.lock_bridge();
+        if let Some(added) = &added {
+            if let Err(e) =
+                self.plugins
+                    .del(&self.list, &self.attachment, &self.runtime, Some(added))
+            {
+                first_err.get_or_insert(e);
+            }
+        }
+        match lock {
+            // Also after a failed ADD, which may have made the bridge.
+            Ok(_lock) => self.remove_unused_bridge(),
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
+        }
+        if let Some(ns) = self.netns.take() {
+            if let Err(e) = ns.delete() {
+                first_err.get_or_insert(e);
+            }
+        }
+        match first_err {
+            None => {
+                tracing::info!(id = %self.attachment.container_id, "left CNI network {}", self.list.name);
+                Ok(())
+            }
+            Some(e) => Err(e),
+        }
+    }
+
+    /// Holds the bundled bridge's lock (nothing for a user's conflist).
+    fn lock_bridge(&self) -> Result<Option<Flock<File>>> {
+        let Some((_, path)) = &self.bridge else {
+            return Ok(None);
+        };
+        let io = |source| CniError::Io {
+            what: format!("locking {}", path.display()),
+            source,
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .map_err(io)?;
+        Flock::lock(file, FlockArg::LockExclusive)
+            .map(Some)
+            .map_err(|(_, errno)| io(errno.into()))
+    }
+
+    /// Deletes the bundled bridge once no container is on it, so nothing
+    /// of capsid stays on the host after its last container (ADD makes it
+    /// again). Called with the bridge lock held.
+    fn remove_unused_bridge(&self) {
+        let Some((bridge, _)) = &self.bridge else {
+            return;
+        };
+        // Fails when the bridge does not exist: nothing to do then.
+        let ports = Command::new("ip")
+            .args(["-o", "link", "show", "master", bridge])
+            .stderr(std::process::Stdio::null())
+            .output();
+        match ports {
+            Ok(out) if out.status.success() && out.stdout.trim_ascii().is_empty() => {
+                let deleted = Command::new("ip")
+                    .args(["link", "del", "dev", bridge])
+                    .status();
+                if deleted.is_ok_and(|s| s.success()) {
+                    tracing::info!(bridge, "removed the unused bridge");
+                } else {
+                    tracing::warn!(bridge, "could not remove the unused bridge");
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn restore_addresses(&self, added: &CniResult) {
+        for (addr, len) in added.container_ipv4() {
+            let status = Command::new("nsenter")
+                .arg(format!("--net={}", self.attachment.netns.display()))
+                .args([
+                    "ip",
+                    "addr",
+                    "replace",
+                    &format!("{addr}/{len}"),
+                    "dev",
+                    IFNAME,
+                ])
+                .stderr(std::process::Stdio::null())
+                .status();
+            if !status.is_ok_and(|s| s.success()) {
+                tracing::debug!(%addr, "could not put the address back on the veth");
+            }
+        }
+    }
+}
+
+impl Drop for CniNetwork {
+    fn drop(&mut self) {
+        if self.netns.is_some() {
+            if let Err(e) = self.undo() {
+                tracing::warn!(error = %e, "tearing down the CNI network");
+            }
+        }
+    }
+}

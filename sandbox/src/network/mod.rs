@@ -1,0 +1,382 @@
+//! Putting a VM on a network namespace prepared by someone else (CNI, the
+//! CRI plugin, nerdctl, `capsid run`): a tap is created next to the
+//! namespace's veth and the two are joined by tc, so every frame arriving on
+//! one leaves by the other; the veth's addresses, routes and MTU are read so
+//! the guest can take them over (see docs/networking.md).
+//!
+//! ```text
+//! peer ⇄ veth ─ingress u32 → mirred egress redirect→ tap ⇄ capsid-vhost net ⇄ guest eth0
+//!        veth ←mirred egress redirect← u32 ingress─ tap
+//! ```
+//!
+//! The veth keeps its configuration (other tools expect to find it), but the
+//! namespace's own stack never sees a frame from the wire: the ingress
+//! redirect takes them all before it, so the guest, which has the same MAC
+//! and addresses, answers ARP and owns every connection.
+//!
+//! Everything here runs iproute2 (`ip`, `tc`) through `nsenter --net`; calls
+//! block for a few milliseconds each.
+
+mod guest;
+mod netns;
+mod read;
+
+use std::path::{Path, PathBuf};
+
+pub use guest::{GuestDns, GuestInterface, GuestNetwork, GuestRoute, IpPrefix};
+
+use crate::backend::NetSpec;
+use netns::Netns;
+
+/// The ingress qdisc handle used on both interfaces.
+const INGRESS: &str = "ffff:";
+
+/// Errors of network attachment.
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    /// The namespace file is missing.
+    #[error("network namespace {} does not exist", path.display())]
+    NoNetns {
+        /// The path given.
+        path: PathBuf,
+    },
+    /// The tap name cannot be an interface name.
+    #[error("invalid tap name {name:?}: {reason}")]
+    BadTapName {
+        /// The name.
+        name: String,
+        /// Why.
+        reason: &'static str,
+    },
+    /// No (or no single) interface to join the tap to.
+    #[error("network namespace {}: {reason}", netns.display())]
+    NoInterface {
+        /// The namespace.
+        netns: PathBuf,
+        /// What was found instead.
+        reason: String,
+    },
+    /// A command failed inside the namespace.
+    #[error("in network namespace {}: `{command}` failed: {reason}", netns.display())]
+    Command {
+        /// The namespace.
+        netns: PathBuf,
+        /// What was run.
+        command: String,
+        /// Its error output (or exit status).
+        reason: String,
+    },
+    /// A program could not be started.
+    #[error("cannot run {program}")]
+    Spawn {
+        /// The program.
+        program: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A command printed something unexpected.
+    #[error("unexpected output from `{command}`: {reason}")]
+    Parse {
+        /// What was run.
+        command: String,
+        /// What was wrong.
+        reason: String,
+    },
+}
+
+/// A tap joined to a veth inside a network namespace. Dropping it leaves the
+/// wiring in place (the shim outlives its own processes' restarts); call
+/// [`TapAttachment::detach`] or [`detach_leftovers`] to remove it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TapAttachment {
+    /// The network namespace.
+    pub netns: PathBuf,
+    /// The tap created for the VM.
+    pub tap: String,
+    /// The interface the tap is joined to.
+    pub veth: String,
+    /// What the guest must configure.
+    pub guest: GuestNetwork,
+}
+
+impl TapAttachment {
+    /// The VM's NIC: on the tap, in the namespace, with the veth's MAC.
+    pub fn net_spec(&self) -> NetSpec {
+        NetSpec {
+            tap: self.tap.clone(),
+            mac: self
+                .guest
+                .interfaces
+                .first()
+                .map(|i| i.mac.clone())
+                .unwrap_or_default(),
+            netns: Some(self.netns.clone()),
+        }
+    }
+
+    /// Removes the filters, the qdiscs and the tap. A namespace that no
+    /// longer exists has nothing left to remove.
+    pub fn detach(self) -> Result<(), NetworkError> {
+        if !Netns::exists(&self.netns) {
+            return Ok(());
+        }
+        let ns = Netns::open(&self.netns)?;
+        remove(&ns, &self.tap, Some(&self.veth))
+    }
+}
+
+/// The agent request applying `network`'s interfaces and routes (DNS goes
+/// into each CreateContainer request instead).
+pub fn configure_request(
+    network: &GuestNetwork,
+) -> capsid_protocol::agent::ConfigureNetworkRequest {
+    use capsid_protocol::agent::{ConfigureNetworkRequest, NetworkInterface, NetworkRoute};
+    let mut req = ConfigureNetworkRequest::new();
+    req.interfaces = network
+        .interfaces
+        .iter()
+        .map(|i| {
+            let mut n = NetworkInterface::new();
+            n.mac.clone_from(&i.mac);
+            n.mtu = i.mtu;
+            n.addresses = i.addresses.iter().map(ToString::to_string).collect();
+            n
+        })
+        .collect();
+    req.routes = network
+        .routes
+        .iter()
+        .map(|r| {
+            let mut n = NetworkRoute::new();
+            n.destination = r.destination.map(|d| d.to_string()).unwrap_or_default();
+            n.gateway = r.gateway.map(|g| g.to_string()).unwrap_or_default();
+            n.interface_mac.clone_from(&r.interface_mac);
+            n
+        })
+        .collect();
+    req
+}
+
+/// Joins a new tap `tap_name` to the namespace's one non-loopback interface
+/// and reads what the guest must configure. On error nothing is left.
+pub fn attach(netns: &Path, tap_name: &str) -> Result<TapAttachment, NetworkError> {
+    attach_to(netns, tap_name, None)
+}
+
+/// [`attach`], to the interface named `veth` (any non-tap Ethernet
+/// interface), or to the only candidate when `None`.
+pub fn attach_to(
+    netns: &Path,
+    tap_name: &str,
+    veth: Option<&str>,
+) -> Result<TapAttachment, NetworkError> {
+    check_ifname(tap_name)?;
+    let ns = Netns::open(netns)?;
+    let links = read::links(&ns)?;
+    if links.iter().any(|l| l.ifname == tap_name) {
+        return Err(NetworkError::NoInterface {
+            netns: netns.to_owned(),
+            reason: format!("an interface named {tap_name} already exists (attached twice?)"),
+        });
+    }
+    let veth = read::pick_interface(&ns, &links, veth)?;
+    let guest = read::guest_network(&ns, &veth)?;
+    let mtu = veth.mtu.to_string();
+
+    ns.ip(&["tuntap", "add", "dev", tap_name, "mode", "tap"])?;
+    let mut veth_qdisc = false;
+    let wired = wire(&ns, tap_name, &veth.ifname, &mtu, &mut veth_qdisc);
+    if let Err(e) = wired {
+        if veth_qdisc {
+            if let Err(undo) = ns.tc(&[
+                "qdisc",
+                "del",
+                "dev",
+                &veth.ifname,
+                "handle",
+                INGRESS,
+                "ingress",
+            ]) {
+                tracing::warn!(error = %undo, "undoing a failed attach");
+            }
+        }
+        // Deleting the tap takes its qdisc and filter with it.
+        if let Err(undo) = ns.ip(&["link", "del", "dev", tap_name]) {
+            tracing::warn!(error = %undo, "undoing a failed attach");
+        }
+        return Err(e);
+    }
+    tracing::info!(netns = %netns.display(), tap = tap_name, veth = %veth.ifname, "tap attached");
+    Ok(TapAttachment {
+        netns: netns.to_owned(),
+        tap: tap_name.to_owned(),
+        veth: veth.ifname,
+        guest,
+    })
+}
+
+/// Configures the new tap and joins it to `veth` both ways; sets
+/// `veth_qdisc` once the veth's ingress qdisc exists (it is then ours to
+/// remove if a later step fails).
+fn wire(
+    ns: &Netns,
+    tap: &str,
+    veth: &str,
+    mtu: &str,
+    veth_qdisc: &mut bool,
+) -> Result<(), NetworkError> {
+    // No IPv6 link-local address (and so no router solicitations) on the
+    // tap: it is a wire, not a host. Namespaces without IPv6 refuse this,
+    // which is fine.
+    if let Err(e) = ns.ip(&["link", "set", "dev", tap, "addrgenmode", "none"]) {
+        tracing::debug!(error = %e, "tap keeps its IPv6 address generation");
+    }
+    ns.ip(&["link", "set", "dev", tap, "mtu", mtu, "up"])?;
+    ns.tc(&["qdisc", "add", "dev", tap, "handle", INGRESS, "ingress"])?;
+    redirect(ns, tap, veth)?;
+    ns.tc(&["qdisc", "add", "dev", veth, "handle", INGRESS, "ingress"])
+        .map_err(|e| match e {
+            NetworkError::Command { netns, reason, .. } => NetworkError::NoInterface {
+                netns,
+                reason: format!(
+                    "cannot add an ingress qdisc to {veth} (already joined to another tap?): {reason}"
+                ),
+            },
+            e => e,
+        })?;
+    *veth_qdisc = true;
+    redirect(ns, veth, tap)
+}
+
+/// Removes what [`attach`] made for `tap_name` in `netns`, after a crash:
+/// the tap and the ingress qdisc of any interface redirecting to it. Missing
+/// pieces (or a missing namespace) are not errors.
+pub fn detach_leftovers(netns: &Path, tap_name: &str) -> Result<(), NetworkError> {
+    if !Netns::exists(netns) {
+        return Ok(());
+    }
+    let ns = Netns::open(netns)?;
+    remove(&ns, tap_name, None)
+}
+
+/// Adds `from`'s ingress filter sending every frame out of `to`.
+fn redirect(ns: &Netns, from: &str, to: &str) -> Result<(), NetworkError> {
+    // u32 with an empty match is a catch-all that every kernel has
+    // (matchall and flower may not be built).
+    ns.tc(&[
+        "filter", "add", "dev", from, "parent", INGRESS, "protocol", "all", "u32", "match", "u8",
+        "0", "0", "action", "mirred", "egress", "redirect", "dev", to,
+    ])
+    .map(drop)
+}
+
+/// Removes `tap` and the ingress qdisc of `veth` (or of every interface
+/// whose ingress filters redirect to `tap` when `veth` is unknown). Tries
+/// every step; the first error is returned.
+fn remove(ns: &Netns, tap: &str, veth: Option<&str>) -> Result<(), NetworkError> {
+    let links = read::links(ns)?;
+    let mut first_err = None;
+    let targets: Vec<String> = match veth {
+        Some(v) => vec![v.to_owned()],
+        None => links
+            .iter()
+            .filter(|l| l.ifname != tap)
+            .filter(|l| read::redirects_to(ns, &l.ifname, tap))
+            .map(|l| l.ifname.clone())
+            .collect(),
+    };
+    for target in targets {
+        if !links.iter().any(|l| l.ifname == target) {
+            continue;
+        }
+        // Only our qdisc: one whose filters redirect to this tap.
+        if veth.is_some() && !read::redirects_to(ns, &target, tap) {
+            continue;
+        }
+        if let Err(e) = ns.tc(&["qdisc", "del", "dev", &target, "handle", INGRESS, "ingress"]) {
+            first_err.get_or_insert(e);
+        }
+    }
+    if links.iter().any(|l| l.ifname == tap) {
+        // Deleting the tap takes its qdisc and filters with it.
+        if let Err(e) = ns.ip(&["link", "del", "dev", tap]) {
+            first_err.get_or_insert(e);
+        }
+    }
+    match first_err {
+        None => {
+            tracing::info!(netns = %ns.path().display(), tap, "tap detached");
+            Ok(())
+        }
+        Some(e) => Err(e),
+    }
+}
+
+/// Checks a Linux interface name: 1–15 bytes, no `/`, `:` or white space.
+fn check_ifname(name: &str) -> Result<(), NetworkError> {
+    let reason = if name.is_empty() {
+        Some("empty")
+    } else if name.len() > 15 {
+        Some("longer than 15 bytes")
+    } else if name == "." || name == ".." {
+        Some("not a name")
+    } else if name
+        .chars()
+        .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
+    {
+        Some("contains '/', ':' or white space")
+    } else {
+        None
+    };
+    match reason {
+        Some(reason) => Err(NetworkError::BadTapName {
+            name: name.to_owned(),
+            reason,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// The tap name for sandbox `id`: `tap0_` and 10 hex digits of its
+/// SHA-256, so it fits Linux's 15 bytes, differs between sandboxes sharing a
+/// namespace, and can be computed again after a crash.
+pub fn tap_name_for(id: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = format!("{:x}", Sha256::digest(id.as_bytes()));
+    format!("tap0_{}", &digest[..10])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interface_names_are_checked() {
+        assert!(check_ifname("tap0_abcdefghij").is_ok());
+        assert!(check_ifname("").is_err());
+        assert!(check_ifname("tap0_abcdefghijk").is_err());
+        assert!(check_ifname("a/b").is_err());
+        assert!(check_ifname("a b").is_err());
+        assert!(check_ifname("a:b").is_err());
+    }
+
+    #[test]
+    fn tap_names_fit_and_differ() {
+        let a = tap_name_for("default-web");
+        assert_eq!(a.len(), 15);
+        assert!(check_ifname(&a).is_ok());
+        assert_eq!(a, tap_name_for("default-web"));
+        assert_ne!(a, tap_name_for("default-web2"));
+    }
+
+    #[test]
+    fn a_missing_namespace_is_named_in_the_error() {
+        let err = attach(Path::new("/var/run/netns/capsid-no-such-ns"), "tap0_x").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "network namespace /var/run/netns/capsid-no-such-ns does not exist"
+        );
+        assert!(detach_leftovers(Path::new("/var/run/netns/capsid-no-such-ns"), "tap0_x").is_ok());
+    }
+}

@@ -1,0 +1,182 @@
+//! The container's network: when the OCI spec names a network namespace by
+//! path (CNI, the CRI plugin, nerdctl, `ctr run --with-ns`), the VM gets a
+//! NIC on a tap joined to that namespace's veth, and the guest takes over
+//! the veth's addresses and routes. No path, no NIC. The container itself
+//! shares the VM's network namespace (the agent drops the entry).
+
+use std::path::{Path, PathBuf};
+
+use capsid_sandbox::network::{self, GuestDns, NetworkError, TapAttachment};
+use oci_spec::runtime::{LinuxNamespaceType, Spec};
+use serde::{Deserialize, Serialize};
+
+/// What cleanup needs to undo an attachment (saved before it is made).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkRecord {
+    /// The network namespace file.
+    pub netns: PathBuf,
+    /// The tap made in it.
+    pub tap: String,
+}
+
+/// The CRI plugin's annotation telling a pod's sandbox (pause) container
+/// from the pod's application containers.
+const CRI_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
+
+/// The network namespace path the spec names, if the VM should join it.
+/// A pod's sandbox (pause) container does nothing with a network: it gets
+/// no NIC, leaving the pod's veth to the application container's VM.
+pub fn netns_path(spec: &Spec) -> Option<PathBuf> {
+    let pause = spec
+        .annotations()
+        .as_ref()
+        .and_then(|a| a.get(CRI_CONTAINER_TYPE))
+        .is_some_and(|t| t == "sandbox");
+    if pause {
+        return None;
+    }
+    spec.linux()
+        .as_ref()?
+        .namespaces()
+        .as_ref()?
+        .iter()
+        .find(|n| n.typ() == LinuxNamespaceType::Network)?
+        .path()
+        .clone()
+        .filter(|p| !p.as_os_str().is_empty())
+}
+
+/// Checks the namespace exists, before anything is made for the container.
+pub fn check_netns(path: &Path) -> Result<(), NetworkError> {
+    if path.exists() {
+        Ok(())
+    } else {
+        Err(NetworkError::NoNetns {
+            path: path.to_owned(),
+        })
+    }
+}
+
+/// The record for sandbox `sandbox` in `netns`.
+pub fn record_for(netns: &Path, sandbox: &str) -> NetworkRecord {
+    NetworkRecord {
+        netns: netns.to_owned(),
+        tap: network::tap_name_for(sandbox),
+    }
+}
+
+/// Makes the tap and wiring of `record` (blocking work off the runtime).
+pub async fn attach(record: &NetworkRecord) -> Result<TapAttachment, NetworkError> {
+    let record = record.clone();
+    tokio::task::spawn_blocking(move || network::attach(&record.netns, &record.tap))
+        .await
+        .map_err(|e| NetworkError::Spawn {
+            program: "network attach task".into(),
+            source: std::io::Error::other(e),
+        })?
+}
+
+/// Removes an attachment; failures are logged (delete must go on).
+pub async fn detach(attachment: TapAttachment) {
+    let tap = attachment.tap.clone();
+    let done = tokio::task::spawn_blocking(move || attachment.detach()).await;
+    match done {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(tap, error = %crate::describe(&e), "cannot detach the tap"),
+        Err(e) => tracing::warn!(tap, error = %e, "tap detach task failed"),
+    }
+}
+
+/// Removes what a dead shim left of `record` (blocking).
+pub fn detach_leftovers(record: &NetworkRecord) {
+    if let Err(e) = network::detach_leftovers(&record.netns, &record.tap) {
+        tracing::warn!(tap = %record.tap, error = %crate::describe(&e), "cannot remove the tap");
+    }
+}
+
+/// Resolver settings the spec carries as a bind mount of a host file on
+/// /etc/resolv.conf (the CRI plugin's and nerdctl's way); the agent writes
+/// the guest's own file from them, since host files cannot be bound in.
+pub fn dns_from_spec(spec: &Spec) -> Option<GuestDns> {
+    let source = spec
+        .mounts()
+        .as_ref()?
+        .iter()
+        .find(|m| m.destination() == Path::new("/etc/resolv.conf"))?
+        .source()
+        .clone()?;
+    let text = std::fs::read_to_string(&source).ok()?;
+    let dns = GuestDns::parse_resolv_conf(&text);
+    (!dns.is_empty()).then_some(dns)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(namespaces: serde_json::Value, mounts: serde_json::Value) -> Spec {
+        serde_json::from_value(serde_json::json!({
+            "ociVersion": "1.0.2",
+            "process": {"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
+            "root": {"path": "rootfs"},
+            "mounts": mounts,
+            "linux": {"namespaces": namespaces}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_netns_path_comes_from_the_spec() {
+        let s = spec(
+            serde_json::json!([{"type": "pid"}, {"type": "network", "path": "/var/run/netns/x"}]),
+            serde_json::json!([]),
+        );
+        assert_eq!(netns_path(&s), Some(PathBuf::from("/var/run/netns/x")));
+        let s = spec(
+            serde_json::json!([{"type": "network"}]),
+            serde_json::json!([]),
+        );
+        assert_eq!(netns_path(&s), None);
+        let s = spec(serde_json::json!([{"type": "pid"}]), serde_json::json!([]));
+        assert_eq!(netns_path(&s), None);
+        let mut s = spec(
+            serde_json::json!([{"type": "network", "path": "/var/run/netns/x"}]),
+            serde_json::json!([]),
+        );
+        s.set_annotations(Some(
+            [(CRI_CONTAINER_TYPE.to_string(), "sandbox".to_string())].into(),
+        ));
+        assert_eq!(netns_path(&s), None);
+    }
+
+    #[test]
+    fn a_missing_netns_is_named() {
+        let err = check_netns(Path::new("/var/run/netns/capsid-nope")).unwrap_err();
+        assert!(
+            err.to_string().contains("/var/run/netns/capsid-nope"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn resolv_conf_binds_give_dns() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("resolv.conf");
+        std::fs::write(
+            &file,
+            "nameserver 10.0.0.2\nsearch svc.local\noptions ndots:5\n",
+        )
+        .unwrap();
+        let s = spec(
+            serde_json::json!([]),
+            serde_json::json!([{"destination": "/etc/resolv.conf", "type": "bind",
+                                "source": file, "options": ["rbind", "ro"]}]),
+        );
+        let dns = dns_from_spec(&s).unwrap();
+        assert_eq!(dns.servers, ["10.0.0.2"]);
+        assert_eq!(dns.search, ["svc.local"]);
+        assert_eq!(dns.options, ["ndots:5"]);
+        let s = spec(serde_json::json!([]), serde_json::json!([]));
+        assert_eq!(dns_from_spec(&s), None);
+    }
+}

@@ -1,0 +1,332 @@
+//! Over-assignment demo (a benchmark, not a test): N QEMU-TCG sandboxes
+//! whose assigned memory sums to twice a pretend host's size take turns
+//! being busy. In its phase a sandbox reads a 200 MiB file into its page
+//! cache (kept by an idle container) and fills 150 MiB of tmpfs for a few
+//! seconds; the others idle. The balloon coordinator runs in-process
+//! against the pretend host. Every round's per-sandbox host memory,
+//! balloon and guest figures go to a CSV; a summary (peak total host
+//! memory, OOM kills, survivors) goes to stdout as JSON.
+//!
+//! ```text
+//! cargo run -p capsid-tests --example overcommit -- [--sandboxes 4] \
+//!     [--memory-mib 512] [--host-mib 1024] [--no-policy] [--csv out.csv]
+//! benches/overcommit-plot.py out.csv docs/memory-overcommit.svg
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use capsid_protocol::agent::BlockLayer;
+use capsid_sandbox::backend::qemu::QemuBackend;
+use capsid_sandbox::backend::DiskSpec;
+use capsid_sandbox::balloon::coordinator::{Coordinator, HostSource};
+use capsid_sandbox::balloon::registry::Registry;
+use capsid_sandbox::config::BackendKind;
+use capsid_sandbox::sandbox::{Sandbox, SandboxOptions};
+use capsid_sandbox::spec::RunOptions;
+use capsid_sandbox::stdio::StreamsWanted;
+use capsid_tests::artifact;
+use capsid_tests::sandbox::{
+    create_request, erofs_from_layout, run_container, test_config, ROOTFS_SERIAL,
+};
+
+const CACHE_SERIAL: &str = "capsid-cachefill";
+const CACHE_MIB: usize = 200;
+const WORK_MIB: usize = 150;
+
+struct Args {
+    sandboxes: usize,
+    memory_mib: u32,
+    host_mib: u64,
+    policy: bool,
+    csv: PathBuf,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        sandboxes: 4,
+        memory_mib: 512,
+        host_mib: 1024,
+        policy: true,
+        csv: PathBuf::from("overcommit.csv"),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut value = || it.next().expect("a value after the option");
+        match arg.as_str() {
+            "--sandboxes" => a.sandboxes = value().parse().expect("a count"),
+            "--memory-mib" => a.memory_mib = value().parse().expect("MiB"),
+            "--host-mib" => a.host_mib = value().parse().expect("MiB"),
+            "--csv" => a.csv = PathBuf::from(value()),
+            "--no-policy" => a.policy = false,
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    a
+}
+
+fn sh(script: &str) -> RunOptions {
+    RunOptions {
+        command: vec!["sh".into(), "-c".into(), script.into()],
+        ..Default::default()
+    }
+}
+
+fn random_file_erofs(dir: &Path, mib: usize) -> PathBuf {
+    let staging = dir.join("cachefill.d");
+    std::fs::create_dir_all(&staging).unwrap();
+    let mut data = vec![0u8; mib << 20];
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    for chunk in data.chunks_exact_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes());
+    }
+    std::fs::write(staging.join("cachefill"), &data).unwrap();
+    let out = dir.join("cachefill.erofs");
+    let st = std::process::Command::new("mkfs.erofs")
+        .arg("--quiet")
+        .arg(&out)
+        .arg(&staging)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    std::fs::remove_dir_all(&staging).unwrap();
+    out
+}
+
+/// One sample row.
+#[derive(Clone)]
+struct Sample {
+    t: f64,
+    phase: i64,
+    /// Per sandbox: host MiB, balloon MiB, guest cache MiB.
+    per: Vec<(u64, u64, u64)>,
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let a = args();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.memory.pretend_host_mib = Some(a.host_mib);
+    config.memory.interval_ms = 500;
+    config.memory.low_watermark_percent = 20;
+    config.memory.high_watermark_percent = 30;
+    config.memory.floor_mib = 64;
+    config.memory.headroom_mib = 32;
+    config.memory.overcommit_ratio = 2.0;
+    let rootfs = erofs_from_layout(
+        &artifact("images/busybox"),
+        &dir.path().join("busybox.erofs"),
+    );
+    let cache_disk = random_file_erofs(dir.path(), CACHE_MIB);
+    let backend = Arc::new(
+        QemuBackend::new(
+            BackendKind::QemuTcg,
+            Path::new("qemu-system-x86_64"),
+            &config.paths.vhost,
+        )
+        .unwrap(),
+    );
+
+    // The coordinator watches from the start: it sees the sandboxes as
+    // they register.
+    let registry = Registry::new(&config.paths.state_dir);
+    let host = Arc::new(AtomicU64::new(if a.policy { a.host_mib } else { 1 << 30 }));
+    let mut coordinator = Coordinator::new(
+        config.memory.clone(),
+        registry.clone(),
+        HostSource::Pretend(host.clone()),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let phase = Arc::new(std::sync::atomic::AtomicI64::new(-1));
+    let samples: Arc<Mutex<Vec<Sample>>> = Arc::default();
+    let decisions = Arc::new(AtomicU64::new(0));
+    let t0 = Instant::now();
+    let ids: Vec<String> = (0..a.sandboxes).map(|i| format!("sb{i}")).collect();
+    let watcher = {
+        let (stop, phase, samples, decisions, ids) = (
+            stop.clone(),
+            phase.clone(),
+            samples.clone(),
+            decisions.clone(),
+            ids.clone(),
+        );
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let started = Instant::now();
+                if let Ok(round) = coordinator.round() {
+                    decisions.fetch_add(round.decisions.len() as u64, Ordering::Relaxed);
+                    let per = ids
+                        .iter()
+                        .map(|id| {
+                            round.sandboxes.iter().find(|s| &s.entry.id == id).map_or(
+                                (0, 0, 0),
+                                |s| {
+                                    let b = s.balloon.unwrap_or_default();
+                                    (
+                                        s.rss_mib.unwrap_or(0),
+                                        u64::from(b.actual_mib),
+                                        if b.stats.valid { b.stats.caches_mib } else { 0 },
+                                    )
+                                },
+                            )
+                        })
+                        .collect();
+                    samples.lock().unwrap().push(Sample {
+                        t: t0.elapsed().as_secs_f64(),
+                        phase: phase.load(Ordering::Relaxed),
+                        per,
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(500).saturating_sub(started.elapsed()));
+            }
+        })
+    };
+
+    let mut sandboxes = Vec::new();
+    for id in &ids {
+        let opts = SandboxOptions {
+            id: id.clone(),
+            vcpus: 1,
+            memory_mib: a.memory_mib,
+            disks: vec![
+                DiskSpec {
+                    path: rootfs.clone(),
+                    readonly: true,
+                    serial: ROOTFS_SERIAL.into(),
+                },
+                DiskSpec {
+                    path: cache_disk.clone(),
+                    readonly: true,
+                    serial: CACHE_SERIAL.into(),
+                },
+            ],
+            ..Default::default()
+        };
+        sandboxes.push(
+            Sandbox::start(&config, backend.clone(), opts)
+                .await
+                .unwrap(),
+        );
+    }
+    eprintln!(
+        "{} sandboxes up at {:.1} s",
+        sandboxes.len(),
+        t0.elapsed().as_secs_f64()
+    );
+
+    let mut oom_kills = 0;
+    let mut failures = 0;
+    for (i, sb) in sandboxes.iter().enumerate() {
+        phase.store(i as i64, Ordering::Relaxed);
+        eprintln!("phase {i} at {:.1} s", t0.elapsed().as_secs_f64());
+        // An idle container keeps the read file's pages cached.
+        let pending = sb
+            .bind_streams(StreamsWanted {
+                stdin: false,
+                stdout: false,
+                stderr: false,
+                terminal: false,
+            })
+            .unwrap();
+        let mut req = create_request(
+            "cache",
+            &sh("cat /cachefill > /dev/null; exec sleep 100000"),
+        );
+        let mut layer = BlockLayer::new();
+        layer.disk_serial = CACHE_SERIAL.into();
+        layer.fs_type = "erofs".into();
+        req.rootfs.as_mut().unwrap().layers.push(layer);
+        req.stdio = protobuf::MessageField::some(pending.stdio.clone());
+        let (created, streams) = tokio::join!(sb.agent().create_container(&req), pending.accept());
+        created.unwrap();
+        streams.unwrap();
+        sb.agent().start_process("cache", "").await.unwrap();
+        // Wait for the guest to report the file cached.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < deadline {
+            let cached = sb
+                .balloon()
+                .and_then(|b| b.status().ok())
+                .is_some_and(|s| s.stats.valid && s.stats.caches_mib as usize >= CACHE_MIB - 10);
+            if cached {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        // Working memory: 150 MiB of tmpfs, held a few seconds, freed.
+        let out = run_container(
+            sb,
+            "work",
+            &sh(&format!(
+                "dd if=/dev/zero of=/work bs=1M count={WORK_MIB} 2>/dev/null && sleep 5 && rm /work"
+            )),
+            b"",
+        )
+        .await;
+        if out.oom_killed {
+            oom_kills += 1;
+        }
+        if out.status != 0 {
+            failures += 1;
+            eprintln!(
+                "phase {i}: work exited {} {:?}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    phase.store(a.sandboxes as i64, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+
+    // Survivors: every agent still answers.
+    let mut alive = 0;
+    for sb in &sandboxes {
+        if sb.agent().health().await.is_ok() {
+            alive += 1;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    watcher.join().unwrap();
+    for sb in sandboxes {
+        sb.stop().await;
+    }
+
+    let samples = samples.lock().unwrap().clone();
+    let mut csv = String::from("t,phase,total_mib");
+    for id in &ids {
+        csv.push_str(&format!(",{id}_host_mib,{id}_balloon_mib,{id}_cache_mib"));
+    }
+    csv.push('\n');
+    let mut peak = 0;
+    for s in &samples {
+        let total: u64 = s.per.iter().map(|p| p.0).sum();
+        peak = peak.max(total);
+        csv.push_str(&format!("{:.2},{},{total}", s.t, s.phase));
+        for p in &s.per {
+            csv.push_str(&format!(",{},{},{}", p.0, p.1, p.2));
+        }
+        csv.push('\n');
+    }
+    std::fs::write(&a.csv, csv).unwrap();
+    let summary = serde_json::json!({
+        "sandboxes": a.sandboxes,
+        "assigned_mib_each": a.memory_mib,
+        "assigned_mib_total": u64::from(a.memory_mib) * a.sandboxes as u64,
+        "pretend_host_mib": a.host_mib,
+        "policy": a.policy,
+        "peak_total_host_mib": peak,
+        "balloon_changes": decisions.load(Ordering::Relaxed),
+        "oom_kills": oom_kills,
+        "failed_phases": failures,
+        "alive_at_end": alive,
+        "duration_s": t0.elapsed().as_secs_f64(),
+        "csv": a.csv,
+    });
+    println!("{}", serde_json::to_string_pretty(&summary).unwrap());
+}
