@@ -50,7 +50,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Check(args) => check::run(cli.config.as_deref(), &args),
         Command::Stats(args) => stats::run(cli.config.as_deref(), &args),
-        Command::Bench(args) => bench::run(cli.config.as_deref(), *args).map(|()| ExitCode::SUCCESS),
+        Command::Bench(args) => {
+            bench::run(cli.config.as_deref(), *args).map(|()| ExitCode::SUCCESS)
+        }
         Command::Run(args) => {
             let code = match tokio::runtime::Runtime::new() {
                 Ok(rt) => {

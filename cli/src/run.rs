@@ -19,8 +19,8 @@ use capsid_sandbox::sandbox::{self as sb, Sandbox, SandboxOptions};
 use capsid_sandbox::spec::{self, ImageDefaults, RunOptions};
 use capsid_sandbox::stdio::{Streams, StreamsWanted};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tracing::Instrument;
 use tokio::signal::unix::{signal, SignalKind};
+use tracing::Instrument;
 
 use crate::bench::timings::{Recorder, TIMINGS_ENV};
 use crate::tty::RawMode;
@@ -257,7 +257,7 @@ async fn run_timed(
 /// Copies the container phases (durations since the origin; zero: not
 /// reached) into the timings record.
 fn record_phases(timings: &mut Recorder, phases: &Phases) {
-    let at = |d: Duration| (!d.is_zero()).then(|| d.as_secs_f64() * 1000.0);
+    let at = |d: Duration| (!d.is_zero()).then_some(d.as_secs_f64() * 1000.0);
     let p = timings.phases();
     p.container_created_ms = at(phases.created);
     p.process_started_ms = at(phases.started);

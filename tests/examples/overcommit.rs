@@ -103,6 +103,8 @@ fn random_file_erofs(dir: &Path, mib: usize) -> PathBuf {
 struct Sample {
     t: f64,
     phase: i64,
+    /// The pretend host's size.
+    limit: u64,
     /// Per sandbox: host MiB, balloon MiB, guest cache MiB.
     per: Vec<(u64, u64, u64)>,
 }
@@ -114,10 +116,12 @@ async fn main() {
     let mut config = test_config(dir.path());
     config.memory.pretend_host_mib = Some(a.host_mib);
     config.memory.interval_ms = 500;
-    config.memory.low_watermark_percent = 20;
-    config.memory.high_watermark_percent = 30;
-    config.memory.floor_mib = 64;
-    config.memory.headroom_mib = 32;
+    // A phase's burst (200 MiB of cache + 150 MiB of work) arrives
+    // within a round or two: the low watermark keeps that much spare.
+    config.memory.low_watermark_percent = 35;
+    config.memory.high_watermark_percent = 45;
+    config.memory.floor_mib = 96;
+    config.memory.headroom_mib = 64;
     config.memory.overcommit_ratio = 2.0;
     let rootfs = erofs_from_layout(
         &artifact("images/busybox"),
@@ -149,6 +153,7 @@ async fn main() {
     let t0 = Instant::now();
     let ids: Vec<String> = (0..a.sandboxes).map(|i| format!("sb{i}")).collect();
     let watcher = {
+        let host_for_samples = host.clone();
         let (stop, phase, samples, decisions, ids) = (
             stop.clone(),
             phase.clone(),
@@ -180,6 +185,7 @@ async fn main() {
                     samples.lock().unwrap().push(Sample {
                         t: t0.elapsed().as_secs_f64(),
                         phase: phase.load(Ordering::Relaxed),
+                        limit: host_for_samples.load(Ordering::Relaxed),
                         per,
                     });
                 }
@@ -283,6 +289,19 @@ async fn main() {
     }
     phase.store(a.sandboxes as i64, Ordering::Relaxed);
     tokio::time::sleep(Duration::from_secs(10)).await;
+    // Relief: the host doubles (other work ended); the balloons deflate.
+    let peak_before_relief = samples
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|s| s.per.iter().map(|p| p.0).sum::<u64>())
+        .max()
+        .unwrap_or(0);
+    if a.policy {
+        host.store(a.host_mib * 2, Ordering::Relaxed);
+    }
+    phase.store(a.sandboxes as i64 + 1, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(15)).await;
 
     // Survivors: every agent still answers.
     let mut alive = 0;
@@ -298,7 +317,7 @@ async fn main() {
     }
 
     let samples = samples.lock().unwrap().clone();
-    let mut csv = String::from("t,phase,total_mib");
+    let mut csv = String::from("t,phase,limit_mib,total_mib");
     for id in &ids {
         csv.push_str(&format!(",{id}_host_mib,{id}_balloon_mib,{id}_cache_mib"));
     }
@@ -307,7 +326,7 @@ async fn main() {
     for s in &samples {
         let total: u64 = s.per.iter().map(|p| p.0).sum();
         peak = peak.max(total);
-        csv.push_str(&format!("{:.2},{},{total}", s.t, s.phase));
+        csv.push_str(&format!("{:.2},{},{},{total}", s.t, s.phase, s.limit));
         for p in &s.per {
             csv.push_str(&format!(",{},{},{}", p.0, p.1, p.2));
         }
@@ -321,6 +340,8 @@ async fn main() {
         "pretend_host_mib": a.host_mib,
         "policy": a.policy,
         "peak_total_host_mib": peak,
+        "peak_total_host_mib_under_the_limit": peak_before_relief,
+        "balloons_at_end_mib": samples.last().map(|s| s.per.iter().map(|p| p.1).collect::<Vec<_>>()),
         "balloon_changes": decisions.load(Ordering::Relaxed),
         "oom_kills": oom_kills,
         "failed_phases": failures,

@@ -23,10 +23,16 @@ fn zero_runs_is_refused() {
     let c = Capsid::new();
     let (code, _, err) = bench(&c, &["startup", "--runs", "0"]);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("--runs") && err.contains("at least 1"), "{err}");
+    assert!(
+        err.contains("--runs") && err.contains("at least 1"),
+        "{err}"
+    );
     let (code, _, err) = bench(&c, &["density", "--count", "0"]);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("--count") && err.contains("at least 1"), "{err}");
+    assert!(
+        err.contains("--count") && err.contains("at least 1"),
+        "{err}"
+    );
     assert_clean(&c);
 }
 
@@ -51,7 +57,10 @@ fn backend_this_host_cannot_run_is_refused_with_the_reason() {
     let c = Capsid::new();
     let (code, out, err) = bench(&c, &["startup", "--runs", "1", "--backend", "capsid-vmm"]);
     assert_eq!(code, 1, "{out}{err}");
-    assert!(err.contains("--backend capsid-vmm cannot run on this host"), "{err}");
+    assert!(
+        err.contains("--backend capsid-vmm cannot run on this host"),
+        "{err}"
+    );
     assert!(err.contains("PVM"), "{err}");
     assert_clean(&c);
 }
@@ -61,7 +70,10 @@ fn bad_output_paths_are_refused_before_any_run() {
     let c = Capsid::new();
     let (code, _, err) = bench(&c, &["startup", "--plot", "out.jpg"]);
     assert_eq!(code, 1, "{err}");
-    assert!(err.contains("--plot out.jpg") && err.contains(".svg or .png"), "{err}");
+    assert!(
+        err.contains("--plot out.jpg") && err.contains(".svg or .png"),
+        "{err}"
+    );
     let (code, _, err) = bench(&c, &["startup", "--json", "/nonexistent-capsid/out.json"]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("/nonexistent-capsid does not exist"), "{err}");
@@ -89,7 +101,10 @@ fn assert_clean(c: &Capsid) {
             continue;
         };
         let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        assert!(!cmdline.contains(&marker), "process left running: {cmdline}");
+        assert!(
+            !cmdline.contains(&marker),
+            "process left running: {cmdline}"
+        );
     }
 }
 
@@ -97,7 +112,14 @@ fn assert_clean(c: &Capsid) {
 fn path_without_containerd(dir: &Path) -> String {
     let bin = dir.join("bin");
     std::fs::create_dir_all(&bin).unwrap();
-    for sys in ["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"] {
+    for sys in [
+        "/usr/local/sbin",
+        "/usr/local/bin",
+        "/usr/sbin",
+        "/usr/bin",
+        "/sbin",
+        "/bin",
+    ] {
         for entry in std::fs::read_dir(sys).into_iter().flatten().flatten() {
             let name = entry.file_name();
             if name == "containerd" || name == "ctr" || bin.join(&name).exists() {
@@ -119,17 +141,31 @@ fn compare_without_containerd_runs_what_it_can() {
         .env("PATH", path_without_containerd(tools.path()))
         .arg("--config")
         .arg(c.config())
-        .args(["bench", "startup", "--runs", "1", "--warmup", "0", "--compare", "--json"])
+        .args([
+            "bench",
+            "startup",
+            "--runs",
+            "1",
+            "--warmup",
+            "0",
+            "--compare",
+            "--json",
+        ])
         .arg(&json));
     assert_eq!(code, 0, "{stdout}{stderr}");
     for runner in ["ctr_runc", "ctr_capsid"] {
         assert!(
-            stdout.contains(&format!("skipped {runner}: containerd and ctr not installed")),
+            stdout.contains(&format!(
+                "skipped {runner}: containerd and ctr not installed"
+            )),
             "{stdout}"
         );
     }
     let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
-    assert_eq!(report["runners"], serde_json::json!(["capsid_run", "bare_boot"]));
+    assert_eq!(
+        report["runners"],
+        serde_json::json!(["capsid_run", "bare_boot"])
+    );
     assert_eq!(report["skipped"].as_array().unwrap().len(), 2);
     let it = &report["iterations"][0];
     for (phase, ms) in it["capsid_run"]["phases_ms"].as_object().unwrap() {

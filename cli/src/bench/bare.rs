@@ -3,8 +3,8 @@
 //! the console and reboots at once, so the VM's own cost is measured
 //! without the agent or a container.
 //!
-//! `/init` is a 186-byte static x86-64 ELF written here (no toolchain or
-//! busybox needed): `write(1, "capsid-bench: init\n")`, then
+//! `/init` is a static x86-64 ELF of under 200 bytes written here (no
+//! toolchain or busybox needed): `write(1, "capsid-bench: init\n")`, then
 //! `reboot(LINUX_REBOOT_CMD_RESTART)`, which the backend turns into the VM
 //! ending (`reboot=t`, QEMU `-no-reboot`).
 
@@ -68,7 +68,7 @@ fn init_elf() -> Vec<u8> {
     elf.extend_from_slice(&56u16.to_le_bytes()); // e_phentsize
     elf.extend_from_slice(&1u16.to_le_bytes()); // e_phnum
     elf.extend_from_slice(&[0; 6]); // e_shentsize, e_shnum, e_shstrndx
-    // One PT_LOAD segment, R+X, mapping the whole file at BASE.
+                                    // One PT_LOAD segment, R+X, mapping the whole file at BASE.
     elf.extend_from_slice(&1u32.to_le_bytes());
     elf.extend_from_slice(&5u32.to_le_bytes());
     elf.extend_from_slice(&0u64.to_le_bytes());

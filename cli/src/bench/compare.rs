@@ -42,7 +42,8 @@ impl PrivateContainerd {
         capsid_config: &Path,
         image_archive: &Path,
     ) -> anyhow::Result<Self> {
-        let containerd = which("containerd").ok_or_else(|| anyhow!("containerd is not installed"))?;
+        let containerd =
+            which("containerd").ok_or_else(|| anyhow!("containerd is not installed"))?;
         let dir = tempfile::Builder::new()
             .prefix("capsid-bench-containerd")
             .tempdir()
@@ -92,7 +93,10 @@ impl PrivateContainerd {
                 break;
             }
             if start.elapsed() > Duration::from_secs(20) {
-                bail!("containerd did not answer within 20 s (log: {})", me.log_tail());
+                bail!(
+                    "containerd did not answer within 20 s (log: {})",
+                    me.log_tail()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -155,7 +159,8 @@ impl PrivateContainerd {
     }
 
     fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default();
+        let text =
+            std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(5)..].join(" | ")
     }

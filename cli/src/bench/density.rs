@@ -111,8 +111,16 @@ struct Running {
 }
 
 pub fn run(config_path: Option<&Path>, args: DensityArgs) -> anyhow::Result<()> {
-    let json = args.json.as_deref().map(|p| check_output(p, "--json")).transpose()?;
-    let plot_path = args.plot.as_deref().map(|p| check_output(p, "--plot")).transpose()?;
+    let json = args
+        .json
+        .as_deref()
+        .map(|p| check_output(p, "--json"))
+        .transpose()?;
+    let plot_path = args
+        .plot
+        .as_deref()
+        .map(|p| check_output(p, "--plot"))
+        .transpose()?;
     if let Some(p) = &plot_path {
         plot::format_of(p)?;
     }
@@ -127,7 +135,11 @@ pub fn run(config_path: Option<&Path>, args: DensityArgs) -> anyhow::Result<()> 
     }
     if let Some(path) = plot_path {
         let pick = |f: fn(&Step) -> f64| -> Vec<(f64, f64)> {
-            report.steps.iter().map(|s| (s.running as f64, f(s))).collect()
+            report
+                .steps
+                .iter()
+                .map(|s| (s.running as f64, f(s)))
+                .collect()
         };
         plot::lines(
             &path,
@@ -138,9 +150,18 @@ pub fn run(config_path: Option<&Path>, args: DensityArgs) -> anyhow::Result<()> 
             "sandboxes running",
             "MiB per sandbox",
             &[
-                ("host PSS (QEMU + vhost)", pick(|s| s.host_pss_mib_per_sandbox)),
-                ("guest RAM touched", pick(|s| s.guest_touched_mib_per_sandbox)),
-                ("overhead (PSS − guest RAM)", pick(|s| s.overhead_mib_per_sandbox)),
+                (
+                    "host PSS (QEMU + vhost)",
+                    pick(|s| s.host_pss_mib_per_sandbox),
+                ),
+                (
+                    "guest RAM touched",
+                    pick(|s| s.guest_touched_mib_per_sandbox),
+                ),
+                (
+                    "overhead (PSS − guest RAM)",
+                    pick(|s| s.overhead_mib_per_sandbox),
+                ),
             ],
         )?;
         println!("plot: {}", path.display());
@@ -182,8 +203,10 @@ async fn measure(setup: &BenchSetup, args: &DensityArgs) -> anyhow::Result<Densi
     let prefix = format!("bench-density-{}", std::process::id());
     let progress = indicatif::ProgressBar::new(u64::from(args.count));
     progress.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        indicatif::ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     progress.set_message("sandboxes started");
     let disk_path = rootfs.path.clone();
@@ -226,7 +249,8 @@ async fn measure(setup: &BenchSetup, args: &DensityArgs) -> anyhow::Result<Densi
                     sandbox,
                     start_ms: took.as_secs_f64() * 1000.0,
                 });
-                let mems: Vec<SandboxMemory> = running.iter().map(|r| memory_of(&r.sandbox)).collect();
+                let mems: Vec<SandboxMemory> =
+                    running.iter().map(|r| memory_of(&r.sandbox)).collect();
                 steps.push(step(&mems));
             }
             Err(e) => {
@@ -240,7 +264,11 @@ async fn measure(setup: &BenchSetup, args: &DensityArgs) -> anyhow::Result<Densi
     progress.finish_and_clear();
 
     if !running.is_empty() {
-        eprintln!("capsid bench: {} sandboxes idle; measuring in {} s", running.len(), args.settle);
+        eprintln!(
+            "capsid bench: {} sandboxes idle; measuring in {} s",
+            running.len(),
+            args.settle
+        );
         tokio::time::sleep(Duration::from_secs(args.settle)).await;
     }
     let sandboxes: Vec<SandboxMemory> = running.iter().map(|r| memory_of(&r.sandbox)).collect();
@@ -260,8 +288,16 @@ async fn measure(setup: &BenchSetup, args: &DensityArgs) -> anyhow::Result<Densi
         .filter(|p| procfs::alive(**p))
         .map(|p| format!("process {p}"))
         .collect();
-    leftovers.extend(procfs::processes_mentioning(&prefix).iter().map(|p| format!("process {p}")));
-    for entry in std::fs::read_dir(&config.paths.state_dir).into_iter().flatten().flatten() {
+    leftovers.extend(
+        procfs::processes_mentioning(&prefix)
+            .iter()
+            .map(|p| format!("process {p}")),
+    );
+    for entry in std::fs::read_dir(&config.paths.state_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         if entry.file_name().to_string_lossy().starts_with(&prefix) {
             leftovers.push(format!("run dir {}", entry.path().display()));
         }
@@ -269,7 +305,8 @@ async fn measure(setup: &BenchSetup, args: &DensityArgs) -> anyhow::Result<Densi
     leftovers.sort();
     leftovers.dedup();
 
-    let col = |f: fn(&SandboxMemory) -> f64| summarize(&sandboxes.iter().map(f).collect::<Vec<_>>());
+    let col =
+        |f: fn(&SandboxMemory) -> f64| summarize(&sandboxes.iter().map(f).collect::<Vec<_>>());
     Ok(DensityReport {
         schema: "capsid-bench-density/1",
         backend: setup.backend.to_string(),
@@ -332,7 +369,10 @@ async fn start_idle(
 fn memory_of(sandbox: &Sandbox) -> SandboxMemory {
     let pids = sandbox.pids();
     let mib = |kib: u64| kib as f64 / KIB_PER_MIB;
-    let pss: Vec<u64> = pids.iter().map(|p| procfs::pss_kib(*p).unwrap_or(0)).collect();
+    let pss: Vec<u64> = pids
+        .iter()
+        .map(|p| procfs::pss_kib(*p).unwrap_or(0))
+        .collect();
     let vmm = pss.first().copied().unwrap_or(0);
     let devices: u64 = pss.iter().skip(1).sum();
     // Guest RAM is QEMU's memfd memory backend; capsid-vmm's guest RAM is

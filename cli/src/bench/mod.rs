@@ -10,8 +10,8 @@ mod compare;
 mod density;
 mod plot;
 mod procfs;
-pub mod stats;
 mod startup;
+pub mod stats;
 pub mod timings;
 
 use std::path::{Path, PathBuf};

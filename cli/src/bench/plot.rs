@@ -28,10 +28,17 @@ pub enum Format {
 
 /// The format from the file name's extension.
 pub fn format_of(path: &Path) -> anyhow::Result<Format> {
-    match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase) {
+    match path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase)
+    {
         Some(e) if e == "svg" => Ok(Format::Svg),
         Some(e) if e == "png" => Ok(Format::Png),
-        _ => bail!("--plot {}: the file must end in .svg or .png", path.display()),
+        _ => bail!(
+            "--plot {}: the file must end in .svg or .png",
+            path.display()
+        ),
     }
 }
 
@@ -99,7 +106,11 @@ fn draw_stacked<DB: DrawingBackend>(
     let top = stacks
         .iter()
         .map(|s| s.iter().sum::<f64>())
-        .chain(overlays.iter().flat_map(|(_, v)| v.iter().flatten().copied()))
+        .chain(
+            overlays
+                .iter()
+                .flat_map(|(_, v)| v.iter().flatten().copied()),
+        )
         .fold(1.0_f64, f64::max)
         * 1.08;
     let mut chart = ChartBuilder::on(&root)
@@ -123,7 +134,10 @@ fn draw_stacked<DB: DrawingBackend>(
         let bars = stacks.iter().enumerate().map(move |(i, s)| {
             let below: f64 = s[..k].iter().sum();
             let x = i as f64;
-            Rectangle::new([(x - 0.35, below), (x + 0.35, below + s[k])], color.filled())
+            Rectangle::new(
+                [(x - 0.35, below), (x + 0.35, below + s[k])],
+                color.filled(),
+            )
         });
         chart
             .draw_series(bars)
@@ -143,7 +157,11 @@ fn draw_stacked<DB: DrawingBackend>(
             .draw_series(LineSeries::new(points.clone(), color.stroke_width(1)))
             .map_err(err)?;
         chart
-            .draw_series(points.iter().map(|p| Cross::new(*p, 5, color.stroke_width(2))))
+            .draw_series(
+                points
+                    .iter()
+                    .map(|p| Cross::new(*p, 5, color.stroke_width(2))),
+            )
             .map_err(err)?
             .label(*label)
             .legend(move |(x, y)| Cross::new((x + 6, y), 5, color.stroke_width(2)));

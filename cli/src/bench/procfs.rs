@@ -30,7 +30,8 @@ fn sum_mapping_rss(smaps: &str, needle: &str) -> u64 {
     let mut inside = false;
     for line in smaps.lines() {
         let first = line.split_whitespace().next().unwrap_or("");
-        let is_header = first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-');
+        let is_header =
+            first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-');
         if is_header {
             inside = line.contains(needle);
         } else if inside {

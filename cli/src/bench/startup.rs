@@ -72,11 +72,20 @@ pub const PHASES: [(&str, &str); 12] = [
     ("exec", "exec, runtime start-up, argument parsing (host)"),
     ("rootfs", "config, image lookup, cached rootfs disk (host)"),
     ("backend_spawn", "device back ends and VMM spawned (host)"),
-    ("vmm_to_guest_clock", "VMM set-up, kernel load, early boot (host + guest)"),
+    (
+        "vmm_to_guest_clock",
+        "VMM set-up, kernel load, early boot (host + guest)",
+    ),
     ("kernel_boot", "guest kernel boot to /init (guest)"),
-    ("agent_init", "agent set-up and vsock dial-in (guest + host relay)"),
+    (
+        "agent_init",
+        "agent set-up and vsock dial-in (guest + host relay)",
+    ),
     ("create", "Health, CreateContainer, stdio (RPC; guest work)"),
-    ("start", "StartProcess: the process exec'd (RPC; guest work)"),
+    (
+        "start",
+        "StartProcess: the process exec'd (RPC; guest work)",
+    ),
     ("first_output", "first byte of output reaches the host"),
     ("exit", "process runs and exits, exit reported"),
     ("stop", "guest power-off, VMM exit, reaping, clean-up"),
@@ -127,6 +136,8 @@ pub struct CapsidRunSample {
     pub guest_boot_to_agent_ms: Option<f64>,
     /// total − guest boot-to-agent.
     pub host_overhead_ms: Option<f64>,
+    /// CPU time of the `capsid run` process itself.
+    pub capsid_cpu_ms: Option<f64>,
     /// What the guest said about its clock.
     pub guest: GuestClock,
 }
@@ -174,6 +185,7 @@ impl CapsidRunSample {
             phases_ms: phases,
             guest_boot_to_agent_ms: guest_boot,
             host_overhead_ms: guest_boot.map(|g| total - g),
+            capsid_cpu_ms: rec.cpu_ms,
             guest: rec.guest.clone(),
         }
     }
@@ -247,8 +259,16 @@ struct Bench {
 }
 
 pub fn run(config_path: Option<&Path>, args: StartupArgs) -> anyhow::Result<()> {
-    let json = args.json.as_deref().map(|p| check_output(p, "--json")).transpose()?;
-    let plot_path = args.plot.as_deref().map(|p| check_output(p, "--plot")).transpose()?;
+    let json = args
+        .json
+        .as_deref()
+        .map(|p| check_output(p, "--json"))
+        .transpose()?;
+    let plot_path = args
+        .plot
+        .as_deref()
+        .map(|p| check_output(p, "--plot"))
+        .transpose()?;
     if let Some(p) = &plot_path {
         plot::format_of(p)?;
     }
@@ -310,7 +330,11 @@ pub fn run(config_path: Option<&Path>, args: StartupArgs) -> anyhow::Result<()> 
             progress.set_message(format!("{phase} {}: {}", index + 1, runner.label()));
             if let Err(e) = bench.run_one(runner, i, &mut it) {
                 let error = format!("{e:#}");
-                progress.println(format!("{} ({phase} {}) failed: {error}", runner.label(), index + 1));
+                progress.println(format!(
+                    "{} ({phase} {}) failed: {error}",
+                    runner.label(),
+                    index + 1
+                ));
                 if measured {
                     failures.push(Failure {
                         runner: runner.name(),
@@ -449,7 +473,10 @@ impl Bench {
             return Ok(as_path.to_path_buf());
         }
         if as_path.is_dir() {
-            bail!("{} is an OCI layout directory; ctr imports archives only", self.image);
+            bail!(
+                "{} is an OCI layout directory; ctr imports archives only",
+                self.image
+            );
         }
         let bundled = self
             .setup
@@ -460,7 +487,11 @@ impl Bench {
         if bundled.is_file() {
             Ok(bundled)
         } else {
-            Err(anyhow!("no OCI archive for image {} ({} does not exist)", self.image, bundled.display()))
+            Err(anyhow!(
+                "no OCI archive for image {} ({} does not exist)",
+                self.image,
+                bundled.display()
+            ))
         }
     }
 
@@ -546,41 +577,64 @@ fn capsid_total(it: &Iteration) -> Option<f64> {
 fn summaries(its: &[Iteration]) -> BTreeMap<String, Option<Summary>> {
     let mut out = BTreeMap::new();
     for (name, _) in PHASES {
-        let v = series(its, |it| it.capsid_run.as_ref().and_then(|s| s.phases_ms[name]));
+        let v = series(its, |it| {
+            it.capsid_run.as_ref().and_then(|s| s.phases_ms[name])
+        });
         out.insert(format!("capsid_run.phases.{name}_ms"), summarize_some(&v));
     }
     for m in MILESTONES {
-        let v = series(its, |it| it.capsid_run.as_ref().and_then(|s| s.milestones_ms[m]));
+        let v = series(its, |it| {
+            it.capsid_run.as_ref().and_then(|s| s.milestones_ms[m])
+        });
         out.insert(format!("capsid_run.milestones.{m}_ms"), summarize_some(&v));
     }
     let cap = |f: fn(&CapsidRunSample) -> Option<f64>| {
         summarize_some(&series(its, |it| it.capsid_run.as_ref().and_then(f)))
     };
     out.insert("capsid_run.total_ms".into(), cap(|s| Some(s.total_ms)));
-    out.insert("capsid_run.guest_boot_to_agent_ms".into(), cap(|s| s.guest_boot_to_agent_ms));
-    out.insert("capsid_run.host_overhead_ms".into(), cap(|s| s.host_overhead_ms));
-    out.insert("capsid_run.health_rtt_ms".into(), cap(|s| s.guest.health_rtt_ms));
+    out.insert(
+        "capsid_run.guest_boot_to_agent_ms".into(),
+        cap(|s| s.guest_boot_to_agent_ms),
+    );
+    out.insert(
+        "capsid_run.host_overhead_ms".into(),
+        cap(|s| s.host_overhead_ms),
+    );
+    out.insert(
+        "capsid_run.health_rtt_ms".into(),
+        cap(|s| s.guest.health_rtt_ms),
+    );
+    out.insert("capsid_run.capsid_cpu_ms".into(), cap(|s| s.capsid_cpu_ms));
     out.insert(
         "ctr_runc.total_ms".into(),
         summarize_some(&series(its, |it| it.ctr_runc.as_ref().map(|s| s.total_ms))),
     );
     out.insert(
         "ctr_capsid.total_ms".into(),
-        summarize_some(&series(its, |it| it.ctr_capsid.as_ref().map(|s| s.total_ms))),
+        summarize_some(&series(its, |it| {
+            it.ctr_capsid.as_ref().map(|s| s.total_ms)
+        })),
     );
     out.insert(
         "bare_boot.kernel_at_init_ms".into(),
-        summarize_some(&series(its, |it| it.bare_boot.as_ref().and_then(|b| b.kernel_at_init_ms))),
+        summarize_some(&series(its, |it| {
+            it.bare_boot.as_ref().and_then(|b| b.kernel_at_init_ms)
+        })),
     );
     out.insert(
         "bare_boot.total_ms".into(),
-        summarize_some(&series(its, |it| it.bare_boot.as_ref().map(|b| b.vm_gone_ms))),
+        summarize_some(&series(its, |it| {
+            it.bare_boot.as_ref().map(|b| b.vm_gone_ms)
+        })),
     );
     out
 }
 
+/// Reads one runner's value of an iteration.
+type Pick = fn(&Iteration) -> Option<f64>;
+
 /// The pairs compared run by run.
-fn ratio_pairs() -> Vec<(&'static str, fn(&Iteration) -> Option<f64>, fn(&Iteration) -> Option<f64>)> {
+fn ratio_pairs() -> Vec<(&'static str, Pick, Pick)> {
     let runc = |it: &Iteration| it.ctr_runc.as_ref().map(|s| s.total_ms);
     let shim = |it: &Iteration| it.ctr_capsid.as_ref().map(|s| s.total_ms);
     let bare = |it: &Iteration| it.bare_boot.as_ref().map(|s| s.vm_gone_ms);
@@ -626,24 +680,84 @@ fn print_report(r: &Report) {
         r.memory_mib,
         r.vcpus
     );
-    println!("\ncapsid run phases (ms){:>31}{:>9}{:>9}{:>9}", "min", "median", "p90", "max");
+    println!(
+        "\ncapsid run phases (ms){:>31}{:>9}{:>9}{:>9}",
+        "min", "median", "p90", "max"
+    );
     for (name, what) in PHASES {
-        println!("{}", row(name, get(&format!("capsid_run.phases.{name}_ms")), ""));
+        println!(
+            "{}",
+            row(name, get(&format!("capsid_run.phases.{name}_ms")), "")
+        );
         println!("      {what}");
     }
-    println!("{}", row("total (launch → exit)", get("capsid_run.total_ms"), ""));
-    println!("{}", row("guest boot-to-agent (clock zero → agent)", get("capsid_run.guest_boot_to_agent_ms"), ""));
-    println!("{}", row("host overhead (total − guest boot-to-agent)", get("capsid_run.host_overhead_ms"), ""));
-    println!("{}", row("Health round trip (guest clock mapping ±½)", get("capsid_run.health_rtt_ms"), ""));
+    println!(
+        "{}",
+        row("total (launch → exit)", get("capsid_run.total_ms"), "")
+    );
+    println!(
+        "{}",
+        row(
+            "guest boot-to-agent (clock zero → agent)",
+            get("capsid_run.guest_boot_to_agent_ms"),
+            ""
+        )
+    );
+    println!(
+        "{}",
+        row(
+            "host overhead (total − guest boot-to-agent)",
+            get("capsid_run.host_overhead_ms"),
+            ""
+        )
+    );
+    println!(
+        "{}",
+        row(
+            "Health round trip (guest clock mapping ±½)",
+            get("capsid_run.health_rtt_ms"),
+            ""
+        )
+    );
+    println!(
+        "{}",
+        row(
+            "CPU time of the capsid run process",
+            get("capsid_run.capsid_cpu_ms"),
+            ""
+        )
+    );
 
     if r.runners.len() > 1 {
-        println!("\nside by side, wall time (ms){:>25}{:>9}{:>9}{:>9}", "min", "median", "p90", "max");
+        println!(
+            "\nside by side, wall time (ms){:>25}{:>9}{:>9}{:>9}",
+            "min", "median", "p90", "max"
+        );
         println!("{}", row("capsid run", get("capsid_run.total_ms"), ""));
-        println!("{}", row("ctr run --rm (capsid shim)", get("ctr_capsid.total_ms"), ""));
-        println!("{}", row("ctr run --rm (runc)", get("ctr_runc.total_ms"), ""));
-        println!("{}", row("bare VM boot: kernel at /init", get("bare_boot.kernel_at_init_ms"), ""));
-        println!("{}", row("bare VM boot: VM gone", get("bare_boot.total_ms"), ""));
-        println!("\nper-run ratios A_i/B_i{:>31}{:>9}{:>9}{:>9}", "min", "median", "p90", "max");
+        println!(
+            "{}",
+            row("ctr run --rm (capsid shim)", get("ctr_capsid.total_ms"), "")
+        );
+        println!(
+            "{}",
+            row("ctr run --rm (runc)", get("ctr_runc.total_ms"), "")
+        );
+        println!(
+            "{}",
+            row(
+                "bare VM boot: kernel at /init",
+                get("bare_boot.kernel_at_init_ms"),
+                ""
+            )
+        );
+        println!(
+            "{}",
+            row("bare VM boot: VM gone", get("bare_boot.total_ms"), "")
+        );
+        println!(
+            "\nper-run ratios A_i/B_i{:>31}{:>9}{:>9}{:>9}",
+            "min", "median", "p90", "max"
+        );
         for p in &r.ratios {
             println!("{}", row(&p.pair, p.summary.as_ref(), "×"));
         }
@@ -687,10 +801,18 @@ fn startup_plot(r: &Report, path: &Path) -> anyhow::Result<()> {
             overlays.push((label, v));
         }
     };
-    add("ctr run (capsid shim)", |it| it.ctr_capsid.as_ref().map(|s| s.total_ms));
-    add("ctr run (runc)", |it| it.ctr_runc.as_ref().map(|s| s.total_ms));
-    add("bare VM boot", |it| it.bare_boot.as_ref().map(|s| s.vm_gone_ms));
-    add("capsid host overhead", |it| it.capsid_run.as_ref().and_then(|s| s.host_overhead_ms));
+    add("ctr run (capsid shim)", |it| {
+        it.ctr_capsid.as_ref().map(|s| s.total_ms)
+    });
+    add("ctr run (runc)", |it| {
+        it.ctr_runc.as_ref().map(|s| s.total_ms)
+    });
+    add("bare VM boot", |it| {
+        it.bare_boot.as_ref().map(|s| s.vm_gone_ms)
+    });
+    add("capsid host overhead", |it| {
+        it.capsid_run.as_ref().and_then(|s| s.host_overhead_ms)
+    });
     let title = format!(
         "capsid run `{}` phases per run ({}, {} MiB, {} vCPU)",
         r.command.join(" "),
@@ -724,6 +846,7 @@ mod tests {
                 vm_gone_ms: Some(1700.0),
             },
             guest: GuestClock::default(),
+            cpu_ms: Some(20.0),
             exit_status: Some(0),
             error: None,
         }

@@ -112,7 +112,9 @@ mod tests {
         assert!(summarize(&[f64::NAN]).is_none());
         assert!(summarize_some(&[None, None]).is_none());
         assert!(close(
-            summarize_some(&[None, Some(2.0), Some(4.0)]).unwrap().median,
+            summarize_some(&[None, Some(2.0), Some(4.0)])
+                .unwrap()
+                .median,
             3.0
         ));
     }

@@ -36,6 +36,9 @@ pub struct RunTimings {
     pub phases: RunPhases,
     /// What the guest reported about its own clock.
     pub guest: GuestClock,
+    /// CPU time `capsid run` itself used (all its threads; not the VMM's
+    /// or the device back ends'), in ms: its host-side work.
+    pub cpu_ms: Option<f64>,
     /// The container's exit status, when it ran to its end.
     pub exit_status: Option<i32>,
     /// Why the run failed, if it did.
@@ -156,8 +159,11 @@ impl Recorder {
         }
     }
 
-    /// Records how the run ended.
+    /// Records how the run ended, and the CPU time used so far.
     pub fn finish(&mut self, outcome: &anyhow::Result<i32>) {
+        self.record.cpu_ms = nix::time::clock_gettime(nix::time::ClockId::CLOCK_PROCESS_CPUTIME_ID)
+            .ok()
+            .map(|t| ms(Duration::from(t)));
         match outcome {
             Ok(code) => self.record.exit_status = Some(*code),
             Err(e) => self.record.error = Some(format!("{e:#}")),
@@ -226,6 +232,7 @@ mod tests {
                 ..RunPhases::default()
             },
             guest: GuestClock::default(),
+            cpu_ms: Some(12.5),
             exit_status: Some(0),
             error: None,
         };
@@ -250,6 +257,7 @@ mod tests {
             assert!(v["guest"].get(key).is_some(), "{key}");
         }
         assert_eq!(v["exit_status"], 0);
+        assert_eq!(v["cpu_ms"], 12.5);
         let back: RunTimings = serde_json::from_value(v).unwrap();
         assert_eq!(back, record);
     }

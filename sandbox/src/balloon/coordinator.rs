@@ -95,7 +95,14 @@ pub struct Coordinator {
     targets: HashMap<String, u64>,
     /// Per sandbox, the largest working set seen lately and when.
     working_sets: HashMap<String, (u64, Instant)>,
+    /// Per sandbox, the balloon's last actual size and for how many rounds
+    /// it has not moved.
+    progress: HashMap<String, (u32, u32)>,
 }
+
+/// Rounds a balloon short of its target may stand still before it counts
+/// as stalled.
+const STALL_ROUNDS: u32 = 4;
 
 /// How long a working set figure holds up the floor.
 const WORKING_SET_MEMORY: Duration = Duration::from_secs(30);
@@ -109,6 +116,7 @@ impl Coordinator {
             host,
             targets: HashMap::new(),
             working_sets: HashMap::new(),
+            progress: HashMap::new(),
         }
     }
 
@@ -149,6 +157,21 @@ impl Coordinator {
             .retain(|id, _| sandboxes.iter().any(|s| &s.entry.id == id));
         self.working_sets
             .retain(|id, _| sandboxes.iter().any(|s| &s.entry.id == id));
+        self.progress
+            .retain(|id, _| sandboxes.iter().any(|s| &s.entry.id == id));
+        for s in &sandboxes {
+            if let Some(b) = s.balloon {
+                let slot = self
+                    .progress
+                    .entry(s.entry.id.clone())
+                    .or_insert((b.actual_mib, 0));
+                if slot.0 == b.actual_mib {
+                    slot.1 = slot.1.saturating_add(1);
+                } else {
+                    *slot = (b.actual_mib, 0);
+                }
+            }
+        }
         let now = Instant::now();
         for s in &sandboxes {
             let Some(ws) = s
@@ -192,6 +215,10 @@ impl Coordinator {
                     actual_mib: actual,
                     stats: b.stats,
                     recent_working_set_mib: self.working_sets.get(&s.entry.id).map_or(0, |w| w.0),
+                    stalled: self
+                        .progress
+                        .get(&s.entry.id)
+                        .is_some_and(|p| p.1 >= STALL_ROUNDS),
                 })
             })
             .collect();
@@ -216,6 +243,10 @@ impl Coordinator {
                         if d.to_mib > d.from_mib { "inflating balloon" } else { "deflating balloon" }
                     );
                     self.targets.insert(d.id.clone(), d.to_mib);
+                    // A new target: the balloon gets fresh rounds to move.
+                    if let Some(p) = self.progress.get_mut(&d.id) {
+                        p.1 = 0;
+                    }
                     applied.push(d);
                 }
                 Err(e) => tracing::warn!(id = %d.id, error = %e, "cannot resize balloon"),

@@ -54,6 +54,9 @@ pub struct SandboxView {
     /// report makes the working set look smaller than it is, so the floor
     /// rests on the recent maximum instead.
     pub recent_working_set_mib: u64,
+    /// The balloon has not moved towards its target for a few rounds: the
+    /// guest gave what it could.
+    pub stalled: bool,
 }
 
 impl SandboxView {
@@ -75,10 +78,13 @@ impl SandboxView {
         self.assigned_mib.saturating_sub(self.floor_mib(p))
     }
 
-    /// MiB more the balloon could take now: free + caches, within the floor.
+    /// MiB more the balloon could take now: free + caches, within the
+    /// floor, and leaving the guest its headroom of available memory (so
+    /// that inflating never makes it "squeezed" next round).
     pub fn reclaimable_mib(&self, p: &PolicyParams) -> u64 {
         let room = self.max_balloon_mib(p).saturating_sub(self.target_mib);
         room.min(self.stats.reclaimable_mib())
+            .min(self.stats.available_mib.saturating_sub(p.headroom_mib))
     }
 }
 
@@ -127,29 +133,69 @@ pub fn pressure(p: &PolicyParams, host: &HostMemory) -> Pressure {
 /// policy may act on).
 pub fn decide(p: &PolicyParams, host: &HostMemory, sandboxes: &[SandboxView]) -> Vec<Decision> {
     let mut out = Vec::new();
-    // Guests whose working set grew past their floor get memory back first.
+    // Guests that need memory back get it first, whatever the host's
+    // state: one whose working set grew past its floor, and one squeezed
+    // by its balloon (less available than the headroom), which gets at
+    // least a step back before its kernel has to deflate on OOM a page at
+    // a time while the host keeps asking for the target.
     for s in sandboxes {
+        if !s.stats.valid || s.target_mib == 0 {
+            continue;
+        }
+        let mut to = s.target_mib;
+        let mut reasons = Vec::new();
         let max = s.max_balloon_mib(p);
-        if s.stats.valid && s.target_mib > max {
+        if max < to {
+            to = max;
+            reasons.push(format!(
+                "working set grew: floor {} MiB of {} MiB",
+                s.floor_mib(p),
+                s.assigned_mib
+            ));
+        }
+        if s.stats.available_mib < p.headroom_mib {
+            let give = p
+                .deflate_step_mib
+                .max(p.headroom_mib - s.stats.available_mib)
+                .min(s.target_mib);
+            to = to.min(s.target_mib - give);
+            reasons.push(format!(
+                "guest short: {} MiB available, below the {} MiB headroom",
+                s.stats.available_mib, p.headroom_mib
+            ));
+        }
+        if to < s.target_mib {
             out.push(Decision {
                 id: s.id.clone(),
                 from_mib: s.target_mib,
-                to_mib: max,
-                reason: format!(
-                    "working set grew: floor {} MiB of {} MiB",
-                    s.floor_mib(p),
-                    s.assigned_mib
-                ),
+                to_mib: to,
+                reason: reasons.join("; "),
             });
         }
     }
     let touched = |id: &str, out: &[Decision]| out.iter().any(|d| d.id == id);
+    // A balloon stuck short of its target settles where it is: the guest
+    // cannot give more, and an unreachable target would keep it trying.
+    for s in sandboxes {
+        if s.stalled && s.target_mib > s.actual_mib && !touched(&s.id, &out) {
+            out.push(Decision {
+                id: s.id.clone(),
+                from_mib: s.target_mib,
+                to_mib: s.actual_mib,
+                reason: format!(
+                    "balloon stalled at {} MiB: the guest gave what it could",
+                    s.actual_mib
+                ),
+            });
+        }
+    }
     match pressure(p, host) {
         Pressure::Short(short) => {
             // Inflation already asked for but not yet reached will free
             // memory by itself: do not ask twice.
             let in_flight: u64 = sandboxes
                 .iter()
+                .filter(|s| !s.stalled)
                 .map(|s| s.target_mib.saturating_sub(s.actual_mib))
                 .sum();
             let mut need = short.saturating_sub(in_flight);
@@ -250,6 +296,7 @@ mod tests {
             actual_mib: target,
             stats: s,
             recent_working_set_mib: 0,
+            stalled: false,
         }
     }
 
@@ -286,7 +333,8 @@ mod tests {
         assert_eq!(d[0].id, "idle");
         assert_eq!(d[0].to_mib, 384);
         assert_eq!(d[1].id, "other");
-        assert_eq!(d[1].to_mib, 512 - 264);
+        // ... and leaving it its 64 MiB headroom of available memory.
+        assert_eq!(d[1].to_mib, 300 - 64);
     }
 
     #[test]
@@ -296,6 +344,35 @@ mod tests {
             ..host(0)
         };
         assert_eq!(pressure(&P, &h), Pressure::Short(250));
+    }
+
+    #[test]
+    fn a_squeezed_guest_gets_memory_back_even_under_pressure() {
+        // Balloon 400, the guest has 10 MiB available: a step back, and
+        // the host's shortfall goes to the other guest.
+        let squeezed = view("squeezed", 400, stats(500, 5, 10, 5));
+        let idle = view("idle", 0, stats(500, 50, 450, 350));
+        let d = decide(&P, &host(0), &[squeezed, idle]);
+        assert_eq!(d[0].id, "squeezed");
+        assert_eq!(d[0].to_mib, 400 - 64);
+        assert!(d[0].reason.contains("guest short"), "{}", d[0].reason);
+        assert_eq!(d[1].id, "idle");
+        assert!(d[1].to_mib > 0);
+    }
+
+    #[test]
+    fn a_stalled_balloon_settles_and_others_are_asked() {
+        let mut stuck = view("stuck", 300, stats(500, 5, 250, 0));
+        stuck.actual_mib = 200;
+        stuck.stalled = true;
+        let other = view("other", 0, stats(500, 50, 450, 350));
+        let d = decide(&P, &host(0), &[stuck, other]);
+        assert_eq!(d[0].id, "stuck");
+        assert_eq!(d[0].to_mib, 200);
+        assert!(d[0].reason.contains("stalled"));
+        // Its unreached 100 MiB are not counted as coming: other inflates.
+        assert_eq!(d[1].id, "other");
+        assert_eq!(d[1].to_mib, 100);
     }
 
     #[test]
@@ -349,12 +426,17 @@ mod tests {
 
     #[test]
     fn a_grown_working_set_gets_memory_back_even_under_pressure() {
-        // Balloon 300, guest has used all the rest: working set 500-5-300.
-        let s = view("a", 300, stats(500, 5, 5, 0));
+        // Balloon 300, and lately a working set of 250 MiB: the floor
+        // (250 + 64) allows at most 198 MiB.
+        let mut s = view("a", 300, stats(500, 5, 100, 0));
+        s.recent_working_set_mib = 250;
         let d = decide(&P, &host(0), &[s]);
         assert_eq!(d.len(), 1);
-        assert_eq!(d[0].to_mib, 512 - (195 + 64));
+        assert_eq!(d[0].to_mib, 198);
         assert!(d[0].reason.contains("working set grew"));
+        // Squeezed harder: a whole step back at least.
+        let d = decide(&P, &host(0), &[view("a", 300, stats(500, 5, 5, 0))]);
+        assert_eq!(d[0].to_mib, 300 - 64);
     }
 
     #[test]

@@ -5,13 +5,22 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 
 use serde_json::{Map, Value};
 
 use super::conflist::{plugin_config, plugin_type, ConfList};
 use super::result::{CniResult, ErrorReply};
 use super::{CniError, Result};
+
+/// How long one plugin call may take (they take milliseconds; a hung one
+/// must not hang `capsid run`).
+const PLUGIN_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What identifies one attachment to the plugins.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,10 +113,19 @@ impl Plugins {
             // status and reply below say why.
             let _ = input.write_all(&stdin);
         }
-        let out = child.wait_with_output().map_err(|source| CniError::Io {
-            what: format!("waiting for CNI plugin {ty}"),
-            source,
-        })?;
+        let out = wait_bounded(child, PLUGIN_TIMEOUT)
+            .map_err(|source| CniError::Io {
+                what: format!("waiting for CNI plugin {ty}"),
+                source,
+            })?
+            .ok_or_else(|| CniError::Plugin {
+                plugin: ty.to_owned(),
+                command: command.to_owned(),
+                reason: format!(
+                    "did not finish within {} s (killed)",
+                    PLUGIN_TIMEOUT.as_secs()
+                ),
+            })?;
         if !out.status.success() {
             let reason = serde_json::from_slice::<ErrorReply>(&out.stdout)
                 .ok()
@@ -191,6 +209,25 @@ impl Plugins {
         match first_err {
             None => Ok(()),
             Some(e) => Err(e),
+        }
+    }
+}
+
+/// Waits for `child` and its output; kills it after `timeout` (`None`).
+fn wait_bounded(child: Child, timeout: Duration) -> std::io::Result<Option<Output>> {
+    let pid = Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
+    let (tx, rx) = mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(out) => out.map(Some),
+        Err(_) => {
+            // The child is not reaped until the waiter's wait returns, so
+            // the pid is still the plugin's.
+            let _ = kill(pid, Signal::SIGKILL);
+            let _ = waiter.join();
+            Ok(None)
         }
     }
 }
@@ -314,6 +351,25 @@ mod tests {
         let plugins = Plugins::new(&[dir.path().to_path_buf()]);
         let e = plugins.add(&list(&["a"]), &att(), &Map::new()).unwrap_err();
         assert_eq!(e.to_string(), "CNI plugin a failed (ADD): boom");
+    }
+
+    #[test]
+    fn hung_plugin_is_killed() {
+        let dir = tempfile::tempdir().unwrap();
+        fake(dir.path(), "a", "exec sleep 60");
+        let child = Command::new(dir.path().join("a"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        assert!(wait_bounded(child, Duration::from_millis(200))
+            .unwrap()
+            .is_none());
+        let child = Command::new("true").stdout(Stdio::piped()).spawn().unwrap();
+        assert!(wait_bounded(child, Duration::from_secs(60))
+            .unwrap()
+            .is_some());
     }
 
     #[test]
