@@ -9,13 +9,14 @@ BUILD       := build
 TARGET      := x86_64-unknown-linux-gnu
 AGENT       := target/$(TARGET)/release/capsid-agent
 CARGO       ?= cargo
-BINARIES    := capsid capsid-vmm capsid-vhost containerd-shim-capsid-v2
+BINARIES    := capsid capsid-balloond capsid-vmm capsid-vhost containerd-shim-capsid-v2
 
 # Debian packages the build, the tests and the demo need.
 APT_PACKAGES := build-essential pkg-config python3 cpio xz-utils \
 	linux-source-6.1 flex bison bc libelf-dev libssl-dev \
 	qemu-system-x86 busybox-static erofs-utils e2fsprogs \
-	containerd runc iproute2 containernetworking-plugins iptables nftables util-linux
+	containerd runc iproute2 containernetworking-plugins iptables nftables util-linux \
+	fonts-dejavu-core
 
 .PHONY: all deps kernel agent guest-tool initramfs images assets build release test install demo clean
 

@@ -5,6 +5,7 @@ mod bench;
 mod check;
 mod network;
 mod run;
+mod runs;
 mod stats;
 mod tty;
 
@@ -34,6 +35,8 @@ enum Command {
     Stats(stats::StatsArgs),
     /// Measures start-up latency (phase by phase) and memory per sandbox.
     Bench(Box<bench::BenchArgs>),
+    /// Removes what `capsid run`s killed by SIGKILL (or a crash) left behind.
+    Gc(runs::GcArgs),
 }
 
 fn main() -> ExitCode {
@@ -50,6 +53,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Check(args) => check::run(cli.config.as_deref(), &args),
         Command::Stats(args) => stats::run(cli.config.as_deref(), &args),
+        Command::Gc(args) => runs::gc(cli.config.as_deref(), &args),
         Command::Bench(args) => {
             bench::run(cli.config.as_deref(), *args).map(|()| ExitCode::SUCCESS)
         }

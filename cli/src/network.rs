@@ -9,11 +9,13 @@
 
 use std::net::IpAddr;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use capsid_sandbox::cni::ports::PortMapping;
-use capsid_sandbox::cni::{self, CniNetwork};
+use capsid_sandbox::cni::{self, CniError, CniNetwork};
 use capsid_sandbox::config::Config;
 use capsid_sandbox::network::GuestDns;
+
+use crate::runs::RunJournal;
 
 /// Which network the sandbox joins.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,15 +77,26 @@ impl Plan {
         Ok(cni::check_ports(&self.ports)?)
     }
 
-    /// Puts sandbox `id` on the network (`None` for `--network none`).
-    pub async fn setup(&self, config: &Config, id: &str) -> anyhow::Result<Option<CniNetwork>> {
+    /// Puts sandbox `id` on the network (`None` for `--network none`),
+    /// noting each step in `journal` before it is taken.
+    pub async fn setup(
+        &self,
+        config: &Config,
+        id: &str,
+        journal: &mut RunJournal,
+    ) -> anyhow::Result<Option<CniNetwork>> {
         if self.mode == Mode::None {
             return Ok(None);
         }
         let (config, id, ports) = (config.clone(), id.to_owned(), self.ports.clone());
-        let net = tokio::task::spawn_blocking(move || CniNetwork::setup(&config, &id, &ports))
-            .await
-            .context("network set-up task")??;
+        let net = tokio::task::block_in_place(|| {
+            CniNetwork::setup_recorded(&config, &id, &ports, &mut |record| {
+                journal.set_network(record).map_err(|e| CniError::Io {
+                    what: "recording the network set-up".into(),
+                    source: std::io::Error::other(format!("{e:#}")),
+                })
+            })
+        })?;
         Ok(Some(net))
     }
 
@@ -126,15 +139,18 @@ fn host_resolver(resolv_conf: &str) -> GuestDns {
 }
 
 /// Tears the network down off the async threads; failures are reported
-/// but do not change the container's exit status.
-pub async fn teardown(net: Option<CniNetwork>) {
+/// (and the run's record kept, so the next run tries again) but do not
+/// change the container's exit status.
+pub async fn teardown(net: Option<CniNetwork>, journal: &mut RunJournal) {
     let Some(net) = net else { return };
     let done = tokio::task::spawn_blocking(move || net.teardown()).await;
-    match done {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => eprintln!("capsid: removing the network: {:#}", anyhow::Error::from(e)),
-        Err(e) => eprintln!("capsid: removing the network: {e}"),
-    }
+    let failure = match done {
+        Ok(Ok(())) => return,
+        Ok(Err(e)) => format!("{:#}", anyhow::Error::from(e)),
+        Err(e) => e.to_string(),
+    };
+    eprintln!("capsid: removing the network: {failure}");
+    journal.keep();
 }
 
 #[cfg(test)]

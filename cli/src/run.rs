@@ -23,6 +23,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tracing::Instrument;
 
 use crate::bench::timings::{Recorder, TIMINGS_ENV};
+use crate::runs::RunJournal;
 use crate::tty::RawMode;
 
 /// The serial of the rootfs disk the guest mounts.
@@ -177,10 +178,19 @@ async fn run_timed(
     }
 
     let backend = sb::backend_for(&config)?;
+    // What dead runs left goes first (a reused pid would otherwise find
+    // its own names taken); then this run's record, before anything of it
+    // exists. Its VM processes die with this process.
+    capsid_sandbox::backend::die_with_this_process();
+    let recovered = tokio::task::block_in_place(|| crate::runs::recover_dead(&config))?;
+    for r in recovered.iter().filter(|r| r.error.is_some()) {
+        tracing::warn!(id = %r.id, error = ?r.error, "leftovers of a dead capsid run remain");
+    }
+    let mut journal = RunJournal::begin(&config, &id, config.paths.state_dir.join(&id))?;
     // From here until the container runs, a signal ends the start-up
     // through the clean-up below instead of killing us mid-way.
     let mut early_signals = EarlySignals::catch();
-    let net = net_plan.setup(&config, &id).await?;
+    let net = net_plan.setup(&config, &id, &mut journal).await?;
     let dns = net_plan.resolver(net.as_ref());
     let backend_kind = backend.kind();
     let start_called = Instant::now();
@@ -210,10 +220,14 @@ async fn run_timed(
     let sandbox = match started {
         Ok(sandbox) => sandbox,
         Err(e) => {
-            crate::network::teardown(net).await;
+            crate::network::teardown(net, &mut journal).await;
             return Err(e);
         }
     };
+    if let Err(e) = journal.set_vm_processes(&sandbox.pids()) {
+        // The VM's processes are also found by their run directory.
+        tracing::warn!(error = %format!("{e:#}"), "recording the VM's processes");
+    }
     timings.sandbox_started(backend_kind.as_str(), start_called, &sandbox.timings);
     let mut phases = Phases {
         rootfs: rootfs_time,
@@ -238,7 +252,8 @@ async fn run_timed(
         .instrument(tracing::info_span!("vm_stop"))
         .await;
     timings.phases().vm_gone_ms = Some(timings.now());
-    crate::network::teardown(net).await;
+    crate::network::teardown(net, &mut journal).await;
+    drop(journal);
     drop(rootfs);
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     tracing::info!(

@@ -12,6 +12,9 @@ use capsid_sandbox::balloon::BalloonStatus;
 use capsid_sandbox::config::Config;
 use serde_json::{json, Value};
 
+/// How long to wait for a guest's first statistics report.
+const FIRST_REPORT_WAIT: std::time::Duration = std::time::Duration::from_millis(1500);
+
 /// Arguments of `capsid stats`.
 #[derive(Debug, clap::Args)]
 pub struct StatsArgs {
@@ -30,7 +33,7 @@ struct Row {
 /// Prints the memory of every registered sandbox.
 pub fn run(config_path: Option<&Path>, args: &StatsArgs) -> anyhow::Result<ExitCode> {
     let config = Config::load(config_path)?;
-    let rows: Vec<Row> = Registry::new(&config.paths.state_dir)
+    let mut rows: Vec<Row> = Registry::new(&config.paths.state_dir)
         .entries()?
         .into_iter()
         .map(|entry| Row {
@@ -39,6 +42,21 @@ pub fn run(config_path: Option<&Path>, args: &StatsArgs) -> anyhow::Result<ExitC
             entry,
         })
         .collect();
+    // Asking for statistics is what starts QEMU polling the guest: a
+    // sandbox nobody asked before has its first report a second later.
+    if rows
+        .iter()
+        .any(|r| r.balloon.is_some_and(|b| !b.stats.valid))
+    {
+        std::thread::sleep(FIRST_REPORT_WAIT);
+        for r in &mut rows {
+            if r.balloon.is_some_and(|b| !b.stats.valid) {
+                if let Some(b) = r.entry.balloon.as_ref().and_then(|b| b.status().ok()) {
+                    r.balloon = Some(b);
+                }
+            }
+        }
+    }
     let mut out = std::io::stdout().lock();
     if args.json {
         let list: Vec<Value> = rows.iter().map(row_json).collect();

@@ -51,6 +51,38 @@ pub enum ContainerError {
 /// Result of container operations.
 pub type Result<T> = std::result::Result<T, ContainerError>;
 
+/// Debug-level phase timings of one container operation, on the guest's
+/// CLOCK_MONOTONIC (see `CAPSID_AGENT_LOG` in main.rs).
+struct Laps {
+    what: &'static str,
+    id: String,
+    last: u64,
+}
+
+impl Laps {
+    fn new(what: &'static str, id: &str) -> Self {
+        Self {
+            what,
+            id: id.to_string(),
+            last: crate::monotonic_ns(),
+        }
+    }
+
+    /// Logs the time since the previous lap as `step`.
+    fn lap(&mut self, step: &str) {
+        let now = crate::monotonic_ns();
+        tracing::debug!(
+            op = self.what,
+            container = %self.id,
+            step,
+            ms = now.saturating_sub(self.last) as f64 / 1e6,
+            at_ms = now as f64 / 1e6,
+            "lap"
+        );
+        self.last = now;
+    }
+}
+
 fn internal(context: &str, e: &dyn std::error::Error) -> ContainerError {
     ContainerError::Internal(format!("{context}: {}", crate::describe(e)))
 }
@@ -268,6 +300,7 @@ impl Agent {
 
     async fn create_inner(self: &Arc<Self>, req: &CreateRequest, spec: &mut Spec) -> Result<u32> {
         let container = self.container(&req.id)?;
+        let mut laps = Laps::new("create", &req.id);
         let id = req.id.clone();
         let rootfs_spec = req.rootfs.clone();
         let dirs = tokio::task::spawn_blocking(move || rootfs::assemble(&id, &rootfs_spec))
@@ -279,6 +312,7 @@ impl Agent {
                 }
                 other => internal("assembling the rootfs", &other),
             })?;
+        laps.lap("rootfs");
         let hostname = spec.hostname().clone().unwrap_or_default();
         rootfs::write_etc(
             &dirs.rootfs,
@@ -297,6 +331,7 @@ impl Agent {
         let config = dirs.bundle.join("config.json");
         spec.save(&config)
             .map_err(|e| internal("writing config.json", &e))?;
+        laps.lap("etc+spec");
 
         let process = Process::new("");
         container
@@ -311,6 +346,7 @@ impl Agent {
         let pid = self
             .run_runtime(&container, &process, job, &req.stdio)
             .await?;
+        laps.lap("runtime");
         Ok(u32::try_from(pid).unwrap_or(0))
     }
 
@@ -330,11 +366,13 @@ impl Agent {
             process.exec_id.clone()
         };
         let result = bundle.join(format!("result-{tag}"));
+        let mut laps = Laps::new("runtime", &container.id);
         let stdio_spec = stdio_spec.clone();
         let streams = tokio::task::spawn_blocking(move || stdio::connect_streams(&stdio_spec))
             .await
             .map_err(|e| internal("stdio task", &e))?
             .map_err(|e| ContainerError::FailedPrecondition(crate::describe(&e)))?;
+        laps.lap("stdio connected");
         let terminal = process_is_terminal(&job, &bundle)?;
         let console = if terminal {
             let path = stdio::console_socket_path(&bundle, &process.exec_id);
@@ -372,6 +410,7 @@ impl Agent {
             .reaper
             .spawn(&mut cmd)
             .map_err(|e| internal("starting the runtime", &e))?;
+        laps.lap("helper spawned");
         // Our copies of the stream fds go now: the process holds the only
         // ones, so the host sees EOF exactly when the process is done.
         drop(cmd);
@@ -389,8 +428,15 @@ impl Agent {
             None => None,
         };
         let _ = helper_exit.await;
-        let outcome = fs::read_to_string(&result).unwrap_or_default();
+        laps.lap("helper reaped");
+        let text = fs::read_to_string(&result).unwrap_or_default();
         let _ = fs::remove_file(&result);
+        // The first line is the outcome; the helper's own timings follow.
+        let mut lines = text.lines();
+        let outcome = lines.next().unwrap_or_default().to_string();
+        for line in lines {
+            tracing::debug!(container = %container.id, "runtime helper: {line}");
+        }
         let pid: i32 = match outcome.trim().strip_prefix("pid ") {
             Some(pid) => pid
                 .parse()
@@ -424,6 +470,7 @@ impl Agent {
                 status: 255,
                 signaled: false,
             });
+            let mut laps = Laps::new("exit", &container.id);
             let tty = process.tty.lock().ok().and_then(|t| t.clone());
             if let Some(tty) = tty {
                 let _ = tokio::task::spawn_blocking(move || {
@@ -458,6 +505,7 @@ impl Agent {
             ev.container_id = container.id.clone();
             ev.kind = Some(event::Kind::Exited(exited));
             agent.push_event(ev);
+            laps.lap("drained, event queued");
         });
     }
 
@@ -466,6 +514,7 @@ impl Agent {
         let container = self.container(id)?;
         let process = container.process(exec_id)?;
         if exec_id.is_empty() {
+            let mut laps = Laps::new("start", id);
             let state = Path::new(STATE_ROOT).join(id);
             tokio::task::spawn_blocking(move || {
                 LcContainer::load(state).and_then(|mut c| c.start())
@@ -475,6 +524,7 @@ impl Agent {
             .map_err(|e| {
                 ContainerError::FailedPrecondition(format!("cannot start: {}", crate::describe(&e)))
             })?;
+            laps.lap("started");
             return Ok(process
                 .pid()
                 .and_then(|p| u32::try_from(p).ok())

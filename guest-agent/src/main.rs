@@ -56,6 +56,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(false)
         .without_time()
+        .with_max_level(log_level())
         .init();
 
     if let Err(e) = mount::leave_initramfs() {
@@ -124,6 +125,16 @@ async fn serve(port: u32, boot: BootInfo) -> Result<(), String> {
 }
 
 use futures::StreamExt as _;
+
+/// The console log level: `CAPSID_AGENT_LOG=debug` (a `KEY=VALUE` word on
+/// the kernel command line reaches PID 1 as an environment variable)
+/// turns on the phase timings of container operations; default `info`.
+fn log_level() -> tracing::Level {
+    std::env::var("CAPSID_AGENT_LOG")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(tracing::Level::INFO)
+}
 
 /// CLOCK_MONOTONIC in nanoseconds (0 if unreadable).
 pub(crate) fn monotonic_ns() -> u64 {

@@ -10,7 +10,8 @@
 //! library instead of written again. The container's stdio is this
 //! process's own stdio, which the container init inherits.
 //!
-//! The outcome is written to a result file: `pid N` or `error MESSAGE`.
+//! The outcome is written to a result file: `pid N` or `error MESSAGE` on
+//! the first line, then the helper's own timings (logged at debug level).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -105,6 +106,7 @@ impl Invocation {
 
 /// Runs the helper; the exit code only says whether a result was written.
 pub fn main(args: &[String]) -> ExitCode {
+    let entered = crate::monotonic_ns();
     let Some(inv) = Invocation::parse(args) else {
         eprintln!("capsid-agent: bad runtime invocation {args:?}");
         return ExitCode::from(2);
@@ -121,7 +123,11 @@ pub fn main(args: &[String]) -> ExitCode {
             .try_init();
     }
     let outcome = match run(&inv) {
-        Ok(pid) => format!("pid {pid}\n"),
+        Ok(pid) => format!(
+            "pid {pid}\nentered at_ms={:.1} done at_ms={:.1}\n",
+            entered as f64 / 1e6,
+            crate::monotonic_ns() as f64 / 1e6
+        ),
         Err(e) => {
             let detail = std::fs::read_to_string(&log_path).unwrap_or_default();
             let last = detail

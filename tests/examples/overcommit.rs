@@ -227,22 +227,25 @@ async fn main() {
     );
 
     let mut oom_kills = 0;
+    // The idle containers' stdout, kept open while they run.
+    let mut cache_streams = Vec::new();
     let mut failures = 0;
     for (i, sb) in sandboxes.iter().enumerate() {
         phase.store(i as i64, Ordering::Relaxed);
         eprintln!("phase {i} at {:.1} s", t0.elapsed().as_secs_f64());
-        // An idle container keeps the read file's pages cached.
+        // An idle container keeps the read file's pages cached; it says
+        // when the read is done.
         let pending = sb
             .bind_streams(StreamsWanted {
                 stdin: false,
-                stdout: false,
+                stdout: true,
                 stderr: false,
                 terminal: false,
             })
             .unwrap();
         let mut req = create_request(
             "cache",
-            &sh("cat /cachefill > /dev/null; exec sleep 100000"),
+            &sh("cat /cachefill > /dev/null; echo cached; exec sleep 100000"),
         );
         let mut layer = BlockLayer::new();
         layer.disk_serial = CACHE_SERIAL.into();
@@ -251,20 +254,15 @@ async fn main() {
         req.stdio = protobuf::MessageField::some(pending.stdio.clone());
         let (created, streams) = tokio::join!(sb.agent().create_container(&req), pending.accept());
         created.unwrap();
-        streams.unwrap();
+        let streams = streams.unwrap();
         sb.agent().start_process("cache", "").await.unwrap();
-        // Wait for the guest to report the file cached.
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while Instant::now() < deadline {
-            let cached = sb
-                .balloon()
-                .and_then(|b| b.status().ok())
-                .is_some_and(|s| s.stats.valid && s.stats.caches_mib as usize >= CACHE_MIB - 10);
-            if cached {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
+        let mut line = String::new();
+        let mut stdout = tokio::io::BufReader::new(streams.stdout.unwrap());
+        tokio::io::AsyncBufReadExt::read_line(&mut stdout, &mut line)
+            .await
+            .unwrap();
+        assert_eq!(line, "cached\n");
+        cache_streams.push(stdout);
         // Working memory: 150 MiB of tmpfs, held a few seconds, freed.
         let out = run_container(
             sb,
@@ -312,6 +310,7 @@ async fn main() {
     }
     stop.store(true, Ordering::Relaxed);
     watcher.join().unwrap();
+    drop(cache_streams);
     for sb in sandboxes {
         sb.stop().await;
     }

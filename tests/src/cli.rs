@@ -57,10 +57,12 @@ impl Capsid {
             .map(|d| d.flatten().map(|e| e.path()).collect())
             .unwrap_or_default();
         // `.cni` keeps the bundled network's IPAM state across runs: allowed
-        // as long as it holds no lease.
+        // as long as it holds no lease. `.runs` keeps the records of running
+        // `capsid run`s and their lock: allowed without a record.
         let left: Vec<_> = left
             .into_iter()
             .filter(|p| p.file_name() != Some(".cni".as_ref()) || cni_leases(p) > 0)
+            .filter(|p| p.file_name() != Some(".runs".as_ref()) || !run_records(p).is_empty())
             .collect();
         assert!(left.is_empty(), "left in the state dir: {left:?}");
         let marker = self.dir.path().display().to_string();
@@ -90,6 +92,18 @@ impl Default for Capsid {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// The run records (`*.json`) in a `.runs` dir.
+pub fn run_records(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.ends_with(".json"))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Host-local leases (files named by an address) under a `.cni` dir.

@@ -192,7 +192,7 @@ async fn free_page_reporting_returns_freed_memory_without_any_policy() {
     )
     .await;
     eprintln!(
-        "free page reporting: QEMU RSS {before} MiB at boot, {peak} MiB peak, {after} MiB {:.1} s after the free",
+        "free page reporting: QEMU memory {before} MiB at boot, {peak} MiB peak, {after} MiB {:.1} s after the free",
         t0.elapsed().as_secs_f64()
     );
     assert_eq!(balloon(&sb).actual_mib, 0, "no balloon was involved");
@@ -273,7 +273,7 @@ async fn policy_reclaims_an_idle_guests_cache_and_gives_it_back() {
     let took = t0.elapsed();
     let status = balloon(&sb);
     eprintln!(
-        "policy: guest cache {} MiB; QEMU RSS {before} -> {reclaimed} MiB in {:.1} s; balloon {} MiB",
+        "policy: guest cache {} MiB; QEMU memory {before} -> {reclaimed} MiB in {:.1} s; balloon {} MiB",
         cached.caches_mib,
         took.as_secs_f64(),
         status.actual_mib

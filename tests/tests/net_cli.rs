@@ -638,3 +638,161 @@ fn failing_plugin_is_quoted_and_its_chain_undone() {
     assert_eq!(ports, "");
     c.assert_no_leftovers();
 }
+
+/// The processes of this test's capsid (their command line names its
+/// directory), but not the `capsid run` itself.
+fn sandbox_processes(c: &Capsid, capsid_pid: u32) -> Vec<u32> {
+    let marker = c.dir.path().display().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        .filter(|pid| *pid != capsid_pid)
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&marker))
+        })
+        .filter(|pid| {
+            // (A zombie waiting for its reaper is gone.)
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+                !s.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
+        })
+        .collect()
+}
+
+/// The records of running `capsid run`s in this capsid's state dir.
+fn run_records(c: &Capsid) -> Vec<String> {
+    capsid_tests::cli::run_records(&c.dir.path().join("run/.runs"))
+}
+
+/// Waits (up to `BOOT`) until `what` holds.
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < BOOT, "never: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_killed_runs_leftovers_are_removed_by_the_next_run_or_gc() {
+    let c = Capsid::new();
+    let ns = Netns::new("kill");
+    let before = ns.snapshot();
+
+    // SIGKILL once the container runs: nothing of capsid runs its
+    // clean-up, but the kernel kills the VM's processes with it. (Entered
+    // with nsenter, which keeps the host's mount namespace, as a
+    // `capsid run` on the host has: the bind mount pinning the
+    // container's namespace survives, and with it the veth and the tap.)
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net=/run/netns/{}", ns.name))
+        .arg(bin("capsid"))
+        .arg("--config")
+        .arg(c.config())
+        .args([
+            "run",
+            "--publish",
+            "18093:80",
+            "--",
+            "sh",
+            "-c",
+            "echo READY; read x",
+        ]);
+    let mut run = Running::spawn(cmd);
+    run.wait_for("READY");
+    let (pid, ip) = (run.pid(), leases(&c).pop().unwrap());
+    assert!(!sandbox_processes(&c, pid).is_empty());
+    assert_eq!(run_records(&c), [format!("run-{pid}.json")]);
+    run.signal("KILL");
+    let _ = run.child.wait();
+    wait_until("the VM's processes are gone", || {
+        sandbox_processes(&c, pid).is_empty()
+    });
+    // Left behind: the namespace file, the lease, the port's DNAT, the
+    // masquerade and isolation rules, the run directory, the record.
+    assert!(capsid_netns().contains(&format!("capsid-run-{pid}")));
+    let links = sh(&format!("ip -n capsid-run-{pid} -o link show"));
+    assert!(
+        links.contains("eth0@") && links.contains("tap0_"),
+        "{links}"
+    );
+    assert_eq!(leases(&c), std::slice::from_ref(&ip));
+    let rules = ns.sh("iptables-save").1;
+    assert!(
+        rules.contains("18093") && rules.contains("CAPSID-"),
+        "{rules}"
+    );
+    assert!(rules.contains(&format!("{ip}/32")), "{rules}");
+    assert!(c.dir.path().join(format!("run/run-{pid}")).exists());
+    assert_eq!(run_records(&c), [format!("run-{pid}.json")]);
+
+    // The next run removes all of it before it starts.
+    let o = ns
+        .capsid_run(&c, &["--", "true"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(stderr(&o), "");
+    assert!(run_records(&c).is_empty(), "{:?}", run_records(&c));
+    assert_clean(&c, &ns, &before, pid, &ip);
+
+    // SIGKILL in the middle of the set-up (the namespace exists; ADD, the
+    // filter, the tap, the VM may or may not): `capsid gc` removes
+    // whatever there is.
+    let mut run = Running::spawn(ns.capsid_run(
+        &c,
+        &[
+            "--publish",
+            "18094:80",
+            "--",
+            "sh",
+            "-c",
+            "echo READY; read x",
+        ],
+    ));
+    let pid = run.pid();
+    let netns = PathBuf::from(format!("/run/netns/capsid-run-{pid}"));
+    wait_until("the namespace exists", || {
+        assert!(
+            run.child.try_wait().unwrap().is_none(),
+            "capsid ended before making its network"
+        );
+        netns.exists()
+    });
+    run.signal("KILL");
+    let _ = run.child.wait();
+    let ip = leases(&c).pop().unwrap_or_default();
+    wait_until("the VM's processes are gone", || {
+        sandbox_processes(&c, pid).is_empty()
+    });
+    assert_eq!(run_records(&c), [format!("run-{pid}.json")]);
+    let o = ns
+        .cmd(&[bin("capsid").to_str().unwrap(), "--config"])
+        .arg(c.config())
+        .arg("gc")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .collect::<Vec<_>>(),
+        [format!("run-{pid}: removed (killed 0 processes)")]
+    );
+    assert_clean(&c, &ns, &before, pid, &ip);
+    // Nothing more to do: gc says nothing.
+    let o = ns
+        .cmd(&[bin("capsid").to_str().unwrap(), "--config"])
+        .arg(c.config())
+        .arg("gc")
+        .output()
+        .unwrap();
+    assert_eq!((o.status.code(), o.stdout.len()), (Some(0), 0));
+}

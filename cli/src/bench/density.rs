@@ -26,7 +26,7 @@ use serde::Serialize;
 
 use super::procfs;
 use super::stats::{summarize, Summary};
-use super::{check_output, plot, positive, BenchSetup, VmArgs};
+use super::{check_output, plot, positive, BenchSetup, Interrupt, VmArgs};
 
 const ROOTFS_SERIAL: &str = "capsid-rootfs";
 const KIB_PER_MIB: f64 = 1024.0;
@@ -126,7 +126,11 @@ pub fn run(config_path: Option<&Path>, args: DensityArgs) -> anyhow::Result<()> 
     }
     let setup = BenchSetup::new(config_path, &args.vm)?;
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    let report = rt.block_on(measure(&setup, &args))?;
+    let interrupt = Interrupt::catch()?;
+    let report = rt.block_on(measure(&setup, &args, &interrupt))?;
+    if interrupt.is_set() {
+        bail!("interrupted by a signal; every sandbox it started is gone, nothing was written");
+    }
     print_report(&report);
     if let Some(path) = json {
         std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
@@ -175,7 +179,11 @@ pub fn run(config_path: Option<&Path>, args: DensityArgs) -> anyhow::Result<()> 
     Ok(())
 }
 
-async fn measure(setup: &BenchSetup, args: &DensityArgs) -> anyhow::Result<DensityReport> {
+async fn measure(
+    setup: &BenchSetup,
+    args: &DensityArgs,
+    interrupt: &Interrupt,
+) -> anyhow::Result<DensityReport> {
     let config = setup.config.clone();
     let backend: Arc<dyn Backend> = sb::backend_for(&config)?;
     let reference = args.vm.image.clone();
@@ -238,7 +246,7 @@ async fn measure(setup: &BenchSetup, args: &DensityArgs) -> anyhow::Result<Densi
             }
         })
         .buffer_unordered(usize::try_from(args.parallel).unwrap_or(1));
-    tokio::pin!(starts);
+    let mut starts = Box::pin(starts);
     let mut running: Vec<Running> = Vec::new();
     let mut failures = Vec::new();
     let mut steps = Vec::new();
@@ -259,17 +267,26 @@ async fn measure(setup: &BenchSetup, args: &DensityArgs) -> anyhow::Result<Densi
             }
         }
         progress.inc(1);
+        if interrupt.is_set() {
+            // Starts in flight are dropped with the stream: their VMs are
+            // stopped as they are dropped.
+            break;
+        }
     }
+    drop(starts);
     let start_all_ms = t0.elapsed().as_secs_f64() * 1000.0;
     progress.finish_and_clear();
 
-    if !running.is_empty() {
+    if !running.is_empty() && !interrupt.is_set() {
         eprintln!(
             "capsid bench: {} sandboxes idle; measuring in {} s",
             running.len(),
             args.settle
         );
-        tokio::time::sleep(Duration::from_secs(args.settle)).await;
+        let until = Instant::now() + Duration::from_secs(args.settle);
+        while Instant::now() < until && !interrupt.is_set() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
     let sandboxes: Vec<SandboxMemory> = running.iter().map(|r| memory_of(&r.sandbox)).collect();
     if !sandboxes.is_empty() {

@@ -15,6 +15,8 @@ pub mod stats;
 pub mod timings;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use anyhow::bail;
 use capsid_sandbox::check::HostReport;
@@ -133,4 +135,43 @@ fn check_output(path: &Path, what: &str) -> anyhow::Result<PathBuf> {
         );
     }
     Ok(path.to_path_buf())
+}
+
+/// Set once SIGINT or SIGTERM arrived: a benchmark then starts nothing
+/// new, tears down what it started and reports the interruption.
+#[derive(Debug, Clone, Default)]
+struct Interrupt(Arc<AtomicBool>);
+
+impl Interrupt {
+    /// Catches SIGINT and SIGTERM from now on (they no longer end the
+    /// process by themselves); a helper thread waits for them.
+    fn catch() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let flag = Self::default();
+        let set = flag.0.clone();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (mut int, mut term) = rt.block_on(async {
+            anyhow::Ok((
+                signal(SignalKind::interrupt())?,
+                signal(SignalKind::terminate())?,
+            ))
+        })?;
+        std::thread::spawn(move || {
+            rt.block_on(async {
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                }
+            });
+            set.store(true, Ordering::SeqCst);
+        });
+        Ok(flag)
+    }
+
+    /// Whether a signal arrived.
+    fn is_set(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
 }

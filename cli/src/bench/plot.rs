@@ -113,19 +113,30 @@ fn draw_stacked<DB: DrawingBackend>(
         )
         .fold(1.0_f64, f64::max)
         * 1.08;
+    // Empty room right of the last bar for the legend (about a fifth of
+    // the width).
+    let x_end = n as f64 - 0.4 + (n as f64 + 0.2) * 0.3;
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 22))
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(70)
-        .build_cartesian_2d(-0.6f64..(n as f64 - 0.4), 0f64..top)
+        .build_cartesian_2d(-0.6f64..x_end, 0f64..top)
         .map_err(err)?;
     chart
         .configure_mesh()
         .x_desc("run")
         .y_desc("ms since launch")
-        .x_labels(n.min(25))
-        .x_label_formatter(&|x| format!("{}", x.round() + 1.0))
+        .x_labels((n + n * 3 / 10 + 1).min(32))
+        .x_label_formatter(&|x| {
+            // Runs are numbered from 1; no numbers under the legend.
+            if x.round() >= 0.0 && x.round() < n as f64 {
+                format!("{}", x.round() + 1.0)
+            } else {
+                String::new()
+            }
+        })
+        .y_label_formatter(&|y| format!("{y:.0}"))
         .disable_x_mesh()
         .draw()
         .map_err(err)?;
@@ -215,7 +226,8 @@ fn draw_lines<DB: DrawingBackend>(
     root.fill(&WHITE).map_err(err)?;
     let all = || series.iter().flat_map(|(_, v)| v.iter());
     let x_max = all().map(|p| p.0).fold(1.0_f64, f64::max);
-    let y_max = all().map(|p| p.1).fold(1.0_f64, f64::max) * 1.1;
+    // Headroom for the legend above the lines.
+    let y_max = all().map(|p| p.1).fold(1.0_f64, f64::max) * 1.3;
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 22))
         .margin(12)
@@ -227,6 +239,8 @@ fn draw_lines<DB: DrawingBackend>(
         .configure_mesh()
         .x_desc(x_desc)
         .y_desc(y_desc)
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_label_formatter(&|y| format!("{y:.0}"))
         .draw()
         .map_err(err)?;
     for (k, (label, points)) in series.iter().enumerate() {

@@ -19,7 +19,7 @@ use super::bare::{self, BareSample};
 use super::compare::{self, PrivateContainerd, CAPSID_RUNTIME, RUNC_RUNTIME};
 use super::stats::{self, paired_ratios, summarize_some, Summary};
 use super::timings::{monotonic_ns, GuestClock, RunTimings, TIMINGS_ENV};
-use super::{check_output, plot, positive, BenchSetup, VmArgs};
+use super::{check_output, plot, positive, BenchSetup, Interrupt, VmArgs};
 
 /// Arguments of `capsid bench startup`.
 #[derive(Debug, clap::Args)]
@@ -315,7 +315,11 @@ pub fn run(config_path: Option<&Path>, args: StartupArgs) -> anyhow::Result<()> 
     );
     let mut iterations = Vec::new();
     let mut failures = Vec::new();
+    let interrupt = Interrupt::catch()?;
     for i in 0..args.warmup + args.runs {
+        if interrupt.is_set() {
+            break;
+        }
         let measured = i >= args.warmup;
         let index = i.saturating_sub(args.warmup);
         let mut it = Iteration {
@@ -352,6 +356,9 @@ pub fn run(config_path: Option<&Path>, args: StartupArgs) -> anyhow::Result<()> 
     progress.finish_and_clear();
     // containerd, its shims and mounts go now, before the report.
     drop(bench.ctrd.take());
+    if interrupt.is_set() {
+        bail!("interrupted by a signal; everything it started is gone, nothing was written");
+    }
 
     let report = Report {
         schema: "capsid-bench-startup/1",

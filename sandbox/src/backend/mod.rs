@@ -9,6 +9,8 @@ pub mod capsid_vmm;
 mod process;
 pub mod qemu;
 
+pub use process::{die_with_this_process, processes_naming, ProcessRef};
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 

@@ -104,6 +104,9 @@ pub struct Coordinator {
 /// as stalled.
 const STALL_ROUNDS: u32 = 4;
 
+/// Seconds without a guest report (QEMU polls every second) after which
+/// the report is stale.
+const STALE_STATS_S: u64 = 5;
 /// How long a working set figure holds up the floor.
 const WORKING_SET_MEMORY: Duration = Duration::from_secs(30);
 
@@ -129,6 +132,7 @@ impl Coordinator {
             high_watermark_mib: pct(self.config.high_watermark_percent),
             psi_threshold: f64::from(self.config.psi_threshold),
             deflate_step_mib: self.config.deflate_step_mib,
+            stale_stats_s: STALE_STATS_S,
         }
     }
 

@@ -34,6 +34,9 @@ pub struct PolicyParams {
     pub psi_threshold: f64,
     /// MiB given back per sandbox per round.
     pub deflate_step_mib: u64,
+    /// A guest report older than this many seconds is stale: the guest
+    /// may be too squeezed to answer.
+    pub stale_stats_s: u64,
 }
 
 /// One sandbox as the policy sees it.
@@ -73,6 +76,11 @@ impl SandboxView {
         }
     }
 
+    /// The guest has stopped reporting.
+    pub fn stale(&self, p: &PolicyParams) -> bool {
+        self.stats.age_s.is_some_and(|age| age > p.stale_stats_s)
+    }
+
     /// The largest balloon the floor allows, MiB.
     pub fn max_balloon_mib(&self, p: &PolicyParams) -> u64 {
         self.assigned_mib.saturating_sub(self.floor_mib(p))
@@ -82,6 +90,9 @@ impl SandboxView {
     /// floor, and leaving the guest its headroom of available memory (so
     /// that inflating never makes it "squeezed" next round).
     pub fn reclaimable_mib(&self, p: &PolicyParams) -> u64 {
+        if self.stale(p) {
+            return 0;
+        }
         let room = self.max_balloon_mib(p).saturating_sub(self.target_mib);
         room.min(self.stats.reclaimable_mib())
             .min(self.stats.available_mib.saturating_sub(p.headroom_mib))
@@ -153,7 +164,13 @@ pub fn decide(p: &PolicyParams, host: &HostMemory, sandboxes: &[SandboxView]) ->
                 s.assigned_mib
             ));
         }
-        if s.stats.available_mib < p.headroom_mib {
+        if s.stale(p) {
+            to = to.min(s.target_mib - p.deflate_step_mib.min(s.target_mib));
+            reasons.push(format!(
+                "no guest report for {} s",
+                s.stats.age_s.unwrap_or_default()
+            ));
+        } else if s.stats.available_mib < p.headroom_mib {
             let give = p
                 .deflate_step_mib
                 .max(p.headroom_mib - s.stats.available_mib)
@@ -201,7 +218,7 @@ pub fn decide(p: &PolicyParams, host: &HostMemory, sandboxes: &[SandboxView]) ->
             let mut need = short.saturating_sub(in_flight);
             let mut order: Vec<&SandboxView> =
                 sandboxes.iter().filter(|s| !touched(&s.id, &out)).collect();
-            order.sort_by(|a, b| b.reclaimable_mib(p).cmp(&a.reclaimable_mib(p)));
+            order.sort_by_key(|s| std::cmp::Reverse(s.reclaimable_mib(p)));
             for s in order {
                 if need == 0 {
                     break;
@@ -266,6 +283,7 @@ mod tests {
         high_watermark_mib: 300,
         psi_threshold: 10.0,
         deflate_step_mib: 64,
+        stale_stats_s: 5,
     };
 
     fn host(available_mib: u64) -> HostMemory {
@@ -358,6 +376,19 @@ mod tests {
         assert!(d[0].reason.contains("guest short"), "{}", d[0].reason);
         assert_eq!(d[1].id, "idle");
         assert!(d[1].to_mib > 0);
+    }
+
+    #[test]
+    fn a_guest_that_stops_reporting_gets_a_step_back_and_is_not_inflated() {
+        let mut silent = view("silent", 300, stats(500, 50, 450, 350));
+        silent.stats.age_s = Some(30);
+        let d = decide(&P, &host(0), std::slice::from_ref(&silent));
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].to_mib, 300 - 64);
+        assert!(d[0].reason.contains("no guest report for 30 s"));
+        silent.target_mib = 0;
+        silent.actual_mib = 0;
+        assert!(decide(&P, &host(0), &[silent]).is_empty());
     }
 
     #[test]

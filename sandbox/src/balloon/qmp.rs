@@ -173,6 +173,7 @@ pub fn parse_guest_stats(v: &Value) -> RawStats {
         total: get("stat-total-memory"),
         available: get("stat-available-memory"),
         caches: get("stat-disk-caches"),
+        last_update: v.get("last-update").and_then(Value::as_u64),
     }
 }
 
@@ -198,6 +199,7 @@ mod tests {
         assert_eq!(s.total, Some(480 << 20));
         assert_eq!(s.caches, None, "-1 means not reported");
         assert_eq!(s.major_faults, Some(5));
+        assert_eq!(s.last_update, Some(1700000000));
         let mut never = v.clone();
         never["last-update"] = json!(0);
         assert_eq!(parse_guest_stats(&never), RawStats::default());

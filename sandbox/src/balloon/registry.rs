@@ -1,24 +1,28 @@
 //! The registry of running sandboxes the policy looks after: one JSON file
-//! per sandbox in `<state_dir>/.balloon/<id>.json`, written when the
-//! sandbox starts and removed when it stops. Entries whose processes are
-//! all gone (a crashed shim whose VM died too) are stale and removed by
-//! whoever lists them. A lock file serializes the over-assignment check
-//! with the write of the new entry, so two sandboxes starting at once
-//! cannot both squeeze under the limit.
+//! per sandbox, `<state_dir>/<id>/balloon.json`, inside the sandbox's own
+//! run directory, so whatever removes a sandbox's run directory (its stop,
+//! the shim's clean-up after a crash) removes its entry too and the state
+//! directory holds nothing else. It is written when the sandbox starts and
+//! removed when it stops. Entries whose processes are all gone are stale
+//! and skipped. An `flock` on the state directory itself serializes the
+//! over-assignment check with the write of the new entry, so two sandboxes
+//! starting at once cannot both squeeze under the limit.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixListener};
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use super::host;
 use super::{BalloonError, BalloonHandle, Result};
 use crate::config::BackendKind;
 
-/// Name of the registry directory under the state directory (a dot name,
-/// which no sandbox id starts with).
-pub const REGISTRY_DIR: &str = ".balloon";
+/// Name of a sandbox's entry in its run directory.
+pub const ENTRY_FILE: &str = "balloon.json";
 /// Largest entry file read.
 const MAX_ENTRY_LEN: u64 = 64 * 1024;
 
@@ -72,7 +76,7 @@ impl Entry {
     }
 }
 
-/// The registry directory.
+/// The registry of the sandboxes of one state directory.
 #[derive(Debug, Clone)]
 pub struct Registry {
     dir: PathBuf,
@@ -82,11 +86,11 @@ impl Registry {
     /// The registry of sandboxes whose state lives in `state_dir`.
     pub fn new(state_dir: &Path) -> Self {
         Self {
-            dir: state_dir.join(REGISTRY_DIR),
+            dir: state_dir.to_path_buf(),
         }
     }
 
-    /// The directory.
+    /// The state directory.
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -100,37 +104,29 @@ impl Registry {
 
     fn lock(&self) -> Result<Flock<File>> {
         std::fs::create_dir_all(&self.dir).map_err(Self::err(&self.dir))?;
-        let path = self.dir.join("lock");
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(Self::err(&path))?;
-        Flock::lock(file, FlockArg::LockExclusive)
-            .map_err(|(_, errno)| Self::err(&path)(std::io::Error::from(errno)))
+        let dir = File::open(&self.dir).map_err(Self::err(&self.dir))?;
+        Flock::lock(dir, FlockArg::LockExclusive)
+            .map_err(|(_, errno)| Self::err(&self.dir)(std::io::Error::from(errno)))
     }
 
-    /// Takes the coordinator's lock, held for the coordinator's lifetime:
-    /// `None` when another coordinator runs for this registry.
-    pub fn coordinator_lock(&self) -> Result<Option<Flock<File>>> {
-        std::fs::create_dir_all(&self.dir).map_err(Self::err(&self.dir))?;
-        let path = self.dir.join("coordinator.lock");
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(Self::err(&path))?;
-        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(lock) => Ok(Some(lock)),
-            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
-            Err((_, errno)) => Err(Self::err(&path)(std::io::Error::from(errno))),
+    /// Claims the coordinator's role for this state directory, held until
+    /// the returned listener is dropped (or the process ends): `None` when
+    /// another coordinator runs. An abstract Unix socket named after the
+    /// directory is the token: nothing is left on disk.
+    pub fn coordinator_lock(&self) -> Result<Option<UnixListener>> {
+        let digest = Sha256::digest(self.dir.as_os_str().as_encoded_bytes());
+        let hex: String = digest.iter().take(16).map(|b| format!("{b:02x}")).collect();
+        let name = format!("capsid-balloond-{hex}");
+        let addr = SocketAddr::from_abstract_name(name.as_bytes()).map_err(Self::err(&self.dir))?;
+        match UnixListener::bind_addr(&addr) {
+            Ok(l) => Ok(Some(l)),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Ok(None),
+            Err(e) => Err(Self::err(&self.dir)(e)),
         }
     }
 
-    /// The live entries, sorted by id; stale and unreadable ones are
-    /// removed (an unreadable one is logged: it is not ours to trust).
+    /// The live entries, sorted by id (stale and unreadable ones skipped,
+    /// the latter logged: they are not ours to trust).
     pub fn entries(&self) -> Result<Vec<Entry>> {
         let list = match std::fs::read_dir(&self.dir) {
             Ok(list) => list,
@@ -139,19 +135,17 @@ impl Registry {
         };
         let mut out = Vec::new();
         for item in list.flatten() {
-            let path = item.path();
-            if path.extension().and_then(|e| e.to_str()) != Some("json") {
+            let path = item.path().join(ENTRY_FILE);
+            if !path.is_file() {
                 continue;
             }
             match read_entry(&path) {
                 Some(entry) if entry.alive() => out.push(entry),
                 Some(entry) => {
-                    tracing::info!(id = %entry.id, "removing the balloon entry of a sandbox whose processes are gone");
-                    let _ = std::fs::remove_file(&path);
+                    tracing::debug!(id = %entry.id, "skipping the balloon entry of a sandbox whose processes are gone");
                 }
                 None => {
-                    tracing::warn!(path = %path.display(), "removing an unreadable balloon entry");
-                    let _ = std::fs::remove_file(&path);
+                    tracing::warn!(path = %path.display(), "skipping an unreadable balloon entry");
                 }
             }
         }
@@ -160,17 +154,16 @@ impl Registry {
     }
 
     /// Registers `entry` unless the memory assigned to all live sandboxes
-    /// would then exceed `limit_mib` (when given). The returned
-    /// registration removes the entry when dropped.
+    /// would then exceed `limit` (when given). Creates the sandbox's run
+    /// directory. The returned registration removes the entry when dropped.
     pub fn register(&self, entry: Entry, limit: Option<Limit>) -> Result<Registration> {
         if entry.id.is_empty() || entry.id.contains('/') || entry.id.starts_with('.') {
             return Err(Self::err(&self.dir)(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
-                format!("sandbox id {:?} cannot name a registry entry", entry.id),
+                format!("sandbox id {:?} cannot name a run directory", entry.id),
             )));
         }
         let _lock = self.lock()?;
-        let path = self.dir.join(format!("{}.json", entry.id));
         if let Some(limit) = limit {
             let others: u64 = self
                 .entries()?
@@ -191,7 +184,12 @@ impl Registry {
                 });
             }
         }
-        let reg = Registration { path, entry };
+        let run_dir = self.dir.join(&entry.id);
+        std::fs::create_dir_all(&run_dir).map_err(Self::err(&run_dir))?;
+        let reg = Registration {
+            path: run_dir.join(ENTRY_FILE),
+            entry,
+        };
         reg.write()?;
         Ok(reg)
     }
@@ -282,7 +280,7 @@ mod tests {
     #[test]
     fn register_list_and_deregister() {
         let dir = tempfile::tempdir().unwrap();
-        let reg = Registry::new(dir.path());
+        let reg = Registry::new(&dir.path().join("run"));
         assert!(reg.entries().unwrap().is_empty());
         let mut a = reg
             .register(Entry::new("a", BackendKind::QemuTcg, 256, true), None)
@@ -297,12 +295,19 @@ mod tests {
             )),
         )
         .unwrap();
+        assert!(dir.path().join("run/a/balloon.json").is_file());
         let list = reg.entries().unwrap();
         assert_eq!(list.len(), 1);
         assert_eq!(list[0].assigned_mib, 256);
         assert!(list[0].balloon.is_some());
         drop(a);
         assert!(reg.entries().unwrap().is_empty());
+        // Nothing but the (now empty) run directory, which its sandbox
+        // removes, is left.
+        let left: Vec<_> = std::fs::read_dir(dir.path().join("run/a"))
+            .unwrap()
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
     }
 
     #[test]
@@ -320,25 +325,26 @@ mod tests {
             text.contains("1001 MiB") && text.contains("1000 MiB"),
             "{text}"
         );
-        assert!(!dir.path().join(REGISTRY_DIR).join("b.json").exists());
+        assert!(!dir.path().join("b").exists(), "nothing made when refused");
         reg.register(Entry::new("b", BackendKind::QemuTcg, 400, true), limit(500))
             .unwrap();
     }
 
     #[test]
-    fn stale_and_garbage_entries_are_removed() {
+    fn stale_and_garbage_entries_are_skipped() {
         let dir = tempfile::tempdir().unwrap();
         let reg = Registry::new(dir.path());
         let mut dead = Entry::new("dead", BackendKind::QemuTcg, 256, true);
         dead.owner_pid = u32::MAX;
         dead.vmm_pid = Some(u32::MAX - 1);
-        std::fs::create_dir_all(reg.dir()).unwrap();
+        std::fs::create_dir_all(dir.path().join("dead")).unwrap();
         std::fs::write(
-            reg.dir().join("dead.json"),
+            dir.path().join("dead").join(ENTRY_FILE),
             serde_json::to_vec(&dead).unwrap(),
         )
         .unwrap();
-        std::fs::write(reg.dir().join("junk.json"), b"{not json").unwrap();
+        std::fs::create_dir_all(dir.path().join("junk")).unwrap();
+        std::fs::write(dir.path().join("junk").join(ENTRY_FILE), b"{not json").unwrap();
         // A dead entry does not count against the limit either.
         let _live = reg
             .register(
@@ -348,8 +354,6 @@ mod tests {
             .unwrap();
         let ids: Vec<String> = reg.entries().unwrap().into_iter().map(|e| e.id).collect();
         assert_eq!(ids, ["live"]);
-        assert!(!reg.dir().join("dead.json").exists());
-        assert!(!reg.dir().join("junk.json").exists());
     }
 
     #[test]
@@ -359,6 +363,12 @@ mod tests {
         let first = reg.coordinator_lock().unwrap();
         assert!(first.is_some());
         assert!(reg.coordinator_lock().unwrap().is_none());
+        // Another state directory has its own coordinator.
+        let other = tempfile::tempdir().unwrap();
+        assert!(Registry::new(other.path())
+            .coordinator_lock()
+            .unwrap()
+            .is_some());
         drop(first);
         assert!(reg.coordinator_lock().unwrap().is_some());
     }

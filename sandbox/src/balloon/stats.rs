@@ -27,13 +27,15 @@ pub struct RawStats {
     pub available: Option<u64>,
     /// VIRTIO_BALLOON_S_CACHES.
     pub caches: Option<u64>,
+    /// When the VMM last received a report (Unix seconds), if it says.
+    pub last_update: Option<u64>,
 }
 
 /// The guest's memory as the policy may use it, in MiB (events as counts).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GuestMemStats {
     /// The report is complete and consistent: total, free, available and
-    /// caches present, each within the VM's memory, free, available and
+    /// caches present, total within the VM's memory, free, available and
     /// caches within total. Otherwise the policy takes nothing from this
     /// guest on the strength of its numbers.
     pub valid: bool,
@@ -53,6 +55,8 @@ pub struct GuestMemStats {
     pub swap_in: Option<u64>,
     /// Bytes swapped out since boot.
     pub swap_out: Option<u64>,
+    /// Seconds since the guest last reported, when the VMM says.
+    pub age_s: Option<u64>,
 }
 
 impl GuestMemStats {
@@ -84,8 +88,12 @@ pub fn sanitize(raw: &RawStats, assigned_mib: u32) -> GuestMemStats {
     let limit = u64::from(assigned_mib) * MIB;
     // A counter of absurd size is dropped rather than believed.
     let event = |v: Option<u64>| v.filter(|&v| v < (1 << 56));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     let mut s = GuestMemStats {
         valid: false,
+        age_s: raw.last_update.map(|t| now.saturating_sub(t)),
         major_faults: event(raw.major_faults),
         minor_faults: event(raw.minor_faults),
         swap_in: event(raw.swap_in),
@@ -97,12 +105,10 @@ pub fn sanitize(raw: &RawStats, assigned_mib: u32) -> GuestMemStats {
     else {
         return s;
     };
-    let consistent = total > 0
-        && total <= limit
-        && free <= total
-        && available <= total
-        && caches <= total
-        && free <= available.saturating_add(MIB);
+    let consistent =
+        total > 0 && total <= limit && free <= total && available <= total && caches <= total;
+    // (Free may exceed available: the kernel keeps reserves out of
+    // MemAvailable.)
     if !consistent {
         tracing::debug!(
             ?raw,
@@ -152,8 +158,6 @@ mod tests {
             report(480, 500, 500, 0),
             report(480, 10, 481, 0),
             report(480, 10, 20, 481),
-            // Free beyond available.
-            report(480, 300, 100, 0),
             // Nothing at all.
             report(0, 0, 0, 0),
             RawStats {
@@ -174,6 +178,20 @@ mod tests {
             assert_eq!(s.reclaimable_mib(), 0, "{raw:?}");
             assert_eq!(s.working_set_mib(0), None, "{raw:?}");
         }
+    }
+
+    #[test]
+    fn free_above_available_is_normal() {
+        // Seen from a real 512 MiB guest: the kernel's reserves are free
+        // but not available.
+        let raw = RawStats {
+            total: Some(515_444_736),
+            free: Some(483_160_064),
+            available: Some(480_129_024),
+            caches: Some(13_754_368),
+            ..RawStats::default()
+        };
+        assert!(sanitize(&raw, 512).valid);
     }
 
     #[test]

@@ -70,6 +70,7 @@ pub fn parse_status(v: &Value) -> Option<(u64, u64, RawStats)> {
             total: get("total_memory"),
             available: get("available_memory"),
             caches: get("disk_caches"),
+            last_update: None,
         },
     ))
 }

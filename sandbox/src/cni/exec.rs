@@ -47,6 +47,11 @@ impl Plugins {
         }
     }
 
+    /// The directories searched.
+    pub fn dirs(&self) -> &[PathBuf] {
+        &self.dirs
+    }
+
     fn cni_path(&self) -> String {
         self.dirs
             .iter()

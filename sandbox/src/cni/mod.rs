@@ -12,6 +12,7 @@ pub mod exec;
 pub mod isolation;
 pub mod netns;
 pub mod ports;
+pub mod record;
 pub mod result;
 
 use std::fs::File;
@@ -31,6 +32,7 @@ use exec::{Attachment, Plugins};
 use isolation::Isolation;
 use netns::NamedNetns;
 use ports::PortMapping;
+use record::NetworkRecord;
 use result::CniResult;
 
 /// The interface name the plugins give the veth inside the namespace.
@@ -128,6 +130,9 @@ pub struct CniNetwork {
     netns: Option<NamedNetns>,
     /// The ADD result, once ADD succeeded (DEL is due from then on).
     added: Option<CniResult>,
+    /// DEL is due even without an ADD result: recovering after a process
+    /// that died during ADD.
+    del_due: bool,
     isolation: Option<Isolation>,
     tap: Option<TapAttachment>,
     /// The bundled network's bridge and the lock serializing its creation
@@ -141,6 +146,19 @@ impl CniNetwork {
     /// and attaches tap for the VM. On error nothing is left. Blocks (runs
     /// plugins and iproute2).
     pub fn setup(config: &Config, id: &str, ports: &[PortMapping]) -> Result<Self> {
+        Self::setup_recorded(config, id, ports, &mut |_| Ok(()))
+    }
+
+    /// [`CniNetwork::setup`], handing `record` what teardown needs before
+    /// anything is made and again once ADD returned, so that
+    /// [`record::recover`] can undo it all if this process dies. A failing
+    /// `record` fails the set-up (nothing is left).
+    pub fn setup_recorded(
+        config: &Config,
+        id: &str,
+        ports: &[PortMapping],
+        record: &mut dyn FnMut(&NetworkRecord) -> Result<()>,
+    ) -> Result<Self> {
         let list = conflist_for(config)?;
         if !ports.is_empty() && !list.has_capability("portMappings") {
             return Err(CniError::Config {
@@ -158,7 +176,6 @@ impl CniNetwork {
                 conflist::ipam_dir(&config.paths.state_dir).with_file_name("bridge.lock"),
             )
         });
-        let netns = NamedNetns::create(&format!("capsid-{id}"))?;
         let mut runtime = Map::new();
         if !ports.is_empty() {
             runtime.insert(
@@ -166,21 +183,25 @@ impl CniNetwork {
                 Value::Array(ports.iter().map(PortMapping::to_cni).collect()),
             );
         }
+        let name = format!("capsid-{id}");
         let mut net = Self {
             plugins,
             attachment: Attachment {
                 container_id: id.to_owned(),
-                netns: netns.path().to_owned(),
+                netns: PathBuf::from(netns::NETNS_DIR).join(&name),
                 ifname: IFNAME.into(),
             },
             list,
             runtime,
-            netns: Some(netns),
+            netns: None,
             added: None,
+            del_due: false,
             isolation: None,
             tap: None,
             bridge,
         };
+        record(&net.record())?;
+        net.netns = Some(NamedNetns::create(&name)?);
         // From here on an error drops `net`, which undoes what was done.
         let added = {
             let _lock = net.lock_bridge()?;
@@ -188,6 +209,7 @@ impl CniNetwork {
         };
         let addr = added.container_ipv4().first().map(|(a, _)| *a);
         net.added = Some(added);
+        record(&net.record())?;
         if let Some(addr) = addr {
             let iso = Isolation::new(&net.list.name, id, addr);
             iso.apply()?;
@@ -257,10 +279,10 @@ impl CniNetwork {
             self.restore_addresses(added);
         }
         let lock = self.lock_bridge();
-        if let Some(added) = &added {
+        if added.is_some() || self.del_due {
             if let Err(e) =
                 self.plugins
-                    .del(&self.list, &self.attachment, &self.runtime, Some(added))
+                    .del(&self.list, &self.attachment, &self.runtime, added.as_ref())
             {
                 first_err.get_or_insert(e);
             }

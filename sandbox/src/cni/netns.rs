@@ -26,7 +26,8 @@ impl NamedNetns {
         Self::create_in(Path::new(NETNS_DIR), name)
     }
 
-    fn create_in(dir: &Path, name: &str) -> Result<Self> {
+    /// [`NamedNetns::create`] in `dir`.
+    pub(super) fn create_in(dir: &Path, name: &str) -> Result<Self> {
         if name.is_empty() || name.contains('/') || name.starts_with('.') {
             return Err(CniError::Config {
                 what: "network namespace name".into(),
@@ -71,6 +72,15 @@ impl NamedNetns {
         Ok(ns)
     }
 
+    /// A namespace made earlier (by a process now gone), to delete it.
+    /// Nothing is checked: deleting what is not there is no error.
+    pub fn adopt(path: PathBuf) -> Self {
+        Self {
+            path,
+            deleted: false,
+        }
+    }
+
     /// The namespace's path (`CNI_NETNS`).
     pub fn path(&self) -> &Path {
         &self.path
@@ -92,6 +102,14 @@ impl Drop for NamedNetns {
             }
         }
     }
+}
+
+/// Whether `path` is a network namespace (an nsfs file, pinned by a bind
+/// mount), not just the empty file left when the mount went away.
+pub fn is_live(path: &Path) -> bool {
+    /// `NSFS_MAGIC` of linux/magic.h.
+    const NSFS_MAGIC: i64 = 0x6e73_6673;
+    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 == NSFS_MAGIC)
 }
 
 fn remove(path: &Path) -> Result<()> {
@@ -139,6 +157,10 @@ mod tests {
             (own.dev(), own.ino()),
             "{ours:?}"
         );
+        assert!(is_live(ns.path()));
+        assert!(!is_live(&dir.path().join("no-such")));
+        std::fs::write(dir.path().join("plain"), b"").unwrap();
+        assert!(!is_live(&dir.path().join("plain")));
         // The name is taken while it exists.
         assert!(NamedNetns::create_in(dir.path(), "t1").is_err());
         let path = ns.path().to_owned();

@@ -1,0 +1,373 @@
+//! Records of `capsid run`s, so that what one killed by SIGKILL (or lost in
+//! a crash) left on the host is removed later: its VM processes and run
+//! directory, and on a network its namespace, tap, iptables rules and IPAM
+//! lease.
+//!
+//! Each run writes `STATE_DIR/.runs/ID.json` before it makes anything and
+//! updates it as it goes (the CNI ADD result, the VM's processes); a clean
+//! exit removes it. Every `capsid run`, and `capsid gc`, first takes the
+//! lock of that directory and undoes the record of every run whose process
+//! is gone (the pid *and* its start time, so a reused pid is not mistaken
+//! for the owner), with the same teardown a clean exit does.
+
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use capsid_sandbox::backend::{processes_naming, ProcessRef};
+use capsid_sandbox::cni::record::{self, NetworkRecord};
+use capsid_sandbox::config::Config;
+use nix::fcntl::{Flock, FlockArg};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+
+/// The records' directory, in the state dir.
+pub const RUNS_DIR: &str = ".runs";
+/// The lock serializing recoveries, in [`RUNS_DIR`].
+const LOCK_FILE: &str = "lock";
+/// How long killed VM processes get to disappear.
+const KILL_WAIT: Duration = Duration::from_secs(5);
+
+/// What one `capsid run` made, as far as it got.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    /// The sandbox id (`run-PID`).
+    pub id: String,
+    /// The `capsid run` process.
+    pub owner: ProcessRef,
+    /// The network namespace it ran in (inode of `/proc/self/ns/net`):
+    /// its iptables rules are there, so only a run in the same namespace
+    /// recovers it.
+    pub host_netns: u64,
+    /// The VM's run directory; processes naming it are the VM's.
+    pub run_dir: PathBuf,
+    /// The VM's processes, once started.
+    pub vm_processes: Vec<ProcessRef>,
+    /// The CNI network, from before its namespace is made.
+    pub network: Option<NetworkRecord>,
+}
+
+/// The record of this run, kept up to date; removed on drop unless
+/// [`RunJournal::keep`] was called (something could not be removed: the
+/// next run retries).
+#[derive(Debug)]
+pub struct RunJournal {
+    path: PathBuf,
+    record: RunRecord,
+    keep: bool,
+}
+
+impl RunJournal {
+    /// Writes the record of sandbox `id` (run directory `run_dir`).
+    pub fn begin(config: &Config, id: &str, run_dir: PathBuf) -> anyhow::Result<Self> {
+        let dir = config.paths.state_dir.join(RUNS_DIR);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let owner = ProcessRef::this().context("reading this process's start time")?;
+        let journal = Self {
+            path: dir.join(format!("{id}.json")),
+            record: RunRecord {
+                id: id.to_owned(),
+                owner,
+                host_netns: netns_inode().context("reading this process's network namespace")?,
+                run_dir,
+                vm_processes: Vec::new(),
+                network: None,
+            },
+            keep: false,
+        };
+        journal.save()?;
+        Ok(journal)
+    }
+
+    /// Records the network's state (before each step that makes something).
+    pub fn set_network(&mut self, network: &NetworkRecord) -> anyhow::Result<()> {
+        self.record.network = Some(network.clone());
+        self.save()
+    }
+
+    /// Records the VM's processes.
+    pub fn set_vm_processes(&mut self, pids: &[u32]) -> anyhow::Result<()> {
+        self.record.vm_processes = pids.iter().filter_map(|p| ProcessRef::of(*p)).collect();
+        self.save()
+    }
+
+    /// Leaves the record for the next run to finish the clean-up.
+    pub fn keep(&mut self) {
+        self.keep = true;
+    }
+
+    /// Writes the record atomically (a reader sees the old or the new one).
+    fn save(&self) -> anyhow::Result<()> {
+        let name = self
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let temp = self.path.with_file_name(format!(".{name}.tmp"));
+        let text = serde_json::to_vec(&self.record).context("serializing the run record")?;
+        std::fs::write(&temp, text).with_context(|| format!("writing {}", temp.display()))?;
+        std::fs::rename(&temp, &self.path)
+            .with_context(|| format!("writing {}", self.path.display()))
+    }
+}
+
+impl Drop for RunJournal {
+    fn drop(&mut self) {
+        if !self.keep {
+            if let Err(e) = std::fs::remove_file(&self.path) {
+                tracing::warn!(path = %self.path.display(), error = %e, "cannot remove the run record");
+            }
+        }
+    }
+}
+
+/// What recovering one dead run did.
+#[derive(Debug)]
+pub struct Recovered {
+    /// The dead run's sandbox id.
+    pub id: String,
+    /// Its host processes killed.
+    pub killed: Vec<u32>,
+    /// The first error, if something could not be removed (the record is
+    /// kept for another try).
+    pub error: Option<String>,
+}
+
+/// Undoes the records of dead runs in `config`'s state dir, under the
+/// records' lock. Records of live runs, of runs in another network
+/// namespace, and unreadable ones are left alone. Blocks.
+pub fn recover_dead(config: &Config) -> anyhow::Result<Vec<Recovered>> {
+    let dir = config.paths.state_dir.join(RUNS_DIR);
+    if !dir.is_dir() {
+        return Ok(Vec::new());
+    }
+    let _lock = lock(&dir)?;
+    let here = netns_inode().context("reading this process's network namespace")?;
+    let mut done = Vec::new();
+    let entries = std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') || !name.ends_with(".json") {
+            continue;
+        }
+        let record: RunRecord = match std::fs::read(&path)
+            .map_err(anyhow::Error::from)
+            .and_then(|t| serde_json::from_slice(&t).map_err(anyhow::Error::from))
+        {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "unreadable run record left alone");
+                continue;
+            }
+        };
+        if record.owner.is_alive() || record.host_netns != here {
+            continue;
+        }
+        let recovered = undo(&record);
+        match &recovered.error {
+            None => {
+                if let Err(e) = std::fs::remove_file(&path) {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot remove a run record");
+                }
+                tracing::info!(id = %record.id, killed = ?recovered.killed, "removed what a dead capsid run left");
+            }
+            Some(e) => {
+                tracing::warn!(id = %record.id, error = %e, "could not remove everything a dead capsid run left")
+            }
+        }
+        done.push(recovered);
+    }
+    Ok(done)
+}
+
+/// The teardown of a clean exit, from a record: the VM's processes first
+/// (they hold the tap), then the network, then the run directory.
+fn undo(record: &RunRecord) -> Recovered {
+    let mut victims: Vec<ProcessRef> = record
+        .vm_processes
+        .iter()
+        .copied()
+        .filter(ProcessRef::is_alive)
+        .collect();
+    if !record.run_dir.as_os_str().is_empty() {
+        for p in processes_naming(&record.run_dir)
+            .into_iter()
+            .filter_map(ProcessRef::of)
+        {
+            if !victims.contains(&p) {
+                victims.push(p);
+            }
+        }
+    }
+    let mut killed = Vec::new();
+    for p in &victims {
+        let Ok(raw) = i32::try_from(p.pid) else {
+            continue;
+        };
+        if kill(Pid::from_raw(raw), Signal::SIGKILL).is_ok() {
+            killed.push(p.pid);
+        }
+    }
+    let deadline = Instant::now() + KILL_WAIT;
+    while victims.iter().any(ProcessRef::is_alive) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut error = None;
+    if let Some(net) = &record.network {
+        if let Err(e) = record::recover(net) {
+            error = Some(format!("{:#}", anyhow::Error::from(e)));
+        }
+    }
+    if !record.run_dir.as_os_str().is_empty() {
+        match std::fs::remove_dir_all(&record.run_dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                error.get_or_insert(format!("removing {}: {e}", record.run_dir.display()));
+            }
+        }
+    }
+    Recovered {
+        id: record.id.clone(),
+        killed,
+        error,
+    }
+}
+
+/// Holds the records' lock.
+fn lock(dir: &Path) -> anyhow::Result<Flock<File>> {
+    let path = dir.join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    Flock::lock(file, FlockArg::LockExclusive)
+        .map_err(|(_, errno)| anyhow::Error::from(errno))
+        .with_context(|| format!("locking {}", path.display()))
+}
+
+fn netns_inode() -> std::io::Result<u64> {
+    std::fs::metadata("/proc/self/ns/net").map(|m| m.ino())
+}
+
+/// Arguments of `capsid gc`.
+#[derive(Debug, clap::Args)]
+pub struct GcArgs {}
+
+/// `capsid gc`: removes what dead `capsid run`s left, one line each.
+pub fn gc(config_path: Option<&Path>, _args: &GcArgs) -> anyhow::Result<ExitCode> {
+    let config = Config::load(config_path)?;
+    let mut failed = false;
+    for r in recover_dead(&config)? {
+        match &r.error {
+            None => println!("{}: removed (killed {} processes)", r.id, r.killed.len()),
+            Some(e) => {
+                failed = true;
+                println!("{}: not everything could be removed: {e}", r.id);
+            }
+        }
+    }
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    fn config(dir: &Path) -> Config {
+        let mut c = Config::default();
+        c.paths.state_dir = dir.to_owned();
+        c
+    }
+
+    #[test]
+    fn a_dead_runs_leftovers_go_and_a_live_runs_stay() {
+        let tmp = tempfile::tempdir().unwrap();
+        let config = config(tmp.path());
+        // Nothing recorded yet: nothing made, not even the directory.
+        assert!(recover_dead(&config).unwrap().is_empty());
+        assert!(!tmp.path().join(RUNS_DIR).exists());
+
+        // A live run (this process): left alone.
+        let live_dir = tmp.path().join("run-live");
+        std::fs::create_dir_all(&live_dir).unwrap();
+        let live = RunJournal::begin(&config, "run-live", live_dir.clone()).unwrap();
+
+        // A dead run: its owner exited; a "VM process" naming its run
+        // directory still runs (cat waits on stdin before opening it).
+        let dead_dir = tmp.path().join("run-dead");
+        std::fs::create_dir_all(&dead_dir).unwrap();
+        let mut owner = Command::new("true").spawn().unwrap();
+        let owner_ref = ProcessRef::of(owner.id()).unwrap_or(ProcessRef {
+            pid: owner.id(),
+            start_time: 1,
+        });
+        owner.wait().unwrap();
+        let mut vm = Command::new("cat")
+            .arg("-")
+            .arg(dead_dir.join("x"))
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let record = RunRecord {
+            id: "run-dead".into(),
+            owner: owner_ref,
+            host_netns: netns_inode().unwrap(),
+            run_dir: dead_dir.clone(),
+            vm_processes: vec![],
+            network: None,
+        };
+        let path = tmp.path().join(RUNS_DIR).join("run-dead.json");
+        std::fs::write(&path, serde_json::to_vec(&record).unwrap()).unwrap();
+
+        let done = recover_dead(&config).unwrap();
+        assert_eq!(done.len(), 1, "{done:?}");
+        assert_eq!(done[0].id, "run-dead");
+        assert_eq!(done[0].killed, [vm.id()]);
+        assert!(done[0].error.is_none(), "{done:?}");
+        assert!(vm.wait().is_ok());
+        assert!(!dead_dir.exists() && !path.exists());
+        assert!(live_dir.exists() && live.path.exists());
+
+        // A clean end removes the record; twice is harmless.
+        let live_path = live.path.clone();
+        drop(live);
+        assert!(!live_path.exists());
+        assert!(recover_dead(&config).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_record_of_another_namespace_is_left_alone() {
+        let tmp = tempfile::tempdir().unwrap();
+        let config = config(tmp.path());
+        std::fs::create_dir_all(tmp.path().join(RUNS_DIR)).unwrap();
+        let record = RunRecord {
+            id: "run-1".into(),
+            owner: ProcessRef {
+                pid: u32::MAX,
+                start_time: 1,
+            },
+            host_netns: netns_inode().unwrap() + 1,
+            run_dir: tmp.path().join("run-1"),
+            vm_processes: vec![],
+            network: None,
+        };
+        let path = tmp.path().join(RUNS_DIR).join("run-1.json");
+        std::fs::write(&path, serde_json::to_vec(&record).unwrap()).unwrap();
+        std::fs::write(tmp.path().join(RUNS_DIR).join("junk.json"), b"{").unwrap();
+        assert!(recover_dead(&config).unwrap().is_empty());
+        assert!(path.exists());
+    }
+}
