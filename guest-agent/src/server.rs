@@ -40,6 +40,11 @@ fn status(e: ContainerError) -> TtrpcError {
     TtrpcError::RpcStatus(s)
 }
 
+/// Debug-level note of a call's arrival, on the guest's CLOCK_MONOTONIC.
+fn arrived(rpc: &'static str) {
+    tracing::debug!(rpc, at_ms = crate::monotonic_ns() as f64 / 1e6, "call");
+}
+
 #[async_trait]
 impl AgentService for Service {
     async fn health(
@@ -60,6 +65,7 @@ impl AgentService for Service {
         _ctx: &TtrpcContext,
         req: CreateContainerRequest,
     ) -> TtrpcResult<CreateContainerResponse> {
+        arrived("CreateContainer");
         let create = CreateRequest {
             id: req.container_id,
             spec_json: req.oci_spec_json,
@@ -80,6 +86,7 @@ impl AgentService for Service {
         _ctx: &TtrpcContext,
         req: StartProcessRequest,
     ) -> TtrpcResult<StartProcessResponse> {
+        arrived("StartProcess");
         let pid = self
             .agent
             .start(&req.container_id, &req.exec_id)
@@ -112,6 +119,7 @@ impl AgentService for Service {
         _ctx: &TtrpcContext,
         req: WaitProcessRequest,
     ) -> TtrpcResult<WaitProcessResponse> {
+        arrived("WaitProcess");
         let exit = self
             .agent
             .wait(&req.container_id, &req.exec_id)
@@ -200,6 +208,7 @@ impl AgentService for Service {
     }
 
     async fn shutdown(&self, _ctx: &TtrpcContext, _req: ShutdownRequest) -> TtrpcResult<Empty> {
+        arrived("Shutdown");
         self.agent.kill_everything();
         self.shutdown.notify_one();
         Ok(Empty::new())
