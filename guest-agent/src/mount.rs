@@ -153,9 +153,16 @@ pub fn leave_initramfs() -> Result<()> {
         .map_err(|e| MountError::switch("move to /", e))?;
     nix::unistd::chroot(".").map_err(|e| MountError::switch("chroot", e))?;
     nix::unistd::chdir("/").map_err(|e| MountError::switch("chdir /", e))?;
-    let env = std::ffi::CString::new(format!("{SWITCHED_ENV}=tmpfs"))
-        .map_err(|_| MountError::switch("environment", nix::Error::EINVAL))?;
-    let err = nix::unistd::execve(c"/init", &[c"/init"], &[env]);
+    let mut env = vec![std::ffi::CString::new(format!("{SWITCHED_ENV}=tmpfs"))
+        .map_err(|_| MountError::switch("environment", nix::Error::EINVAL))?];
+    // The console log level chosen on the kernel command line carries over.
+    if let Some(level) = std::env::var(crate::LOG_ENV)
+        .ok()
+        .and_then(|v| std::ffi::CString::new(format!("{}={v}", crate::LOG_ENV)).ok())
+    {
+        env.push(level);
+    }
+    let err = nix::unistd::execve(c"/init", &[c"/init"], &env);
     Err(MountError::switch("exec /init", err.unwrap_err()))
 }
 

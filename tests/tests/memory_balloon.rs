@@ -106,12 +106,17 @@ fn random_file_erofs(dir: &Path, mib: usize) -> PathBuf {
 }
 
 /// Starts container `id` running `script` in the background, with the
-/// cache-fill disk as an extra image layer.
-async fn start_detached(sb: &Sandbox, id: &str, script: &str) {
+/// cache-fill disk as an extra image layer, and returns once the script
+/// printed its first line (which must be `ready`).
+async fn start_detached(
+    sb: &Sandbox,
+    id: &str,
+    script: &str,
+) -> tokio::io::BufReader<tokio::net::UnixStream> {
     let pending = sb
         .bind_streams(StreamsWanted {
             stdin: false,
-            stdout: false,
+            stdout: true,
             stderr: false,
             terminal: false,
         })
@@ -124,8 +129,16 @@ async fn start_detached(sb: &Sandbox, id: &str, script: &str) {
     req.stdio = protobuf::MessageField::some(pending.stdio.clone());
     let (created, streams) = tokio::join!(sb.agent().create_container(&req), pending.accept());
     created.unwrap();
-    streams.unwrap();
+    let streams = streams.unwrap();
     sb.agent().start_process(id, "").await.unwrap();
+    let mut stdout = tokio::io::BufReader::new(streams.stdout.unwrap());
+    let mut line = String::new();
+    tokio::io::AsyncBufReadExt::read_line(&mut stdout, &mut line)
+        .await
+        .unwrap();
+    assert_eq!(line, "ready\n");
+    // The caller keeps the stream open while the container runs.
+    stdout
 }
 
 /// Polls `f` every 200 ms until it returns `Some`, or panics with `what`
@@ -229,10 +242,10 @@ async fn policy_reclaims_an_idle_guests_cache_and_gives_it_back() {
     assert!(entries[0].balloon.is_some());
 
     // The guest reads 240 MiB of files into its page cache, then idles.
-    start_detached(
+    let _reader = start_detached(
         &sb,
         "reader",
-        "cat /cachefill > /dev/null && exec sleep 100000",
+        "cat /cachefill > /dev/null && echo ready && exec sleep 100000",
     )
     .await;
     let cached = poll(

@@ -207,3 +207,52 @@ fn balloon_requests_without_a_balloon_are_refused() {
     let r = vm.control(json!({"op": "balloon_stats"}));
     assert_eq!(r["ok"], false, "{r}");
 }
+
+#[test]
+fn the_sandbox_balloon_handle_drives_capsid_vmm() {
+    use capsid_sandbox::balloon::{BalloonEndpoint, BalloonError, BalloonHandle};
+
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = asm::elf(&format!("{DRIVER}{LIB64}"), dir.path(), "balloon");
+    let mut vm = Vmm::start(json!({
+        "vcpus": 1,
+        "memory_mib": 256,
+        "boot": {"linux": {"kernel": kernel}},
+        "balloon": {"deflate_on_oom": true, "free_page_reporting": true},
+    }));
+    let timeout = Duration::from_secs(30);
+    vm.wait_serial("TOUCHED\n", timeout);
+    // What the sandbox layer (and the balloon policy) uses for capsid-vmm.
+    let handle = BalloonHandle::new(
+        BalloonEndpoint::CapsidVmm {
+            socket: vm.control_path(),
+        },
+        256,
+    );
+    let before = handle.status().unwrap();
+    assert_eq!(
+        (before.assigned_mib, before.target_mib, before.actual_mib),
+        (256, 0, 0)
+    );
+    // This guest sends no statistics: they are unusable, never trusted.
+    assert!(!before.stats.valid);
+    let e = handle.set_target(257).unwrap_err();
+    assert!(matches!(e, BalloonError::TargetTooLarge { .. }), "{e}");
+
+    let touched = vm.rss_kib();
+    handle.set_target(64).unwrap();
+    vm.wait_serial("INFLATED\n", timeout);
+    let s = handle.status().unwrap();
+    assert_eq!((s.target_mib, s.actual_mib), (64, 64));
+    let inflated = vm.rss_kib();
+    assert!(
+        touched.saturating_sub(inflated) >= 60 * MIB_KIB,
+        "RSS {touched} KiB -> {inflated} KiB after inflating 64 MiB through the handle"
+    );
+    handle.set_target(0).unwrap();
+    vm.wait_serial("DEFLATED\n", timeout);
+    assert_eq!(handle.status().unwrap().actual_mib, 0);
+    handle.set_target(1).unwrap();
+    let end = vm.wait(timeout);
+    assert_eq!(end.code, 0, "{}", end.stderr);
+}

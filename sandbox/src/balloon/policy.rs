@@ -4,9 +4,15 @@
 //! including against guests that report absurd figures.
 //!
 //! * Host short (available below the low watermark, or PSI memory stall
-//!   above the threshold): inflate the balloons of the sandboxes with the
-//!   most reclaimable memory (free + caches) first, until the shortfall
-//!   (minus inflation still under way) is covered.
+//!   above the threshold): inflate the balloons of the sandboxes whose
+//!   inflation frees the most *host* memory first, until the shortfall
+//!   (minus host memory that inflation still under way will free) is
+//!   covered. A guest's free memory is mostly not resident on the host
+//!   (never touched, or already returned by free page reporting): the
+//!   balloon takes such pages first and gains nothing for them, so a
+//!   guest is ranked and sized by what the host measures it holds, not by
+//!   what the guest reports free. A balloon whose growth stopped lowering
+//!   the host's footprint settles where it is.
 //! * Never below a sandbox's floor: guest-usable memory stays at least
 //!   `max(floor_mib, working set + headroom_mib)`; a guest whose report is
 //!   unusable is not inflated at all.
@@ -60,6 +66,12 @@ pub struct SandboxView {
     /// The balloon has not moved towards its target for a few rounds: the
     /// guest gave what it could.
     pub stalled: bool,
+    /// Guest RAM resident on the host, MiB, as the host measures it (the
+    /// guest cannot lie about it); `None` when it cannot be measured.
+    pub host_resident_mib: Option<u64>,
+    /// The balloon grew lately while the host's footprint did not fall
+    /// ([`GainTracker`]): growing it further would gain nothing.
+    pub unproductive: bool,
 }
 
 impl SandboxView {
@@ -96,6 +108,116 @@ impl SandboxView {
         let room = self.max_balloon_mib(p).saturating_sub(self.target_mib);
         room.min(self.stats.reclaimable_mib())
             .min(self.stats.available_mib.saturating_sub(p.headroom_mib))
+    }
+
+    /// Guest-usable memory not resident on the host once the balloon has
+    /// reached its target, MiB: pages never touched or already returned.
+    /// The balloon takes free pages first, so its next `non_resident_mib`
+    /// MiB of growth gain the host nothing. `None` when not measured.
+    pub fn non_resident_mib(&self) -> Option<u64> {
+        let resident = self.host_resident_mib?;
+        let usable_now = self.assigned_mib.saturating_sub(self.actual_mib);
+        let in_flight = self.target_mib.saturating_sub(self.actual_mib);
+        Some(
+            usable_now
+                .saturating_sub(resident)
+                .saturating_sub(in_flight),
+        )
+    }
+
+    /// Host memory that inflation already asked for (target above actual)
+    /// will still free, MiB: the part beyond the non-resident pages it
+    /// takes first.
+    pub fn in_flight_gain_mib(&self) -> u64 {
+        if self.stalled || self.unproductive {
+            return 0;
+        }
+        let Some(resident) = self.host_resident_mib else {
+            return 0;
+        };
+        let usable_now = self.assigned_mib.saturating_sub(self.actual_mib);
+        self.target_mib
+            .saturating_sub(self.actual_mib)
+            .saturating_sub(usable_now.saturating_sub(resident))
+    }
+
+    /// Host memory, MiB, that growing the balloon as far as
+    /// [`Self::reclaimable_mib`] allows would free: that growth minus the
+    /// non-resident pages it takes first. 0 when the host's footprint
+    /// cannot be measured, or did not fall the last time the balloon grew.
+    /// Never more than the resident memory above the floor.
+    pub fn host_gain_mib(&self, p: &PolicyParams) -> u64 {
+        if self.unproductive {
+            return 0;
+        }
+        match self.non_resident_mib() {
+            Some(non_resident) => self.reclaimable_mib(p).saturating_sub(non_resident),
+            None => 0,
+        }
+    }
+}
+
+/// Watches, round by round, whether a growing balloon lowers the host
+/// memory its VM holds. The growth expected to pay is what exceeds the
+/// non-resident guest memory at the time; once that reaches
+/// [`GainTracker::JUDGE_MIB`] and less than a quarter of it came back
+/// as a lower footprint, the balloon is *unproductive* for
+/// [`GainTracker::HOLD_ROUNDS`] rounds (or until it deflates).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GainTracker {
+    /// Balloon and resident guest memory at the last round, MiB.
+    last: Option<(u64, u64)>,
+    /// Host gain expected since the window opened, MiB.
+    expected_mib: u64,
+    /// Host memory actually freed since the window opened, MiB (negative
+    /// when the footprint grew).
+    gained_mib: i64,
+    /// Rounds left in an unproductive verdict.
+    unproductive_rounds: u32,
+}
+
+impl GainTracker {
+    /// Expected gain after which the balloon's effect is judged, MiB.
+    pub const JUDGE_MIB: u64 = 32;
+    /// Rounds an unproductive verdict holds.
+    pub const HOLD_ROUNDS: u32 = 30;
+
+    /// Records one round (VM of `assigned_mib`, balloon at `actual_mib`,
+    /// `resident_mib` of guest RAM on the host) and says whether the
+    /// balloon is unproductive.
+    pub fn observe(&mut self, assigned_mib: u64, actual_mib: u64, resident_mib: u64) -> bool {
+        let clamp = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        if let Some((balloon_before, resident_before)) = self.last {
+            if actual_mib < balloon_before {
+                // Deflating: a fresh start when it grows again.
+                *self = Self::default();
+            } else {
+                let non_resident = assigned_mib
+                    .saturating_sub(balloon_before)
+                    .saturating_sub(resident_before);
+                let expected = (actual_mib - balloon_before).saturating_sub(non_resident);
+                if expected > 0 || self.expected_mib > 0 {
+                    self.expected_mib = self.expected_mib.saturating_add(expected);
+                    self.gained_mib = self
+                        .gained_mib
+                        .saturating_add(clamp(resident_before) - clamp(resident_mib));
+                }
+                if self.expected_mib >= Self::JUDGE_MIB {
+                    if self.gained_mib < clamp(self.expected_mib / 4) {
+                        self.unproductive_rounds = Self::HOLD_ROUNDS;
+                    }
+                    self.expected_mib = 0;
+                    self.gained_mib = 0;
+                }
+            }
+        }
+        self.last = Some((actual_mib, resident_mib));
+        if self.unproductive_rounds > 0 {
+            self.unproductive_rounds -= 1;
+            true
+        } else {
+            false
+        }
     }
 }
 
@@ -194,49 +316,57 @@ pub fn decide(p: &PolicyParams, host: &HostMemory, sandboxes: &[SandboxView]) ->
     // A balloon stuck short of its target settles where it is: the guest
     // cannot give more, and an unreachable target would keep it trying.
     for s in sandboxes {
-        if s.stalled && s.target_mib > s.actual_mib && !touched(&s.id, &out) {
+        if (s.stalled || s.unproductive) && s.target_mib > s.actual_mib && !touched(&s.id, &out)
+        {
             out.push(Decision {
                 id: s.id.clone(),
                 from_mib: s.target_mib,
                 to_mib: s.actual_mib,
-                reason: format!(
-                    "balloon stalled at {} MiB: the guest gave what it could",
-                    s.actual_mib
-                ),
+                reason: if s.stalled {
+                    format!(
+                        "balloon stalled at {} MiB: the guest gave what it could",
+                        s.actual_mib
+                    )
+                } else {
+                    format!(
+                        "balloon settles at {} MiB: growing it no longer lowers the host's footprint",
+                        s.actual_mib
+                    )
+                },
             });
         }
     }
     match pressure(p, host) {
         Pressure::Short(short) => {
             // Inflation already asked for but not yet reached will free
-            // memory by itself: do not ask twice.
-            let in_flight: u64 = sandboxes
-                .iter()
-                .filter(|s| !s.stalled)
-                .map(|s| s.target_mib.saturating_sub(s.actual_mib))
-                .sum();
+            // host memory by itself: do not ask twice.
+            let in_flight: u64 = sandboxes.iter().map(SandboxView::in_flight_gain_mib).sum();
             let mut need = short.saturating_sub(in_flight);
             let mut order: Vec<&SandboxView> =
                 sandboxes.iter().filter(|s| !touched(&s.id, &out)).collect();
-            order.sort_by_key(|s| std::cmp::Reverse(s.reclaimable_mib(p)));
+            order.sort_by_key(|s| std::cmp::Reverse(s.host_gain_mib(p)));
             for s in order {
                 if need == 0 {
                     break;
                 }
-                let take = s.reclaimable_mib(p).min(need);
-                if take == 0 {
+                let gain = s.host_gain_mib(p).min(need);
+                if gain == 0 {
                     continue;
                 }
-                need -= take;
+                // The balloon first takes the non-resident pages (which
+                // gain nothing), then the resident ones.
+                let non_resident = s.non_resident_mib().unwrap_or(0);
+                need -= gain;
                 out.push(Decision {
                     id: s.id.clone(),
                     from_mib: s.target_mib,
-                    to_mib: s.target_mib + take,
+                    to_mib: s.target_mib + non_resident + gain,
                     reason: format!(
-                        "host short by {short} MiB (available {} MiB): guest has {} MiB free + {} MiB cache, floor {} MiB",
+                        "host short by {short} MiB (available {} MiB): guest has {} MiB free + {} MiB cache, {} MiB of its usable memory not resident on the host, floor {} MiB: frees about {gain} MiB",
                         host.available_mib,
                         s.stats.free_mib,
                         s.stats.caches_mib,
+                        non_resident,
                         s.floor_mib(p)
                     ),
                 });
@@ -315,6 +445,10 @@ mod tests {
             stats: s,
             recent_working_set_mib: 0,
             stalled: false,
+            // Everything the guest may use is resident: the guest's
+            // figures alone decide, as in the cases below.
+            host_resident_mib: Some(512),
+            unproductive: false,
         }
     }
 
