@@ -68,6 +68,10 @@ install: release assets
 	install -m 0644 $(BUILD)/kernel/vmlinux $(BUILD)/kernel/bzImage $(BUILD)/initramfs.cpio.gz \
 		$(DESTDIR)$(PREFIX)/share/capsid/
 	install -m 0644 $(BUILD)/images/*.tar $(DESTDIR)$(PREFIX)/share/capsid/images/
+	# The balloon coordinator's unit, installed but not enabled (docs/memory.md).
+	install -d $(DESTDIR)$(PREFIX)/lib/systemd/system
+	sed 's|/usr/local/bin/|$(PREFIX)/bin/|' contrib/systemd/capsid-balloond.service \
+		> $(DESTDIR)$(PREFIX)/lib/systemd/system/capsid-balloond.service
 
 demo: deps install
 	$(PREFIX)/bin/capsid check

@@ -92,6 +92,16 @@ fn table(r: &HostReport) -> String {
         )
     };
     let backend = r.selection.backend.map_or("none", |b| b.as_str());
+    let coordinator = match &r.balloon_coordinator {
+        None => "- (memory.enabled is false)".to_string(),
+        Some(c) if c.running => "running".to_string(),
+        Some(c) => match &c.error {
+            Some(e) => format!("unknown: {e}"),
+            None => "NOT running: memory.enabled is true but nothing reclaims guest memory; \
+                     start capsid-balloond (docs/memory.md)"
+                .to_string(),
+        },
+    };
     let rows = [
         ("KVM", kvm),
         ("KVM kind", flavor),
@@ -110,6 +120,7 @@ fn table(r: &HostReport) -> String {
         ("bzImage", asset(&r.assets.bzimage)),
         ("initramfs", asset(&r.assets.initramfs)),
         ("backend", format!("{backend}: {}", r.selection.reason)),
+        ("balloon coordinator", coordinator),
     ];
     let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     rows.iter()

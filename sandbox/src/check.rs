@@ -139,6 +139,39 @@ pub struct HostReport {
     pub assets: AssetsReport,
     /// The decision.
     pub selection: Selection,
+    /// With `[memory] enabled`, whether a balloon coordinator
+    /// (`capsid-balloond`) runs for the state directory; `None` when the
+    /// memory policy is off.
+    pub balloon_coordinator: Option<CoordinatorReport>,
+}
+
+/// Whether the balloon coordinator runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CoordinatorReport {
+    /// A coordinator holds the state directory's role.
+    pub running: bool,
+    /// Why it could not be told, when it could not.
+    pub error: Option<String>,
+}
+
+impl CoordinatorReport {
+    /// Asks the registry of `config`'s state directory.
+    fn probe(config: &Config) -> Option<Self> {
+        if !config.memory.enabled {
+            return None;
+        }
+        let registry = crate::balloon::registry::Registry::new(&config.paths.state_dir);
+        Some(match registry.coordinator_running() {
+            Ok(running) => Self {
+                running,
+                error: None,
+            },
+            Err(e) => Self {
+                running: false,
+                error: Some(e.to_string()),
+            },
+        })
+    }
 }
 
 impl HostReport {
@@ -187,6 +220,7 @@ impl HostReport {
             containerd: command_first_line("containerd", &["--version"]),
             assets,
             selection,
+            balloon_coordinator: CoordinatorReport::probe(config),
         }
     }
 }

@@ -5,7 +5,8 @@
 //! seconds; the others idle. The balloon coordinator runs in-process
 //! against the pretend host. Every round's per-sandbox host memory,
 //! balloon and guest figures go to a CSV; a summary (peak total host
-//! memory, OOM kills, survivors) goes to stdout as JSON.
+//! memory, OOM kills, survivors) goes to stdout as JSON, and each balloon
+//! change with its reason to stderr.
 //!
 //! ```text
 //! cargo run -p capsid-tests --example overcommit -- [--sandboxes 4] \
@@ -166,6 +167,17 @@ async fn main() {
                 let started = Instant::now();
                 if let Ok(round) = coordinator.round() {
                     decisions.fetch_add(round.decisions.len() as u64, Ordering::Relaxed);
+                    // Each change with its reason, as capsid-balloond logs it.
+                    for d in &round.decisions {
+                        eprintln!(
+                            "{:6.1} s {}: balloon {} -> {} MiB: {}",
+                            t0.elapsed().as_secs_f64(),
+                            d.id,
+                            d.from_mib,
+                            d.to_mib,
+                            d.reason
+                        );
+                    }
                     let per = ids
                         .iter()
                         .map(|id| {

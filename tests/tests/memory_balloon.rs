@@ -3,7 +3,7 @@
 //! action; the balloon policy, under a pretend host that is short of
 //! memory, takes an idle guest's page cache and gives it back once the
 //! pressure passes; over-assignment beyond the configured ratio is refused
-//! before anything starts.
+//! before anything starts; `capsid check` tells whether a coordinator runs.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -385,4 +385,79 @@ async fn overassignment_beyond_the_ratio_is_refused_before_anything_starts() {
         .entries()
         .unwrap()
         .is_empty());
+}
+
+/// Kills and reaps a child process when dropped, so a failing assertion
+/// leaves no coordinator behind.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capsid_check_reports_whether_the_coordinator_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.memory.pretend_host_mib = Some(1024);
+    let config_file = dir.path().join("config.toml");
+    std::fs::write(&config_file, toml::to_string(&config).unwrap()).unwrap();
+    let check = || {
+        let out = std::process::Command::new(bin("capsid"))
+            .arg("--config")
+            .arg(&config_file)
+            .args(["check", "--json"])
+            .output()
+            .unwrap();
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        report["balloon_coordinator"]["running"].as_bool()
+    };
+    assert_eq!(check(), Some(false));
+    let mut daemon = Reaped(
+        std::process::Command::new(bin("capsid-balloond"))
+            .arg("--config")
+            .arg(&config_file)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    poll(
+        "capsid check to see the coordinator",
+        Duration::from_secs(30),
+        || (check() == Some(true)).then_some(()),
+    )
+    .await;
+    // Probes never block or take the role, however many there are, and a
+    // second coordinator still steps aside.
+    let registry = Registry::new(&config.paths.state_dir);
+    for _ in 0..500 {
+        assert!(registry.coordinator_running().unwrap());
+    }
+    assert_eq!(check(), Some(true));
+    let second = std::process::Command::new(bin("capsid-balloond"))
+        .arg("--config")
+        .arg(&config_file)
+        .output()
+        .unwrap();
+    assert!(second.status.success());
+    assert!(
+        String::from_utf8_lossy(&second.stderr).contains("another coordinator runs"),
+        "{second:?}"
+    );
+    // SIGTERM ends it cleanly, and the role is free again.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(daemon.0.id()).unwrap()),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = daemon.0.wait().unwrap();
+    assert!(status.success(), "{status}");
+    assert_eq!(check(), Some(false));
+    // Without the memory policy there is nothing to report.
+    config.memory.enabled = false;
+    std::fs::write(&config_file, toml::to_string(&config).unwrap()).unwrap();
+    assert_eq!(check(), None);
 }

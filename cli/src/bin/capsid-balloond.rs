@@ -53,7 +53,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         anyhow::bail!("memory.enabled is false in the configuration: nothing to coordinate");
     }
     let registry = Registry::new(&config.paths.state_dir);
-    let Some(_lock) = registry.coordinator_lock()? else {
+    let Some(lock) = registry.coordinator_lock()? else {
         tracing::info!(dir = %registry.dir().display(), "another coordinator runs; exiting");
         return Ok(());
     };
@@ -81,7 +81,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
-            _ = wait_thread(&worker) => {}
+            _ = wait_thread(&worker, &lock) => {}
         }
         anyhow::Ok(())
     })?;
@@ -92,8 +92,28 @@ fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_thread(worker: &std::thread::JoinHandle<()>) {
+/// Waits for the coordinator thread to end, meanwhile answering `capsid
+/// check`'s "is a coordinator running?" probes on the role's token socket
+/// (accepted and closed at once, so they never fill its backlog).
+async fn wait_thread(
+    worker: &std::thread::JoinHandle<()>,
+    lock: &std::os::unix::net::UnixListener,
+) {
+    // Without non-blocking mode, accept would block the wait: probes then
+    // queue up unanswered (they still see a coordinator).
+    let answer = match lock.set_nonblocking(true) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot make the coordinator socket non-blocking");
+            false
+        }
+    };
     while !worker.is_finished() {
+        if answer {
+            while let Ok((probe, _)) = lock.accept() {
+                drop(probe);
+            }
+        }
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
 }
@@ -108,6 +128,7 @@ fn round_json(r: &capsid_sandbox::balloon::coordinator::Round) -> serde_json::Va
         "sandboxes": r.sandboxes.iter().map(|s| serde_json::json!({
             "id": s.entry.id,
             "rss_mib": s.rss_mib,
+            "guest_resident_mib": s.guest_resident_mib,
             "balloon": s.balloon,
         })).collect::<Vec<_>>(),
         "decisions": r.decisions.iter().map(|d| serde_json::json!({

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::host::{self, HostMemory};
-use super::policy::{self, Decision, PolicyParams, SandboxView};
+use super::policy::{self, Decision, GainTracker, PolicyParams, SandboxView};
 use super::registry::{Entry, Registry};
 use super::{BalloonStatus, Result};
 use crate::config::MemoryConfig;
@@ -69,6 +69,9 @@ pub struct Observed {
     pub entry: Entry,
     /// Host memory its VMM holds for it, MiB ([`host::vm_footprint_mib`]).
     pub rss_mib: Option<u64>,
+    /// Its guest RAM resident on the host, MiB
+    /// ([`host::guest_resident_mib`]).
+    pub guest_resident_mib: Option<u64>,
     /// Its balloon, when it answered.
     pub balloon: Option<BalloonStatus>,
 }
@@ -98,6 +101,9 @@ pub struct Coordinator {
     /// Per sandbox, the balloon's last actual size and for how many rounds
     /// it has not moved.
     progress: HashMap<String, (u32, u32)>,
+    /// Per sandbox, whether its balloon's growth still lowers the host's
+    /// footprint.
+    gains: HashMap<String, GainTracker>,
 }
 
 /// Rounds a balloon short of its target may stand still before it counts
@@ -120,6 +126,7 @@ impl Coordinator {
             targets: HashMap::new(),
             working_sets: HashMap::new(),
             progress: HashMap::new(),
+            gains: HashMap::new(),
         }
     }
 
@@ -143,6 +150,7 @@ impl Coordinator {
             .into_iter()
             .map(|entry| {
                 let rss_mib = entry.vmm_pid.and_then(host::vm_footprint_mib);
+                let guest_resident_mib = entry.vmm_pid.and_then(host::guest_resident_mib);
                 let balloon = entry.balloon.as_ref().and_then(|b| match b.status() {
                     Ok(s) => Some(s),
                     Err(e) => {
@@ -153,6 +161,7 @@ impl Coordinator {
                 Observed {
                     entry,
                     rss_mib,
+                    guest_resident_mib,
                     balloon,
                 }
             })
@@ -163,6 +172,19 @@ impl Coordinator {
             .retain(|id, _| sandboxes.iter().any(|s| &s.entry.id == id));
         self.progress
             .retain(|id, _| sandboxes.iter().any(|s| &s.entry.id == id));
+        self.gains
+            .retain(|id, _| sandboxes.iter().any(|s| &s.entry.id == id));
+        let mut unproductive = HashMap::new();
+        for s in &sandboxes {
+            if let (Some(b), Some(resident)) = (s.balloon, s.guest_resident_mib) {
+                let verdict = self.gains.entry(s.entry.id.clone()).or_default().observe(
+                    u64::from(b.assigned_mib),
+                    u64::from(b.actual_mib),
+                    resident,
+                );
+                unproductive.insert(s.entry.id.clone(), verdict);
+            }
+        }
         for s in &sandboxes {
             if let Some(b) = s.balloon {
                 let slot = self
@@ -223,6 +245,8 @@ impl Coordinator {
                         .progress
                         .get(&s.entry.id)
                         .is_some_and(|p| p.1 >= STALL_ROUNDS),
+                    host_resident_mib: s.guest_resident_mib,
+                    unproductive: unproductive.get(&s.entry.id).copied().unwrap_or(false),
                 })
             })
             .collect();

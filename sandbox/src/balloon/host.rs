@@ -79,6 +79,18 @@ pub fn vm_footprint_mib(pid: u32) -> Option<u64> {
     Some((anon + file + if memfd > 0 { memfd } else { shmem }) / 1024)
 }
 
+/// Guest RAM resident on the host, MiB: the allocated size of the memfds
+/// VMM process `pid` has open (QEMU's guest RAM), or, without a memfd
+/// (capsid-vmm's anonymous guest RAM), its `RssAnon` (which also counts
+/// the VMM's own small heap). Measured by the host, so a guest cannot
+/// inflate or hide it.
+pub fn guest_resident_mib(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let anon = parse_status_kib(&text, "RssAnon:")?;
+    let memfd = memfd_kib(pid);
+    Some(if memfd > 0 { memfd } else { anon } / 1024)
+}
+
 /// Allocated KiB of the distinct memfds process `pid` has open.
 fn memfd_kib(pid: u32) -> u64 {
     use std::os::unix::fs::MetadataExt;
@@ -159,6 +171,7 @@ mod tests {
         let me = std::process::id();
         assert!(rss_mib(me).is_some());
         assert!(vm_footprint_mib(me).is_some());
+        assert!(guest_resident_mib(me).is_some());
         let t = start_time(me);
         assert!(t.is_some());
         assert!(alive(me, t));

@@ -146,13 +146,22 @@ impl SandboxView {
     /// non-resident pages it takes first. 0 when the host's footprint
     /// cannot be measured, or did not fall the last time the balloon grew.
     /// Never more than the resident memory above the floor.
+    ///
+    /// Below [`MIN_HOST_GAIN_MIB`] it counts as 0: a balloon hundreds of
+    /// MiB large for a handful of MiB is not worth the memory it takes
+    /// from the guest.
     pub fn host_gain_mib(&self, p: &PolicyParams) -> u64 {
         if self.unproductive {
             return 0;
         }
-        match self.non_resident_mib() {
+        let gain = match self.non_resident_mib() {
             Some(non_resident) => self.reclaimable_mib(p).saturating_sub(non_resident),
             None => 0,
+        };
+        if gain < MIN_HOST_GAIN_MIB {
+            0
+        } else {
+            gain
         }
     }
 }
@@ -220,6 +229,9 @@ impl GainTracker {
         }
     }
 }
+
+/// The least host memory worth inflating a guest's balloon for, MiB.
+pub const MIN_HOST_GAIN_MIB: u64 = 16;
 
 /// A balloon to resize.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -316,8 +328,7 @@ pub fn decide(p: &PolicyParams, host: &HostMemory, sandboxes: &[SandboxView]) ->
     // A balloon stuck short of its target settles where it is: the guest
     // cannot give more, and an unreachable target would keep it trying.
     for s in sandboxes {
-        if (s.stalled || s.unproductive) && s.target_mib > s.actual_mib && !touched(&s.id, &out)
-        {
+        if (s.stalled || s.unproductive) && s.target_mib > s.actual_mib && !touched(&s.id, &out) {
             out.push(Decision {
                 id: s.id.clone(),
                 from_mib: s.target_mib,
@@ -651,5 +662,119 @@ mod tests {
         assert_eq!(d.len(), 1);
         assert_eq!(d[0].id, "liar");
         assert!(d[0].to_mib <= 512 - 128);
+    }
+
+    #[test]
+    fn resident_cache_wins_over_non_resident_free_memory() {
+        // "lazy" reports 400 MiB free but holds only 100 MiB on the host:
+        // its free memory was never touched. "cached" holds 300 MiB of
+        // page cache, all resident. Only "cached" frees host memory.
+        let mut lazy = view("lazy", 0, stats(500, 400, 420, 10));
+        lazy.host_resident_mib = Some(100);
+        let mut cached = view("cached", 0, stats(500, 50, 350, 300));
+        cached.host_resident_mib = Some(400);
+        assert_eq!(lazy.host_gain_mib(&P), 0);
+        assert!(cached.host_gain_mib(&P) >= 100);
+        let d = decide(&P, &host(0), &[lazy, cached]);
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert_eq!(d[0].id, "cached");
+        // Its 112 non-resident MiB come first, then the 100 MiB shortfall.
+        assert_eq!(d[0].to_mib, 112 + 100);
+        assert!(
+            d[0].reason
+                .contains("112 MiB of its usable memory not resident"),
+            "{}",
+            d[0].reason
+        );
+    }
+
+    #[test]
+    fn a_guest_whose_memory_is_not_resident_is_not_inflated() {
+        // A freshly booted guest: everything free, little touched.
+        let mut fresh = view("fresh", 0, stats(500, 450, 440, 20));
+        fresh.host_resident_mib = Some(120);
+        assert!(decide(&P, &host(0), std::slice::from_ref(&fresh)).is_empty());
+        // 10 MiB of gain behind 366 MiB of non-resident memory: not worth
+        // a balloon that large.
+        fresh.host_resident_mib = Some(146);
+        assert_eq!(fresh.non_resident_mib(), Some(366));
+        assert_eq!(fresh.reclaimable_mib(&P), 376);
+        assert_eq!(fresh.host_gain_mib(&P), 0);
+        assert!(decide(&P, &host(0), std::slice::from_ref(&fresh)).is_empty());
+        // Unmeasurable footprint: no proof of a gain, no inflation.
+        fresh.host_resident_mib = None;
+        assert!(decide(&P, &host(0), &[fresh]).is_empty());
+    }
+
+    #[test]
+    fn host_gain_never_exceeds_resident_memory_above_the_floor() {
+        for resident in [0, 50, 128, 200, 400, 512, u64::MAX] {
+            let mut v = view("a", 0, stats(512, 512, 512, 512));
+            v.host_resident_mib = Some(resident);
+            let gain = v.host_gain_mib(&P);
+            assert!(
+                gain <= resident.saturating_sub(P.floor_mib),
+                "{resident} {gain}"
+            );
+            for d in decide(&P, &host(0), &[v]) {
+                assert!(d.to_mib <= 512 - P.floor_mib, "{d:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn in_flight_inflation_over_non_resident_pages_is_not_counted_as_gain() {
+        // Target 200, at 50 so far; of the 462 usable MiB only 312 are
+        // resident: the remaining 150 MiB of inflation gain nothing, so
+        // the shortfall is still asked for.
+        let mut s = view("a", 200, stats(500, 300, 450, 150));
+        s.actual_mib = 50;
+        s.host_resident_mib = Some(312);
+        assert_eq!(s.in_flight_gain_mib(), 0);
+        let d = decide(&P, &host(0), &[s]);
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert_eq!(d[0].to_mib, 300);
+    }
+
+    #[test]
+    fn an_unproductive_balloon_settles_and_is_not_inflated() {
+        let mut s = view("a", 300, stats(500, 50, 300, 250));
+        s.actual_mib = 200;
+        s.unproductive = true;
+        assert_eq!(s.host_gain_mib(&P), 0);
+        let d = decide(&P, &host(0), &[s]);
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert_eq!(d[0].to_mib, 200);
+        assert!(d[0].reason.contains("no longer lowers"), "{}", d[0].reason);
+    }
+
+    #[test]
+    fn growth_without_host_gain_makes_a_balloon_unproductive() {
+        let mut t = GainTracker::default();
+        // 512 MiB VM, 400 resident: 112 MiB non-resident to go through.
+        assert!(!t.observe(512, 0, 400));
+        // Growing over the non-resident pages: nothing expected yet.
+        assert!(!t.observe(512, 100, 400));
+        // 60 MiB more, expected to pay, and the footprint did not move.
+        assert!(t.observe(512, 172, 398));
+        // The verdict holds...
+        assert!(t.observe(512, 172, 398));
+        // ... until the balloon deflates.
+        assert!(!t.observe(512, 100, 398));
+    }
+
+    #[test]
+    fn growth_that_lowers_the_footprint_stays_productive() {
+        let mut t = GainTracker::default();
+        assert!(!t.observe(512, 0, 512));
+        for (balloon, resident) in [(20, 495), (50, 470), (100, 420), (200, 322)] {
+            assert!(!t.observe(512, balloon, resident), "{balloon}");
+        }
+        // A verdict expires after its rounds.
+        let mut t = GainTracker::default();
+        t.observe(512, 0, 512);
+        assert!(t.observe(512, 64, 512));
+        let held = (0..100).take_while(|_| t.observe(512, 64, 512)).count();
+        assert_eq!(held + 1, GainTracker::HOLD_ROUNDS as usize);
     }
 }

@@ -114,15 +114,51 @@ impl Registry {
     /// another coordinator runs. An abstract Unix socket named after the
     /// directory is the token: nothing is left on disk.
     pub fn coordinator_lock(&self) -> Result<Option<UnixListener>> {
-        let digest = Sha256::digest(self.dir.as_os_str().as_encoded_bytes());
-        let hex: String = digest.iter().take(16).map(|b| format!("{b:02x}")).collect();
-        let name = format!("capsid-balloond-{hex}");
-        let addr = SocketAddr::from_abstract_name(name.as_bytes()).map_err(Self::err(&self.dir))?;
+        let addr = self.coordinator_addr()?;
         match UnixListener::bind_addr(&addr) {
             Ok(l) => Ok(Some(l)),
             Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Ok(None),
             Err(e) => Err(Self::err(&self.dir)(e)),
         }
+    }
+
+    /// Whether a coordinator holds this state directory's role: its token
+    /// socket takes a connection. Connecting, unlike binding, cannot steal
+    /// the role from a coordinator that is starting; the connection is
+    /// non-blocking, so a coordinator with a full backlog counts as
+    /// running instead of hanging the caller.
+    pub fn coordinator_running(&self) -> Result<bool> {
+        use nix::errno::Errno;
+        use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+        use std::os::fd::AsRawFd;
+        let name = self.coordinator_name();
+        let addr = UnixAddr::new_abstract(name.as_bytes())
+            .map_err(|e| Self::err(&self.dir)(std::io::Error::from(e)))?;
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .map_err(|e| Self::err(&self.dir)(std::io::Error::from(e)))?;
+        match connect(fd.as_raw_fd(), &addr) {
+            Ok(()) | Err(Errno::EAGAIN) => Ok(true),
+            Err(Errno::ECONNREFUSED | Errno::ENOENT) => Ok(false),
+            Err(e) => Err(Self::err(&self.dir)(std::io::Error::from(e))),
+        }
+    }
+
+    /// The abstract socket address naming this directory's coordinator.
+    fn coordinator_addr(&self) -> Result<SocketAddr> {
+        SocketAddr::from_abstract_name(self.coordinator_name().as_bytes())
+            .map_err(Self::err(&self.dir))
+    }
+
+    /// The abstract socket name of this directory's coordinator.
+    fn coordinator_name(&self) -> String {
+        let digest = Sha256::digest(self.dir.as_os_str().as_encoded_bytes());
+        let hex: String = digest.iter().take(16).map(|b| format!("{b:02x}")).collect();
+        format!("capsid-balloond-{hex}")
     }
 
     /// The live entries, sorted by id (stale and unreadable ones skipped,
@@ -360,8 +396,10 @@ mod tests {
     fn one_coordinator_at_a_time() {
         let dir = tempfile::tempdir().unwrap();
         let reg = Registry::new(dir.path());
+        assert!(!reg.coordinator_running().unwrap());
         let first = reg.coordinator_lock().unwrap();
         assert!(first.is_some());
+        assert!(reg.coordinator_running().unwrap());
         assert!(reg.coordinator_lock().unwrap().is_none());
         // Another state directory has its own coordinator.
         let other = tempfile::tempdir().unwrap();
@@ -370,6 +408,7 @@ mod tests {
             .unwrap()
             .is_some());
         drop(first);
+        assert!(!reg.coordinator_running().unwrap());
         assert!(reg.coordinator_lock().unwrap().is_some());
     }
 
