@@ -127,12 +127,13 @@ async fn serve(port: u32, boot: BootInfo) -> Result<(), String> {
 use futures::StreamExt as _;
 
 /// Names the console log level (see [`log_level`]).
-pub(crate) const LOG_ENV: &str = "CAPSID_AGENT_LOG";
+const LOG_ENV: &str = "CAPSID_AGENT_LOG";
 
 /// The console log level: `CAPSID_AGENT_LOG=debug` (a `KEY=VALUE` word on
-/// the kernel command line reaches PID 1 as an environment variable)
+/// the kernel command line reaches PID 1 as an environment variable, and
+/// the runtime helper inherits it)
 /// turns on the phase timings of container operations; default `info`.
-fn log_level() -> tracing::Level {
+pub(crate) fn log_level() -> tracing::Level {
     std::env::var(LOG_ENV)
         .ok()
         .and_then(|v| v.parse().ok())

@@ -111,19 +111,19 @@ const PSEUDO_FILESYSTEMS: &[PseudoFs] = &[
 const NOSUID_NODEV: MsFlags = MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV);
 const NOSUID_NODEV_NOEXEC: MsFlags = NOSUID_NODEV.union(MsFlags::MS_NOEXEC);
 
-/// Set in the environment of the re-executed agent, once it runs from the
-/// tmpfs root.
-const SWITCHED_ENV: &str = "CAPSID_AGENT_ROOT";
-
-/// Moves the agent from the initramfs onto a tmpfs root and re-executes
-/// it there (still PID 1). pivot_root(2) cannot move away from the initial
-/// root mount (ramfs or tmpfs, it has no parent mount), and container
-/// runtimes pivot_root into each container; from a tmpfs mounted over it,
-/// they can. Returns at once in the re-executed agent.
+/// Moves PID 1 from the initramfs onto a tmpfs root. pivot_root(2) cannot
+/// move away from the initial root mount (ramfs or tmpfs, it has no parent
+/// mount), and container runtimes pivot_root into each container; from a
+/// tmpfs mounted over it, they can.
+///
+/// The agent keeps running from its initramfs file, which becomes
+/// unreachable by path under the tmpfs but stays in memory while it is
+/// mapped (the runtime helper is started through `/proc/self/exe`, which
+/// reaches it). Copying the binary into the tmpfs and re-executing it, as
+/// `switch_root` does, would hold the same memory afterwards, but costs a
+/// 9 MiB copy, a second exec of the binary and, for that moment, both
+/// copies of guest RAM touched.
 pub fn leave_initramfs() -> Result<()> {
-    if std::env::var_os(SWITCHED_ENV).is_some() {
-        return Ok(());
-    }
     let new_root = Path::new("/newroot");
     let io = |step| {
         move |e: std::io::Error| {
@@ -142,28 +142,15 @@ pub fn leave_initramfs() -> Result<()> {
         Some("mode=0755"),
     )
     .map_err(|e| MountError::switch("mount tmpfs", e))?;
-    fs::copy("/init", new_root.join("init")).map_err(io("copy /init"))?;
     for dir in ["dev", "proc", "sys", "run", "tmp", "etc", "root", "mnt"] {
         fs::create_dir_all(new_root.join(dir)).map_err(io("mkdir"))?;
     }
-    // The initramfs copy is freed once nothing maps it (after the exec).
-    let _ = fs::remove_file("/init");
     nix::unistd::chdir(new_root).map_err(|e| MountError::switch("chdir", e))?;
     mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
         .map_err(|e| MountError::switch("move to /", e))?;
     nix::unistd::chroot(".").map_err(|e| MountError::switch("chroot", e))?;
     nix::unistd::chdir("/").map_err(|e| MountError::switch("chdir /", e))?;
-    let mut env = vec![std::ffi::CString::new(format!("{SWITCHED_ENV}=tmpfs"))
-        .map_err(|_| MountError::switch("environment", nix::Error::EINVAL))?];
-    // The console log level chosen on the kernel command line carries over.
-    if let Some(level) = std::env::var(crate::LOG_ENV)
-        .ok()
-        .and_then(|v| std::ffi::CString::new(format!("{}={v}", crate::LOG_ENV)).ok())
-    {
-        env.push(level);
-    }
-    let err = nix::unistd::execve(c"/init", &[c"/init"], &env);
-    Err(MountError::switch("exec /init", err.unwrap_err()))
+    Ok(())
 }
 
 /// Mounts proc, sys, dev, devpts, shm, run, tmp and the cgroup2 hierarchy.

@@ -114,20 +114,33 @@ pub fn main(args: &[String]) -> ExitCode {
     // libcontainer says what exactly failed through tracing: keep that
     // next to the result so an error can quote it.
     let log_path = inv.result.with_extension("log");
+    // At the agent's debug level, libcontainer's own steps are kept too,
+    // stamped with the time since boot, and passed on with the result.
+    let debug = crate::log_level() >= tracing::Level::DEBUG;
     if let Ok(log) = std::fs::File::create(&log_path) {
-        let _ = tracing_subscriber::fmt()
+        let builder = tracing_subscriber::fmt()
             .with_writer(std::sync::Mutex::new(log))
-            .with_ansi(false)
-            .without_time()
-            .with_max_level(tracing::Level::WARN)
-            .try_init();
+            .with_ansi(false);
+        let _ = if debug {
+            builder
+                .with_timer(tracing_subscriber::fmt::time::uptime())
+                .with_max_level(tracing::Level::DEBUG)
+                .try_init()
+        } else {
+            builder
+                .without_time()
+                .with_max_level(tracing::Level::WARN)
+                .try_init()
+        };
     }
     let outcome = match run(&inv) {
-        Ok(pid) => format!(
-            "pid {pid}\nentered at_ms={:.1} done at_ms={:.1}\n",
+        Ok(pid) if debug => format!(
+            "pid {pid}\nentered at_ms={:.1} done at_ms={:.1}\n{}",
             entered as f64 / 1e6,
-            crate::monotonic_ns() as f64 / 1e6
+            crate::monotonic_ns() as f64 / 1e6,
+            std::fs::read_to_string(&log_path).unwrap_or_default()
         ),
+        Ok(pid) => format!("pid {pid}\n"),
         Err(e) => {
             let detail = std::fs::read_to_string(&log_path).unwrap_or_default();
             let last = detail

@@ -100,10 +100,7 @@ impl Agent {
     }
 
     /// Configures the guest's network interfaces and routes.
-    pub async fn configure_network(
-        &self,
-        network: &crate::network::GuestNetwork,
-    ) -> Result<()> {
+    pub async fn configure_network(&self, network: &crate::network::GuestNetwork) -> Result<()> {
         let req = crate::network::configure_request(network);
         self.client
             .configure_network(ctx(Some(CALL_TIMEOUT)), &req)

@@ -3,8 +3,8 @@
 //! themselves and the agent client.
 
 pub mod agent;
-pub mod balloon;
 pub mod backend;
+pub mod balloon;
 pub mod check;
 pub mod cni;
 pub mod config;
