@@ -6,10 +6,9 @@
 //! container's network namespace — and the shim's own socket. Running it twice is harmless.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use capsid_sandbox::backend::{kill_all, processes_naming};
 
 use crate::rootfs;
 use crate::state::{ProcessRef, ShimState};
@@ -54,18 +53,9 @@ pub fn clean_up(bundle: &Path) -> CleanupReport {
                 }
             }
         }
-        for p in &victims {
-            let Ok(raw) = i32::try_from(p.pid) else {
-                continue;
-            };
-            if kill(Pid::from_raw(raw), Signal::SIGKILL).is_ok() {
-                tracing::info!(pid = p.pid, "killed sandbox process");
-                report.killed.push(p.pid);
-            }
-        }
-        let deadline = Instant::now() + KILL_WAIT;
-        while victims.iter().any(ProcessRef::is_alive) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
+        for pid in kill_all(&victims, KILL_WAIT) {
+            tracing::info!(pid, "killed sandbox process");
+            report.killed.push(pid);
         }
         if let Some(mp) = &state.mount_point {
             rootfs::unmount(mp);
@@ -119,28 +109,6 @@ fn remove(path: &Path) -> bool {
             false
         }
     }
-}
-
-/// Processes (other than this one) with an argument inside `dir`.
-pub fn processes_naming(dir: &Path) -> Vec<u32> {
-    let needle = format!("{}/", dir.display());
-    let me = std::process::id();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
-        .filter(|pid| *pid != me)
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|c| {
-                    c.split(|b| *b == 0)
-                        .any(|arg| String::from_utf8_lossy(arg).contains(&needle))
-                })
-                .unwrap_or(false)
-        })
-        .collect()
 }
 
 #[cfg(test)]

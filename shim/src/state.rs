@@ -36,29 +36,7 @@ pub enum StateError {
 /// Result of state file operations.
 pub type Result<T> = std::result::Result<T, StateError>;
 
-/// A host process, named so that a recycled pid is never mistaken for it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProcessRef {
-    /// Process id.
-    pub pid: u32,
-    /// Its start time in clock ticks after boot (`/proc/PID/stat` field 22).
-    pub start_time: u64,
-}
-
-impl ProcessRef {
-    /// The running process `pid`, if it exists.
-    pub fn of(pid: u32) -> Option<Self> {
-        start_time(pid).map(|start_time| Self { pid, start_time })
-    }
-
-    /// Whether this very process still exists (and is not a zombie).
-    pub fn is_alive(&self) -> bool {
-        match stat_fields(self.pid) {
-            Some((state, start)) => start == self.start_time && state != 'Z' && state != 'X',
-            None => false,
-        }
-    }
-}
+pub use capsid_sandbox::backend::ProcessRef;
 
 /// Everything one container's sandbox made on the host.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -133,50 +111,9 @@ impl ShimState {
     }
 }
 
-/// State and start time of `pid` from `/proc/PID/stat`.
-fn stat_fields(pid: u32) -> Option<(char, u64)> {
-    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    parse_stat(&text)
-}
-
-/// The start time of `pid`, in clock ticks after boot.
-pub fn start_time(pid: u32) -> Option<u64> {
-    stat_fields(pid).map(|(_, start)| start)
-}
-
-/// State (field 3) and start time (field 22) of a `/proc/PID/stat` line.
-/// The command name (field 2) may hold spaces and parentheses: fields are
-/// counted after its last `)`.
-fn parse_stat(text: &str) -> Option<(char, u64)> {
-    let rest = &text[text.rfind(')')? + 1..];
-    let mut fields = rest.split_whitespace();
-    let state = fields.next()?.chars().next()?;
-    // Field 3 was `state`; field 22 is 19 further on.
-    let start = fields.nth(18)?.parse().ok()?;
-    Some((state, start))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn stat_lines_with_odd_names_parse() {
-        let line = "4242 (qemu (x) y) S 1 4242 4242 0 -1 4194560 100 0 0 0 5 6 0 0 20 0 3 0 987654 1000 200";
-        assert_eq!(parse_stat(line), Some(('S', 987654)));
-        assert_eq!(parse_stat("garbage"), None);
-    }
-
-    #[test]
-    fn this_process_is_alive_and_a_recycled_pid_is_not() {
-        let me = ProcessRef::of(std::process::id()).unwrap();
-        assert!(me.is_alive());
-        let other = ProcessRef {
-            start_time: me.start_time + 1,
-            ..me
-        };
-        assert!(!other.is_alive());
-    }
 
     #[test]
     fn state_round_trips_and_goes_away() {

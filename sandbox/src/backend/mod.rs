@@ -9,7 +9,7 @@ pub mod capsid_vmm;
 mod process;
 pub mod qemu;
 
-pub use process::{die_with_this_process, processes_naming, ProcessRef};
+pub use process::{die_with_this_process, kill_all, processes_naming, ProcessRef};
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

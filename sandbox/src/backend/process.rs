@@ -223,6 +223,25 @@ impl ProcessRef {
     }
 }
 
+/// SIGKILLs every process of `victims` still alive and waits up to `wait`
+/// for them to be gone; returns the pids that were signalled.
+pub fn kill_all(victims: &[ProcessRef], wait: Duration) -> Vec<u32> {
+    let mut killed = Vec::new();
+    for p in victims.iter().filter(|p| p.is_alive()) {
+        let Ok(raw) = i32::try_from(p.pid) else {
+            continue;
+        };
+        if kill(Pid::from_raw(raw), Signal::SIGKILL).is_ok() {
+            killed.push(p.pid);
+        }
+    }
+    let deadline = Instant::now() + wait;
+    while victims.iter().any(ProcessRef::is_alive) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    killed
+}
+
 fn stat_fields(pid: u32) -> Option<(char, u64)> {
     parse_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
 }

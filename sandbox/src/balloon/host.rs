@@ -5,6 +5,8 @@
 
 use std::path::Path;
 
+use crate::backend::ProcessRef;
+
 /// The host's memory right now.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct HostMemory {
@@ -122,18 +124,10 @@ pub fn parse_status_kib(text: &str, field: &str) -> Option<u64> {
         .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
-/// When a process started (field 22 of `/proc/PID/stat`, clock ticks since
-/// boot): with the pid, it names a process even after pid reuse.
+/// When a process started (clock ticks since boot): with the pid, it
+/// names a process even after pid reuse.
 pub fn start_time(pid: u32) -> Option<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    parse_start_time(&text)
-}
-
-/// Parses `/proc/PID/stat` (the command name may hold spaces and parens).
-pub fn parse_start_time(stat: &str) -> Option<u64> {
-    let after_comm = &stat[stat.rfind(')')? + 1..];
-    // Fields after the name start at field 3 (state); starttime is 22.
-    after_comm.split_whitespace().nth(22 - 3)?.parse().ok()
+    ProcessRef::of(pid).map(|p| p.start_time)
 }
 
 /// Whether process `pid` that started at `started` still runs.
@@ -198,11 +192,5 @@ mod tests {
         file.write_all(&vec![1u8; 8 << 20]).unwrap();
         let kib = memfd_kib(std::process::id()) - before;
         assert!((8 * 1024..9 * 1024).contains(&kib), "{kib}");
-    }
-
-    #[test]
-    fn stat_with_odd_names_is_parsed() {
-        let stat = "42 (a) b (c)) S 1 42 42 0 -1 4194560 100 0 0 0 0 0 0 0 20 0 1 0 777 1000 10";
-        assert_eq!(parse_start_time(stat), Some(777));
     }
 }

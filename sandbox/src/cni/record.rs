@@ -7,10 +7,7 @@
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::{Duration, Instant};
-
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -21,7 +18,7 @@ use super::isolation::Isolation;
 use super::netns::{self, NamedNetns};
 use super::result::CniResult;
 use super::{CniError, CniNetwork, Result};
-use crate::backend::ProcessRef;
+use crate::backend::{kill_all, ProcessRef};
 use crate::network;
 
 /// How long killed plugin processes get to disappear.
@@ -198,19 +195,8 @@ fn stop_plugins_of(container_id: &str) {
         })
         .filter_map(ProcessRef::of)
         .collect();
-    for p in &victims {
-        if let Ok(raw) = i32::try_from(p.pid) {
-            tracing::info!(
-                pid = p.pid,
-                container_id,
-                "killing a CNI plugin of a dead sandbox"
-            );
-            let _ = kill(Pid::from_raw(raw), Signal::SIGKILL);
-        }
-    }
-    let deadline = Instant::now() + PLUGIN_KILL_WAIT;
-    while victims.iter().any(ProcessRef::is_alive) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
+    for pid in kill_all(&victims, PLUGIN_KILL_WAIT) {
+        tracing::info!(pid, container_id, "killed a CNI plugin of a dead sandbox");
     }
 }
 
