@@ -1,7 +1,8 @@
 //! The sandbox's capsid-vmm backend, driven through the same `Backend` and
 //! `Vm` traits as the QEMU backend, with tiny guests as "kernels": start,
 //! the guest ending by itself, a stop through the control socket, a VMM
-//! that fails to start; and the run directory gone every time.
+//! that fails to start, a tap in the sandbox's network namespace; and the
+//! run directory gone every time.
 
 use std::path::Path;
 use std::time::Duration;
@@ -122,5 +123,91 @@ fn a_vmm_that_cannot_start_says_why() {
         .unwrap_err();
     assert!(matches!(e, BackendError::StartFailed { .. }), "{e}");
     assert!(e.to_string().contains("neither an x86-64 ELF"), "{e}");
+    assert!(!run_dir.exists());
+}
+
+/// A network namespace holding one tap, removed (with the tap) on drop.
+struct TapNetns {
+    name: String,
+}
+
+impl TapNetns {
+    fn new(tag: &str) -> Self {
+        let name = format!("capsid-t-{tag}-{}", std::process::id());
+        let ip = |args: &[&str]| {
+            let (code, _, err) = capsid_tests::run(std::process::Command::new("ip").args(args));
+            assert_eq!(code, 0, "ip {args:?}: {err}");
+        };
+        ip(&["netns", "add", &name]);
+        let me = Self { name };
+        ip(&[
+            "-n", &me.name, "tuntap", "add", "dev", "tap0", "mode", "tap",
+        ]);
+        ip(&["-n", &me.name, "link", "set", "tap0", "up"]);
+        me
+    }
+
+    fn path(&self) -> std::path::PathBuf {
+        Path::new("/var/run/netns").join(&self.name)
+    }
+
+    /// Whether a process holds the tap open (the kernel reports no carrier
+    /// on an up tap nobody has attached to).
+    fn tap_attached(&self) -> bool {
+        let (code, out, err) = capsid_tests::run(
+            std::process::Command::new("ip").args(["-n", &self.name, "link", "show", "tap0"]),
+        );
+        assert_eq!(code, 0, "ip link show: {err}");
+        !out.contains("NO-CARRIER")
+    }
+}
+
+impl Drop for TapNetns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+#[test]
+fn the_vmm_opens_its_tap_inside_the_sandboxs_network_namespace() {
+    use capsid_sandbox::backend::NetSpec;
+    use std::os::unix::fs::MetadataExt;
+
+    let ns = TapNetns::new("vmmnet");
+    assert!(!ns.tap_attached());
+    let dir = tempfile::tempdir().unwrap();
+    let (kernel, initramfs) = guest(dir.path(), "1: hlt\n jmp 1b");
+    let backend = CapsidVmmBackend::new(&bin("capsid-vmm")).unwrap();
+    let run_dir = dir.path().join("run");
+    let mut with_net = spec(&kernel, &initramfs, &run_dir);
+    with_net.net = Some(NetSpec {
+        tap: "tap0".into(),
+        mac: "52:54:00:12:34:56".into(),
+        netns: Some(ns.path()),
+    });
+    let mut vm = backend.start(&with_net).unwrap();
+    let vmm = vm.pids()[0];
+    let vmm_ns = std::fs::metadata(format!("/proc/{vmm}/ns/net")).unwrap();
+    let want = std::fs::metadata(ns.path()).unwrap();
+    assert_eq!(
+        (vmm_ns.dev(), vmm_ns.ino()),
+        (want.dev(), want.ino()),
+        "the VMM runs in the sandbox's network namespace"
+    );
+    assert!(ns.tap_attached(), "the VMM holds the tap");
+    assert_eq!(
+        vm.stop(Duration::from_millis(600)).unwrap(),
+        VmExit::Stopped
+    );
+    assert!(!ns.tap_attached(), "the tap is let go with the VMM");
+    assert!(!run_dir.exists());
+
+    // A tap that is not there fails the start, naming it.
+    with_net.net.as_mut().unwrap().tap = "nosuchtap".into();
+    let e = backend.start(&with_net).map(|_| ()).unwrap_err();
+    assert!(matches!(e, BackendError::StartFailed { .. }), "{e}");
+    assert!(e.to_string().contains("nosuchtap"), "{e}");
     assert!(!run_dir.exists());
 }
