@@ -14,7 +14,7 @@ BINARIES    := capsid capsid-balloond capsid-vmm capsid-vhost containerd-shim-ca
 # Debian packages the build, the tests and the demo need.
 APT_PACKAGES := build-essential pkg-config python3 cpio xz-utils \
 	linux-source-6.1 flex bison bc libelf-dev libssl-dev \
-	qemu-system-x86 busybox-static erofs-utils e2fsprogs \
+	qemu-system-x86 busybox-static erofs-utils e2fsprogs libseccomp-dev \
 	containerd runc iproute2 containernetworking-plugins iptables nftables util-linux \
 	fonts-dejavu-core
 
@@ -36,8 +36,10 @@ kernel:
 	bash kernel-config/build.sh $(BUILD)/kernel
 
 # The agent is PID 1 of the guest: a static binary (gnu target, static CRT).
+# libseccomp (OCI linux.seccomp) is linked statically from libseccomp-dev.
 agent:
 	CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static" \
+	LIBSECCOMP_LINK_TYPE=static LIBSECCOMP_LIB_PATH=/usr/lib/$$(gcc -print-multiarch) \
 		$(CARGO) build --release --locked -p capsid-agent --target $(TARGET)
 
 # Static helper for test guests (vsock client/server).

@@ -16,6 +16,7 @@ use capsid_sandbox::config::{Config, MAX_VCPUS, MIN_MEMORY_MIB};
 use capsid_sandbox::image::{self, RootfsCache};
 use capsid_sandbox::network::GuestDns;
 use capsid_sandbox::sandbox::{self as sb, Sandbox, SandboxOptions};
+use capsid_sandbox::seccomp::SeccompChoice;
 use capsid_sandbox::spec::{self, ImageDefaults, RunOptions};
 use capsid_sandbox::stdio::{Streams, StreamsWanted};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -84,6 +85,14 @@ pub struct RunArgs {
     /// Name server for the container's /etc/resolv.conf (repeatable).
     #[arg(long = "dns", value_name = "IP")]
     dns: Vec<String>,
+    /// Seccomp: `default` (the built-in allowlist profile), `unconfined`
+    /// (no filter) or the path of an OCI `linux.seccomp` JSON file.
+    #[arg(
+        long,
+        value_name = "default|unconfined|FILE",
+        default_value = "default"
+    )]
+    seccomp: String,
     /// Command and arguments (default: the image's).
     #[arg(last = true, value_name = "CMD")]
     command: Vec<String>,
@@ -169,6 +178,7 @@ async fn run_timed(
             .memory_limit
             .map(|m| i64::try_from(m.saturating_mul(1 << 20)).unwrap_or(i64::MAX)),
         rlimits: args.rlimits.clone(),
+        seccomp: SeccompChoice::parse(&args.seccomp).profile()?,
     };
     let oci = spec::build(&defaults, &opts)?;
     if let Some(limit) = args.memory_limit {

@@ -786,8 +786,9 @@ fn process_is_terminal(job: &Job, bundle: &Path) -> Result<bool> {
 
 /// Makes the host's OCI spec fit the guest: the rootfs is the assembled
 /// overlay, the cgroup is under /capsid, the terminal flag follows the
-/// stdio request, and the container shares the VM's network namespace —
-/// the VM is the network boundary, and the agent configures its NIC.
+/// stdio request, the container shares the VM's network namespace —
+/// the VM is the network boundary, and the agent configures its NIC — and
+/// seccomp argument rules are put in libcontainer's order.
 fn adapt_spec(spec: &mut Spec, rootfs: &Path, id: &str, terminal: bool) -> Result<()> {
     let mut root = spec.root().clone().unwrap_or_default();
     root.set_path(rootfs.to_path_buf());
@@ -806,6 +807,10 @@ fn adapt_spec(spec: &mut Spec, rootfs: &Path, id: &str, terminal: bool) -> Resul
             .filter(|n| n.typ() != LinuxNamespaceType::Network)
             .collect();
         linux.set_namespaces(Some(kept));
+    }
+    if let Some(mut seccomp) = linux.seccomp().clone() {
+        crate::seccomp::adapt(&mut seccomp);
+        linux.set_seccomp(Some(seccomp));
     }
     spec.set_linux(Some(linux));
     Ok(())

@@ -18,6 +18,7 @@ mod netif;
 mod reaper;
 mod rootfs;
 mod runtime;
+mod seccomp;
 mod server;
 mod stats;
 mod stdio;

@@ -7,8 +7,10 @@
 //! container work itself is youki's `libcontainer` — a complete OCI
 //! runtime (namespaces, mounts, devices, masked and read-only paths,
 //! capabilities, rlimits, users, cgroup v2 limits, hooks) that is used as a
-//! library instead of written again. The container's stdio is this
-//! process's own stdio, which the container init inherits.
+//! library instead of written again (exec'd processes get the container's
+//! seccomp filter through [`crate::seccomp::FilteredExecutor`]). The
+//! container's stdio is this process's own stdio, which the container init
+//! inherits.
 //!
 //! The outcome is written to a result file: `pid N` or `error MESSAGE` on
 //! the first line, then the helper's own timings (logged at debug level).
@@ -17,7 +19,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::container::Container as LcContainer;
 use libcontainer::syscall::syscall::SyscallType;
+use oci_spec::runtime::{LinuxSeccomp, Spec};
 
 /// Where libcontainer keeps its per-container state.
 pub const STATE_ROOT: &str = "/run/capsid/state";
@@ -184,14 +188,28 @@ fn run(inv: &Invocation) -> Result<i32, String> {
                 .map(|p| p.as_raw())
                 .ok_or_else(|| "container has no init process".to_string())
         }
-        Job::Exec { id, process } => builder(id, inv.console_socket.as_deref())?
-            .as_tenant()
-            .with_process(Some(process))
-            .with_detach(true)
-            .build()
-            .map(|p| p.as_raw())
-            .map_err(|e| describe(&e)),
+        Job::Exec { id, process } => {
+            let mut builder = builder(id, inv.console_socket.as_deref())?;
+            if let Some(filter) = container_seccomp(id)? {
+                builder = builder.with_executor(crate::seccomp::FilteredExecutor::new(filter));
+            }
+            builder
+                .as_tenant()
+                .with_process(Some(process))
+                .with_detach(true)
+                .build()
+                .map(|p| p.as_raw())
+                .map_err(|e| describe(&e))
+        }
     }
+}
+
+/// The seccomp filter of container `id`'s spec (as the agent wrote it).
+fn container_seccomp(id: &str) -> Result<Option<LinuxSeccomp>, String> {
+    let container = LcContainer::load(Path::new(STATE_ROOT).join(id)).map_err(|e| describe(&e))?;
+    let config = container.bundle().join("config.json");
+    let spec = Spec::load(&config).map_err(|e| format!("{}: {e}", config.display()))?;
+    Ok(spec.linux().as_ref().and_then(|l| l.seccomp().clone()))
 }
 
 fn describe(e: &dyn std::error::Error) -> String {

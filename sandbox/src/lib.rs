@@ -12,5 +12,6 @@ pub mod image;
 pub mod locate;
 pub mod network;
 pub mod sandbox;
+pub mod seccomp;
 pub mod spec;
 pub mod stdio;

@@ -5,8 +5,8 @@
 use std::collections::HashMap;
 
 use oci_spec::runtime::{
-    LinuxBuilder, LinuxMemoryBuilder, LinuxResourcesBuilder, PosixRlimit, PosixRlimitBuilder,
-    PosixRlimitType, ProcessBuilder, Spec, UserBuilder,
+    LinuxBuilder, LinuxMemoryBuilder, LinuxResourcesBuilder, LinuxSeccomp, PosixRlimit,
+    PosixRlimitBuilder, PosixRlimitType, ProcessBuilder, Spec, UserBuilder,
 };
 
 /// Errors building a spec.
@@ -69,6 +69,8 @@ pub struct RunOptions {
     pub memory_limit: Option<i64>,
     /// Resource limits, `nofile=SOFT[:HARD]`.
     pub rlimits: Vec<String>,
+    /// The `linux.seccomp` section (`None`: no filter, as with runc).
+    pub seccomp: Option<LinuxSeccomp>,
 }
 
 fn invalid(what: &'static str, value: &str, reason: impl Into<String>) -> SpecError {
@@ -247,6 +249,7 @@ pub fn build(image: &ImageDefaults, opts: &RunOptions) -> Result<Spec> {
             .map_err(|e| SpecError::Build(e.to_string()))?;
         linux.set_resources(Some(resources));
     }
+    linux.set_seccomp(opts.seccomp.clone());
     spec.set_linux(Some(linux));
     Ok(spec)
 }

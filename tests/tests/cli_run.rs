@@ -283,3 +283,67 @@ fn exec_format_error_is_reported() {
     assert!(err.to_lowercase().contains("exec format error"), "{err}");
     c.assert_no_leftovers();
 }
+
+#[test]
+fn seccomp_default_unconfined_and_a_profile_file() {
+    let c = Capsid::new();
+    let script = "exec 2>&1; grep '^Seccomp:' /proc/self/status; mkdir /tmp/x && echo made; \
+                  echo \"sub $(echo shell)\"; unshare -U true || echo no-unshare";
+
+    // The default profile: ordinary work goes on, namespaces are refused.
+    let o = c.run(&["--", "sh", "-c", script], None);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.starts_with("Seccomp:\t2\nmade\nsub shell\n"), "{out}");
+    assert!(
+        out.contains("Operation not permitted\nno-unshare\n"),
+        "{out}"
+    );
+
+    // Unconfined: no filter.
+    let o = c.run(&["--seccomp", "unconfined", "--", "sh", "-c", script], None);
+    assert!(
+        stdout(&o).starts_with("Seccomp:\t0\nmade\n"),
+        "{}",
+        stdout(&o)
+    );
+
+    // A profile file refusing mkdir with EPERM.
+    let profile = c.dir.path().join("no-mkdir.json");
+    std::fs::write(
+        &profile,
+        r#"{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
+             {"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]}"#,
+    )
+    .unwrap();
+    let o = c.run(
+        &[
+            "--seccomp",
+            profile.to_str().unwrap(),
+            "--",
+            "sh",
+            "-c",
+            "exec 2>&1; grep '^Seccomp:' /proc/self/status; mkdir /tmp/x && echo made",
+        ],
+        None,
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert_eq!(
+        stdout(&o),
+        "Seccomp:\t2\nmkdir: can't create directory '/tmp/x': Operation not permitted\n"
+    );
+
+    // A file that is not a profile: one clear error, nothing started.
+    std::fs::write(&profile, r#"{"defaultAction": "SCMP_ACT_MAYBE"}"#).unwrap();
+    let o = c.run(
+        &["--seccomp", profile.to_str().unwrap(), "--", "true"],
+        None,
+    );
+    assert_eq!(o.status.code(), Some(125));
+    let err = stderr(&o);
+    assert!(
+        err.contains("seccomp profile") && err.contains("no-mkdir.json"),
+        "{err}"
+    );
+    c.assert_no_leftovers();
+}

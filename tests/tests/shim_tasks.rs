@@ -338,3 +338,98 @@ fn task_events_reach_containerd() {
         .unwrap_or_default();
     assert!(exit.contains("137"), "{exit}");
 }
+
+/// A profile that allows everything except creating directories.
+const NO_MKDIR_PROFILE: &str = r#"{
+  "defaultAction": "SCMP_ACT_ALLOW",
+  "syscalls": [
+    {"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}
+  ]
+}"#;
+
+/// A profile refusing mkdir when its mode has no group bits set.
+const MASKED_PROFILE: &str = r#"{
+  "defaultAction": "SCMP_ACT_ALLOW",
+  "syscalls": [
+    {"names": ["mkdir"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1,
+     "args": [{"index": 1, "value": 56, "valueTwo": 0, "op": "SCMP_CMP_MASKED_EQ"}]},
+    {"names": ["mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1,
+     "args": [{"index": 2, "value": 56, "valueTwo": 0, "op": "SCMP_CMP_MASKED_EQ"}]}
+  ]
+}"#;
+
+#[test]
+fn seccomp_profiles_from_ctr() {
+    let h = ShimHarness::start();
+    let script = "grep '^Seccomp:' /proc/self/status; mkdir /tmp/x && echo made";
+
+    // No seccomp section in the spec: nothing is filtered, as with runc.
+    let (code, out, err) = h.run_with(&["--rm"], "s1", &["sh", "-c", script]);
+    assert_eq!(code, 0, "{err}\n{}", h.log_tail());
+    assert_eq!(out, "Seccomp:\t0\nmade\n");
+
+    // containerd's default profile: filtered, yet a shell still forks
+    // and makes directories.
+    let (code, out, err) = h.run_with(&["--rm", "--seccomp"], "s2", &["sh", "-c", script]);
+    assert_eq!(code, 0, "{err}\n{}", h.log_tail());
+    assert_eq!(out, "Seccomp:\t2\nmade\n");
+
+    // A profile of one's own: mkdir is refused with EPERM.
+    let dir = tempfile::tempdir().unwrap();
+    let profile = dir.path().join("no-mkdir.json");
+    std::fs::write(&profile, NO_MKDIR_PROFILE).unwrap();
+    let profile = profile.display().to_string();
+    let (code, out, err) = h.run_with(
+        &["--rm", "--seccomp", "--seccomp-profile", &profile],
+        "s3",
+        &["sh", "-c", &format!("exec 2>&1; {script}")],
+    );
+    assert_eq!(code, 1, "{out}{err}\n{}", h.log_tail());
+    assert!(out.starts_with("Seccomp:\t2\n"), "{out}");
+    assert!(out.contains("Operation not permitted"), "{out}");
+    assert!(!out.contains("made"), "{out}");
+
+    // A masked comparison means `(arg & value) == valueTwo`, as in runc:
+    // refusing modes without group bits leaves busybox's mkdir (mode
+    // 0777, then chmod) alone.
+    let profile = dir.path().join("masked.json");
+    std::fs::write(&profile, MASKED_PROFILE).unwrap();
+    let profile = profile.display().to_string();
+    let (code, out, err) = h.run_with(
+        &["--rm", "--seccomp", "--seccomp-profile", &profile],
+        "s4",
+        &["sh", "-c", &format!("exec 2>&1; {script}")],
+    );
+    assert_eq!(
+        (code, out.as_str()),
+        (0, "Seccomp:\t2\nmade\n"),
+        "{err}\n{}",
+        h.log_tail()
+    );
+
+    // Processes exec'd into a filtered container are filtered too.
+    let (code, out, err) =
+        run(&mut h.run_cmd(&["-d", "--seccomp"], BUSYBOX, "s5", &["sleep", "1000"]));
+    assert_eq!(code, 0, "{out}{err}\n{}", h.log_tail());
+    h.wait_status("s5", "RUNNING", LONG);
+    let (code, out, err) = h.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "e1",
+        "s5",
+        "grep",
+        "^Seccomp:",
+        "/proc/self/status",
+    ]);
+    assert_eq!((code, out.as_str()), (0, "Seccomp:\t2\n"), "{err}");
+    let (code, _, err) = h.ctr(&["task", "kill", "-s", "SIGKILL", "s5"]);
+    assert_eq!(code, 0, "{err}");
+    h.wait_status("s5", "STOPPED", LONG);
+    for args in [["task", "delete", "s5"], ["container", "delete", "s5"]] {
+        let (code, _, err) = h.ctr(&args);
+        assert_eq!(code, 0, "{err}");
+    }
+
+    h.assert_clean(&["s1", "s2", "s3", "s4", "s5"]);
+}

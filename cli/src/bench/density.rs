@@ -203,6 +203,8 @@ async fn measure(
         &RunOptions {
             command: vec!["sleep".into(), "1000000".into()],
             hostname: "density".into(),
+            // As `capsid run` runs them: under the default seccomp profile.
+            seccomp: Some(capsid_sandbox::seccomp::default_profile()?),
             ..RunOptions::default()
         },
     )?;
