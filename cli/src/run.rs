@@ -245,17 +245,15 @@ async fn run_timed(
         agent_connected: rootfs_time + sandbox.timings.agent_connected,
         ..Phases::default()
     };
-    let result = run_in(
-        &sandbox,
-        &oci,
-        rootfs.fs_type.as_str(),
-        &dns,
-        args.tty,
-        t0,
-        &mut phases,
-    )
-    .instrument(tracing::info_span!("container"))
-    .await;
+    let container = ContainerSpec {
+        oci: &oci,
+        fs_type: rootfs.fs_type.as_str(),
+        dns: &dns,
+        tty: args.tty,
+    };
+    let result = run_in(&sandbox, &container, early_signals, t0, &mut phases)
+        .instrument(tracing::info_span!("container"))
+        .await;
     record_phases(timings, &phases);
     sandbox
         .stop()
@@ -301,15 +299,31 @@ pub(crate) fn image_defaults(config: &oci_spec::image::ImageConfiguration) -> Im
     }
 }
 
+/// What the container is made of.
+struct ContainerSpec<'a> {
+    oci: &'a oci_spec::runtime::Spec,
+    fs_type: &'a str,
+    dns: &'a GuestDns,
+    tty: bool,
+}
+
+/// Creates and runs the container in a started sandbox. `signals` has
+/// caught SIGINT/SIGTERM/SIGHUP/SIGQUIT since before the sandbox started:
+/// one arriving before the process runs ends the run; after that, the very
+/// same streams are relayed to the container, so none falls in between.
 async fn run_in(
     sandbox: &Sandbox,
-    oci: &oci_spec::runtime::Spec,
-    fs_type: &str,
-    dns: &GuestDns,
-    tty: bool,
+    container: &ContainerSpec<'_>,
+    mut signals: EarlySignals,
     t0: Instant,
     phases: &mut Phases,
 ) -> anyhow::Result<i32> {
+    let ContainerSpec {
+        oci,
+        fs_type,
+        dns,
+        tty,
+    } = *container;
     // The container is named after its sandbox.
     let id = sandbox.id();
     let agent = sandbox.agent();
@@ -343,11 +357,14 @@ async fn run_in(
     let created = tokio::select! {
         created = agent.create_container(&req) => created,
         exit = sandbox.exited() => return Err(anyhow!("the VM exited while creating the container ({exit:?})")),
+        sig = signals.recv() => return Err(anyhow!("interrupted by signal {sig} while creating the container")),
     };
     created?;
-    let streams = tokio::time::timeout(Duration::from_secs(30), accept)
-        .await
-        .map_err(|_| anyhow!("the guest did not connect the container's stdio"))??;
+    let streams = tokio::select! {
+        streams = tokio::time::timeout(Duration::from_secs(30), accept) => streams
+            .map_err(|_| anyhow!("the guest did not connect the container's stdio"))??,
+        sig = signals.recv() => return Err(anyhow!("interrupted by signal {sig} while creating the container")),
+    };
     phases.created = t0.elapsed();
 
     let raw = if tty {
@@ -360,12 +377,18 @@ async fn run_in(
             let _ = agent.resize_pty(id, "", rows.into(), cols.into()).await;
         }
     }
-    agent.start_process(id, "").await?;
+    tokio::select! {
+        started = agent.start_process(id, "") => { started?; }
+        sig = signals.recv() => {
+            drop(raw);
+            return Err(anyhow!("interrupted by signal {sig} while starting the container"));
+        }
+    }
     phases.started = t0.elapsed();
 
     let first_output = Arc::new(OnceLock::new());
     let pumps = start_pumps(streams, first_output.clone());
-    let signals = forward_signals(agent.clone(), id.to_string(), tty);
+    let signals = forward_signals(agent.clone(), id.to_string(), tty, signals);
     let exit = tokio::select! {
         waited = agent.wait_process(id, "") => waited?,
         exit = sandbox.exited() => {
@@ -456,20 +479,10 @@ fn forward_signals(
     agent: capsid_sandbox::agent::Agent,
     id: String,
     tty: bool,
+    caught: EarlySignals,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let kinds = [
-            (SignalKind::interrupt(), 2),
-            (SignalKind::terminate(), 15),
-            (SignalKind::hangup(), 1),
-            (SignalKind::quit(), 3),
-        ];
-        let mut streams = Vec::new();
-        for (kind, num) in kinds {
-            if let Ok(s) = signal(kind) {
-                streams.push((s, num));
-            }
-        }
+        let mut streams = caught.0;
         let mut winch = if tty {
             signal(SignalKind::window_change()).ok()
         } else {
@@ -477,10 +490,16 @@ fn forward_signals(
         };
         let mut last: Option<Instant> = None;
         loop {
-            let next = futures::future::select_all(streams.iter_mut().map(|(s, n)| {
-                let n = *n;
-                Box::pin(async move { s.recv().await.map(|()| n) })
-            }));
+            let next = async {
+                if streams.is_empty() {
+                    return futures::future::pending().await;
+                }
+                let next = futures::future::select_all(streams.iter_mut().map(|(s, n)| {
+                    let n = *n;
+                    Box::pin(async move { s.recv().await.map(|()| n) })
+                }));
+                next.await.0
+            };
             let winch_fut = async {
                 match winch.as_mut() {
                     Some(w) => w.recv().await,
@@ -488,7 +507,7 @@ fn forward_signals(
                 }
             };
             tokio::select! {
-                (got, _, _) = next => {
+                got = next => {
                     let Some(num) = got else { return };
                     let escalate = last.is_some_and(|t| t.elapsed() < KILL_ESCALATION);
                     let sig = if escalate { 9 } else { num };
@@ -506,7 +525,7 @@ fn forward_signals(
 }
 
 /// SIGINT, SIGTERM, SIGHUP and SIGQUIT caught while the sandbox starts.
-struct EarlySignals(Vec<(tokio::signal::unix::Signal, i32)>);
+struct EarlySignals(Vec<(tokio::signal::unix::Signal, u32)>);
 
 impl EarlySignals {
     /// Catches them from now on (they no longer end the process by
@@ -527,7 +546,7 @@ impl EarlySignals {
     }
 
     /// The number of the first one that arrives.
-    async fn recv(&mut self) -> i32 {
+    async fn recv(&mut self) -> u32 {
         if self.0.is_empty() {
             return futures::future::pending().await;
         }

@@ -185,6 +185,50 @@ fn signals_reach_the_container() {
 }
 
 #[test]
+fn a_signal_while_the_container_is_created_ends_the_run_cleanly() {
+    let c = Capsid::new();
+    // The sandbox_start span closes when the VM runs with its agent
+    // connected; creating the container takes a while after that (about
+    // 700 ms under TCG), and a signal then must end the run, not vanish.
+    let mut child = c
+        .run_cmd(&["--", "sleep", "1000"])
+        .env("CAPSID_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    loop {
+        let mut line = String::new();
+        assert!(err.read_line(&mut line).unwrap() > 0, "no start: {seen}");
+        seen.push_str(&line);
+        if line.contains("sandbox_start") && line.contains("close") {
+            break;
+        }
+    }
+    signal(&child, nix::sys::signal::Signal::SIGINT);
+    // A lost signal would leave it running `sleep 1000`: fail, not hang.
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(60));
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+    });
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut err, &mut rest).unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(125), "{rest}");
+    assert!(
+        rest.contains("capsid: interrupted by signal 2 while creating the container")
+            || rest.contains("capsid: interrupted by signal 2 while starting the container"),
+        "{rest}"
+    );
+    c.assert_no_leftovers();
+}
+
+#[test]
 fn tty_works_under_a_pty() {
     let c = Capsid::new();
     let cmd = format!(
