@@ -321,6 +321,15 @@ mod tests {
             .stdin(std::process::Stdio::piped())
             .spawn()
             .unwrap();
+        // Until it has exec'd, its command line is still ours.
+        let named = dead_dir.join("x").display().to_string();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !std::fs::read(format!("/proc/{}/cmdline", vm.id()))
+            .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&named))
+        {
+            assert!(std::time::Instant::now() < deadline, "cat never ran");
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
         let record = RunRecord {
             id: "run-dead".into(),
             owner: owner_ref,

@@ -132,12 +132,22 @@ mod tests {
         // stdin before it looks at its file argument), and one of a
         // sandbox whose name merely starts the same way.
         let cat = |arg: PathBuf| {
-            Command::new("cat")
+            let child = Command::new("cat")
                 .arg("-")
-                .arg(arg)
+                .arg(&arg)
                 .stdin(std::process::Stdio::piped())
                 .spawn()
-                .unwrap()
+                .unwrap();
+            // Until it has exec'd, its command line is still ours.
+            let named = arg.display().to_string();
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !std::fs::read(format!("/proc/{}/cmdline", child.id()))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&named))
+            {
+                assert!(std::time::Instant::now() < deadline, "cat never ran");
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            child
         };
         let mut ours = cat(run_dir.join("x"));
         let mut theirs = cat(sibling.join("x"));
