@@ -460,4 +460,16 @@ async fn capsid_check_reports_whether_the_coordinator_runs() {
     config.memory.enabled = false;
     std::fs::write(&config_file, toml::to_string(&config).unwrap()).unwrap();
     assert_eq!(check(), None);
+    // ... and the daemon refuses to start with the status a service
+    // manager is told not to restart on (EX_CONFIG).
+    let disabled = std::process::Command::new(bin("capsid-balloond"))
+        .arg("--config")
+        .arg(&config_file)
+        .output()
+        .unwrap();
+    assert_eq!(disabled.status.code(), Some(78), "{disabled:?}");
+    assert!(
+        String::from_utf8_lossy(&disabled.stderr).contains("memory.enabled is false"),
+        "{disabled:?}"
+    );
 }

@@ -38,7 +38,21 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    match run(Args::parse()) {
+    let args = Args::parse();
+    let config = match Config::load(args.config.as_deref()) {
+        Ok(config) if config.memory.enabled => config,
+        Ok(_) => {
+            eprintln!(
+                "capsid-balloond: memory.enabled is false in the configuration: nothing to coordinate"
+            );
+            return ExitCode::from(EX_CONFIG);
+        }
+        Err(e) => {
+            eprintln!("capsid-balloond: {:#}", anyhow::Error::from(e));
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
+    match run(args, &config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("capsid-balloond: {e:#}");
@@ -47,11 +61,12 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: Args) -> anyhow::Result<()> {
-    let config = Config::load(args.config.as_deref())?;
-    if !config.memory.enabled {
-        anyhow::bail!("memory.enabled is false in the configuration: nothing to coordinate");
-    }
+/// Exit status for an unusable or disabled configuration (sysexits'
+/// EX_CONFIG): a service manager must not restart on it (the unit file
+/// says `RestartPreventExitStatus=78`), unlike on a failure at run time.
+const EX_CONFIG: u8 = 78;
+
+fn run(args: Args, config: &Config) -> anyhow::Result<()> {
     let registry = Registry::new(&config.paths.state_dir);
     let Some(lock) = registry.coordinator_lock()? else {
         tracing::info!(dir = %registry.dir().display(), "another coordinator runs; exiting");
