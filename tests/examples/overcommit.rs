@@ -19,21 +19,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use capsid_protocol::agent::BlockLayer;
 use capsid_sandbox::backend::qemu::QemuBackend;
 use capsid_sandbox::backend::DiskSpec;
 use capsid_sandbox::balloon::coordinator::{Coordinator, HostSource};
 use capsid_sandbox::balloon::registry::Registry;
 use capsid_sandbox::config::BackendKind;
 use capsid_sandbox::sandbox::{Sandbox, SandboxOptions};
-use capsid_sandbox::spec::RunOptions;
-use capsid_sandbox::stdio::StreamsWanted;
 use capsid_tests::artifact;
-use capsid_tests::sandbox::{
-    create_request, erofs_from_layout, run_container, test_config, ROOTFS_SERIAL,
-};
+use capsid_tests::cachefill::{random_file_erofs, start_detached, CACHE_SERIAL};
+use capsid_tests::sandbox::{erofs_from_layout, run_container, sh, test_config, ROOTFS_SERIAL};
 
-const CACHE_SERIAL: &str = "capsid-cachefill";
 const CACHE_MIB: usize = 200;
 const WORK_MIB: usize = 150;
 
@@ -66,37 +61,6 @@ fn args() -> Args {
         }
     }
     a
-}
-
-fn sh(script: &str) -> RunOptions {
-    RunOptions {
-        command: vec!["sh".into(), "-c".into(), script.into()],
-        ..Default::default()
-    }
-}
-
-fn random_file_erofs(dir: &Path, mib: usize) -> PathBuf {
-    let staging = dir.join("cachefill.d");
-    std::fs::create_dir_all(&staging).unwrap();
-    let mut data = vec![0u8; mib << 20];
-    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-    for chunk in data.chunks_exact_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        chunk.copy_from_slice(&x.to_le_bytes());
-    }
-    std::fs::write(staging.join("cachefill"), &data).unwrap();
-    let out = dir.join("cachefill.erofs");
-    let st = std::process::Command::new("mkfs.erofs")
-        .arg("--quiet")
-        .arg(&out)
-        .arg(&staging)
-        .status()
-        .unwrap();
-    assert!(st.success());
-    std::fs::remove_dir_all(&staging).unwrap();
-    out
 }
 
 /// One sample row.
@@ -247,33 +211,13 @@ async fn main() {
         eprintln!("phase {i} at {:.1} s", t0.elapsed().as_secs_f64());
         // An idle container keeps the read file's pages cached; it says
         // when the read is done.
-        let pending = sb
-            .bind_streams(StreamsWanted {
-                stdin: false,
-                stdout: true,
-                stderr: false,
-                terminal: false,
-            })
-            .unwrap();
-        let mut req = create_request(
+        let stdout = start_detached(
+            sb,
             "cache",
-            &sh("cat /cachefill > /dev/null; echo cached; exec sleep 100000"),
-        );
-        let mut layer = BlockLayer::new();
-        layer.disk_serial = CACHE_SERIAL.into();
-        layer.fs_type = "erofs".into();
-        req.rootfs.as_mut().unwrap().layers.push(layer);
-        req.stdio = protobuf::MessageField::some(pending.stdio.clone());
-        let (created, streams) = tokio::join!(sb.agent().create_container(&req), pending.accept());
-        created.unwrap();
-        let streams = streams.unwrap();
-        sb.agent().start_process("cache", "").await.unwrap();
-        let mut line = String::new();
-        let mut stdout = tokio::io::BufReader::new(streams.stdout.unwrap());
-        tokio::io::AsyncBufReadExt::read_line(&mut stdout, &mut line)
-            .await
-            .unwrap();
-        assert_eq!(line, "cached\n");
+            "cat /cachefill > /dev/null; echo cached; exec sleep 100000",
+            "cached",
+        )
+        .await;
         cache_streams.push(stdout);
         // Working memory: 150 MiB of tmpfs, held a few seconds, freed.
         let out = run_container(

@@ -2,6 +2,7 @@
 //! assets are, running QEMU microvm guests, and a private containerd.
 
 pub mod asm;
+pub mod cachefill;
 pub mod cli;
 pub mod containerd;
 pub mod initramfs;

@@ -177,3 +177,11 @@ pub async fn run_container(sb: &Sandbox, id: &str, opts: &RunOptions, stdin: &[u
         stderr: err,
     }
 }
+
+/// Options running `script` with `sh -c`.
+pub fn sh(script: &str) -> RunOptions {
+    RunOptions {
+        command: vec!["sh".into(), "-c".into(), script.into()],
+        ..Default::default()
+    }
+}

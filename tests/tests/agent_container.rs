@@ -4,16 +4,9 @@
 use capsid_protocol::agent::ExecProcessRequest;
 use capsid_sandbox::spec::RunOptions;
 use capsid_sandbox::stdio::StreamsWanted;
-use capsid_tests::sandbox::{busybox_sandbox, create_request, run_container};
+use capsid_tests::sandbox::{busybox_sandbox, create_request, run_container, sh};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
-
-fn sh(script: &str) -> RunOptions {
-    RunOptions {
-        command: vec!["sh".into(), "-c".into(), script.into()],
-        ..Default::default()
-    }
-}
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()

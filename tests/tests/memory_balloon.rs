@@ -5,12 +5,11 @@
 //! pressure passes; over-assignment beyond the configured ratio is refused
 //! before anything starts; `capsid check` tells whether a coordinator runs.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use capsid_protocol::agent::BlockLayer;
 use capsid_sandbox::backend::qemu::QemuBackend;
 use capsid_sandbox::backend::DiskSpec;
 use capsid_sandbox::balloon::coordinator::{Coordinator, HostSource};
@@ -18,20 +17,9 @@ use capsid_sandbox::balloon::registry::Registry;
 use capsid_sandbox::balloon::{BalloonError, BalloonStatus};
 use capsid_sandbox::config::{BackendKind, Config};
 use capsid_sandbox::sandbox::{Sandbox, SandboxError, SandboxOptions};
-use capsid_sandbox::spec::RunOptions;
-use capsid_sandbox::stdio::StreamsWanted;
-use capsid_tests::sandbox::{create_request, erofs_from_layout, run_container, test_config};
+use capsid_tests::cachefill::{random_file_erofs, start_detached, CACHE_SERIAL};
+use capsid_tests::sandbox::{erofs_from_layout, run_container, sh, test_config};
 use capsid_tests::{artifact, bin};
-
-/// Serial of the disk holding the file read into the page cache.
-const CACHE_SERIAL: &str = "capsid-cachefill";
-
-fn sh(script: &str) -> RunOptions {
-    RunOptions {
-        command: vec!["sh".into(), "-c".into(), script.into()],
-        ..Default::default()
-    }
-}
 
 /// Starts a QEMU-TCG sandbox of `memory_mib` with the busybox rootfs and
 /// `extra` disks.
@@ -77,68 +65,6 @@ fn qemu_memory_mib(sb: &Sandbox) -> u64 {
 
 fn balloon(sb: &Sandbox) -> BalloonStatus {
     sb.balloon().unwrap().status().unwrap()
-}
-
-/// An erofs image holding one file of `mib` MiB of pseudo-random bytes
-/// (nothing a filesystem could store as holes or compress).
-fn random_file_erofs(dir: &Path, mib: usize) -> PathBuf {
-    let staging = dir.join("cachefill.d");
-    std::fs::create_dir_all(&staging).unwrap();
-    let mut data = vec![0u8; mib << 20];
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    for chunk in data.chunks_exact_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        chunk.copy_from_slice(&x.to_le_bytes());
-    }
-    std::fs::write(staging.join("cachefill"), &data).unwrap();
-    let out = dir.join("cachefill.erofs");
-    let st = std::process::Command::new("mkfs.erofs")
-        .arg("--quiet")
-        .arg(&out)
-        .arg(&staging)
-        .status()
-        .unwrap();
-    assert!(st.success(), "mkfs.erofs failed");
-    std::fs::remove_dir_all(&staging).unwrap();
-    out
-}
-
-/// Starts container `id` running `script` in the background, with the
-/// cache-fill disk as an extra image layer, and returns once the script
-/// printed its first line (which must be `ready`).
-async fn start_detached(
-    sb: &Sandbox,
-    id: &str,
-    script: &str,
-) -> tokio::io::BufReader<tokio::net::UnixStream> {
-    let pending = sb
-        .bind_streams(StreamsWanted {
-            stdin: false,
-            stdout: true,
-            stderr: false,
-            terminal: false,
-        })
-        .unwrap();
-    let mut req = create_request(id, &sh(script));
-    let mut layer = BlockLayer::new();
-    layer.disk_serial = CACHE_SERIAL.into();
-    layer.fs_type = "erofs".into();
-    req.rootfs.as_mut().unwrap().layers.push(layer);
-    req.stdio = protobuf::MessageField::some(pending.stdio.clone());
-    let (created, streams) = tokio::join!(sb.agent().create_container(&req), pending.accept());
-    created.unwrap();
-    let streams = streams.unwrap();
-    sb.agent().start_process(id, "").await.unwrap();
-    let mut stdout = tokio::io::BufReader::new(streams.stdout.unwrap());
-    let mut line = String::new();
-    tokio::io::AsyncBufReadExt::read_line(&mut stdout, &mut line)
-        .await
-        .unwrap();
-    assert_eq!(line, "ready\n");
-    // The caller keeps the stream open while the container runs.
-    stdout
 }
 
 /// Polls `f` every 200 ms until it returns `Some`, or panics with `what`
@@ -246,6 +172,7 @@ async fn policy_reclaims_an_idle_guests_cache_and_gives_it_back() {
         &sb,
         "reader",
         "cat /cachefill > /dev/null && echo ready && exec sleep 100000",
+        "ready",
     )
     .await;
     let cached = poll(

@@ -26,7 +26,7 @@ use serde::Serialize;
 
 use super::procfs;
 use super::stats::{summarize, Summary};
-use super::{check_output, plot, positive, BenchSetup, Interrupt, VmArgs};
+use super::{output_paths, plot, positive, BenchSetup, Interrupt, VmArgs};
 
 const ROOTFS_SERIAL: &str = "capsid-rootfs";
 const KIB_PER_MIB: f64 = 1024.0;
@@ -111,19 +111,7 @@ struct Running {
 }
 
 pub fn run(config_path: Option<&Path>, args: DensityArgs) -> anyhow::Result<()> {
-    let json = args
-        .json
-        .as_deref()
-        .map(|p| check_output(p, "--json"))
-        .transpose()?;
-    let plot_path = args
-        .plot
-        .as_deref()
-        .map(|p| check_output(p, "--plot"))
-        .transpose()?;
-    if let Some(p) = &plot_path {
-        plot::format_of(p)?;
-    }
+    let (json, plot_path) = output_paths(args.json.as_deref(), args.plot.as_deref())?;
     let setup = BenchSetup::new(config_path, &args.vm)?;
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let interrupt = Interrupt::catch()?;

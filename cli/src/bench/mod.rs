@@ -137,6 +137,20 @@ fn check_output(path: &Path, what: &str) -> anyhow::Result<PathBuf> {
     Ok(path.to_path_buf())
 }
 
+/// The `--json` and `--plot` paths, checked before anything runs (the
+/// plot's format too).
+fn output_paths(
+    json: Option<&Path>,
+    plot: Option<&Path>,
+) -> anyhow::Result<(Option<PathBuf>, Option<PathBuf>)> {
+    let json = json.map(|p| check_output(p, "--json")).transpose()?;
+    let plot = plot.map(|p| check_output(p, "--plot")).transpose()?;
+    if let Some(p) = &plot {
+        plot::format_of(p)?;
+    }
+    Ok((json, plot))
+}
+
 /// Set once SIGINT or SIGTERM arrived: a benchmark then starts nothing
 /// new, tears down what it started and reports the interruption.
 #[derive(Debug, Clone, Default)]

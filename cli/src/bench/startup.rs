@@ -19,7 +19,7 @@ use super::bare::{self, BareSample};
 use super::compare::{self, PrivateContainerd, CAPSID_RUNTIME, RUNC_RUNTIME};
 use super::stats::{self, paired_ratios, summarize_some, Summary};
 use super::timings::{monotonic_ns, GuestClock, RunTimings, TIMINGS_ENV};
-use super::{check_output, plot, positive, BenchSetup, Interrupt, VmArgs};
+use super::{output_paths, plot, positive, BenchSetup, Interrupt, VmArgs};
 
 /// Arguments of `capsid bench startup`.
 #[derive(Debug, clap::Args)]
@@ -259,19 +259,7 @@ struct Bench {
 }
 
 pub fn run(config_path: Option<&Path>, args: StartupArgs) -> anyhow::Result<()> {
-    let json = args
-        .json
-        .as_deref()
-        .map(|p| check_output(p, "--json"))
-        .transpose()?;
-    let plot_path = args
-        .plot
-        .as_deref()
-        .map(|p| check_output(p, "--plot"))
-        .transpose()?;
-    if let Some(p) = &plot_path {
-        plot::format_of(p)?;
-    }
+    let (json, plot_path) = output_paths(args.json.as_deref(), args.plot.as_deref())?;
     let setup = BenchSetup::new(config_path, &args.vm)?;
     let command = if args.command.is_empty() {
         vec!["echo".to_string()]
