@@ -367,13 +367,15 @@ impl Agent {
         };
         let result = bundle.join(format!("result-{tag}"));
         let mut laps = Laps::new("runtime", &container.id);
+        // The spec the job runs was given this flag (adapt_spec for the
+        // init process, the exec's process.json for the others).
+        let terminal = stdio_spec.terminal;
         let stdio_spec = stdio_spec.clone();
         let streams = tokio::task::spawn_blocking(move || stdio::connect_streams(&stdio_spec))
             .await
             .map_err(|e| internal("stdio task", &e))?
             .map_err(|e| ContainerError::FailedPrecondition(crate::describe(&e)))?;
         laps.lap("stdio connected");
-        let terminal = process_is_terminal(&job, &bundle)?;
         let console = if terminal {
             let path = stdio::console_socket_path(&bundle, &process.exec_id);
             let _ = fs::remove_file(&path);
@@ -767,21 +769,6 @@ fn check_program(spec: &Spec, rootfs: &Path) -> Result<()> {
         .unwrap_or("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
     rootfs::check_executable(rootfs, program, path)
         .map_err(|e| ContainerError::FailedPrecondition(e.to_string()))
-}
-
-/// Whether the process the job starts has a terminal.
-fn process_is_terminal(job: &Job, bundle: &Path) -> Result<bool> {
-    let process = match job {
-        Job::Create { .. } => Spec::load(bundle.join("config.json"))
-            .map_err(|e| internal("reading config.json", &e))?
-            .process()
-            .clone(),
-        Job::Exec { process, .. } => {
-            let text = fs::read(process).map_err(|e| internal("reading process.json", &e))?;
-            Some(serde_json::from_slice(&text).map_err(|e| internal("process.json", &e))?)
-        }
-    };
-    Ok(process.and_then(|p| p.terminal()).unwrap_or(false))
 }
 
 /// Makes the host's OCI spec fit the guest: the rootfs is the assembled
