@@ -1,7 +1,10 @@
 # capsid: every container in its own KVM microVM.
 #
 #   make demo      fresh machine → everything built and installed → a container runs
-#   make test      what CI runs: unit and end-to-end tests (QEMU-TCG, KVM tiny guests, containerd)
+#   make test      what CI runs: lints, unit and end-to-end tests (QEMU-TCG, KVM tiny guests,
+#                  containerd), then every fuzz target for FUZZ_SECONDS each
+#   make lint      cargo fmt --check and clippy -D warnings over the whole workspace
+#   make fuzz      every cargo-fuzz target for FUZZ_SECONDS (default 30) from fuzz/seeds
 #   make install   binaries to $(PREFIX)/bin, guest assets to $(PREFIX)/share/capsid
 
 PREFIX      ?= /usr/local
@@ -18,7 +21,7 @@ APT_PACKAGES := build-essential pkg-config python3 cpio xz-utils \
 	containerd runc iproute2 containernetworking-plugins iptables nftables util-linux \
 	fonts-dejavu-core
 
-.PHONY: all deps kernel agent guest-tool initramfs images assets build release test install demo clean
+.PHONY: all deps kernel agent guest-tool initramfs images assets build release lint test fuzz install demo clean
 
 all: build assets
 
@@ -61,8 +64,21 @@ build:
 release:
 	$(CARGO) build --locked --release --workspace
 
-test: deps build assets guest-tool
+FUZZ_SECONDS ?= 30
+
+# The workspace's deny lints hold by construction: CI fails on a warning.
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+test: deps lint build assets guest-tool
 	$(CARGO) test --locked --workspace --no-fail-fast
+	$(MAKE) fuzz
+
+# Each target runs for a bounded time from the small corpus kept in
+# fuzz/seeds; a crash fails the run (fuzz/run.sh prints execs and coverage).
+fuzz:
+	FUZZ_SECONDS=$(FUZZ_SECONDS) bash fuzz/run.sh
 
 install: release assets
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/capsid/images

@@ -42,6 +42,7 @@ if [ -n "${CAPSID_KERNEL_SOURCE:-}" ]; then
   tarball=$(cd "$(dirname "$CAPSID_KERNEL_SOURCE")" && pwd)/$(basename "$CAPSID_KERNEL_SOURCE")
   version=sha256-$(sha256sum "$tarball" | cut -c1-16)
   label="$(basename "$tarball") ($version)"
+  estimate=
 else
   if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed'; then
     log "installing $pkg and build dependencies"
@@ -52,6 +53,7 @@ else
   tarball=/usr/src/$pkg.tar.xz
   version=$(dpkg-query -W -f='${Version}' "$pkg")
   label="$pkg $version"
+  estimate=" (about 8 minutes on 2 cores)"
 fi
 key=$( { cat "$fragment" "$script"; echo "source=$version"; } | sha256sum | cut -c1-16)
 entry=$cache_root/$key
@@ -62,7 +64,7 @@ if [ -f "$entry/vmlinux" ] && [ -f "$entry/bzImage" ] && [ -f "$entry/config" ];
   exit 0
 fi
 
-log "cache miss $key: building $label (about 8 minutes on 2 cores)"
+log "cache miss $key: building $label$estimate"
 work=$cache_root/src/$version
 src=$work/tree
 buildlog=$work/build.log

@@ -11,6 +11,7 @@
 //! ```text
 //! cargo run -p capsid-tests --example overcommit -- [--sandboxes 4] \
 //!     [--memory-mib 512] [--host-mib 1024] [--no-policy] [--csv out.csv]
+//!     (default --csv: target/overcommit.csv)
 //! benches/overcommit-plot.py out.csv docs/memory-overcommit.svg
 //! ```
 
@@ -46,7 +47,11 @@ fn args() -> Args {
         memory_mib: 512,
         host_mib: 1024,
         policy: true,
-        csv: PathBuf::from("overcommit.csv"),
+        // Generated output goes under target/, never into the checkout.
+        csv: PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../target/overcommit.csv"
+        )),
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
