@@ -10,11 +10,9 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
-use capsid_protocol::agent::{BlockLayer, CreateContainerRequest, Rootfs};
-use capsid_sandbox::backend::DiskSpec;
 use capsid_sandbox::config::{Config, MAX_VCPUS, MIN_MEMORY_MIB};
+use capsid_sandbox::container::{ContainerSpec, LayerDisk};
 use capsid_sandbox::image::{self, RootfsCache};
-use capsid_sandbox::network::GuestDns;
 use capsid_sandbox::sandbox::{self as sb, Sandbox, SandboxOptions};
 use capsid_sandbox::seccomp::SeccompChoice;
 use capsid_sandbox::spec::{self, ImageDefaults, RunOptions};
@@ -27,8 +25,6 @@ use crate::bench::timings::{Recorder, TIMINGS_ENV};
 use crate::runs::RunJournal;
 use crate::tty::RawMode;
 
-/// The serial of the rootfs disk the guest mounts.
-const ROOTFS_SERIAL: &str = "capsid-rootfs";
 /// A second interrupt within this time kills the container (like `docker stop`).
 const KILL_ESCALATION: Duration = Duration::from_secs(5);
 
@@ -152,20 +148,20 @@ async fn run_timed(
     // Image → cached rootfs disk (converted once, then a cache hit).
     let images_dir = config.paths.images_dir.clone();
     let cache = RootfsCache::new(&config.paths.cache_dir);
-    let (image_config, rootfs) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        let source = image::resolve(&reference, &images_dir)?;
-        let image = image::open(&source)?;
-        let rootfs = cache.prepare(&image, &|msg| eprintln!("capsid: {msg}"))?;
-        Ok((image.config, rootfs))
+    let prepared = tokio::task::spawn_blocking(move || {
+        image::prepare(&reference, &images_dir, &cache, &|msg| {
+            eprintln!("capsid: {msg}")
+        })
     })
     .instrument(tracing::info_span!("rootfs"))
     .await
     .context("image task")??;
+    let rootfs = prepared.rootfs;
     let rootfs_time = t0.elapsed();
     timings.phases().rootfs_ready_ms = Some(timings.now());
 
     let id = format!("run-{}", std::process::id());
-    let defaults = image_defaults(&image_config);
+    let defaults = ImageDefaults::from_image(&prepared.config);
     let opts = RunOptions {
         command: args.command.clone(),
         env: args.env.clone(),
@@ -191,7 +187,7 @@ async fn run_timed(
     // What dead runs left goes first (a reused pid would otherwise find
     // its own names taken); then this run's record, before anything of it
     // exists. Its VM processes die with this process.
-    capsid_sandbox::backend::die_with_this_process();
+    capsid_sandbox::process::die_with_this_process();
     let recovered = tokio::task::block_in_place(|| crate::runs::recover_dead(&config))?;
     for r in recovered.iter().filter(|r| r.error.is_some()) {
         tracing::warn!(id = %r.id, error = ?r.error, "leftovers of a dead capsid run remain");
@@ -203,6 +199,7 @@ async fn run_timed(
     let net = net_plan.setup(&config, &id, &mut journal).await?;
     let dns = net_plan.resolver(net.as_ref());
     let backend_kind = backend.kind();
+    let layer = LayerDisk::primary(rootfs.fs_type.as_str());
     let start_called = Instant::now();
     let start = Sandbox::start(
         &config,
@@ -211,11 +208,7 @@ async fn run_timed(
             id: id.clone(),
             vcpus,
             memory_mib,
-            disks: vec![DiskSpec {
-                path: rootfs.path.clone(),
-                readonly: true,
-                serial: ROOTFS_SERIAL.into(),
-            }],
+            disks: vec![layer.disk_spec(rootfs.path.clone())],
             net: net.as_ref().and_then(|n| n.net_spec()),
             kernel_args: vec![],
             network: net.as_ref().and_then(|n| n.guest_network()),
@@ -246,12 +239,18 @@ async fn run_timed(
         ..Phases::default()
     };
     let container = ContainerSpec {
+        id: sandbox.id(),
         oci: &oci,
-        fs_type: rootfs.fs_type.as_str(),
-        dns: &dns,
-        tty: args.tty,
+        layers: std::slice::from_ref(&layer),
+        dns: Some(&dns),
+        streams: StreamsWanted {
+            stdin: true,
+            stdout: true,
+            stderr: true,
+            terminal: args.tty,
+        },
     };
-    let result = run_in(&sandbox, &container, early_signals, t0, &mut phases)
+    let result = run_in(&sandbox, container, early_signals, t0, &mut phases)
         .instrument(tracing::info_span!("container"))
         .await;
     record_phases(timings, &phases);
@@ -288,83 +287,26 @@ fn record_phases(timings: &mut Recorder, phases: &Phases) {
     p.first_output_ms = phases.first_output.and_then(at);
 }
 
-pub(crate) fn image_defaults(config: &oci_spec::image::ImageConfiguration) -> ImageDefaults {
-    let c = config.config().clone().unwrap_or_default();
-    ImageDefaults {
-        entrypoint: c.entrypoint().clone().unwrap_or_default(),
-        cmd: c.cmd().clone().unwrap_or_default(),
-        env: c.env().clone().unwrap_or_default(),
-        working_dir: c.working_dir().clone().unwrap_or_default(),
-        user: c.user().clone().unwrap_or_default(),
-    }
-}
-
-/// What the container is made of.
-struct ContainerSpec<'a> {
-    oci: &'a oci_spec::runtime::Spec,
-    fs_type: &'a str,
-    dns: &'a GuestDns,
-    tty: bool,
-}
-
 /// Creates and runs the container in a started sandbox. `signals` has
 /// caught SIGINT/SIGTERM/SIGHUP/SIGQUIT since before the sandbox started:
 /// one arriving before the process runs ends the run; after that, the very
 /// same streams are relayed to the container, so none falls in between.
 async fn run_in(
     sandbox: &Sandbox,
-    container: &ContainerSpec<'_>,
+    container: ContainerSpec<'_>,
     mut signals: EarlySignals,
     t0: Instant,
     phases: &mut Phases,
 ) -> anyhow::Result<i32> {
-    let ContainerSpec {
-        oci,
-        fs_type,
-        dns,
-        tty,
-    } = *container;
     // The container is named after its sandbox.
     let id = sandbox.id();
+    let tty = container.streams.terminal;
     let agent = sandbox.agent();
-    let pending = sandbox.bind_streams(StreamsWanted {
-        stdin: true,
-        stdout: true,
-        stderr: true,
-        terminal: tty,
-    })?;
-    let mut req = CreateContainerRequest::new();
-    req.container_id = id.into();
-    req.oci_spec_json = serde_json::to_vec(oci).context("serializing the OCI spec")?;
-    let mut layer = BlockLayer::new();
-    layer.disk_serial = ROOTFS_SERIAL.into();
-    layer.fs_type = fs_type.into();
-    let mut rootfs = Rootfs::new();
-    rootfs.layers.push(layer);
-    rootfs.readonly = oci
-        .root()
-        .as_ref()
-        .and_then(|r| r.readonly())
-        .unwrap_or(false);
-    req.rootfs = protobuf::MessageField::some(rootfs);
-    req.stdio = protobuf::MessageField::some(pending.stdio.clone());
-    req.dns_servers = dns.servers.clone();
-    req.dns_search = dns.search.clone();
-    req.dns_options = dns.options.clone();
-
-    let accept = pending.accept();
-    tokio::pin!(accept);
     let created = tokio::select! {
-        created = agent.create_container(&req) => created,
-        exit = sandbox.exited() => return Err(anyhow!("the VM exited while creating the container ({exit:?})")),
+        created = sandbox.create_container(container) => created?,
         sig = signals.recv() => return Err(anyhow!("interrupted by signal {sig} while creating the container")),
     };
-    created?;
-    let streams = tokio::select! {
-        streams = tokio::time::timeout(Duration::from_secs(30), accept) => streams
-            .map_err(|_| anyhow!("the guest did not connect the container's stdio"))??,
-        sig = signals.recv() => return Err(anyhow!("interrupted by signal {sig} while creating the container")),
-    };
+    let streams = created.streams;
     phases.created = t0.elapsed();
 
     let raw = if tty {
@@ -378,7 +320,7 @@ async fn run_in(
         }
     }
     tokio::select! {
-        started = agent.start_process(id, "") => { started?; }
+        started = sandbox.start_init(id) => { started?; }
         sig = signals.recv() => {
             drop(raw);
             return Err(anyhow!("interrupted by signal {sig} while starting the container"));

@@ -14,41 +14,31 @@ use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use capsid_sandbox::backend::{processes_naming, ProcessRef};
-use capsid_sandbox::cni::record::{self, NetworkRecord};
+use capsid_sandbox::cni::record::NetworkRecord;
 use capsid_sandbox::config::Config;
+use capsid_sandbox::process::ProcessRef;
+use capsid_sandbox::record::{self, HostRecord, RecordFile};
 use nix::fcntl::{Flock, FlockArg};
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
 /// The records' directory, in the state dir.
 pub const RUNS_DIR: &str = ".runs";
 /// The lock serializing recoveries, in [`RUNS_DIR`].
 const LOCK_FILE: &str = "lock";
-/// How long killed VM processes get to disappear.
-const KILL_WAIT: Duration = Duration::from_secs(5);
 
 /// What one `capsid run` made, as far as it got.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunRecord {
-    /// The sandbox id (`run-PID`).
-    pub id: String,
-    /// The `capsid run` process.
+    /// The `capsid run` process: while it lives, the record is its own.
     pub owner: ProcessRef,
     /// The network namespace it ran in (inode of `/proc/self/ns/net`):
     /// its iptables rules are there, so only a run in the same namespace
     /// recovers it.
     pub host_netns: u64,
-    /// The VM's run directory; processes naming it are the VM's.
-    pub run_dir: PathBuf,
-    /// The VM's processes, once started.
-    pub vm_processes: Vec<ProcessRef>,
-    /// The CNI network, from before its namespace is made.
-    pub network: Option<NetworkRecord>,
+    /// What its sandbox made (the sandbox id is `run-PID`).
+    pub host: HostRecord,
 }
 
 /// The record of this run, kept up to date; removed on drop unless
@@ -56,8 +46,7 @@ pub struct RunRecord {
 /// next run retries).
 #[derive(Debug)]
 pub struct RunJournal {
-    path: PathBuf,
-    record: RunRecord,
+    file: RecordFile<RunRecord>,
     keep: bool,
 }
 
@@ -67,59 +56,38 @@ impl RunJournal {
         let dir = config.paths.state_dir.join(RUNS_DIR);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let owner = ProcessRef::this().context("reading this process's start time")?;
-        let journal = Self {
-            path: dir.join(format!("{id}.json")),
-            record: RunRecord {
-                id: id.to_owned(),
-                owner,
-                host_netns: netns_inode().context("reading this process's network namespace")?,
-                run_dir,
-                vm_processes: Vec::new(),
-                network: None,
-            },
-            keep: false,
+        let record = RunRecord {
+            owner,
+            host_netns: netns_inode().context("reading this process's network namespace")?,
+            host: HostRecord::new(id, run_dir),
         };
-        journal.save()?;
-        Ok(journal)
+        Ok(Self {
+            file: RecordFile::create(dir.join(format!("{id}.json")), record)?,
+            keep: false,
+        })
     }
 
     /// Records the network's state (before each step that makes something).
     pub fn set_network(&mut self, network: &NetworkRecord) -> anyhow::Result<()> {
-        self.record.network = Some(network.clone());
-        self.save()
+        Ok(self.file.update(|r| r.host.cni = Some(network.clone()))?)
     }
 
     /// Records the VM's processes.
     pub fn set_vm_processes(&mut self, pids: &[u32]) -> anyhow::Result<()> {
-        self.record.vm_processes = pids.iter().filter_map(|p| ProcessRef::of(*p)).collect();
-        self.save()
+        Ok(self.file.update(|r| r.host.set_vm_processes(pids))?)
     }
 
     /// Leaves the record for the next run to finish the clean-up.
     pub fn keep(&mut self) {
         self.keep = true;
     }
-
-    /// Writes the record atomically (a reader sees the old or the new one).
-    fn save(&self) -> anyhow::Result<()> {
-        let name = self
-            .path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let temp = self.path.with_file_name(format!(".{name}.tmp"));
-        let text = serde_json::to_vec(&self.record).context("serializing the run record")?;
-        std::fs::write(&temp, text).with_context(|| format!("writing {}", temp.display()))?;
-        std::fs::rename(&temp, &self.path)
-            .with_context(|| format!("writing {}", self.path.display()))
-    }
 }
 
 impl Drop for RunJournal {
     fn drop(&mut self) {
         if !self.keep {
-            if let Err(e) = std::fs::remove_file(&self.path) {
-                tracing::warn!(path = %self.path.display(), error = %e, "cannot remove the run record");
+            if let Err(e) = RecordFile::<RunRecord>::remove(self.file.path()) {
+                tracing::warn!(error = %format!("{:#}", anyhow::Error::from(e)), "cannot remove the run record");
             }
         }
     }
@@ -138,7 +106,8 @@ pub struct Recovered {
 }
 
 /// Undoes the records of dead runs in `config`'s state dir, under the
-/// records' lock. Records of live runs, of runs in another network
+/// records' lock, with the teardown every sandbox record gets
+/// ([`record::undo`]). Records of live runs, of runs in another network
 /// namespace, and unreadable ones are left alone. Blocks.
 pub fn recover_dead(config: &Config) -> anyhow::Result<Vec<Recovered>> {
     let dir = config.paths.state_dir.join(RUNS_DIR);
@@ -155,88 +124,31 @@ pub fn recover_dead(config: &Config) -> anyhow::Result<Vec<Recovered>> {
         if name.starts_with('.') || !name.ends_with(".json") {
             continue;
         }
-        let record: RunRecord = match std::fs::read(&path)
-            .map_err(anyhow::Error::from)
-            .and_then(|t| serde_json::from_slice(&t).map_err(anyhow::Error::from))
-        {
-            Ok(r) => r,
+        let record = match RecordFile::<RunRecord>::load(&path) {
+            Ok(Some(r)) => r,
+            Ok(None) => continue,
             Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "unreadable run record left alone");
+                tracing::warn!(error = %format!("{:#}", anyhow::Error::from(e)), "unreadable run record left alone");
                 continue;
             }
         };
         if record.owner.is_alive() || record.host_netns != here {
             continue;
         }
-        let recovered = undo(&record);
-        match &recovered.error {
-            None => {
-                if let Err(e) = std::fs::remove_file(&path) {
-                    tracing::warn!(path = %path.display(), error = %e, "cannot remove a run record");
-                }
-                tracing::info!(id = %record.id, killed = ?recovered.killed, "removed what a dead capsid run left");
-            }
-            Some(e) => {
-                tracing::warn!(id = %record.id, error = %e, "could not remove everything a dead capsid run left")
+        let undone = record::undo(&record.host);
+        let recovered = Recovered {
+            id: record.host.sandbox.clone(),
+            killed: undone.killed.clone(),
+            error: undone.first_error().map(str::to_owned),
+        };
+        if recovered.error.is_none() {
+            if let Err(e) = RecordFile::<RunRecord>::remove(&path) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot remove a run record");
             }
         }
         done.push(recovered);
     }
     Ok(done)
-}
-
-/// The teardown of a clean exit, from a record: the VM's processes first
-/// (they hold the tap), then the network, then the run directory.
-fn undo(record: &RunRecord) -> Recovered {
-    let mut victims: Vec<ProcessRef> = record
-        .vm_processes
-        .iter()
-        .copied()
-        .filter(ProcessRef::is_alive)
-        .collect();
-    if !record.run_dir.as_os_str().is_empty() {
-        for p in processes_naming(&record.run_dir)
-            .into_iter()
-            .filter_map(ProcessRef::of)
-        {
-            if !victims.contains(&p) {
-                victims.push(p);
-            }
-        }
-    }
-    let mut killed = Vec::new();
-    for p in &victims {
-        let Ok(raw) = i32::try_from(p.pid) else {
-            continue;
-        };
-        if kill(Pid::from_raw(raw), Signal::SIGKILL).is_ok() {
-            killed.push(p.pid);
-        }
-    }
-    let deadline = Instant::now() + KILL_WAIT;
-    while victims.iter().any(ProcessRef::is_alive) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let mut error = None;
-    if let Some(net) = &record.network {
-        if let Err(e) = record::recover(net) {
-            error = Some(format!("{:#}", anyhow::Error::from(e)));
-        }
-    }
-    if !record.run_dir.as_os_str().is_empty() {
-        match std::fs::remove_dir_all(&record.run_dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                error.get_or_insert(format!("removing {}: {e}", record.run_dir.display()));
-            }
-        }
-    }
-    Recovered {
-        id: record.id.clone(),
-        killed,
-        error,
-    }
 }
 
 /// Holds the records' lock.
@@ -304,6 +216,7 @@ mod tests {
         let live_dir = tmp.path().join("run-live");
         std::fs::create_dir_all(&live_dir).unwrap();
         let live = RunJournal::begin(&config, "run-live", live_dir.clone()).unwrap();
+        let live_path = live.file.path().to_owned();
 
         // A dead run: its owner exited; a "VM process" naming its run
         // directory still runs (cat waits on stdin before opening it).
@@ -331,12 +244,9 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(2));
         }
         let record = RunRecord {
-            id: "run-dead".into(),
             owner: owner_ref,
             host_netns: netns_inode().unwrap(),
-            run_dir: dead_dir.clone(),
-            vm_processes: vec![],
-            network: None,
+            host: HostRecord::new("run-dead", &dead_dir),
         };
         let path = tmp.path().join(RUNS_DIR).join("run-dead.json");
         std::fs::write(&path, serde_json::to_vec(&record).unwrap()).unwrap();
@@ -348,10 +258,9 @@ mod tests {
         assert!(done[0].error.is_none(), "{done:?}");
         assert!(vm.wait().is_ok());
         assert!(!dead_dir.exists() && !path.exists());
-        assert!(live_dir.exists() && live.path.exists());
+        assert!(live_dir.exists() && live_path.exists());
 
         // A clean end removes the record; twice is harmless.
-        let live_path = live.path.clone();
         drop(live);
         assert!(!live_path.exists());
         assert!(recover_dead(&config).unwrap().is_empty());
@@ -363,15 +272,12 @@ mod tests {
         let config = config(tmp.path());
         std::fs::create_dir_all(tmp.path().join(RUNS_DIR)).unwrap();
         let record = RunRecord {
-            id: "run-1".into(),
             owner: ProcessRef {
                 pid: u32::MAX,
                 start_time: 1,
             },
             host_netns: netns_inode().unwrap() + 1,
-            run_dir: tmp.path().join("run-1"),
-            vm_processes: vec![],
-            network: None,
+            host: HostRecord::new("run-1", tmp.path().join("run-1")),
         };
         let path = tmp.path().join(RUNS_DIR).join("run-1.json");
         std::fs::write(&path, serde_json::to_vec(&record).unwrap()).unwrap();

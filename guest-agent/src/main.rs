@@ -12,6 +12,7 @@
 
 mod container;
 mod host;
+mod lock;
 mod mount;
 mod netconf;
 mod netif;
@@ -22,6 +23,7 @@ mod seccomp;
 mod server;
 mod stats;
 mod stdio;
+mod undo;
 
 use std::fs;
 use std::process::ExitCode;
@@ -103,9 +105,9 @@ async fn serve(port: u32, boot: BootInfo) -> Result<(), String> {
         .await
         .map_err(|e| describe(&e))?;
     tracing::info!(port, "connected to the host");
-    let agent = Arc::new(container::Agent::new(reaper, boot));
+    let containers = Arc::new(container::Containers::new(reaper));
     let shutdown = Arc::new(tokio::sync::Notify::new());
-    let service = server::Service::new(agent.clone(), shutdown.clone());
+    let service = server::Service::new(containers.clone(), boot, shutdown.clone());
     let services = capsid_protocol::agent_ttrpc::create_agent(Arc::new(service));
     // The one connection is the listener's only item; the stream then
     // stays open so the server does not wind down.
@@ -121,7 +123,7 @@ async fn serve(port: u32, boot: BootInfo) -> Result<(), String> {
     shutdown.notified().await;
     // Let the Shutdown reply reach the host before the VM goes away.
     tokio::time::sleep(Duration::from_millis(20)).await;
-    agent.kill_everything();
+    containers.kill_everything();
     Ok(())
 }
 

@@ -41,7 +41,7 @@ pub enum NetconfError {
         present: String,
     },
     /// The kernel refused a change.
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Netlink {
         /// What was being done.
         what: String,
@@ -49,7 +49,17 @@ pub enum NetconfError {
         #[source]
         source: std::io::Error,
     },
+    /// The task applying the configuration ended without a result (it
+    /// panicked); reported as an invalid request, as it always was.
+    #[error("invalid network configuration: network task")]
+    Task(#[source] tokio::task::JoinError),
 }
+
+/// A netlink reply that does not decode (carried inside the io::Error of
+/// the request, whose sources [`crate::describe`] reaches).
+#[derive(Debug, thiserror::Error)]
+#[error("bad netlink reply")]
+struct BadReply(#[source] netlink_packet_core::DecodeError);
 
 type Result<T> = std::result::Result<T, NetconfError>;
 
@@ -74,6 +84,14 @@ pub struct Route {
 pub struct Plan {
     interfaces: Vec<Interface>,
     routes: Vec<Route>,
+}
+
+/// Checks the request, then applies it on a blocking thread.
+pub async fn configure(req: &ConfigureNetworkRequest) -> Result<()> {
+    let plan = plan(req)?;
+    tokio::task::spawn_blocking(move || apply(&plan))
+        .await
+        .map_err(NetconfError::Task)?
 }
 
 /// Checks every field of the request.
@@ -330,7 +348,7 @@ impl Netlink {
             while offset < n {
                 let reply =
                     NetlinkMessage::<RouteNetlinkMessage>::deserialize(&self.buf[offset..n])
-                        .map_err(|e| std::io::Error::other(format!("bad netlink reply: {e}")))?;
+                        .map_err(|e| std::io::Error::other(BadReply(e)))?;
                 let len = usize::try_from(reply.header.length).unwrap_or(0);
                 if len == 0 {
                     return Err(std::io::Error::other("netlink reply of length 0"));
@@ -551,5 +569,30 @@ mod tests {
         assert_eq!(format_mac(&parse_mac(MAC).unwrap()), MAC);
         assert!(parse_mac("02:42:0a:58:00:05:06").is_err());
         assert!(parse_mac("2:42:0a:58:00:05").is_err());
+    }
+
+    /// The host gets `describe(error)`: the kernel's reason follows what
+    /// was being done, once.
+    #[test]
+    fn netlink_errors_name_their_reason_once() {
+        let e = NetconfError::Netlink {
+            what: "adding 10.0.0.2/24 to 02:42:0a:58:00:05".into(),
+            source: std::io::Error::from_raw_os_error(libc::EEXIST),
+        };
+        assert_eq!(
+            crate::describe(&e),
+            format!(
+                "adding 10.0.0.2/24 to 02:42:0a:58:00:05: {}",
+                std::io::Error::from_raw_os_error(libc::EEXIST)
+            )
+        );
+        let e = NetconfError::Netlink {
+            what: "listing network interfaces".into(),
+            source: std::io::Error::other(BadReply("short buffer".into())),
+        };
+        assert_eq!(
+            crate::describe(&e),
+            "listing network interfaces: bad netlink reply: short buffer"
+        );
     }
 }

@@ -14,6 +14,8 @@ use nix::unistd::Pid;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::oneshot;
 
+use crate::lock::LockExt as _;
+
 /// Exits of pids nobody asked about yet, kept at most (oldest dropped).
 const MAX_UNCLAIMED: usize = 4096;
 
@@ -100,9 +102,7 @@ impl Reaper {
     }
 
     fn deliver(&self, pid: i32, exit: Exit) {
-        let Ok(mut state) = self.state.lock() else {
-            return;
-        };
+        let mut state = self.state.lock_or_recover();
         match state.waiters.remove(&pid) {
             Some(waiters) => {
                 for w in waiters {
@@ -124,12 +124,11 @@ impl Reaper {
     /// A future resolving to how `pid` ended, whether it already did or not.
     pub fn wait_for(&self, pid: i32) -> oneshot::Receiver<Exit> {
         let (tx, rx) = oneshot::channel();
-        if let Ok(mut state) = self.state.lock() {
-            if let Some(exit) = state.unclaimed.remove(&pid) {
-                let _ = tx.send(exit);
-            } else {
-                state.waiters.entry(pid).or_default().push(tx);
-            }
+        let mut state = self.state.lock_or_recover();
+        if let Some(exit) = state.unclaimed.remove(&pid) {
+            let _ = tx.send(exit);
+        } else {
+            state.waiters.entry(pid).or_default().push(tx);
         }
         rx
     }
@@ -141,10 +140,7 @@ impl Reaper {
         cmd: &mut std::process::Command,
     ) -> std::io::Result<(i32, oneshot::Receiver<Exit>)> {
         let (tx, rx) = oneshot::channel();
-        let mut state = self
-            .state
-            .lock()
-            .map_err(|_| std::io::Error::other("reaper state poisoned"))?;
+        let mut state = self.state.lock_or_recover();
         let child = cmd.spawn()?;
         let pid = i32::try_from(child.id()).unwrap_or(i32::MAX);
         state.waiters.entry(pid).or_default().push(tx);

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use capsid_protocol::agent::Rootfs;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
+use crate::undo::Undo;
+
 /// Where per-container bundles live in the guest.
 pub const BUNDLES: &str = "/run/capsid/bundles";
 
@@ -129,80 +131,68 @@ pub fn assemble(id: &str, spec: &Rootfs) -> Result<BundleDirs> {
     }
     let dirs = BundleDirs::new(id);
     mkdir(&dirs.rootfs)?;
+    // From here on a failure unmounts and removes whatever was made.
+    let undo = Undo::new(|| teardown(id));
     let mut lowers = Vec::with_capacity(spec.layers.len());
     for (i, layer) in spec.layers.iter().enumerate() {
         if !matches!(layer.fs_type.as_str(), "erofs" | "ext4") {
-            teardown(id);
             return Err(RootfsError::Invalid(format!(
                 "layer filesystem {:?}",
                 layer.fs_type
             )));
         }
         let disk = find_disk(Path::new("/sys/block"), &layer.disk_serial)
-            .ok_or_else(|| RootfsError::NoSuchDisk(layer.disk_serial.clone()));
+            .ok_or_else(|| RootfsError::NoSuchDisk(layer.disk_serial.clone()))?;
         let target = dirs.layer(i);
-        let mounted = disk.and_then(|disk| {
-            mkdir(&target)?;
-            do_mount(
-                &disk.display().to_string(),
-                &target,
-                &layer.fs_type,
-                MsFlags::MS_RDONLY | MsFlags::MS_NODEV,
-                None,
-            )
-        });
-        if let Err(e) = mounted {
-            teardown(id);
-            return Err(e);
-        }
+        mkdir(&target)?;
+        do_mount(
+            &disk.display().to_string(),
+            &target,
+            &layer.fs_type,
+            MsFlags::MS_RDONLY | MsFlags::MS_NODEV,
+            None,
+        )?;
         lowers.push(target);
     }
-    let result = (|| {
-        let rw = dirs.rw();
-        mkdir(&rw)?;
-        if spec.upper_disk_serial.is_empty() {
-            do_mount("tmpfs", &rw, "tmpfs", MsFlags::MS_NODEV, Some("mode=0755"))?;
-        } else {
-            let disk = find_disk(Path::new("/sys/block"), &spec.upper_disk_serial)
-                .ok_or_else(|| RootfsError::NoSuchDisk(spec.upper_disk_serial.clone()))?;
-            do_mount(
-                &disk.display().to_string(),
-                &rw,
-                "ext4",
-                MsFlags::MS_NODEV,
-                None,
-            )?;
-        }
-        let (upper, work) = (rw.join("upper"), rw.join("work"));
-        mkdir(&upper)?;
-        mkdir(&work)?;
-        // overlayfs lists lower layers top first.
-        let lowerdir = lowers
-            .iter()
-            .rev()
-            .map(|p| p.display().to_string())
-            .collect::<Vec<_>>()
-            .join(":");
-        let data = format!(
-            "lowerdir={lowerdir},upperdir={},workdir={}",
-            upper.display(),
-            work.display()
-        );
+    let rw = dirs.rw();
+    mkdir(&rw)?;
+    if spec.upper_disk_serial.is_empty() {
+        do_mount("tmpfs", &rw, "tmpfs", MsFlags::MS_NODEV, Some("mode=0755"))?;
+    } else {
+        let disk = find_disk(Path::new("/sys/block"), &spec.upper_disk_serial)
+            .ok_or_else(|| RootfsError::NoSuchDisk(spec.upper_disk_serial.clone()))?;
         do_mount(
-            "overlay",
-            &dirs.rootfs,
-            "overlay",
-            MsFlags::empty(),
-            Some(&data),
-        )
-    })();
-    match result {
-        Ok(()) => Ok(dirs),
-        Err(e) => {
-            teardown(id);
-            Err(e)
-        }
+            &disk.display().to_string(),
+            &rw,
+            "ext4",
+            MsFlags::MS_NODEV,
+            None,
+        )?;
     }
+    let (upper, work) = (rw.join("upper"), rw.join("work"));
+    mkdir(&upper)?;
+    mkdir(&work)?;
+    // overlayfs lists lower layers top first.
+    let lowerdir = lowers
+        .iter()
+        .rev()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(":");
+    let data = format!(
+        "lowerdir={lowerdir},upperdir={},workdir={}",
+        upper.display(),
+        work.display()
+    );
+    do_mount(
+        "overlay",
+        &dirs.rootfs,
+        "overlay",
+        MsFlags::empty(),
+        Some(&data),
+    )?;
+    undo.disarm();
+    Ok(dirs)
 }
 
 /// Unmounts and removes everything [`assemble`] made (best effort, and

@@ -20,13 +20,39 @@ use std::process::ExitCode;
 
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::Container as LcContainer;
+use libcontainer::error::LibcontainerError;
 use libcontainer::syscall::syscall::SyscallType;
 use oci_spec::runtime::{LinuxSeccomp, Spec};
+use oci_spec::OciSpecError;
 
 /// Where libcontainer keeps its per-container state.
 pub const STATE_ROOT: &str = "/run/capsid/state";
 /// The first argument that selects the runtime half.
 pub const RUNTIME_ARG: &str = "__runtime";
+
+/// Errors of the runtime helper. Their text ([`describe`]) is the result
+/// file's `error` line, which the agent passes on to the host.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// libcontainer refused or failed the job.
+    #[error(transparent)]
+    Libcontainer(#[from] LibcontainerError),
+    /// libcontainer created the container without an init process.
+    #[error("container has no init process")]
+    NoInit,
+    /// The container's config.json could not be read back. The text quotes
+    /// the error itself but not its causes, as the `error` line always has.
+    #[error("{}: {error}", path.display())]
+    Spec {
+        /// config.json.
+        path: PathBuf,
+        /// Why.
+        error: OciSpecError,
+    },
+}
+
+/// Result of the runtime helper's jobs.
+pub type Result<T> = std::result::Result<T, RuntimeError>;
 
 /// What the runtime helper is asked to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -146,6 +172,7 @@ pub fn main(args: &[String]) -> ExitCode {
         ),
         Ok(pid) => format!("pid {pid}\n"),
         Err(e) => {
+            let e = describe(&e);
             let detail = std::fs::read_to_string(&log_path).unwrap_or_default();
             let last = detail
                 .lines()
@@ -167,26 +194,26 @@ pub fn main(args: &[String]) -> ExitCode {
     }
 }
 
-fn builder(id: &str, console_socket: Option<&Path>) -> Result<ContainerBuilder, String> {
-    ContainerBuilder::new(id.to_string(), SyscallType::default())
-        .with_root_path(STATE_ROOT)
-        .map(|b| b.with_console_socket(console_socket))
-        .map_err(|e| e.to_string())
+fn builder(id: &str, console_socket: Option<&Path>) -> Result<ContainerBuilder> {
+    Ok(
+        ContainerBuilder::new(id.to_string(), SyscallType::default())
+            .with_root_path(STATE_ROOT)?
+            .with_console_socket(console_socket),
+    )
 }
 
-fn run(inv: &Invocation) -> Result<i32, String> {
+fn run(inv: &Invocation) -> Result<i32> {
     match &inv.job {
         Job::Create { id, bundle } => {
             let container = builder(id, inv.console_socket.as_deref())?
                 .as_init(bundle)
                 .with_systemd(false)
                 .with_detach(true)
-                .build()
-                .map_err(|e| describe(&e))?;
+                .build()?;
             container
                 .pid()
                 .map(|p| p.as_raw())
-                .ok_or_else(|| "container has no init process".to_string())
+                .ok_or(RuntimeError::NoInit)
         }
         Job::Exec { id, process } => {
             let mut builder = builder(id, inv.console_socket.as_deref())?;
@@ -199,19 +226,23 @@ fn run(inv: &Invocation) -> Result<i32, String> {
                 .with_detach(true)
                 .build()
                 .map(|p| p.as_raw())
-                .map_err(|e| describe(&e))
+                .map_err(RuntimeError::from)
         }
     }
 }
 
 /// The seccomp filter of container `id`'s spec (as the agent wrote it).
-fn container_seccomp(id: &str) -> Result<Option<LinuxSeccomp>, String> {
-    let container = LcContainer::load(Path::new(STATE_ROOT).join(id)).map_err(|e| describe(&e))?;
+fn container_seccomp(id: &str) -> Result<Option<LinuxSeccomp>> {
+    let container = LcContainer::load(Path::new(STATE_ROOT).join(id))?;
     let config = container.bundle().join("config.json");
-    let spec = Spec::load(&config).map_err(|e| format!("{}: {e}", config.display()))?;
+    let spec = Spec::load(&config).map_err(|error| RuntimeError::Spec {
+        path: config.clone(),
+        error,
+    })?;
     Ok(spec.linux().as_ref().and_then(|l| l.seccomp().clone()))
 }
 
+/// An error and those of its sources that add to its text, as one line.
 fn describe(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut cur = e.source();

@@ -20,6 +20,19 @@ use oci_spec::runtime::{
     LinuxSeccomp, LinuxSeccompArg, LinuxSeccompArgBuilder, LinuxSeccompOperator, Spec,
 };
 
+/// Errors loading a filter in an exec'd process. libcontainer's executor
+/// takes a message, so each text quotes its error, not the error's causes
+/// (what the runtime helper has always reported).
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompError {
+    /// The unprivileged fallback could not set no_new_privs.
+    #[error("setting no_new_privs for seccomp: {0}")]
+    NoNewPrivs(nix::Error),
+    /// libcontainer could not load the filter.
+    #[error("loading the seccomp filter: {0}")]
+    Load(libcontainer::seccomp::SeccompError),
+}
+
 /// Rewrites every masked comparison of `seccomp` into libcontainer's order.
 pub fn adapt(seccomp: &mut LinuxSeccomp) {
     let Some(mut syscalls) = seccomp.syscalls().clone() else {
@@ -64,17 +77,16 @@ impl FilteredExecutor {
         Self { filter }
     }
 
-    fn load(&self) -> Result<(), String> {
+    fn load(&self) -> Result<(), SeccompError> {
         let listener = match libcontainer::seccomp::initialize_seccomp(&self.filter) {
             Ok(listener) => listener,
             // Loading a filter takes CAP_SYS_ADMIN or no_new_privs. runc
             // loads it before dropping capabilities; here they are already
             // dropped, so an unprivileged process gets no_new_privs.
             Err(_) => {
-                nix::sys::prctl::set_no_new_privs()
-                    .map_err(|e| format!("setting no_new_privs for seccomp: {e}"))?;
+                nix::sys::prctl::set_no_new_privs().map_err(SeccompError::NoNewPrivs)?;
                 libcontainer::seccomp::initialize_seccomp(&self.filter)
-                    .map_err(|e| format!("loading the seccomp filter: {e}"))?
+                    .map_err(SeccompError::Load)?
             }
         };
         // Nobody listens for SCMP_ACT_NOTIFY on exec'd processes: closing
@@ -90,7 +102,7 @@ impl Executor for FilteredExecutor {
     fn exec(&self, spec: &Spec) -> Result<(), ExecutorError> {
         self.load().map_err(|e| {
             tracing::error!("{e}");
-            ExecutorError::Other(e)
+            ExecutorError::Other(e.to_string())
         })?;
         DefaultExecutor {}.exec(spec)
     }

@@ -1,5 +1,5 @@
 //! The agent's ttrpc service: translates protocol messages to
-//! [`crate::container::Agent`] calls and errors to ttrpc status codes.
+//! [`crate::container::Containers`] calls and errors to ttrpc status codes.
 
 use std::sync::Arc;
 
@@ -9,35 +9,59 @@ use capsid_protocol::agent_ttrpc::Agent as AgentService;
 use ttrpc::r#async::TtrpcContext;
 use ttrpc::{Code, Error as TtrpcError, Result as TtrpcResult, Status};
 
-use crate::container::{Agent, ContainerError, CreateRequest};
+use crate::container::{ContainerError, Containers, CreateRequest, ErrorKind};
+use crate::netconf::NetconfError;
 
-/// The ttrpc service over the shared agent state.
+/// The ttrpc service over the guest's containers.
 #[derive(Debug, Clone)]
 pub struct Service {
-    agent: Arc<Agent>,
+    containers: Arc<Containers>,
+    boot: crate::BootInfo,
     shutdown: Arc<tokio::sync::Notify>,
 }
 
 impl Service {
-    /// A service for `agent`; `shutdown` is notified when the host asks
-    /// the guest to power off.
-    pub fn new(agent: Arc<Agent>, shutdown: Arc<tokio::sync::Notify>) -> Self {
-        Self { agent, shutdown }
+    /// A service for `containers`; `boot` is reported by Health, and
+    /// `shutdown` is notified when the host asks the guest to power off.
+    pub fn new(
+        containers: Arc<Containers>,
+        boot: crate::BootInfo,
+        shutdown: Arc<tokio::sync::Notify>,
+    ) -> Self {
+        Self {
+            containers,
+            boot,
+            shutdown,
+        }
     }
 }
 
-fn status(e: ContainerError) -> TtrpcError {
-    let code = match &e {
-        ContainerError::NotFound(_) => Code::NOT_FOUND,
-        ContainerError::AlreadyExists(_) => Code::ALREADY_EXISTS,
-        ContainerError::Invalid(_) => Code::INVALID_ARGUMENT,
-        ContainerError::FailedPrecondition(_) => Code::FAILED_PRECONDITION,
-        ContainerError::Internal(_) => Code::INTERNAL,
-    };
+/// A ttrpc status: `code`, and the error with its sources as the message.
+fn rpc_status(code: Code, e: &dyn std::error::Error) -> TtrpcError {
     let mut s = Status::new();
     s.set_code(code);
-    s.set_message(e.to_string());
+    s.set_message(crate::describe(e));
     TtrpcError::RpcStatus(s)
+}
+
+fn status(e: ContainerError) -> TtrpcError {
+    let code = match e.kind() {
+        ErrorKind::NotFound => Code::NOT_FOUND,
+        ErrorKind::AlreadyExists => Code::ALREADY_EXISTS,
+        ErrorKind::Invalid => Code::INVALID_ARGUMENT,
+        ErrorKind::FailedPrecondition => Code::FAILED_PRECONDITION,
+        ErrorKind::Internal => Code::INTERNAL,
+    };
+    rpc_status(code, &e)
+}
+
+fn netconf_status(e: NetconfError) -> TtrpcError {
+    let code = match &e {
+        NetconfError::Invalid(_) | NetconfError::Task(_) => Code::INVALID_ARGUMENT,
+        NetconfError::NoSuchInterface { .. } => Code::NOT_FOUND,
+        NetconfError::Netlink { .. } => Code::INTERNAL,
+    };
+    rpc_status(code, &e)
 }
 
 /// Debug-level note of a call's arrival, on the guest's CLOCK_MONOTONIC.
@@ -54,8 +78,8 @@ impl AgentService for Service {
     ) -> TtrpcResult<HealthResponse> {
         let mut r = HealthResponse::new();
         r.version = env!("CARGO_PKG_VERSION").to_string();
-        r.agent_started_ns = self.agent.boot.agent_started_ns;
-        r.kernel_boot_ns = self.agent.boot.kernel_boot_ns;
+        r.agent_started_ns = self.boot.agent_started_ns;
+        r.kernel_boot_ns = self.boot.kernel_boot_ns;
         r.now_ns = crate::monotonic_ns();
         Ok(r)
     }
@@ -75,7 +99,7 @@ impl AgentService for Service {
             dns_search: req.dns_search,
             dns_options: req.dns_options,
         };
-        let pid = self.agent.create(create).await.map_err(status)?;
+        let pid = self.containers.create(create).await.map_err(status)?;
         let mut r = CreateContainerResponse::new();
         r.pid = pid;
         Ok(r)
@@ -88,7 +112,7 @@ impl AgentService for Service {
     ) -> TtrpcResult<StartProcessResponse> {
         arrived("StartProcess");
         let pid = self
-            .agent
+            .containers
             .start(&req.container_id, &req.exec_id)
             .await
             .map_err(status)?;
@@ -103,7 +127,7 @@ impl AgentService for Service {
         req: ExecProcessRequest,
     ) -> TtrpcResult<ExecProcessResponse> {
         let stdio = req.stdio.into_option().unwrap_or_default();
-        self.agent
+        self.containers
             .exec(
                 &req.container_id,
                 &req.exec_id,
@@ -121,7 +145,7 @@ impl AgentService for Service {
     ) -> TtrpcResult<WaitProcessResponse> {
         arrived("WaitProcess");
         let exit = self
-            .agent
+            .containers
             .wait(&req.container_id, &req.exec_id)
             .await
             .map_err(status)?;
@@ -137,14 +161,14 @@ impl AgentService for Service {
         _ctx: &TtrpcContext,
         req: SignalProcessRequest,
     ) -> TtrpcResult<Empty> {
-        self.agent
+        self.containers
             .signal(&req.container_id, &req.exec_id, req.signal, req.all)
             .map_err(status)?;
         Ok(Empty::new())
     }
 
     async fn resize_pty(&self, _ctx: &TtrpcContext, req: ResizePtyRequest) -> TtrpcResult<Empty> {
-        self.agent
+        self.containers
             .resize(&req.container_id, &req.exec_id, req.rows, req.columns)
             .map_err(status)?;
         Ok(Empty::new())
@@ -166,7 +190,7 @@ impl AgentService for Service {
         req: ListProcessesRequest,
     ) -> TtrpcResult<ListProcessesResponse> {
         let mut r = ListProcessesResponse::new();
-        for (pid, exec_id, command) in self.agent.list(&req.container_id).map_err(status)? {
+        for (pid, exec_id, command) in self.containers.list(&req.container_id).map_err(status)? {
             let mut p = ProcessInfo::new();
             p.pid = pid;
             p.exec_id = exec_id;
@@ -177,7 +201,7 @@ impl AgentService for Service {
     }
 
     async fn stats(&self, _ctx: &TtrpcContext, req: StatsRequest) -> TtrpcResult<StatsResponse> {
-        self.agent.stats(&req.container_id).map_err(status)
+        self.containers.stats(&req.container_id).map_err(status)
     }
 
     async fn update_container(
@@ -185,7 +209,7 @@ impl AgentService for Service {
         _ctx: &TtrpcContext,
         req: UpdateContainerRequest,
     ) -> TtrpcResult<Empty> {
-        self.agent
+        self.containers
             .update(&req.container_id, &req.oci_resources_json)
             .map_err(status)?;
         Ok(Empty::new())
@@ -196,7 +220,7 @@ impl AgentService for Service {
         _ctx: &TtrpcContext,
         req: PauseContainerRequest,
     ) -> TtrpcResult<Empty> {
-        self.agent
+        self.containers
             .pause(&req.container_id, req.paused)
             .await
             .map_err(status)?;
@@ -204,12 +228,12 @@ impl AgentService for Service {
     }
 
     async fn next_event(&self, _ctx: &TtrpcContext, _req: NextEventRequest) -> TtrpcResult<Event> {
-        Ok(self.agent.next_event().await)
+        Ok(self.containers.next_event().await)
     }
 
     async fn shutdown(&self, _ctx: &TtrpcContext, _req: ShutdownRequest) -> TtrpcResult<Empty> {
         arrived("Shutdown");
-        self.agent.kill_everything();
+        self.containers.kill_everything();
         self.shutdown.notify_one();
         Ok(Empty::new())
     }
@@ -219,27 +243,9 @@ impl AgentService for Service {
         _ctx: &TtrpcContext,
         req: ConfigureNetworkRequest,
     ) -> TtrpcResult<Empty> {
-        let plan = crate::netconf::plan(&req).map_err(netconf_status)?;
-        tokio::task::spawn_blocking(move || crate::netconf::apply(&plan))
+        crate::netconf::configure(&req)
             .await
-            .map_err(|e| {
-                netconf_status(crate::netconf::NetconfError::Invalid(format!(
-                    "network task: {e}"
-                )))
-            })?
             .map_err(netconf_status)?;
         Ok(Empty::new())
     }
-}
-
-fn netconf_status(e: crate::netconf::NetconfError) -> TtrpcError {
-    let code = match &e {
-        crate::netconf::NetconfError::Invalid(_) => Code::INVALID_ARGUMENT,
-        crate::netconf::NetconfError::NoSuchInterface { .. } => Code::NOT_FOUND,
-        crate::netconf::NetconfError::Netlink { .. } => Code::INTERNAL,
-    };
-    let mut s = Status::new();
-    s.set_code(code);
-    s.set_message(e.to_string());
-    TtrpcError::RpcStatus(s)
 }

@@ -108,8 +108,9 @@ impl Agent {
         Ok(())
     }
 
-    /// Creates the container (its init is prepared, not started).
-    pub async fn create_container(&self, req: &CreateContainerRequest) -> Result<u32> {
+    /// Creates the container (its init is prepared, not started); only
+    /// [`crate::container`] builds the request.
+    pub(crate) async fn create_container(&self, req: &CreateContainerRequest) -> Result<u32> {
         Ok(self
             .client
             .create_container(ctx(Some(CALL_TIMEOUT)), req)
@@ -129,8 +130,9 @@ impl Agent {
             .pid)
     }
 
-    /// Prepares an extra process in the container.
-    pub async fn exec_process(&self, req: &ExecProcessRequest) -> Result<()> {
+    /// Prepares an extra process in the container; only
+    /// [`crate::container`] builds the request.
+    pub(crate) async fn exec_process(&self, req: &ExecProcessRequest) -> Result<()> {
         self.client
             .exec_process(ctx(Some(CALL_TIMEOUT)), req)
             .await?;

@@ -10,7 +10,9 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 mod memory;
+mod network;
 pub use memory::MemoryConfig;
+pub use network::{check_ifname, parse_subnet, NetworkConfig};
 
 /// Where the configuration is read from unless told otherwise.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/capsid/config.toml";
@@ -32,12 +34,13 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     /// The file is not valid TOML for this schema.
-    #[error("invalid config file {path}: {message}")]
+    #[error("invalid config file {path}")]
     Parse {
         /// The file.
         path: PathBuf,
         /// What the parser said, with line and column.
-        message: String,
+        #[source]
+        source: toml::de::Error,
     },
     /// A value is out of range.
     #[error("invalid config value {key}: {message}")]
@@ -201,33 +204,6 @@ impl Default for CacheConfig {
     }
 }
 
-/// `[network]`: the CNI network of `capsid run --network bridge`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct NetworkConfig {
-    /// IPv4 subnet of the bundled network (`ADDRESS/PREFIX`); the bridge
-    /// takes its first address, containers the others.
-    pub subnet: String,
-    /// Linux bridge of the bundled network.
-    pub bridge: String,
-    /// Where CNI plugins are looked up, in order (`CNI_PATH`).
-    pub plugin_dirs: Vec<PathBuf>,
-    /// A CNI conflist used instead of the bundled network (`subnet` and
-    /// `bridge` then do not apply).
-    pub conflist: Option<PathBuf>,
-}
-
-impl Default for NetworkConfig {
-    fn default() -> Self {
-        Self {
-            subnet: "10.213.0.0/24".into(),
-            bridge: "capsid0".into(),
-            plugin_dirs: vec![PathBuf::from("/usr/lib/cni"), PathBuf::from("/opt/cni/bin")],
-            conflist: None,
-        }
-    }
-}
-
 /// Smallest guest RAM the guest kernel and agent boot in.
 pub const MIN_MEMORY_MIB: u32 = 64;
 /// Most vCPUs the guest kernel is built for (`CONFIG_NR_CPUS`).
@@ -258,9 +234,9 @@ impl Config {
             source,
         })?;
         Self::parse(&text).map_err(|e| match e {
-            ConfigError::Parse { message, .. } => ConfigError::Parse {
+            ConfigError::Parse { source, .. } => ConfigError::Parse {
                 path: path.to_path_buf(),
-                message,
+                source,
             },
             other => other,
         })
@@ -268,9 +244,9 @@ impl Config {
 
     /// Parses and validates configuration text.
     pub fn parse(text: &str) -> Result<Self> {
-        let config: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let config: Self = toml::from_str(text).map_err(|source| ConfigError::Parse {
             path: PathBuf::new(),
-            message: e.message().to_string(),
+            source,
         })?;
         config.validate()?;
         Ok(config)
@@ -292,13 +268,13 @@ impl Config {
                 ),
             });
         }
-        if let Err(message) = crate::cni::conflist::check_subnet(&self.network.subnet) {
+        if let Err(message) = parse_subnet(&self.network.subnet) {
             return Err(ConfigError::Value {
                 key: "network.subnet",
                 message,
             });
         }
-        if let Err(message) = crate::cni::conflist::check_ifname(&self.network.bridge) {
+        if let Err(message) = check_ifname(&self.network.bridge) {
             return Err(ConfigError::Value {
                 key: "network.bridge",
                 message,
@@ -331,6 +307,18 @@ mod backend_choice {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The error with its sources, as the CLI and the shim print it.
+    pub(super) fn message(e: &ConfigError) -> String {
+        let mut text = e.to_string();
+        let mut source = std::error::Error::source(e);
+        while let Some(s) = source {
+            text.push_str(": ");
+            text.push_str(&s.to_string());
+            source = s.source();
+        }
+        text
+    }
 
     #[test]
     fn empty_file_means_defaults() {
@@ -375,13 +363,14 @@ mod tests {
     #[test]
     fn unknown_backend_is_named() {
         let e = Config::parse("[backend]\nkind = \"firecracker\"\n").unwrap_err();
-        assert!(e.to_string().contains("firecracker"), "{e}");
+        assert!(message(&e).contains("firecracker"), "{e}");
     }
 
     #[test]
     fn unknown_key_is_rejected() {
         let e = Config::parse("[vm]\nmemory = 5\n").unwrap_err();
-        assert!(e.to_string().contains("memory"), "{e}");
+        assert!(matches!(e, ConfigError::Parse { .. }), "{e}");
+        assert!(message(&e).contains("memory"), "{e}");
     }
 
     #[test]
@@ -394,6 +383,21 @@ mod tests {
     fn missing_explicit_file_is_an_error() {
         let e = Config::load(Some(Path::new("/nonexistent/capsid.toml"))).unwrap_err();
         assert!(matches!(e, ConfigError::Read { .. }));
+    }
+
+    #[test]
+    fn a_parse_error_names_the_file_line_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, "[vm]\nvcpus = 1\nmemory = 5\n").unwrap();
+        let e = Config::read(&path).unwrap_err();
+        let text = message(&e);
+        assert!(
+            text.starts_with(&format!("invalid config file {}: ", path.display())),
+            "{text}"
+        );
+        assert!(text.contains("line 3"), "{text}");
+        assert!(text.contains("unknown field `memory`"), "{text}");
     }
 
     #[test]

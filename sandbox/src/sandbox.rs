@@ -118,13 +118,7 @@ pub struct Sandbox {
 pub fn backend_for(config: &Config) -> Result<Arc<dyn Backend>> {
     let kind = match config.backend.kind {
         Some(kind) => kind,
-        None => {
-            let report = crate::check::HostReport::gather(config);
-            report
-                .selection
-                .backend
-                .ok_or(SandboxError::NoBackend(report.selection.reason))?
-        }
+        None => detected_backend(config)?,
     };
     match kind {
         BackendKind::QemuKvm | BackendKind::QemuTcg => Ok(Arc::new(
@@ -134,6 +128,21 @@ pub fn backend_for(config: &Config) -> Result<Arc<dyn Backend>> {
             &config.paths.vmm,
         )?)),
     }
+}
+
+/// The backend the host checks select, probed once per process: the host's
+/// KVM and QEMU do not change under a running shim or CLI, and the probe
+/// (opening /dev/kvm, running QEMU) costs more than a Create should.
+fn detected_backend(config: &Config) -> Result<BackendKind> {
+    static DETECTED: std::sync::OnceLock<std::result::Result<BackendKind, String>> =
+        std::sync::OnceLock::new();
+    DETECTED
+        .get_or_init(|| {
+            let report = crate::check::HostReport::gather(config);
+            report.selection.backend.ok_or(report.selection.reason)
+        })
+        .clone()
+        .map_err(SandboxError::NoBackend)
 }
 
 impl Sandbox {
@@ -154,10 +163,9 @@ impl Sandbox {
             !opts.balloon_opt_out,
         )?;
         let run_dir = config.paths.state_dir.join(&opts.id);
-        std::fs::create_dir_all(&run_dir).map_err(|source| SandboxError::Io {
-            what: format!("run directory {}", run_dir.display()),
-            source,
-        })?;
+        // Removed again on every early return below; the VM, once started,
+        // is killed when dropped on those paths too.
+        let run_dir_guard = RunDirGuard::create(&run_dir)?;
         let spec = VmSpec {
             name: opts.id.clone(),
             vcpus: opts.vcpus,
@@ -171,31 +179,17 @@ impl Sandbox {
             run_dir: run_dir.clone(),
         };
         let vsock_path = spec.vsock_path();
-        let listener = match agent::bind_agent_listener(&vsock_path) {
-            Ok(l) => l,
-            Err(source) => {
-                let _ = std::fs::remove_dir_all(&run_dir);
-                return Err(SandboxError::Io {
-                    what: "agent socket".into(),
-                    source,
-                });
-            }
-        };
-        let started = tokio::task::spawn_blocking(move || backend.start(&spec)).await;
-        let vm = match started {
-            Ok(Ok(vm)) => vm,
-            Ok(Err(e)) => {
-                let _ = std::fs::remove_dir_all(&run_dir);
-                return Err(e.into());
-            }
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&run_dir);
-                return Err(SandboxError::Io {
-                    what: "VM start task".into(),
-                    source: std::io::Error::other(e),
-                });
-            }
-        };
+        let listener =
+            agent::bind_agent_listener(&vsock_path).map_err(|source| SandboxError::Io {
+                what: "agent socket".into(),
+                source,
+            })?;
+        let vm = tokio::task::spawn_blocking(move || backend.start(&spec))
+            .await
+            .map_err(|e| SandboxError::Io {
+                what: "VM start task".into(),
+                source: std::io::Error::other(e),
+            })??;
         let vm_spawned = start.elapsed();
         if let Some(reg) = balloon_registration.as_mut() {
             if let Err(e) = reg.attach_vm(vm.pids().first().copied(), vm.balloon()) {
@@ -211,30 +205,16 @@ impl Sandbox {
                 return Err(SandboxError::DiedEarly { exit, console });
             }
         };
-        let agent = match agent {
-            Ok(a) => a,
-            Err(e) => {
-                stop_vm(&vm);
-                return Err(e.into());
-            }
-        };
+        let agent = agent?;
         let agent_connected = start.elapsed();
         let health_sent = start.elapsed();
-        let health = match agent.health().await {
-            Ok(h) => h,
-            Err(e) => {
-                stop_vm(&vm);
-                return Err(e.into());
-            }
-        };
+        let health = agent.health().await?;
         let health_received = start.elapsed();
         tracing::info!(id = %opts.id, version = %health.version, ?agent_connected, "agent connected");
         if let Some(network) = &opts.network {
-            if let Err(e) = agent.configure_network(network).await {
-                stop_vm(&vm);
-                return Err(e.into());
-            }
+            agent.configure_network(network).await?;
         }
+        run_dir_guard.keep();
         Ok(Self {
             id: opts.id,
             vm,
@@ -277,14 +257,10 @@ impl Sandbox {
         self.vm.lock().map(|vm| vm.pids()).unwrap_or_default()
     }
 
-    /// Binds the host ends of a new process's streams.
-    pub fn bind_streams(&self, wanted: StreamsWanted) -> Result<PendingStreams> {
-        PendingStreams::bind(&self.vsock_path, &self.ports, wanted).map_err(|source| {
-            SandboxError::Io {
-                what: "stdio sockets".into(),
-                source,
-            }
-        })
+    /// Binds the host ends of a new process's streams (for
+    /// [`crate::container`], which hands them to the agent).
+    pub(crate) fn bind_streams(&self, wanted: StreamsWanted) -> std::io::Result<PendingStreams> {
+        PendingStreams::bind(&self.vsock_path, &self.ports, wanted)
     }
 
     /// Resolves when the VM ends by itself.
@@ -302,7 +278,7 @@ impl Sandbox {
     /// anyone stops the sandbox), so the VM is ended at once: a guest
     /// power-off costs a round trip and the guest's shutdown work, and
     /// under an emulated CPU that is tens of milliseconds.
-    pub async fn stop(self) -> VmExit {
+    pub async fn stop(&self) -> VmExit {
         let vm = self.vm.clone();
         if !self.writable_disks {
             return tokio::task::spawn_blocking(move || {
@@ -329,9 +305,34 @@ impl Sandbox {
     }
 }
 
-fn stop_vm(vm: &Arc<Mutex<Box<dyn Vm>>>) {
-    if let Ok(mut vm) = vm.lock() {
-        let _ = vm.stop(Duration::from_secs(1));
+/// A run directory made for a sandbox that is still starting: removed on
+/// drop unless the sandbox started.
+struct RunDirGuard<'a> {
+    path: &'a Path,
+    keep: bool,
+}
+
+impl<'a> RunDirGuard<'a> {
+    fn create(path: &'a Path) -> Result<Self> {
+        std::fs::create_dir_all(path).map_err(|source| SandboxError::Io {
+            what: format!("run directory {}", path.display()),
+            source,
+        })?;
+        Ok(Self { path, keep: false })
+    }
+
+    fn keep(mut self) {
+        self.keep = true;
+    }
+}
+
+impl Drop for RunDirGuard<'_> {
+    fn drop(&mut self) {
+        if !self.keep {
+            if let Err(e) = std::fs::remove_dir_all(self.path) {
+                tracing::warn!(path = %self.path.display(), error = %e, "cannot remove the run directory");
+            }
+        }
     }
 }
 

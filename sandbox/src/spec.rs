@@ -48,6 +48,20 @@ pub struct ImageDefaults {
     pub user: String,
 }
 
+impl ImageDefaults {
+    /// The defaults an image's configuration sets (absent fields empty).
+    pub fn from_image(config: &oci_spec::image::ImageConfiguration) -> Self {
+        let c = config.config().clone().unwrap_or_default();
+        Self {
+            entrypoint: c.entrypoint().clone().unwrap_or_default(),
+            cmd: c.cmd().clone().unwrap_or_default(),
+            env: c.env().clone().unwrap_or_default(),
+            working_dir: c.working_dir().clone().unwrap_or_default(),
+            user: c.user().clone().unwrap_or_default(),
+        }
+    }
+}
+
 /// What the user asked for.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RunOptions {

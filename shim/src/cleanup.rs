@@ -1,22 +1,25 @@
 //! The `delete` action: containerd runs it in the bundle when a shim died
-//! or a Create failed. It removes whatever the state file says the sandbox
-//! made — the VM's processes (recognised by start time, and any process
-//! whose command line names the sandbox's run directory), the layer mount,
-//! the run directory with its sockets, per-container disks, the tap in the
-//! container's network namespace — and the shim's own socket. Running it twice is harmless.
+//! or a Create failed. It undoes what the bundle's sandbox record says was
+//! made (the same [`record::undo`] a failed Create and `capsid gc` use):
+//! the VM's processes (recognised by start time, and any process whose
+//! command line names the sandbox's run directory), the layer mount, the
+//! tap in the container's network namespace, the run directory with its
+//! sockets, per-container disks; then the shim's own socket. Running it
+//! twice is harmless.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use capsid_sandbox::backend::{kill_all, processes_naming};
+use capsid_sandbox::record::{self, HostRecord, RecordFile};
 
-use crate::rootfs;
-use crate::state::{ProcessRef, ShimState};
-
-/// How long killed VM processes get to disappear.
-const KILL_WAIT: Duration = Duration::from_secs(5);
+/// The sandbox record's name in the bundle.
+pub const STATE_FILE: &str = "capsid-state.json";
 /// The file in the bundle holding the shim's socket address.
 pub const ADDRESS_FILE: &str = "address";
+
+/// The sandbox record of `bundle`.
+pub fn state_path(bundle: &Path) -> PathBuf {
+    bundle.join(STATE_FILE)
+}
 
 /// What a cleanup did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -30,47 +33,18 @@ pub struct CleanupReport {
 /// Cleans up after the shim of `bundle`.
 pub fn clean_up(bundle: &Path) -> CleanupReport {
     let mut report = CleanupReport::default();
-    let state = match ShimState::load(bundle) {
-        Ok(state) => state,
+    let state = state_path(bundle);
+    let mut complete = true;
+    match RecordFile::<HostRecord>::load(&state) {
+        Ok(Some(host)) => {
+            let undone = record::undo(&host);
+            complete = undone.errors.is_empty();
+            report.killed = undone.killed;
+            report.removed = undone.removed;
+        }
+        Ok(None) => {}
         Err(e) => {
-            tracing::warn!(error = %crate::describe(&e), "unreadable state file; cleaning what can be found");
-            None
-        }
-    };
-    if let Some(state) = &state {
-        let mut victims: Vec<ProcessRef> = state
-            .vm_processes
-            .iter()
-            .copied()
-            .filter(ProcessRef::is_alive)
-            .collect();
-        if !state.run_dir.as_os_str().is_empty() {
-            for pid in processes_naming(&state.run_dir) {
-                if let Some(p) = ProcessRef::of(pid) {
-                    if !victims.contains(&p) {
-                        victims.push(p);
-                    }
-                }
-            }
-        }
-        for pid in kill_all(&victims, KILL_WAIT) {
-            tracing::info!(pid, "killed sandbox process");
-            report.killed.push(pid);
-        }
-        if let Some(mp) = &state.mount_point {
-            rootfs::unmount(mp);
-        }
-        // After the VM's processes: none holds the tap open any more.
-        if let Some(net) = &state.network {
-            crate::network::detach_leftovers(net);
-        }
-        if remove(&state.run_dir) {
-            report.removed.push(state.run_dir.clone());
-        }
-        for file in &state.scratch_files {
-            if remove(file) {
-                report.removed.push(file.clone());
-            }
+            tracing::warn!(error = %crate::describe(&e), "unreadable sandbox record; cleaning what can be found");
         }
     }
     if let Some(socket) = shim_socket(bundle) {
@@ -78,8 +52,11 @@ pub fn clean_up(bundle: &Path) -> CleanupReport {
             report.removed.push(socket);
         }
     }
-    if let Err(e) = ShimState::remove(bundle) {
-        tracing::warn!(error = %crate::describe(&e), "cannot remove state file");
+    // A record whose undo failed stays for the next delete to retry.
+    if complete {
+        if let Err(e) = RecordFile::<HostRecord>::remove(&state) {
+            tracing::warn!(error = %crate::describe(&e), "cannot remove the sandbox record");
+        }
     }
     tracing::info!(killed = ?report.killed, removed = ?report.removed, "cleaned up");
     report
@@ -114,7 +91,9 @@ fn remove(path: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use capsid_sandbox::process::ProcessRef;
     use std::process::Command;
+    use std::time::Duration;
 
     #[test]
     fn a_dead_shims_leftovers_go_and_twice_is_fine() {
@@ -152,15 +131,13 @@ mod tests {
         let mut ours = cat(run_dir.join("x"));
         let mut theirs = cat(sibling.join("x"));
         let recorded = Command::new("sleep").arg("1000").spawn().unwrap();
-        let state = ShimState {
-            sandbox: "default-t1".into(),
-            run_dir: run_dir.clone(),
+        let state = HostRecord {
             vm_processes: vec![ProcessRef::of(recorded.id()).unwrap()],
-            mount_point: Some(bundle.join("capsid-lowers")),
+            mounts: vec![bundle.join("capsid-lowers")],
             scratch_files: vec![scratch.clone()],
-            network: None,
+            ..HostRecord::new("default-t1", &run_dir)
         };
-        state.save(&bundle).unwrap();
+        RecordFile::create(state_path(&bundle), state).unwrap();
         std::thread::sleep(Duration::from_millis(50));
 
         let report = clean_up(&bundle);
@@ -176,7 +153,7 @@ mod tests {
         );
         assert!(!run_dir.exists() && !scratch.exists());
         assert!(sibling.exists());
-        assert!(!crate::state::path(&bundle).exists());
+        assert!(!state_path(&bundle).exists());
 
         assert_eq!(clean_up(&bundle), CleanupReport::default());
         theirs.kill().unwrap();

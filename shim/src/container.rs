@@ -1,8 +1,8 @@
-//! One task: a container in its own sandbox VM. Create sizes and boots the
-//! VM with the rootfs disk and creates the container through the agent;
-//! every process gets a watcher that publishes TaskExit once its output is
-//! copied out (or once the VM died); Delete stops the VM and removes all
-//! the container made on the host.
+//! One task: a container in its own sandbox VM. Create (see
+//! [`crate::create`]) boots the VM with the rootfs disk and creates the
+//! container through the agent; every process gets a watcher that publishes
+//! TaskExit once its output is copied out (or once the VM died); Delete
+//! stops the VM and undoes the sandbox's record of what it made.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -10,44 +10,33 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use capsid_protocol::agent::{
-    event, BlockLayer, CreateContainerRequest, ExecProcessRequest, Rootfs,
-};
+use capsid_protocol::agent::event;
 use capsid_sandbox::agent::{Agent, AgentError};
-use capsid_sandbox::backend::{DiskSpec, VmExit};
+use capsid_sandbox::backend::VmExit;
 use capsid_sandbox::config::Config;
 use capsid_sandbox::image::RootfsCache;
-use capsid_sandbox::network::{NetworkError, TapAttachment};
-use capsid_sandbox::sandbox::{backend_for, Sandbox, SandboxError, SandboxOptions};
-use capsid_sandbox::stdio::PendingStreams;
+use capsid_sandbox::network::NetworkError;
+use capsid_sandbox::record::{self, HostRecord, RecordError, RecordFile};
+use capsid_sandbox::sandbox::{Sandbox, SandboxError};
 use containerd_shim_protos::events::task::{TaskExit, TaskOOM};
 use futures::FutureExt;
-use oci_spec::runtime::Spec;
-use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::create::{self, Plan};
 use crate::events::Events;
 use crate::io::{IoError, ProcessIo, StdioPaths};
-use crate::network;
 use crate::process::{ExitInfo, Process, Status};
-use crate::rootfs::{self, RootfsDisk, RootfsError, RootfsSource};
+use crate::rootfs::{RootfsDisk, RootfsError};
 use crate::sizing::{self, SizingError, VmSize};
-use crate::spec::{self, SpecError};
-use crate::state::{ProcessRef, ShimState, StateError};
+use crate::spec::SpecError;
 
-/// Serial of the rootfs disk in the guest.
-const ROOTFS_SERIAL: &str = "capsid-rootfs";
 /// Exit status reported when the VM died under a process.
 pub const VM_FAULT_STATUS: u32 = 255;
 /// How long output may take to be copied out after a process exited.
 const OUTPUT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long the agent may take to connect a process's streams.
-const STREAM_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often the VM is checked for having died.
 const VM_POLL: Duration = Duration::from_millis(100);
-/// Where the merged layers are mounted while a disk is built.
-const LOWERS_MOUNT: &str = "capsid-lowers";
 
 /// Errors of container operations, by the kind containerd is told.
 #[derive(Debug, thiserror::Error)]
@@ -94,12 +83,18 @@ pub enum ContainerError {
     /// The agent failed.
     #[error(transparent)]
     Agent(#[from] AgentError),
-    /// The state file failed.
+    /// Creating the container or a process in the sandbox failed.
     #[error(transparent)]
-    State(#[from] StateError),
+    Process(#[from] capsid_sandbox::container::ContainerError),
+    /// The sandbox record cannot be written.
+    #[error(transparent)]
+    Record(#[from] RecordError),
     /// The network could not be attached.
     #[error(transparent)]
     Network(#[from] NetworkError),
+    /// The spec names a network namespace capsid cannot use.
+    #[error(transparent)]
+    BadNetns(NetworkError),
     /// A host-side task failed.
     #[error("internal error: {0}")]
     Internal(String),
@@ -135,7 +130,7 @@ pub struct Container {
     /// The VM's size.
     pub size: VmSize,
     agent: Agent,
-    sandbox: Mutex<Option<Sandbox>>,
+    sandbox: Mutex<Option<Arc<Sandbox>>>,
     vm_exit: watch::Receiver<Option<VmExit>>,
     /// An OOM kill was published as TaskOOM already (the agent's event and
     /// a process's exit status both tell of it; containerd hears it once).
@@ -143,234 +138,36 @@ pub struct Container {
     execs: Mutex<HashMap<String, Arc<Process>>>,
     paused: AtomicBool,
     rootfs: Mutex<Option<RootfsDisk>>,
-    network: Mutex<Option<TapAttachment>>,
+    /// What the sandbox made on the host, undone by [`Container::destroy`].
+    record: Mutex<Option<RecordFile<HostRecord>>>,
     config: Config,
     events: Events,
     background: Mutex<Vec<JoinHandle<()>>>,
-}
-
-/// The sandbox's name: readable when short, a digest otherwise (it names
-/// a run directory whose sockets must fit in a Unix socket path).
-pub fn sandbox_name(namespace: &str, id: &str) -> String {
-    let name = format!("{namespace}-{id}");
-    if name.len() <= 48 {
-        return name;
-    }
-    let digest = format!(
-        "{:x}",
-        Sha256::digest(format!("{namespace}/{id}").as_bytes())
-    );
-    format!("c-{}", &digest[..30])
-}
-
-/// What Create made so far, undone if it fails.
-#[derive(Debug, Default)]
-struct Partial {
-    bundle: PathBuf,
-    state: ShimState,
-    rootfs: Option<RootfsDisk>,
-    sandbox: Option<Sandbox>,
-    network: Option<TapAttachment>,
-}
-
-impl Partial {
-    async fn undo(mut self) {
-        if let Some(sb) = self.sandbox.take() {
-            sb.stop().await;
-        }
-        if let Some(att) = self.network.take() {
-            network::detach(att).await;
-        }
-        release_rootfs(self.rootfs.take());
-        if let Some(mp) = &self.state.mount_point {
-            rootfs::unmount(mp);
-        }
-        let _ = std::fs::remove_dir_all(&self.state.run_dir);
-        let _ = ShimState::remove(&self.bundle);
-    }
-}
-
-/// Drops the disk lease; a disk made for this container alone is removed.
-fn release_rootfs(disk: Option<RootfsDisk>) {
-    if let Some(disk) = disk {
-        let path = disk.prepared.path.clone();
-        let scratch = disk.scratch;
-        drop(disk);
-        if scratch {
-            if let Err(e) = std::fs::remove_file(&path) {
-                tracing::warn!(path = %path.display(), error = %e, "cannot remove rootfs disk");
-            }
-        }
-    }
 }
 
 impl Container {
     /// Boots the sandbox and creates the container in it (its init is
     /// prepared, not started). On error nothing is left behind.
     pub async fn create(req: CreateRequest, config: Config, events: Events) -> Result<Arc<Self>> {
-        let mut partial = Partial {
-            bundle: req.bundle.clone(),
-            ..Default::default()
-        };
-        match Self::create_in(&req, config, events, &mut partial).await {
-            Ok(c) => Ok(c),
-            Err(e) => {
-                partial.undo().await;
-                Err(e)
-            }
-        }
-    }
-
-    async fn create_in(
-        req: &CreateRequest,
-        config: Config,
-        events: Events,
-        partial: &mut Partial,
-    ) -> Result<Arc<Self>> {
-        let spec_path = req.bundle.join("config.json");
-        let text = std::fs::read(&spec_path).map_err(|source| ContainerError::Bundle {
-            path: spec_path.clone(),
-            source,
-        })?;
-        let mut spec: Spec = serde_json::from_slice(&text)
-            .map_err(|e| ContainerError::SpecParse(oci_spec::OciSpecError::SerDe(e)))?;
-        let netns = network::netns_path(&spec);
-        if let Some(path) = &netns {
-            network::check_netns(path).map_err(|e| ContainerError::Invalid(e.to_string()))?;
-        }
-        // Read before adapt() drops the bind mount that carries it.
-        let spec_dns = network::dns_from_spec(&spec);
-        for change in spec::adapt(&mut spec)? {
-            tracing::info!(container = %req.id, "{change}");
-        }
-        let size = sizing::vm_size(&spec, &config.vm)?;
-        let balloon_policy = sizing::balloon_policy(&spec)?;
-        req.stdio.validate()?;
-        let root = spec
-            .root()
-            .as_ref()
-            .map(|r| r.path().clone())
-            .unwrap_or_else(|| PathBuf::from("rootfs"));
-        let source = RootfsSource::from_mounts(&req.rootfs, &req.bundle.join(root))?;
-
-        let name = sandbox_name(&req.namespace, &req.id);
-        partial.state = ShimState {
-            sandbox: name.clone(),
-            run_dir: config.paths.state_dir.join(&name),
-            mount_point: Some(req.bundle.join(LOWERS_MOUNT)),
-            ..Default::default()
-        };
-        partial.state.save(&req.bundle)?;
-
-        let disk = {
-            let cache = RootfsCache::new(&config.paths.cache_dir);
-            let (name, mount_point) = (name.clone(), req.bundle.join(LOWERS_MOUNT));
-            tokio::task::spawn_blocking(move || {
-                rootfs::prepare(&cache, &source, &name, &mount_point)
-            })
-            .await
-            .map_err(|e| ContainerError::Internal(e.to_string()))??
-        };
-        if disk.scratch {
-            partial.state.scratch_files.push(disk.prepared.path.clone());
-        }
-        partial.state.mount_point = None;
-        partial.state.save(&req.bundle)?;
-        let disk_spec = DiskSpec {
-            path: disk.prepared.path.clone(),
-            readonly: true,
-            serial: ROOTFS_SERIAL.into(),
-        };
-        let fs_type = disk.prepared.fs_type.to_string();
-        partial.rootfs = Some(disk);
-
-        if let Some(path) = &netns {
-            let record = network::record_for(path, &name);
-            partial.state.network = Some(record.clone());
-            partial.state.save(&req.bundle)?;
-            partial.network = Some(network::attach(&record).await?);
-        }
-        let backend = backend_for(&config)?;
-        let opts = SandboxOptions {
-            id: name.clone(),
-            vcpus: size.vcpus,
-            memory_mib: size.memory_mib,
-            disks: vec![disk_spec],
-            net: partial.network.as_ref().map(TapAttachment::net_spec),
-            kernel_args: Vec::new(),
-            network: partial.network.as_ref().map(|a| a.guest.clone()),
-            balloon_opt_out: !balloon_policy,
-        };
-        let sandbox = Sandbox::start(&config, backend, opts).await?;
-        partial.state.vm_processes = sandbox
-            .pids()
-            .into_iter()
-            .filter_map(ProcessRef::of)
-            .collect();
-        let timings = sandbox.timings;
-        let pending = sandbox.bind_streams(req.stdio.wanted())?;
-        let agent = sandbox.agent().clone();
-        partial.sandbox = Some(sandbox);
-        partial.state.save(&req.bundle)?;
-        tracing::info!(
-            container = %req.id,
-            sandbox = %name,
-            vcpus = size.vcpus,
-            memory_mib = size.memory_mib,
-            vm_spawned_ms = timings.vm_spawned.as_millis(),
-            agent_connected_ms = timings.agent_connected.as_millis(),
-            guest_boot_ms = timings.guest_boot_to_agent.as_millis(),
-            "sandbox started"
-        );
-
-        let mut create = CreateContainerRequest::new();
-        create.container_id = req.id.clone();
-        create.oci_spec_json =
-            serde_json::to_vec(&spec).map_err(|e| ContainerError::Internal(e.to_string()))?;
-        let mut layer = BlockLayer::new();
-        layer.disk_serial = ROOTFS_SERIAL.into();
-        layer.fs_type = fs_type;
-        let mut rootfs = Rootfs::new();
-        rootfs.layers.push(layer);
-        rootfs.readonly = spec
-            .root()
-            .as_ref()
-            .and_then(|r| r.readonly())
-            .unwrap_or(false);
-        create.rootfs = protobuf::MessageField::some(rootfs);
-        create.stdio = protobuf::MessageField::some(pending.stdio.clone());
-        let dns = spec_dns.or_else(|| {
-            partial
-                .network
-                .as_ref()
-                .map(|a| a.guest.dns.clone())
-                .filter(|d| !d.is_empty())
-        });
-        if let Some(dns) = dns {
-            create.dns_servers = dns.servers;
-            create.dns_search = dns.search;
-            create.dns_options = dns.options;
-        }
-        let (pid, streams) = with_streams(pending, agent.create_container(&create)).await?;
+        let plan = Plan::read(&req, &config)?;
+        let made = create::make(&req, &plan, &config).await?;
         let init = Process::new("", req.stdio.clone());
-        init.set_pid(pid);
-        init.set_io(ProcessIo::connect(&req.stdio, streams).await?);
-
-        let sandbox = partial.sandbox.take();
+        init.set_pid(made.pid);
+        init.set_io(made.io);
         let (vm_tx, vm_exit) = watch::channel(None);
         let container = Arc::new(Self {
             id: req.id.clone(),
             bundle: req.bundle.clone(),
             init,
-            size,
-            agent,
-            sandbox: Mutex::new(sandbox),
+            size: plan.size,
+            agent: made.sandbox.agent().clone(),
+            sandbox: Mutex::new(Some(made.sandbox)),
             vm_exit,
             oom_reported: Arc::new(AtomicBool::new(false)),
             execs: Mutex::new(HashMap::new()),
             paused: AtomicBool::new(false),
-            rootfs: Mutex::new(partial.rootfs.take()),
-            network: Mutex::new(partial.network.take()),
+            rootfs: Mutex::new(Some(made.rootfs)),
+            record: Mutex::new(Some(made.record)),
             config,
             events,
             background: Mutex::new(Vec::new()),
@@ -389,12 +186,21 @@ impl Container {
         Ok(container)
     }
 
+    /// The running sandbox.
+    fn sandbox(&self) -> Result<Arc<Sandbox>> {
+        self.sandbox
+            .lock()
+            .map_err(|_| poisoned())?
+            .clone()
+            .ok_or_else(|| ContainerError::FailedPrecondition("the sandbox is gone".into()))
+    }
+
     /// The VM's host processes.
     pub fn vm_pids(&self) -> Vec<u32> {
         self.sandbox
             .lock()
             .ok()
-            .and_then(|s| s.as_ref().map(Sandbox::pids))
+            .and_then(|s| s.as_ref().map(|s| s.pids()))
             .unwrap_or_default()
     }
 
@@ -424,8 +230,9 @@ impl Container {
                 self.id
             )));
         }
+        let sandbox = self.sandbox()?;
         if exec_id.is_empty() {
-            let pid = self.agent.start_process(&self.id, "").await?;
+            let pid = sandbox.start_init(&self.id).await?;
             process.set_started();
             return Ok(pid);
         }
@@ -438,8 +245,7 @@ impl Container {
         let pending = process.take_pending().ok_or_else(|| {
             ContainerError::FailedPrecondition(format!("exec {exec_id:?} is being started"))
         })?;
-        let (pid, streams) =
-            with_streams(pending, self.agent.start_process(&self.id, exec_id)).await?;
+        let (pid, streams) = sandbox.start_exec(&self.id, pending).await?;
         process.set_pid(pid);
         process.set_io(ProcessIo::connect(&process.stdio, streams).await?);
         process.set_started();
@@ -470,13 +276,10 @@ impl Container {
             execs.insert(exec_id.to_string(), process.clone());
         }
         let prepared = async {
-            let pending = self.bind_streams(&process.stdio)?;
-            let mut req = ExecProcessRequest::new();
-            req.container_id = self.id.clone();
-            req.exec_id = exec_id.to_string();
-            req.oci_process_json = process_json.to_vec();
-            req.stdio = protobuf::MessageField::some(pending.stdio.clone());
-            self.agent.exec_process(&req).await?;
+            let pending = self
+                .sandbox()?
+                .prepare_exec(&self.id, exec_id, process_json, process.stdio.wanted())
+                .await?;
             process.set_pending(pending);
             Ok(())
         }
@@ -487,14 +290,6 @@ impl Container {
             }
         }
         prepared
-    }
-
-    fn bind_streams(&self, stdio: &StdioPaths) -> Result<PendingStreams> {
-        let guard = self.sandbox.lock().map_err(|_| poisoned())?;
-        let sandbox = guard
-            .as_ref()
-            .ok_or_else(|| ContainerError::FailedPrecondition("the sandbox is gone".into()))?;
-        Ok(sandbox.bind_streams(stdio.wanted())?)
     }
 
     /// Signals a process (or, with `all`, every process of the container).
@@ -619,13 +414,22 @@ impl Container {
             let exit = sandbox.stop().await;
             tracing::info!(container = %self.id, ?exit, "sandbox stopped");
         }
-        let attachment = self.network.lock().ok().and_then(|mut n| n.take());
-        if let Some(attachment) = attachment {
-            network::detach(attachment).await;
+        // The disk lease goes before the record's undo removes a disk made
+        // for this container alone.
+        drop(self.rootfs.lock().ok().and_then(|mut r| r.take()));
+        let file = self.record.lock().ok().and_then(|mut r| r.take());
+        if let Some(file) = file {
+            let host = file.record().clone();
+            let undone = tokio::task::spawn_blocking(move || record::undo(&host))
+                .await
+                .map_err(|e| ContainerError::Internal(format!("teardown task: {e}")))?;
+            // What could not be removed stays recorded for containerd's
+            // `delete` to retry.
+            if undone.errors.is_empty() {
+                RecordFile::<HostRecord>::remove(file.path())?;
+            }
         }
-        release_rootfs(self.rootfs.lock().ok().and_then(|mut r| r.take()));
         self.evict_cache();
-        ShimState::remove(&self.bundle)?;
         Ok(())
     }
 
@@ -709,34 +513,6 @@ impl Container {
     }
 }
 
-/// Binds nothing new: accepts the agent's stream connections for `pending`
-/// while `call` (CreateContainer or StartProcess, during which the agent
-/// connects them) runs.
-async fn with_streams<F>(
-    pending: PendingStreams,
-    call: F,
-) -> Result<(u32, capsid_sandbox::stdio::Streams)>
-where
-    F: std::future::Future<Output = std::result::Result<u32, AgentError>>,
-{
-    let accept = tokio::spawn(pending.accept());
-    let pid = match call.await {
-        Ok(pid) => pid,
-        Err(e) => {
-            accept.abort();
-            return Err(e.into());
-        }
-    };
-    let streams = tokio::time::timeout(STREAM_TIMEOUT, accept)
-        .await
-        .map_err(|_| {
-            ContainerError::Internal("the agent did not connect the process's stdio".into())
-        })?
-        .map_err(|e| ContainerError::Internal(e.to_string()))?
-        .map_err(|e| ContainerError::Internal(format!("stdio: {e}")))?;
-    Ok((pid, streams))
-}
-
 /// Watches the VM: publishes its end to the process watchers.
 async fn monitor_vm(container: std::sync::Weak<Container>, tx: watch::Sender<Option<VmExit>>) {
     loop {
@@ -789,16 +565,6 @@ fn poisoned() -> ContainerError {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sandbox_names_fit_socket_paths() {
-        assert_eq!(sandbox_name("default", "t1"), "default-t1");
-        let long = "a".repeat(64);
-        let name = sandbox_name("k8s.io", &long);
-        assert_eq!(name.len(), 32);
-        assert!(name.starts_with("c-"));
-        assert_ne!(name, sandbox_name("other", &long));
-    }
 
     #[test]
     fn errors_say_what_is_wrong() {

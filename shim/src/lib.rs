@@ -6,6 +6,7 @@
 pub mod bootstrap;
 pub mod cleanup;
 pub mod container;
+pub mod create;
 pub mod events;
 pub mod io;
 pub mod logging;
@@ -17,7 +18,7 @@ pub mod rootfs;
 pub mod shutdown;
 pub mod sizing;
 pub mod spec;
-pub mod state;
+
 pub mod task;
 
 /// An error with its sources, as one line: `what: why: root cause`.
@@ -43,11 +44,14 @@ mod tests {
     fn sources_are_chained_once() {
         let inner = std::io::Error::other("disk full");
         let e = cleanup_error(inner);
-        assert_eq!(describe(&e), "cannot write /x: disk full");
+        assert_eq!(
+            describe(&e),
+            "cannot write the sandbox record /x: disk full"
+        );
     }
 
-    fn cleanup_error(source: std::io::Error) -> state::StateError {
-        state::StateError::Write {
+    fn cleanup_error(source: std::io::Error) -> capsid_sandbox::record::RecordError {
+        capsid_sandbox::record::RecordError::Write {
             path: "/x".into(),
             source,
         }

@@ -6,18 +6,9 @@
 
 use std::path::{Path, PathBuf};
 
-use capsid_sandbox::network::{self, GuestDns, NetworkError, TapAttachment};
+use capsid_sandbox::netns::{self, NetnsError};
+use capsid_sandbox::network::{self, GuestDns, NetworkError, TapAttachment, TapRecord};
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
-use serde::{Deserialize, Serialize};
-
-/// What cleanup needs to undo an attachment (saved before it is made).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NetworkRecord {
-    /// The network namespace file.
-    pub netns: PathBuf,
-    /// The tap made in it.
-    pub tap: String,
-}
 
 /// The CRI plugin's annotation telling a pod's sandbox (pause) container
 /// from the pod's application containers.
@@ -48,50 +39,18 @@ pub fn netns_path(spec: &Spec) -> Option<PathBuf> {
 
 /// Checks the namespace exists, before anything is made for the container.
 pub fn check_netns(path: &Path) -> Result<(), NetworkError> {
-    if path.exists() {
-        Ok(())
-    } else {
-        Err(NetworkError::NoNetns {
-            path: path.to_owned(),
-        })
-    }
+    Ok(netns::check_exists(path)?)
 }
 
-/// The record for sandbox `sandbox` in `netns`.
-pub fn record_for(netns: &Path, sandbox: &str) -> NetworkRecord {
-    NetworkRecord {
-        netns: netns.to_owned(),
-        tap: network::tap_name_for(sandbox),
-    }
-}
-
-/// Makes the tap and wiring of `record` (blocking work off the runtime).
-pub async fn attach(record: &NetworkRecord) -> Result<TapAttachment, NetworkError> {
-    let record = record.clone();
-    tokio::task::spawn_blocking(move || network::attach(&record.netns, &record.tap))
+/// Makes the tap and wiring of `tap` (blocking work off the runtime).
+pub async fn attach(tap: &TapRecord) -> Result<TapAttachment, NetworkError> {
+    let tap = tap.clone();
+    tokio::task::spawn_blocking(move || network::attach(&tap.netns, &tap.tap))
         .await
-        .map_err(|e| NetworkError::Spawn {
+        .map_err(|e| NetnsError::Spawn {
             program: "network attach task".into(),
             source: std::io::Error::other(e),
         })?
-}
-
-/// Removes an attachment; failures are logged (delete must go on).
-pub async fn detach(attachment: TapAttachment) {
-    let tap = attachment.tap.clone();
-    let done = tokio::task::spawn_blocking(move || attachment.detach()).await;
-    match done {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!(tap, error = %crate::describe(&e), "cannot detach the tap"),
-        Err(e) => tracing::warn!(tap, error = %e, "tap detach task failed"),
-    }
-}
-
-/// Removes what a dead shim left of `record` (blocking).
-pub fn detach_leftovers(record: &NetworkRecord) {
-    if let Err(e) = network::detach_leftovers(&record.netns, &record.tap) {
-        tracing::warn!(tap = %record.tap, error = %crate::describe(&e), "cannot remove the tap");
-    }
 }
 
 /// Resolver settings the spec carries as a bind mount of a host file on

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use capsid_sandbox::stdio::PendingStreams;
+use capsid_sandbox::container::PreparedExec;
 use containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -74,7 +74,7 @@ pub struct Process {
     started: AtomicBool,
     exit: watch::Sender<Option<ExitInfo>>,
     io: Mutex<Option<Arc<ProcessIo>>>,
-    pending: Mutex<Option<PendingStreams>>,
+    pending: Mutex<Option<PreparedExec>>,
     watcher: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -162,15 +162,15 @@ impl Process {
         }
     }
 
-    /// Stream listeners bound at Exec, accepted at Start.
-    pub fn set_pending(&self, pending: PendingStreams) {
+    /// The process the agent prepared at Exec, started at Start.
+    pub fn set_pending(&self, pending: PreparedExec) {
         if let Ok(mut slot) = self.pending.lock() {
             *slot = Some(pending);
         }
     }
 
-    /// Takes the listeners bound at Exec (once).
-    pub fn take_pending(&self) -> Option<PendingStreams> {
+    /// Takes the process prepared at Exec (once).
+    pub fn take_pending(&self) -> Option<PreparedExec> {
         self.pending.lock().ok().and_then(|mut p| p.take())
     }
 

@@ -55,6 +55,7 @@ fn to_ttrpc(e: ContainerError) -> ttrpc::Error {
         | ContainerError::SpecParse(_)
         | ContainerError::Spec(_)
         | ContainerError::Sizing(_)
+        | ContainerError::BadNetns(_)
         | ContainerError::Io(_) => Code::INVALID_ARGUMENT,
         _ => Code::UNKNOWN,
     };

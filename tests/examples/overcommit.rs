@@ -28,7 +28,7 @@ use capsid_sandbox::config::BackendKind;
 use capsid_sandbox::sandbox::{Sandbox, SandboxOptions};
 use capsid_tests::artifact;
 use capsid_tests::cachefill::{random_file_erofs, start_detached, CACHE_SERIAL};
-use capsid_tests::sandbox::{erofs_from_layout, run_container, sh, test_config, ROOTFS_SERIAL};
+use capsid_tests::sandbox::{busybox_layer, erofs_from_layout, run_container, sh, test_config};
 
 const CACHE_MIB: usize = 200;
 const WORK_MIB: usize = 150;
@@ -182,11 +182,7 @@ async fn main() {
             vcpus: 1,
             memory_mib: a.memory_mib,
             disks: vec![
-                DiskSpec {
-                    path: rootfs.clone(),
-                    readonly: true,
-                    serial: ROOTFS_SERIAL.into(),
-                },
+                busybox_layer().disk_spec(rootfs.clone()),
                 DiskSpec {
                     path: cache_disk.clone(),
                     readonly: true,

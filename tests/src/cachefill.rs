@@ -5,11 +5,11 @@
 
 use std::path::{Path, PathBuf};
 
-use capsid_protocol::agent::BlockLayer;
+use capsid_sandbox::container::LayerDisk;
 use capsid_sandbox::sandbox::Sandbox;
 use capsid_sandbox::stdio::StreamsWanted;
 
-use crate::sandbox::{create_request, sh};
+use crate::sandbox::{busybox_layer, create_on, sh};
 
 /// Serial of the disk holding the file read into the page cache.
 pub const CACHE_SERIAL: &str = "capsid-cachefill";
@@ -51,24 +51,24 @@ pub async fn start_detached(
     script: &str,
     first_line: &str,
 ) -> tokio::io::BufReader<tokio::net::UnixStream> {
-    let pending = sb
-        .bind_streams(StreamsWanted {
-            stdin: false,
-            stdout: true,
-            stderr: false,
-            terminal: false,
-        })
-        .unwrap();
-    let mut req = create_request(id, &sh(script));
-    let mut layer = BlockLayer::new();
-    layer.disk_serial = CACHE_SERIAL.into();
-    layer.fs_type = "erofs".into();
-    req.rootfs.as_mut().unwrap().layers.push(layer);
-    req.stdio = protobuf::MessageField::some(pending.stdio.clone());
-    let (created, streams) = tokio::join!(sb.agent().create_container(&req), pending.accept());
-    created.unwrap();
-    let streams = streams.unwrap();
-    sb.agent().start_process(id, "").await.unwrap();
+    let layers = [
+        busybox_layer(),
+        LayerDisk {
+            serial: CACHE_SERIAL.into(),
+            fs_type: "erofs".into(),
+        },
+    ];
+    let wanted = StreamsWanted {
+        stdin: false,
+        stdout: true,
+        stderr: false,
+        terminal: false,
+    };
+    let streams = create_on(sb, id, &sh(script), &layers, wanted)
+        .await
+        .unwrap()
+        .streams;
+    sb.start_init(id).await.unwrap();
     let mut stdout = tokio::io::BufReader::new(streams.stdout.unwrap());
     let mut line = String::new();
     tokio::io::AsyncBufReadExt::read_line(&mut stdout, &mut line)

@@ -6,19 +6,15 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
-use capsid_protocol::agent::{BlockLayer, CreateContainerRequest, Rootfs};
 use capsid_sandbox::backend::qemu::QemuBackend;
-use capsid_sandbox::backend::DiskSpec;
 use capsid_sandbox::config::{BackendKind, Config};
+use capsid_sandbox::container::{ContainerError, ContainerSpec, Created, LayerDisk};
 use capsid_sandbox::sandbox::{Sandbox, SandboxOptions};
 use capsid_sandbox::spec::{self, ImageDefaults, RunOptions};
 use capsid_sandbox::stdio::StreamsWanted;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::{artifact, bin};
-
-/// Serial of the rootfs disk the tests attach.
-pub const ROOTFS_SERIAL: &str = "capsid-rootfs";
 
 /// An erofs image of an OCI image layout's layers (applied in order with
 /// plain tar: fine for the single-layer busybox image).
@@ -88,11 +84,7 @@ pub async fn busybox_sandbox(dir: &Path, id: &str) -> Sandbox {
         id: id.into(),
         vcpus: 1,
         memory_mib: 256,
-        disks: vec![DiskSpec {
-            path: rootfs,
-            readonly: true,
-            serial: ROOTFS_SERIAL.into(),
-        }],
+        disks: vec![busybox_layer().disk_spec(rootfs)],
         net: None,
         kernel_args: vec![],
         network: None,
@@ -114,42 +106,68 @@ pub struct Output {
     pub stderr: Vec<u8>,
 }
 
-/// The create request for container `id` running `opts` on the busybox rootfs.
-pub fn create_request(id: &str, opts: &RunOptions) -> CreateContainerRequest {
+/// The busybox rootfs layer the tests attach (see [`erofs_from_layout`]).
+pub fn busybox_layer() -> LayerDisk {
+    LayerDisk::primary("erofs")
+}
+
+/// The OCI spec running `opts` with the busybox image's defaults.
+pub fn oci_spec(opts: &RunOptions) -> oci_spec::runtime::Spec {
     let image = ImageDefaults {
         cmd: vec!["/bin/sh".into()],
         ..Default::default()
     };
-    let spec = spec::build(&image, opts).unwrap();
-    let mut req = CreateContainerRequest::new();
-    req.container_id = id.into();
-    req.oci_spec_json = serde_json::to_vec(&spec).unwrap();
-    let mut layer = BlockLayer::new();
-    layer.disk_serial = ROOTFS_SERIAL.into();
-    layer.fs_type = "erofs".into();
-    let mut rootfs = Rootfs::new();
-    rootfs.layers.push(layer);
-    req.rootfs = protobuf::MessageField::some(rootfs);
-    req
+    spec::build(&image, opts).unwrap()
+}
+
+/// Every stream, with a terminal if `opts` asks for one.
+pub fn all_streams(opts: &RunOptions) -> StreamsWanted {
+    StreamsWanted {
+        stdin: true,
+        stdout: true,
+        stderr: true,
+        terminal: opts.tty,
+    }
+}
+
+/// Creates container `id` running `opts` on `layers` (lowest first); its
+/// init waits to be started.
+pub async fn create_on(
+    sb: &Sandbox,
+    id: &str,
+    opts: &RunOptions,
+    layers: &[LayerDisk],
+    streams: StreamsWanted,
+) -> Result<Created, ContainerError> {
+    let oci = oci_spec(opts);
+    sb.create_container(ContainerSpec {
+        id,
+        oci: &oci,
+        layers,
+        dns: None,
+        streams,
+    })
+    .await
+}
+
+/// Creates container `id` running `opts` on the busybox rootfs.
+pub async fn create(
+    sb: &Sandbox,
+    id: &str,
+    opts: &RunOptions,
+    streams: StreamsWanted,
+) -> Result<Created, ContainerError> {
+    create_on(sb, id, opts, &[busybox_layer()], streams).await
 }
 
 /// Creates and starts container `id` in `sb`, feeds it `stdin`, and
 /// collects its output until it exits.
 pub async fn run_container(sb: &Sandbox, id: &str, opts: &RunOptions, stdin: &[u8]) -> Output {
-    let pending = sb
-        .bind_streams(StreamsWanted {
-            stdin: true,
-            stdout: true,
-            stderr: true,
-            terminal: opts.tty,
-        })
-        .unwrap();
-    let mut req = create_request(id, opts);
-    req.stdio = protobuf::MessageField::some(pending.stdio.clone());
-    let (created, streams) = tokio::join!(sb.agent().create_container(&req), pending.accept());
-    created.unwrap();
-    let streams = streams.unwrap();
-    sb.agent().start_process(id, "").await.unwrap();
+    let streams = create(sb, id, opts, all_streams(opts))
+        .await
+        .unwrap()
+        .streams;
+    sb.start_init(id).await.unwrap();
     let input = stdin.to_vec();
     let mut stdin_stream = streams.stdin.unwrap();
     let feeder = tokio::spawn(async move {

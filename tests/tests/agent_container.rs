@@ -1,10 +1,9 @@
 //! The guest agent runs OCI containers: a real guest under QEMU-TCG, the
 //! busybox rootfs on our virtio-blk, stdio over our vsock.
 
-use capsid_protocol::agent::ExecProcessRequest;
 use capsid_sandbox::spec::RunOptions;
 use capsid_sandbox::stdio::StreamsWanted;
-use capsid_tests::sandbox::{busybox_sandbox, create_request, run_container, sh};
+use capsid_tests::sandbox::{all_streams, busybox_sandbox, create, run_container, sh};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 
@@ -27,23 +26,17 @@ async fn output_exit_codes_and_cleanup() {
     let out = run_container(&sb, "c3", &sh("sleep 100 & kill -9 $!; wait $!"), b"").await;
     assert_eq!(out.status, 137, "child killed by signal 9");
     // A command that does not exist is the container's failure, reported.
-    let pending = sb
-        .bind_streams(StreamsWanted {
-            stdin: false,
-            stdout: true,
-            stderr: true,
-            terminal: false,
-        })
-        .unwrap();
-    let mut req = create_request(
-        "c4",
-        &RunOptions {
-            command: vec!["/no/such/binary".into()],
-            ..Default::default()
-        },
-    );
-    req.stdio = protobuf::MessageField::some(pending.stdio.clone());
-    let (created, _streams) = tokio::join!(sb.agent().create_container(&req), pending.accept());
+    let outputs = StreamsWanted {
+        stdin: false,
+        stdout: true,
+        stderr: true,
+        terminal: false,
+    };
+    let no_binary = RunOptions {
+        command: vec!["/no/such/binary".into()],
+        ..Default::default()
+    };
+    let created = create(&sb, "c4", &no_binary, outputs).await;
     let e = created.unwrap_err().to_string();
     assert!(
         e.contains("/no/such/binary") || e.contains("No such file"),
@@ -197,40 +190,20 @@ async fn signals_exec_list_stats_pause() {
     let dir = tempfile::tempdir().unwrap();
     let sb = busybox_sandbox(dir.path(), "agent-signals").await;
     let agent = sb.agent();
-    let pending = sb
-        .bind_streams(StreamsWanted {
-            stdin: true,
-            stdout: true,
-            stderr: true,
-            terminal: false,
-        })
+    let script =
+        sh("trap 'echo got TERM; exit 3' TERM; echo ready; while true; do sleep 0.1; done");
+    let created = create(&sb, "c1", &script, all_streams(&script))
+        .await
         .unwrap();
-    let mut req = create_request(
-        "c1",
-        &sh("trap 'echo got TERM; exit 3' TERM; echo ready; while true; do sleep 0.1; done"),
-    );
-    req.stdio = protobuf::MessageField::some(pending.stdio.clone());
-    let (created, streams) = tokio::join!(agent.create_container(&req), pending.accept());
-    let init_pid = created.unwrap();
-    let streams = streams.unwrap();
-    agent.start_process("c1", "").await.unwrap();
+    let init_pid = created.pid;
+    let streams = created.streams;
+    sb.start_init("c1").await.unwrap();
     let mut stdout = BufReader::new(streams.stdout.unwrap());
     let mut line = String::new();
     stdout.read_line(&mut line).await.unwrap();
     assert_eq!(line, "ready\n");
 
     // An exec process joins the container's namespaces: it sees the init as PID 1.
-    let exec_pending = sb
-        .bind_streams(StreamsWanted {
-            stdin: false,
-            stdout: true,
-            stderr: true,
-            terminal: false,
-        })
-        .unwrap();
-    let mut exec = ExecProcessRequest::new();
-    exec.container_id = "c1".into();
-    exec.exec_id = "e1".into();
     let process = oci_spec::runtime::ProcessBuilder::default()
         .args(vec![
             "sh".to_string(),
@@ -241,15 +214,24 @@ async fn signals_exec_list_stats_pause() {
         .cwd("/")
         .build()
         .unwrap();
-    exec.oci_process_json = serde_json::to_vec(&process).unwrap();
-    exec.stdio = protobuf::MessageField::some(exec_pending.stdio.clone());
-    agent.exec_process(&exec).await.unwrap();
-    let (started, exec_streams) =
-        tokio::join!(agent.start_process("c1", "e1"), exec_pending.accept());
-    started.unwrap();
+    let exec_wanted = StreamsWanted {
+        stdin: false,
+        stdout: true,
+        stderr: true,
+        terminal: false,
+    };
+    let prepared = sb
+        .prepare_exec(
+            "c1",
+            "e1",
+            &serde_json::to_vec(&process).unwrap(),
+            exec_wanted,
+        )
+        .await
+        .unwrap();
+    let (_exec_pid, exec_streams) = sb.start_exec("c1", prepared).await.unwrap();
     let mut exec_out = String::new();
     exec_streams
-        .unwrap()
         .stdout
         .unwrap()
         .read_to_string(&mut exec_out)
@@ -292,25 +274,18 @@ async fn signals_exec_list_stats_pause() {
     drop(streams.stdin);
 
     // SIGKILL from the host ends even an init without handlers: 128+9.
-    let pending = sb
-        .bind_streams(StreamsWanted {
-            stdin: false,
-            stdout: true,
-            stderr: true,
-            terminal: false,
-        })
-        .unwrap();
-    let mut req = create_request(
-        "c2",
-        &RunOptions {
-            command: vec!["sleep".into(), "1000".into()],
-            ..Default::default()
-        },
-    );
-    req.stdio = protobuf::MessageField::some(pending.stdio.clone());
-    let (created, _streams) = tokio::join!(agent.create_container(&req), pending.accept());
-    created.unwrap();
-    agent.start_process("c2", "").await.unwrap();
+    let sleeper = RunOptions {
+        command: vec!["sleep".into(), "1000".into()],
+        ..Default::default()
+    };
+    let outputs = StreamsWanted {
+        stdin: false,
+        stdout: true,
+        stderr: true,
+        terminal: false,
+    };
+    let _created = create(&sb, "c2", &sleeper, outputs).await.unwrap();
+    sb.start_init("c2").await.unwrap();
     agent.signal_process("c2", "", 9, false).await.unwrap();
     assert_eq!(agent.wait_process("c2", "").await.unwrap().exit_status, 137);
     sb.stop().await;
@@ -324,22 +299,13 @@ async fn terminal_processes_get_a_pty() {
         tty: true,
         ..sh("tty; stty size; echo done")
     };
-    let pending = sb
-        .bind_streams(StreamsWanted {
-            stdin: true,
-            stdout: true,
-            stderr: true,
-            terminal: true,
-        })
-        .unwrap();
-    let mut req = create_request("c1", &opts);
-    req.stdio = protobuf::MessageField::some(pending.stdio.clone());
-    let (created, streams) = tokio::join!(sb.agent().create_container(&req), pending.accept());
-    created.unwrap();
-    let streams = streams.unwrap();
+    let streams = create(&sb, "c1", &opts, all_streams(&opts))
+        .await
+        .unwrap()
+        .streams;
     assert!(streams.stderr.is_none(), "a terminal has one output stream");
     sb.agent().resize_pty("c1", "", 33, 101).await.unwrap();
-    sb.agent().start_process("c1", "").await.unwrap();
+    sb.start_init("c1").await.unwrap();
     let mut out = String::new();
     streams
         .stdout

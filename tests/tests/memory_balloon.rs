@@ -39,11 +39,7 @@ async fn start(
         )
         .unwrap(),
     );
-    let mut disks = vec![DiskSpec {
-        path: rootfs,
-        readonly: true,
-        serial: capsid_tests::sandbox::ROOTFS_SERIAL.into(),
-    }];
+    let mut disks = vec![capsid_tests::sandbox::busybox_layer().disk_spec(rootfs)];
     disks.extend(extra);
     let opts = SandboxOptions {
         id: id.into(),

@@ -1,7 +1,8 @@
-//! The control API: line-delimited JSON on a Unix socket. Each request is
-//! one JSON object on one line with an `op` field; each gets one JSON
-//! object back on one line, `{"ok":true,...}` or
-//! `{"ok":false,"error":"..."}`. docs/vmm.md lists the operations.
+//! The control API's socket: line-delimited JSON on a Unix socket, one
+//! request ([`Request`]) per line and one [`Reply`] per request; the
+//! messages are capsid-vmm's wire, shared with its clients
+//! (`capsid_vmm_api::control`, re-exported here). docs/vmm.md lists the
+//! operations.
 //!
 //! This module only speaks the protocol: every request is handed to the
 //! machine's own thread over a channel, which owns the VM and answers.
@@ -13,44 +14,12 @@ use std::sync::mpsc::{self, Sender};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
+pub use capsid_vmm_api::control::*;
 
-/// Longest request line accepted.
-pub const MAX_REQUEST_LEN: u64 = 64 * 1024;
 /// Clients served at once at most.
 pub const MAX_CLIENTS: usize = 8;
 /// How long a client waits for the machine to answer.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
-/// Default grace period of `shutdown`.
-pub const DEFAULT_SHUTDOWN_TIMEOUT_MS: u64 = 1000;
-
-/// A control request.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
-pub enum Request {
-    /// Sets the balloon target.
-    BalloonSet {
-        /// Target in MiB.
-        target_mib: u32,
-    },
-    /// Returns the balloon's state and the guest's last statistics, and
-    /// asks the guest for fresh ones.
-    BalloonStats,
-    /// Parks every vCPU.
-    Pause,
-    /// Lets the vCPUs run again.
-    Resume,
-    /// Exit counters, device counters, guest memory layout, start-up time.
-    Metrics,
-    /// Presses Ctrl-Alt-Del; if the guest has not reset within
-    /// `timeout_ms`, the VMM ends anyway.
-    Shutdown {
-        /// Grace period (default 1000 ms).
-        #[serde(default)]
-        timeout_ms: Option<u64>,
-    },
-}
 
 /// A request on its way to the machine, with where to send the answer.
 #[derive(Debug)]
@@ -58,20 +27,7 @@ pub struct Call {
     /// The request.
     pub request: Request,
     /// Takes the answer.
-    pub reply: Sender<std::result::Result<Value, String>>,
-}
-
-/// Builds the answer line for a result.
-pub fn answer(result: std::result::Result<Value, String>) -> Value {
-    match result {
-        Ok(Value::Object(mut fields)) => {
-            fields.insert("ok".into(), Value::Bool(true));
-            Value::Object(fields)
-        }
-        Ok(Value::Null) => serde_json::json!({ "ok": true }),
-        Ok(other) => serde_json::json!({ "ok": true, "result": other }),
-        Err(error) => serde_json::json!({ "ok": false, "error": error }),
-    }
+    pub reply: Sender<Reply>,
 }
 
 /// Serves `listener` on a thread of its own; every request becomes a
@@ -88,7 +44,7 @@ where
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { continue };
                 if clients.load(Ordering::SeqCst) >= MAX_CLIENTS {
-                    let _ = reply_line(&stream, &answer(Err("too many control clients".into())));
+                    let _ = reply_line(&stream, &Reply::refused("too many control clients"));
                     continue;
                 }
                 clients.fetch_add(1, Ordering::SeqCst);
@@ -107,8 +63,12 @@ where
         .map(|_| ())
 }
 
-fn reply_line(mut stream: &UnixStream, value: &Value) -> std::io::Result<()> {
-    let mut line = value.to_string();
+fn reply_line(mut stream: &UnixStream, reply: &Reply) -> std::io::Result<()> {
+    // Through a `Value`, whose keys are sorted: every answer line keeps the
+    // key order it has always had.
+    let mut line = serde_json::to_value(reply)
+        .map_err(std::io::Error::other)?
+        .to_string();
     line.push('\n');
     stream.write_all(line.as_bytes())
 }
@@ -124,7 +84,7 @@ fn serve_client(stream: UnixStream, send: &dyn Fn(Call) -> bool) {
         match reader.read_line(&mut line) {
             Ok(0) => return,
             Ok(_) if !line.ends_with('\n') && line.len() as u64 >= MAX_REQUEST_LEN => {
-                let _ = reply_line(&stream, &answer(Err("request line too long".into())));
+                let _ = reply_line(&stream, &Reply::refused("request line too long"));
                 return;
             }
             Ok(_) => {}
@@ -133,29 +93,30 @@ fn serve_client(stream: UnixStream, send: &dyn Fn(Call) -> bool) {
         if line.trim().is_empty() {
             continue;
         }
-        let result = match serde_json::from_str::<Request>(&line) {
+        let reply = match serde_json::from_str::<Request>(&line) {
             Ok(request) => call(send, request),
-            Err(e) => Err(format!("invalid request: {e}")),
+            Err(e) => Reply::refused(format!("invalid request: {e}")),
         };
-        if reply_line(&stream, &answer(result)).is_err() {
+        if reply_line(&stream, &reply).is_err() {
             return;
         }
     }
 }
 
-fn call(send: &dyn Fn(Call) -> bool, request: Request) -> std::result::Result<Value, String> {
+fn call(send: &dyn Fn(Call) -> bool, request: Request) -> Reply {
     let (reply, answer) = mpsc::channel();
     if !send(Call { request, reply }) {
-        return Err("the VM is ending".into());
+        return Reply::refused("the VM is ending");
     }
     answer
         .recv_timeout(ANSWER_TIMEOUT)
-        .unwrap_or_else(|_| Err("the VM did not answer".into()))
+        .unwrap_or_else(|_| Reply::refused("the VM did not answer"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
     use std::io::BufRead;
 
     #[test]
@@ -168,40 +129,34 @@ mod tests {
     }
 
     #[test]
-    fn answers_carry_ok() {
-        assert_eq!(answer(Ok(Value::Null)), serde_json::json!({"ok": true}));
-        assert_eq!(
-            answer(Ok(serde_json::json!({"a": 1}))),
-            serde_json::json!({"ok": true, "a": 1})
-        );
-        assert_eq!(
-            answer(Err("no".into())),
-            serde_json::json!({"ok": false, "error": "no"})
-        );
-    }
-
-    #[test]
     fn socket_round_trip() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("api.sock");
         let listener = UnixListener::bind(&path).unwrap();
         spawn(listener, |call: Call| {
-            let result = match call.request {
-                Request::Pause => Ok(Value::Null),
-                other => Err(format!("{other:?} refused")),
+            let reply = match call.request {
+                Request::Pause => Reply::done(),
+                Request::Metrics => Reply::with_body(&serde_json::json!({"z": 1, "a": 2})).unwrap(),
+                other => Reply::refused(format!("{other:?} refused")),
             };
-            call.reply.send(result).is_ok()
+            call.reply.send(reply).is_ok()
         })
         .unwrap();
         let stream = UnixStream::connect(&path).unwrap();
         let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
-        let mut ask = |line: &str| {
+        let mut ask_line = |line: &str| {
             (&stream).write_all(line.as_bytes()).unwrap();
             let mut out = String::new();
             reader.read_line(&mut out).unwrap();
-            serde_json::from_str::<Value>(&out).unwrap()
+            out
         };
-        assert_eq!(ask("{\"op\":\"pause\"}\n")["ok"], true);
+        assert_eq!(ask_line("{\"op\":\"pause\"}\n"), "{\"ok\":true}\n");
+        // Keys in sorted order, as the lines have always been.
+        assert_eq!(
+            ask_line("{\"op\":\"metrics\"}\n"),
+            "{\"a\":2,\"ok\":true,\"z\":1}\n"
+        );
+        let mut ask = |line: &str| serde_json::from_str::<Value>(&ask_line(line)).unwrap();
         let v = ask("{\"op\":\"resume\"}\n");
         assert_eq!(v["ok"], false);
         assert!(v["error"].as_str().unwrap().contains("Resume"));

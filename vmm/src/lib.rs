@@ -1,16 +1,17 @@
 //! capsid-vmm: a KVM virtual machine monitor for capsid's microVMs.
 //!
-//! `config` is data; `builder` turns it into a [`machine::Machine`], which
-//! runs it; `boot` lays out and loads what the guest starts with; `vstate`
-//! holds everything that talks to KVM; `legacy` and `devices` are the
-//! emulated hardware; `control` is the API socket.
+//! `config` is data (capsid-vmm-api's document, read from a file here);
+//! `builder` turns it into a [`machine::Machine`], which runs it; `boot`
+//! lays out and loads what the guest starts with; `vstate` holds everything
+//! that talks to KVM; `devices` is the emulated hardware (virtio-mmio and,
+//! in `devices::legacy`, the PC's serial port and i8042); `control` is the
+//! API socket.
 
 pub mod boot;
 pub mod builder;
 pub mod config;
 pub mod control;
 pub mod devices;
-pub mod legacy;
 pub mod machine;
 pub mod metrics;
 pub mod vstate;

@@ -7,17 +7,21 @@
 
 use std::os::unix::net::UnixListener;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use capsid_devices::hosting::mmio::MmioTransport;
 use capsid_devices::socket_claim::SocketClaim;
-use capsid_devices::virtio::balloon::mib_to_pages;
-use serde_json::{json, Value};
+use capsid_devices::virtio::balloon::{mib_to_pages, Balloon};
+use serde::Serialize;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::signal::{self, Killable};
 
-use crate::control::{self, Call, Request, DEFAULT_SHUTDOWN_TIMEOUT_MS};
+use crate::control::{
+    self, BalloonCounters, BalloonStatsReply, Call, DeviceMetrics, GuestMemoryStats, MemoryRegion,
+    MetricsReply, Reply, Request, VcpuMetrics, DEFAULT_SHUTDOWN_TIMEOUT_MS,
+};
 use crate::devices::event_loop::EventLoop;
 use crate::devices::{BalloonHandle, DeviceError, MmioSlot, VmBus};
 use crate::metrics::{first_kvm_run_ns, ExitCounters};
@@ -259,7 +263,7 @@ impl Machine {
                     return Ok(VmEnd::Stopped(format!("signal {sig}")));
                 }
                 Event::Control(call) => {
-                    let result = match call.request {
+                    let reply = match call.request {
                         Request::Shutdown { timeout_ms } => {
                             let ms = timeout_ms.unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT_MS);
                             self.bus.legacy().ctrl_alt_del();
@@ -268,105 +272,104 @@ impl Machine {
                                 timeout_ms = ms,
                                 "shutdown requested: Ctrl-Alt-Del sent"
                             );
-                            Ok(Value::Null)
+                            Reply::done()
                         }
                         other => self.handle(other, gate, threads),
                     };
-                    let _ = call.reply.send(result);
+                    let _ = call.reply.send(reply);
                 }
             }
         }
     }
 
-    fn handle(
-        &self,
-        request: Request,
-        gate: &VcpuGate,
-        threads: &[VcpuThread],
-    ) -> std::result::Result<Value, String> {
-        match request {
-            Request::BalloonSet { target_mib } => self.balloon_set(target_mib),
-            Request::BalloonStats => self.balloon_stats(),
-            Request::Pause => pause(gate, threads),
+    fn handle(&self, request: Request, gate: &VcpuGate, threads: &[VcpuThread]) -> Reply {
+        let answer = match request {
+            Request::BalloonSet { target_mib } => {
+                self.balloon_set(target_mib).map(|()| Reply::done())
+            }
+            Request::BalloonStats => self.balloon_stats().and_then(|stats| encode(&stats)),
+            Request::Pause => pause(gate, threads).map(|()| Reply::done()),
             Request::Resume => {
                 gate.resume();
-                Ok(Value::Null)
+                Ok(Reply::done())
             }
-            Request::Metrics => Ok(self.metrics(threads)),
+            Request::Metrics => encode(&self.metrics(threads)),
             Request::Shutdown { .. } => Err("shutdown is handled by the machine".into()),
-        }
+        };
+        answer.unwrap_or_else(Reply::refused)
     }
 
-    fn balloon(&self) -> std::result::Result<&BalloonHandle, String> {
+    /// The balloon's transport, locked. A lock poisoned by a panic puts
+    /// the device out of service, here as on the bus and in the event loop.
+    fn balloon(&self) -> std::result::Result<MutexGuard<'_, MmioTransport<Balloon>>, String> {
         self.balloon
             .as_ref()
-            .ok_or_else(|| "this VM has no balloon".to_string())
+            .ok_or_else(|| "this VM has no balloon".to_string())?
+            .lock()
+            .map_err(|_| "balloon unavailable".to_string())
     }
 
-    fn balloon_set(&self, target_mib: u32) -> std::result::Result<Value, String> {
+    fn balloon_set(&self, target_mib: u32) -> std::result::Result<(), String> {
         if target_mib > self.memory_mib {
             return Err(format!(
                 "balloon target {target_mib} MiB exceeds the VM's {} MiB",
                 self.memory_mib
             ));
         }
-        let mut b = self
-            .balloon()?
-            .lock()
-            .map_err(|_| "balloon unavailable".to_string())?;
+        let mut b = self.balloon()?;
         b.device_mut().set_target_pages(mib_to_pages(target_mib));
         b.signal_config_change();
         tracing::info!(target_mib, "balloon target set");
-        Ok(Value::Null)
+        Ok(())
     }
 
-    fn balloon_stats(&self) -> std::result::Result<Value, String> {
-        let mut b = self
-            .balloon()?
-            .lock()
-            .map_err(|_| "balloon unavailable".to_string())?;
+    fn balloon_stats(&self) -> std::result::Result<BalloonStatsReply, String> {
+        let mut b = self.balloon()?;
         let requested = b.device_request(|dev, queues, mem| dev.request_stats(queues, mem));
         let dev = b.device();
         let s = dev.stats();
         let c = dev.counters;
         let page_mib = |pages: u32| u64::from(pages) * 4096 / (1 << 20);
-        Ok(json!({
-            "target_pages": dev.target_pages(),
-            "actual_pages": dev.actual_pages(),
-            "target_mib": page_mib(dev.target_pages()),
-            "actual_mib": page_mib(dev.actual_pages()),
-            "refresh_requested": requested,
-            "stats": {
-                "swap_in": s.swap_in,
-                "swap_out": s.swap_out,
-                "major_faults": s.major_faults,
-                "minor_faults": s.minor_faults,
-                "free_memory": s.free_memory,
-                "total_memory": s.total_memory,
-                "available_memory": s.available_memory,
-                "disk_caches": s.disk_caches,
-                "hugetlb_allocations": s.hugetlb_allocations,
-                "hugetlb_failures": s.hugetlb_failures,
+        Ok(BalloonStatsReply {
+            target_pages: dev.target_pages(),
+            actual_pages: dev.actual_pages(),
+            target_mib: page_mib(dev.target_pages()),
+            actual_mib: page_mib(dev.actual_pages()),
+            refresh_requested: requested,
+            stats: GuestMemoryStats {
+                swap_in: s.swap_in,
+                swap_out: s.swap_out,
+                major_faults: s.major_faults,
+                minor_faults: s.minor_faults,
+                free_memory: s.free_memory,
+                total_memory: s.total_memory,
+                available_memory: s.available_memory,
+                disk_caches: s.disk_caches,
+                hugetlb_allocations: s.hugetlb_allocations,
+                hugetlb_failures: s.hugetlb_failures,
             },
-            "counters": {
-                "inflated_pages": c.inflated_pages,
-                "deflated_pages": c.deflated_pages,
-                "invalid_pfns": c.invalid_pfns,
-                "reported_bytes": c.reported_bytes,
-                "invalid_reports": c.invalid_reports,
-                "discard_failures": c.discard_failures,
-                "malformed_chains": c.malformed_chains,
-                "stats_updates": c.stats_updates,
+            counters: BalloonCounters {
+                inflated_pages: c.inflated_pages,
+                deflated_pages: c.deflated_pages,
+                invalid_pfns: c.invalid_pfns,
+                reported_bytes: c.reported_bytes,
+                invalid_reports: c.invalid_reports,
+                discard_failures: c.discard_failures,
+                malformed_chains: c.malformed_chains,
+                stats_updates: c.stats_updates,
             },
-        }))
+        })
     }
 
-    fn metrics(&self, threads: &[VcpuThread]) -> Value {
-        let vcpus: Vec<Value> = threads
+    fn metrics(&self, threads: &[VcpuThread]) -> MetricsReply {
+        let vcpus = threads
             .iter()
-            .map(|t| json!({ "index": t.index, "exits": t.exits.snapshot() }))
+            .map(|t| VcpuMetrics {
+                index: t.index,
+                exits: t.exits.snapshot(),
+            })
             .collect();
-        let devices: Vec<Value> = self
+        let devices = self
             .slots
             .iter()
             .map(|slot| {
@@ -376,37 +379,42 @@ impl Machine {
                     .lock()
                     .map(|d| (d.is_activated(), d.stats()))
                     .unwrap_or_default();
-                json!({
-                    "name": slot.name(),
-                    "base": place.base,
-                    "gsi": place.gsi,
-                    "activated": activated,
-                    "events": stats.events,
-                    "interrupts": stats.interrupts,
-                    "device_errors": stats.device_errors,
-                    "refused_accesses": stats.refused_accesses,
-                    "interrupt_failures": stats.interrupt_failures,
-                })
+                DeviceMetrics {
+                    name: slot.name().to_string(),
+                    base: place.base,
+                    gsi: place.gsi,
+                    activated,
+                    events: stats.events,
+                    interrupts: stats.interrupts,
+                    device_errors: stats.device_errors,
+                    refused_accesses: stats.refused_accesses,
+                    interrupt_failures: stats.interrupt_failures,
+                }
             })
             .collect();
-        let memory: Vec<Value> = self
+        let guest_memory = self
             .memory
             .iter()
-            .map(|r| {
-                json!({
-                    "guest_addr": r.start_addr().0,
-                    "host_addr": r.as_ptr() as u64,
-                    "size": r.len(),
-                })
+            .map(|r| MemoryRegion {
+                guest_addr: r.start_addr().0,
+                host_addr: r.as_ptr() as u64,
+                size: r.len(),
             })
             .collect();
-        json!({
-            "vcpus": vcpus,
-            "devices": devices,
-            "guest_memory": memory,
-            "first_kvm_run_monotonic_ns": first_kvm_run_ns(),
-        })
+        MetricsReply {
+            vcpus,
+            devices,
+            guest_memory,
+            first_kvm_run_monotonic_ns: first_kvm_run_ns(),
+        }
     }
+}
+
+/// An ok reply carrying `body`'s fields.
+fn encode<T: Serialize>(body: &T) -> std::result::Result<Reply, String> {
+    // The bodies are plain structs of numbers and strings: this cannot fail
+    // in practice, and a client is told if it ever does.
+    Reply::with_body(body).map_err(|e| format!("cannot encode the answer: {e}"))
 }
 
 fn kick(threads: &[VcpuThread]) {
@@ -426,7 +434,7 @@ impl Kick for JoinHandle<()> {
     }
 }
 
-fn pause(gate: &VcpuGate, threads: &[VcpuThread]) -> std::result::Result<Value, String> {
+fn pause(gate: &VcpuGate, threads: &[VcpuThread]) -> std::result::Result<(), String> {
     gate.request_pause();
     let deadline = Instant::now() + VCPU_RESPONSE_TIMEOUT;
     let running = threads.iter().filter(|t| !t.thread.is_finished()).count();
@@ -434,7 +442,7 @@ fn pause(gate: &VcpuGate, threads: &[VcpuThread]) -> std::result::Result<Value, 
         kick(threads);
         if gate.wait_parked(running, KICK_INTERVAL) {
             tracing::info!("vCPUs paused");
-            return Ok(Value::Null);
+            return Ok(());
         }
     }
     gate.resume();

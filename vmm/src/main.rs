@@ -7,9 +7,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use capsid_vmm::builder;
-use capsid_vmm::config::VmConfig;
 use capsid_vmm::machine::VmEnd;
+use capsid_vmm::{builder, config};
 use capsid_vmm::{EXIT_GUEST_CRASH, EXIT_GUEST_RESET, EXIT_STOPPED, EXIT_VMM_ERROR};
 use clap::Parser;
 
@@ -49,7 +48,7 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &Args) -> anyhow::Result<VmEnd> {
-    let config = VmConfig::from_file(&args.config)?;
+    let config = config::from_file(&args.config)?;
     let machine = builder::build(&config)?;
     Ok(machine.run()?)
 }

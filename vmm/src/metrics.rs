@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
-use serde::Serialize;
+pub use capsid_vmm_api::control::ExitCounts;
 
 /// Exits of one vCPU, by reason.
 #[derive(Debug, Default)]
@@ -27,27 +27,6 @@ pub struct ExitCounters {
     pub other: AtomicU64,
 }
 
-/// A snapshot of [`ExitCounters`].
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct ExitSnapshot {
-    /// Port reads.
-    pub io_in: u64,
-    /// Port writes.
-    pub io_out: u64,
-    /// MMIO reads.
-    pub mmio_read: u64,
-    /// MMIO writes.
-    pub mmio_write: u64,
-    /// HLT exits.
-    pub hlt: u64,
-    /// Signal interruptions.
-    pub interrupted: u64,
-    /// Fatal exits.
-    pub fatal: u64,
-    /// Anything else.
-    pub other: u64,
-}
-
 impl ExitCounters {
     /// Counts one exit.
     pub fn count(counter: &AtomicU64) {
@@ -55,9 +34,9 @@ impl ExitCounters {
     }
 
     /// The current values.
-    pub fn snapshot(&self) -> ExitSnapshot {
+    pub fn snapshot(&self) -> ExitCounts {
         let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        ExitSnapshot {
+        ExitCounts {
             io_in: l(&self.io_in),
             io_out: l(&self.io_out),
             mmio_read: l(&self.mmio_read),

@@ -14,7 +14,7 @@ use capsid_vmm::boot::{
     CMDLINE_START, EBDA_START, PVH_INFO_START, PVH_MEMMAP_START, PVH_MODLIST_START, ZERO_PAGE_START,
 };
 use capsid_vmm::builder::{self, BASE_CMDLINE};
-use capsid_vmm::config::VmConfig;
+use capsid_vmm::config::{from_json, VmConfig};
 use vm_memory::{Bytes, GuestAddress};
 
 fn artifact(name: &str) -> PathBuf {
@@ -30,7 +30,7 @@ fn artifact(name: &str) -> PathBuf {
 }
 
 fn config(kernel: &str, memory_mib: u32, vcpus: u8, dir: &std::path::Path) -> VmConfig {
-    VmConfig::from_json(
+    from_json(
         &serde_json::json!({
             "vcpus": vcpus,
             "memory_mib": memory_mib,

@@ -16,11 +16,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use capsid_protocol::agent::{BlockLayer, CreateContainerRequest, Rootfs, Stdio};
-use capsid_sandbox::backend::{Backend, DiskSpec};
+use capsid_sandbox::backend::Backend;
+use capsid_sandbox::container::{ContainerSpec, LayerDisk};
 use capsid_sandbox::image::{self, RootfsCache};
 use capsid_sandbox::sandbox::{self as sb, Sandbox, SandboxOptions};
-use capsid_sandbox::spec::{self, RunOptions};
+use capsid_sandbox::spec::{self, ImageDefaults, RunOptions};
+use capsid_sandbox::stdio::StreamsWanted;
 use futures::StreamExt as _;
 use serde::Serialize;
 
@@ -28,7 +29,6 @@ use super::procfs;
 use super::stats::{summarize, Summary};
 use super::{output_paths, plot, positive, BenchSetup, Interrupt, VmArgs};
 
-const ROOTFS_SERIAL: &str = "capsid-rootfs";
 const KIB_PER_MIB: f64 = 1024.0;
 
 /// Arguments of `capsid bench density`.
@@ -177,15 +177,15 @@ async fn measure(
     let reference = args.vm.image.clone();
     let images_dir = config.paths.images_dir.clone();
     let cache = RootfsCache::new(&config.paths.cache_dir);
-    let (image_config, rootfs) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        let source = image::resolve(&reference, &images_dir)?;
-        let image = image::open(&source)?;
-        let rootfs = cache.prepare(&image, &|msg| eprintln!("capsid: {msg}"))?;
-        Ok((image.config, rootfs))
+    let prepared = tokio::task::spawn_blocking(move || {
+        image::prepare(&reference, &images_dir, &cache, &|msg| {
+            eprintln!("capsid: {msg}")
+        })
     })
     .await
     .context("image task")??;
-    let defaults = crate::run::image_defaults(&image_config);
+    let defaults = ImageDefaults::from_image(&prepared.config);
+    let rootfs = prepared.rootfs;
     let oci = spec::build(
         &defaults,
         &RunOptions {
@@ -196,7 +196,7 @@ async fn measure(
             ..RunOptions::default()
         },
     )?;
-    let oci_json = serde_json::to_vec(&oci).context("serializing the OCI spec")?;
+    let oci = Arc::new(oci);
 
     let prefix = format!("bench-density-{}", std::process::id());
     let progress = indicatif::ProgressBar::new(u64::from(args.count));
@@ -208,19 +208,15 @@ async fn measure(
     );
     progress.set_message("sandboxes started");
     let disk_path = rootfs.path.clone();
-    let fs_type = rootfs.fs_type.as_str().to_string();
+    let layer = LayerDisk::primary(rootfs.fs_type.as_str());
     let t0 = Instant::now();
     let starts = futures::stream::iter(0..args.count)
         .map(|i| {
             let config = config.clone();
             let backend = backend.clone();
-            let disk = DiskSpec {
-                path: disk_path.clone(),
-                readonly: true,
-                serial: ROOTFS_SERIAL.into(),
-            };
-            let fs_type = fs_type.clone();
-            let oci_json = oci_json.clone();
+            let disk = layer.disk_spec(disk_path.clone());
+            let layer = layer.clone();
+            let oci = oci.clone();
             let id = format!("{prefix}-{i}");
             let opts = SandboxOptions {
                 id: id.clone(),
@@ -231,7 +227,7 @@ async fn measure(
             };
             async move {
                 let started = Instant::now();
-                let result = start_idle(&config, backend, opts, &fs_type, oci_json).await;
+                let result = start_idle(&config, backend, opts, &layer, &oci).await;
                 (id, result.map(|s| (s, started.elapsed())))
             }
         })
@@ -286,7 +282,8 @@ async fn measure(
     let pids: Vec<u32> = running.iter().flat_map(|r| r.sandbox.pids()).collect();
 
     let t1 = Instant::now();
-    futures::future::join_all(running.into_iter().map(|r| r.sandbox.stop())).await;
+    futures::future::join_all(running.iter().map(|r| r.sandbox.stop())).await;
+    drop(running);
     let teardown_ms = t1.elapsed().as_secs_f64() * 1000.0;
     drop(rootfs);
 
@@ -344,24 +341,27 @@ async fn start_idle(
     config: &capsid_sandbox::config::Config,
     backend: Arc<dyn Backend>,
     opts: SandboxOptions,
-    fs_type: &str,
-    oci_json: Vec<u8>,
+    layer: &LayerDisk,
+    oci: &oci_spec::runtime::Spec,
 ) -> anyhow::Result<Sandbox> {
-    let id = opts.id.clone();
     let sandbox = Sandbox::start(config, backend, opts).await?;
-    let mut req = CreateContainerRequest::new();
-    req.container_id = id.clone();
-    req.oci_spec_json = oci_json;
-    let mut layer = BlockLayer::new();
-    layer.disk_serial = ROOTFS_SERIAL.into();
-    layer.fs_type = fs_type.into();
-    let mut rootfs = Rootfs::new();
-    rootfs.layers.push(layer);
-    req.rootfs = protobuf::MessageField::some(rootfs);
-    req.stdio = protobuf::MessageField::some(Stdio::new());
     let created = async {
-        sandbox.agent().create_container(&req).await?;
-        sandbox.agent().start_process(&id, "").await?;
+        let id = sandbox.id();
+        sandbox
+            .create_container(ContainerSpec {
+                id,
+                oci,
+                layers: std::slice::from_ref(layer),
+                dns: None,
+                streams: StreamsWanted {
+                    stdin: false,
+                    stdout: false,
+                    stderr: false,
+                    terminal: false,
+                },
+            })
+            .await?;
+        sandbox.start_init(id).await?;
         anyhow::Ok(())
     };
     match created.await {

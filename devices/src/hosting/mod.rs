@@ -4,3 +4,7 @@
 pub mod mmio;
 mod relay;
 pub mod vhost_user;
+
+// For the `vhost_user_relay` fuzz target only (fuzz/); not part of the API.
+#[doc(hidden)]
+pub use relay::fuzz_relay;

@@ -254,6 +254,15 @@ pub(super) fn spawn(
         })
 }
 
+/// Runs the relay between two connected streams, `front` (QEMU's side)
+/// and `back` (the daemon's), until either closes. Public only as the entry
+/// point of the `vhost_user_relay` fuzz target (fuzz/): this module is
+/// private, and the fuzzer plays both peers. Not part of the API.
+#[doc(hidden)]
+pub fn fuzz_relay(front: UnixStream, back: UnixStream) -> io::Result<()> {
+    relay(front, back)
+}
+
 /// Relays between `front` (QEMU) and `back` (the daemon) until either side
 /// closes; then closes both.
 fn relay(front: UnixStream, back: UnixStream) -> io::Result<()> {

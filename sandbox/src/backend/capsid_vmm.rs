@@ -3,23 +3,23 @@
 //! rng, balloon), stopped through its control socket (Ctrl-Alt-Del, then
 //! the VMM's own deadline), then SIGTERM, then SIGKILL.
 
-use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::DirBuilderExt;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use capsid_vmm_api::config::{
+    BalloonConfig, BootConfig, DriveConfig, NetConfig, VmConfig, VsockConfig,
+};
+use capsid_vmm_api::control::Request;
 
 use super::process::{status_code, Supervised};
 use super::{Backend, BackendError, Result, Vm, VmExit, VmSpec};
 use crate::config::BackendKind;
+use crate::vmm_control;
 
 /// How long capsid-vmm gets to build the VM and put up its control socket.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a control request may take.
-const CONTROL_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// capsid's own VMM.
 #[derive(Debug, Clone)]
@@ -37,34 +37,48 @@ impl CapsidVmmBackend {
     }
 
     /// The VM config capsid-vmm is given for `spec`.
-    pub fn vm_config(spec: &VmSpec) -> Value {
-        let drives: Vec<Value> = spec
-            .disks
-            .iter()
-            .map(|d| json!({"path": d.path, "read_only": d.readonly, "serial": d.serial}))
-            .collect();
-        let net: Vec<Value> = spec
-            .net
-            .iter()
-            .map(|n| json!({"tap": n.tap, "mac": n.mac}))
-            .collect();
-        json!({
-            "vcpus": spec.vcpus,
-            "memory_mib": spec.memory_mib,
-            "boot": {"linux": {
-                "kernel": spec.kernel,
-                "initramfs": spec.initramfs,
-                "cmdline": spec.kernel_args.join(" "),
-            }},
-            "serial": spec.serial_log(),
-            "drives": drives,
-            "net": net,
-            "vsock": {"guest_cid": spec.guest_cid, "uds_path": spec.vsock_path()},
-            "rng": true,
+    pub fn vm_config(spec: &VmSpec) -> Result<VmConfig> {
+        let vcpus = u8::try_from(spec.vcpus)
+            .map_err(|_| BackendError::InvalidSpec(format!("{} vCPUs", spec.vcpus)))?;
+        Ok(VmConfig {
+            vcpus,
+            memory_mib: spec.memory_mib,
+            boot: BootConfig::Linux {
+                kernel: spec.kernel.clone(),
+                initramfs: Some(spec.initramfs.clone()),
+                cmdline: spec.kernel_args.join(" "),
+            },
+            serial: Some(spec.serial_log()),
+            drives: spec
+                .disks
+                .iter()
+                .map(|d| DriveConfig {
+                    path: d.path.clone(),
+                    read_only: d.readonly,
+                    serial: Some(d.serial.clone()),
+                })
+                .collect(),
+            net: spec
+                .net
+                .iter()
+                .map(|n| NetConfig {
+                    tap: n.tap.clone(),
+                    mac: Some(n.mac.clone()),
+                })
+                .collect(),
+            vsock: Some(VsockConfig {
+                guest_cid: spec.guest_cid,
+                uds_path: spec.vsock_path(),
+            }),
+            rng: true,
             // Memory the guest frees goes back to the host by itself, and an
             // inflated balloon gives way before the guest OOMs.
-            "balloon": {"deflate_on_oom": true, "free_page_reporting": true},
-            "control_socket": control_path(&spec.run_dir),
+            balloon: Some(BalloonConfig {
+                deflate_on_oom: true,
+                free_page_reporting: true,
+                ..BalloonConfig::default()
+            }),
+            control_socket: Some(control_path(&spec.run_dir)),
         })
     }
 }
@@ -80,9 +94,8 @@ impl Backend for CapsidVmmBackend {
 
     fn start(&self, spec: &VmSpec) -> Result<Box<dyn Vm>> {
         spec.validate()?;
-        if spec.vcpus > u32::from(u8::MAX) {
-            return Err(BackendError::InvalidSpec(format!("{} vCPUs", spec.vcpus)));
-        }
+        let document =
+            serde_json::to_string(&Self::vm_config(spec)?).map_err(BackendError::Encode)?;
         let run_err = |source| BackendError::RunDir {
             path: spec.run_dir.clone(),
             source,
@@ -105,7 +118,7 @@ impl Backend for CapsidVmmBackend {
         // From here on, an error drops `vm`, which kills what was started
         // and removes the run directory.
         let config = spec.run_dir.join("vm.json");
-        std::fs::write(&config, Self::vm_config(spec).to_string()).map_err(run_err)?;
+        std::fs::write(&config, document).map_err(run_err)?;
         let mut cmd = match spec.net.as_ref().and_then(|n| n.netns.as_ref()) {
             // The tap lives in the sandbox's network namespace: so must the VMM.
             Some(ns) => {
@@ -154,19 +167,6 @@ pub struct CapsidVm {
     vmm: Option<Supervised>,
     exit: Option<VmExit>,
     stopping: bool,
-}
-
-/// Sends one request to capsid-vmm's control socket and returns its answer.
-pub fn control_request(socket: &Path, request: &Value) -> std::io::Result<Value> {
-    let stream = UnixStream::connect(socket)?;
-    stream.set_read_timeout(Some(CONTROL_TIMEOUT))?;
-    stream.set_write_timeout(Some(CONTROL_TIMEOUT))?;
-    let mut line = request.to_string();
-    line.push('\n');
-    (&stream).write_all(line.as_bytes())?;
-    let mut answer = String::new();
-    BufReader::new(&stream).read_line(&mut answer)?;
-    serde_json::from_str(&answer).map_err(std::io::Error::other)
 }
 
 impl CapsidVm {
@@ -225,9 +225,11 @@ impl Vm for CapsidVm {
         // does not react within half the grace period.
         let half = grace / 2;
         let timeout_ms = u64::try_from(half.as_millis()).unwrap_or(u64::MAX);
-        let asked = control_request(
+        let asked = vmm_control::exchange(
             &self.control,
-            &json!({"op": "shutdown", "timeout_ms": timeout_ms}),
+            &Request::Shutdown {
+                timeout_ms: Some(timeout_ms),
+            },
         );
         let status = match self.vmm.as_mut() {
             Some(vmm) => {
@@ -297,7 +299,7 @@ mod tests {
             guest_cid: 7,
             run_dir: "/run/capsid/t".into(),
         };
-        let c = CapsidVmmBackend::vm_config(&spec);
+        let c = serde_json::to_value(CapsidVmmBackend::vm_config(&spec).unwrap()).unwrap();
         assert_eq!(c["vcpus"], 2);
         assert_eq!(c["boot"]["linux"]["cmdline"], "quiet capsid.x=1");
         assert_eq!(c["drives"][0]["read_only"], true);
@@ -308,6 +310,25 @@ mod tests {
         assert_eq!(c["serial"], "/run/capsid/t/console.log");
         assert_eq!(c["control_socket"], "/run/capsid/t/vmm-api.sock");
         assert_eq!(c["balloon"]["free_page_reporting"], true);
+        // What capsid-vmm reads back is the spec, checked as it checks it.
+        let read: VmConfig = serde_json::from_value(c).unwrap();
+        read.validate().unwrap();
+        assert_eq!(read.virtio_device_count(), 5);
+        assert_eq!(
+            read.balloon.map(|b| (b.target_mib, b.deflate_on_oom)),
+            Some((0, true))
+        );
+        assert_eq!(
+            read.boot,
+            BootConfig::Linux {
+                kernel: "/k/vmlinux".into(),
+                initramfs: Some("/k/initramfs".into()),
+                cmdline: "quiet capsid.x=1".into(),
+            }
+        );
+        let too_many = VmSpec { vcpus: 256, ..spec };
+        let e = CapsidVmmBackend::vm_config(&too_many).unwrap_err();
+        assert!(matches!(e, BackendError::InvalidSpec(_)), "{e}");
     }
 
     #[test]

@@ -9,8 +9,6 @@ pub mod capsid_vmm;
 mod process;
 pub mod qemu;
 
-pub use process::{die_with_this_process, kill_all, processes_naming, ProcessRef};
-
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -65,6 +63,9 @@ pub enum BackendError {
         #[source]
         source: std::io::Error,
     },
+    /// The VMM's config document cannot be written as JSON.
+    #[error("cannot encode the VM config (its paths must be UTF-8)")]
+    Encode(#[source] serde_json::Error),
     /// The spec asks for something this backend cannot do.
     #[error("invalid VM spec: {0}")]
     InvalidSpec(String),

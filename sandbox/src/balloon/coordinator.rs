@@ -145,37 +145,41 @@ impl Coordinator {
 
     /// Observes everything, decides, applies.
     pub fn round(&mut self) -> Result<Round> {
-        let entries = self.registry.entries()?;
-        let sandboxes: Vec<Observed> = entries
-            .into_iter()
-            .map(|entry| {
-                let rss_mib = entry.vmm_pid.and_then(host::vm_footprint_mib);
-                let guest_resident_mib = entry.vmm_pid.and_then(host::guest_resident_mib);
-                let balloon = entry.balloon.as_ref().and_then(|b| match b.status() {
-                    Ok(s) => Some(s),
-                    Err(e) => {
-                        tracing::debug!(id = %entry.id, error = %e, "balloon unreachable");
-                        None
-                    }
-                });
-                Observed {
-                    entry,
-                    rss_mib,
-                    guest_resident_mib,
-                    balloon,
-                }
-            })
-            .collect();
-        self.targets
-            .retain(|id, _| sandboxes.iter().any(|s| &s.entry.id == id));
-        self.working_sets
-            .retain(|id, _| sandboxes.iter().any(|s| &s.entry.id == id));
-        self.progress
-            .retain(|id, _| sandboxes.iter().any(|s| &s.entry.id == id));
-        self.gains
-            .retain(|id, _| sandboxes.iter().any(|s| &s.entry.id == id));
+        let sandboxes = observe(self.registry.entries()?);
+        let unproductive = self.track(&sandboxes, Instant::now());
+        let vmm_rss: u64 = sandboxes.iter().filter_map(|s| s.rss_mib).sum();
+        let Some(host) = self.host.read(vmm_rss) else {
+            tracing::warn!("host memory figures unavailable; no balloon changes");
+            return Ok(Round {
+                host: None,
+                sandboxes,
+                decisions: Vec::new(),
+            });
+        };
+        let views = self.views(&sandboxes, &unproductive);
+        let decisions = policy::decide(&self.params(host.total_mib), &host, &views);
+        let decisions = self.apply(&sandboxes, decisions);
+        Ok(Round {
+            host: Some(host),
+            sandboxes,
+            decisions,
+        })
+    }
+
+    /// Brings what the coordinator remembers per sandbox up to date with
+    /// this round's observations, made at `now`: forgets sandboxes that
+    /// left, feeds the gain trackers, counts the rounds each balloon stood
+    /// still and keeps each guest's recent largest working set. Returns
+    /// the gain trackers' verdicts: per sandbox whose guest RAM the host
+    /// could measure, whether growing its balloon has stopped paying.
+    fn track(&mut self, sandboxes: &[Observed], now: Instant) -> HashMap<String, bool> {
+        let present = |id: &String| sandboxes.iter().any(|s| &s.entry.id == id);
+        self.targets.retain(|id, _| present(id));
+        self.working_sets.retain(|id, _| present(id));
+        self.progress.retain(|id, _| present(id));
+        self.gains.retain(|id, _| present(id));
         let mut unproductive = HashMap::new();
-        for s in &sandboxes {
+        for s in sandboxes {
             if let (Some(b), Some(resident)) = (s.balloon, s.guest_resident_mib) {
                 let verdict = self.gains.entry(s.entry.id.clone()).or_default().observe(
                     u64::from(b.assigned_mib),
@@ -185,7 +189,7 @@ impl Coordinator {
                 unproductive.insert(s.entry.id.clone(), verdict);
             }
         }
-        for s in &sandboxes {
+        for s in sandboxes {
             if let Some(b) = s.balloon {
                 let slot = self
                     .progress
@@ -198,8 +202,7 @@ impl Coordinator {
                 }
             }
         }
-        let now = Instant::now();
-        for s in &sandboxes {
+        for s in sandboxes {
             let Some(ws) = s
                 .balloon
                 .and_then(|b| b.stats.working_set_mib(u64::from(b.actual_mib)))
@@ -214,16 +217,17 @@ impl Coordinator {
                 *slot = (ws, now);
             }
         }
-        let vmm_rss: u64 = sandboxes.iter().filter_map(|s| s.rss_mib).sum();
-        let Some(host) = self.host.read(vmm_rss) else {
-            tracing::warn!("host memory figures unavailable; no balloon changes");
-            return Ok(Round {
-                host: None,
-                sandboxes,
-                decisions: Vec::new(),
-            });
-        };
-        let views: Vec<SandboxView> = sandboxes
+        unproductive
+    }
+
+    /// What the policy decides on: every policy-managed sandbox whose
+    /// balloon answered, with what this coordinator remembers of it.
+    fn views(
+        &self,
+        sandboxes: &[Observed],
+        unproductive: &HashMap<String, bool>,
+    ) -> Vec<SandboxView> {
+        sandboxes
             .iter()
             .filter(|s| s.entry.policy)
             .filter_map(|s| {
@@ -249,8 +253,12 @@ impl Coordinator {
                     unproductive: unproductive.get(&s.entry.id).copied().unwrap_or(false),
                 })
             })
-            .collect();
-        let decisions = policy::decide(&self.params(host.total_mib), &host, &views);
+            .collect()
+    }
+
+    /// Resizes the balloons as decided, logging each change with its
+    /// reason; returns the decisions that took effect.
+    fn apply(&mut self, sandboxes: &[Observed], decisions: Vec<Decision>) -> Vec<Decision> {
         let mut applied = Vec::new();
         for d in decisions {
             let Some(handle) = sandboxes
@@ -280,11 +288,7 @@ impl Coordinator {
                 Err(e) => tracing::warn!(id = %d.id, error = %e, "cannot resize balloon"),
             }
         }
-        Ok(Round {
-            host: Some(host),
-            sandboxes,
-            decisions: applied,
-        })
+        applied
     }
 
     /// Runs rounds every `memory.interval_ms` until `stop` is set, or,
@@ -311,5 +315,202 @@ impl Coordinator {
                 std::thread::sleep(Duration::from_millis(50).min(rest));
             }
         }
+    }
+}
+
+/// Reads every registered sandbox: its VMM's footprint on the host and its
+/// balloon (an unreachable balloon is logged and left out).
+fn observe(entries: Vec<Entry>) -> Vec<Observed> {
+    entries
+        .into_iter()
+        .map(|entry| {
+            let rss_mib = entry.vmm_pid.and_then(host::vm_footprint_mib);
+            let guest_resident_mib = entry.vmm_pid.and_then(host::guest_resident_mib);
+            let balloon = entry.balloon.as_ref().and_then(|b| match b.status() {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::debug!(id = %entry.id, error = %e, "balloon unreachable");
+                    None
+                }
+            });
+            Observed {
+                entry,
+                rss_mib,
+                guest_resident_mib,
+                balloon,
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balloon::{BalloonEndpoint, BalloonHandle, GuestMemStats};
+    use crate::config::BackendKind;
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixListener;
+
+    const ASSIGNED: u32 = 512;
+
+    fn coordinator(dir: &std::path::Path) -> Coordinator {
+        Coordinator::new(
+            MemoryConfig::default(),
+            Registry::new(dir),
+            HostSource::Pretend(Arc::new(AtomicU64::new(4096))),
+        )
+    }
+
+    /// A sandbox whose balloon answered: `actual_mib` taken, the guest
+    /// reporting `available_mib` of its memory available.
+    fn seen(id: &str, policy: bool, actual_mib: u32, available_mib: u64) -> Observed {
+        let mut entry = Entry::new(id, BackendKind::CapsidVmm, ASSIGNED, policy);
+        entry.balloon = Some(BalloonHandle::new(
+            BalloonEndpoint::Qmp {
+                socket: "/nonexistent/qmp.sock".into(),
+            },
+            ASSIGNED,
+        ));
+        Observed {
+            entry,
+            rss_mib: Some(300),
+            guest_resident_mib: None,
+            balloon: Some(BalloonStatus {
+                assigned_mib: ASSIGNED,
+                target_mib: actual_mib,
+                actual_mib,
+                stats: GuestMemStats {
+                    valid: true,
+                    total_mib: u64::from(ASSIGNED),
+                    available_mib,
+                    ..GuestMemStats::default()
+                },
+            }),
+        }
+    }
+
+    fn decision(id: &str, to_mib: u64) -> Decision {
+        Decision {
+            id: id.into(),
+            from_mib: 100,
+            to_mib,
+            reason: "test".into(),
+        }
+    }
+
+    #[test]
+    fn views_carry_what_the_coordinator_remembers() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = coordinator(dir.path());
+        let mut silent = seen("silent", true, 0, 0);
+        silent.balloon = None;
+        let round = [
+            seen("a", true, 100, 200),
+            seen("unmanaged", false, 100, 200),
+            silent,
+        ];
+        let now = Instant::now();
+        for _ in 1..STALL_ROUNDS {
+            c.track(&round, now);
+        }
+        let views = c.views(&round, &HashMap::new());
+        assert_eq!(
+            views.len(),
+            1,
+            "only managed sandboxes whose balloon answered"
+        );
+        let a = &views[0];
+        assert_eq!(a.id, "a");
+        assert_eq!(
+            (a.assigned_mib, a.target_mib, a.actual_mib),
+            (512, 100, 100)
+        );
+        // 512 total - 200 available - 100 in the balloon.
+        assert_eq!(a.recent_working_set_mib, 212);
+        assert!(!a.stalled);
+        assert!(!a.unproductive);
+        c.track(&round, now);
+        assert!(c.views(&round, &HashMap::new())[0].stalled);
+        // The target asked for wins over the one reported; a smaller
+        // working set does not lower the remembered one at once.
+        c.targets.insert("a".into(), 150);
+        let later = [seen("a", true, 100, 300)];
+        c.track(&later, now);
+        let unproductive = HashMap::from([("a".to_string(), true)]);
+        let a = &c.views(&later, &unproductive)[0];
+        assert_eq!(a.target_mib, 150);
+        assert_eq!(a.recent_working_set_mib, 212);
+        assert!(a.unproductive);
+    }
+
+    #[test]
+    fn a_moving_balloon_is_not_stalled_and_gone_sandboxes_are_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = coordinator(dir.path());
+        let now = Instant::now();
+        for round in 0..2 * STALL_ROUNDS {
+            c.track(&[seen("a", true, 100 + round, 200)], now);
+        }
+        assert!(!c.views(&[seen("a", true, 107, 200)], &HashMap::new())[0].stalled);
+        let mut measured = seen("a", true, 100, 200);
+        measured.guest_resident_mib = Some(200);
+        let verdicts = c.track(&[measured], now);
+        assert_eq!(verdicts.keys().collect::<Vec<_>>(), ["a"]);
+        c.targets.insert("a".into(), 150);
+        assert!(c.track(&[], now).is_empty());
+        assert!(c.targets.is_empty() && c.progress.is_empty());
+        assert!(c.working_sets.is_empty() && c.gains.is_empty());
+    }
+
+    #[test]
+    fn only_decisions_that_took_effect_are_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("vmm-api.sock");
+        let listener = UnixListener::bind(&socket).unwrap();
+        let vmm = std::thread::spawn(move || {
+            let (s, _) = listener.accept().unwrap();
+            let mut line = String::new();
+            BufReader::new(&s).read_line(&mut line).unwrap();
+            writeln!(&s, r#"{{"ok":true}}"#).unwrap();
+            line
+        });
+        let mut c = coordinator(dir.path());
+        let mut ok = seen("ok", true, 100, 200);
+        ok.entry.balloon = Some(BalloonHandle::new(
+            BalloonEndpoint::CapsidVmm { socket },
+            ASSIGNED,
+        ));
+        let unreachable = seen("unreachable", true, 100, 200);
+        let sandboxes = [ok, unreachable];
+        let now = Instant::now();
+        for _ in 0..STALL_ROUNDS {
+            c.track(&sandboxes, now);
+        }
+        let applied = c.apply(
+            &sandboxes,
+            vec![
+                decision("gone", 10),
+                decision("unreachable", 120),
+                decision("ok", 130),
+            ],
+        );
+        assert_eq!(applied, [decision("ok", 130)]);
+        assert_eq!(
+            vmm.join().unwrap(),
+            "{\"op\":\"balloon_set\",\"target_mib\":130}\n"
+        );
+        assert_eq!(c.targets, HashMap::from([("ok".to_string(), 130)]));
+        // The new target restarts the count of rounds standing still.
+        assert_eq!(c.progress["ok"], (100, 0));
+        assert_eq!(c.progress["unreachable"], (100, STALL_ROUNDS));
+    }
+
+    #[test]
+    fn a_round_over_no_sandboxes_sees_the_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = coordinator(dir.path()).round().unwrap();
+        assert!(r.sandboxes.is_empty() && r.decisions.is_empty());
+        let host = r.host.unwrap();
+        assert_eq!((host.total_mib, host.available_mib), (4096, 4096));
     }
 }

@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use crate::backend::ProcessRef;
+use crate::process::ProcessRef;
 
 /// The host's memory right now.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -37,7 +37,7 @@ pub enum BalloonError {
         /// Memory assigned to the VM.
         assigned_mib: u32,
     },
-    /// The VMM's socket cannot be reached or did not answer.
+    /// QEMU's QMP socket cannot be reached or did not answer.
     #[error("cannot talk to the VMM at {socket}")]
     Io {
         /// The socket.
@@ -46,7 +46,7 @@ pub enum BalloonError {
         #[source]
         source: std::io::Error,
     },
-    /// The VMM answered with an error or something unexpected.
+    /// QEMU answered with an error or something unexpected.
     #[error("the VMM at {socket} refused {what}: {message}")]
     Refused {
         /// The socket.
@@ -56,6 +56,9 @@ pub enum BalloonError {
         /// What it said.
         message: String,
     },
+    /// capsid-vmm's control socket failed or refused.
+    #[error(transparent)]
+    Control(#[from] crate::vmm_control::ControlError),
     /// The registry of sandboxes cannot be read or written.
     #[error("balloon registry {path}")]
     Registry {

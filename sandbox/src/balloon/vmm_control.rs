@@ -3,83 +3,63 @@
 
 use std::path::Path;
 
-use serde_json::{json, Value};
+use capsid_vmm_api::control::{BalloonStatsReply, Request};
 
 use super::stats::RawStats;
-use super::{BalloonError, Result};
-use crate::backend::capsid_vmm::control_request;
+use super::Result;
+use crate::vmm_control;
 
 /// Sets the balloon to `balloon_mib`.
 pub fn set_target(socket: &Path, balloon_mib: u32) -> Result<()> {
-    let answer = request(
+    vmm_control::call(
         socket,
-        "balloon_set",
-        &json!({"op": "balloon_set", "target_mib": balloon_mib}),
+        &Request::BalloonSet {
+            target_mib: balloon_mib,
+        },
     )?;
-    drop(answer);
     Ok(())
 }
 
 /// The balloon's target and actual size (MiB) and the guest's last stats.
 pub fn status(socket: &Path) -> Result<(u64, u64, RawStats)> {
-    let answer = request(socket, "balloon_stats", &json!({"op": "balloon_stats"}))?;
-    parse_status(&answer).ok_or_else(|| BalloonError::Refused {
-        socket: socket.to_path_buf(),
-        what: "balloon_stats",
-        message: format!("unexpected answer {answer}"),
-    })
-}
-
-fn request(socket: &Path, what: &'static str, req: &Value) -> Result<Value> {
-    let answer = control_request(socket, req).map_err(|source| BalloonError::Io {
-        socket: socket.to_path_buf(),
-        source,
-    })?;
-    if answer.get("ok").and_then(Value::as_bool) == Some(true) {
-        Ok(answer)
-    } else {
-        Err(BalloonError::Refused {
-            socket: socket.to_path_buf(),
-            what,
-            message: answer
-                .get("error")
-                .and_then(Value::as_str)
-                .unwrap_or("no reason given")
-                .to_string(),
-        })
-    }
+    let reply: BalloonStatsReply = vmm_control::call_for(socket, &Request::BalloonStats)?;
+    Ok(from_reply(&reply))
 }
 
 /// Reads a `balloon_stats` answer (sizes from page counts, so nothing is
 /// lost to MiB rounding).
-pub fn parse_status(v: &Value) -> Option<(u64, u64, RawStats)> {
-    let pages_mib = |key: &str| v.get(key).and_then(Value::as_u64).map(|p| p / 256);
-    let target = pages_mib("target_pages")?;
-    let actual = pages_mib("actual_pages")?;
-    let s = v.get("stats");
-    let get = |key: &str| s.and_then(|s| s.get(key)).and_then(Value::as_u64);
-    Some((
-        target,
-        actual,
+pub fn from_reply(reply: &BalloonStatsReply) -> (u64, u64, RawStats) {
+    let pages_mib = |pages: u32| u64::from(pages) / 256;
+    let s = &reply.stats;
+    (
+        pages_mib(reply.target_pages),
+        pages_mib(reply.actual_pages),
         RawStats {
-            swap_in: get("swap_in"),
-            swap_out: get("swap_out"),
-            major_faults: get("major_faults"),
-            minor_faults: get("minor_faults"),
-            free: get("free_memory"),
-            total: get("total_memory"),
-            available: get("available_memory"),
-            caches: get("disk_caches"),
+            swap_in: s.swap_in,
+            swap_out: s.swap_out,
+            major_faults: s.major_faults,
+            minor_faults: s.minor_faults,
+            free: s.free_memory,
+            total: s.total_memory,
+            available: s.available_memory,
+            caches: s.disk_caches,
             last_update: None,
         },
-    ))
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::balloon::BalloonError;
+    use capsid_vmm_api::control::Reply;
+    use serde_json::{json, Value};
     use std::io::{BufRead, BufReader, Write};
     use std::os::unix::net::UnixListener;
+
+    fn read(answer: Value) -> std::result::Result<BalloonStatsReply, serde_json::Error> {
+        serde_json::from_value::<Reply>(answer)?.body_as()
+    }
 
     #[test]
     fn stats_answer_is_read() {
@@ -88,12 +68,12 @@ mod tests {
             "target_mib": 64, "actual_mib": 32,
             "stats": {"free_memory": 1u64 << 20, "total_memory": null, "disk_caches": 7},
         });
-        let (t, a, s) = parse_status(&v).unwrap();
+        let (t, a, s) = from_reply(&read(v).unwrap());
         assert_eq!((t, a), (64, 32));
         assert_eq!(s.free, Some(1 << 20));
         assert_eq!(s.total, None);
         assert_eq!(s.caches, Some(7));
-        assert!(parse_status(&json!({"ok": true})).is_none());
+        assert!(read(json!({"ok": true})).is_err());
     }
 
     #[test]
@@ -106,6 +86,7 @@ mod tests {
             for answer in [
                 r#"{"ok":true}"#,
                 r#"{"ok":false,"error":"balloon target 999 MiB exceeds the VM's 64 MiB"}"#,
+                r#"{"ok":true,"target_pages":512,"actual_pages":256,"stats":{}}"#,
             ] {
                 let (s, _) = listener.accept().unwrap();
                 let mut line = String::new();
@@ -118,7 +99,14 @@ mod tests {
         set_target(&path, 32).unwrap();
         let e = set_target(&path, 999).unwrap_err();
         assert!(e.to_string().contains("exceeds the VM's 64 MiB"), "{e}");
+        assert!(e.to_string().contains("refused balloon_set"), "{e}");
+        assert!(matches!(e, BalloonError::Control(_)), "{e}");
+        let (target, actual, _) = status(&path).unwrap();
+        assert_eq!((target, actual), (2, 1));
         let seen = fake.join().unwrap();
+        // The exact lines capsid-vmm has always been sent.
+        assert_eq!(seen[0], "{\"op\":\"balloon_set\",\"target_mib\":32}\n");
+        assert_eq!(seen[2], "{\"op\":\"balloon_stats\"}\n");
         let first: Value = serde_json::from_str(&seen[0]).unwrap();
         assert_eq!(first, json!({"op": "balloon_set", "target_mib": 32}));
     }

@@ -10,7 +10,6 @@
 pub mod conflist;
 pub mod exec;
 pub mod isolation;
-pub mod netns;
 pub mod ports;
 pub mod record;
 pub mod result;
@@ -26,11 +25,11 @@ use serde_json::{Map, Value};
 
 use crate::backend::NetSpec;
 use crate::config::Config;
+use crate::netns::{self, NamedNetns, NetnsError};
 use crate::network::{self, GuestNetwork, NetworkError, TapAttachment};
 use conflist::ConfList;
 use exec::{Attachment, Plugins};
 use isolation::Isolation;
-use netns::NamedNetns;
 use ports::PortMapping;
 use record::NetworkRecord;
 use result::CniResult;
@@ -48,6 +47,15 @@ pub enum CniError {
         what: String,
         /// What is wrong.
         reason: String,
+    },
+    /// A conflist file is not the JSON of a network configuration list.
+    #[error("invalid conflist {path}")]
+    ConfList {
+        /// The file.
+        path: PathBuf,
+        /// What the JSON parser said.
+        #[source]
+        source: serde_json::Error,
     },
     /// A file or process operation failed.
     #[error("{what}")]
@@ -92,6 +100,9 @@ pub enum CniError {
     /// The tap could not be joined to the veth.
     #[error("cannot attach the VM to the network")]
     Attach(#[source] NetworkError),
+    /// The sandbox's network namespace could not be made or removed.
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
 }
 
 /// Result of CNI operations.
@@ -296,7 +307,7 @@ impl CniNetwork {
         }
         if let Some(ns) = self.netns.take() {
             if let Err(e) = ns.delete() {
-                first_err.get_or_insert(e);
+                first_err.get_or_insert(e.into());
             }
         }
         match first_err {

@@ -15,11 +15,11 @@ use serde_json::{Map, Value};
 use super::conflist::ConfList;
 use super::exec::{Attachment, Plugins};
 use super::isolation::Isolation;
-use super::netns::{self, NamedNetns};
 use super::result::CniResult;
 use super::{CniError, CniNetwork, Result};
-use crate::backend::{kill_all, ProcessRef};
+use crate::netns::{self, NamedNetns};
 use crate::network;
+use crate::process::{kill_all, ProcessRef};
 
 /// How long killed plugin processes get to disappear.
 const PLUGIN_KILL_WAIT: Duration = Duration::from_secs(5);

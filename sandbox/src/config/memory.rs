@@ -147,6 +147,7 @@ impl TryFrom<RawMemoryConfig> for MemoryConfig {
 
 #[cfg(test)]
 mod tests {
+    use crate::config::tests::message;
     use crate::config::Config;
 
     #[test]
@@ -186,9 +187,9 @@ mod tests {
             ("pretend_host_mib = 0", "memory.pretend_host_mib"),
         ] {
             let e = Config::parse(&format!("[memory]\n{text}\n")).unwrap_err();
-            assert!(e.to_string().contains(key), "{text}: {e}");
+            assert!(message(&e).contains(key), "{text}: {e}");
         }
         let e = Config::parse("[memory]\nfloor = 5\n").unwrap_err();
-        assert!(e.to_string().contains("floor"), "{e}");
+        assert!(message(&e).contains("floor"), "{e}");
     }
 }

@@ -6,6 +6,7 @@
 //! ```text
 //! resolve("busybox", images_dir) → ImageSource → open() → Image
 //! RootfsCache::prepare(&image) → PreparedRootfs { path, fs_type, cache_hit }
+//! prepare("busybox", images_dir, &cache) → PreparedImage   (all three steps)
 //! ```
 //!
 //! The OCI image spec sections this follows: "Image Layout", "Image Index",
@@ -258,6 +259,43 @@ fn chain_key(diff_ids: impl Iterator<Item = Sha256Digest>) -> String {
         text.push_str(&diff.to_string());
     }
     Sha256Digest::of(text.as_bytes()).hex()
+}
+
+/// An image ready for a sandbox: its configuration and its cached rootfs
+/// disk (held in the cache until this is dropped).
+#[derive(Debug)]
+pub struct PreparedImage {
+    /// The image's configuration: env, cmd, entrypoint, working dir, user.
+    pub config: ImageConfiguration,
+    /// The read-only disk of its flattened layers.
+    pub rootfs: PreparedRootfs,
+}
+
+/// Finds `reference` (see [`resolve`]), opens it and converts it to a
+/// cached disk, or finds that disk in `cache`. Blocks: call it from a
+/// blocking task.
+pub fn prepare(
+    reference: &str,
+    images_dir: &Path,
+    cache: &RootfsCache,
+    progress: &dyn Fn(&str),
+) -> Result<PreparedImage> {
+    let source = resolve(reference, images_dir)?;
+    let image = open(&source)?;
+    let rootfs = cache.prepare(&image, progress)?;
+    Ok(PreparedImage {
+        config: image.config,
+        rootfs,
+    })
+}
+
+/// Unpacks the layers of `image` into the empty directory `staging`, as
+/// [`RootfsCache::prepare`] does before it builds the disk. Public only as
+/// the entry point of the `oci_unpack` fuzz target (fuzz/), which needs the
+/// unpacking without mkfs and the cache. Not part of the API.
+#[doc(hidden)]
+pub fn fuzz_unpack_layers(image: &Image, staging: &Path) -> Result<()> {
+    unpack::unpack_layers(image, staging, &|_| {})
 }
 
 /// Finds an image: a bare name (`busybox`, or `busybox:latest`) is a bundled

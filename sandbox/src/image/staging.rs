@@ -292,20 +292,32 @@ impl StagingTree {
 
     /// Sets the times of the directories unpacked, deepest first, now that
     /// nothing more is created in them. Paths no longer directories are
-    /// skipped.
+    /// skipped, and so are paths through a symlink: a later entry may have
+    /// replaced a parent with one, which can point outside the root.
     pub(crate) fn set_dir_times(&self, times: &HashMap<PathBuf, (i64, u32)>) -> io::Result<()> {
         let mut dirs: Vec<(&PathBuf, &(i64, u32))> = times.iter().collect();
         dirs.sort_by_key(|(path, _)| std::cmp::Reverse(path.components().count()));
         for (rel, &mtime) in dirs {
-            let abs = self.abs(rel);
-            match fs::symlink_metadata(&abs) {
-                Ok(meta) if meta.is_dir() => set_times_nofollow(&abs, mtime)?,
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
+            if self.is_real_dir(rel)? {
+                set_times_nofollow(&self.abs(rel), mtime)?;
             }
         }
         Ok(())
+    }
+
+    /// Whether `rel` and each of its parents is a directory, not a symlink.
+    fn is_real_dir(&self, rel: &Path) -> io::Result<bool> {
+        let mut abs = self.root.clone();
+        for component in rel.components() {
+            abs.push(component);
+            match fs::symlink_metadata(&abs) {
+                Ok(meta) if meta.is_dir() => {}
+                Ok(_) => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
     }
 
     /// Runs a chown; without the privilege to give files away it warns once
@@ -462,6 +474,30 @@ mod tests {
         );
         assert_eq!(whiteout(OsStr::new(".wh..wh.plnk")), Some(Whiteout::Other));
         assert_eq!(whiteout(OsStr::new("plain.wh.")), None);
+    }
+
+    #[test]
+    fn dir_times_do_not_follow_a_replaced_parent_out_of_the_root() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("staging");
+        let outside = tmp.path().join("outside");
+        fs::create_dir_all(root.join("a/x")).unwrap();
+        fs::create_dir_all(outside.join("x")).unwrap();
+        let old = (1_000_000, 0);
+        set_times_nofollow(&outside.join("x"), old).unwrap();
+        // A layer made a/ and a/x/, then replaced a with a symlink that
+        // climbs out of the root on the host.
+        fs::remove_dir_all(root.join("a")).unwrap();
+        std::os::unix::fs::symlink("../outside", root.join("a")).unwrap();
+        let times = HashMap::from([
+            (PathBuf::from("a"), (2_000_000, 0)),
+            (PathBuf::from("a/x"), (2_000_000, 0)),
+            (PathBuf::new(), (2_000_000, 0)),
+        ]);
+        StagingTree::new(&root).set_dir_times(&times).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(fs::metadata(outside.join("x")).unwrap().mtime(), 1_000_000);
+        assert_eq!(fs::metadata(&root).unwrap().mtime(), 2_000_000);
     }
 
     #[test]

@@ -18,7 +18,6 @@
 //! block for a few milliseconds each.
 
 mod guest;
-mod netns;
 mod read;
 
 use std::path::{Path, PathBuf};
@@ -26,7 +25,7 @@ use std::path::{Path, PathBuf};
 pub use guest::{GuestDns, GuestInterface, GuestNetwork, GuestRoute, IpPrefix};
 
 use crate::backend::NetSpec;
-use netns::Netns;
+use crate::netns::{Netns, NetnsError};
 
 /// The ingress qdisc handle used on both interfaces.
 const INGRESS: &str = "ffff:";
@@ -34,12 +33,9 @@ const INGRESS: &str = "ffff:";
 /// Errors of network attachment.
 #[derive(Debug, thiserror::Error)]
 pub enum NetworkError {
-    /// The namespace file is missing.
-    #[error("network namespace {} does not exist", path.display())]
-    NoNetns {
-        /// The path given.
-        path: PathBuf,
-    },
+    /// Finding or using the network namespace failed.
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
     /// The tap name cannot be an interface name.
     #[error("invalid tap name {name:?}: {reason}")]
     BadTapName {
@@ -56,25 +52,6 @@ pub enum NetworkError {
         /// What was found instead.
         reason: String,
     },
-    /// A command failed inside the namespace.
-    #[error("in network namespace {}: `{command}` failed: {reason}", netns.display())]
-    Command {
-        /// The namespace.
-        netns: PathBuf,
-        /// What was run.
-        command: String,
-        /// Its error output (or exit status).
-        reason: String,
-    },
-    /// A program could not be started.
-    #[error("cannot run {program}")]
-    Spawn {
-        /// The program.
-        program: String,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
     /// A command printed something unexpected.
     #[error("unexpected output from `{command}`: {reason}")]
     Parse {
@@ -83,6 +60,27 @@ pub enum NetworkError {
         /// What was wrong.
         reason: String,
     },
+}
+
+/// The tap made for a sandbox in a network namespace someone else owns
+/// (CNI through containerd, nerdctl, the CRI plugin), recorded before it is
+/// made so that [`detach_leftovers`] can remove it after a crash.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TapRecord {
+    /// The network namespace file.
+    pub netns: PathBuf,
+    /// The tap made in it.
+    pub tap: String,
+}
+
+impl TapRecord {
+    /// The tap of sandbox `sandbox` in `netns`.
+    pub fn for_sandbox(netns: &Path, sandbox: &str) -> Self {
+        Self {
+            netns: netns.to_owned(),
+            tap: tap_name_for(sandbox),
+        }
+    }
 }
 
 /// A tap joined to a veth inside a network namespace. Dropping it leaves the
@@ -237,13 +235,13 @@ fn wire(
     redirect(ns, tap, veth)?;
     ns.tc(&["qdisc", "add", "dev", veth, "handle", INGRESS, "ingress"])
         .map_err(|e| match e {
-            NetworkError::Command { netns, reason, .. } => NetworkError::NoInterface {
+            NetnsError::Command { netns, reason, .. } => NetworkError::NoInterface {
                 netns,
                 reason: format!(
                     "cannot add an ingress qdisc to {veth} (already joined to another tap?): {reason}"
                 ),
             },
-            e => e,
+            e => e.into(),
         })?;
     *veth_qdisc = true;
     redirect(ns, veth, tap)
@@ -267,8 +265,8 @@ fn redirect(ns: &Netns, from: &str, to: &str) -> Result<(), NetworkError> {
     ns.tc(&[
         "filter", "add", "dev", from, "parent", INGRESS, "protocol", "all", "u32", "match", "u8",
         "0", "0", "action", "mirred", "egress", "redirect", "dev", to,
-    ])
-    .map(drop)
+    ])?;
+    Ok(())
 }
 
 /// Removes `tap` and the ingress qdisc of `veth` (or of every interface
@@ -295,13 +293,13 @@ fn remove(ns: &Netns, tap: &str, veth: Option<&str>) -> Result<(), NetworkError>
             continue;
         }
         if let Err(e) = ns.tc(&["qdisc", "del", "dev", &target, "handle", INGRESS, "ingress"]) {
-            first_err.get_or_insert(e);
+            first_err.get_or_insert(NetworkError::from(e));
         }
     }
     if links.iter().any(|l| l.ifname == tap) {
         // Deleting the tap takes its qdisc and filters with it.
         if let Err(e) = ns.ip(&["link", "del", "dev", tap]) {
-            first_err.get_or_insert(e);
+            first_err.get_or_insert(e.into());
         }
     }
     match first_err {

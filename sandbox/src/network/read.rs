@@ -6,8 +6,8 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use super::netns::Netns;
 use super::{GuestDns, GuestInterface, GuestNetwork, GuestRoute, IpPrefix, NetworkError};
+use crate::netns::Netns;
 
 /// One entry of `ip -j -d link show`.
 #[derive(Debug, Clone, Deserialize)]
@@ -70,7 +70,7 @@ struct RouteEntry {
 
 /// Every interface in the namespace.
 pub(crate) fn links(ns: &Netns) -> Result<Vec<Link>, NetworkError> {
-    ns.ip_json(&["-d", "link", "show"])
+    Ok(ns.ip_json(&["-d", "link", "show"])?)
 }
 
 /// The interface named `wanted`, or the only joinable one.

@@ -9,8 +9,8 @@ use capsid_devices::hosting::mmio::{MmioDevice, TransportEvent, MMIO_DEVICE_SIZE
 use vmm_sys_util::eventfd::EventFd;
 
 use super::event_loop::LoopHandle;
+use super::legacy::LegacyBus;
 use super::MmioPlacement;
-use crate::legacy::LegacyBus;
 use crate::vstate::vcpu::Bus;
 
 /// One virtio-mmio device on the bus.

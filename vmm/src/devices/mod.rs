@@ -1,9 +1,11 @@
 //! capsid-vmm's devices: interrupt lines (irqfds), the virtio-mmio devices
-//! from the `devices` crate behind their transports (`bus`), and the one
-//! event loop thread that serves them all (`event_loop`).
+//! from the `devices` crate behind their transports (`bus`), the legacy PC
+//! devices on port I/O (`legacy`: serial console, i8042), and the one event
+//! loop thread that serves the virtio ones (`event_loop`).
 
 pub mod bus;
 pub mod event_loop;
+pub mod legacy;
 
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};

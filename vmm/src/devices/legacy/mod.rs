@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use vm_superio::{Serial, Trigger};
 
 use self::i8042::I8042;
-use crate::devices::IrqLine;
+use super::IrqLine;
 use crate::vstate::vcpu::Bus;
 
 /// COM1's I/O ports.

@@ -1,0 +1,248 @@
+//! Creating a container: the id reserved, the rootfs assembled, /etc and
+//! the OCI spec made to fit the guest, the init created (not started).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use capsid_protocol::agent::{Rootfs, Stdio};
+use oci_spec::runtime::{LinuxNamespaceType, Spec};
+
+use super::process::Process;
+use super::{Container, ContainerError, Containers, Laps, Result, CGROUP_PARENT};
+use crate::lock::LockExt as _;
+use crate::rootfs::{self, RootfsError};
+use crate::runtime::{Job, STATE_ROOT};
+use crate::undo::Undo;
+
+/// Request to create a container.
+#[derive(Debug, Clone)]
+pub struct CreateRequest {
+    /// Container id.
+    pub id: String,
+    /// config.json bytes.
+    pub spec_json: Vec<u8>,
+    /// The rootfs disks.
+    pub rootfs: Rootfs,
+    /// Stdio wiring.
+    pub stdio: Stdio,
+    /// resolv.conf servers.
+    pub dns_servers: Vec<String>,
+    /// resolv.conf search domains.
+    pub dns_search: Vec<String>,
+    /// resolv.conf options.
+    pub dns_options: Vec<String>,
+}
+
+impl Containers {
+    /// Prepares the container: rootfs, bundle, init process created but not
+    /// started. Returns the init's pid.
+    pub async fn create(self: &Arc<Self>, req: CreateRequest) -> Result<u32> {
+        if !rootfs::valid_id(&req.id) {
+            return Err(ContainerError::Invalid(format!(
+                "container id {:?}",
+                req.id
+            )));
+        }
+        let spec: Spec =
+            serde_json::from_slice(&req.spec_json).map_err(|source| ContainerError::Json {
+                what: "OCI spec",
+                source,
+            })?;
+        let container = self.reserve(&req.id)?;
+        // From here on a failure gives the id back and removes what the
+        // container got: its rootfs and bundle, libcontainer's state.
+        let undo = Undo::new(|| {
+            self.by_id.lock_or_recover().remove(&req.id);
+            rootfs::teardown(&req.id);
+            let _ = fs::remove_dir_all(Path::new(STATE_ROOT).join(&req.id));
+        });
+        let pid = self.prepare(&container, &req, spec).await?;
+        undo.disarm();
+        Ok(pid)
+    }
+
+    /// Reserves `id` while the slow part of creating it runs.
+    fn reserve(&self, id: &str) -> Result<Arc<Container>> {
+        let mut by_id = self.by_id.lock_or_recover();
+        if by_id.contains_key(id) {
+            return Err(ContainerError::AlreadyExists(format!("container {id:?}")));
+        }
+        let container = Arc::new(Container::new(id));
+        by_id.insert(id.to_string(), container.clone());
+        Ok(container)
+    }
+
+    /// The slow part of [`Self::create`], on the reserved `container`.
+    async fn prepare(
+        self: &Arc<Self>,
+        container: &Arc<Container>,
+        req: &CreateRequest,
+        mut spec: Spec,
+    ) -> Result<u32> {
+        let mut laps = Laps::new("create", &req.id);
+        let id = req.id.clone();
+        let rootfs_spec = req.rootfs.clone();
+        let dirs = tokio::task::spawn_blocking(move || rootfs::assemble(&id, &rootfs_spec))
+            .await
+            .map_err(ContainerError::task("rootfs task"))?
+            .map_err(|e| rootfs_error("assembling the rootfs", e))?;
+        laps.lap("rootfs");
+        let hostname = spec.hostname().clone().unwrap_or_default();
+        rootfs::write_etc(
+            &dirs.rootfs,
+            &hostname,
+            &req.dns_servers,
+            &req.dns_search,
+            &req.dns_options,
+        )
+        .map_err(|e| rootfs_error("writing /etc", e))?;
+
+        adapt_spec(&mut spec, &dirs.rootfs, &req.id, req.stdio.terminal)?;
+        check_program(&spec, &dirs.rootfs)?;
+        let config = dirs.bundle.join("config.json");
+        spec.save(&config).map_err(ContainerError::SaveSpec)?;
+        laps.lap("etc+spec");
+
+        let process = Process::new("");
+        container
+            .processes
+            .lock_or_recover()
+            .insert(String::new(), process.clone());
+        let job = Job::Create {
+            id: req.id.clone(),
+            bundle: dirs.bundle.clone(),
+        };
+        let pid = self
+            .run_runtime(container, &process, job, &req.stdio)
+            .await?;
+        laps.lap("runtime");
+        Ok(u32::try_from(pid).unwrap_or(0))
+    }
+}
+
+/// A rootfs failure is the request's when it names a disk the guest lacks
+/// or something the guest refuses, the guest's otherwise.
+fn rootfs_error(what: &'static str, e: RootfsError) -> ContainerError {
+    match e {
+        RootfsError::NoSuchDisk(_) | RootfsError::Invalid(_) => ContainerError::BadRootfs(e),
+        source => ContainerError::Rootfs { what, source },
+    }
+}
+
+/// Refuses a main program the kernel could not execute, with the reason.
+fn check_program(spec: &Spec, rootfs: &Path) -> Result<()> {
+    let Some(process) = spec.process() else {
+        return Ok(());
+    };
+    let Some(program) = process.args().as_ref().and_then(|a| a.first()) else {
+        return Err(ContainerError::Invalid("the process has no args".into()));
+    };
+    let path = process
+        .env()
+        .as_ref()
+        .and_then(|env| env.iter().find_map(|kv| kv.strip_prefix("PATH=")))
+        .unwrap_or("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+    rootfs::check_executable(rootfs, program, path).map_err(ContainerError::NotExecutable)
+}
+
+/// Makes the host's OCI spec fit the guest: the rootfs is the assembled
+/// overlay, the cgroup is under /capsid, the terminal flag follows the
+/// stdio request, the container shares the VM's network namespace —
+/// the VM is the network boundary, and the agent configures its NIC — and
+/// seccomp argument rules are put in libcontainer's order.
+fn adapt_spec(spec: &mut Spec, rootfs: &Path, id: &str, terminal: bool) -> Result<()> {
+    let mut root = spec.root().clone().unwrap_or_default();
+    root.set_path(rootfs.to_path_buf());
+    spec.set_root(Some(root));
+    let mut process = spec
+        .process()
+        .clone()
+        .ok_or_else(|| ContainerError::Invalid("OCI spec has no process".into()))?;
+    process.set_terminal(Some(terminal));
+    spec.set_process(Some(process));
+    let mut linux = spec.linux().clone().unwrap_or_default();
+    linux.set_cgroups_path(Some(PathBuf::from(CGROUP_PARENT).join(id)));
+    if let Some(ns) = linux.namespaces().clone() {
+        let kept = ns
+            .into_iter()
+            .filter(|n| n.typ() != LinuxNamespaceType::Network)
+            .collect();
+        linux.set_namespaces(Some(kept));
+    }
+    if let Some(mut seccomp) = linux.seccomp().clone() {
+        crate::seccomp::adapt(&mut seccomp);
+        linux.set_seccomp(Some(seccomp));
+    }
+    spec.set_linux(Some(linux));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spec_is_adapted_to_the_guest() {
+        let mut spec = Spec::default();
+        let mut linux = spec.linux().clone().unwrap();
+        let ns = linux.namespaces().clone().unwrap();
+        assert!(ns.iter().any(|n| n.typ() == LinuxNamespaceType::Network));
+        linux.set_namespaces(Some(ns));
+        spec.set_linux(Some(linux));
+        adapt_spec(
+            &mut spec,
+            Path::new("/run/capsid/bundles/c1/rootfs"),
+            "c1",
+            true,
+        )
+        .unwrap();
+        assert_eq!(
+            spec.root().as_ref().unwrap().path(),
+            Path::new("/run/capsid/bundles/c1/rootfs")
+        );
+        assert_eq!(spec.process().as_ref().unwrap().terminal(), Some(true));
+        let linux = spec.linux().as_ref().unwrap();
+        assert_eq!(
+            linux.cgroups_path().as_deref(),
+            Some(Path::new("/capsid/c1"))
+        );
+        assert!(linux
+            .namespaces()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .all(|n| n.typ() != LinuxNamespaceType::Network));
+        assert!(linux
+            .namespaces()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .any(|n| n.typ() == LinuxNamespaceType::Pid));
+    }
+
+    #[test]
+    fn spec_without_process_is_refused() {
+        let mut spec = Spec::default();
+        spec.set_process(None);
+        let e = adapt_spec(&mut spec, Path::new("/r"), "c1", false).unwrap_err();
+        assert!(e.to_string().contains("no process"));
+    }
+
+    #[test]
+    fn rootfs_failures_are_sorted_by_fault() {
+        let e = rootfs_error("assembling the rootfs", RootfsError::NoSuchDisk("d".into()));
+        assert_eq!(e.kind(), super::super::ErrorKind::Invalid);
+        let e = rootfs_error(
+            "assembling the rootfs",
+            RootfsError::Mount {
+                what: "ext4 /dev/vda".into(),
+                target: "/r".into(),
+                source: nix::Error::EBUSY,
+            },
+        );
+        assert_eq!(e.kind(), super::super::ErrorKind::Internal);
+        assert!(crate::describe(&e)
+            .starts_with("assembling the rootfs: cannot mount ext4 /dev/vda on /r: "));
+    }
+}
