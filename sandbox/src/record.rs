@@ -279,6 +279,9 @@ pub fn undo(record: &HostRecord) -> UndoReport {
         }
     }
     report.killed = kill_all(&victims, KILL_WAIT);
+    for pid in &report.killed {
+        tracing::info!(sandbox = %record.sandbox, pid, "killed sandbox process");
+    }
     for mount in &record.mounts {
         if let Err(e) = unmount(mount) {
             report.errors.push(e);
