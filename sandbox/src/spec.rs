@@ -25,9 +25,16 @@ pub enum SpecError {
     /// Nothing to run.
     #[error("no command: the image has no entrypoint or cmd, and none was given")]
     NoCommand,
-    /// oci-spec refused a value.
-    #[error("OCI spec: {0}")]
-    Build(String),
+    /// oci-spec's builder refused a part capsid put together (builders fail
+    /// only on a missing field, so this is capsid's mistake, not the user's).
+    #[error("cannot build the OCI spec's {what}: this is a capsid bug, please report it")]
+    Build {
+        /// Which part, by its path in the spec (`process.user`, `linux`, ...).
+        what: &'static str,
+        /// What oci-spec said.
+        #[source]
+        source: oci_spec::OciSpecError,
+    },
 }
 
 /// Result of spec building.
@@ -87,6 +94,11 @@ pub struct RunOptions {
     pub seccomp: Option<LinuxSeccomp>,
 }
 
+/// Wraps an oci-spec builder error, naming the part being built.
+fn build_error(what: &'static str) -> impl FnOnce(oci_spec::OciSpecError) -> SpecError {
+    move |source| SpecError::Build { what, source }
+}
+
 fn invalid(what: &'static str, value: &str, reason: impl Into<String>) -> SpecError {
     SpecError::Invalid {
         what,
@@ -144,7 +156,7 @@ fn parse_rlimit(value: &str) -> Result<PosixRlimit> {
         .soft(soft)
         .hard(hard)
         .build()
-        .map_err(|e| SpecError::Build(e.to_string()))
+        .map_err(build_error("process.rlimits entry"))
 }
 
 /// Merges K=V lists: later entries win, order of first appearance kept.
@@ -230,13 +242,13 @@ pub fn build(image: &ImageDefaults, opts: &RunOptions) -> Result<Spec> {
                 .uid(uid)
                 .gid(gid)
                 .build()
-                .map_err(|e| SpecError::Build(e.to_string()))?,
+                .map_err(build_error("process.user"))?,
         )
         .rlimits(rlimits)
         .no_new_privileges(true)
         .capabilities(caps)
         .build()
-        .map_err(|e| SpecError::Build(e.to_string()))?;
+        .map_err(build_error("process"))?;
     spec.set_process(Some(process));
     if !opts.hostname.is_empty() {
         spec.set_hostname(Some(opts.hostname.clone()));
@@ -250,17 +262,17 @@ pub fn build(image: &ImageDefaults, opts: &RunOptions) -> Result<Spec> {
         .masked_paths(default_linux.masked_paths().clone().unwrap_or_default())
         .readonly_paths(default_linux.readonly_paths().clone().unwrap_or_default())
         .build()
-        .map_err(|e| SpecError::Build(e.to_string()))?;
+        .map_err(build_error("linux"))?;
     if let Some(limit) = opts.memory_limit {
         let memory = LinuxMemoryBuilder::default()
             .limit(limit)
             .swap(limit)
             .build()
-            .map_err(|e| SpecError::Build(e.to_string()))?;
+            .map_err(build_error("linux.resources.memory"))?;
         let resources = LinuxResourcesBuilder::default()
             .memory(memory)
             .build()
-            .map_err(|e| SpecError::Build(e.to_string()))?;
+            .map_err(build_error("linux.resources"))?;
         linux.set_resources(Some(resources));
     }
     linux.set_seccomp(opts.seccomp.clone());

@@ -74,9 +74,23 @@ pub enum BootstrapError {
         /// What failed.
         message: String,
     },
-    /// The ttrpc server failed.
-    #[error("ttrpc server: {0}")]
-    Server(String),
+    /// The DeleteResponse cannot be encoded.
+    #[error(
+        "cannot encode the delete response for containerd: this is a shim bug, please report it"
+    )]
+    EncodeResponse(#[source] containerd_shim_protos::protobuf::Error),
+    /// The ttrpc server failed to start (it fails only without a listener).
+    #[error(
+        "cannot start the Task API server on {}: this is a shim bug, please report it",
+        socket.display()
+    )]
+    Server {
+        /// The socket the server listens on.
+        socket: PathBuf,
+        /// What ttrpc said.
+        #[source]
+        source: containerd_shim_protos::ttrpc::Error,
+    },
 }
 
 /// Result of the shim's actions.
@@ -170,7 +184,7 @@ pub fn delete(flags: &Flags) -> Result<Vec<u8>> {
     };
     response
         .write_to_bytes()
-        .map_err(|e| BootstrapError::Server(e.to_string()))
+        .map_err(BootstrapError::EncodeResponse)
 }
 
 /// Serve mode: the Task API until the shim is shut down.
@@ -213,7 +227,10 @@ pub async fn serve(flags: &Flags, log: Option<std::fs::File>) -> Result<()> {
     server
         .start()
         .await
-        .map_err(|e| BootstrapError::Server(e.to_string()))?;
+        .map_err(|source| BootstrapError::Server {
+            socket: socket.clone(),
+            source,
+        })?;
     announce_ready(log)?;
     tracing::info!(id = %flags.id, socket = %socket.display(), pid = std::process::id(), "serving");
 

@@ -14,8 +14,8 @@ use containerd_shim_protos::protobuf::{Message, MessageField, MessageFull};
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
     /// The protobuf encoder failed.
-    #[error("cannot encode metrics: {0}")]
-    Encode(String),
+    #[error("cannot encode the container's metrics: this is a shim bug, please report it")]
+    Encode(#[source] containerd_shim_protos::protobuf::Error),
 }
 
 /// Result of metrics operations.
@@ -80,9 +80,7 @@ pub fn from_agent(stats: &StatsResponse) -> Metrics {
 pub fn to_any(metrics: &Metrics) -> Result<Any> {
     Ok(Any {
         type_url: Metrics::descriptor().full_name().to_string(),
-        value: metrics
-            .write_to_bytes()
-            .map_err(|e| MetricsError::Encode(e.to_string()))?,
+        value: metrics.write_to_bytes().map_err(MetricsError::Encode)?,
         ..Default::default()
     })
 }

@@ -19,8 +19,11 @@ const CONFIG_PATH_FIELD: u32 = 2;
 #[derive(Debug, thiserror::Error)]
 pub enum OptionsError {
     /// The bytes on stdin are not a protobuf `Any`.
-    #[error("runtime options are not a protobuf Any: {0}")]
-    NotAny(String),
+    #[error(
+        "the runtime options containerd gave on stdin are not a protobuf Any: \
+         check the runtime's options in containerd's config"
+    )]
+    NotAny(#[source] containerd_shim_protos::protobuf::Error),
     /// The options are of a type the shim does not know.
     #[error("unsupported runtime options type {0:?} (expected {RUNTIME_OPTIONS_TYPE})")]
     UnknownType(String),
@@ -42,7 +45,7 @@ pub fn config_path_from_start_input(input: &[u8]) -> Result<Option<PathBuf>> {
     if input.is_empty() {
         return Ok(None);
     }
-    let any = Any::parse_from_bytes(input).map_err(|e| OptionsError::NotAny(e.to_string()))?;
+    let any = Any::parse_from_bytes(input).map_err(OptionsError::NotAny)?;
     config_path_from_any(&any)
 }
 
@@ -126,5 +129,17 @@ mod tests {
         let e = config_path_from_start_input(&input).unwrap_err();
         assert!(e.to_string().contains("containerd.runc.v1.Options"), "{e}");
         assert!(config_path_from_start_input(b"\xff\xff").is_err());
+    }
+
+    #[test]
+    fn garbage_on_stdin_keeps_the_decoder_error() {
+        let e = config_path_from_start_input(b"\xff\xff").unwrap_err();
+        assert!(matches!(e, OptionsError::NotAny(_)), "{e}");
+        let text = crate::describe(&e);
+        let decoder = std::error::Error::source(&e).map(ToString::to_string);
+        assert!(
+            decoder.is_some_and(|d| text.ends_with(&format!(": {d}"))),
+            "{text}"
+        );
     }
 }

@@ -25,9 +25,16 @@ pub enum SpecError {
     /// The spec has no process to run.
     #[error("the OCI spec has no process")]
     NoProcess,
-    /// A mount could not be rebuilt.
-    #[error("cannot build a mount: {0}")]
-    Mount(String),
+    /// A mount capsid puts in place of a host bind could not be built
+    /// (oci-spec's builder fails only on a missing field: capsid's mistake).
+    #[error("cannot build the {destination} mount: this is a capsid bug, please report it")]
+    Mount {
+        /// Where the mount goes in the container.
+        destination: &'static str,
+        /// What oci-spec said.
+        #[source]
+        source: oci_spec::OciSpecError,
+    },
 }
 
 /// Result of spec adaptation.
@@ -98,7 +105,10 @@ fn shm_tmpfs() -> Result<Mount> {
                 .to_vec(),
         )
         .build()
-        .map_err(|e| SpecError::Mount(e.to_string()))
+        .map_err(|source| SpecError::Mount {
+            destination: "/dev/shm",
+            source,
+        })
 }
 
 #[cfg(test)]

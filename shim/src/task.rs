@@ -421,7 +421,7 @@ impl Task for TaskService {
         let c = self.container(&req.id)?;
         let stats = c.stats().await.map_err(to_ttrpc)?;
         let any = metrics::to_any(&metrics::from_agent(&stats))
-            .map_err(|e| status(Code::INTERNAL, e.to_string()))?;
+            .map_err(|e| status(Code::INTERNAL, crate::describe(&e)))?;
         Ok(StatsResponse {
             stats: MessageField::some(any),
             ..Default::default()

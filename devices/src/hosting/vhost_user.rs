@@ -25,8 +25,17 @@ pub enum VhostUserError {
     #[error(transparent)]
     Claim(#[from] ClaimError),
     /// The vhost-user daemon failed to start or serve.
-    #[error("vhost-user daemon: {0}")]
-    Daemon(String),
+    #[error(
+        "the vhost-user daemon cannot {step}: {message} (see the frontend's log, and the \
+         host's fd and thread limits)"
+    )]
+    Daemon {
+        /// "start" or "serve the frontend".
+        step: &'static str,
+        // A String: vhost_user_backend::Error implements neither std::error::Error nor Sync.
+        /// What vhost-user-backend said.
+        message: String,
+    },
     /// The device's host-side fd could not be added to the event loop.
     #[error("cannot watch the device's host-side fd")]
     Watch(#[source] std::io::Error),
@@ -40,6 +49,14 @@ pub enum VhostUserError {
 
 /// Result of vhost-user hosting.
 pub type Result<T> = std::result::Result<T, VhostUserError>;
+
+/// Keeps the text of a vhost-user-backend error, naming the step that failed.
+fn daemon_error(step: &'static str) -> impl FnOnce(vhost_user_backend::Error) -> VhostUserError {
+    move |e| VhostUserError::Daemon {
+        step,
+        message: e.to_string(),
+    }
+}
 
 /// A device model behind vhost-user.
 pub struct VhostUserDevice<D: VirtioDevice> {
@@ -196,7 +213,7 @@ pub fn serve<D: VirtioDevice + Sync + 'static>(device: D, path: &Path) -> Result
         .unwrap_or(u16::MAX);
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
     let mut daemon = VhostUserDaemon::new(format!("capsid-vhost-{name}"), backend, mem)
-        .map_err(|e| VhostUserError::Daemon(e.to_string()))?;
+        .map_err(daemon_error("start"))?;
     if let Some(fd) = backend_fd {
         for handler in daemon.get_epoll_handlers() {
             handler
@@ -210,7 +227,7 @@ pub fn serve<D: VirtioDevice + Sync + 'static>(device: D, path: &Path) -> Result
         let relay = relay::spawn(listener, private.clone()).map_err(VhostUserError::Relay)?;
         let result = daemon
             .serve(&private)
-            .map_err(|e| VhostUserError::Daemon(e.to_string()));
+            .map_err(daemon_error("serve the frontend"));
         // Once the daemon's connection is over the relay winds down too.
         if result.is_ok() {
             let _ = relay.join();
@@ -219,6 +236,6 @@ pub fn serve<D: VirtioDevice + Sync + 'static>(device: D, path: &Path) -> Result
     } else {
         daemon
             .serve(path)
-            .map_err(|e| VhostUserError::Daemon(e.to_string()))
+            .map_err(daemon_error("serve the frontend"))
     }
 }

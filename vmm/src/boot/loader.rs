@@ -306,15 +306,10 @@ pub fn load_linux(mem: &GuestMemoryMmap, boot: &LinuxBoot<'_>) -> Result<BootEnt
         .map(|p| load_initramfs(mem, p, &kernel, boot.low_ram_end))
         .transpose()?;
     let capacity = cmdline_capacity(kernel.setup_header.as_ref());
-    let cmdline =
-        Cmdline::try_from(boot.cmdline, capacity).map_err(|e| BootError::Cmdline(e.to_string()))?;
-    load_cmdline(mem, GuestAddress(CMDLINE_START), &cmdline)
-        .map_err(|e| BootError::Cmdline(e.to_string()))?;
-    let cmdline_len = cmdline
-        .as_cstring()
-        .map_err(|e| BootError::Cmdline(e.to_string()))?
-        .as_bytes()
-        .len();
+    let invalid = |source| BootError::Cmdline { capacity, source };
+    let cmdline = Cmdline::try_from(boot.cmdline, capacity).map_err(invalid)?;
+    load_cmdline(mem, GuestAddress(CMDLINE_START), &cmdline).map_err(BootError::CmdlineWrite)?;
+    let cmdline_len = cmdline.as_cstring().map_err(invalid)?.as_bytes().len();
     match kernel.entry.mode {
         EntryMode::Long => params::write_boot_params(
             mem,
@@ -406,6 +401,33 @@ mod tests {
                 }
             ),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn overlong_cmdline_names_the_capacity_and_keeps_the_loader_error() {
+        let mem = memory(64);
+        let f = file(&tiny_bzimage(&[0x90; 0x400], 0x80_0000));
+        let cmdline = "x".repeat(3000);
+        let boot = LinuxBoot {
+            kernel: f.path(),
+            initramfs: None,
+            cmdline: &cmdline,
+            memory_map: &[],
+            low_ram_end: 64 << 20,
+            vcpus: 1,
+        };
+        let e = load_linux(&mem, &boot).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                BootError::Cmdline {
+                    capacity: 2048,
+                    // linux-loader's word for "too long".
+                    source: linux_loader::cmdline::Error::InvalidCapacity
+                }
+            ),
+            "{e:?}"
         );
     }
 

@@ -123,8 +123,23 @@ pub enum BootError {
         have_mib: u64,
     },
     /// The command line is invalid or too long.
-    #[error("kernel command line: {0}")]
-    Cmdline(String),
+    #[error(
+        "the kernel command line is invalid or longer than this kernel takes ({capacity} bytes \
+         with its NUL): check boot.linux.cmdline"
+    )]
+    Cmdline {
+        /// Bytes the kernel takes, NUL included.
+        capacity: usize,
+        /// What linux-loader said.
+        #[source]
+        source: linux_loader::cmdline::Error,
+    },
+    /// The command line could not be written at [`CMDLINE_START`].
+    #[error(
+        "cannot write the kernel command line into guest memory at {CMDLINE_START:#x}: \
+         this is a capsid-vmm bug, please report it"
+    )]
+    CmdlineWrite(#[source] linux_loader::loader::Error),
     /// Writing boot data into guest memory failed.
     #[error("cannot write {0} into guest memory")]
     Write(&'static str),

@@ -24,7 +24,11 @@ pub const MAX_BYTES_PER_REQUEST: u32 = 64 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum RngError {
     /// The host's random source failed.
-    #[error("host entropy source failed: {0}")]
+    #[error(
+        "the host's getrandom(2) failed: {0} (capsid needs getrandom(2) or a readable \
+         /dev/urandom on the host)"
+    )]
+    // A String: getrandom 0.2's Error implements std::error::Error only with its `std` feature, which is off.
     Entropy(String),
     /// A descriptor chain could not be read from the queue.
     #[error("malformed descriptor chain")]

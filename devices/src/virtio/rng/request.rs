@@ -17,6 +17,7 @@ pub struct HostEntropy;
 
 impl EntropySource for HostEntropy {
     fn fill(&mut self, buf: &mut [u8]) -> Result<()> {
+        // Text only: getrandom's Error is no std::error::Error here (see RngError::Entropy).
         getrandom::getrandom(buf).map_err(|e| RngError::Entropy(e.to_string()))
     }
 }
