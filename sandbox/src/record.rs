@@ -10,7 +10,7 @@
 //! it made with the same [`undo`].
 
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -165,7 +165,11 @@ impl<T: Serialize + DeserializeOwned> RecordFile<T> {
         }
     }
 
-    /// Writes the record atomically: temp file, fsync, rename.
+    /// Writes the record atomically: temp file, rename. No fsync: the
+    /// record has to outlive the process that wrote it (SIGKILL, a crash),
+    /// which the page cache does; after a host crash every VM it names is
+    /// gone anyway, and the state directories live on tmpfs by default. An
+    /// fsync here cost ~5 ms per write on the start-up path.
     fn save(&self) -> Result<()> {
         let write_err = |source| RecordError::Write {
             path: self.path.clone(),
@@ -178,9 +182,7 @@ impl<T: Serialize + DeserializeOwned> RecordFile<T> {
             .unwrap_or_default();
         let temp = self.path.with_file_name(format!(".{name}.tmp"));
         let text = serde_json::to_vec_pretty(&self.record).map_err(|e| write_err(e.into()))?;
-        let mut file = fs::File::create(&temp).map_err(write_err)?;
-        file.write_all(&text).map_err(write_err)?;
-        file.sync_all().map_err(write_err)?;
+        fs::write(&temp, &text).map_err(write_err)?;
         fs::rename(&temp, &self.path).map_err(write_err)
     }
 }
