@@ -58,10 +58,11 @@ fuzz_target!(|data: &[u8]| {
     let Some((&control, image)) = data.split_first() else {
         return;
     };
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)])
-        .expect("guest memory");
+    let mem =
+        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("guest memory");
     let n = image.len().min(MEM_SIZE);
-    mem.write_slice(&image[..n], GuestAddress(0)).expect("fill guest memory");
+    mem.write_slice(&image[..n], GuestAddress(0))
+        .expect("fill guest memory");
     let mut rx = queue(RX, control & 1 != 0);
     let mut tx = queue(TX, control & 2 != 0);
     let mut evt = queue(EVT, false);
