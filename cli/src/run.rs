@@ -145,17 +145,9 @@ async fn run_timed(
         .or(args.image_arg.clone())
         .unwrap_or_else(|| "busybox".into());
 
-    // Image → cached rootfs disk (converted once, then a cache hit).
-    let images_dir = config.paths.images_dir.clone();
-    let cache = RootfsCache::new(&config.paths.cache_dir);
-    let prepared = tokio::task::spawn_blocking(move || {
-        image::prepare(&reference, &images_dir, &cache, &|msg| {
-            eprintln!("capsid: {msg}")
-        })
-    })
-    .instrument(tracing::info_span!("rootfs"))
-    .await
-    .context("image task")??;
+    let prepared = prepare_image(&config, reference)
+        .instrument(tracing::info_span!("rootfs"))
+        .await?;
     let rootfs = prepared.rootfs;
     let rootfs_time = t0.elapsed();
     timings.phases().rootfs_ready_ms = Some(timings.now());
@@ -274,6 +266,23 @@ async fn run_timed(
         "capsid run phases"
     );
     result
+}
+
+/// The image as a cached rootfs disk (converted once, then a cache hit),
+/// with progress on stderr.
+pub(crate) async fn prepare_image(
+    config: &Config,
+    reference: String,
+) -> anyhow::Result<image::PreparedImage> {
+    let images_dir = config.paths.images_dir.clone();
+    let cache = RootfsCache::new(&config.paths.cache_dir);
+    let progress = |msg: &str| eprintln!("capsid: {msg}");
+    let prepared = tokio::task::spawn_blocking(move || {
+        image::prepare(&reference, &images_dir, &cache, &progress)
+    })
+    .await
+    .context("image task")??;
+    Ok(prepared)
 }
 
 /// Copies the container phases (durations since the origin; zero: not

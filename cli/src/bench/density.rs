@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use capsid_sandbox::backend::Backend;
 use capsid_sandbox::container::{ContainerSpec, LayerDisk};
-use capsid_sandbox::image::{self, RootfsCache};
 use capsid_sandbox::sandbox::{self as sb, Sandbox, SandboxOptions};
 use capsid_sandbox::spec::{self, ImageDefaults, RunOptions};
 use capsid_sandbox::stdio::StreamsWanted;
@@ -174,20 +173,10 @@ async fn measure(
 ) -> anyhow::Result<DensityReport> {
     let config = setup.config.clone();
     let backend: Arc<dyn Backend> = sb::backend_for(&config)?;
-    let reference = args.vm.image.clone();
-    let images_dir = config.paths.images_dir.clone();
-    let cache = RootfsCache::new(&config.paths.cache_dir);
-    let prepared = tokio::task::spawn_blocking(move || {
-        image::prepare(&reference, &images_dir, &cache, &|msg| {
-            eprintln!("capsid: {msg}")
-        })
-    })
-    .await
-    .context("image task")??;
-    let defaults = ImageDefaults::from_image(&prepared.config);
+    let prepared = crate::run::prepare_image(&config, args.vm.image.clone()).await?;
     let rootfs = prepared.rootfs;
     let oci = spec::build(
-        &defaults,
+        &ImageDefaults::from_image(&prepared.config),
         &RunOptions {
             command: vec!["sleep".into(), "1000000".into()],
             hostname: "density".into(),
@@ -336,7 +325,7 @@ async fn measure(
     })
 }
 
-/// Starts a sandbox whose container sleeps.
+/// Starts a sandbox whose container sleeps (stopped again if it cannot).
 async fn start_idle(
     config: &capsid_sandbox::config::Config,
     backend: Arc<dyn Backend>,
@@ -345,33 +334,32 @@ async fn start_idle(
     oci: &oci_spec::runtime::Spec,
 ) -> anyhow::Result<Sandbox> {
     let sandbox = Sandbox::start(config, backend, opts).await?;
-    let created = async {
-        let id = sandbox.id();
-        sandbox
-            .create_container(ContainerSpec {
-                id,
-                oci,
-                layers: std::slice::from_ref(layer),
-                dns: None,
-                streams: StreamsWanted {
-                    stdin: false,
-                    stdout: false,
-                    stderr: false,
-                    terminal: false,
-                },
-            })
-            .await?;
-        sandbox.start_init(id).await?;
-        anyhow::Ok(())
+    let id = sandbox.id();
+    let container = ContainerSpec {
+        id,
+        oci,
+        layers: std::slice::from_ref(layer),
+        dns: None,
+        streams: NO_STREAMS,
     };
-    match created.await {
-        Ok(()) => Ok(sandbox),
-        Err(e) => {
-            sandbox.stop().await;
-            Err(e)
-        }
+    let created = match sandbox.create_container(container).await {
+        Ok(_) => sandbox.start_init(id).await.map(drop),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = created {
+        sandbox.stop().await;
+        return Err(e.into());
     }
+    Ok(sandbox)
 }
+
+/// An idle container's streams: none.
+const NO_STREAMS: StreamsWanted = StreamsWanted {
+    stdin: false,
+    stdout: false,
+    stderr: false,
+    terminal: false,
+};
 
 fn memory_of(sandbox: &Sandbox) -> SandboxMemory {
     let pids = sandbox.pids();
