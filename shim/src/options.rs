@@ -27,9 +27,12 @@ pub enum OptionsError {
     /// The options are of a type the shim does not know.
     #[error("unsupported runtime options type {0:?} (expected {RUNTIME_OPTIONS_TYPE})")]
     UnknownType(String),
-    /// The options message is malformed.
-    #[error("malformed {RUNTIME_OPTIONS_TYPE}: {0}")]
-    Malformed(String),
+    /// The options message does not decode.
+    #[error("malformed {RUNTIME_OPTIONS_TYPE} in the runtime options")]
+    Malformed(#[source] containerd_shim_protos::protobuf::Error),
+    /// The options message holds a field of an unknown wire type.
+    #[error("malformed {RUNTIME_OPTIONS_TYPE} in the runtime options: wire type {0}")]
+    WireType(u32),
     /// capsid's config file is unusable.
     #[error(transparent)]
     Config(#[from] ConfigError),
@@ -60,16 +63,16 @@ pub fn config_path_from_any(any: &Any) -> Result<Option<PathBuf>> {
     }
     let mut input = CodedInputStream::from_bytes(&any.value);
     let mut path = None;
-    let malformed =
-        |e: containerd_shim_protos::protobuf::Error| OptionsError::Malformed(e.to_string());
-    while let Some(tag) = input.read_raw_tag_or_eof().map_err(malformed)? {
+    while let Some(tag) = input
+        .read_raw_tag_or_eof()
+        .map_err(OptionsError::Malformed)?
+    {
         let (field, wire) = (tag >> 3, tag & 7);
-        let wire = WireType::new(wire)
-            .ok_or_else(|| OptionsError::Malformed(format!("wire type {wire}")))?;
+        let wire = WireType::new(wire).ok_or(OptionsError::WireType(wire))?;
         if field == CONFIG_PATH_FIELD && wire == WireType::LengthDelimited {
-            path = Some(input.read_string().map_err(malformed)?);
+            path = Some(input.read_string().map_err(OptionsError::Malformed)?);
         } else {
-            input.skip_field(wire).map_err(malformed)?;
+            input.skip_field(wire).map_err(OptionsError::Malformed)?;
         }
     }
     Ok(path.filter(|p| !p.is_empty()).map(PathBuf::from))

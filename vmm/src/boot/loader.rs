@@ -185,9 +185,9 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path, low_ram_end: u64) -> Resu
             have_mib: mib_up(mem.last_addr().0 + 1),
         });
     }
-    let load_err = |e: linux_loader::loader::Error| BootError::Load {
+    let load_err = |source: linux_loader::loader::Error| BootError::Load {
         path: path.to_path_buf(),
-        reason: e.to_string(),
+        source,
     };
     let highmem = Some(GuestAddress(HIGH_MEMORY_START));
     match probed {

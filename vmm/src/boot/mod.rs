@@ -100,12 +100,13 @@ pub enum BootError {
     #[error("kernel {0} is neither an x86-64 ELF vmlinux nor a bzImage")]
     NotAKernel(PathBuf),
     /// linux-loader refused the image.
-    #[error("cannot load kernel {path}: {reason}")]
+    #[error("cannot load kernel {path}")]
     Load {
         /// The file.
         path: PathBuf,
         /// What linux-loader said.
-        reason: String,
+        #[source]
+        source: linux_loader::loader::Error,
     },
     /// A bzImage older than boot protocol 2.12, or without a 64-bit entry.
     #[error(
