@@ -52,10 +52,12 @@ impl Containers {
         let container = self.reserve(&req.id)?;
         // From here on a failure gives the id back and removes what the
         // container got: its rootfs and bundle, libcontainer's state.
+        // The id goes last: a new create of the same id must not start
+        // while this one's rootfs is still being torn down.
         let undo = Undo::new(|| {
-            self.by_id.lock_or_recover().remove(&req.id);
             rootfs::teardown(&req.id);
             let _ = fs::remove_dir_all(Path::new(STATE_ROOT).join(&req.id));
+            self.by_id.lock_or_recover().remove(&req.id);
         });
         let pid = self.prepare(&container, &req, spec).await?;
         undo.disarm();
