@@ -11,11 +11,10 @@ use capsid_devices::virtio::balloon::{
     process_deflate, process_inflate, process_reporting, BalloonCounters, HostDiscarder,
     PageDiscarder, StatsQueue, BALLOON_PAGE_SIZE,
 };
+use capsid_fuzz::queue;
 use libfuzzer_sys::fuzz_target;
-use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-const QUEUE_SIZE: u16 = 16;
 /// Four balloon pages: the rings and buffers fit in the first, and a page
 /// frame array spanning all of memory stays cheap to walk.
 const MEM_SIZE: usize = 0x4000;
@@ -54,17 +53,6 @@ impl PageDiscarder for CheckingDiscarder {
             Ok(())
         }
     }
-}
-
-fn queue(layout: (u32, u32, u32), event_idx: bool) -> Queue {
-    let mut q = Queue::new(QUEUE_SIZE).expect("queue");
-    q.set_size(QUEUE_SIZE);
-    q.set_desc_table_address(Some(layout.0), Some(0));
-    q.set_avail_ring_address(Some(layout.1), Some(0));
-    q.set_used_ring_address(Some(layout.2), Some(0));
-    q.set_event_idx(event_idx);
-    q.set_ready(true);
-    q
 }
 
 fuzz_target!(|data: &[u8]| {

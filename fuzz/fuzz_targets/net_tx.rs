@@ -10,8 +10,7 @@
 #![no_main]
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
-use std::sync::OnceLock;
+use std::os::fd::{AsRawFd, RawFd};
 
 use capsid_devices::virtio::net::{
     FrameIo, Net, ETH_HLEN, MAX_BUFFER_SIZE, TX_QUEUE, VIRTIO_NET_F_CSUM, VIRTIO_NET_F_HOST_TSO4,
@@ -20,11 +19,10 @@ use capsid_devices::virtio::net::{
     VIRTIO_NET_HDR_LEN_LEGACY,
 };
 use capsid_devices::virtio::{DeviceEvent, VirtioDevice, VIRTIO_F_VERSION_1};
+use capsid_fuzz::{poll_fd, queue};
 use libfuzzer_sys::fuzz_target;
-use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-const QUEUE_SIZE: u16 = 16;
 /// Room for a few maximum-size frames.
 const MEM_SIZE: usize = 0x4_0000;
 /// Ring layouts (descriptor table, available ring, used ring) per queue.
@@ -85,28 +83,6 @@ impl AsRawFd for CheckingTap {
     fn as_raw_fd(&self) -> RawFd {
         self.fd
     }
-}
-
-/// An fd the device can put in its epoll set, made once per process.
-fn poll_fd() -> RawFd {
-    static FD: OnceLock<OwnedFd> = OnceLock::new();
-    FD.get_or_init(|| {
-        let (read, _write) = std::io::pipe().expect("pipe");
-        OwnedFd::from(read)
-    })
-    .as_fd()
-    .as_raw_fd()
-}
-
-fn queue(layout: (u32, u32, u32), event_idx: bool) -> Queue {
-    let mut q = Queue::new(QUEUE_SIZE).expect("queue");
-    q.set_size(QUEUE_SIZE);
-    q.set_desc_table_address(Some(layout.0), Some(0));
-    q.set_avail_ring_address(Some(layout.1), Some(0));
-    q.set_used_ring_address(Some(layout.2), Some(0));
-    q.set_event_idx(event_idx);
-    q.set_ready(true);
-    q
 }
 
 fuzz_target!(|data: &[u8]| {

@@ -12,11 +12,10 @@ use std::sync::{Mutex, OnceLock};
 
 use capsid_devices::virtio::vsock::Vsock;
 use capsid_devices::virtio::{DeviceEvent, VirtioDevice};
+use capsid_fuzz::queue;
 use libfuzzer_sys::fuzz_target;
-use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-const QUEUE_SIZE: u16 = 16;
 const MEM_SIZE: usize = 0x2_0000;
 /// Ring layouts (descriptor table, available ring, used ring) per queue.
 const RX: (u32, u32, u32) = (0x0, 0x100, 0x200);
@@ -41,17 +40,6 @@ fn device() -> &'static Mutex<Vsock> {
         });
         Mutex::new(Vsock::new(3, &uds).expect("vsock device"))
     })
-}
-
-fn queue(layout: (u32, u32, u32), event_idx: bool) -> Queue {
-    let mut q = Queue::new(QUEUE_SIZE).expect("queue");
-    q.set_size(QUEUE_SIZE);
-    q.set_desc_table_address(Some(layout.0), Some(0));
-    q.set_avail_ring_address(Some(layout.1), Some(0));
-    q.set_used_ring_address(Some(layout.2), Some(0));
-    q.set_event_idx(event_idx);
-    q.set_ready(true);
-    q
 }
 
 fuzz_target!(|data: &[u8]| {
