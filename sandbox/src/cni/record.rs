@@ -86,7 +86,11 @@ pub fn recover(record: &NetworkRecord) -> Result<()> {
                 None
             }
         },
-        None => None,
+        // ADD never returned (its maker died during it): what the plugins
+        // made so far is found by the addresses host-local leased, given
+        // to DEL as the prevResult some plugins need (the firewall plugin
+        // removes its rules by address only).
+        None => leased_result(record),
     };
     // The namespace outlives its maker only while something pins it: the
     // bind mount (gone with a private mount namespace, e.g. under `ip netns
@@ -142,6 +146,24 @@ pub fn recover(record: &NetworkRecord) -> Result<()> {
         None => Ok(()),
         Some(e) => Err(e),
     }
+}
+
+/// A CNI result naming the addresses leased to `record`'s container, for a
+/// DEL whose ADD never returned; `None` when nothing was leased.
+fn leased_result(record: &NetworkRecord) -> Option<CniResult> {
+    let ips: Vec<Value> = leased_ipv4(&record.list, &record.container_id)
+        .into_iter()
+        .map(|a| serde_json::json!({"address": format!("{a}/32"), "interface": 0}))
+        .collect();
+    if ips.is_empty() {
+        return None;
+    }
+    let raw = serde_json::json!({
+        "cniVersion": record.list.cni_version,
+        "interfaces": [{"name": record.ifname, "sandbox": record.netns}],
+        "ips": ips,
+    });
+    CniResult::parse(raw.to_string().as_bytes()).ok()
 }
 
 /// The IPv4 addresses `host-local` leased to `container_id` on `list`'s
