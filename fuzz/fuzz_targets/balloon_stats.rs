@@ -13,7 +13,7 @@ use capsid_devices::virtio::balloon::{
 };
 use capsid_fuzz::queue;
 use libfuzzer_sys::fuzz_target;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 /// Four balloon pages: the rings and buffers fit in the first, and a page
 /// frame array spanning all of memory stays cheap to walk.
@@ -59,11 +59,7 @@ fuzz_target!(|data: &[u8]| {
     let Some((&control, image)) = data.split_first() else {
         return;
     };
-    let mem =
-        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("guest memory");
-    let n = image.len().min(MEM_SIZE);
-    mem.write_slice(&image[..n], GuestAddress(0))
-        .expect("fill guest memory");
+    let mem = capsid_fuzz::guest_memory(image, MEM_SIZE);
     let event_idx = control & 1 != 0;
     let mut counters = BalloonCounters::default();
     let mut discarder = CheckingDiscarder {

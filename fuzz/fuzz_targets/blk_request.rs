@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 use capsid_devices::virtio::blk::{process_queue, Disk, RequestContext, SECTOR_SIZE};
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 const QUEUE_SIZE: u16 = 16;
 const MEM_SIZE: usize = 0x1_0000;
@@ -41,11 +41,7 @@ fuzz_target!(|data: &[u8]| {
     let Some((&control, image)) = data.split_first() else {
         return;
     };
-    let mem =
-        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("guest memory");
-    let n = image.len().min(MEM_SIZE);
-    mem.write_slice(&image[..n], GuestAddress(0))
-        .expect("fill guest memory");
+    let mem = capsid_fuzz::guest_memory(image, MEM_SIZE);
     // Keep the number of chains per run small; the ring wraps anyway.
     let avail_idx = GuestAddress(u64::from(AVAIL_RING) + 2);
     let idx: u16 = mem.read_obj(avail_idx).expect("avail idx");

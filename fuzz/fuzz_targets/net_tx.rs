@@ -21,7 +21,6 @@ use capsid_devices::virtio::net::{
 use capsid_devices::virtio::{DeviceEvent, VirtioDevice, VIRTIO_F_VERSION_1};
 use capsid_fuzz::{poll_fd, queue};
 use libfuzzer_sys::fuzz_target;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// Room for a few maximum-size frames.
 const MEM_SIZE: usize = 0x4_0000;
@@ -89,11 +88,7 @@ fuzz_target!(|data: &[u8]| {
     let Some((&control, image)) = data.split_first() else {
         return;
     };
-    let mem =
-        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("guest memory");
-    let n = image.len().min(MEM_SIZE);
-    mem.write_slice(&image[..n], GuestAddress(0))
-        .expect("fill guest memory");
+    let mem = capsid_fuzz::guest_memory(image, MEM_SIZE);
 
     // What the driver accepts: modern or legacy header, and any of the
     // transmit offloads (the device masks what it did not offer).

@@ -14,7 +14,6 @@ use capsid_devices::virtio::vsock::Vsock;
 use capsid_devices::virtio::{DeviceEvent, VirtioDevice};
 use capsid_fuzz::queue;
 use libfuzzer_sys::fuzz_target;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const MEM_SIZE: usize = 0x2_0000;
 /// Ring layouts (descriptor table, available ring, used ring) per queue.
@@ -46,11 +45,7 @@ fuzz_target!(|data: &[u8]| {
     let Some((&control, image)) = data.split_first() else {
         return;
     };
-    let mem =
-        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("guest memory");
-    let n = image.len().min(MEM_SIZE);
-    mem.write_slice(&image[..n], GuestAddress(0))
-        .expect("fill guest memory");
+    let mem = capsid_fuzz::guest_memory(image, MEM_SIZE);
     let mut rx = queue(RX, control & 1 != 0);
     let mut tx = queue(TX, control & 2 != 0);
     let mut evt = queue(EVT, false);

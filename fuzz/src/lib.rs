@@ -32,3 +32,13 @@ pub fn poll_fd() -> RawFd {
     .as_fd()
     .as_raw_fd()
 }
+
+/// Guest memory of `size` bytes holding `image` (cut to fit) from address 0.
+pub fn guest_memory(image: &[u8], size: usize) -> vm_memory::GuestMemoryMmap<()> {
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size)]).expect("guest memory");
+    let n = image.len().min(size);
+    mem.write_slice(&image[..n], GuestAddress(0))
+        .expect("fill guest memory");
+    mem
+}
