@@ -234,9 +234,18 @@ def image_layout(name, layers):
     )
     index = {"schemaVersion": 2, "mediaType": MT_INDEX, "manifests": [manifest_desc]}
 
+    # manifest.json is the `docker save` index: Docker Engine's graphdriver
+    # store loads only that, containerd reads index.json (and takes the tag
+    # from both); Docker >= 25 writes the same pair.
+    docker_manifest = [{
+        "Config": "blobs/sha256/" + config_desc["digest"].split(":", 1)[1],
+        "RepoTags": [f"{REGISTRY_PREFIX}{name}:{TAG}"],
+        "Layers": ["blobs/sha256/" + d["digest"].split(":", 1)[1] for d in layer_descs],
+    }]
     files = {
         "oci-layout": canonical_json({"imageLayoutVersion": "1.0.0"}),
         "index.json": canonical_json(index),
+        "manifest.json": canonical_json(docker_manifest),
     }
     for digest, data in blobs.blobs.items():
         files["blobs/sha256/" + digest.split(":", 1)[1]] = data

@@ -23,6 +23,7 @@ mod seccomp;
 mod server;
 mod stats;
 mod stdio;
+mod sysctl;
 mod undo;
 
 use std::fs;

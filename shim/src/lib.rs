@@ -13,6 +13,7 @@ pub mod logging;
 pub mod metrics;
 pub mod network;
 pub mod options;
+pub mod premounted;
 pub mod process;
 pub mod rootfs;
 pub mod shutdown;

@@ -77,11 +77,12 @@ pub enum RootfsSource {
 }
 
 impl RootfsSource {
-    /// Reads containerd's rootfs mounts; with none the rootfs is
-    /// `default_dir` (the spec's `root.path`, as `ctr run --rootfs` gives).
+    /// Reads containerd's rootfs mounts; with none the rootfs is what the
+    /// caller mounted at `default_dir` (the spec's `root.path`: Docker's
+    /// overlay2, `ctr run --rootfs`), see [`crate::premounted`].
     pub fn from_mounts(mounts: &[Mount], default_dir: &Path) -> Result<Self> {
         match mounts {
-            [] => Ok(Self::Dir(default_dir.to_path_buf())),
+            [] => crate::premounted::source(default_dir),
             [m] if m.type_ == "overlay" => {
                 let lowers: Vec<PathBuf> = m
                     .options
@@ -311,9 +312,10 @@ mod tests {
             RootfsSource::from_mounts(&[bind], Path::new("/b/rootfs")).unwrap(),
             RootfsSource::Dir("/snap/7/fs".into())
         );
+        let tmp = tempfile::tempdir().unwrap();
         assert_eq!(
-            RootfsSource::from_mounts(&[], Path::new("/b/rootfs")).unwrap(),
-            RootfsSource::Dir("/b/rootfs".into())
+            RootfsSource::from_mounts(&[], tmp.path()).unwrap(),
+            RootfsSource::Dir(std::fs::canonicalize(tmp.path()).unwrap())
         );
     }
 

@@ -1,11 +1,12 @@
-//! containerd's config.json made fit for a guest: host bind mounts cannot
+//! containerd's config.json made fit for a guest. Host LSM labels and host
+//! namespace paths (other than the network's) are dropped; host bind mounts cannot
 //! reach into the VM, so they are refused with a clear error — except the
 //! few that the CRI plugin adds for every container, which the guest
 //! provides itself (/etc/hosts, /etc/hostname and /etc/resolv.conf are
 //! written by the agent; /dev/shm becomes a tmpfs of the container's own;
 //! /dev/termination-log stays in the container's rootfs).
 
-use oci_spec::runtime::{Mount, MountBuilder, Spec};
+use oci_spec::runtime::{LinuxNamespaceType, Mount, MountBuilder, Spec};
 
 /// Errors adapting the spec.
 #[derive(Debug, thiserror::Error)]
@@ -55,11 +56,80 @@ fn is_bind(m: &Mount) -> bool {
             .is_some_and(|o| o.iter().any(|o| o == "bind" || o == "rbind"))
 }
 
-/// Checks and adapts `spec`'s mounts; says what it changed, for the log.
+/// Checks and adapts `spec`; says what it changed, for the log.
 pub fn adapt(spec: &mut Spec) -> Result<Vec<String>> {
     if spec.process().is_none() {
         return Err(SpecError::NoProcess);
     }
+    let mut changes = drop_lsm_labels(spec);
+    changes.extend(unjoin_host_namespaces(spec));
+    changes.extend(adapt_mounts(spec)?);
+    Ok(changes)
+}
+
+/// The host's LSM (AppArmor, SELinux) labels mean nothing to the guest,
+/// which runs neither: the VM is the confinement. Docker sets them on hosts
+/// that have an LSM.
+fn drop_lsm_labels(spec: &mut Spec) -> Vec<String> {
+    let mut dropped = Vec::new();
+    if let Some(mut process) = spec.process().clone() {
+        if let Some(profile) = process.apparmor_profile().clone() {
+            dropped.push(format!("AppArmor profile {profile}"));
+            process.set_apparmor_profile(None);
+        }
+        if let Some(label) = process.selinux_label().clone() {
+            dropped.push(format!("SELinux label {label}"));
+            process.set_selinux_label(None);
+        }
+        spec.set_process(Some(process));
+    }
+    if let Some(mut linux) = spec.linux().clone() {
+        if let Some(label) = linux.mount_label().clone() {
+            dropped.push(format!("SELinux mount label {label}"));
+            linux.set_mount_label(None);
+            spec.set_linux(Some(linux));
+        }
+    }
+    if dropped.is_empty() {
+        return Vec::new();
+    }
+    vec![format!(
+        "dropped the host's LSM labels, the guest has no LSM: {}",
+        dropped.join(", ")
+    )]
+}
+
+/// A namespace path (other than the network's, which the VM joins) names a
+/// host process's namespace — Docker's `--ipc/--pid container:X` — which no
+/// guest can enter: the container gets a namespace of its own in the VM.
+fn unjoin_host_namespaces(spec: &mut Spec) -> Vec<String> {
+    let Some(mut linux) = spec.linux().clone() else {
+        return Vec::new();
+    };
+    let Some(mut namespaces) = linux.namespaces().clone() else {
+        return Vec::new();
+    };
+    let mut changes = Vec::new();
+    for ns in &mut namespaces {
+        if ns.typ() == LinuxNamespaceType::Network {
+            continue;
+        }
+        if let Some(path) = ns.path().clone().filter(|p| !p.as_os_str().is_empty()) {
+            changes.push(format!(
+                "{:?} namespace {} is on the host: the container gets its own in the VM",
+                ns.typ(),
+                path.display()
+            ));
+            ns.set_path(None);
+        }
+    }
+    linux.set_namespaces(Some(namespaces));
+    spec.set_linux(Some(linux));
+    changes
+}
+
+/// Checks and adapts the mounts.
+fn adapt_mounts(spec: &mut Spec) -> Result<Vec<String>> {
     let mut changes = Vec::new();
     let Some(mounts) = spec.mounts().clone() else {
         return Ok(changes);
@@ -161,6 +231,36 @@ mod tests {
         assert_eq!(mounts.len(), 2);
         assert_eq!(mounts[0].typ().as_deref(), Some("tmpfs"));
         assert_eq!(mounts[0].destination().to_str(), Some("/dev/shm"));
+    }
+
+    #[test]
+    fn lsm_labels_and_host_namespace_paths_are_adapted() {
+        let mut s: Spec = serde_json::from_value(serde_json::json!({
+            "ociVersion": "1.0.2",
+            "process": {"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0},
+                        "apparmorProfile": "docker-default", "selinuxLabel": "system_u:r:t"},
+            "root": {"path": "rootfs"},
+            "linux": {"mountLabel": "system_u:object_r:f", "namespaces": [
+                {"type": "ipc", "path": "/proc/42/ns/ipc"},
+                {"type": "network", "path": "/var/run/netns/n"},
+                {"type": "pid"}
+            ]}
+        }))
+        .unwrap();
+        let changes = adapt(&mut s).unwrap();
+        assert_eq!(changes.len(), 2, "{changes:?}");
+        assert!(changes[0].contains("docker-default"), "{changes:?}");
+        let p = s.process().as_ref().unwrap();
+        assert!(p.apparmor_profile().is_none() && p.selinux_label().is_none());
+        let linux = s.linux().as_ref().unwrap();
+        assert!(linux.mount_label().is_none());
+        let ns = linux.namespaces().as_ref().unwrap();
+        assert_eq!(ns[0].path(), &None);
+        assert_eq!(
+            ns[1].path().as_deref(),
+            Some(std::path::Path::new("/var/run/netns/n"))
+        );
+        assert_eq!(ns.len(), 3);
     }
 
     #[test]

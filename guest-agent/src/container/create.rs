@@ -100,8 +100,10 @@ impl Containers {
         )
         .map_err(|e| rootfs_error("writing /etc", e))?;
 
-        adapt_spec(&mut spec, &dirs.rootfs, &req.id, req.stdio.terminal)?;
+        let net_sysctls = adapt_spec(&mut spec, &dirs.rootfs, &req.id, req.stdio.terminal)?;
         check_program(&spec, &dirs.rootfs)?;
+        crate::sysctl::apply(&net_sysctls)
+            .map_err(|e| ContainerError::Invalid(crate::describe(&e)))?;
         let config = dirs.bundle.join("config.json");
         spec.save(&config).map_err(ContainerError::SaveSpec)?;
         laps.lap("etc+spec");
@@ -152,8 +154,14 @@ fn check_program(spec: &Spec, rootfs: &Path) -> Result<()> {
 /// overlay, the cgroup is under /capsid, the terminal flag follows the
 /// stdio request, the container shares the VM's network namespace —
 /// the VM is the network boundary, and the agent configures its NIC — and
-/// seccomp argument rules are put in libcontainer's order.
-fn adapt_spec(spec: &mut Spec, rootfs: &Path, id: &str, terminal: bool) -> Result<()> {
+/// seccomp argument rules are put in libcontainer's order. Returns the
+/// `net.*` sysctls, which the agent applies itself ([`crate::sysctl`]).
+fn adapt_spec(
+    spec: &mut Spec,
+    rootfs: &Path,
+    id: &str,
+    terminal: bool,
+) -> Result<Vec<(String, String)>> {
     let mut root = spec.root().clone().unwrap_or_default();
     root.set_path(rootfs.to_path_buf());
     spec.set_root(Some(root));
@@ -176,8 +184,13 @@ fn adapt_spec(spec: &mut Spec, rootfs: &Path, id: &str, terminal: bool) -> Resul
         crate::seccomp::adapt(&mut seccomp);
         linux.set_seccomp(Some(seccomp));
     }
+    let mut net_sysctls = Vec::new();
+    if let Some(mut sysctls) = linux.sysctl().clone() {
+        net_sysctls = crate::sysctl::take_net(&mut sysctls);
+        linux.set_sysctl(Some(sysctls));
+    }
     spec.set_linux(Some(linux));
-    Ok(())
+    Ok(net_sysctls)
 }
 
 #[cfg(test)]
