@@ -67,6 +67,8 @@ type Result<T> = std::result::Result<T, NetconfError>;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Interface {
     mac: [u8; 6],
+    /// The MAC to find the NIC by, when it is to change to `mac`.
+    boot_mac: Option<[u8; 6]>,
     mtu: u32,
     addresses: Vec<(IpAddr, u8)>,
 }
@@ -106,6 +108,10 @@ pub fn plan(req: &ConfigureNetworkRequest) -> Result<Plan> {
     let mut interfaces: Vec<Interface> = Vec::new();
     for i in &req.interfaces {
         let mac = parse_mac(&i.mac).map_err(invalid)?;
+        let boot_mac = match i.boot_mac.as_str() {
+            "" => None,
+            m => Some(parse_mac(m).map_err(invalid)?).filter(|b| *b != mac),
+        };
         if interfaces.iter().any(|o| o.mac == mac) {
             return Err(invalid(format!("interface {} given twice", i.mac)));
         }
@@ -131,6 +137,7 @@ pub fn plan(req: &ConfigureNetworkRequest) -> Result<Plan> {
         }
         interfaces.push(Interface {
             mac,
+            boot_mac,
             mtu: i.mtu,
             addresses,
         });
@@ -188,12 +195,13 @@ pub fn apply(plan: &Plan) -> Result<()> {
     let links = nl.links()?;
     let mut index_of = HashMap::new();
     for iface in &plan.interfaces {
+        let find_by = iface.boot_mac.unwrap_or(iface.mac);
         let index = links
             .iter()
-            .find(|(_, mac, _)| *mac == Some(iface.mac))
+            .find(|(_, mac, _)| *mac == Some(find_by))
             .map(|(index, _, _)| *index)
             .ok_or_else(|| NetconfError::NoSuchInterface {
-                mac: format_mac(&iface.mac),
+                mac: format_mac(&find_by),
                 present: links
                     .iter()
                     .map(|(_, mac, name)| {
@@ -204,6 +212,13 @@ pub fn apply(plan: &Plan) -> Result<()> {
             })?;
         index_of.insert(iface.mac, index);
         let name = format_mac(&iface.mac);
+        if iface.boot_mac.is_some() {
+            nl.set_mac(index, iface.mac)
+                .map_err(|source| NetconfError::Netlink {
+                    what: format!("giving {} the MAC {name}", format_mac(&find_by)),
+                    source,
+                })?;
+        }
         nl.set_link(index, iface.mtu)
             .map_err(|source| NetconfError::Netlink {
                 what: format!("setting MTU {} and up on {name}", iface.mtu),
@@ -412,6 +427,16 @@ impl Netlink {
         if mtu != 0 {
             link.attributes.push(LinkAttribute::Mtu(mtu));
         }
+        self.request(RouteNetlinkMessage::SetLink(link), NLM_F_ACK)
+            .map(drop)
+    }
+
+    /// Gives the (down) link another MAC: the frames it sends then carry the
+    /// address its peers know it by.
+    fn set_mac(&mut self, index: u32, mac: [u8; 6]) -> std::io::Result<()> {
+        let mut link = LinkMessage::default();
+        link.header.index = index;
+        link.attributes.push(LinkAttribute::Address(mac.to_vec()));
         self.request(RouteNetlinkMessage::SetLink(link), NLM_F_ACK)
             .map(drop)
     }

@@ -101,7 +101,20 @@ impl Agent {
 
     /// Configures the guest's network interfaces and routes.
     pub async fn configure_network(&self, network: &crate::network::GuestNetwork) -> Result<()> {
-        let req = crate::network::configure_request(network);
+        self.configure_network_from(network, "").await
+    }
+
+    /// [`Agent::configure_network`] for a NIC that booted with `boot_mac`
+    /// (empty: the NIC has the interfaces' MACs already).
+    pub(crate) async fn configure_network_from(
+        &self,
+        network: &crate::network::GuestNetwork,
+        boot_mac: &str,
+    ) -> Result<()> {
+        let mut req = crate::network::configure_request(network);
+        if let Some(first) = req.interfaces.first_mut() {
+            first.boot_mac = boot_mac.to_owned();
+        }
         self.client
             .configure_network(ctx(Some(CALL_TIMEOUT)), &req)
             .await?;

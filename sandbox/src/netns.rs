@@ -111,6 +111,15 @@ pub fn check_exists(path: &Path) -> Result<()> {
     }
 }
 
+/// Whether two namespace files name the same namespace (same nsfs inode).
+pub fn same_namespace(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
 /// Whether `path` is a network namespace (an nsfs file, pinned by a bind
 /// mount), not just the empty file left when the mount went away.
 pub fn is_live(path: &Path) -> bool {
@@ -273,6 +282,12 @@ impl NamedNetns {
     /// The namespace's path (`CNI_NETNS`).
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Keeps the namespace past this value (a record now owns it).
+    pub fn keep(mut self) -> PathBuf {
+        self.deleted = true;
+        std::mem::take(&mut self.path)
     }
 
     /// Unmounts and removes the namespace file. The namespace itself ends

@@ -82,6 +82,10 @@ pub struct HostRecord {
     /// The CNI network capsid set up itself (namespace, plugins' state).
     #[serde(default)]
     pub cni: Option<NetworkRecord>,
+    /// The network namespace made for this sandbox alone (a spec asking
+    /// for a new one without a path), deleted last.
+    #[serde(default)]
+    pub own_netns: Option<PathBuf>,
 }
 
 impl HostRecord {
@@ -301,6 +305,14 @@ pub fn undo(record: &HostRecord) -> UndoReport {
             report
                 .errors
                 .push(format!("removing the CNI network: {}", chain(&e)));
+        }
+    }
+    if let Some(netns) = record.own_netns.as_ref().filter(|n| n.exists()) {
+        match crate::netns::NamedNetns::adopt(netns.clone()).delete() {
+            Ok(()) => report.removed.push(netns.clone()),
+            Err(e) => report
+                .errors
+                .push(format!("removing network namespace {}: {}", netns.display(), chain(&e))),
         }
     }
     for path in std::iter::once(&record.run_dir).chain(&record.scratch_files) {

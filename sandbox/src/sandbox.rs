@@ -237,6 +237,24 @@ impl Sandbox {
         })
     }
 
+    /// The VM's main host process (QEMU or capsid-vmm): the pid containerd
+    /// is told for the container, as Kata tells the hypervisor's, since
+    /// guest pids mean nothing on the host.
+    pub fn vm_pid(&self) -> Option<u32> {
+        self.pids().first().copied()
+    }
+
+    /// Configures the guest's NIC for a network joined after the VM booted
+    /// ([`crate::network::own::join_late`]): the NIC, found by `boot_mac`,
+    /// takes the veth's MAC, addresses, routes and MTU.
+    pub async fn configure_late_network(
+        &self,
+        network: &crate::network::GuestNetwork,
+        boot_mac: &str,
+    ) -> Result<()> {
+        Ok(self.agent.configure_network_from(network, boot_mac).await?)
+    }
+
     /// The sandbox id.
     pub fn id(&self) -> &str {
         &self.id

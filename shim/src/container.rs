@@ -15,7 +15,7 @@ use capsid_sandbox::agent::{Agent, AgentError};
 use capsid_sandbox::backend::VmExit;
 use capsid_sandbox::config::Config;
 use capsid_sandbox::image::RootfsCache;
-use capsid_sandbox::network::NetworkError;
+use capsid_sandbox::network::{own, NetworkError};
 use capsid_sandbox::record::{self, HostRecord, RecordError, RecordFile};
 use capsid_sandbox::sandbox::{Sandbox, SandboxError};
 use containerd_shim_protos::events::task::{TaskExit, TaskOOM};
@@ -23,7 +23,7 @@ use futures::FutureExt;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::create::{self, Plan};
+use crate::create::{self, LateNetwork, Plan};
 use crate::events::Events;
 use crate::io::{IoError, ProcessIo, StdioPaths};
 use crate::process::{ExitInfo, Process, Status};
@@ -140,6 +140,8 @@ pub struct Container {
     rootfs: Mutex<Option<RootfsDisk>>,
     /// What the sandbox made on the host, undone by [`Container::destroy`].
     record: Mutex<Option<RecordFile<HostRecord>>>,
+    /// The sandbox's own network namespace, wired at the init's Start.
+    late_network: Mutex<Option<LateNetwork>>,
     config: Config,
     events: Events,
     background: Mutex<Vec<JoinHandle<()>>>,
@@ -152,7 +154,12 @@ impl Container {
         let plan = Plan::read(&req, &config)?;
         let made = create::make(&req, &plan, &config).await?;
         let init = Process::new("", req.stdio.clone());
-        init.set_pid(made.pid);
+        // containerd's clients read task pids on the host (Docker joins
+        // /proc/<pid>/ns/net, `docker top` runs ps): the task's pid is the
+        // VM's main process, as Kata gives the hypervisor's.
+        let host_pid = made.sandbox.vm_pid().unwrap_or(0);
+        tracing::info!(container = %req.id, guest_pid = made.pid, host_pid, "container created");
+        init.set_pid(host_pid);
         init.set_io(made.io);
         let (vm_tx, vm_exit) = watch::channel(None);
         let container = Arc::new(Self {
@@ -168,6 +175,7 @@ impl Container {
             paused: AtomicBool::new(false),
             rootfs: Mutex::new(Some(made.rootfs)),
             record: Mutex::new(Some(made.record)),
+            late_network: Mutex::new(made.late_network),
             config,
             events,
             background: Mutex::new(Vec::new()),
@@ -232,9 +240,11 @@ impl Container {
         }
         let sandbox = self.sandbox()?;
         if exec_id.is_empty() {
-            let pid = sandbox.start_init(&self.id).await?;
+            self.wire_late_network(&sandbox).await?;
+            let guest_pid = sandbox.start_init(&self.id).await?;
+            tracing::debug!(container = %self.id, guest_pid, "init started");
             process.set_started();
-            return Ok(pid);
+            return Ok(process.pid());
         }
         if self.init.status() != Status::Running {
             return Err(ContainerError::FailedPrecondition(format!(
@@ -245,12 +255,35 @@ impl Container {
         let pending = process.take_pending().ok_or_else(|| {
             ContainerError::FailedPrecondition(format!("exec {exec_id:?} is being started"))
         })?;
-        let (pid, streams) = sandbox.start_exec(&self.id, pending).await?;
+        let (guest_pid, streams) = sandbox.start_exec(&self.id, pending).await?;
+        tracing::debug!(container = %self.id, exec_id, guest_pid, "exec started");
+        let pid = self.init.pid();
         process.set_pid(pid);
         process.set_io(ProcessIo::connect(&process.stdio, streams).await?);
         process.set_started();
         self.watch(process);
         Ok(pid)
+    }
+
+    /// Joins the VM's NIC to the interface that appeared in the sandbox's
+    /// own network namespace since Create (dockerd's veth), and has the
+    /// guest take its MAC, addresses and routes. Nothing came: no network.
+    async fn wire_late_network(&self, sandbox: &Sandbox) -> Result<()> {
+        let Some(late) = self.late_network.lock().map_err(|_| poisoned())?.take() else {
+            return Ok(());
+        };
+        let (netns, tap) = (late.netns.clone(), late.tap.clone());
+        let joined = tokio::task::spawn_blocking(move || own::join_late(&netns, &tap))
+            .await
+            .map_err(|e| ContainerError::Internal(format!("network join task: {e}")))??;
+        let Some(attachment) = joined else {
+            tracing::info!(container = %self.id, netns = %late.netns.display(), "no interface came: the VM has no network");
+            return Ok(());
+        };
+        sandbox
+            .configure_late_network(&attachment.guest, &late.boot_mac)
+            .await?;
+        Ok(())
     }
 
     /// Prepares an exec process (`process_json`: an OCI process).
@@ -337,17 +370,17 @@ impl Container {
         Ok(())
     }
 
-    /// Guest pids with their exec ids.
-    pub async fn pids(&self) -> Result<Vec<(u32, String)>> {
+    /// The container's processes as the host sees them: the VM's (its main
+    /// process first), since the host's tools (`docker top`, `ctr task
+    /// ps`) look these pids up on the host.
+    pub fn pids(&self) -> Result<Vec<(u32, String)>> {
         if self.vm_exit.borrow().is_some() || self.init.status() == Status::Stopped {
             return Ok(Vec::new());
         }
         Ok(self
-            .agent
-            .list_processes(&self.id)
-            .await?
+            .vm_pids()
             .into_iter()
-            .map(|p| (p.pid, p.exec_id))
+            .map(|pid| (pid, String::new()))
             .collect())
     }
 

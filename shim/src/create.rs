@@ -5,13 +5,15 @@
 //! step drops what is live and undoes the record ([`Rollback`]); a shim
 //! that dies part-way leaves the record to containerd's `delete`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use capsid_sandbox::config::Config;
 use capsid_sandbox::container::{ContainerSpec, LayerDisk};
 use capsid_sandbox::image::RootfsCache;
-use capsid_sandbox::network::{GuestDns, TapAttachment, TapRecord};
+use capsid_sandbox::backend::NetSpec;
+use capsid_sandbox::netns::{NamedNetns, NETNS_DIR};
+use capsid_sandbox::network::{own, tap_name_for, GuestDns, NetworkError, TapRecord};
 use capsid_sandbox::record::{HostRecord, RecordFile, Rollback};
 use capsid_sandbox::sandbox::{backend_for, Sandbox, SandboxOptions};
 use oci_spec::runtime::Spec;
@@ -19,7 +21,7 @@ use oci_spec::runtime::Spec;
 use crate::cleanup;
 use crate::container::{ContainerError, CreateRequest, Result};
 use crate::io::ProcessIo;
-use crate::network;
+use crate::network::{self, NetMode};
 use crate::rootfs::{self, RootfsDisk, RootfsSource};
 use crate::sizing::{self, VmSize};
 use crate::spec;
@@ -38,8 +40,8 @@ pub struct Plan {
     pub balloon_policy: bool,
     /// Where the container's files come from.
     pub source: RootfsSource,
-    /// The network namespace whose veth the VM joins.
-    pub netns: Option<PathBuf>,
+    /// Where the VM's NIC goes.
+    pub network: NetMode,
     /// Resolver settings the spec carries as a host file.
     pub dns: Option<GuestDns>,
 }
@@ -54,8 +56,8 @@ impl Plan {
         })?;
         let mut spec: Spec = serde_json::from_slice(&text)
             .map_err(|e| ContainerError::SpecParse(oci_spec::OciSpecError::SerDe(e)))?;
-        let netns = network::netns_path(&spec);
-        if let Some(path) = &netns {
+        let network = network::mode(&spec);
+        if let NetMode::Join(path) = &network {
             network::check_netns(path).map_err(ContainerError::BadNetns)?;
         }
         // Read before adapt() drops the bind mount that carries it.
@@ -77,7 +79,7 @@ impl Plan {
             size,
             balloon_policy,
             source,
-            netns,
+            network,
             dns,
         })
     }
@@ -94,8 +96,22 @@ pub struct Made {
     pub rootfs: RootfsDisk,
     /// The init's guest pid.
     pub pid: u32,
+    /// The sandbox's own network namespace, to wire at Start.
+    pub late_network: Option<LateNetwork>,
     /// The init's stdio copying.
     pub io: ProcessIo,
+}
+
+/// A NIC whose network comes after Create: its tap in the sandbox's own
+/// namespace, and the MAC it booted with.
+#[derive(Debug, Clone)]
+pub struct LateNetwork {
+    /// The namespace (the VM's processes live in it).
+    pub netns: PathBuf,
+    /// The tap of the VM's NIC.
+    pub tap: String,
+    /// The NIC's MAC until it takes the veth's.
+    pub boot_mac: String,
 }
 
 /// Makes the sandbox for `plan` and creates the container in it; on error
@@ -123,13 +139,25 @@ pub async fn make(req: &CreateRequest, plan: &Plan, config: &Config) -> Result<M
     })?;
     let layer = LayerDisk::primary(disk.prepared.fs_type.as_str());
 
-    let attachment = match &plan.netns {
-        Some(netns) => {
+    let mut attachment = None;
+    let mut late_network = None;
+    match &plan.network {
+        NetMode::Join(netns) => {
             let tap = TapRecord::for_sandbox(netns, &name);
             rollback.update(|r| r.tap = Some(tap.clone()))?;
-            Some(network::attach(&tap).await?)
+            attachment = Some(network::attach(&tap).await?);
         }
-        None => None,
+        NetMode::Own => late_network = Some(own_netns(&name, &mut rollback).await?),
+        NetMode::None => {}
+    }
+    let net = match (&attachment, &late_network) {
+        (Some(a), _) => Some(a.net_spec()),
+        (None, Some(late)) => Some(NetSpec {
+            tap: late.tap.clone(),
+            mac: late.boot_mac.clone(),
+            netns: Some(late.netns.clone()),
+        }),
+        (None, None) => None,
     };
 
     let backend = backend_for(config)?;
@@ -138,7 +166,7 @@ pub async fn make(req: &CreateRequest, plan: &Plan, config: &Config) -> Result<M
         vcpus: plan.size.vcpus,
         memory_mib: plan.size.memory_mib,
         disks: vec![layer.disk_spec(disk.prepared.path.clone())],
-        net: attachment.as_ref().map(TapAttachment::net_spec),
+        net,
         kernel_args: Vec::new(),
         network: attachment.as_ref().map(|a| a.guest.clone()),
         balloon_opt_out: !plan.balloon_policy,
@@ -181,7 +209,32 @@ pub async fn make(req: &CreateRequest, plan: &Plan, config: &Config) -> Result<M
         record,
         rootfs: disk,
         pid: created.pid,
+        late_network,
         io,
+    })
+}
+
+/// Makes the sandbox's own network namespace and its VM's tap, recorded
+/// first (deleting the namespace takes the tap and anything moved in).
+async fn own_netns(name: &str, rollback: &mut Rollback) -> Result<LateNetwork> {
+    let ns_name = format!("capsid-{name}");
+    let path = Path::new(NETNS_DIR).join(&ns_name);
+    rollback.update(|r| r.own_netns = Some(path.clone()))?;
+    let tap = tap_name_for(name);
+    let boot_mac = own::boot_mac(name);
+    let netns_tap = tap.clone();
+    tokio::task::spawn_blocking(move || -> Result<PathBuf> {
+        let ns = NamedNetns::create(&ns_name).map_err(NetworkError::from)?;
+        own::prepare_tap(ns.path(), &netns_tap)?;
+        Ok(ns.keep())
+    })
+    .await
+    .map_err(|e| ContainerError::Internal(format!("network namespace task: {e}")))??;
+    tracing::info!(sandbox = name, netns = %path.display(), "network namespace made for the sandbox");
+    Ok(LateNetwork {
+        netns: path,
+        tap,
+        boot_mac,
     })
 }
 

@@ -1,8 +1,12 @@
 //! The container's network: when the OCI spec names a network namespace by
 //! path (CNI, the CRI plugin, nerdctl, `ctr run --with-ns`), the VM gets a
 //! NIC on a tap joined to that namespace's veth, and the guest takes over
-//! the veth's addresses and routes. No path, no NIC. The container itself
-//! shares the VM's network namespace (the agent drops the entry).
+//! the veth's addresses and routes. A new network namespace without a path
+//! (Docker ≥ 26) is made by the shim, the VM's processes live in it, and the
+//! interface that appears there before Start is joined then
+//! ([`capsid_sandbox::network::own`]). No network namespace entry, no NIC.
+//! The container itself shares the VM's network namespace (the agent drops
+//! the entry).
 
 use std::path::{Path, PathBuf};
 
@@ -14,32 +18,55 @@ use oci_spec::runtime::{LinuxNamespaceType, Spec};
 /// from the pod's application containers.
 const CRI_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
 
-/// The network namespace path the spec names, if the VM should join it.
-/// A pod's sandbox (pause) container does nothing with a network: it gets
-/// no NIC, leaving the pod's veth to the application container's VM.
-pub fn netns_path(spec: &Spec) -> Option<PathBuf> {
+/// Where the VM's NIC goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetMode {
+    /// No NIC: the spec has no network namespace entry, or it is a pod's
+    /// sandbox (pause) container.
+    None,
+    /// Joined to the veth of the namespace at this path.
+    Join(PathBuf),
+    /// A namespace of the sandbox's own, wired at Start.
+    Own,
+}
+
+/// What the spec asks of the network. A pod's sandbox (pause) container
+/// does nothing with a network: it gets no NIC, leaving the pod's veth to
+/// the application container's VM.
+pub fn mode(spec: &Spec) -> NetMode {
     let pause = spec
         .annotations()
         .as_ref()
         .and_then(|a| a.get(CRI_CONTAINER_TYPE))
         .is_some_and(|t| t == "sandbox");
     if pause {
-        return None;
+        return NetMode::None;
     }
-    spec.linux()
-        .as_ref()?
-        .namespaces()
-        .as_ref()?
-        .iter()
-        .find(|n| n.typ() == LinuxNamespaceType::Network)?
-        .path()
-        .clone()
-        .filter(|p| !p.as_os_str().is_empty())
+    let entry = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .and_then(|ns| ns.iter().find(|n| n.typ() == LinuxNamespaceType::Network));
+    match entry {
+        None => NetMode::None,
+        Some(n) => match n.path().clone().filter(|p| !p.as_os_str().is_empty()) {
+            Some(path) => NetMode::Join(path),
+            None => NetMode::Own,
+        },
+    }
 }
 
-/// Checks the namespace exists, before anything is made for the container.
+/// Checks the namespace exists and is not the host's own (a VM joined to
+/// it would take over the host's addresses), before anything is made.
 pub fn check_netns(path: &Path) -> Result<(), NetworkError> {
-    Ok(netns::check_exists(path)?)
+    netns::check_exists(path)?;
+    if netns::same_namespace(path, Path::new("/proc/self/ns/net")) {
+        return Err(NetworkError::NoInterface {
+            netns: path.to_owned(),
+            reason: "this is the host's own network namespace; a VM cannot join it".into(),
+        });
+    }
+    Ok(())
 }
 
 /// Makes the tap and wiring of `tap` (blocking work off the runtime).
@@ -85,19 +112,19 @@ mod tests {
     }
 
     #[test]
-    fn the_netns_path_comes_from_the_spec() {
+    fn the_network_mode_comes_from_the_spec() {
         let s = spec(
             serde_json::json!([{"type": "pid"}, {"type": "network", "path": "/var/run/netns/x"}]),
             serde_json::json!([]),
         );
-        assert_eq!(netns_path(&s), Some(PathBuf::from("/var/run/netns/x")));
+        assert_eq!(mode(&s), NetMode::Join(PathBuf::from("/var/run/netns/x")));
         let s = spec(
             serde_json::json!([{"type": "network"}]),
             serde_json::json!([]),
         );
-        assert_eq!(netns_path(&s), None);
+        assert_eq!(mode(&s), NetMode::Own);
         let s = spec(serde_json::json!([{"type": "pid"}]), serde_json::json!([]));
-        assert_eq!(netns_path(&s), None);
+        assert_eq!(mode(&s), NetMode::None);
         let mut s = spec(
             serde_json::json!([{"type": "network", "path": "/var/run/netns/x"}]),
             serde_json::json!([]),
@@ -105,7 +132,13 @@ mod tests {
         s.set_annotations(Some(
             [(CRI_CONTAINER_TYPE.to_string(), "sandbox".to_string())].into(),
         ));
-        assert_eq!(netns_path(&s), None);
+        assert_eq!(mode(&s), NetMode::None);
+    }
+
+    #[test]
+    fn the_hosts_own_namespace_is_refused() {
+        let err = check_netns(Path::new("/proc/self/ns/net")).unwrap_err();
+        assert!(err.to_string().contains("host's own"), "{err}");
     }
 
     #[test]

@@ -295,7 +295,7 @@ impl Task for TaskService {
     async fn pids(&self, _ctx: &TtrpcContext, req: PidsRequest) -> ttrpc::Result<PidsResponse> {
         let c = self.container(&req.id)?;
         let mut processes = Vec::new();
-        for (pid, exec_id) in c.pids().await.map_err(to_ttrpc)? {
+        for (pid, exec_id) in c.pids().map_err(to_ttrpc)? {
             let info = if exec_id.is_empty() {
                 MessageField::none()
             } else {

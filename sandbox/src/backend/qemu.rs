@@ -228,7 +228,16 @@ impl QemuBackend {
             cmdline.push(' ');
             cmdline.push_str(arg);
         }
-        let mut cmd = Command::new(&self.qemu);
+        // With a NIC in a network namespace, QEMU lives there too: it is the
+        // VM's main process, whose pid names the container's namespace.
+        let mut cmd = match spec.net.as_ref().and_then(|n| n.netns.as_ref()) {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net={}", ns.display())).arg(&self.qemu);
+                c
+            }
+            None => Command::new(&self.qemu),
+        };
         cmd.args(["-name", &format!("capsid-{}", spec.name)])
             .args(["-M", "microvm,acpi=off,memory-backend=mem"])
             .args(["-accel", accel, "-cpu", cpu])

@@ -18,6 +18,7 @@
 //! block for a few milliseconds each.
 
 mod guest;
+pub mod own;
 mod read;
 
 use std::path::{Path, PathBuf};

@@ -36,7 +36,7 @@ impl Link {
 
     /// An Ethernet interface a tap can be joined to (not loopback, not a
     /// tap, not a bridge).
-    fn joinable(&self) -> bool {
+    pub(crate) fn joinable(&self) -> bool {
         self.link_type == "ether" && !matches!(self.kind(), "tun" | "bridge")
     }
 }

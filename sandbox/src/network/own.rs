@@ -1,0 +1,119 @@
+//! A network namespace the sandbox owns: when the spec asks for a new
+//! network namespace without naming one (Docker ≥ 26), the runtime makes
+//! it, and the VM's host processes live in it so that the task's pid names
+//! it (`/proc/<pid>/ns/net`). The VM boots with a NIC on a tap that leads
+//! nowhere yet; whoever sets up the container's network (dockerd, a CNI
+//! plugin run by a hook) moves a veth in and configures it between Create
+//! and Start, and at Start [`join_late`] joins the tap to it, exactly as
+//! [`super::attach`] does for a namespace that was ready before Create.
+
+use std::path::Path;
+
+use super::{check_ifname, read, wire, NetworkError, TapAttachment, INGRESS};
+use crate::netns::Netns;
+
+/// Brings up loopback and makes the VM's tap in the sandbox's own
+/// namespace `netns`. On error the tap is not left behind (the namespace
+/// is the caller's to delete).
+pub fn prepare_tap(netns: &Path, tap: &str) -> Result<(), NetworkError> {
+    check_ifname(tap)?;
+    let ns = Netns::open(netns)?;
+    ns.ip(&["link", "set", "dev", "lo", "up"])?;
+    ns.ip(&["tuntap", "add", "dev", tap, "mode", "tap"])?;
+    let up = (|| {
+        if let Err(e) = ns.ip(&["link", "set", "dev", tap, "addrgenmode", "none"]) {
+            tracing::debug!(error = %e, "tap keeps its IPv6 address generation");
+        }
+        ns.ip(&["link", "set", "dev", tap, "up"])
+    })();
+    if let Err(e) = up {
+        if let Err(undo) = ns.ip(&["link", "del", "dev", tap]) {
+            tracing::warn!(error = %undo, "undoing a failed tap");
+        }
+        return Err(e.into());
+    }
+    Ok(())
+}
+
+/// Joins the existing `tap` to the interface that appeared in `netns`
+/// since [`prepare_tap`], and reads what the guest must configure. `None`
+/// when no interface came (`docker run --network none`). With several,
+/// the first by name is joined (the VM has one NIC) and the others are
+/// named in a warning.
+pub fn join_late(netns: &Path, tap: &str) -> Result<Option<TapAttachment>, NetworkError> {
+    let ns = Netns::open(netns)?;
+    let links = read::links(&ns)?;
+    let mut candidates: Vec<&read::Link> = links
+        .iter()
+        .filter(|l| l.ifname != tap && l.joinable())
+        .collect();
+    candidates.sort_by(|a, b| a.ifname.cmp(&b.ifname));
+    let Some(veth) = candidates.first().map(|l| (*l).clone()) else {
+        return Ok(None);
+    };
+    if candidates.len() > 1 {
+        tracing::warn!(
+            netns = %netns.display(),
+            joined = %veth.ifname,
+            ignored = ?candidates[1..].iter().map(|l| &l.ifname).collect::<Vec<_>>(),
+            "the VM has one NIC: only the first interface carries its traffic"
+        );
+    }
+    let guest = read::guest_network(&ns, &veth)?;
+    let mtu = veth.mtu.to_string();
+    let mut veth_qdisc = false;
+    if let Err(e) = wire(&ns, tap, &veth.ifname, &mtu, &mut veth_qdisc) {
+        // The tap stays (the VM holds it); its filters go.
+        let _ = ns.tc(&["qdisc", "del", "dev", tap, "handle", INGRESS, "ingress"]);
+        if veth_qdisc {
+            let _ = ns.tc(&[
+                "qdisc",
+                "del",
+                "dev",
+                &veth.ifname,
+                "handle",
+                INGRESS,
+                "ingress",
+            ]);
+        }
+        return Err(e);
+    }
+    tracing::info!(netns = %netns.display(), tap, veth = %veth.ifname, "tap joined to the interface made after Create");
+    Ok(Some(TapAttachment {
+        netns: netns.to_owned(),
+        tap: tap.to_owned(),
+        veth: veth.ifname,
+        guest,
+    }))
+}
+
+/// A locally administered unicast MAC for the VM's NIC until it takes the
+/// veth's, derived from the sandbox's name.
+pub fn boot_mac(sandbox: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let d = Sha256::digest(sandbox.as_bytes());
+    format!(
+        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        (d[0] & 0xfe) | 0x02,
+        d[1],
+        d[2],
+        d[3],
+        d[4],
+        d[5]
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn boot_macs_are_local_unicast_and_stable() {
+        let m = boot_mac("default-web");
+        assert_eq!(m, boot_mac("default-web"));
+        assert_ne!(m, boot_mac("default-db"));
+        let first = u8::from_str_radix(&m[..2], 16).unwrap();
+        assert_eq!(first & 0x03, 0x02, "{m}");
+        assert_eq!(m.len(), 17);
+    }
+}
