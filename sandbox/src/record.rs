@@ -310,9 +310,11 @@ pub fn undo(record: &HostRecord) -> UndoReport {
     if let Some(netns) = record.own_netns.as_ref().filter(|n| n.exists()) {
         match crate::netns::NamedNetns::adopt(netns.clone()).delete() {
             Ok(()) => report.removed.push(netns.clone()),
-            Err(e) => report
-                .errors
-                .push(format!("removing network namespace {}: {}", netns.display(), chain(&e))),
+            Err(e) => report.errors.push(format!(
+                "removing network namespace {}: {}",
+                netns.display(),
+                chain(&e)
+            )),
         }
     }
     for path in std::iter::once(&record.run_dir).chain(&record.scratch_files) {

@@ -25,6 +25,7 @@ use tokio::task::JoinHandle;
 
 use crate::create::{self, LateNetwork, Plan};
 use crate::events::Events;
+use crate::hooks::{self, HostHooks};
 use crate::io::{IoError, ProcessIo, StdioPaths};
 use crate::process::{ExitInfo, Process, Status};
 use crate::rootfs::{RootfsDisk, RootfsError};
@@ -92,6 +93,9 @@ pub enum ContainerError {
     /// The network could not be attached.
     #[error(transparent)]
     Network(#[from] NetworkError),
+    /// A hook failed.
+    #[error(transparent)]
+    Hook(#[from] crate::hooks::HookError),
     /// The spec names a network namespace capsid cannot use.
     #[error(transparent)]
     BadNetns(NetworkError),
@@ -142,6 +146,8 @@ pub struct Container {
     record: Mutex<Option<RecordFile<HostRecord>>>,
     /// The sandbox's own network namespace, wired at the init's Start.
     late_network: Mutex<Option<LateNetwork>>,
+    /// The spec's poststart and poststop hooks, run on the host.
+    hooks: HostHooks,
     config: Config,
     events: Events,
     background: Mutex<Vec<JoinHandle<()>>>,
@@ -176,6 +182,7 @@ impl Container {
             rootfs: Mutex::new(Some(made.rootfs)),
             record: Mutex::new(Some(made.record)),
             late_network: Mutex::new(made.late_network),
+            hooks: plan.hooks,
             config,
             events,
             background: Mutex::new(Vec::new()),
@@ -244,6 +251,7 @@ impl Container {
             let guest_pid = sandbox.start_init(&self.id).await?;
             tracing::debug!(container = %self.id, guest_pid, "init started");
             process.set_started();
+            self.run_hooks("poststart", "running").await;
             return Ok(process.pid());
         }
         if self.init.status() != Status::Running {
@@ -263,6 +271,27 @@ impl Container {
         process.set_started();
         self.watch(process);
         Ok(pid)
+    }
+
+    /// Runs the poststart or poststop hooks; failures are logged (as runc
+    /// does, they do not undo what happened).
+    async fn run_hooks(&self, stage: &'static str, status: &'static str) {
+        let hooks = match stage {
+            "poststart" => &self.hooks.poststart,
+            _ => &self.hooks.poststop,
+        };
+        if hooks.is_empty() {
+            return;
+        }
+        let (all, list) = (self.hooks.clone(), hooks.clone());
+        let (id, bundle, pid) = (self.id.clone(), self.bundle.clone(), self.init.pid());
+        let ran = tokio::task::spawn_blocking(move || {
+            hooks::run_logged(stage, &list, &all.state(&id, status, pid, &bundle));
+        })
+        .await;
+        if let Err(e) = ran {
+            tracing::warn!(container = %self.id, stage, error = %e, "hook task");
+        }
     }
 
     /// Joins the VM's NIC to the interface that appeared in the sandbox's
@@ -446,6 +475,8 @@ impl Container {
         if let Some(sandbox) = sandbox {
             let exit = sandbox.stop().await;
             tracing::info!(container = %self.id, ?exit, "sandbox stopped");
+            // Before the undo: the namespace the hooks tear down is still there.
+            self.run_hooks("poststop", "stopped").await;
         }
         // The disk lease goes before the record's undo removes a disk made
         // for this container alone.

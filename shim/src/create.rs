@@ -8,10 +8,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use capsid_sandbox::backend::NetSpec;
 use capsid_sandbox::config::Config;
 use capsid_sandbox::container::{ContainerSpec, LayerDisk};
 use capsid_sandbox::image::RootfsCache;
-use capsid_sandbox::backend::NetSpec;
 use capsid_sandbox::netns::{NamedNetns, NETNS_DIR};
 use capsid_sandbox::network::{own, tap_name_for, GuestDns, NetworkError, TapRecord};
 use capsid_sandbox::record::{HostRecord, RecordFile, Rollback};
@@ -20,6 +20,7 @@ use oci_spec::runtime::Spec;
 
 use crate::cleanup;
 use crate::container::{ContainerError, CreateRequest, Result};
+use crate::hooks::{self, HostHooks};
 use crate::io::ProcessIo;
 use crate::network::{self, NetMode};
 use crate::rootfs::{self, RootfsDisk, RootfsSource};
@@ -44,6 +45,8 @@ pub struct Plan {
     pub network: NetMode,
     /// Resolver settings the spec carries as a host file.
     pub dns: Option<GuestDns>,
+    /// The spec's hooks, run on the host.
+    pub hooks: HostHooks,
 }
 
 impl Plan {
@@ -62,7 +65,8 @@ impl Plan {
         }
         // Read before adapt() drops the bind mount that carries it.
         let dns = network::dns_from_spec(&spec);
-        for change in spec::adapt(&mut spec)? {
+        let (hooks, dropped) = HostHooks::take(&mut spec);
+        for change in dropped.into_iter().chain(spec::adapt(&mut spec)?) {
             tracing::info!(container = %req.id, "{change}");
         }
         let size = sizing::vm_size(&spec, &config.vm)?;
@@ -81,6 +85,7 @@ impl Plan {
             source,
             network,
             dns,
+            hooks,
         })
     }
 }
@@ -184,6 +189,18 @@ pub async fn make(req: &CreateRequest, plan: &Plan, config: &Config) -> Result<M
         guest_boot_ms = timings.guest_boot_to_agent.as_millis(),
         "sandbox started"
     );
+
+    if !plan.hooks.create.is_empty() {
+        let hooks = plan.hooks.clone();
+        let (id, bundle) = (req.id.clone(), req.bundle.clone());
+        let pid = sandbox.vm_pid().unwrap_or(0);
+        tokio::task::spawn_blocking(move || {
+            let state = hooks.state(&id, "creating", pid, &bundle);
+            hooks::run("prestart/createRuntime", &hooks.create, &state)
+        })
+        .await
+        .map_err(|e| ContainerError::Internal(format!("hook task: {e}")))??;
+    }
 
     let dns = plan.dns.clone().or_else(|| {
         attachment

@@ -8,6 +8,7 @@ pub mod cleanup;
 pub mod container;
 pub mod create;
 pub mod events;
+pub mod hooks;
 pub mod io;
 pub mod logging;
 pub mod metrics;
