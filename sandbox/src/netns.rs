@@ -223,7 +223,7 @@ impl NamedNetns {
     }
 
     /// [`NamedNetns::create`] in `dir`.
-    pub(crate) fn create_in(dir: &Path, name: &str) -> Result<Self> {
+    pub fn create_in(dir: &Path, name: &str) -> Result<Self> {
         if name.is_empty() || name.contains('/') || name.starts_with('.') {
             return Err(NetnsError::BadName {
                 name: name.to_owned(),

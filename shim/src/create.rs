@@ -5,14 +5,14 @@
 //! step drops what is live and undoes the record ([`Rollback`]); a shim
 //! that dies part-way leaves the record to containerd's `delete`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use capsid_sandbox::backend::NetSpec;
 use capsid_sandbox::config::Config;
 use capsid_sandbox::container::{ContainerSpec, LayerDisk};
 use capsid_sandbox::image::RootfsCache;
-use capsid_sandbox::netns::{NamedNetns, NETNS_DIR};
+use capsid_sandbox::netns::NamedNetns;
 use capsid_sandbox::network::{own, tap_name_for, GuestDns, NetworkError, TapRecord};
 use capsid_sandbox::record::{HostRecord, RecordFile, Rollback};
 use capsid_sandbox::sandbox::{backend_for, Sandbox, SandboxOptions};
@@ -26,6 +26,15 @@ use crate::network::{self, NetMode};
 use crate::rootfs::{self, RootfsDisk, RootfsSource};
 use crate::sizing::{self, VmSize};
 use crate::spec;
+
+/// Why a spec without a network namespace is refused.
+const HOST_NETWORK: &str = "the container asks for the host's network namespace \
+     (docker --network host, ctr --net-host): a capsid container has a network of \
+     its own in its VM; use a bridge or CNI network";
+
+/// Where, under capsid's state directory, the sandboxes' own network
+/// namespaces are pinned.
+const OWN_NETNS_DIR: &str = ".netns";
 
 /// Where the merged layers are mounted while a disk is built.
 const LOWERS_MOUNT: &str = "capsid-lowers";
@@ -60,8 +69,12 @@ impl Plan {
         let mut spec: Spec = serde_json::from_slice(&text)
             .map_err(|e| ContainerError::SpecParse(oci_spec::OciSpecError::SerDe(e)))?;
         let network = network::mode(&spec);
-        if let NetMode::Join(path) = &network {
-            network::check_netns(path).map_err(ContainerError::BadNetns)?;
+        match &network {
+            NetMode::Join(path) => {
+                network::check_netns(path).map_err(ContainerError::BadNetns)?;
+            }
+            NetMode::Host => return Err(ContainerError::Invalid(HOST_NETWORK.into())),
+            NetMode::None | NetMode::Own => {}
         }
         // Read before adapt() drops the bind mount that carries it.
         let dns = network::dns_from_spec(&spec);
@@ -152,8 +165,8 @@ pub async fn make(req: &CreateRequest, plan: &Plan, config: &Config) -> Result<M
             rollback.update(|r| r.tap = Some(tap.clone()))?;
             attachment = Some(network::attach(&tap).await?);
         }
-        NetMode::Own => late_network = Some(own_netns(&name, &mut rollback).await?),
-        NetMode::None => {}
+        NetMode::Own => late_network = Some(own_netns(config, &name, &mut rollback).await?),
+        NetMode::None | NetMode::Host => {}
     }
     let net = match (&attachment, &late_network) {
         (Some(a), _) => Some(a.net_spec()),
@@ -232,16 +245,18 @@ pub async fn make(req: &CreateRequest, plan: &Plan, config: &Config) -> Result<M
 }
 
 /// Makes the sandbox's own network namespace and its VM's tap, recorded
-/// first (deleting the namespace takes the tap and anything moved in).
-async fn own_netns(name: &str, rollback: &mut Rollback) -> Result<LateNetwork> {
-    let ns_name = format!("capsid-{name}");
-    let path = Path::new(NETNS_DIR).join(&ns_name);
+/// first (deleting the namespace takes the tap and anything moved in). It
+/// is pinned under capsid's state directory, like the sandbox's run
+/// directory (Docker keeps its containers' namespaces under its own too).
+async fn own_netns(config: &Config, name: &str, rollback: &mut Rollback) -> Result<LateNetwork> {
+    let dir = config.paths.state_dir.join(OWN_NETNS_DIR);
+    let path = dir.join(name);
     rollback.update(|r| r.own_netns = Some(path.clone()))?;
     let tap = tap_name_for(name);
     let boot_mac = own::boot_mac(name);
-    let netns_tap = tap.clone();
+    let (netns_tap, ns_name) = (tap.clone(), name.to_owned());
     tokio::task::spawn_blocking(move || -> Result<PathBuf> {
-        let ns = NamedNetns::create(&ns_name).map_err(NetworkError::from)?;
+        let ns = NamedNetns::create_in(&dir, &ns_name).map_err(NetworkError::from)?;
         own::prepare_tap(ns.path(), &netns_tap)?;
         Ok(ns.keep())
     })

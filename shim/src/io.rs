@@ -132,9 +132,11 @@ impl ProcessIo {
                 let path = PathBuf::from(&paths.stdin);
                 let input = if is_fifo(&path) {
                     stdin_fifo = Some(path.clone());
-                    Input::Fifo(tokio::task::spawn_blocking(move || {
-                        std::fs::File::open(path)
-                    }))
+                    let opening = {
+                        let path = path.clone();
+                        tokio::task::spawn_blocking(move || std::fs::File::open(path))
+                    };
+                    Input::Fifo { path, opening }
                 } else {
                     let file = std::fs::File::open(&path).map_err(|source| IoError::Open {
                         what: "stdin",
@@ -189,17 +191,20 @@ impl ProcessIo {
             task.abort();
         }
         if let Some(path) = &self.stdin_fifo {
-            release_fifo_open(path);
+            let _ = release_fifo_open(path);
         }
     }
 }
 
 /// Completes a blocked read-open of the FIFO at `path` (if one waits).
-fn release_fifo_open(path: &Path) {
-    let _ = std::fs::OpenOptions::new()
+/// False when nobody has the FIFO open for reading, so no read-open is
+/// under way.
+fn release_fifo_open(path: &Path) -> bool {
+    std::fs::OpenOptions::new()
         .write(true)
         .custom_flags(nix::libc::O_NONBLOCK)
-        .open(path);
+        .open(path)
+        .is_ok()
 }
 
 impl Drop for ProcessIo {
@@ -247,7 +252,12 @@ fn is_fifo(path: &Path) -> bool {
 enum Input {
     /// A FIFO being opened for reading: it ends when the client closes
     /// it, or by CloseIO.
-    Fifo(JoinHandle<std::io::Result<std::fs::File>>),
+    Fifo {
+        /// The FIFO.
+        path: PathBuf,
+        /// The blocking open, done when the client opens its end.
+        opening: JoinHandle<std::io::Result<std::fs::File>>,
+    },
     /// A file: it ends at its end.
     File(Reader),
 }
@@ -271,7 +281,7 @@ async fn copy_output(what: &'static str, mut stream: UnixStream, mut writer: Wri
     let _ = writer.flush().await;
 }
 
-async fn feed_stdin(input: Input, mut stream: UnixStream, close: oneshot::Receiver<()>) {
+async fn feed_stdin(input: Input, mut stream: UnixStream, mut close: oneshot::Receiver<()>) {
     let mut buf = vec![0u8; COPY_BUFFER];
     match input {
         Input::File(mut file) => loop {
@@ -284,17 +294,13 @@ async fn feed_stdin(input: Input, mut stream: UnixStream, close: oneshot::Receiv
                 }
             }
         },
-        Input::Fifo(opening) => {
-            let mut close = close;
-            let file = tokio::select! {
-                opened = opening => opened.ok().and_then(|f| f.ok()),
-                _ = &mut close => None,
-            };
-            let Some(mut fifo) = file.and_then(|f| pipe::Receiver::from_file(f).ok()) else {
+        Input::Fifo { path, opening } => {
+            let (fifo, mut closed) = open_stdin_fifo(&path, opening, &mut close).await;
+            let Some(mut fifo) = fifo else {
                 let _ = stream.shutdown().await;
                 return;
             };
-            loop {
+            while !closed {
                 tokio::select! {
                     biased;
                     read = fifo.read(&mut buf) => match read {
@@ -305,26 +311,65 @@ async fn feed_stdin(input: Input, mut stream: UnixStream, close: oneshot::Receiv
                             }
                         }
                     },
-                    _ = &mut close => {
-                        // What the client wrote before CloseIO still goes in:
-                        // read the FIFO (non-blocking) until it is empty.
-                        loop {
-                            match nix::unistd::read(&fifo, &mut buf) {
-                                Ok(0) | Err(_) => break,
-                                Ok(n) => {
-                                    if stream.write_all(&buf[..n]).await.is_err() {
-                                        return;
-                                    }
-                                }
-                            }
-                        }
-                        break;
-                    }
+                    _ = &mut close => closed = true,
                 }
+            }
+            if closed && !drain_fifo(&fifo, &mut stream, &mut buf).await {
+                return;
             }
         }
     }
     let _ = stream.shutdown().await;
+}
+
+/// Waits for the stdin FIFO to open, or for CloseIO. Returns the FIFO (if
+/// it opened) and whether CloseIO came.
+///
+/// CloseIO can come before this task has seen the open complete: a client
+/// that wrote before CloseIO has its end open, so the open here is done or
+/// completing in the kernel, and its FIFO holds what was written. The open
+/// is then seen through rather than dropped: with a read-open under way,
+/// opening (and closing) a write end here makes it complete promptly
+/// whether or not a client came; with none (the open has not started),
+/// no client can have written yet.
+async fn open_stdin_fifo(
+    path: &Path,
+    mut opening: JoinHandle<std::io::Result<std::fs::File>>,
+    close: &mut oneshot::Receiver<()>,
+) -> (Option<pipe::Receiver>, bool) {
+    let (file, closed) = tokio::select! {
+        opened = &mut opening => (opened, false),
+        _ = close => {
+            if !release_fifo_open(path) {
+                return (None, true);
+            }
+            ((&mut opening).await, true)
+        }
+    };
+    let fifo = file
+        .ok()
+        .and_then(|f| f.ok())
+        .and_then(|f| pipe::Receiver::from_file(f).ok());
+    (fifo, closed)
+}
+
+/// After CloseIO: moves what the client wrote before it, i.e. what the FIFO
+/// holds now, reading without waiting until it is empty. False if the
+/// stream is gone.
+async fn drain_fifo(fifo: &pipe::Receiver, stream: &mut UnixStream, buf: &mut [u8]) -> bool {
+    loop {
+        match nix::unistd::read(fifo, buf) {
+            Ok(0) => return true,
+            Ok(n) => {
+                if stream.write_all(&buf[..n]).await.is_err() {
+                    return false;
+                }
+            }
+            Err(nix::errno::Errno::EINTR) => continue,
+            // EAGAIN: empty, with the client's end still open.
+            Err(_) => return true,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -21,9 +21,11 @@ const CRI_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
 /// Where the VM's NIC goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NetMode {
-    /// No NIC: the spec has no network namespace entry, or it is a pod's
-    /// sandbox (pause) container.
+    /// No NIC: a pod's sandbox (pause) container.
     None,
+    /// The spec has no network namespace entry: it wants the host's
+    /// network, which a VM cannot share (refused at Create).
+    Host,
     /// Joined to the veth of the namespace at this path.
     Join(PathBuf),
     /// A namespace of the sandbox's own, wired at Start.
@@ -48,7 +50,7 @@ pub fn mode(spec: &Spec) -> NetMode {
         .and_then(|l| l.namespaces().as_ref())
         .and_then(|ns| ns.iter().find(|n| n.typ() == LinuxNamespaceType::Network));
     match entry {
-        None => NetMode::None,
+        None => NetMode::Host,
         Some(n) => match n.path().clone().filter(|p| !p.as_os_str().is_empty()) {
             Some(path) => NetMode::Join(path),
             None => NetMode::Own,
@@ -60,7 +62,11 @@ pub fn mode(spec: &Spec) -> NetMode {
 /// it would take over the host's addresses), before anything is made.
 pub fn check_netns(path: &Path) -> Result<(), NetworkError> {
     netns::check_exists(path)?;
-    if netns::same_namespace(path, Path::new("/proc/self/ns/net")) {
+    let host = ["/proc/self/ns/net", "/proc/1/ns/net"];
+    if host
+        .iter()
+        .any(|h| netns::same_namespace(path, Path::new(h)))
+    {
         return Err(NetworkError::NoInterface {
             netns: path.to_owned(),
             reason: "this is the host's own network namespace; a VM cannot join it".into(),
@@ -124,7 +130,7 @@ mod tests {
         );
         assert_eq!(mode(&s), NetMode::Own);
         let s = spec(serde_json::json!([{"type": "pid"}]), serde_json::json!([]));
-        assert_eq!(mode(&s), NetMode::None);
+        assert_eq!(mode(&s), NetMode::Host);
         let mut s = spec(
             serde_json::json!([{"type": "network", "path": "/var/run/netns/x"}]),
             serde_json::json!([]),

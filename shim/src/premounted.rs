@@ -69,25 +69,22 @@ fn check_allowed(root: &Path) -> Result<(), RootfsError> {
 /// The `lowerdir=` entries (top first) of the overlay mounted at `point`,
 /// the last such mount in the table; `None` if `point` is not an overlay.
 fn overlay_lowers(mountinfo: &str, point: &Path) -> Option<Vec<String>> {
-    mountinfo
-        .lines()
-        .filter_map(|line| {
-            // ID PARENT MAJ:MIN ROOT MOUNT_POINT OPTIONS [OPTIONAL…] - TYPE SOURCE SUPER_OPTIONS
-            let (left, right) = line.split_once(" - ")?;
-            let mount_point = unescape(left.split(' ').nth(4)?);
-            let mut right = right.split(' ');
-            let fs_type = right.next()?;
-            let _source = right.next()?;
-            let super_options = right.next().unwrap_or("");
-            (Path::new(&mount_point) == point && fs_type == "overlay").then(|| {
-                split_options(super_options)
-                    .into_iter()
-                    .filter_map(|o| o.strip_prefix("lowerdir=").map(str::to_owned))
-                    .flat_map(|l| split_lowerdir(&l))
-                    .collect::<Vec<_>>()
-            })
+    mountinfo.lines().rev().find_map(|line| {
+        // ID PARENT MAJ:MIN ROOT MOUNT_POINT OPTIONS [OPTIONAL…] - TYPE SOURCE SUPER_OPTIONS
+        let (left, right) = line.split_once(" - ")?;
+        let mount_point = unescape(left.split(' ').nth(4)?);
+        let mut right = right.split(' ');
+        let fs_type = right.next()?;
+        let _source = right.next()?;
+        let super_options = right.next().unwrap_or("");
+        (Path::new(&mount_point) == point && fs_type == "overlay").then(|| {
+            split_options(super_options)
+                .into_iter()
+                .filter_map(|o| o.strip_prefix("lowerdir=").map(str::to_owned))
+                .flat_map(|l| split_lowerdir(&l))
+                .collect::<Vec<_>>()
         })
-        .last()
+    })
 }
 
 /// Splits a mount's option string at commas not escaped by a backslash.

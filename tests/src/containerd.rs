@@ -10,12 +10,46 @@ use std::time::{Duration, Instant};
 pub struct Containerd {
     child: Child,
     dir: tempfile::TempDir,
+    ctr: PathBuf,
+}
+
+/// Where containerd and ctr come from, and where containerd runs.
+#[derive(Debug, Default, Clone)]
+pub struct ContainerdSetup {
+    /// Directory holding `containerd` and `ctr` (and containerd's own
+    /// shims); `None`: `$CAPSID_TEST_CONTAINERD_DIR`, else the system's.
+    pub bin_dir: Option<PathBuf>,
+    /// Network namespace (file) containerd runs in; `None`: the host's.
+    pub netns: Option<PathBuf>,
+    /// Directories put first on containerd's PATH (where it finds shims).
+    pub path_prefix: Vec<PathBuf>,
+}
+
+impl ContainerdSetup {
+    fn bin_dir(&self) -> Option<PathBuf> {
+        self.bin_dir.clone().or_else(|| {
+            std::env::var_os("CAPSID_TEST_CONTAINERD_DIR")
+                .filter(|d| !d.is_empty())
+                .map(PathBuf::from)
+        })
+    }
+
+    fn program(&self, name: &str) -> PathBuf {
+        self.bin_dir()
+            .map(|d| d.join(name))
+            .unwrap_or_else(|| PathBuf::from(name))
+    }
 }
 
 impl Containerd {
     /// Starts containerd with a config that keeps it away from any system
     /// instance, and waits until its socket answers.
     pub fn start() -> Self {
+        Self::start_with(ContainerdSetup::default())
+    }
+
+    /// [`Containerd::start`] with the binaries and namespace of `setup`.
+    pub fn start_with(setup: ContainerdSetup) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("capsid-ctrd")
             .tempdir()
@@ -41,7 +75,22 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         let cfg = d.join("config.toml");
         std::fs::write(&cfg, config).expect("write containerd config");
         let log = std::fs::File::create(d.join("containerd.log")).expect("containerd log");
-        let child = Command::new("containerd")
+        let mut path: Vec<PathBuf> = setup.path_prefix.clone();
+        path.extend(setup.bin_dir());
+        path.extend(std::env::split_paths(
+            &std::env::var_os("PATH").unwrap_or_default(),
+        ));
+        let mut cmd = match &setup.netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net={}", ns.display()))
+                    .arg(setup.program("containerd"));
+                c
+            }
+            None => Command::new(setup.program("containerd")),
+        };
+        let child = cmd
+            .env("PATH", std::env::join_paths(path).expect("PATH"))
             .arg("--config")
             .arg(&cfg)
             .stdin(Stdio::null())
@@ -49,7 +98,12 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             .stderr(log)
             .spawn()
             .expect("containerd must be installed (make deps)");
-        let me = Self { child, dir };
+        // (With a bin_dir, containerd comes from contrib/clients/fetch.sh.)
+        let me = Self {
+            child,
+            dir,
+            ctr: setup.program("ctr"),
+        };
         let start = Instant::now();
         while !me
             .ctr()
@@ -83,7 +137,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 
     /// A `ctr` command talking to this containerd.
     pub fn ctr(&self) -> Command {
-        let mut cmd = Command::new("ctr");
+        let mut cmd = Command::new(&self.ctr);
         cmd.arg("-a").arg(self.socket()).stdin(Stdio::null());
         cmd
     }

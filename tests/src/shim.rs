@@ -19,6 +19,28 @@ pub const BUSYBOX: &str = "docker.io/capsid/busybox:latest";
 /// The three-layer image with a whiteout and an opaque directory.
 pub const LAYERED: &str = "docker.io/capsid/layered:latest";
 
+/// Writes `DIR/capsid.toml`: this build's assets and binaries, state and
+/// cache under `DIR`, QEMU-TCG; returns its path.
+pub fn write_capsid_config(dir: &Path) -> PathBuf {
+    let c = crate::sandbox::test_config(dir);
+    let text = format!(
+        "[paths]\nkernel = {:?}\nbzimage = {:?}\ninitramfs = {:?}\nimages_dir = {:?}\n\
+         cache_dir = {:?}\nstate_dir = {:?}\nvhost = {:?}\nvmm = {:?}\n\
+         [backend]\nkind = \"qemu-tcg\"\n",
+        c.paths.kernel,
+        c.paths.bzimage,
+        c.paths.initramfs,
+        c.paths.images_dir,
+        c.paths.cache_dir,
+        c.paths.state_dir,
+        c.paths.vhost,
+        c.paths.vmm,
+    );
+    let config = dir.join("capsid.toml");
+    std::fs::write(&config, text).expect("write capsid config");
+    config
+}
+
 /// A private containerd set up for capsid's shim.
 #[derive(Debug)]
 pub struct ShimHarness {
@@ -42,22 +64,7 @@ impl ShimHarness {
             .prefix("capsid-shim")
             .tempdir()
             .expect("temp dir");
-        let c = crate::sandbox::test_config(dir.path());
-        let text = format!(
-            "[paths]\nkernel = {:?}\nbzimage = {:?}\ninitramfs = {:?}\nimages_dir = {:?}\n\
-             cache_dir = {:?}\nstate_dir = {:?}\nvhost = {:?}\nvmm = {:?}\n\
-             [backend]\nkind = \"qemu-tcg\"\n",
-            c.paths.kernel,
-            c.paths.bzimage,
-            c.paths.initramfs,
-            c.paths.images_dir,
-            c.paths.cache_dir,
-            c.paths.state_dir,
-            c.paths.vhost,
-            c.paths.vmm,
-        );
-        let config = dir.path().join("capsid.toml");
-        std::fs::write(&config, text).expect("write capsid config");
+        let config = write_capsid_config(dir.path());
         Self {
             ctrd,
             dir,

@@ -20,13 +20,10 @@ pub fn prepare_tap(netns: &Path, tap: &str) -> Result<(), NetworkError> {
     let ns = Netns::open(netns)?;
     ns.ip(&["link", "set", "dev", "lo", "up"])?;
     ns.ip(&["tuntap", "add", "dev", tap, "mode", "tap"])?;
-    let up = (|| {
-        if let Err(e) = ns.ip(&["link", "set", "dev", tap, "addrgenmode", "none"]) {
-            tracing::debug!(error = %e, "tap keeps its IPv6 address generation");
-        }
-        ns.ip(&["link", "set", "dev", tap, "up"])
-    })();
-    if let Err(e) = up {
+    if let Err(e) = ns.ip(&["link", "set", "dev", tap, "addrgenmode", "none"]) {
+        tracing::debug!(error = %e, "tap keeps its IPv6 address generation");
+    }
+    if let Err(e) = ns.ip(&["link", "set", "dev", tap, "up"]) {
         if let Err(undo) = ns.ip(&["link", "del", "dev", tap]) {
             tracing::warn!(error = %undo, "undoing a failed tap");
         }

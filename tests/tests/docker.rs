@@ -1,0 +1,472 @@
+//! Docker Engine 26.1 (Debian 13's, on a private containerd 1.7) running
+//! containers with `--runtime capsid` (daemon.json: runtimeType
+//! `io.containerd.capsid.v2`), each behaviour checked with runc first as
+//! the reference. The real `docker` CLI drives everything; see
+//! capsid_tests::docker for the harness.
+
+use std::io::Write;
+use std::process::Stdio;
+use std::time::Duration;
+
+use capsid_tests::docker::{DockerHarness, BUSYBOX, CAPSID, RUNTIMES};
+
+/// Runs `docker ARGS…` with `input` on its stdin.
+fn docker_with_input(h: &DockerHarness, args: &[&str], input: &[u8]) -> (i32, String, String) {
+    let mut child = h
+        .cmd(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_container_runs_with_the_options_people_use() {
+    let h = DockerHarness::start();
+    for rt in RUNTIMES {
+        h.run_ok(rt, &[BUSYBOX, "true"]);
+        let (code, _, err) = h.run(rt, &["--rm", BUSYBOX, "sh", "-c", "exit 3"]);
+        assert_eq!(code, 3, "[{rt}] {err}");
+
+        let out = h.run_ok(
+            rt,
+            &[
+                "-e",
+                "GREETING=hello there",
+                "-w",
+                "/tmp",
+                "-u",
+                "1000:1000",
+                BUSYBOX,
+                "sh",
+                "-c",
+                "echo \"$GREETING|$(pwd)|$(id -u):$(id -g)\"",
+            ],
+        );
+        assert_eq!(out.trim(), "hello there|/tmp|1000:1000", "[{rt}]");
+
+        let out = h.run_ok(
+            rt,
+            &[
+                "--read-only",
+                "--tmpfs",
+                "/scratch",
+                BUSYBOX,
+                "sh",
+                "-c",
+                "touch /x 2>/dev/null && echo root-writable || echo root-ro; \
+                 touch /scratch/x && echo tmpfs-writable",
+            ],
+        );
+        assert_eq!(out.trim(), "root-ro\ntmpfs-writable", "[{rt}]");
+
+        let out = h.run_ok(
+            rt,
+            &[
+                "--shm-size",
+                "32m",
+                BUSYBOX,
+                "sh",
+                "-c",
+                "df -k /dev/shm | tail -1",
+            ],
+        );
+        let size: u64 = out.split_whitespace().nth(1).unwrap().parse().unwrap();
+        assert_eq!(size, 32 * 1024, "[{rt}] {out}");
+
+        // Docker's default sysctls reach the container's network namespace.
+        let out = h.run_ok(
+            rt,
+            &[
+                BUSYBOX,
+                "cat",
+                "/proc/sys/net/ipv4/ip_unprivileged_port_start",
+            ],
+        );
+        assert_eq!(out.trim(), "0", "[{rt}]");
+
+        // -i: stdin to EOF.
+        let (code, out, err) = docker_with_input(
+            &h,
+            &["run", "--rm", "-i", "--runtime", rt, BUSYBOX, "wc", "-c"],
+            b"twelve bytes",
+        );
+        assert_eq!((code, out.trim()), (0, "12"), "[{rt}] {err}");
+
+        // -t: the process has a terminal.
+        let out = h.run_ok(
+            rt,
+            &["-t", BUSYBOX, "sh", "-c", "test -t 1 && echo has-tty"],
+        );
+        assert_eq!(out.trim(), "has-tty", "[{rt}]");
+    }
+    h.assert_clean();
+}
+
+#[test]
+fn a_detached_container_lives_and_dies_as_docker_says() {
+    let h = DockerHarness::start();
+    let script = "trap 'echo got-term; exit 0' TERM; trap 'echo got-usr1' USR1; \
+                  echo started; while :; do sleep 0.2; done";
+    for rt in RUNTIMES {
+        let name = format!("life-{rt}");
+        let (code, _, err) = h.run(rt, &["-d", "--name", &name, BUSYBOX, "sh", "-c", script]);
+        assert_eq!(code, 0, "[{rt}] {err}\n{}", h.log_tail());
+        h.wait_for(&name, "{{.State.Running}}", "true", Duration::from_secs(60));
+        wait_log(&h, &name, "started");
+
+        // State.Pid is a host process: the one `docker top` shows.
+        let pid = h.inspect(&name, "{{.State.Pid}}");
+        assert!(pid.parse::<u32>().unwrap() > 0, "[{rt}] pid {pid}");
+        assert!(
+            std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "[{rt}]"
+        );
+        let (code, out, err) = h.docker(&["top", &name]);
+        assert_eq!(code, 0, "[{rt}] {err}");
+        assert!(
+            out.lines()
+                .skip(1)
+                .any(|l| l.split_whitespace().nth(1) == Some(pid.as_str())),
+            "[{rt}] pid {pid} not in docker top:\n{out}"
+        );
+
+        let (code, out, err) =
+            h.docker(&["stats", "--no-stream", "--format", "{{.MemUsage}}", &name]);
+        assert_eq!(code, 0, "[{rt}] {err}");
+        assert!(out.contains("iB"), "[{rt}] {out}");
+
+        let (code, out, _) = h.docker(&["exec", &name, "echo", "from-exec"]);
+        assert_eq!((code, out.trim()), (0, "from-exec"), "[{rt}]");
+        let (code, _, _) = h.docker(&["exec", &name, "sh", "-c", "exit 7"]);
+        assert_eq!(code, 7, "[{rt}]");
+        let (code, out, err) = docker_with_input(&h, &["exec", "-i", &name, "cat"], b"piped");
+        assert_eq!((code, out.as_str()), (0, "piped"), "[{rt}] {err}");
+
+        let (code, _, err) = h.docker(&["kill", "-s", "USR1", &name]);
+        assert_eq!(code, 0, "[{rt}] {err}");
+        wait_log(&h, &name, "got-usr1");
+
+        // A trapped SIGTERM: a graceful stop well within the timeout.
+        let (code, _, err) = h.docker(&["stop", "-t", "60", &name]);
+        assert_eq!(code, 0, "[{rt}] {err}");
+        assert_eq!(h.inspect(&name, "{{.State.ExitCode}}"), "0", "[{rt}]");
+        wait_log(&h, &name, "got-term");
+
+        // start and restart make a new task of the same container.
+        let (code, _, err) = h.docker(&["start", &name]);
+        assert_eq!(code, 0, "[{rt}] {err}\n{}", h.log_tail());
+        h.wait_for(&name, "{{.State.Running}}", "true", Duration::from_secs(60));
+        let (code, _, err) = h.docker(&["restart", "-t", "30", &name]);
+        assert_eq!(code, 0, "[{rt}] {err}\n{}", h.log_tail());
+        h.wait_for(&name, "{{.State.Running}}", "true", Duration::from_secs(60));
+        let (_, logs, _) = h.docker(&["logs", &name]);
+        assert_eq!(logs.matches("started").count(), 3, "[{rt}] {logs}");
+
+        let (code, _, err) = h.docker(&["rm", "-f", &name]);
+        assert_eq!(code, 0, "[{rt}] {err}");
+
+        // No handler: PID 1 ignores SIGTERM, so stop ends in SIGKILL.
+        let name = format!("stubborn-{rt}");
+        let (code, _, err) = h.run(rt, &["-d", "--name", &name, BUSYBOX, "sleep", "1000"]);
+        assert_eq!(code, 0, "[{rt}] {err}");
+        h.wait_for(&name, "{{.State.Running}}", "true", Duration::from_secs(60));
+        let (code, _, err) = h.docker(&["stop", "-t", "1", &name]);
+        assert_eq!(code, 0, "[{rt}] {err}");
+        assert_eq!(h.inspect(&name, "{{.State.ExitCode}}"), "137", "[{rt}]");
+        let (code, _, err) = h.docker(&["rm", &name]);
+        assert_eq!(code, 0, "[{rt}] {err}");
+
+        // A healthcheck runs (as an exec) and turns the container healthy.
+        let name = format!("healthy-{rt}");
+        let (code, _, err) = h.run(
+            rt,
+            &[
+                "-d",
+                "--name",
+                &name,
+                "--health-cmd",
+                "test -e /proc/1",
+                "--health-interval",
+                "1s",
+                BUSYBOX,
+                "sleep",
+                "1000",
+            ],
+        );
+        assert_eq!(code, 0, "[{rt}] {err}");
+        h.wait_for(
+            &name,
+            "{{.State.Health.Status}}",
+            "healthy",
+            Duration::from_secs(90),
+        );
+        let (code, _, err) = h.docker(&["rm", "-f", &name]);
+        assert_eq!(code, 0, "[{rt}] {err}");
+    }
+    h.assert_clean();
+}
+
+#[test]
+fn containers_are_on_dockers_networks() {
+    let h = DockerHarness::start();
+    let gateway = {
+        let (code, out, err) = h.docker(&[
+            "network",
+            "inspect",
+            "bridge",
+            "-f",
+            "{{(index .IPAM.Config 0).Gateway}}",
+        ]);
+        assert_eq!(code, 0, "{err}");
+        out.trim().to_string()
+    };
+    let (code, _, err) = h.docker(&["network", "create", "testnet"]);
+    assert_eq!(code, 0, "{err}");
+    for (rt, port) in RUNTIMES.into_iter().zip(["18080", "18081"]) {
+        // The default bridge, its gateway, and the address Docker gave.
+        let name = format!("web-{rt}");
+        let (code, _, err) = h.run(
+            rt,
+            &[
+                "-d",
+                "--name",
+                &name,
+                "-p",
+                &format!("{port}:80"),
+                BUSYBOX,
+                "sh",
+                "-c",
+                "mkdir /www && echo hello-from-web > /www/index.html && httpd -f -p 80 -h /www",
+            ],
+        );
+        assert_eq!(code, 0, "[{rt}] {err}\n{}", h.log_tail());
+        h.wait_for(&name, "{{.State.Running}}", "true", Duration::from_secs(60));
+        let ip = h.inspect(&name, "{{.NetworkSettings.IPAddress}}");
+        let (code, out, _) = h.docker(&["exec", &name, "ip", "-4", "-o", "addr", "show", "eth0"]);
+        assert_eq!(code, 0, "[{rt}]");
+        assert!(out.contains(&format!("{ip}/")), "[{rt}] {ip} not in {out}");
+        let out = h.run_ok(rt, &[BUSYBOX, "ping", "-c", "1", "-W", "10", &gateway]);
+        assert!(out.contains("1 packets received"), "[{rt}] {out}");
+
+        // A published port answers on the host.
+        let url = format!("http://127.0.0.1:{port}/index.html");
+        let mut answered = String::new();
+        for _ in 0..100 {
+            let (code, out, _) = h.in_netns("wget", &["-q", "-T", "5", "-O", "-", &url]);
+            if code == 0 {
+                answered = out;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        assert_eq!(
+            answered.trim(),
+            "hello-from-web",
+            "[{rt}] {url}\n{}",
+            h.log_tail()
+        );
+
+        // --network none: loopback only.
+        let out = h.run_ok(rt, &["--network", "none", BUSYBOX, "ip", "-o", "link"]);
+        assert!(!out.contains("eth0"), "[{rt}] {out}");
+        assert!(out.contains("lo:"), "[{rt}] {out}");
+
+        // A user-defined network: containers reach each other by name
+        // through Docker's embedded DNS.
+        let server = format!("server-{rt}");
+        let (code, _, err) = h.run(
+            rt,
+            &[
+                "-d",
+                "--name",
+                &server,
+                "--network",
+                "testnet",
+                BUSYBOX,
+                "sh",
+                "-c",
+                "mkdir /www && echo hello-by-name > /www/index.html && httpd -f -p 80 -h /www",
+            ],
+        );
+        assert_eq!(code, 0, "[{rt}] {err}");
+        h.wait_for(
+            &server,
+            "{{.State.Running}}",
+            "true",
+            Duration::from_secs(60),
+        );
+        let out = h.run_ok(
+            rt,
+            &[
+                "--network",
+                "testnet",
+                BUSYBOX,
+                "sh",
+                "-c",
+                &format!(
+                    "for i in $(seq 50); do wget -q -T 5 -O - http://{server}/index.html && exit 0; sleep 0.2; done; exit 1"
+                ),
+            ],
+        );
+        assert_eq!(out.trim(), "hello-by-name", "[{rt}]");
+        for n in [&name, &server] {
+            let (code, _, err) = h.docker(&["rm", "-f", n]);
+            assert_eq!(code, 0, "[{rt}] {err}");
+        }
+    }
+    h.assert_clean();
+    let (code, _, err) = h.docker(&["network", "rm", "testnet"]);
+    assert_eq!(code, 0, "{err}");
+}
+
+#[test]
+fn memory_and_cpus_size_the_container() {
+    let h = DockerHarness::start();
+    for rt in RUNTIMES {
+        let out = h.run_ok(
+            rt,
+            &[
+                "--memory",
+                "256m",
+                "--cpus",
+                "2",
+                BUSYBOX,
+                "sh",
+                "-c",
+                "cat /sys/fs/cgroup/memory.max /sys/fs/cgroup/cpu.max; nproc; \
+                 grep MemTotal /proc/meminfo",
+            ],
+        );
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines[0], "268435456", "[{rt}] {out}");
+        assert!(lines[1].starts_with("200000 "), "[{rt}] {out}");
+        if rt == CAPSID {
+            // The VM itself is sized from the limits: 2 vCPUs, and RAM
+            // for the limit plus the guest's own headroom, not the host's.
+            assert_eq!(lines[2], "2", "[{rt}] {out}");
+            let kib: u64 = lines[3].split_whitespace().nth(1).unwrap().parse().unwrap();
+            assert!((256 * 1024..1024 * 1024).contains(&kib), "[{rt}] {out}");
+        }
+        // A limit below the VM's minimum still runs: the VM gets its
+        // minimum, the container its limit.
+        let out = h.run_ok(
+            rt,
+            &[
+                "--memory",
+                "16m",
+                BUSYBOX,
+                "cat",
+                "/sys/fs/cgroup/memory.max",
+            ],
+        );
+        assert_eq!(out.trim(), "16777216", "[{rt}]");
+
+        // Going over the limit is an OOM kill Docker reports.
+        let name = format!("oom-{rt}");
+        let (code, _, _) = h.run(
+            rt,
+            &[
+                "--name",
+                &name,
+                "--memory",
+                "32m",
+                "--memory-swap",
+                "32m",
+                BUSYBOX,
+                "sh",
+                "-c",
+                "a=xxxxxxxxxxxxxxxx; while :; do a=$a$a; done",
+            ],
+        );
+        assert_eq!(code, 137, "[{rt}]");
+        assert_eq!(h.inspect(&name, "{{.State.OOMKilled}}"), "true", "[{rt}]");
+        let (code, _, err) = h.docker(&["rm", &name]);
+        assert_eq!(code, 0, "[{rt}] {err}");
+    }
+    h.assert_clean();
+}
+
+#[test]
+fn bad_input_gets_dockers_error_and_leaves_nothing() {
+    let h = DockerHarness::start();
+    let mut reference = Vec::new();
+    for rt in RUNTIMES {
+        let cases: [&[&str]; 3] = [
+            &["--rm", BUSYBOX, "/no/such/program"],
+            &["--rm", "-u", "nosuchuser", BUSYBOX, "true"],
+            &["--rm", "--network", "host", BUSYBOX, "true"],
+        ];
+        let mut codes = Vec::new();
+        for args in cases {
+            let (code, out, err) = h.run(rt, args);
+            let line = err
+                .lines()
+                .find(|l| l.starts_with("docker: Error response"));
+            codes.push(code);
+            if rt == CAPSID && args.contains(&"host") {
+                // Host networking is what a VM cannot give.
+                assert_eq!(code, 125, "[{rt}] {args:?}: {out}{err}");
+                assert!(
+                    line.is_some_and(|l| l.contains("host's network namespace")),
+                    "[{rt}] {err}"
+                );
+                continue;
+            }
+            if !args.contains(&"host") {
+                assert_ne!(code, 0, "[{rt}] {args:?}: {out}{err}");
+                assert!(line.is_some(), "[{rt}] {args:?}: no error line in {err:?}");
+            }
+        }
+        if rt == RUNTIMES[0] {
+            reference = codes;
+        } else {
+            assert_eq!(codes[..2], reference[..2], "exit codes differ from runc's");
+        }
+    }
+    let (code, _, err) = h.docker(&[
+        "run",
+        "--rm",
+        "--runtime",
+        "io.containerd.capsid-nosuch.v2",
+        BUSYBOX,
+        "true",
+    ]);
+    assert_eq!(code, 125, "{err}");
+    assert!(err.contains("capsid-nosuch"), "{err}");
+    let (code, _, err) = h.docker(&[
+        "run",
+        "--rm",
+        "--runtime",
+        "capsid-missing-config",
+        BUSYBOX,
+        "true",
+    ]);
+    assert_eq!(code, 125, "{err}");
+    assert!(err.contains("no-such-config.toml"), "{err}");
+    h.assert_clean();
+}
+
+/// Waits until `docker logs NAME` contains `text`.
+fn wait_log(h: &DockerHarness, name: &str, text: &str) {
+    for _ in 0..300 {
+        let (_, out, _) = h.docker(&["logs", name]);
+        if out.contains(text) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (_, out, err) = h.docker(&["logs", name]);
+    panic!(
+        "{name}: {text:?} not in its logs:\n{out}{err}\n{}",
+        h.log_tail()
+    );
+}
