@@ -11,6 +11,7 @@
 //! runtime helper (`runtime.rs`).
 
 mod container;
+mod dns_relay;
 mod host;
 mod lock;
 mod mount;

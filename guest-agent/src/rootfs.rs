@@ -23,6 +23,10 @@ pub enum RootfsError {
     /// The rootfs description is unusable.
     #[error("invalid rootfs: {0}")]
     Invalid(String),
+    /// The process's program is not in the container (worded as Go's exec
+    /// words it, which Docker turns into exit status 127 as with runc).
+    #[error("{0}")]
+    ProgramNotFound(String),
     /// A directory or file could not be made.
     #[error("cannot write {path}")]
     Write {
@@ -335,9 +339,15 @@ fn resolve_in(rootfs: &Path, path: &Path) -> Option<PathBuf> {
 /// Checks that the program a process would run is something the kernel
 /// can execute (ELF or `#!` script). The runtime's exec would otherwise
 /// fall back to running the file with /bin/sh, as execvp does, and turn an
-/// "exec format error" into a confusing shell message. A program that
-/// cannot be found is left for the runtime to report.
-pub fn check_executable(rootfs: &Path, program: &str, path_env: &str) -> Result<()> {
+/// "exec format error" into a confusing shell message. A program found
+/// nowhere is refused, unless it may be on one of `mount_points` (the
+/// spec's mounts, not in place yet): then the runtime has the last word.
+pub fn check_executable(
+    rootfs: &Path,
+    program: &str,
+    path_env: &str,
+    mount_points: &[PathBuf],
+) -> Result<()> {
     let candidates: Vec<PathBuf> = if program.contains('/') {
         vec![PathBuf::from(program)]
     } else {
@@ -347,7 +357,15 @@ pub fn check_executable(rootfs: &Path, program: &str, path_env: &str) -> Result<
             .map(|d| Path::new(d).join(program))
             .collect()
     };
+    let mut maybe_on_a_mount = false;
     for candidate in candidates {
+        if mount_points
+            .iter()
+            .any(|m| m != Path::new("/") && candidate.starts_with(m))
+        {
+            maybe_on_a_mount = true;
+            continue;
+        }
         let Some(host) = resolve_in(rootfs, &candidate) else {
             continue;
         };
@@ -365,7 +383,14 @@ pub fn check_executable(rootfs: &Path, program: &str, path_env: &str) -> Result<
             "exec format error: {program} is neither an ELF binary nor a #! script"
         )));
     }
-    Ok(())
+    if maybe_on_a_mount {
+        return Ok(());
+    }
+    Err(RootfsError::ProgramNotFound(if program.contains('/') {
+        format!("exec: {program:?}: stat {program}: no such file or directory")
+    } else {
+        format!("exec: {program:?}: executable file not found in $PATH")
+    }))
 }
 
 #[cfg(test)]
@@ -382,14 +407,25 @@ mod tests {
         fs::write(bin.join("junk"), b"\x00\x01junk").unwrap();
         std::os::unix::fs::symlink("prog", bin.join("link")).unwrap();
         std::os::unix::fs::symlink("/bin/junk", bin.join("abs")).unwrap();
-        for ok in ["prog", "script", "link", "/bin/prog", "missing"] {
+        for ok in ["prog", "script", "link", "/bin/prog"] {
             assert!(
-                check_executable(dir.path(), ok, "/usr/bin:/bin").is_ok(),
+                check_executable(dir.path(), ok, "/usr/bin:/bin", &[]).is_ok(),
                 "{ok}"
             );
         }
+        let e = check_executable(dir.path(), "missing", "/usr/bin:/bin", &[]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "exec: \"missing\": executable file not found in $PATH"
+        );
+        let e = check_executable(dir.path(), "/opt/x", "/bin", &[]).unwrap_err();
+        assert!(e.to_string().ends_with("no such file or directory"), "{e}");
+        // On a mount that is not in place yet: the runtime decides.
+        let mounts = [PathBuf::from("/opt")];
+        assert!(check_executable(dir.path(), "/opt/x", "/bin", &mounts).is_ok());
+        assert!(check_executable(dir.path(), "x", "/opt:/bin", &mounts).is_ok());
         for bad in ["junk", "/bin/junk", "abs"] {
-            let e = check_executable(dir.path(), bad, "/bin")
+            let e = check_executable(dir.path(), bad, "/bin", &[])
                 .unwrap_err()
                 .to_string();
             assert!(e.contains("exec format error"), "{bad}: {e}");

@@ -98,6 +98,7 @@ impl AgentService for Service {
             dns_servers: req.dns_servers,
             dns_search: req.dns_search,
             dns_options: req.dns_options,
+            dns_relay_port: req.dns_relay_port,
         };
         let pid = self.containers.create(create).await.map_err(status)?;
         let mut r = CreateContainerResponse::new();

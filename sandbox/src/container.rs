@@ -121,6 +121,7 @@ impl PreparedExec {
 fn create_request(
     spec: &ContainerSpec<'_>,
     pending: &PendingStreams,
+    dns_relay_port: u32,
 ) -> Result<CreateContainerRequest> {
     let mut req = CreateContainerRequest::new();
     req.container_id = spec.id.into();
@@ -144,6 +145,7 @@ fn create_request(
         req.dns_servers = dns.servers.clone();
         req.dns_search = dns.search.clone();
         req.dns_options = dns.options.clone();
+        req.dns_relay_port = dns_relay_port;
     }
     Ok(req)
 }
@@ -155,7 +157,7 @@ impl Sandbox {
         let pending = self
             .bind_streams(spec.streams)
             .map_err(ContainerError::Bind)?;
-        let req = create_request(&spec, &pending)?;
+        let req = create_request(&spec, &pending, self.dns_relay_port())?;
         let (pid, streams) = self
             .until_vm_exit(with_streams(pending, self.agent().create_container(&req)))
             .await?;
@@ -297,7 +299,7 @@ mod tests {
                 terminal: false,
             },
         };
-        let req = create_request(&spec, &pending).unwrap();
+        let req = create_request(&spec, &pending, 0).unwrap();
         assert_eq!(req.container_id, "c1");
         let sent: Spec = serde_json::from_slice(&req.oci_spec_json).unwrap();
         assert_eq!(sent, oci);
@@ -345,7 +347,7 @@ mod tests {
                 terminal: false,
             },
         };
-        let req = create_request(&spec, &pending).unwrap();
+        let req = create_request(&spec, &pending, 0).unwrap();
         assert!(req.dns_servers.is_empty() && req.dns_search.is_empty());
         assert!(!req.rootfs.as_ref().unwrap().readonly);
     }

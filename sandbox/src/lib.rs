@@ -14,6 +14,7 @@ pub mod check;
 pub mod cni;
 pub mod config;
 pub mod container;
+pub mod dns_relay;
 pub mod image;
 pub mod locate;
 pub mod netns;

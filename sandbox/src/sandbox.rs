@@ -110,6 +110,8 @@ pub struct Sandbox {
     _balloon_registration: Option<crate::balloon::registry::Registration>,
     /// Some disk is writable: the guest must flush it before the VM ends.
     writable_disks: bool,
+    /// The host end of the guest's DNS relay, once asked for.
+    dns_relay: Mutex<Option<crate::dns_relay::DnsRelay>>,
     /// Start-up timing.
     pub timings: StartTimings,
 }
@@ -223,6 +225,7 @@ impl Sandbox {
             ports: PortAllocator::default(),
             _balloon_registration: balloon_registration,
             writable_disks: opts.disks.iter().any(|d| !d.readonly),
+            dns_relay: Mutex::new(None),
             timings: StartTimings {
                 vm_spawned,
                 agent_connected,
@@ -253,6 +256,34 @@ impl Sandbox {
         boot_mac: &str,
     ) -> Result<()> {
         Ok(self.agent.configure_network_from(network, boot_mac).await?)
+    }
+
+    /// Relays the guest's DNS queries to the loopback resolvers of `dns`
+    /// (Docker's embedded DNS) inside `netns`, where only they can be
+    /// reached; containers created afterwards get the relay. Returns
+    /// whether `dns` has such resolvers. Idempotent.
+    pub fn relay_dns(
+        &self,
+        netns: &Path,
+        dns: &crate::network::GuestDns,
+    ) -> std::result::Result<bool, crate::dns_relay::DnsRelayError> {
+        let resolvers: Vec<std::net::IpAddr> =
+            dns.servers.iter().filter_map(|s| s.parse().ok()).collect();
+        let mut relay = self.dns_relay.lock().unwrap_or_else(|p| p.into_inner());
+        if relay.is_none() {
+            *relay = crate::dns_relay::DnsRelay::start(&self.vsock_path, netns, &resolvers)?;
+        }
+        Ok(relay.is_some())
+    }
+
+    /// The vsock port of the guest's DNS relay, 0 without one.
+    pub(crate) fn dns_relay_port(&self) -> u32 {
+        let relay = self.dns_relay.lock().unwrap_or_else(|p| p.into_inner());
+        if relay.is_some() {
+            crate::dns_relay::DNS_RELAY_PORT
+        } else {
+            0
+        }
     }
 
     /// The sandbox id.

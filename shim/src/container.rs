@@ -96,6 +96,9 @@ pub enum ContainerError {
     /// A hook failed.
     #[error(transparent)]
     Hook(#[from] crate::hooks::HookError),
+    /// The guest's DNS relay could not be set up.
+    #[error(transparent)]
+    DnsRelay(#[from] capsid_sandbox::dns_relay::DnsRelayError),
     /// The spec names a network namespace capsid cannot use.
     #[error(transparent)]
     BadNetns(NetworkError),

@@ -13,7 +13,7 @@ use capsid_sandbox::config::Config;
 use capsid_sandbox::container::{ContainerSpec, LayerDisk};
 use capsid_sandbox::image::RootfsCache;
 use capsid_sandbox::netns::NamedNetns;
-use capsid_sandbox::network::{own, tap_name_for, GuestDns, NetworkError, TapRecord};
+use capsid_sandbox::network::{own, tap_name_for, NetworkError, TapRecord};
 use capsid_sandbox::record::{HostRecord, RecordFile, Rollback};
 use capsid_sandbox::sandbox::{backend_for, Sandbox, SandboxOptions};
 use oci_spec::runtime::Spec;
@@ -53,7 +53,9 @@ pub struct Plan {
     /// Where the VM's NIC goes.
     pub network: NetMode,
     /// Resolver settings the spec carries as a host file.
-    pub dns: Option<GuestDns>,
+    /// The host file the spec binds on /etc/resolv.conf, read once the
+    /// create hooks ran (Docker writes it when its hook sets up the network).
+    pub resolv_conf: Option<PathBuf>,
     /// The spec's hooks, run on the host.
     pub hooks: HostHooks,
 }
@@ -77,7 +79,7 @@ impl Plan {
             NetMode::None | NetMode::Own => {}
         }
         // Read before adapt() drops the bind mount that carries it.
-        let dns = network::dns_from_spec(&spec);
+        let resolv_conf = network::resolv_conf_source(&spec);
         let (hooks, dropped) = HostHooks::take(&mut spec);
         for change in dropped.into_iter().chain(spec::adapt(&mut spec)?) {
             tracing::info!(container = %req.id, "{change}");
@@ -97,7 +99,7 @@ impl Plan {
             balloon_policy,
             source,
             network,
-            dns,
+            resolv_conf,
             hooks,
         })
     }
@@ -215,12 +217,24 @@ pub async fn make(req: &CreateRequest, plan: &Plan, config: &Config) -> Result<M
         .map_err(|e| ContainerError::Internal(format!("hook task: {e}")))??;
     }
 
-    let dns = plan.dns.clone().or_else(|| {
+    let from_spec = plan.resolv_conf.as_deref().and_then(network::dns_from_file);
+    let dns = from_spec.or_else(|| {
         attachment
             .as_ref()
             .map(|a| a.guest.dns.clone())
             .filter(|d| !d.is_empty())
     });
+    // Loopback resolvers (Docker's 127.0.0.11) live in the container's
+    // namespace on the host: the guest reaches them through a relay.
+    let netns = attachment
+        .as_ref()
+        .map(|a| a.netns.clone())
+        .or_else(|| late_network.as_ref().map(|l| l.netns.clone()));
+    if let (Some(dns), Some(netns)) = (&dns, &netns) {
+        if sandbox.relay_dns(netns, dns)? {
+            tracing::info!(container = %req.id, "DNS for loopback resolvers relayed to the host");
+        }
+    }
     let created = sandbox
         .create_container(ContainerSpec {
             id: &req.id,

@@ -86,20 +86,28 @@ pub async fn attach(tap: &TapRecord) -> Result<TapAttachment, NetworkError> {
         })?
 }
 
-/// Resolver settings the spec carries as a bind mount of a host file on
-/// /etc/resolv.conf (the CRI plugin's and nerdctl's way); the agent writes
-/// the guest's own file from them, since host files cannot be bound in.
-pub fn dns_from_spec(spec: &Spec) -> Option<GuestDns> {
-    let source = spec
-        .mounts()
+/// The host file the spec binds on /etc/resolv.conf (the CRI plugin's,
+/// Docker's and nerdctl's way of giving resolver settings).
+pub fn resolv_conf_source(spec: &Spec) -> Option<PathBuf> {
+    spec.mounts()
         .as_ref()?
         .iter()
         .find(|m| m.destination() == Path::new("/etc/resolv.conf"))?
         .source()
-        .clone()?;
-    let text = std::fs::read_to_string(&source).ok()?;
+        .clone()
+}
+
+/// Resolver settings from a resolv.conf on the host; the agent writes the
+/// guest's own file from them, since host files cannot be bound in.
+pub fn dns_from_file(path: &Path) -> Option<GuestDns> {
+    let text = std::fs::read_to_string(path).ok()?;
     let dns = GuestDns::parse_resolv_conf(&text);
     (!dns.is_empty()).then_some(dns)
+}
+
+/// [`dns_from_file`] of the spec's [`resolv_conf_source`].
+pub fn dns_from_spec(spec: &Spec) -> Option<GuestDns> {
+    dns_from_file(&resolv_conf_source(spec)?)
 }
 
 #[cfg(test)]

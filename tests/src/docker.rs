@@ -25,6 +25,8 @@ pub const CAPSID: &str = "capsid";
 pub const RUNTIMES: [&str; 2] = [RUNC, CAPSID];
 /// The busybox test image as Docker names it.
 pub const BUSYBOX: &str = "capsid/busybox:latest";
+/// busybox with capsid-guest-tool in /bin ([`DockerHarness::load_tools_image`]).
+pub const TOOLS: &str = "capsid/busybox-tools:latest";
 
 /// The unpacked Debian 13 clients (fetched on first use, then cached).
 pub fn clients_root() -> PathBuf {
@@ -173,6 +175,40 @@ impl DockerHarness {
         ]);
         assert_eq!(code, 0, "docker load: {out}{err}");
         me
+    }
+
+    /// Makes [`TOOLS`]: busybox plus this build's static capsid-guest-tool
+    /// (`resolve NAME` asks the container's nameserver directly, which
+    /// static busybox cannot), by `docker cp` into a created container and
+    /// `docker commit`.
+    pub fn load_tools_image(&self) {
+        let tool = repo_root().join("target/x86_64-unknown-linux-gnu/release/capsid-guest-tool");
+        assert!(
+            tool.exists(),
+            "{} is missing: run `make guest-tool`",
+            tool.display()
+        );
+        let steps: [Vec<String>; 4] = [
+            vec![
+                "create".into(),
+                "--name".into(),
+                "tools-base".into(),
+                BUSYBOX.into(),
+                "true".into(),
+            ],
+            vec![
+                "cp".into(),
+                tool.display().to_string(),
+                "tools-base:/bin/capsid-guest-tool".into(),
+            ],
+            vec!["commit".into(), "tools-base".into(), TOOLS.into()],
+            vec!["rm".into(), "tools-base".into()],
+        ];
+        for step in steps {
+            let args: Vec<&str> = step.iter().map(String::as_str).collect();
+            let (code, out, err) = self.docker(&args);
+            assert_eq!(code, 0, "docker {args:?}: {out}{err}");
+        }
     }
 
     /// A `docker` command talking to this dockerd, stdin from /dev/null.

@@ -32,6 +32,9 @@ pub struct CreateRequest {
     pub dns_search: Vec<String>,
     /// resolv.conf options.
     pub dns_options: Vec<String>,
+    /// Non-zero: the host's vsock port answering DNS for the loopback
+    /// servers ([`crate::dns_relay`]).
+    pub dns_relay_port: u32,
 }
 
 impl Containers {
@@ -99,6 +102,11 @@ impl Containers {
             &req.dns_options,
         )
         .map_err(|e| rootfs_error("writing /etc", e))?;
+        if req.dns_relay_port != 0 {
+            crate::dns_relay::ensure(&req.dns_servers, req.dns_relay_port)
+                .await
+                .map_err(|e| ContainerError::Runtime(crate::describe(&e)))?;
+        }
 
         let net_sysctls = adapt_spec(&mut spec, &dirs.rootfs, &req.id, req.stdio.terminal)?;
         check_program(&spec, &dirs.rootfs)?;
@@ -147,7 +155,20 @@ fn check_program(spec: &Spec, rootfs: &Path) -> Result<()> {
         .as_ref()
         .and_then(|env| env.iter().find_map(|kv| kv.strip_prefix("PATH=")))
         .unwrap_or("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
-    rootfs::check_executable(rootfs, program, path).map_err(ContainerError::NotExecutable)
+    let mount_points: Vec<PathBuf> = spec
+        .mounts()
+        .iter()
+        .flatten()
+        .map(|m| m.destination().clone())
+        .collect();
+    // A relative path with a slash is relative to the working directory.
+    let program = if program.contains('/') && !program.starts_with('/') {
+        process.cwd().join(program).display().to_string()
+    } else {
+        program.clone()
+    };
+    rootfs::check_executable(rootfs, &program, path, &mount_points)
+        .map_err(ContainerError::NotExecutable)
 }
 
 /// Makes the host's OCI spec fit the guest: the rootfs is the assembled

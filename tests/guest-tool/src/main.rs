@@ -5,6 +5,9 @@
 //! * `vsock-echo-server PORT NOTIFY_PORT`: listens on vsock PORT and echoes
 //!   every connection back; once listening it connects to the host's
 //!   NOTIFY_PORT and exits when the host closes that connection.
+//! * `resolve NAME`: asks the first nameserver of /etc/resolv.conf for
+//!   NAME's IPv4 address (a plain DNS query over UDP: static binaries
+//!   cannot use glibc's NSS) and prints it.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -125,9 +128,11 @@ fn main() -> ExitCode {
     let result = match (args.first().map(String::as_str), port(1), port(2)) {
         (Some("vsock-connect"), Some(p), _) => cmd_connect(p),
         (Some("vsock-echo-server"), Some(p), Some(n)) => cmd_echo_server(p, n),
+        (Some("resolve"), _, _) if args.len() == 2 => cmd_resolve(&args[1]),
         _ => {
             eprintln!(
-                "usage: capsid-guest-tool vsock-connect PORT | vsock-echo-server PORT NOTIFY_PORT"
+                "usage: capsid-guest-tool vsock-connect PORT | vsock-echo-server PORT NOTIFY_PORT \
+                 | resolve NAME"
             );
             return ExitCode::from(2);
         }
@@ -139,4 +144,65 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Resolves `name` to an IPv4 address with one DNS query.
+fn cmd_resolve(name: &str) -> std::io::Result<()> {
+    let conf = std::fs::read_to_string("/etc/resolv.conf")?;
+    let server = conf
+        .lines()
+        .find_map(|l| l.strip_prefix("nameserver"))
+        .map(str::trim)
+        .ok_or_else(|| std::io::Error::other("no nameserver in /etc/resolv.conf"))?;
+    let mut query = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in name.trim_end_matches('.').split('.') {
+        query.push(label.len() as u8);
+        query.extend_from_slice(label.as_bytes());
+    }
+    query.extend_from_slice(&[0, 0, 1, 0, 1]);
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    socket.set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
+    let mut reply = [0u8; 1500];
+    let mut n = 0;
+    for _ in 0..3 {
+        socket.send_to(&query, (server, 53))?;
+        if let Ok((got, _)) = socket.recv_from(&mut reply) {
+            n = got;
+            break;
+        }
+    }
+    let reply = &reply[..n];
+    let bad = || std::io::Error::other(format!("no A record for {name} from {server}"));
+    if n < 12 || reply[0..2] != [0x12, 0x34] {
+        return Err(bad());
+    }
+    let answers = u16::from_be_bytes([reply[6], reply[7]]);
+    // Skip the header and the question (its name, type, class).
+    let mut at = 12;
+    while *reply.get(at).ok_or_else(bad)? != 0 {
+        at += usize::from(reply[at]) + 1;
+    }
+    at += 5;
+    for _ in 0..answers {
+        // The answer's name: a pointer, or labels.
+        if reply.get(at).ok_or_else(bad)? & 0xc0 == 0xc0 {
+            at += 2;
+        } else {
+            while *reply.get(at).ok_or_else(bad)? != 0 {
+                at += usize::from(reply[at]) + 1;
+            }
+            at += 1;
+        }
+        let field = reply.get(at..at + 10).ok_or_else(bad)?;
+        let kind = u16::from_be_bytes([field[0], field[1]]);
+        let len = usize::from(u16::from_be_bytes([field[8], field[9]]));
+        at += 10;
+        let data = reply.get(at..at + len).ok_or_else(bad)?;
+        if kind == 1 && len == 4 {
+            println!("{}.{}.{}.{}", data[0], data[1], data[2], data[3]);
+            return Ok(());
+        }
+        at += len;
+    }
+    Err(bad())
 }

@@ -1,0 +1,218 @@
+//! The host's end of the guest's DNS relay (see the agent's `dns_relay`):
+//! resolvers on loopback addresses of the container's network namespace
+//! (Docker's embedded DNS at 127.0.0.11, served in that namespace through
+//! NAT rules dockerd made there) cannot be reached from the VM, so the
+//! guest sends each query over vsock, and the host asks the resolver from
+//! a socket made inside the namespace.
+//!
+//! The guest is not trusted: at most [`MAX_CONNECTIONS`] relays run at
+//! once, each query waits at most [`QUERY_TIMEOUT`] for its frame and its
+//! answer, and only the namespace's own loopback resolvers are asked.
+
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Semaphore;
+
+/// The guest-to-host vsock port of the relay.
+pub const DNS_RELAY_PORT: u32 = 1053;
+/// Connections served at once; the guest's further connections wait.
+pub const MAX_CONNECTIONS: usize = 64;
+/// How long one query may take.
+pub const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Errors starting the relay.
+#[derive(Debug, thiserror::Error)]
+pub enum DnsRelayError {
+    /// The vsock listener could not be made.
+    #[error("cannot listen on {}", path.display())]
+    Listen {
+        /// Its socket path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The network namespace cannot be opened.
+    #[error("cannot open network namespace {}", path.display())]
+    Netns {
+        /// The namespace.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A running relay; stops (and removes its socket) when dropped.
+#[derive(Debug)]
+pub struct DnsRelay {
+    task: tokio::task::JoinHandle<()>,
+    path: PathBuf,
+}
+
+impl DnsRelay {
+    /// Listens on the guest's vsock port [`DNS_RELAY_PORT`] (the socket
+    /// `VSOCK_PATH_1053`) and relays to the first of `resolvers` (loopback
+    /// addresses, port 53) inside `netns`.
+    pub fn start(
+        vsock_path: &Path,
+        netns: &Path,
+        resolvers: &[IpAddr],
+    ) -> Result<Option<Self>, DnsRelayError> {
+        let Some(resolver) = resolvers.iter().copied().find(IpAddr::is_loopback) else {
+            return Ok(None);
+        };
+        let netns_file = std::fs::File::open(netns).map_err(|source| DnsRelayError::Netns {
+            path: netns.to_owned(),
+            source,
+        })?;
+        let path = PathBuf::from(format!("{}_{DNS_RELAY_PORT}", vsock_path.display()));
+        let listener = UnixListener::bind(&path).map_err(|source| DnsRelayError::Listen {
+            path: path.clone(),
+            source,
+        })?;
+        let upstream = SocketAddr::new(resolver, 53);
+        let netns_file = Arc::new(netns_file);
+        let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let Ok(permit) = limit.clone().acquire_owned().await else {
+                    return;
+                };
+                let netns_file = netns_file.clone();
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    let relayed =
+                        tokio::time::timeout(QUERY_TIMEOUT, relay(stream, &netns_file, upstream))
+                            .await;
+                    match relayed {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => tracing::debug!(error = %e, "DNS relay: query failed"),
+                        Err(_) => tracing::debug!("DNS relay: query timed out"),
+                    }
+                });
+            }
+        });
+        tracing::info!(%upstream, socket = %path.display(), "DNS relay for the guest");
+        Ok(Some(Self { task, path }))
+    }
+}
+
+impl Drop for DnsRelay {
+    fn drop(&mut self) {
+        self.task.abort();
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// One framed query from the guest, asked of `upstream` in the namespace.
+async fn relay(
+    mut guest: UnixStream,
+    netns: &Arc<std::fs::File>,
+    upstream: SocketAddr,
+) -> std::io::Result<()> {
+    let mut len = [0u8; 2];
+    guest.read_exact(&mut len).await?;
+    let mut query = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    guest.read_exact(&mut query).await?;
+    let socket = udp_socket_in(netns.clone(), upstream).await?;
+    socket.send(&query).await?;
+    let mut reply = vec![0u8; 65535];
+    let n = socket.recv(&mut reply).await?;
+    let n16 = u16::try_from(n).map_err(|_| std::io::Error::other("reply too long"))?;
+    guest.write_all(&n16.to_be_bytes()).await?;
+    guest.write_all(&reply[..n]).await?;
+    guest.flush().await
+}
+
+/// A UDP socket made inside the namespace and connected to `upstream`.
+/// Made on a thread of its own, which enters the namespace and ends: a
+/// socket keeps the namespace it was made in, and no thread of the
+/// runtime changes namespace.
+async fn udp_socket_in(
+    netns: Arc<std::fs::File>,
+    upstream: SocketAddr,
+) -> std::io::Result<tokio::net::UdpSocket> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let made = (|| -> std::io::Result<std::net::UdpSocket> {
+            nix::sched::setns(netns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(std::io::Error::from)?;
+            let bind: SocketAddr = match upstream {
+                SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
+                SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], 0)),
+            };
+            let socket = std::net::UdpSocket::bind(bind)?;
+            socket.connect(upstream)?;
+            socket.set_nonblocking(true)?;
+            Ok(socket)
+        })();
+        let _ = tx.send(made);
+    });
+    let socket = rx
+        .await
+        .map_err(|_| std::io::Error::other("the namespace thread ended"))??;
+    tokio::net::UdpSocket::from_std(socket)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn queries_reach_a_loopback_resolver_in_the_namespace() {
+        // The test's own namespace stands in for the container's: a fake
+        // resolver on 127.0.0.1 echoes each query reversed.
+        let resolver = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = resolver.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            while let Ok((n, peer)) = resolver.recv_from(&mut buf) {
+                let mut answer = buf[..n].to_vec();
+                answer.reverse();
+                let _ = resolver.send_to(&answer, peer);
+            }
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let vsock = dir.path().join("vsock.sock");
+        // Port 53 is the relay's; the test resolver has another port, so
+        // drive relay() directly after checking start()'s choices.
+        assert!(DnsRelay::start(
+            &vsock,
+            Path::new("/proc/self/ns/net"),
+            &["10.0.0.1".parse().unwrap()]
+        )
+        .unwrap()
+        .is_none());
+        let relay_handle = DnsRelay::start(
+            &vsock,
+            Path::new("/proc/self/ns/net"),
+            &["127.0.0.11".parse().unwrap()],
+        )
+        .unwrap()
+        .unwrap();
+        assert!(dir.path().join("vsock.sock_1053").exists());
+        drop(relay_handle);
+        assert!(!dir.path().join("vsock.sock_1053").exists());
+
+        let (mut guest, host) = UnixStream::pair().unwrap();
+        let netns = Arc::new(std::fs::File::open("/proc/self/ns/net").unwrap());
+        let upstream = SocketAddr::from(([127, 0, 0, 1], port));
+        let served = tokio::spawn(async move { relay(host, &netns, upstream).await });
+        guest.write_all(&[0, 3]).await.unwrap();
+        guest.write_all(b"abc").await.unwrap();
+        let mut reply = Vec::new();
+        guest.read_to_end(&mut reply).await.unwrap();
+        assert_eq!(reply, [0, 3, b'c', b'b', b'a']);
+        served.await.unwrap().unwrap();
+    }
+}
