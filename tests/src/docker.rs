@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::containerd::{Containerd, ContainerdSetup};
-use crate::shim::{cmdline, processes_with, write_capsid_config};
+use crate::shim::{cmdline, processes_with, state_leftovers, write_capsid_config};
 use crate::{artifact, bin, repo_root, run};
 
 /// The reference runtime (Docker's own default).
@@ -337,24 +337,7 @@ impl DockerHarness {
                 found.push(format!("mount {m}"));
             }
         }
-        for entry in std::fs::read_dir(self.state_dir())
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name == ".netns" {
-                for ns in std::fs::read_dir(entry.path())
-                    .into_iter()
-                    .flatten()
-                    .flatten()
-                {
-                    found.push(format!("network namespace {}", ns.path().display()));
-                }
-            } else if !name.starts_with('.') {
-                found.push(format!("run dir {}", entry.path().display()));
-            }
-        }
+        found.extend(state_leftovers(&self.state_dir()));
         found
     }
 

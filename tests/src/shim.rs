@@ -41,6 +41,27 @@ pub fn write_capsid_config(dir: &Path) -> PathBuf {
     config
 }
 
+/// What sandboxes left in capsid's state directory: run directories, and
+/// the network namespaces pinned under `.netns` (the directory itself may
+/// stay).
+pub fn state_leftovers(state_dir: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(state_dir).into_iter().flatten().flatten() {
+        if entry.file_name() == ".netns" {
+            for ns in std::fs::read_dir(entry.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                found.push(format!("network namespace {}", ns.path().display()));
+            }
+        } else {
+            found.push(format!("run dir {}", entry.path().display()));
+        }
+    }
+    found
+}
+
 /// A private containerd set up for capsid's shim.
 #[derive(Debug)]
 pub struct ShimHarness {
@@ -206,13 +227,7 @@ impl ShimHarness {
                 found.push(format!("mount {m}"));
             }
         }
-        for entry in std::fs::read_dir(self.state_dir())
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            found.push(format!("run dir {}", entry.path().display()));
-        }
+        found.extend(state_leftovers(&self.state_dir()));
         for entry in std::fs::read_dir(self.cache_dir().join("images"))
             .into_iter()
             .flatten()
