@@ -21,7 +21,7 @@ APT_PACKAGES := build-essential pkg-config python3 cpio xz-utils \
 	containerd runc iproute2 containernetworking-plugins iptables nftables util-linux \
 	fonts-dejavu-core
 
-.PHONY: all deps kernel agent guest-tool initramfs images assets build release lint test fuzz install demo clean
+.PHONY: all deps kernel agent guest-tool initramfs images assets build release lint test fuzz install demo clean clients
 
 all: build assets
 
@@ -71,8 +71,19 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 
-test: deps lint build assets guest-tool
+# Docker Engine 26.1, containerd 1.7 (Debian 13) and containerd 2.x (Debian
+# unstable), unpacked under /var/cache/capsid/clients, never installed.
+clients:
+	bash contrib/clients/fetch.sh trixie
+
+# The ctr suites run again against containerd 1.7 (the default run uses the
+# system's 1.6).
+CTR_SUITES := --test shim_tasks --test shim_faults --test net_containerd
+
+test: deps lint build assets guest-tool clients
 	$(CARGO) test --locked --workspace --no-fail-fast
+	CAPSID_TEST_CONTAINERD_DIR=$$(bash contrib/clients/fetch.sh trixie)/usr/bin \
+		$(CARGO) test --locked -p capsid-tests --no-fail-fast $(CTR_SUITES)
 	$(MAKE) fuzz
 
 # Each target runs for a bounded time from the small corpus kept in
