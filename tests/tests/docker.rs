@@ -101,6 +101,26 @@ fn a_container_runs_with_the_options_people_use() {
         );
         assert_eq!((code, out.trim()), (0, "12"), "[{rt}] {err}");
 
+        // Another container's pid namespace names a host process's: under
+        // capsid the container gets its own in its VM (it still runs).
+        let peer = format!("peer-{rt}");
+        let (code, _, err) = h.run(rt, &["-d", "--name", &peer, BUSYBOX, "sleep", "1000"]);
+        assert_eq!(code, 0, "[{rt}] {err}");
+        h.wait_for(&peer, "{{.State.Running}}", "true", Duration::from_secs(60));
+        let out = h.run_ok(
+            rt,
+            &[
+                "--pid",
+                &format!("container:{peer}"),
+                BUSYBOX,
+                "echo",
+                "joined",
+            ],
+        );
+        assert_eq!(out.trim(), "joined", "[{rt}]");
+        let (code, _, err) = h.docker(&["rm", "-f", &peer]);
+        assert_eq!(code, 0, "[{rt}] {err}");
+
         // -t: the process has a terminal.
         let out = h.run_ok(
             rt,

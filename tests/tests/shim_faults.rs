@@ -20,7 +20,9 @@ fn bad_input_fails_create_with_one_clear_error() {
     let text = text.replace("vmlinux\"", "vmlinux-missing\"");
     std::fs::write(&bad_kernel, text).unwrap();
     let bad_kernel = bad_kernel.display().to_string();
-    let cases: [(&str, Vec<&str>, &str); 5] = [
+    // The test's own network namespace is the host's.
+    let host_netns = format!("network:/proc/{}/ns/net", std::process::id());
+    let cases: [(&str, Vec<&str>, &str); 7] = [
         (
             "b1",
             vec!["--annotation", "io.capsid.vcpus=lots"],
@@ -46,6 +48,16 @@ fn bad_input_fails_create_with_one_clear_error() {
             vec!["--annotation", "io.capsid.vcpus=99"],
             "annotation io.capsid.vcpus=\"99\": must be between 1 and 32",
         ),
+        (
+            "b6",
+            vec!["--with-ns", &host_netns],
+            "this is the host's own network namespace",
+        ),
+        (
+            "b7",
+            vec!["--net-host"],
+            "asks for the host's network namespace",
+        ),
     ];
     for (id, flags, expected) in &cases {
         let mut all = vec!["--rm"];
@@ -56,7 +68,18 @@ fn bad_input_fails_create_with_one_clear_error() {
         assert_eq!(errors.len(), 1, "{id}: {err}");
         assert!(errors[0].contains(expected), "{id}: {err}");
     }
-    let ids: Vec<&str> = cases.iter().map(|c| c.0).collect();
+    // A rootfs that is the host's own root (`ctr run --rootfs /`).
+    let (code, out, err) =
+        capsid_tests::run(&mut h.run_cmd(&["--rm", "--rootfs"], "/", "b8", &["true"]));
+    assert_ne!(code, 0, "b8 ran: {out}");
+    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("ctr: ")).collect();
+    assert_eq!(errors.len(), 1, "b8: {err}");
+    assert!(
+        errors[0].contains("root path / is part of the host's own file system"),
+        "b8: {err}"
+    );
+    let mut ids: Vec<&str> = cases.iter().map(|c| c.0).collect();
+    ids.push("b8");
     h.assert_clean(&ids);
     let (_, out, _) = h.ctr(&["container", "ls", "-q"]);
     assert_eq!(out.trim(), "", "containers left: {out}");
