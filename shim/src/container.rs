@@ -26,7 +26,7 @@ use tokio::task::JoinHandle;
 use crate::create::{self, LateNetwork, Plan};
 use crate::events::Events;
 use crate::hooks::{self, HostHooks};
-use crate::io::{IoError, ProcessIo, StdioPaths};
+use crate::io::{IoError, LogOwner, ProcessIo, StdioPaths};
 use crate::process::{ExitInfo, Process, Status};
 use crate::rootfs::{RootfsDisk, RootfsError};
 use crate::sizing::{self, SizingError, VmSize};
@@ -151,6 +151,8 @@ pub struct Container {
     late_network: Mutex<Option<LateNetwork>>,
     /// The spec's poststart and poststop hooks, run on the host.
     hooks: HostHooks,
+    /// Whose output `binary://` loggers of execs get.
+    log_owner: LogOwner,
     config: Config,
     events: Events,
     background: Mutex<Vec<JoinHandle<()>>>,
@@ -186,6 +188,10 @@ impl Container {
             record: Mutex::new(Some(made.record)),
             late_network: Mutex::new(made.late_network),
             hooks: plan.hooks,
+            log_owner: LogOwner {
+                id: req.id.clone(),
+                namespace: req.namespace.clone(),
+            },
             config,
             events,
             background: Mutex::new(Vec::new()),
@@ -270,7 +276,7 @@ impl Container {
         tracing::debug!(container = %self.id, exec_id, guest_pid, "exec started");
         let pid = self.init.pid();
         process.set_pid(pid);
-        process.set_io(ProcessIo::connect(&process.stdio, streams).await?);
+        process.set_io(ProcessIo::connect(&process.stdio, streams, &self.log_owner).await?);
         process.set_started();
         self.watch(process);
         Ok(pid)

@@ -21,7 +21,7 @@ use oci_spec::runtime::Spec;
 use crate::cleanup;
 use crate::container::{ContainerError, CreateRequest, Result};
 use crate::hooks::{self, HostHooks};
-use crate::io::ProcessIo;
+use crate::io::{LogOwner, ProcessIo};
 use crate::network::{self, NetMode};
 use crate::rootfs::{self, RootfsDisk, RootfsSource};
 use crate::sizing::{self, VmSize};
@@ -244,7 +244,11 @@ pub async fn make(req: &CreateRequest, plan: &Plan, config: &Config) -> Result<M
             streams: req.stdio.wanted(),
         })
         .await?;
-    let io = ProcessIo::connect(&req.stdio, created.streams).await?;
+    let owner = LogOwner {
+        id: req.id.clone(),
+        namespace: req.namespace.clone(),
+    };
+    let io = ProcessIo::connect(&req.stdio, created.streams, &owner).await?;
     let record = rollback
         .commit()
         .ok_or_else(|| ContainerError::Internal("the sandbox record is gone".into()))?;

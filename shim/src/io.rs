@@ -1,5 +1,6 @@
-//! A process's stdio on the host: containerd's FIFOs (or `file://` log
-//! URIs) joined to the agent's vsock streams.
+//! A process's stdio on the host: containerd's FIFOs (or `file://` and
+//! `binary://` log URIs, see [`crate::binlog`]) joined to the agent's vsock
+//! streams.
 //!
 //! Output FIFOs are opened read-write, as the runc shim does, so that a
 //! client that went away causes no EPIPE. The stdin FIFO is opened for
@@ -13,6 +14,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use capsid_sandbox::stdio::{Streams, StreamsWanted};
+
+use crate::binlog::{self, BinaryUri, Logger};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::unix::pipe;
 use tokio::net::UnixStream;
@@ -26,8 +29,11 @@ const COPY_BUFFER: usize = 64 << 10;
 #[derive(Debug, thiserror::Error)]
 pub enum IoError {
     /// A URI scheme the shim does not handle.
-    #[error("unsupported stdio URI {0:?} (capsid takes FIFO paths and file:// URIs)")]
+    #[error("unsupported stdio URI {0:?} (capsid takes FIFO paths, file:// and binary:// URIs)")]
     Unsupported(String),
+    /// A `binary://` logger is unusable.
+    #[error(transparent)]
+    Binlog(#[from] crate::binlog::BinlogError),
     /// A FIFO or file cannot be opened.
     #[error("cannot open {what} {}", path.display())]
     Open {
@@ -64,11 +70,16 @@ enum Target {
     Path(PathBuf),
     /// A file written in append mode (`file:///path`).
     File(PathBuf),
+    /// A logger program (`binary:///path?args`).
+    Binary(BinaryUri),
 }
 
 fn target(uri: &str) -> Result<Option<Target>> {
     if uri.is_empty() {
         return Ok(None);
+    }
+    if let Some(binary) = BinaryUri::parse(uri) {
+        return Ok(Some(Target::Binary(binary?)));
     }
     if let Some(path) = uri.strip_prefix("file://") {
         return Ok(Some(Target::File(PathBuf::from(path))));
@@ -101,10 +112,20 @@ impl StdioPaths {
     }
 }
 
+/// Whose output a logger program gets (its environment).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LogOwner {
+    /// The container id (`CONTAINER_ID`).
+    pub id: String,
+    /// The containerd namespace (`CONTAINER_NAMESPACE`).
+    pub namespace: String,
+}
+
 /// The copying of one process's streams.
 #[derive(Debug)]
 pub struct ProcessIo {
     stdin_fifo: Option<PathBuf>,
+    loggers: Mutex<Vec<Logger>>,
     close_stdin: Mutex<Option<oneshot::Sender<()>>>,
     stdin_task: Mutex<Option<JoinHandle<()>>>,
     outputs: Mutex<Vec<JoinHandle<()>>>,
@@ -113,15 +134,39 @@ pub struct ProcessIo {
 impl ProcessIo {
     /// Opens the process's FIFOs and starts copying between them and the
     /// agent's `streams`.
-    pub async fn connect(paths: &StdioPaths, streams: Streams) -> Result<Self> {
+    pub async fn connect(paths: &StdioPaths, streams: Streams, owner: &LogOwner) -> Result<Self> {
         let mut outputs = Vec::new();
+        let (stdout, stderr) = (target(&paths.stdout)?, target(&paths.stderr)?);
+        // One logger takes both streams when both name it (containerd's
+        // runc shim starts one); its unused write end is dropped, so it
+        // reads EOF there at once.
+        let (mut loggers, mut logger_writers) = (Vec::new(), [None, None]);
+        if let Some(Target::Binary(uri)) = &stdout {
+            let started = binlog::start(uri, &owner.id, &owner.namespace).await?;
+            logger_writers[0] = Some(Box::new(started.stdout) as Writer);
+            if stderr == stdout {
+                logger_writers[1] = Some(Box::new(started.stderr) as Writer);
+            }
+            loggers.push(started.logger);
+        }
+        if let Some(Target::Binary(uri)) = &stderr {
+            if logger_writers[1].is_none() {
+                let started = binlog::start(uri, &owner.id, &owner.namespace).await?;
+                logger_writers[1] = Some(Box::new(started.stderr) as Writer);
+                loggers.push(started.logger);
+            }
+        }
+        let [out_logger, err_logger] = logger_writers;
         let out_targets = [
-            ("stdout", target(&paths.stdout)?, streams.stdout),
-            ("stderr", target(&paths.stderr)?, streams.stderr),
+            ("stdout", stdout, out_logger, streams.stdout),
+            ("stderr", stderr, err_logger, streams.stderr),
         ];
-        for (what, target, stream) in out_targets {
+        for (what, target, logger, stream) in out_targets {
             if let (Some(target), Some(stream)) = (target, stream) {
-                let writer = open_output(what, &target).await?;
+                let writer = match logger {
+                    Some(w) => w,
+                    None => open_output(what, &target).await?,
+                };
                 outputs.push(tokio::spawn(copy_output(what, stream, writer)));
             }
         }
@@ -151,6 +196,7 @@ impl ProcessIo {
         };
         Ok(Self {
             stdin_fifo,
+            loggers: Mutex::new(loggers),
             close_stdin: Mutex::new(Some(close_tx)),
             stdin_task: Mutex::new(stdin_task),
             outputs: Mutex::new(outputs),
@@ -179,6 +225,16 @@ impl ProcessIo {
                 tracing::warn!(?timeout, "output not read by anyone; dropping the rest");
                 abort.abort();
             }
+        }
+        // The copies ended and dropped their write ends: the loggers read
+        // EOF and finish (or are killed).
+        let loggers: Vec<Logger> = self
+            .loggers
+            .lock()
+            .map(|mut l| l.drain(..).collect())
+            .unwrap_or_default();
+        for logger in loggers {
+            logger.finish().await;
         }
     }
 }
@@ -233,6 +289,10 @@ async fn open_output(what: &'static str, target: &Target) -> Result<Writer> {
             .open_sender(path)
             .map(|s| Box::new(s) as Writer)
             .map_err(|e| open_err(path, e)),
+        Target::Binary(uri) => Err(IoError::Unsupported(format!(
+            "binary://{} (a logger is started by ProcessIo::connect)",
+            uri.path.display()
+        ))),
         Target::Path(path) | Target::File(path) => tokio::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -274,8 +334,11 @@ async fn copy_output(what: &'static str, mut stream: UnixStream, mut writer: Wri
             }
         };
         if let Err(e) = writer.write_all(&buf[..n]).await {
-            tracing::warn!(what, error = %e, "cannot write output");
-            break;
+            // The reader is gone (a logger that exited): the process's
+            // output is still read, and dropped, so it never blocks.
+            tracing::warn!(what, error = %e, "cannot write output; dropping the rest");
+            while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
+            return;
         }
     }
     let _ = writer.flush().await;
@@ -387,7 +450,13 @@ mod tests {
             target("file:///var/log/t.log").unwrap(),
             Some(Target::File("/var/log/t.log".into()))
         );
-        let e = target("binary:///usr/bin/logger?x=1").unwrap_err();
+        assert!(matches!(
+            target("binary:///usr/bin/logger?x=1").unwrap(),
+            Some(Target::Binary(_))
+        ));
+        let e = target("binary://logger").unwrap_err();
+        assert!(e.to_string().contains("must be absolute"), "{e}");
+        let e = target("syslog://x").unwrap_err();
         assert!(e.to_string().contains("binary://"), "{e}");
     }
 
@@ -433,7 +502,9 @@ mod tests {
             stdout: None,
             stderr: None,
         };
-        let io = ProcessIo::connect(&paths, streams).await.unwrap();
+        let io = ProcessIo::connect(&paths, streams, &LogOwner::default())
+            .await
+            .unwrap();
         (io, fifo, guest)
     }
 
@@ -501,6 +572,7 @@ mod tests {
                 stdout: Some(host_out),
                 stderr: Some(host_err),
             },
+            &LogOwner::default(),
         )
         .await
         .unwrap();
@@ -538,6 +610,7 @@ mod tests {
                 stdout: Some(host),
                 stderr: None,
             },
+            &LogOwner::default(),
         )
         .await
         .unwrap_err();

@@ -3,6 +3,7 @@
 //! mounts to a sandbox, wires stdio and publishes the task events.
 #![forbid(unsafe_code)]
 
+pub mod binlog;
 pub mod bootstrap;
 pub mod cleanup;
 pub mod container;
