@@ -294,7 +294,7 @@ fn check_resolver(servers: &[String], search: &[String], options: &[String]) -> 
 
 /// Resolves `path` inside `rootfs`, following symlinks as the container
 /// would see them (absolute targets are relative to the rootfs).
-fn resolve_in(rootfs: &Path, path: &Path) -> Option<PathBuf> {
+pub fn resolve_in(rootfs: &Path, path: &Path) -> Option<PathBuf> {
     let mut current = PathBuf::from("/");
     let mut pending: Vec<std::ffi::OsString> = path
         .components()

@@ -2,7 +2,8 @@
 //!
 //! * `start`: spawn the serving daemon (its own process group), wait until
 //!   it listens, print its address (`unix:///run/containerd/s/<hash>`) as a
-//!   plain line and exit 0;
+//!   plain line — or, to containerd 2.3 and later, which send
+//!   `BootstrapParams`, a `BootstrapResult` ([`crate::options`]) — and exit 0;
 //! * serve mode (no action): the Task API on that socket, registered as
 //!   `containerd.task.v2.Task` (what containerd 1.6 calls) and
 //!   `containerd.task.v3.Task` (newer containerd), events to
@@ -105,8 +106,20 @@ fn socket_path(address: &str) -> &Path {
     Path::new(address.strip_prefix("unix://").unwrap_or(address))
 }
 
-/// `start`: returns the address to print.
-pub fn start(flags: &Flags) -> Result<String> {
+/// `start`: returns what to print: the address as a plain line, or a
+/// `BootstrapResult` for containerd 2.3 and later.
+pub fn start(flags: &Flags) -> Result<Vec<u8>> {
+    let (address, bootstrap) = start_daemon(flags)?;
+    Ok(if bootstrap {
+        options::bootstrap_result(&address)
+    } else {
+        address.into_bytes()
+    })
+}
+
+/// Starts (or finds) the serving daemon; its address, and whether
+/// containerd sent `BootstrapParams`.
+fn start_daemon(flags: &Flags) -> Result<(String, bool)> {
     if flags.id.is_empty() {
         return Err(BootstrapError::MissingFlag("id"));
     }
@@ -120,13 +133,14 @@ pub fn start(flags: &Flags) -> Result<String> {
             .read_to_end(&mut input)
             .map_err(io_err("read the runtime options"))?;
     }
-    let config_path = options::config_path_from_start_input(&input)?;
+    let given = options::read_start_input(&input, &flags.id, &flags.namespace)?;
+    let config_path = given.config_path;
     let address = containerd_shim::socket_address(&flags.address, &flags.namespace, &flags.id);
     let socket = socket_path(&address);
     if socket.exists() {
         if std::os::unix::net::UnixStream::connect(socket).is_ok() {
             // A live shim for this task: reuse it.
-            return Ok(address);
+            return Ok((address, given.bootstrap));
         }
         std::fs::remove_file(socket)
             .map_err(io_err(format!("remove stale {}", socket.display())))?;
@@ -164,7 +178,7 @@ pub fn start(flags: &Flags) -> Result<String> {
     }
     std::fs::write(ADDRESS_FILE, &address).map_err(io_err("write the address file"))?;
     tracing::info!(id = %flags.id, %address, pid = child.id(), "shim started");
-    Ok(address)
+    Ok((address, given.bootstrap))
 }
 
 /// `delete`: cleans up and returns the serialized DeleteResponse.

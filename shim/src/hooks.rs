@@ -12,8 +12,11 @@
 //! - `poststop`: at Delete, before the sandbox is taken down; a failure is
 //!   logged.
 //!
-//! `createContainer` and `startContainer` run in the container's own
-//! namespaces, which are the guest's: they are dropped with a log line.
+//! `createContainer` and `startContainer` hooks run in the container's
+//! namespaces, which are the guest's: they stay in the guest's spec, and
+//! the agent runs those whose program is there (createContainer: in the
+//! guest, startContainer: in the container's filesystem) and drops the
+//! others with a log line.
 //!
 //! Each hook gets the container's state (OCI runtime spec, "State") on its
 //! stdin, its own args and env, and at most its `timeout` (default
@@ -74,8 +77,9 @@ pub struct HostHooks {
 }
 
 impl HostHooks {
-    /// Takes the hooks out of `spec` (the guest gets none); says what was
-    /// dropped, for the log.
+    /// Takes the host's hooks out of `spec` (the guest keeps
+    /// createContainer and startContainer); says what the guest gets, for
+    /// the log.
     pub fn take(spec: &mut Spec) -> (Self, Vec<String>) {
         let oci_version = spec.version().clone();
         let annotations = spec.annotations().clone().unwrap_or_default();
@@ -89,7 +93,6 @@ impl HostHooks {
                 Vec::new(),
             );
         };
-        spec.set_hooks(None);
         let list = |h: &Option<Vec<Hook>>| h.clone().unwrap_or_default();
         #[allow(deprecated)]
         let prestart = list(hooks.prestart());
@@ -102,11 +105,17 @@ impl HostHooks {
         ] {
             for hook in in_guest {
                 dropped.push(format!(
-                    "dropped {stage} hook {}: it would run inside the VM, where host programs are not",
+                    "{stage} hook {} runs in the VM, if its program is there",
                     hook.path().display()
                 ));
             }
         }
+        let mut guest = oci_spec::runtime::Hooks::default();
+        guest.set_create_container(hooks.create_container().clone());
+        guest.set_start_container(hooks.start_container().clone());
+        let guest_has_hooks =
+            guest.create_container().is_some() || guest.start_container().is_some();
+        spec.set_hooks(guest_has_hooks.then_some(guest));
         (
             Self {
                 create,
@@ -369,7 +378,9 @@ mod tests {
         }))
         .unwrap();
         let (hooks, dropped) = HostHooks::take(&mut spec);
-        assert!(spec.hooks().is_none());
+        let guest = spec.hooks().as_ref().unwrap();
+        assert_eq!(guest.create_container().as_ref().unwrap().len(), 1);
+        assert!(guest.prestart().is_none() && guest.poststop().is_none());
         let paths = |h: &[Hook]| {
             h.iter()
                 .map(|h| h.path().display().to_string())

@@ -33,10 +33,10 @@ fn run() -> anyhow::Result<()> {
     match flags.action.as_str() {
         "start" => {
             logging::init(logging::open_fifo(&cwd), flags.debug);
-            let address = bootstrap::start(&flags)?;
+            let answer = bootstrap::start(&flags)?;
             // containerd 1.6 takes everything printed as the address.
             let mut out = std::io::stdout();
-            write!(out, "{address}")?;
+            out.write_all(&answer)?;
             out.flush()?;
             Ok(())
         }

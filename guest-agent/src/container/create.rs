@@ -142,6 +142,42 @@ fn rootfs_error(what: &'static str, e: RootfsError) -> ContainerError {
     }
 }
 
+/// The host runs the hooks it can (prestart, createRuntime, poststart,
+/// poststop) and leaves the guest those that run in the container's
+/// namespaces: a createContainer hook must be a program of the guest
+/// (the runtime's namespace), a startContainer hook one of the container's
+/// filesystem. Those that are not are dropped, each with a log line.
+fn keep_guest_hooks(spec: &mut Spec, rootfs: &Path) {
+    let Some(mut hooks) = spec.hooks().clone() else {
+        return;
+    };
+    let keep = |stage: &str, list: Option<Vec<oci_spec::runtime::Hook>>, root: &Path| {
+        let kept: Vec<_> = list
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|h| {
+                let found = rootfs::resolve_in(root, h.path()).is_some_and(|p| p.is_file());
+                if !found {
+                    tracing::warn!(stage, hook = %h.path().display(), "hook program not in the guest: dropped");
+                }
+                found
+            })
+            .collect();
+        (!kept.is_empty()).then_some(kept)
+    };
+    hooks.set_create_container(keep(
+        "createContainer",
+        hooks.create_container().clone(),
+        Path::new("/"),
+    ));
+    hooks.set_start_container(keep(
+        "startContainer",
+        hooks.start_container().clone(),
+        rootfs,
+    ));
+    spec.set_hooks(Some(hooks));
+}
+
 /// Refuses a main program the kernel could not execute, with the reason.
 fn check_program(spec: &Spec, rootfs: &Path) -> Result<()> {
     let Some(process) = spec.process() else {
@@ -205,6 +241,7 @@ fn adapt_spec(
         crate::seccomp::adapt(&mut seccomp);
         linux.set_seccomp(Some(seccomp));
     }
+    keep_guest_hooks(spec, rootfs);
     let mut net_sysctls = Vec::new();
     if let Some(mut sysctls) = linux.sysctl().clone() {
         net_sysctls = crate::sysctl::take_net(&mut sysctls);
