@@ -110,11 +110,11 @@ fn socket_path(address: &str) -> &Path {
 /// `BootstrapResult` for containerd 2.3 and later.
 pub fn start(flags: &Flags) -> Result<Vec<u8>> {
     let (address, bootstrap) = start_daemon(flags)?;
-    Ok(if bootstrap {
-        options::bootstrap_result(&address)
+    if bootstrap {
+        Ok(options::bootstrap_result(&address)?)
     } else {
-        address.into_bytes()
-    })
+        Ok(address.into_bytes())
+    }
 }
 
 /// Starts (or finds) the serving daemon; its address, and whether

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use capsid_sandbox::config::{Config, ConfigError};
 use containerd_shim_protos::protobuf::rt::WireType;
 use containerd_shim_protos::protobuf::well_known_types::any::Any;
-use containerd_shim_protos::protobuf::{CodedInputStream, Message};
+use containerd_shim_protos::protobuf::{CodedInputStream, CodedOutputStream, Message};
 
 /// The message type containerd uses for a runtime's config path.
 pub const RUNTIME_OPTIONS_TYPE: &str = "runtimeoptions.v1.Options";
@@ -47,6 +47,11 @@ pub enum OptionsError {
     /// containerd's `BootstrapParams` do not decode.
     #[error("malformed BootstrapParams from containerd on stdin")]
     Bootstrap(#[source] containerd_shim_protos::protobuf::Error),
+    /// The `BootstrapResult` cannot be encoded.
+    #[error(
+        "cannot encode the BootstrapResult for containerd: this is a shim bug, please report it"
+    )]
+    EncodeResult(#[source] containerd_shim_protos::protobuf::Error),
     /// The `BootstrapParams` are for another task.
     #[error("BootstrapParams are for task {id:?} in namespace {namespace:?}, not the -id and -namespace given")]
     BootstrapMismatch {
@@ -168,21 +173,18 @@ impl BootstrapParams {
 /// `start`'s answer to containerd 2.3 and later: a
 /// `containerd.runtime.bootstrap.v1.BootstrapResult` (version 2: the task
 /// v2 API, over ttrpc, at `address`).
-pub fn bootstrap_result(address: &str) -> Vec<u8> {
+pub fn bootstrap_result(address: &str) -> Result<Vec<u8>> {
     let mut out = Vec::new();
-    // Field 1, varint: version.
-    out.extend_from_slice(&[0x08, 2]);
-    for (field, text) in [(2u8, address), (3u8, "ttrpc")] {
-        out.push(field << 3 | 2);
-        let mut len = text.len();
-        while len >= 0x80 {
-            out.push((len as u8 & 0x7f) | 0x80);
-            len >>= 7;
-        }
-        out.push(len as u8);
-        out.extend_from_slice(text.as_bytes());
+    {
+        let mut w = CodedOutputStream::vec(&mut out);
+        w.write_int32(1, 2).map_err(OptionsError::EncodeResult)?;
+        w.write_string(2, address)
+            .map_err(OptionsError::EncodeResult)?;
+        w.write_string(3, "ttrpc")
+            .map_err(OptionsError::EncodeResult)?;
+        w.flush().map_err(OptionsError::EncodeResult)?;
     }
-    out
+    Ok(out)
 }
 
 /// The config path in a runtime options `Any`.
@@ -220,7 +222,6 @@ pub fn load_config(path: Option<&Path>) -> Result<Config> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use containerd_shim_protos::protobuf::CodedOutputStream;
 
     fn options(type_url: &str, path: &str) -> Vec<u8> {
         let mut value = Vec::new();
@@ -329,7 +330,7 @@ mod tests {
 
     #[test]
     fn the_bootstrap_result_decodes_as_containerd_reads_it() {
-        let bytes = bootstrap_result("unix:///run/containerd/s/abc");
+        let bytes = bootstrap_result("unix:///run/containerd/s/abc").unwrap();
         let mut input = CodedInputStream::from_bytes(&bytes);
         let mut fields = Vec::new();
         while let Some(tag) = input.read_raw_tag_or_eof().unwrap() {
