@@ -46,6 +46,7 @@ opts=(
   -o "Dir::Cache::Archives=$apt_dir/archives"
   -o "APT::Architecture=amd64"
   -o "Debug::NoLocking=1"
+  -o "APT::Sandbox::User=root"
 )
 apt-get "${opts[@]}" -qq update >&2
 (cd "$work/debs" && apt-get "${opts[@]}" -qq download "${packages[@]}" >&2)
