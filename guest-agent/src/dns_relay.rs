@@ -79,6 +79,7 @@ async fn serve_udp(socket: Arc<UdpSocket>, port: u32, limit: Arc<Semaphore>) {
             Ok(got) => got,
             Err(e) => {
                 tracing::warn!(error = %e, "DNS relay: receiving");
+                tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
@@ -102,8 +103,14 @@ async fn serve_udp(socket: Arc<UdpSocket>, port: u32, limit: Arc<Semaphore>) {
 
 async fn serve_tcp(listener: TcpListener, port: u32, limit: Arc<Semaphore>) {
     loop {
-        let Ok((client, _)) = listener.accept().await else {
-            continue;
+        let client = match listener.accept().await {
+            Ok((client, _)) => client,
+            Err(e) => {
+                // Out of fds, say: wait rather than spin.
+                tracing::debug!(error = %e, "DNS relay: accept");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let Ok(permit) = limit.clone().acquire_owned().await else {
             return;

@@ -29,9 +29,10 @@ pub enum SysctlError {
 
 /// Takes the `net.*` entries out of `sysctls`, for [`apply`].
 pub fn take_net(sysctls: &mut HashMap<String, String>) -> Vec<(String, String)> {
+    // Dotted (`net.ipv4.x`) or slashed (`net/ipv4/x`), as sysctl(8) takes.
     let keys: Vec<String> = sysctls
         .keys()
-        .filter(|k| k.starts_with("net."))
+        .filter(|k| k.starts_with("net.") || k.starts_with("net/"))
         .cloned()
         .collect();
     let mut taken: Vec<(String, String)> = keys
@@ -87,13 +88,15 @@ mod tests {
             ("net.ipv4.ping_group_range", "0 2147483647"),
             ("kernel.shmmax", "1"),
             ("net.ipv4.ip_unprivileged_port_start", "0"),
+            ("net/ipv4/conf/all/forwarding", "1"),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
         let taken = take_net(&mut s);
-        assert_eq!(taken.len(), 2);
+        assert_eq!(taken.len(), 3);
         assert_eq!(taken[0].0, "net.ipv4.ip_unprivileged_port_start");
+        assert_eq!(taken[2].0, "net/ipv4/conf/all/forwarding");
         assert_eq!(s.len(), 1);
         assert!(s.contains_key("kernel.shmmax"));
     }

@@ -78,22 +78,27 @@ impl DnsRelay {
             source,
         })?;
         let upstream = SocketAddr::new(resolver, 53);
-        let netns_file = Arc::new(netns_file);
+        let sockets = SocketMaker::start(netns_file, upstream);
         let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         let task = tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
+                let stream = match listener.accept().await {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        // Out of fds, say: wait rather than spin.
+                        tracing::debug!(error = %e, "DNS relay: accept");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
                 };
                 let Ok(permit) = limit.clone().acquire_owned().await else {
                     return;
                 };
-                let netns_file = netns_file.clone();
+                let sockets = sockets.clone();
                 tokio::spawn(async move {
                     let _permit = permit;
                     let relayed =
-                        tokio::time::timeout(QUERY_TIMEOUT, relay(stream, &netns_file, upstream))
-                            .await;
+                        tokio::time::timeout(QUERY_TIMEOUT, relay(stream, &sockets)).await;
                     match relayed {
                         Ok(Ok(())) => {}
                         Ok(Err(e)) => tracing::debug!(error = %e, "DNS relay: query failed"),
@@ -114,17 +119,14 @@ impl Drop for DnsRelay {
     }
 }
 
-/// One framed query from the guest, asked of `upstream` in the namespace.
-async fn relay(
-    mut guest: UnixStream,
-    netns: &Arc<std::fs::File>,
-    upstream: SocketAddr,
-) -> std::io::Result<()> {
+/// One framed query from the guest, asked of the upstream resolver from a
+/// socket made in the namespace.
+async fn relay(mut guest: UnixStream, sockets: &SocketMaker) -> std::io::Result<()> {
     let mut len = [0u8; 2];
     guest.read_exact(&mut len).await?;
     let mut query = vec![0u8; usize::from(u16::from_be_bytes(len))];
     guest.read_exact(&mut query).await?;
-    let socket = udp_socket_in(netns.clone(), upstream).await?;
+    let socket = sockets.make().await?;
     socket.send(&query).await?;
     let mut reply = vec![0u8; 65535];
     let n = socket.recv(&mut reply).await?;
@@ -134,34 +136,59 @@ async fn relay(
     guest.flush().await
 }
 
-/// A UDP socket made inside the namespace and connected to `upstream`.
-/// Made on a thread of its own, which enters the namespace and ends: a
-/// socket keeps the namespace it was made in, and no thread of the
-/// runtime changes namespace.
-async fn udp_socket_in(
-    netns: Arc<std::fs::File>,
-    upstream: SocketAddr,
-) -> std::io::Result<tokio::net::UdpSocket> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::spawn(move || {
-        let made = (|| -> std::io::Result<std::net::UdpSocket> {
-            nix::sched::setns(netns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(std::io::Error::from)?;
-            let bind: SocketAddr = match upstream {
-                SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
-                SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], 0)),
-            };
-            let socket = std::net::UdpSocket::bind(bind)?;
-            socket.connect(upstream)?;
-            socket.set_nonblocking(true)?;
-            Ok(socket)
-        })();
-        let _ = tx.send(made);
-    });
-    let socket = rx
-        .await
-        .map_err(|_| std::io::Error::other("the namespace thread ended"))??;
-    tokio::net::UdpSocket::from_std(socket)
+/// Makes UDP sockets inside the namespace, connected to the upstream
+/// resolver: one thread of its own enters the namespace once and serves
+/// requests until the last handle goes (a socket keeps the namespace it
+/// was made in; no thread of the runtime changes namespace, and a guest's
+/// queries cost no thread each).
+#[derive(Debug, Clone)]
+struct SocketMaker {
+    requests:
+        std::sync::mpsc::Sender<tokio::sync::oneshot::Sender<std::io::Result<std::net::UdpSocket>>>,
+}
+
+impl SocketMaker {
+    fn start(netns: std::fs::File, upstream: SocketAddr) -> Self {
+        let (requests, incoming) = std::sync::mpsc::channel::<
+            tokio::sync::oneshot::Sender<std::io::Result<std::net::UdpSocket>>,
+        >();
+        std::thread::spawn(move || {
+            let entered = nix::sched::setns(netns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(std::io::Error::from);
+            for reply in incoming {
+                let made = match &entered {
+                    Ok(()) => udp_socket(upstream),
+                    Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+                };
+                let _ = reply.send(made);
+            }
+        });
+        Self { requests }
+    }
+
+    async fn make(&self) -> std::io::Result<tokio::net::UdpSocket> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.requests
+            .send(tx)
+            .map_err(|_| std::io::Error::other("the namespace thread ended"))?;
+        let socket = rx
+            .await
+            .map_err(|_| std::io::Error::other("the namespace thread ended"))??;
+        tokio::net::UdpSocket::from_std(socket)
+    }
+}
+
+/// A non-blocking UDP socket connected to `upstream`, in the calling
+/// thread's network namespace.
+fn udp_socket(upstream: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    let bind: SocketAddr = match upstream {
+        SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
+        SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], 0)),
+    };
+    let socket = std::net::UdpSocket::bind(bind)?;
+    socket.connect(upstream)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket)
 }
 
 #[cfg(test)]
@@ -205,9 +232,9 @@ mod tests {
         assert!(!dir.path().join("vsock.sock_1053").exists());
 
         let (mut guest, host) = UnixStream::pair().unwrap();
-        let netns = Arc::new(std::fs::File::open("/proc/self/ns/net").unwrap());
-        let upstream = SocketAddr::from(([127, 0, 0, 1], port));
-        let served = tokio::spawn(async move { relay(host, &netns, upstream).await });
+        let netns = std::fs::File::open("/proc/self/ns/net").unwrap();
+        let sockets = SocketMaker::start(netns, SocketAddr::from(([127, 0, 0, 1], port)));
+        let served = tokio::spawn(async move { relay(host, &sockets).await });
         guest.write_all(&[0, 3]).await.unwrap();
         guest.write_all(b"abc").await.unwrap();
         let mut reply = Vec::new();

@@ -168,7 +168,7 @@ impl Container {
         // containerd's clients read task pids on the host (Docker joins
         // /proc/<pid>/ns/net, `docker top` runs ps): the task's pid is the
         // VM's main process, as Kata gives the hypervisor's.
-        let host_pid = made.sandbox.vm_pid().unwrap_or(0);
+        let host_pid = made.host_pid;
         tracing::info!(container = %req.id, guest_pid = made.pid, host_pid, "container created");
         init.set_pid(host_pid);
         init.set_io(made.io);

@@ -116,6 +116,8 @@ pub struct Made {
     pub rootfs: RootfsDisk,
     /// The init's guest pid.
     pub pid: u32,
+    /// The VM's main host process: the task's pid for containerd.
+    pub host_pid: u32,
     /// The sandbox's own network namespace, to wire at Start.
     pub late_network: Option<LateNetwork>,
     /// The init's stdio copying.
@@ -208,7 +210,7 @@ pub async fn make(req: &CreateRequest, plan: &Plan, config: &Config) -> Result<M
     if !plan.hooks.create.is_empty() {
         let hooks = plan.hooks.clone();
         let (id, bundle) = (req.id.clone(), req.bundle.clone());
-        let pid = sandbox.vm_pid().unwrap_or(0);
+        let pid = vm_pid(&sandbox)?;
         tokio::task::spawn_blocking(move || {
             let state = hooks.state(&id, "creating", pid, &bundle);
             hooks::run("prestart/createRuntime", &hooks.create, &state)
@@ -249,6 +251,7 @@ pub async fn make(req: &CreateRequest, plan: &Plan, config: &Config) -> Result<M
         namespace: req.namespace.clone(),
     };
     let io = ProcessIo::connect(&req.stdio, created.streams, &owner).await?;
+    let host_pid = vm_pid(&sandbox)?;
     let record = rollback
         .commit()
         .ok_or_else(|| ContainerError::Internal("the sandbox record is gone".into()))?;
@@ -257,6 +260,7 @@ pub async fn make(req: &CreateRequest, plan: &Plan, config: &Config) -> Result<M
         record,
         rootfs: disk,
         pid: created.pid,
+        host_pid,
         late_network,
         io,
     })
@@ -285,6 +289,13 @@ async fn own_netns(config: &Config, name: &str, rollback: &mut Rollback) -> Resu
         netns: path,
         tap,
         boot_mac,
+    })
+}
+
+/// The VM's main host process: the task's pid as containerd and hooks see it.
+pub fn vm_pid(sandbox: &Sandbox) -> Result<u32> {
+    sandbox.vm_pid().ok_or_else(|| {
+        ContainerError::FailedPrecondition("the sandbox VM has no host process left".into())
     })
 }
 

@@ -24,9 +24,13 @@
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
 use oci_spec::runtime::{Hook, Spec};
 
 /// How long a hook without a timeout may run.
@@ -35,9 +39,22 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 /// How much of a failed hook's output is kept for the error.
 const OUTPUT_LIMIT: usize = 4096;
 
+/// How long a failed hook's output is waited for once the hook is gone: a
+/// process it started may hold its stdout or stderr open.
+const OUTPUT_GRACE: Duration = Duration::from_secs(1);
+
 /// Errors running hooks.
 #[derive(Debug, thiserror::Error)]
 pub enum HookError {
+    /// The container's state could not be encoded for the hooks' stdin.
+    #[error("{stage} hooks: cannot encode the container's state")]
+    State {
+        /// Which stage.
+        stage: &'static str,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
     /// The hook could not be started.
     #[error("{stage} hook {}: cannot start it", path.display())]
     Spawn {
@@ -45,6 +62,20 @@ pub enum HookError {
         stage: &'static str,
         /// The program.
         path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The hook started, but running it failed on the shim's side (its
+    /// state or output could not be handled, it could not be waited for).
+    #[error("{stage} hook {}: cannot {what}", path.display())]
+    Io {
+        /// Which stage.
+        stage: &'static str,
+        /// The program.
+        path: PathBuf,
+        /// What could not be done.
+        what: &'static str,
         /// Why.
         #[source]
         source: std::io::Error,
@@ -167,9 +198,10 @@ pub struct State<'a> {
 }
 
 /// Runs `hooks` in order; the first failure stops them and is returned.
-/// Blocks.
+/// Blocks, at most for each hook's timeout (and [`OUTPUT_GRACE`] for a
+/// failed hook's output).
 pub fn run(stage: &'static str, hooks: &[Hook], state: &State<'_>) -> Result<(), HookError> {
-    let input = serde_json::to_vec(state).unwrap_or_default();
+    let input = encode(stage, state)?;
     for hook in hooks {
         run_one(stage, hook, &input)?;
     }
@@ -178,7 +210,13 @@ pub fn run(stage: &'static str, hooks: &[Hook], state: &State<'_>) -> Result<(),
 
 /// Runs every hook of `hooks`, logging failures (poststart, poststop).
 pub fn run_logged(stage: &'static str, hooks: &[Hook], state: &State<'_>) {
-    let input = serde_json::to_vec(state).unwrap_or_default();
+    let input = match encode(stage, state) {
+        Ok(input) => input,
+        Err(e) => {
+            tracing::warn!(container = state.id, error = %crate::describe(&e), "hooks not run");
+            return;
+        }
+    };
     for hook in hooks {
         if let Err(e) = run_one(stage, hook, &input) {
             tracing::warn!(container = state.id, error = %crate::describe(&e), "hook failed");
@@ -186,27 +224,118 @@ pub fn run_logged(stage: &'static str, hooks: &[Hook], state: &State<'_>) {
     }
 }
 
-fn run_one(stage: &'static str, hook: &Hook, input: &[u8]) -> Result<(), HookError> {
+/// The state as the hooks read it, shared with the threads feeding them.
+fn encode(stage: &'static str, state: &State<'_>) -> Result<Arc<[u8]>, HookError> {
+    serde_json::to_vec(state)
+        .map(Arc::from)
+        .map_err(|source| HookError::State { stage, source })
+}
+
+/// A started hook: the leader of its own process group, so that a timeout
+/// kills what it started too.
+#[derive(Debug)]
+struct Started {
+    child: Child,
+    /// The group: the hook's pid.
+    group: Option<Pid>,
+}
+
+impl Started {
+    /// Kills the hook's whole process group and reaps the hook. Those of
+    /// its processes that left the group (setsid) are out of reach, as
+    /// they are for runc.
+    fn kill(&mut self) {
+        let killed = self.group.map(|g| killpg(g, Signal::SIGKILL));
+        if !matches!(killed, Some(Ok(()))) {
+            tracing::debug!(error = ?killed, "cannot kill the hook's group; killing the hook");
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// Which of the hook's output pipes a chunk comes from.
+#[derive(Debug, Clone, Copy)]
+enum Stream {
+    Out = 0,
+    Err = 1,
+}
+
+/// Reads `pipe` to its end on its own thread: the first [`OUTPUT_LIMIT`]
+/// bytes are sent on `tx` (the hook's error quotes them), the rest is read
+/// and dropped, so the hook never dies of a full or closed pipe. `None`
+/// says the pipe is closed. The thread outlives the hook when a process
+/// the hook started keeps the pipe open; it ends with that process.
+fn collect(
+    pipe: impl Read + Send + 'static,
+    stream: Stream,
+    tx: mpsc::Sender<(Stream, Option<Vec<u8>>)>,
+) -> std::io::Result<()> {
+    let name = match stream {
+        Stream::Out => "hook-stdout",
+        Stream::Err => "hook-stderr",
+    };
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let mut pipe = pipe;
+            let mut buf = [0u8; 8192];
+            let mut kept = 0;
+            loop {
+                match pipe.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        let keep = n.min(OUTPUT_LIMIT - kept);
+                        if keep > 0 {
+                            kept += keep;
+                            // The receiver may be gone: keep draining.
+                            let _ = tx.send((stream, Some(buf[..keep].to_vec())));
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(_) => break,
+                }
+            }
+            let _ = tx.send((stream, None));
+        })
+        .map(drop)
+}
+
+fn run_one(stage: &'static str, hook: &Hook, input: &Arc<[u8]>) -> Result<(), HookError> {
+    use std::os::unix::process::CommandExt as _;
+
     let path = hook.path().clone();
     let failed = |reason: String| HookError::Failed {
         stage,
         path: path.clone(),
         reason,
     };
+    let io = |what: &'static str, source: std::io::Error| HookError::Io {
+        stage,
+        path: path.clone(),
+        what,
+        source,
+    };
     let mut cmd = Command::new(&path);
     let args = hook.args().clone().unwrap_or_default();
     // args[0] is the program's argv[0], as in execve.
     if let Some((argv0, rest)) = args.split_first() {
-        std::os::unix::process::CommandExt::arg0(&mut cmd, argv0);
+        cmd.arg0(argv0);
         cmd.args(rest);
     }
-    cmd.env_clear();
-    for kv in hook.env().clone().unwrap_or_default() {
-        if let Some((k, v)) = kv.split_once('=') {
-            cmd.env(k, v);
+    // Without an env the hook inherits the shim's, as runc's (Go's exec.Cmd
+    // with a nil Env) inherit runc's.
+    if let Some(env) = hook.env() {
+        cmd.env_clear();
+        for kv in env {
+            if let Some((k, v)) = kv.split_once('=') {
+                cmd.env(k, v);
+            }
         }
     }
-    let mut child = cmd
+    // Its own process group: on timeout, what it started dies with it.
+    cmd.process_group(0);
+    let child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -216,31 +345,39 @@ fn run_one(stage: &'static str, hook: &Hook, input: &[u8]) -> Result<(), HookErr
             path: path.clone(),
             source,
         })?;
-    // A hook that does not read its stdin gets EPIPE: not its failure.
-    if let Some(mut stdin) = child.stdin.take() {
-        let _ = stdin.write_all(input);
-    }
-    let collect = |pipe: Option<Box<dyn Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut out = Vec::new();
-            if let Some(p) = pipe {
-                let _ = p.take(OUTPUT_LIMIT as u64 * 16).read_to_end(&mut out);
-            }
-            out
-        })
+    let group = i32::try_from(child.id()).ok().map(Pid::from_raw);
+    let mut hook_process = Started { child, group };
+
+    let (tx, rx) = mpsc::channel();
+    let mut open = 0;
+    let mut threads = || -> std::io::Result<()> {
+        // The state is written from a thread of its own: a hook that does
+        // not read it must not block the timeout. A hook that does not
+        // read it at all gets EPIPE: not its failure.
+        if let Some(mut stdin) = hook_process.child.stdin.take() {
+            let input = Arc::clone(input);
+            std::thread::Builder::new()
+                .name("hook-stdin".into())
+                .spawn(move || {
+                    let _ = stdin.write_all(&input);
+                })?;
+        }
+        if let Some(out) = hook_process.child.stdout.take() {
+            collect(out, Stream::Out, tx.clone())?;
+            open += 1;
+        }
+        if let Some(err) = hook_process.child.stderr.take() {
+            collect(err, Stream::Err, tx.clone())?;
+            open += 1;
+        }
+        Ok(())
     };
-    let stdout = collect(
-        child
-            .stdout
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    );
-    let stderr = collect(
-        child
-            .stderr
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    );
+    if let Err(e) = threads() {
+        hook_process.kill();
+        return Err(io("start a thread to feed it", e));
+    }
+    drop(tx);
+
     let timeout = hook
         .timeout()
         .and_then(|t| u64::try_from(t).ok())
@@ -248,28 +385,49 @@ fn run_one(stage: &'static str, hook: &Hook, input: &[u8]) -> Result<(), HookErr
         .map_or(DEFAULT_TIMEOUT, Duration::from_secs);
     let deadline = Instant::now() + timeout;
     let status = loop {
-        match child.try_wait() {
+        match hook_process.child.try_wait() {
             Ok(Some(status)) => break Some(status),
             Ok(None) if Instant::now() >= deadline => {
-                let _ = child.kill();
-                let _ = child.wait();
+                hook_process.kill();
                 break None;
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(5)),
-            Err(e) => return Err(failed(format!("cannot wait for it: {e}"))),
+            Err(e) => {
+                hook_process.kill();
+                return Err(io("wait for it", e));
+            }
         }
     };
-    let output = |h: std::thread::JoinHandle<Vec<u8>>| {
-        let bytes = h.join().unwrap_or_default();
-        let text = String::from_utf8_lossy(&bytes).trim().to_string();
+    if status.is_some_and(|s| s.success()) {
+        // Its output is not needed: a process it left behind may keep
+        // writing it, to the reader threads.
+        tracing::info!(stage, hook = %path.display(), "hook ran");
+        return Ok(());
+    }
+
+    // What it printed, for the error; not waited for beyond the grace, as
+    // a process it started (and that left its group) may hold the pipes.
+    let mut output = [Vec::new(), Vec::new()];
+    let grace = Instant::now() + OUTPUT_GRACE;
+    while open > 0 {
+        let left = grace.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok((stream, Some(bytes))) => output[stream as usize].extend_from_slice(&bytes),
+            Ok((_, None)) => open -= 1,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                tracing::debug!(stage, hook = %path.display(), "hook's output still open; not waiting for it");
+                break;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    let text = |bytes: &[u8]| {
+        let text = String::from_utf8_lossy(bytes).trim().to_string();
         text.chars().take(OUTPUT_LIMIT).collect::<String>()
     };
-    let (out, err) = (output(stdout), output(stderr));
+    let [out, err] = output;
+    let (out, err) = (text(&out), text(&err));
     match status {
-        Some(s) if s.success() => {
-            tracing::info!(stage, hook = %path.display(), "hook ran");
-            Ok(())
-        }
         Some(s) => Err(failed(format!("{s}: {}", words(&out, &err)))),
         None => Err(failed(format!(
             "did not finish within {} s: {}",
@@ -360,6 +518,193 @@ mod tests {
         let h = hook("/nonexistent/hook", &[], None);
         let e = run("prestart", &[h], &state(dir.path())).unwrap_err();
         assert!(matches!(e, HookError::Spawn { .. }), "{e}");
+    }
+
+    /// Whether `pid` is still a live process (a zombie is not).
+    fn alive(pid: i32) -> bool {
+        if nix::sys::signal::kill(Pid::from_raw(pid), None).is_err() {
+            return false;
+        }
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // "pid (comm) S ...": the state follows the last ')'.
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next());
+        !matches!(state, None | Some("Z" | "X"))
+    }
+
+    fn read_pid(path: &Path) -> i32 {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_hook_that_ignores_a_large_state_completes() {
+        let dir = tempfile::tempdir().unwrap();
+        let annotations: std::collections::HashMap<String, String> = (0..200)
+            .map(|i| (format!("a{i}"), "x".repeat(1024)))
+            .collect();
+        let mut state = state(dir.path());
+        state.annotations = &annotations;
+        assert!(serde_json::to_vec(&state).unwrap().len() > 200 * 1024);
+        let h = hook("/bin/sh", &["sh", "-c", "sleep 0.2; exit 0"], Some(10));
+        let started = Instant::now();
+        run("prestart", &[h], &state).unwrap();
+        assert!(started.elapsed() < Duration::from_secs(5));
+        // One that never reads it is still bound by its timeout.
+        let h = hook("/bin/sleep", &["sleep", "30"], Some(1));
+        let started = Instant::now();
+        let e = run("prestart", &[h], &state).unwrap_err();
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(e.to_string().contains("did not finish within 1 s"), "{e}");
+        // One that fails without reading it still says why.
+        let h = hook("/bin/sh", &["sh", "-c", "echo bad >&2; exit 1"], Some(10));
+        let e = run("prestart", &[h], &state).unwrap_err();
+        assert!(e.to_string().contains("bad"), "{e}");
+    }
+
+    #[test]
+    fn a_hook_leaving_a_process_on_its_output_does_not_block() {
+        let dir = tempfile::tempdir().unwrap();
+        let pid = dir.path().join("pid");
+        let script = format!("sleep 30 & echo $! > {}; exit 0", pid.display());
+        let h = hook("/bin/sh", &["sh", "-c", &script], Some(10));
+        let started = Instant::now();
+        let ran = run("prestart", &[h], &state(dir.path()));
+        let took = started.elapsed();
+        let sleeper = read_pid(&pid);
+        // It succeeded: what it left behind is its business.
+        assert!(alive(sleeper));
+        let _ = nix::sys::signal::kill(Pid::from_raw(sleeper), Signal::SIGKILL);
+        ran.unwrap();
+        assert!(took < Duration::from_secs(3), "{took:?}");
+
+        // A failing one: its output is waited for only a short while.
+        let script = format!(
+            "echo broken >&2; sleep 30 & echo $! > {}; exit 2",
+            pid.display()
+        );
+        let h = hook("/bin/sh", &["sh", "-c", &script], Some(10));
+        let started = Instant::now();
+        let e = run("prestart", &[h], &state(dir.path())).unwrap_err();
+        let took = started.elapsed();
+        let _ = nix::sys::signal::kill(Pid::from_raw(read_pid(&pid)), Signal::SIGKILL);
+        let text = e.to_string();
+        assert!(
+            text.contains("exit status: 2") && text.contains("broken"),
+            "{text}"
+        );
+        assert!(took < Duration::from_secs(4), "{took:?}");
+    }
+
+    #[test]
+    fn a_timeout_kills_the_hooks_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pids, ready) = (dir.path().join("pids"), dir.path().join("ready"));
+        let script = format!(
+            "sleep 30 & echo $$ $! > {}; mv {} {}; wait",
+            ready.display(),
+            ready.display(),
+            pids.display()
+        );
+        let h = hook("/bin/sh", &["sh", "-c", &script], Some(1));
+        let started = Instant::now();
+        let e = run("createRuntime", &[h], &state(dir.path())).unwrap_err();
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(matches!(e, HookError::Failed { .. }), "{e}");
+        assert!(e.to_string().contains("did not finish within 1 s"), "{e}");
+        let pids: Vec<i32> = std::fs::read_to_string(&pids)
+            .unwrap()
+            .split_whitespace()
+            .map(|p| p.parse().unwrap())
+            .collect();
+        assert_eq!(pids.len(), 2);
+        // The orphaned sleep is reaped by init: give it a moment.
+        let until = Instant::now() + Duration::from_secs(3);
+        while pids.iter().any(|p| alive(*p)) && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for pid in pids {
+            assert!(!alive(pid), "{pid} survived the timeout");
+        }
+        // Nothing is left in the group either (the hook was its leader).
+        let group = read_pid_group(&dir);
+        assert!(group.is_none(), "{group:?}");
+    }
+
+    /// Any process still in the group whose leader's pid is in `dir/pids`.
+    fn read_pid_group(dir: &tempfile::TempDir) -> Option<i32> {
+        let text = std::fs::read_to_string(dir.path().join("pids")).unwrap();
+        let leader: i32 = text.split_whitespace().next().unwrap().parse().unwrap();
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+            .find(|pid| {
+                alive(*pid)
+                    && nix::unistd::getpgid(Some(Pid::from_raw(*pid)))
+                        .is_ok_and(|g| g.as_raw() == leader)
+            })
+    }
+
+    #[test]
+    fn a_hook_printing_a_lot_is_not_killed() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = hook(
+            "/bin/sh",
+            &["sh", "-c", "head -c 1048576 /dev/zero"],
+            Some(10),
+        );
+        run("prestart", &[h], &state(dir.path())).unwrap();
+        // A failing one's error quotes only the start of it.
+        let h = hook(
+            "/bin/sh",
+            &["sh", "-c", "head -c 1048576 /dev/zero | tr '\\0' x; exit 1"],
+            Some(10),
+        );
+        let e = run("prestart", &[h], &state(dir.path())).unwrap_err();
+        let HookError::Failed { reason, .. } = &e else {
+            panic!("{e}");
+        };
+        let printed = reason.strip_prefix("exit status: 1: ").unwrap_or_default();
+        assert_eq!(printed, "x".repeat(OUTPUT_LIMIT), "{reason:.100}");
+    }
+
+    #[test]
+    fn the_env_is_inherited_without_one_and_replaced_with_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (name, value) = ["CARGO_MANIFEST_DIR", "HOME", "PATH"]
+            .into_iter()
+            .find_map(|k| Some((k, std::env::var(k).ok()?)))
+            .expect("the test runs with CARGO_MANIFEST_DIR, HOME or PATH set");
+        let file = dir.path().join("env");
+        let script = format!(
+            "echo \"${{{name}-unset}}|${{HOOK_ENV-unset}}\" > {}",
+            file.display()
+        );
+
+        let mut h = hook("/bin/sh", &["sh", "-c", &script], None);
+        h.set_env(None);
+        run("prestart", &[h], &state(dir.path())).unwrap();
+        let got = std::fs::read_to_string(&file).unwrap();
+        assert_eq!(got, format!("{value}|unset\n"));
+
+        let h = hook("/bin/sh", &["sh", "-c", &script], None);
+        run("prestart", &[h], &state(dir.path())).unwrap();
+        let got = std::fs::read_to_string(&file).unwrap();
+        // The shell may give PATH a default of its own, not the shim's.
+        assert!(got.ends_with("|yes\n"), "{got}");
+        assert!(!got.starts_with(&format!("{value}|")), "{got}");
     }
 
     #[test]

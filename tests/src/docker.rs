@@ -25,6 +25,13 @@ pub const CAPSID: &str = "capsid";
 pub const RUNTIMES: [&str; 2] = [RUNC, CAPSID];
 /// The busybox test image as Docker names it.
 pub const BUSYBOX: &str = "capsid/busybox:latest";
+/// The upstream DNS server dockerd is given (`--dns`): a responder of the
+/// harness on a dummy interface of the daemons' namespace, so that name
+/// lookups that leave Docker's embedded DNS have an answer on any machine.
+pub const UPSTREAM_DNS: &str = "10.99.0.53";
+/// The name [`UPSTREAM_DNS`] knows, and its address.
+pub const UPSTREAM_NAME: (&str, [u8; 4]) = ("upstream.capsid.test", [192, 0, 2, 7]);
+
 /// busybox with capsid-guest-tool in /bin ([`DockerHarness::load_tools_image`]).
 pub const TOOLS: &str = "capsid/busybox-tools:latest";
 
@@ -62,6 +69,68 @@ impl Drop for TestNetns {
     }
 }
 
+/// Answers A queries for [`UPSTREAM_NAME`] (NXDOMAIN otherwise) on
+/// [`UPSTREAM_DNS`]:53/udp inside `netns`, until the namespace goes.
+fn start_upstream_dns(netns: &Path) {
+    let name = netns.file_name().unwrap().to_str().unwrap().to_owned();
+    for args in [
+        vec!["-n", &name, "link", "add", "dns0", "type", "dummy"],
+        vec![
+            "-n",
+            &name,
+            "addr",
+            "add",
+            &format!("{UPSTREAM_DNS}/32"),
+            "dev",
+            "dns0",
+        ],
+        vec!["-n", &name, "link", "set", "dns0", "up"],
+    ] {
+        let (code, _, err) = run(Command::new("ip").args(&args));
+        assert_eq!(code, 0, "ip {args:?}: {err}");
+    }
+    let netns = std::fs::File::open(netns).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::os::fd::AsFd;
+        nix::sched::setns(netns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let socket = std::net::UdpSocket::bind((UPSTREAM_DNS, 53)).unwrap();
+        tx.send(()).unwrap();
+        let mut buf = [0u8; 512];
+        while let Ok((n, peer)) = socket.recv_from(&mut buf) {
+            if let Some(answer) = dns_answer(&buf[..n]) {
+                let _ = socket.send_to(&answer, peer);
+            }
+        }
+    });
+    rx.recv().unwrap();
+}
+
+/// The answer to one query: [`UPSTREAM_NAME`]'s A record, or NXDOMAIN.
+fn dns_answer(query: &[u8]) -> Option<Vec<u8>> {
+    // The question's name starts after the 12-byte header.
+    let mut at = 12;
+    let mut labels = Vec::new();
+    while *query.get(at)? != 0 {
+        let len = usize::from(query[at]);
+        labels.push(String::from_utf8_lossy(query.get(at + 1..at + 1 + len)?).to_lowercase());
+        at += len + 1;
+    }
+    let question_end = at + 5;
+    let qtype = u16::from_be_bytes([*query.get(at + 1)?, *query.get(at + 2)?]);
+    let known = labels.join(".") == UPSTREAM_NAME.0 && qtype == 1;
+    let mut answer = query.get(..question_end)?.to_vec();
+    // QR, RD copied, RA; rcode 0 or 3 (NXDOMAIN); one answer or none.
+    answer[2] = 0x80 | (query[2] & 0x01);
+    answer[3] = if known { 0x80 } else { 0x83 };
+    answer[6..12].copy_from_slice(&[0, u8::from(known), 0, 0, 0, 0]);
+    if known {
+        answer.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4]);
+        answer.extend_from_slice(&UPSTREAM_NAME.1);
+    }
+    Some(answer)
+}
+
 fn rand_suffix() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
@@ -95,6 +164,7 @@ impl DockerHarness {
             .expect("temp dir");
         let d = dir.path();
         let netns = TestNetns::create("capsid-dockerd");
+        start_upstream_dns(&netns.path());
         let shims = d.join("shims");
         std::fs::create_dir_all(&shims).expect("shims dir");
         std::os::unix::fs::symlink(
@@ -144,6 +214,8 @@ impl DockerHarness {
             .arg(d.join("exec"))
             .arg("--pidfile")
             .arg(d.join("dockerd.pid"))
+            .arg("--dns")
+            .arg(UPSTREAM_DNS)
             .arg("-H")
             .arg(format!("unix://{}", d.join("docker.sock").display()))
             .env("PATH", path)

@@ -8,7 +8,7 @@ use std::io::Write;
 use std::process::Stdio;
 use std::time::Duration;
 
-use capsid_tests::docker::{DockerHarness, BUSYBOX, CAPSID, RUNTIMES, TOOLS};
+use capsid_tests::docker::{DockerHarness, BUSYBOX, CAPSID, RUNTIMES, TOOLS, UPSTREAM_NAME};
 
 /// Runs `docker ARGS…` with `input` on its stdin.
 fn docker_with_input(h: &DockerHarness, args: &[&str], input: &[u8]) -> (i32, String, String) {
@@ -358,6 +358,26 @@ fn containers_are_on_dockers_networks() {
             ],
         );
         assert_eq!(out.trim(), "reached-by-name", "[{rt}]");
+
+        // A name Docker's embedded DNS does not know is asked of the
+        // upstream server, from the container's namespace on the host; on
+        // the default bridge the container asks it directly.
+        let (upstream, ip) = UPSTREAM_NAME;
+        let want = format!("{}.{}.{}.{}", ip[0], ip[1], ip[2], ip[3]);
+        for network in ["testnet", "bridge"] {
+            let out = h.run_ok(
+                rt,
+                &[
+                    "--network",
+                    network,
+                    TOOLS,
+                    "capsid-guest-tool",
+                    "resolve",
+                    upstream,
+                ],
+            );
+            assert_eq!(out.trim(), want, "[{rt}] {network}");
+        }
         for n in [&name, &server] {
             let (code, _, err) = h.docker(&["rm", "-f", n]);
             assert_eq!(code, 0, "[{rt}] {err}");

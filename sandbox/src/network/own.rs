@@ -6,11 +6,23 @@
 //! plugin run by a hook) moves a veth in and configures it between Create
 //! and Start, and at Start [`join_late`] joins the tap to it, exactly as
 //! [`super::attach`] does for a namespace that was ready before Create.
+//!
+//! Unlike a CNI namespace, this one has traffic of its own: dockerd's
+//! embedded DNS resolver runs in it and forwards names it does not know to
+//! the upstream servers from there. So the namespace's ephemeral ports are
+//! moved to [`HOST_PORTS`], which the guest's kernel never uses for its own
+//! (its range ends at 60999), and replies to them, and ARP, which both
+//! stacks need, are let through to the namespace ahead of the redirect to
+//! the VM (ARP is also copied to the VM).
 
 use std::path::Path;
 
 use super::{check_ifname, read, wire, NetworkError, TapAttachment, INGRESS};
 use crate::netns::Netns;
+
+/// The namespace's own ephemeral ports: 61440–65535, one u32 mask match
+/// (`dport & 0xf000 == 0xf000`), above the guest's 32768–60999.
+pub const HOST_PORTS: (u16, u16) = (61440, 65535);
 
 /// Brings up loopback and makes the VM's tap in the sandbox's own
 /// namespace `netns`. On error the tap is not left behind (the namespace
@@ -19,6 +31,16 @@ pub fn prepare_tap(netns: &Path, tap: &str) -> Result<(), NetworkError> {
     check_ifname(tap)?;
     let ns = Netns::open(netns)?;
     ns.ip(&["link", "set", "dev", "lo", "up"])?;
+    let range = format!("{} {}", HOST_PORTS.0, HOST_PORTS.1);
+    ns.run(
+        "sh",
+        &[
+            "-c",
+            "echo \"$1\" > /proc/sys/net/ipv4/ip_local_port_range",
+            "sh",
+            &range,
+        ],
+    )?;
     ns.ip(&["tuntap", "add", "dev", tap, "mode", "tap"])?;
     if let Err(e) = ns.ip(&["link", "set", "dev", tap, "addrgenmode", "none"]) {
         tracing::debug!(error = %e, "tap keeps its IPv6 address generation");
@@ -59,7 +81,9 @@ pub fn join_late(netns: &Path, tap: &str) -> Result<Option<TapAttachment>, Netwo
     let guest = read::guest_network(&ns, &veth)?;
     let mtu = veth.mtu.to_string();
     let mut veth_qdisc = false;
-    if let Err(e) = wire(&ns, tap, &veth.ifname, &mtu, &mut veth_qdisc) {
+    let wired = wire(&ns, tap, &veth.ifname, &mtu, &mut veth_qdisc)
+        .and_then(|()| let_host_traffic_through(&ns, &veth.ifname, tap));
+    if let Err(e) = wired {
         // The tap stays (the VM holds it); its filters go.
         let _ = ns.tc(&["qdisc", "del", "dev", tap, "handle", INGRESS, "ingress"]);
         if veth_qdisc {
@@ -82,6 +106,25 @@ pub fn join_late(netns: &Path, tap: &str) -> Result<Option<TapAttachment>, Netwo
         veth: veth.ifname,
         guest,
     }))
+}
+
+/// Ahead of the veth's catch-all redirect: ARP is copied to the VM and
+/// delivered to the namespace too; UDP and TCP to [`HOST_PORTS`] are the
+/// namespace's (a u32 match that returns a class ends classification and
+/// lets the frame go up the namespace's stack).
+fn let_host_traffic_through(ns: &Netns, veth: &str, tap: &str) -> Result<(), NetworkError> {
+    ns.tc(&[
+        "filter", "add", "dev", veth, "parent", INGRESS, "prio", "1", "protocol", "arp", "u32",
+        "match", "u8", "0", "0", "action", "mirred", "egress", "mirror", "dev", tap,
+    ])?;
+    for (prio, proto) in [("2", "17"), ("3", "6")] {
+        ns.tc(&[
+            "filter", "add", "dev", veth, "parent", INGRESS, "prio", prio, "protocol", "ip", "u32",
+            "match", "ip", "protocol", proto, "0xff", "match", "ip", "dport", "0xf000", "0xf000",
+            "flowid", "ffff:1",
+        ])?;
+    }
+    Ok(())
 }
 
 /// A locally administered unicast MAC for the VM's NIC until it takes the
