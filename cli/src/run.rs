@@ -235,6 +235,7 @@ async fn run_timed(
         oci: &oci,
         layers: std::slice::from_ref(&layer),
         dns: Some(&dns),
+        hosts: None,
         streams: StreamsWanted {
             stdin: true,
             stdout: true,

@@ -218,16 +218,27 @@ pub fn teardown(id: &str) {
     let _ = fs::remove_dir_all(&dirs.bundle);
 }
 
-/// Writes /etc/hostname, /etc/hosts and (when servers are given)
+/// The largest /etc/hosts the host may give.
+const MAX_HOSTS: usize = 64 << 10;
+
+/// Writes /etc/hostname, /etc/hosts (the host's `hosts` when given, else
+/// localhost and the hostname) and (when servers are given)
 /// /etc/resolv.conf into the assembled rootfs, as runtimes do.
 pub fn write_etc(
     rootfs: &Path,
     hostname: &str,
+    hosts: &str,
     dns_servers: &[String],
     dns_search: &[String],
     dns_options: &[String],
 ) -> Result<()> {
     check_resolver(dns_servers, dns_search, dns_options)?;
+    if hosts.len() > MAX_HOSTS || hosts.contains('\0') {
+        return Err(RootfsError::Invalid(format!(
+            "/etc/hosts of {} bytes: at most {MAX_HOSTS} bytes of text",
+            hosts.len()
+        )));
+    }
     let etc = rootfs.join("etc");
     mkdir(&etc)?;
     let write = |name: &str, text: String| {
@@ -245,8 +256,7 @@ pub fn write_etc(
     if !hostname.is_empty() {
         write("hostname", format!("{hostname}\n"))?;
     }
-    write(
-        "hosts",
+    let own_hosts = || {
         format!(
             "127.0.0.1\tlocalhost{0}\n::1\tlocalhost ip6-localhost ip6-loopback\n",
             if hostname.is_empty() {
@@ -254,7 +264,15 @@ pub fn write_etc(
             } else {
                 format!(" {hostname}")
             }
-        ),
+        )
+    };
+    write(
+        "hosts",
+        if hosts.is_empty() {
+            own_hosts()
+        } else {
+            hosts.to_owned()
+        },
     )?;
     if !dns_servers.is_empty() {
         let mut text: String = dns_servers
@@ -467,6 +485,7 @@ mod tests {
         write_etc(
             dir.path(),
             "box",
+            "",
             &["10.0.0.1".into()],
             &["example.org".into()],
             &["ndots:2".into()],
@@ -484,6 +503,17 @@ mod tests {
             "nameserver 10.0.0.1\nsearch example.org\noptions ndots:2\n"
         );
         assert!(!outside.exists(), "write followed the symlink");
+
+        // The host's hosts file, as Docker or the kubelet wrote it.
+        let docker = "127.0.0.1\tlocalhost\n172.17.0.2\tbox\n10.1.1.1\textra.test\n";
+        write_etc(dir.path(), "box", docker, &[], &[], &[]).unwrap();
+        assert_eq!(
+            fs::read_to_string(dir.path().join("etc/hosts")).unwrap(),
+            docker
+        );
+        let huge = "x".repeat(MAX_HOSTS + 1);
+        let err = write_etc(dir.path(), "box", &huge, &[], &[], &[]).unwrap_err();
+        assert!(matches!(err, RootfsError::Invalid(_)), "{err}");
     }
 
     #[test]
@@ -496,7 +526,7 @@ mod tests {
             (s("10.0.0.1"), s("a b"), vec![]),
             (s("10.0.0.1"), vec![], s("")),
         ] {
-            let err = write_etc(dir.path(), "", &servers, &search, &options).unwrap_err();
+            let err = write_etc(dir.path(), "", "", &servers, &search, &options).unwrap_err();
             assert!(matches!(err, RootfsError::Invalid(_)), "{err}");
         }
     }

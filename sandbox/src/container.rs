@@ -89,6 +89,8 @@ pub struct ContainerSpec<'a> {
     pub layers: &'a [LayerDisk],
     /// Its /etc/resolv.conf; `None` leaves the image's.
     pub dns: Option<&'a GuestDns>,
+    /// Its /etc/hosts; `None`: localhost and the hostname.
+    pub hosts: Option<&'a str>,
     /// Which streams its init gets.
     pub streams: StreamsWanted,
 }
@@ -146,6 +148,9 @@ fn create_request(
         req.dns_search = dns.search.clone();
         req.dns_options = dns.options.clone();
         req.dns_relay_port = dns_relay_port;
+    }
+    if let Some(hosts) = spec.hosts {
+        req.etc_hosts = hosts.to_owned();
     }
     Ok(req)
 }
@@ -292,6 +297,7 @@ mod tests {
             oci: &oci,
             layers: &layers,
             dns: Some(&dns),
+            hosts: None,
             streams: StreamsWanted {
                 stdin: true,
                 stdout: true,
@@ -340,6 +346,7 @@ mod tests {
             oci: &oci,
             layers: &layers,
             dns: None,
+            hosts: None,
             streams: StreamsWanted {
                 stdin: false,
                 stdout: false,

@@ -56,6 +56,10 @@ pub struct Plan {
     /// The host file the spec binds on /etc/resolv.conf, read once the
     /// create hooks ran (Docker writes it when its hook sets up the network).
     pub resolv_conf: Option<PathBuf>,
+    /// The host file the spec binds on /etc/hosts, read after the hooks
+    /// too (Docker adds the container's address when it sets up the
+    /// network).
+    pub hosts_file: Option<PathBuf>,
     /// The spec's hooks, run on the host.
     pub hooks: HostHooks,
 }
@@ -79,7 +83,8 @@ impl Plan {
             NetMode::None | NetMode::Own => {}
         }
         // Read before adapt() drops the bind mount that carries it.
-        let resolv_conf = network::resolv_conf_source(&spec);
+        let resolv_conf = network::bind_source(&spec, "/etc/resolv.conf");
+        let hosts_file = network::bind_source(&spec, "/etc/hosts");
         let (hooks, dropped) = HostHooks::take(&mut spec);
         for change in dropped.into_iter().chain(spec::adapt(&mut spec)?) {
             tracing::info!(container = %req.id, "{change}");
@@ -100,6 +105,7 @@ impl Plan {
             source,
             network,
             resolv_conf,
+            hosts_file,
             hooks,
         })
     }
@@ -237,12 +243,17 @@ pub async fn make(req: &CreateRequest, plan: &Plan, config: &Config) -> Result<M
             tracing::info!(container = %req.id, "DNS for loopback resolvers relayed to the host");
         }
     }
+    let hosts = plan
+        .hosts_file
+        .as_deref()
+        .and_then(network::hosts_from_file);
     let created = sandbox
         .create_container(ContainerSpec {
             id: &req.id,
             oci: &plan.spec,
             layers: std::slice::from_ref(&layer),
             dns: dns.as_ref(),
+            hosts: hosts.as_deref(),
             streams: req.stdio.wanted(),
         })
         .await?;

@@ -86,15 +86,36 @@ pub async fn attach(tap: &TapRecord) -> Result<TapAttachment, NetworkError> {
         })?
 }
 
-/// The host file the spec binds on /etc/resolv.conf (the CRI plugin's,
-/// Docker's and nerdctl's way of giving resolver settings).
-pub fn resolv_conf_source(spec: &Spec) -> Option<PathBuf> {
+/// The host file the spec binds on `destination` (/etc/resolv.conf and
+/// /etc/hosts: the CRI plugin's, Docker's and nerdctl's way of giving
+/// resolver settings and host names).
+pub fn bind_source(spec: &Spec, destination: &str) -> Option<PathBuf> {
     spec.mounts()
         .as_ref()?
         .iter()
-        .find(|m| m.destination() == Path::new("/etc/resolv.conf"))?
+        .find(|m| m.destination() == Path::new(destination))?
         .source()
         .clone()
+}
+
+/// The largest /etc/hosts passed to the guest.
+const MAX_HOSTS: u64 = 64 << 10;
+
+/// An /etc/hosts on the host, for the guest's (`None` if unreadable, not
+/// text or over [`MAX_HOSTS`]: the guest then writes its own).
+pub fn hosts_from_file(path: &Path) -> Option<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .ok()?
+        .take(MAX_HOSTS + 1)
+        .read_to_string(&mut text)
+        .ok()?;
+    if text.len() as u64 > MAX_HOSTS || text.contains('\0') {
+        tracing::warn!(path = %path.display(), "the hosts file is not used: over 64 KiB or not text");
+        return None;
+    }
+    Some(text)
 }
 
 /// Resolver settings from a resolv.conf on the host; the agent writes the
@@ -105,9 +126,9 @@ pub fn dns_from_file(path: &Path) -> Option<GuestDns> {
     (!dns.is_empty()).then_some(dns)
 }
 
-/// [`dns_from_file`] of the spec's [`resolv_conf_source`].
+/// [`dns_from_file`] of the spec's /etc/resolv.conf bind.
 pub fn dns_from_spec(spec: &Spec) -> Option<GuestDns> {
-    dns_from_file(&resolv_conf_source(spec)?)
+    dns_from_file(&bind_source(spec, "/etc/resolv.conf")?)
 }
 
 #[cfg(test)]

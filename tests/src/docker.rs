@@ -26,7 +26,7 @@ pub const RUNTIMES: [&str; 2] = [RUNC, CAPSID];
 /// The busybox test image as Docker names it.
 pub const BUSYBOX: &str = "capsid/busybox:latest";
 /// The upstream DNS server dockerd is given (`--dns`): a responder of the
-/// harness on a dummy interface of the daemons' namespace, so that name
+/// harness on the loopback of the daemons' namespace, so that name
 /// lookups that leave Docker's embedded DNS have an answer on any machine.
 pub const UPSTREAM_DNS: &str = "10.99.0.53";
 /// The name [`UPSTREAM_DNS`] knows, and its address.
@@ -73,22 +73,12 @@ impl Drop for TestNetns {
 /// [`UPSTREAM_DNS`]:53/udp inside `netns`, until the namespace goes.
 fn start_upstream_dns(netns: &Path) {
     let name = netns.file_name().unwrap().to_str().unwrap().to_owned();
-    for args in [
-        vec!["-n", &name, "link", "add", "dns0", "type", "dummy"],
-        vec![
-            "-n",
-            &name,
-            "addr",
-            "add",
-            &format!("{UPSTREAM_DNS}/32"),
-            "dev",
-            "dns0",
-        ],
-        vec!["-n", &name, "link", "set", "dns0", "up"],
-    ] {
-        let (code, _, err) = run(Command::new("ip").args(&args));
-        assert_eq!(code, 0, "ip {args:?}: {err}");
-    }
+    // On loopback: local to the whole namespace, reached from containers
+    // through docker0 (no dummy device needed).
+    let address = format!("{UPSTREAM_DNS}/32");
+    let args = ["-n", &name, "addr", "add", &address, "dev", "lo"];
+    let (code, _, err) = run(Command::new("ip").args(args));
+    assert_eq!(code, 0, "ip {args:?}: {err}");
     let netns = std::fs::File::open(netns).unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {

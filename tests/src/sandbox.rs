@@ -145,6 +145,7 @@ pub async fn create_on(
         oci: &oci,
         layers,
         dns: None,
+        hosts: None,
         streams,
     })
     .await

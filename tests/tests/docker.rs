@@ -93,6 +93,19 @@ fn a_container_runs_with_the_options_people_use() {
         );
         assert_eq!(out.trim(), "0", "[{rt}]");
 
+        // Docker's /etc/hosts: --add-host and the container's own address.
+        let out = h.run_ok(
+            rt,
+            &[
+                "--add-host",
+                "extra.capsid.test:10.1.1.1",
+                BUSYBOX,
+                "cat",
+                "/etc/hosts",
+            ],
+        );
+        assert!(out.contains("10.1.1.1\textra.capsid.test"), "[{rt}] {out}");
+
         // -i: stdin to EOF.
         let (code, out, err) = docker_with_input(
             &h,

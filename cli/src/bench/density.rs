@@ -340,6 +340,7 @@ async fn start_idle(
         oci,
         layers: std::slice::from_ref(layer),
         dns: None,
+        hosts: None,
         streams: NO_STREAMS,
     };
     let created = match sandbox.create_container(container).await {

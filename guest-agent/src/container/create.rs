@@ -32,6 +32,8 @@ pub struct CreateRequest {
     pub dns_search: Vec<String>,
     /// resolv.conf options.
     pub dns_options: Vec<String>,
+    /// The container's /etc/hosts (empty: the agent's own).
+    pub etc_hosts: String,
     /// Non-zero: the host's vsock port answering DNS for the loopback
     /// servers ([`crate::dns_relay`]).
     pub dns_relay_port: u32,
@@ -97,6 +99,7 @@ impl Containers {
         rootfs::write_etc(
             &dirs.rootfs,
             &hostname,
+            &req.etc_hosts,
             &req.dns_servers,
             &req.dns_search,
             &req.dns_options,
