@@ -75,15 +75,18 @@ lint:
 # unstable), unpacked under /var/cache/capsid/clients, never installed.
 clients:
 	bash contrib/clients/fetch.sh trixie
+	bash contrib/clients/fetch.sh sid
 
-# The ctr suites run again against containerd 1.7 (the default run uses the
-# system's 1.6).
+# The ctr suites run again against containerd 1.7 (Debian 13) and 2.1
+# (Debian unstable); the default run uses the system's 1.6.
 CTR_SUITES := --test shim_tasks --test shim_faults --test net_containerd
 
 test: deps lint build assets guest-tool clients
 	$(CARGO) test --locked --workspace --no-fail-fast
-	CAPSID_TEST_CONTAINERD_DIR=$$(bash contrib/clients/fetch.sh trixie)/usr/bin \
-		$(CARGO) test --locked -p capsid-tests --no-fail-fast $(CTR_SUITES)
+	for suite in trixie sid; do \
+		CAPSID_TEST_CONTAINERD_DIR=$$(bash contrib/clients/fetch.sh $$suite)/usr/bin \
+			$(CARGO) test --locked -p capsid-tests --no-fail-fast $(CTR_SUITES) || exit 1; \
+	done
 	$(MAKE) fuzz
 
 # Each target runs for a bounded time from the small corpus kept in
