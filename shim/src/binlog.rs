@@ -6,8 +6,8 @@
 //! process's stdout on fd 3, of its stderr on fd 4, and the write end of a
 //! readiness pipe on fd 5, which the logger closes once it is ready. The
 //! process's output is copied into fds 3 and 4; when the process has
-//! exited and its output is copied, both are closed and the logger gets
-//! [`EXIT_GRACE`] to finish before it is killed. A logger that exits early
+//! exited and its output is copied, both are closed, the logger gets
+//! SIGTERM and [`EXIT_GRACE`] to finish, and is then killed. A logger that exits early
 //! costs its output, never the process (its output keeps being read and
 //! dropped).
 //!
@@ -218,9 +218,16 @@ async fn start_within(
 }
 
 impl Logger {
-    /// After its input ended (both write ends dropped): waits up to
-    /// [`EXIT_GRACE`] for the logger to exit, then kills it; reaped either way.
+    /// After its input ended (both write ends dropped): asks the logger to
+    /// finish (SIGTERM, as containerd's runc shim does), waits up to
+    /// [`EXIT_GRACE`] for it to exit, then kills it; reaped either way.
     pub async fn finish(mut self) {
+        if let Some(pid) = self.child.id().and_then(|p| i32::try_from(p).ok()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
         match tokio::time::timeout(EXIT_GRACE, self.child.wait()).await {
             Ok(Ok(status)) if !status.success() => {
                 tracing::warn!(logger = %self.path.display(), %status, "log binary failed");
@@ -285,7 +292,7 @@ mod tests {
         let uri = script(
             dir.path(),
             "logger",
-            "exec 5>&-; echo \"$CONTAINER_NAMESPACE/$CONTAINER_ID\" > \"$1\"; \
+            "trap '' TERM; exec 5>&-; echo \"$CONTAINER_NAMESPACE/$CONTAINER_ID\" > \"$1\"; \
              cat <&3 >> \"$1\"; cat <&4 >> \"$1\"",
         );
         let mut started = start(&uri, "c1", "ns").await.unwrap();

@@ -94,6 +94,11 @@ impl ShimHarness {
         }
     }
 
+    /// The shim binary (given to `ctr run --runtime` by path).
+    pub fn shim(&self) -> &Path {
+        &self.shim
+    }
+
     /// The capsid config file the shim is given.
     pub fn config(&self) -> &Path {
         &self.config
