@@ -37,7 +37,13 @@ pub fn clean_up(bundle: &Path) -> CleanupReport {
     let mut complete = true;
     match RecordFile::<HostRecord>::load(&state) {
         Ok(Some(host)) => {
+            let pid = host.vm_processes.first().map_or(0, |p| p.pid);
             let undone = record::undo(&host);
+            // The shim that made the sandbox died: its poststop hooks are
+            // run here, once the VM is gone, as runc's delete does.
+            if let Some(id) = bundle.file_name().and_then(|n| n.to_str()) {
+                crate::hooks::poststop_from_bundle(bundle, id, pid);
+            }
             complete = undone.errors.is_empty();
             report.killed = undone.killed;
             report.removed = undone.removed;

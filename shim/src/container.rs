@@ -163,7 +163,15 @@ impl Container {
     /// prepared, not started). On error nothing is left behind.
     pub async fn create(req: CreateRequest, config: Config, events: Events) -> Result<Arc<Self>> {
         let plan = Plan::read(&req, &config)?;
-        let made = create::make(&req, &plan, &config).await?;
+        let made = match create::make(&req, &plan, &config).await {
+            Ok(made) => made,
+            Err(e) => {
+                // As runc does: a Create that failed still runs poststop
+                // (a CNI hook's teardown of what its createRuntime made).
+                hooks::poststop_detached(&plan.hooks, &req.id, &req.bundle, 0).await;
+                return Err(e);
+            }
+        };
         let init = Process::new("", req.stdio.clone());
         // containerd's clients read task pids on the host (Docker joins
         // /proc/<pid>/ns/net, `docker top` runs ps): the task's pid is the

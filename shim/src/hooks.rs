@@ -178,6 +178,44 @@ impl HostHooks {
     }
 }
 
+/// Runs `hooks`' poststop hooks off the async runtime, logging failures.
+pub async fn poststop_detached(hooks: &HostHooks, id: &str, bundle: &Path, pid: u32) {
+    if hooks.poststop.is_empty() {
+        return;
+    }
+    let (hooks, id, bundle) = (hooks.clone(), id.to_owned(), bundle.to_owned());
+    let ran = tokio::task::spawn_blocking(move || {
+        run_logged(
+            "poststop",
+            &hooks.poststop,
+            &hooks.state(&id, "stopped", pid, &bundle),
+        );
+    })
+    .await;
+    if let Err(e) = ran {
+        tracing::warn!(error = %e, "poststop hook task");
+    }
+}
+
+/// The poststop hooks of the bundle's config.json, run after a shim that
+/// died left its sandbox behind (containerd's `delete`). Blocks.
+pub fn poststop_from_bundle(bundle: &Path, id: &str, pid: u32) {
+    let Ok(text) = std::fs::read(bundle.join("config.json")) else {
+        return;
+    };
+    let Ok(mut spec) = serde_json::from_slice::<Spec>(&text) else {
+        return;
+    };
+    let (hooks, _) = HostHooks::take(&mut spec);
+    if !hooks.poststop.is_empty() {
+        run_logged(
+            "poststop",
+            &hooks.poststop,
+            &hooks.state(id, "stopped", pid, bundle),
+        );
+    }
+}
+
 /// The container state a hook reads on stdin.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct State<'a> {

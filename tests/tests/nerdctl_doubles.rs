@@ -61,7 +61,9 @@ struct HostNs(String);
 
 impl HostNs {
     fn new() -> Self {
-        let name = format!("capsid-nerdctl-{}", std::process::id());
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("capsid-nerdctl-{}-{n}", std::process::id());
         let (code, _, err) = run(Command::new("ip").args(["netns", "add", &name]));
         assert_eq!(code, 0, "{err}");
         run(Command::new("ip").args(["-n", &name, "link", "set", "lo", "up"]));
@@ -355,4 +357,116 @@ impl Drop for Removed<'_> {
         let _ = self.h.ctr(&["task", "delete", "-f", self.id]);
         let _ = self.h.ctr(&["container", "delete", self.id]);
     }
+}
+
+#[test]
+fn failing_hooks_and_loggers_fail_or_spare_the_container_as_runc_does() {
+    let h = ShimHarness::start();
+    let nd = Doubles::new();
+    std::fs::write(nd.path("early-logger"), "#!/bin/sh\nexec 5>&-\nexit 0\n").unwrap();
+    std::fs::set_permissions(
+        nd.path("early-logger"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    for rt in ["runc", "capsid"] {
+        // A createRuntime hook that hangs past its timeout fails Create,
+        // and the poststop hook still tears its network down.
+        let id = format!("hang-{rt}-{}", std::process::id());
+        let _gone = Removed { h: &h, id: &id };
+        let spec = nd.spec(&h, &id, "true", Some(1));
+        let mut spec_json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&spec).unwrap()).unwrap();
+        spec_json["hooks"]["createRuntime"][0]["args"] =
+            serde_json::json!(["sh", "-c", "exec sleep 30"]);
+        spec_json["hooks"]["createRuntime"][0]["path"] = serde_json::json!("/bin/sh");
+        std::fs::write(&spec, spec_json.to_string()).unwrap();
+        let started = Instant::now();
+        let (code, out, err) = run(&mut ctr_run(
+            &h,
+            rt,
+            &["--rm", "--config", spec.to_str().unwrap(), &id],
+        ));
+        assert_ne!(code, 0, "[{rt}] {out}");
+        assert!(
+            started.elapsed() < Duration::from_secs(25),
+            "[{rt}] the hook's timeout was not kept"
+        );
+        let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("ctr: ")).collect();
+        assert_eq!(errors.len(), 1, "[{rt}] {err}");
+        assert!(
+            nd.hook_log().contains("poststop"),
+            "[{rt}] poststop did not run: {}",
+            nd.hook_log()
+        );
+        std::fs::write(nd.path("state/hook.log"), "").unwrap();
+
+        // A hook program that does not exist: one clear error.
+        let id = format!("nohook-{rt}-{}", std::process::id());
+        let _gone2 = Removed { h: &h, id: &id };
+        let spec = nd.spec(&h, &id, "true", None);
+        let mut spec_json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&spec).unwrap()).unwrap();
+        spec_json["hooks"]["createRuntime"][0]["path"] = serde_json::json!("/nonexistent/hook");
+        std::fs::write(&spec, spec_json.to_string()).unwrap();
+        let (code, out, err) = run(&mut ctr_run(
+            &h,
+            rt,
+            &["--rm", "--config", spec.to_str().unwrap(), &id],
+        ));
+        assert_ne!(code, 0, "[{rt}] {out}");
+        let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("ctr: ")).collect();
+        assert_eq!(errors.len(), 1, "[{rt}] {err}");
+        std::fs::write(nd.path("state/hook.log"), "").unwrap();
+
+        // A logger that exits at once: the container runs to its end (its
+        // output, more than a pipe holds, is dropped) and its exit status
+        // is kept.
+        let id = format!("early-{rt}-{}", std::process::id());
+        let _gone3 = Removed { h: &h, id: &id };
+        let mut spec_json: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(nd.spec(&h, &id, "head -c 1000000 /dev/zero; exit 3", None)).unwrap(),
+        )
+        .unwrap();
+        spec_json.as_object_mut().unwrap().remove("hooks");
+        let spec = nd.path(&format!("{id}-nohooks.json"));
+        std::fs::write(&spec, spec_json.to_string()).unwrap();
+        let uri = format!("binary://{}", nd.path("early-logger").display());
+        let (code, out, err) = run(&mut ctr_run(
+            &h,
+            rt,
+            &[
+                "--rm",
+                "--config",
+                spec.to_str().unwrap(),
+                "--log-uri",
+                &uri,
+                &id,
+            ],
+        ));
+        assert_eq!(code, 3, "[{rt}] {out}{err}\n{}", h.log_tail());
+    }
+    // A relative logger path is refused before anything is made.
+    let id = format!("relative-{}", std::process::id());
+    let _gone = Removed { h: &h, id: &id };
+    let mut spec_json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(nd.spec(&h, &id, "true", None)).unwrap()).unwrap();
+    spec_json.as_object_mut().unwrap().remove("hooks");
+    let spec = nd.path("relative.json");
+    std::fs::write(&spec, spec_json.to_string()).unwrap();
+    let (code, _, err) = run(&mut ctr_run(
+        &h,
+        "capsid",
+        &[
+            "--rm",
+            "--config",
+            spec.to_str().unwrap(),
+            "--log-uri",
+            "binary://logger",
+            &id,
+        ],
+    ));
+    assert_ne!(code, 0);
+    assert!(err.contains("must be absolute"), "{err}");
+    h.assert_clean(&[]);
 }
