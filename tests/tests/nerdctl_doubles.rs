@@ -240,7 +240,7 @@ fn cni_hooks_and_a_binary_logger_work_as_nerdctl_uses_them() {
                 spec.to_str().unwrap(),
                 "--log-uri",
                 &uri,
-                &id,
+                id,
             ],
         ));
         assert_eq!(code, 0, "[{rt}] {out}{err}\n{}", h.log_tail());
