@@ -468,5 +468,31 @@ fn failing_hooks_and_loggers_fail_or_spare_the_container_as_runc_does() {
     ));
     assert_ne!(code, 0);
     assert!(err.contains("must be absolute"), "{err}");
+
+    // A logger that never says it is ready fails Create (after its 10 s).
+    // (containerd's runc shim waits for it without a limit: capsid only.)
+    std::fs::write(nd.path("mute-logger"), "#!/bin/sh\nexec sleep 60\n").unwrap();
+    std::fs::set_permissions(
+        nd.path("mute-logger"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let uri = format!("binary://{}", nd.path("mute-logger").display());
+    let (code, _, err) = run(&mut ctr_run(
+        &h,
+        "capsid",
+        &[
+            "--rm",
+            "--config",
+            spec.to_str().unwrap(),
+            "--log-uri",
+            &uri,
+            &id,
+        ],
+    ));
+    assert_ne!(code, 0);
+    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("ctr: ")).collect();
+    assert_eq!(errors.len(), 1, "{err}");
+    assert!(errors[0].contains("did not signal readiness"), "{err}");
     h.assert_clean(&[]);
 }

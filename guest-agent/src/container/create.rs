@@ -298,6 +298,34 @@ mod tests {
     }
 
     #[test]
+    fn guest_hooks_are_kept_only_when_their_program_is_there() {
+        let rootfs = tempfile::tempdir().unwrap();
+        std::fs::create_dir(rootfs.path().join("bin")).unwrap();
+        std::fs::write(rootfs.path().join("bin/in-image"), "#!/bin/sh\n").unwrap();
+        let mut spec: Spec = serde_json::from_value(serde_json::json!({
+            "ociVersion": "1.0.2",
+            "process": {"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
+            "root": {"path": "rootfs"},
+            "hooks": {
+                "createContainer": [{"path": "/bin/sh"}, {"path": "/usr/bin/nerdctl"}],
+                "startContainer": [{"path": "/bin/in-image"}, {"path": "/bin/not-in-image"}]
+            }
+        }))
+        .unwrap();
+        keep_guest_hooks(&mut spec, rootfs.path());
+        let hooks = spec.hooks().as_ref().unwrap();
+        let paths = |h: &Option<Vec<oci_spec::runtime::Hook>>| {
+            h.iter()
+                .flatten()
+                .map(|h| h.path().display().to_string())
+                .collect::<Vec<_>>()
+        };
+        // createContainer: programs of the guest itself (this test's host).
+        assert_eq!(paths(hooks.create_container()), ["/bin/sh"]);
+        assert_eq!(paths(hooks.start_container()), ["/bin/in-image"]);
+    }
+
+    #[test]
     fn spec_without_process_is_refused() {
         let mut spec = Spec::default();
         spec.set_process(None);
