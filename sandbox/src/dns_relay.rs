@@ -126,39 +126,71 @@ async fn relay(mut guest: UnixStream, sockets: &SocketMaker) -> std::io::Result<
     guest.read_exact(&mut len).await?;
     let mut query = vec![0u8; usize::from(u16::from_be_bytes(len))];
     guest.read_exact(&mut query).await?;
-    let socket = sockets.make().await?;
+    let Made::Udp(socket) = sockets.make(Kind::Udp).await? else {
+        return Err(std::io::Error::other(
+            "the namespace thread made the wrong socket",
+        ));
+    };
+    let socket = tokio::net::UdpSocket::from_std(socket)?;
     socket.send(&query).await?;
     let mut reply = vec![0u8; 65535];
     let n = socket.recv(&mut reply).await?;
-    let n16 = u16::try_from(n).map_err(|_| std::io::Error::other("reply too long"))?;
+    reply.truncate(n);
+    // Truncated (TC): the whole answer only comes over TCP.
+    if reply.get(2).is_some_and(|flags| flags & 0x02 != 0) {
+        if let Made::Tcp(stream) = sockets.make(Kind::Tcp).await? {
+            let mut stream = tokio::net::TcpStream::from_std(stream)?;
+            stream.write_all(&len).await?;
+            stream.write_all(&query).await?;
+            let mut answer_len = [0u8; 2];
+            stream.read_exact(&mut answer_len).await?;
+            reply = vec![0u8; usize::from(u16::from_be_bytes(answer_len))];
+            stream.read_exact(&mut reply).await?;
+        }
+    }
+    let n16 = u16::try_from(reply.len()).map_err(|_| std::io::Error::other("reply too long"))?;
     guest.write_all(&n16.to_be_bytes()).await?;
-    guest.write_all(&reply[..n]).await?;
+    guest.write_all(&reply).await?;
     guest.flush().await
 }
 
-/// Makes UDP sockets inside the namespace, connected to the upstream
+/// Which socket to make.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Udp,
+    Tcp,
+}
+
+/// A socket made in the namespace, connected to the upstream resolver.
+#[derive(Debug)]
+enum Made {
+    Udp(std::net::UdpSocket),
+    Tcp(std::net::TcpStream),
+}
+
+type Request = (Kind, tokio::sync::oneshot::Sender<std::io::Result<Made>>);
+
+/// Makes sockets inside the namespace, connected to the upstream
 /// resolver: one thread of its own enters the namespace once and serves
 /// requests until the last handle goes (a socket keeps the namespace it
 /// was made in; no thread of the runtime changes namespace, and a guest's
 /// queries cost no thread each).
 #[derive(Debug, Clone)]
 struct SocketMaker {
-    requests:
-        std::sync::mpsc::Sender<tokio::sync::oneshot::Sender<std::io::Result<std::net::UdpSocket>>>,
+    requests: std::sync::mpsc::Sender<Request>,
 }
 
 impl SocketMaker {
     fn start(netns: std::fs::File, upstream: SocketAddr) -> Self {
-        let (requests, incoming) = std::sync::mpsc::channel::<
-            tokio::sync::oneshot::Sender<std::io::Result<std::net::UdpSocket>>,
-        >();
+        let (requests, incoming) = std::sync::mpsc::channel::<Request>();
         std::thread::spawn(move || {
             let entered = nix::sched::setns(netns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
                 .map_err(std::io::Error::from);
-            for reply in incoming {
-                let made = match &entered {
-                    Ok(()) => udp_socket(upstream),
-                    Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+            for (kind, reply) in incoming {
+                let made = match (&entered, kind) {
+                    (Ok(()), Kind::Udp) => udp_socket(upstream).map(Made::Udp),
+                    (Ok(()), Kind::Tcp) => tcp_stream(upstream).map(Made::Tcp),
+                    (Err(e), _) => Err(std::io::Error::new(e.kind(), e.to_string())),
                 };
                 let _ = reply.send(made);
             }
@@ -166,15 +198,13 @@ impl SocketMaker {
         Self { requests }
     }
 
-    async fn make(&self) -> std::io::Result<tokio::net::UdpSocket> {
+    async fn make(&self, kind: Kind) -> std::io::Result<Made> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.requests
-            .send(tx)
+            .send((kind, tx))
             .map_err(|_| std::io::Error::other("the namespace thread ended"))?;
-        let socket = rx
-            .await
-            .map_err(|_| std::io::Error::other("the namespace thread ended"))??;
-        tokio::net::UdpSocket::from_std(socket)
+        rx.await
+            .map_err(|_| std::io::Error::other("the namespace thread ended"))?
     }
 }
 
@@ -189,6 +219,15 @@ fn udp_socket(upstream: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     socket.connect(upstream)?;
     socket.set_nonblocking(true)?;
     Ok(socket)
+}
+
+/// A non-blocking TCP stream to `upstream` (a resolver on the namespace's
+/// loopback: the connect is immediate, bounded anyway), in the calling
+/// thread's network namespace.
+fn tcp_stream(upstream: SocketAddr) -> std::io::Result<std::net::TcpStream> {
+    let stream = std::net::TcpStream::connect_timeout(&upstream, Duration::from_secs(2))?;
+    stream.set_nonblocking(true)?;
+    Ok(stream)
 }
 
 #[cfg(test)]
@@ -240,6 +279,42 @@ mod tests {
         let mut reply = Vec::new();
         guest.read_to_end(&mut reply).await.unwrap();
         assert_eq!(reply, [0, 3, b'c', b'b', b'a']);
+        served.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_truncated_answer_is_asked_again_over_tcp() {
+        // UDP says "truncated"; TCP on the same port has the whole answer.
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = udp.local_addr().unwrap().port();
+        let tcp = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            while let Ok((_, peer)) = udp.recv_from(&mut buf) {
+                let _ = udp.send_to(&[0x12, 0x34, 0x82, 0x80], peer);
+            }
+        });
+        std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            for mut conn in tcp.incoming().flatten() {
+                let mut len = [0u8; 2];
+                let _ = conn.read_exact(&mut len);
+                let mut q = vec![0u8; usize::from(u16::from_be_bytes(len))];
+                let _ = conn.read_exact(&mut q);
+                let _ = conn.write_all(&[0, 11]);
+                let _ = conn.write_all(b"full-answer");
+            }
+        });
+        let (mut guest, host) = UnixStream::pair().unwrap();
+        let netns = std::fs::File::open("/proc/self/ns/net").unwrap();
+        let sockets = SocketMaker::start(netns, SocketAddr::from(([127, 0, 0, 1], port)));
+        let served = tokio::spawn(async move { relay(host, &sockets).await });
+        guest.write_all(&[0, 3]).await.unwrap();
+        guest.write_all(b"abc").await.unwrap();
+        let mut reply = Vec::new();
+        guest.read_to_end(&mut reply).await.unwrap();
+        assert_eq!(&reply[..2], &[0, 11]);
+        assert_eq!(&reply[2..], b"full-answer");
         served.await.unwrap().unwrap();
     }
 }
