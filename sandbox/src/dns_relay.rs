@@ -234,6 +234,22 @@ fn tcp_stream(upstream: SocketAddr) -> std::io::Result<std::net::TcpStream> {
 mod tests {
     use super::*;
 
+    /// Relays one framed `query` to a resolver on 127.0.0.1:`port` of
+    /// this test's namespace; the framed reply.
+    async fn relay_query(port: u16, query: &[u8]) -> Vec<u8> {
+        let (mut guest, host) = UnixStream::pair().unwrap();
+        let netns = std::fs::File::open("/proc/self/ns/net").unwrap();
+        let sockets = SocketMaker::start(netns, SocketAddr::from(([127, 0, 0, 1], port)));
+        let served = tokio::spawn(async move { relay(host, &sockets).await });
+        let len = u16::try_from(query.len()).unwrap().to_be_bytes();
+        guest.write_all(&len).await.unwrap();
+        guest.write_all(query).await.unwrap();
+        let mut reply = Vec::new();
+        guest.read_to_end(&mut reply).await.unwrap();
+        served.await.unwrap().unwrap();
+        reply
+    }
+
     #[tokio::test]
     async fn queries_reach_a_loopback_resolver_in_the_namespace() {
         // The test's own namespace stands in for the container's: a fake
@@ -270,16 +286,7 @@ mod tests {
         drop(relay_handle);
         assert!(!dir.path().join("vsock.sock_1053").exists());
 
-        let (mut guest, host) = UnixStream::pair().unwrap();
-        let netns = std::fs::File::open("/proc/self/ns/net").unwrap();
-        let sockets = SocketMaker::start(netns, SocketAddr::from(([127, 0, 0, 1], port)));
-        let served = tokio::spawn(async move { relay(host, &sockets).await });
-        guest.write_all(&[0, 3]).await.unwrap();
-        guest.write_all(b"abc").await.unwrap();
-        let mut reply = Vec::new();
-        guest.read_to_end(&mut reply).await.unwrap();
-        assert_eq!(reply, [0, 3, b'c', b'b', b'a']);
-        served.await.unwrap().unwrap();
+        assert_eq!(relay_query(port, b"abc").await, [0, 3, b'c', b'b', b'a']);
     }
 
     #[tokio::test]
@@ -305,16 +312,8 @@ mod tests {
                 let _ = conn.write_all(b"full-answer");
             }
         });
-        let (mut guest, host) = UnixStream::pair().unwrap();
-        let netns = std::fs::File::open("/proc/self/ns/net").unwrap();
-        let sockets = SocketMaker::start(netns, SocketAddr::from(([127, 0, 0, 1], port)));
-        let served = tokio::spawn(async move { relay(host, &sockets).await });
-        guest.write_all(&[0, 3]).await.unwrap();
-        guest.write_all(b"abc").await.unwrap();
-        let mut reply = Vec::new();
-        guest.read_to_end(&mut reply).await.unwrap();
+        let reply = relay_query(port, b"abc").await;
         assert_eq!(&reply[..2], &[0, 11]);
         assert_eq!(&reply[2..], b"full-answer");
-        served.await.unwrap().unwrap();
     }
 }

@@ -126,11 +126,6 @@ pub fn dns_from_file(path: &Path) -> Option<GuestDns> {
     (!dns.is_empty()).then_some(dns)
 }
 
-/// [`dns_from_file`] of the spec's /etc/resolv.conf bind.
-pub fn dns_from_spec(spec: &Spec) -> Option<GuestDns> {
-    dns_from_file(&bind_source(spec, "/etc/resolv.conf")?)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -199,11 +194,11 @@ mod tests {
             serde_json::json!([{"destination": "/etc/resolv.conf", "type": "bind",
                                 "source": file, "options": ["rbind", "ro"]}]),
         );
-        let dns = dns_from_spec(&s).unwrap();
+        let dns = dns_from_file(&bind_source(&s, "/etc/resolv.conf").unwrap()).unwrap();
         assert_eq!(dns.servers, ["10.0.0.2"]);
         assert_eq!(dns.search, ["svc.local"]);
         assert_eq!(dns.options, ["ndots:5"]);
         let s = spec(serde_json::json!([]), serde_json::json!([]));
-        assert_eq!(dns_from_spec(&s), None);
+        assert_eq!(bind_source(&s, "/etc/resolv.conf"), None);
     }
 }

@@ -98,12 +98,7 @@ impl Doubles {
             .unwrap();
         let d = dir.path();
         std::fs::write(d.join("hook.py"), HOOK).unwrap();
-        std::fs::write(d.join("logger"), LOGGER).unwrap();
-        std::fs::set_permissions(
-            d.join("logger"),
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )
-        .unwrap();
+        executable(&d.join("logger"), LOGGER);
         let conf = serde_json::json!({
             "cniVersion": "1.0.0",
             "name": "nerdctl-double",
@@ -179,6 +174,16 @@ impl Doubles {
             "poststop": [hook("poststop")]
         });
         let path = self.path(&format!("{id}.json"));
+        std::fs::write(&path, spec.to_string()).unwrap();
+        path
+    }
+
+    /// [`Doubles::spec`] without nerdctl's hooks.
+    fn spec_without_hooks(&self, h: &ShimHarness, id: &str, script: &str) -> PathBuf {
+        let path = self.spec(h, id, script, None);
+        let mut spec: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        spec.as_object_mut().unwrap().remove("hooks");
         std::fs::write(&path, spec.to_string()).unwrap();
         path
     }
@@ -344,6 +349,17 @@ fn cni_hooks_and_a_binary_logger_work_as_nerdctl_uses_them() {
     h.assert_clean(&[ids[1].as_str()]);
 }
 
+/// The `ctr: …` error lines of a failed ctr command.
+fn ctr_errors(stderr: &str) -> Vec<&str> {
+    stderr.lines().filter(|l| l.starts_with("ctr: ")).collect()
+}
+
+/// Writes an executable script.
+fn executable(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+}
+
 /// Removes a task and its container whatever happened (a failed assertion
 /// must not leave a runc container or a VM running).
 struct Removed<'a> {
@@ -363,12 +379,7 @@ impl Drop for Removed<'_> {
 fn failing_hooks_and_loggers_fail_or_spare_the_container_as_runc_does() {
     let h = ShimHarness::start();
     let nd = Doubles::new();
-    std::fs::write(nd.path("early-logger"), "#!/bin/sh\nexec 5>&-\nexit 0\n").unwrap();
-    std::fs::set_permissions(
-        nd.path("early-logger"),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    executable(&nd.path("early-logger"), "#!/bin/sh\nexec 5>&-\nexit 0\n");
     for rt in ["runc", "capsid"] {
         // A createRuntime hook that hangs past its timeout fails Create,
         // and the poststop hook still tears its network down.
@@ -392,7 +403,7 @@ fn failing_hooks_and_loggers_fail_or_spare_the_container_as_runc_does() {
             started.elapsed() < Duration::from_secs(25),
             "[{rt}] the hook's timeout was not kept"
         );
-        let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("ctr: ")).collect();
+        let errors = ctr_errors(&err);
         assert_eq!(errors.len(), 1, "[{rt}] {err}");
         assert!(
             nd.hook_log().contains("poststop"),
@@ -415,7 +426,7 @@ fn failing_hooks_and_loggers_fail_or_spare_the_container_as_runc_does() {
             &["--rm", "--config", spec.to_str().unwrap(), &id],
         ));
         assert_ne!(code, 0, "[{rt}] {out}");
-        let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("ctr: ")).collect();
+        let errors = ctr_errors(&err);
         assert_eq!(errors.len(), 1, "[{rt}] {err}");
         std::fs::write(nd.path("state/hook.log"), "").unwrap();
 
@@ -424,13 +435,7 @@ fn failing_hooks_and_loggers_fail_or_spare_the_container_as_runc_does() {
         // is kept.
         let id = format!("early-{rt}-{}", std::process::id());
         let _gone3 = Removed { h: &h, id: &id };
-        let mut spec_json: serde_json::Value = serde_json::from_slice(
-            &std::fs::read(nd.spec(&h, &id, "head -c 1000000 /dev/zero; exit 3", None)).unwrap(),
-        )
-        .unwrap();
-        spec_json.as_object_mut().unwrap().remove("hooks");
-        let spec = nd.path(&format!("{id}-nohooks.json"));
-        std::fs::write(&spec, spec_json.to_string()).unwrap();
+        let spec = nd.spec_without_hooks(&h, &id, "head -c 1000000 /dev/zero; exit 3");
         let uri = format!("binary://{}", nd.path("early-logger").display());
         let (code, out, err) = run(&mut ctr_run(
             &h,
@@ -449,11 +454,7 @@ fn failing_hooks_and_loggers_fail_or_spare_the_container_as_runc_does() {
     // A relative logger path is refused before anything is made.
     let id = format!("relative-{}", std::process::id());
     let _gone = Removed { h: &h, id: &id };
-    let mut spec_json: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(nd.spec(&h, &id, "true", None)).unwrap()).unwrap();
-    spec_json.as_object_mut().unwrap().remove("hooks");
-    let spec = nd.path("relative.json");
-    std::fs::write(&spec, spec_json.to_string()).unwrap();
+    let spec = nd.spec_without_hooks(&h, &id, "true");
     let (code, _, err) = run(&mut ctr_run(
         &h,
         "capsid",
@@ -471,12 +472,7 @@ fn failing_hooks_and_loggers_fail_or_spare_the_container_as_runc_does() {
 
     // A logger that never says it is ready fails Create (after its 10 s).
     // (containerd's runc shim waits for it without a limit: capsid only.)
-    std::fs::write(nd.path("mute-logger"), "#!/bin/sh\nexec sleep 60\n").unwrap();
-    std::fs::set_permissions(
-        nd.path("mute-logger"),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    executable(&nd.path("mute-logger"), "#!/bin/sh\nexec sleep 60\n");
     let uri = format!("binary://{}", nd.path("mute-logger").display());
     let (code, _, err) = run(&mut ctr_run(
         &h,
@@ -491,7 +487,7 @@ fn failing_hooks_and_loggers_fail_or_spare_the_container_as_runc_does() {
         ],
     ));
     assert_ne!(code, 0);
-    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("ctr: ")).collect();
+    let errors = ctr_errors(&err);
     assert_eq!(errors.len(), 1, "{err}");
     assert!(errors[0].contains("did not signal readiness"), "{err}");
     h.assert_clean(&[]);

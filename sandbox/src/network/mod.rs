@@ -188,15 +188,7 @@ pub fn attach_to(
     let wired = wire(&ns, tap_name, &veth.ifname, &mtu, &mut veth_qdisc);
     if let Err(e) = wired {
         if veth_qdisc {
-            if let Err(undo) = ns.tc(&[
-                "qdisc",
-                "del",
-                "dev",
-                &veth.ifname,
-                "handle",
-                INGRESS,
-                "ingress",
-            ]) {
+            if let Err(undo) = remove_ingress(&ns, &veth.ifname) {
                 tracing::warn!(error = %undo, "undoing a failed attach");
             }
         }
@@ -259,6 +251,11 @@ pub fn detach_leftovers(netns: &Path, tap_name: &str) -> Result<(), NetworkError
     remove(&ns, tap_name, None)
 }
 
+/// Removes `dev`'s ingress qdisc, and with it every filter on it.
+fn remove_ingress(ns: &Netns, dev: &str) -> Result<String, NetnsError> {
+    ns.tc(&["qdisc", "del", "dev", dev, "handle", INGRESS, "ingress"])
+}
+
 /// Adds `from`'s ingress filter sending every frame out of `to`.
 fn redirect(ns: &Netns, from: &str, to: &str) -> Result<(), NetworkError> {
     // u32 with an empty match is a catch-all that every kernel has
@@ -293,7 +290,7 @@ fn remove(ns: &Netns, tap: &str, veth: Option<&str>) -> Result<(), NetworkError>
         if veth.is_some() && !read::redirects_to(ns, &target, tap) {
             continue;
         }
-        if let Err(e) = ns.tc(&["qdisc", "del", "dev", &target, "handle", INGRESS, "ingress"]) {
+        if let Err(e) = remove_ingress(ns, &target) {
             first_err.get_or_insert(NetworkError::from(e));
         }
     }

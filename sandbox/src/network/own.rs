@@ -17,7 +17,7 @@
 
 use std::path::Path;
 
-use super::{check_ifname, read, wire, NetworkError, TapAttachment, INGRESS};
+use super::{check_ifname, read, remove_ingress, wire, NetworkError, TapAttachment, INGRESS};
 use crate::netns::Netns;
 
 /// The namespace's own ephemeral ports: 61440–65535, one u32 mask match
@@ -85,17 +85,9 @@ pub fn join_late(netns: &Path, tap: &str) -> Result<Option<TapAttachment>, Netwo
         .and_then(|()| let_host_traffic_through(&ns, &veth.ifname, tap));
     if let Err(e) = wired {
         // The tap stays (the VM holds it); its filters go.
-        let _ = ns.tc(&["qdisc", "del", "dev", tap, "handle", INGRESS, "ingress"]);
+        let _ = remove_ingress(&ns, tap);
         if veth_qdisc {
-            let _ = ns.tc(&[
-                "qdisc",
-                "del",
-                "dev",
-                &veth.ifname,
-                "handle",
-                INGRESS,
-                "ingress",
-            ]);
+            let _ = remove_ingress(&ns, &veth.ifname);
         }
         return Err(e);
     }
