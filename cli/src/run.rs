@@ -17,6 +17,7 @@ use capsid_sandbox::sandbox::{self as sb, Sandbox, SandboxOptions};
 use capsid_sandbox::seccomp::SeccompChoice;
 use capsid_sandbox::spec::{self, ImageDefaults, RunOptions};
 use capsid_sandbox::stdio::{Streams, StreamsWanted};
+use capsid_sandbox::volumes::{self, Share};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::Instrument;
@@ -89,6 +90,10 @@ pub struct RunArgs {
         default_value = "default"
     )]
     seccomp: String,
+    /// A host file or directory in the container, shared over virtio-fs
+    /// (repeatable; `:ro` makes it read-only).
+    #[arg(short = 'v', long = "volume", value_name = "HOST:CONTAINER[:ro|rw]")]
+    volumes: Vec<String>,
     /// Command and arguments (default: the image's).
     #[arg(last = true, value_name = "CMD")]
     command: Vec<String>,
@@ -168,7 +173,10 @@ async fn run_timed(
         rlimits: args.rlimits.clone(),
         seccomp: SeccompChoice::parse(&args.seccomp).profile()?,
     };
-    let oci = spec::build(&defaults, &opts)?;
+    let mut oci = spec::build(&defaults, &opts)?;
+    let volumes = parse_volumes(&args.volumes)?;
+    spec::add_binds(&mut oci, &volumes)?;
+    let volumes = volumes::take_volumes(&mut oci)?;
     if let Some(limit) = args.memory_limit {
         if limit >= u64::from(memory_mib) {
             bail!("--memory-limit {limit} MiB does not fit in a {memory_mib} MiB guest (raise --memory)");
@@ -188,6 +196,15 @@ async fn run_timed(
     // From here until the container runs, a signal ends the start-up
     // through the clean-up below instead of killing us mid-way.
     let mut early_signals = EarlySignals::catch();
+    // No volumes, no share and no virtiofsd. Dropped (taken down) after
+    // the VM stops, at the end of this function.
+    let share = if volumes.is_empty() {
+        None
+    } else {
+        let dir = volumes::share_dir(&config.paths.state_dir, &id);
+        journal.set_share(&dir)?;
+        Some(Share::prepare(&dir, &volumes)?)
+    };
     let net = net_plan.setup(&config, &id, &mut journal).await?;
     let dns = net_plan.resolver(net.as_ref());
     let backend_kind = backend.kind();
@@ -205,6 +222,7 @@ async fn run_timed(
             kernel_args: vec![],
             network: net.as_ref().and_then(|n| n.guest_network()),
             balloon_opt_out: args.no_balloon,
+            share_dir: share.as_ref().map(|s| s.dir().to_path_buf()),
         },
     )
     .instrument(tracing::info_span!("sandbox_start"));
@@ -253,6 +271,7 @@ async fn run_timed(
         .await;
     timings.phases().vm_gone_ms = Some(timings.now());
     crate::network::teardown(net, &mut journal).await;
+    drop(share);
     drop(journal);
     drop(rootfs);
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
@@ -267,6 +286,32 @@ async fn run_timed(
         "capsid run phases"
     );
     result
+}
+
+/// `-v HOST:CONTAINER[:ro|rw]` as binds; HOST must be absolute (a name
+/// would be a Docker named volume, which `capsid run` has none of).
+fn parse_volumes(args: &[String]) -> anyhow::Result<Vec<spec::Bind>> {
+    args.iter()
+        .map(|arg| {
+            let mut parts = arg.splitn(3, ':');
+            let (Some(host), Some(guest)) = (parts.next(), parts.next()) else {
+                bail!("-v {arg:?}: expected HOST:CONTAINER[:ro|rw]");
+            };
+            let readonly = match parts.next() {
+                None | Some("rw") => false,
+                Some("ro") => true,
+                Some(other) => bail!("-v {arg:?}: unknown mode {other:?} (ro or rw)"),
+            };
+            if !host.starts_with('/') {
+                bail!("-v {arg:?}: the host path must be absolute");
+            }
+            Ok(spec::Bind {
+                source: host.into(),
+                destination: guest.into(),
+                readonly,
+            })
+        })
+        .collect()
 }
 
 /// The image as a cached rootfs disk (converted once, then a cache hit),

@@ -72,6 +72,11 @@ impl RunJournal {
         Ok(self.file.update(|r| r.host.cni = Some(network.clone()))?)
     }
 
+    /// Records the volume share before it is made.
+    pub fn set_share(&mut self, dir: &Path) -> anyhow::Result<()> {
+        Ok(self.file.update(|r| r.host.share = Some(dir.to_path_buf()))?)
+    }
+
     /// Records the VM's processes.
     pub fn set_vm_processes(&mut self, pids: &[u32]) -> anyhow::Result<()> {
         Ok(self.file.update(|r| r.host.set_vm_processes(pids))?)

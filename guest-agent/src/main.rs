@@ -21,6 +21,7 @@ mod reaper;
 mod rootfs;
 mod runtime;
 mod seccomp;
+mod share;
 mod server;
 mod stats;
 mod stdio;

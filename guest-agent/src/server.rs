@@ -100,6 +100,7 @@ impl AgentService for Service {
             dns_options: req.dns_options,
             dns_relay_port: req.dns_relay_port,
             etc_hosts: req.etc_hosts,
+            share_tag: req.share_tag,
         };
         let pid = self.containers.create(create).await.map_err(status)?;
         let mut r = CreateContainerResponse::new();

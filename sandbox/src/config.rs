@@ -115,6 +115,16 @@ pub struct Config {
     pub network: NetworkConfig,
     /// Over-assignment and the balloon policy.
     pub memory: MemoryConfig,
+    /// Host directories shared with guests (virtio-fs).
+    pub volumes: VolumesConfig,
+}
+
+/// `[volumes]`: how host directories reach the guest (docs/volumes.md).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VolumesConfig {
+    /// virtiofsd's cache mode: `auto` (default), `never` or `always`.
+    pub cache: crate::backend::FsCache,
 }
 
 /// `[paths]`: binaries, guest assets and state directories.
@@ -139,6 +149,9 @@ pub struct PathsConfig {
     pub vmm: PathBuf,
     /// The capsid-vhost binary.
     pub vhost: PathBuf,
+    /// virtiofsd, the virtio-fs daemon serving volumes (`make deps`
+    /// installs it beside capsid).
+    pub virtiofsd: PathBuf,
 }
 
 impl Default for PathsConfig {
@@ -154,6 +167,7 @@ impl Default for PathsConfig {
             qemu: PathBuf::from("qemu-system-x86_64"),
             vmm: PathBuf::from("capsid-vmm"),
             vhost: PathBuf::from("capsid-vhost"),
+            virtiofsd: PathBuf::from("virtiofsd"),
         }
     }
 }

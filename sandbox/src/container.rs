@@ -124,6 +124,7 @@ fn create_request(
     spec: &ContainerSpec<'_>,
     pending: &PendingStreams,
     dns_relay_port: u32,
+    share: bool,
 ) -> Result<CreateContainerRequest> {
     let mut req = CreateContainerRequest::new();
     req.container_id = spec.id.into();
@@ -152,6 +153,9 @@ fn create_request(
     if let Some(hosts) = spec.hosts {
         req.etc_hosts = hosts.to_owned();
     }
+    if share {
+        req.share_tag = crate::volumes::SHARE_TAG.into();
+    }
     Ok(req)
 }
 
@@ -162,7 +166,7 @@ impl Sandbox {
         let pending = self
             .bind_streams(spec.streams)
             .map_err(ContainerError::Bind)?;
-        let req = create_request(&spec, &pending, self.dns_relay_port())?;
+        let req = create_request(&spec, &pending, self.dns_relay_port(), self.has_share())?;
         let (pid, streams) = self
             .until_vm_exit(with_streams(pending, self.agent().create_container(&req)))
             .await?;
@@ -305,7 +309,7 @@ mod tests {
                 terminal: false,
             },
         };
-        let req = create_request(&spec, &pending, 0).unwrap();
+        let req = create_request(&spec, &pending, 0, false).unwrap();
         assert_eq!(req.container_id, "c1");
         let sent: Spec = serde_json::from_slice(&req.oci_spec_json).unwrap();
         assert_eq!(sent, oci);
@@ -354,7 +358,7 @@ mod tests {
                 terminal: false,
             },
         };
-        let req = create_request(&spec, &pending, 0).unwrap();
+        let req = create_request(&spec, &pending, 0, false).unwrap();
         assert!(req.dns_servers.is_empty() && req.dns_search.is_empty());
         assert!(!req.rootfs.as_ref().unwrap().readonly);
     }

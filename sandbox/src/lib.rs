@@ -26,3 +26,4 @@ pub mod seccomp;
 pub mod spec;
 pub mod stdio;
 pub mod vmm_control;
+pub mod volumes;

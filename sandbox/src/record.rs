@@ -86,6 +86,10 @@ pub struct HostRecord {
     /// for a new one without a path), deleted last.
     #[serde(default)]
     pub own_netns: Option<PathBuf>,
+    /// The volume share ([`crate::volumes`]): unmounted, its placeholders
+    /// removed, never anything inside a volume.
+    #[serde(default)]
+    pub share: Option<PathBuf>,
 }
 
 impl HostRecord {
@@ -291,6 +295,14 @@ pub fn undo(record: &HostRecord) -> UndoReport {
     for mount in &record.mounts {
         if let Err(e) = unmount(mount) {
             report.errors.push(e);
+        }
+    }
+    if let Some(share) = &record.share {
+        match crate::volumes::undo(share) {
+            Ok(()) => {}
+            Err(e) => report
+                .errors
+                .push(format!("taking down the volume share: {}", chain(&e))),
         }
     }
     if let Some(tap) = &record.tap {

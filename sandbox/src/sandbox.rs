@@ -73,6 +73,9 @@ pub struct SandboxOptions {
     pub network: Option<crate::network::GuestNetwork>,
     /// Keep the balloon policy away from this sandbox's memory.
     pub balloon_opt_out: bool,
+    /// The volume share ([`crate::volumes::Share`]) to serve over
+    /// virtio-fs; `None`: no virtiofsd at all.
+    pub share_dir: Option<PathBuf>,
 }
 
 /// When each start-up phase finished, from [`Sandbox::start`]'s call.
@@ -112,6 +115,8 @@ pub struct Sandbox {
     writable_disks: bool,
     /// The host end of the guest's DNS relay, once asked for.
     dns_relay: Mutex<Option<crate::dns_relay::DnsRelay>>,
+    /// The VM serves a volume share (virtio-fs).
+    share: bool,
     /// Start-up timing.
     pub timings: StartTimings,
 }
@@ -177,6 +182,12 @@ impl Sandbox {
             kernel_args: opts.kernel_args.clone(),
             disks: opts.disks.clone(),
             net: opts.net.clone(),
+            fs: opts.share_dir.as_ref().map(|dir| crate::backend::FsSpec {
+                daemon: config.paths.virtiofsd.clone(),
+                shared_dir: dir.clone(),
+                tag: crate::volumes::SHARE_TAG.into(),
+                cache: config.volumes.cache,
+            }),
             guest_cid: 3,
             run_dir: run_dir.clone(),
         };
@@ -226,6 +237,7 @@ impl Sandbox {
             _balloon_registration: balloon_registration,
             writable_disks: opts.disks.iter().any(|d| !d.readonly),
             dns_relay: Mutex::new(None),
+            share: opts.share_dir.is_some(),
             timings: StartTimings {
                 vm_spawned,
                 agent_connected,
@@ -238,6 +250,12 @@ impl Sandbox {
                     .then(|| Duration::from_nanos(health.now_ns)),
             },
         })
+    }
+
+    /// Whether the VM serves a volume share: containers' volume binds
+    /// name its entries ([`crate::volumes`]).
+    pub fn has_share(&self) -> bool {
+        self.share
     }
 
     /// The VM's main host process (QEMU or capsid-vmm): the pid containerd

@@ -40,6 +40,40 @@ pub enum SpecError {
 /// Result of spec building.
 pub type Result<T> = std::result::Result<T, SpecError>;
 
+/// A host path bound into the container (`capsid run -v`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bind {
+    /// The host file or directory.
+    pub source: std::path::PathBuf,
+    /// Where it goes in the container.
+    pub destination: std::path::PathBuf,
+    /// Read-only.
+    pub readonly: bool,
+}
+
+/// Appends `binds` to `spec`'s mounts as OCI bind mounts (as runc and
+/// Docker write them: `rbind`, `ro` or `rw`), after the defaults, so a
+/// bind may cover a default mount point.
+pub fn add_binds(spec: &mut Spec, binds: &[Bind]) -> Result<()> {
+    let mut mounts = spec.mounts().clone().unwrap_or_default();
+    for b in binds {
+        let mode = if b.readonly { "ro" } else { "rw" };
+        let m = oci_spec::runtime::MountBuilder::default()
+            .destination(b.destination.clone())
+            .typ("bind")
+            .source(b.source.clone())
+            .options(vec!["rbind".to_string(), mode.to_string()])
+            .build()
+            .map_err(|source| SpecError::Build {
+                what: "mounts",
+                source,
+            })?;
+        mounts.push(m);
+    }
+    spec.set_mounts(Some(mounts));
+    Ok(())
+}
+
 /// What the image says about how to run it (from its config).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ImageDefaults {

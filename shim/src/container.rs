@@ -96,6 +96,9 @@ pub enum ContainerError {
     /// A hook failed.
     #[error(transparent)]
     Hook(#[from] crate::hooks::HookError),
+    /// A volume cannot be shared with the VM.
+    #[error(transparent)]
+    Volume(#[from] capsid_sandbox::volumes::VolumeError),
     /// The guest's DNS relay could not be set up.
     #[error(transparent)]
     DnsRelay(#[from] capsid_sandbox::dns_relay::DnsRelayError),

@@ -16,6 +16,7 @@ use capsid_sandbox::netns::NamedNetns;
 use capsid_sandbox::network::{own, tap_name_for, NetworkError, TapRecord};
 use capsid_sandbox::record::{HostRecord, RecordFile, Rollback};
 use capsid_sandbox::sandbox::{backend_for, Sandbox, SandboxOptions};
+use capsid_sandbox::volumes::{self, Share, Volume};
 use oci_spec::runtime::Spec;
 
 use crate::cleanup;
@@ -62,6 +63,8 @@ pub struct Plan {
     pub hosts_file: Option<PathBuf>,
     /// The spec's hooks, run on the host.
     pub hooks: HostHooks,
+    /// Host paths shared with the guest (the spec binds share entries).
+    pub volumes: Vec<Volume>,
 }
 
 impl Plan {
@@ -89,6 +92,7 @@ impl Plan {
         for change in dropped.into_iter().chain(spec::adapt(&mut spec)?) {
             tracing::info!(container = %req.id, "{change}");
         }
+        let volumes = volumes::take_volumes(&mut spec)?;
         let size = sizing::vm_size(&spec, &config.vm)?;
         let balloon_policy = sizing::balloon_policy(&spec)?;
         req.stdio.validate()?;
@@ -107,6 +111,7 @@ impl Plan {
             resolv_conf,
             hosts_file,
             hooks,
+            volumes,
         })
     }
 }
@@ -188,6 +193,15 @@ pub async fn make(req: &CreateRequest, plan: &Plan, config: &Config) -> Result<M
         (None, None) => None,
     };
 
+    // No volumes, no share and no virtiofsd.
+    let share = if plan.volumes.is_empty() {
+        None
+    } else {
+        let dir = volumes::share_dir(&config.paths.state_dir, &name);
+        rollback.update(|r| r.share = Some(dir.clone()))?;
+        Some(Share::prepare(&dir, &plan.volumes)?)
+    };
+
     let backend = backend_for(config)?;
     let opts = SandboxOptions {
         id: name.clone(),
@@ -198,6 +212,7 @@ pub async fn make(req: &CreateRequest, plan: &Plan, config: &Config) -> Result<M
         kernel_args: Vec::new(),
         network: attachment.as_ref().map(|a| a.guest.clone()),
         balloon_opt_out: !plan.balloon_policy,
+        share_dir: share.as_ref().map(|s| s.dir().to_path_buf()),
     };
     let sandbox = Sandbox::start(config, backend, opts).await?;
     rollback.update(|r| r.set_vm_processes(&sandbox.pids()))?;
@@ -266,6 +281,11 @@ pub async fn make(req: &CreateRequest, plan: &Plan, config: &Config) -> Result<M
     let record = rollback
         .commit()
         .ok_or_else(|| ContainerError::Internal("the sandbox record is gone".into()))?;
+    // From here on the record takes the share down, at Delete or after a
+    // crash.
+    if let Some(share) = share {
+        share.keep();
+    }
     Ok(Made {
         sandbox: Arc::new(sandbox),
         record,

@@ -1,9 +1,10 @@
 //! containerd's config.json made fit for a guest. Host LSM labels and host
-//! namespace paths (other than the network's) are dropped; host bind mounts cannot
-//! reach into the VM, so they are refused with a clear error — except the
-//! few that the CRI plugin adds for every container, which the guest
-//! provides itself (/etc/hosts, /etc/hostname and /etc/resolv.conf are
-//! written by the agent; /dev/shm becomes a tmpfs of the container's own;
+//! namespace paths (other than the network's) are dropped. Host bind
+//! mounts stay, to be shared with the VM over virtio-fs
+//! (`capsid_sandbox::volumes`) — except the few that the CRI plugin and
+//! Docker add for every container, which the guest provides itself
+//! (/etc/hosts, /etc/hostname and /etc/resolv.conf are written by the
+//! agent; /dev/shm becomes a tmpfs of the container's own;
 //! /dev/termination-log stays in the container's rootfs).
 
 use oci_spec::runtime::{LinuxNamespaceType, Mount, MountBuilder, Spec};
@@ -11,18 +12,6 @@ use oci_spec::runtime::{LinuxNamespaceType, Mount, MountBuilder, Spec};
 /// Errors adapting the spec.
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
-    /// A host bind mount.
-    #[error(
-        "host bind mount {source} -> {destination} is not supported: \
-         capsid cannot share host directories with the VM yet",
-        source = host
-    )]
-    HostBind {
-        /// The host path.
-        host: String,
-        /// Where the container wanted it.
-        destination: String,
-    },
     /// The spec has no process to run.
     #[error("the OCI spec has no process")]
     NoProcess,
@@ -49,12 +38,7 @@ const GUEST_PROVIDED: &[&str] = &[
     "/dev/termination-log",
 ];
 
-fn is_bind(m: &Mount) -> bool {
-    m.typ().as_deref() == Some("bind")
-        || m.options()
-            .as_ref()
-            .is_some_and(|o| o.iter().any(|o| o == "bind" || o == "rbind"))
-}
+use capsid_sandbox::volumes::is_bind;
 
 /// Checks and adapts `spec`; says what it changed, for the log.
 pub fn adapt(spec: &mut Spec) -> Result<Vec<String>> {
@@ -155,10 +139,7 @@ fn adapt_mounts(spec: &mut Spec) -> Result<Vec<String>> {
             changes.push(format!("/dev/shm is a tmpfs instead of {source}"));
             continue;
         }
-        return Err(SpecError::HostBind {
-            host: source,
-            destination,
-        });
+        kept.push(m);
     }
     spec.set_mounts(Some(kept));
     Ok(changes)
@@ -206,16 +187,15 @@ mod tests {
     }
 
     #[test]
-    fn host_binds_are_refused_by_name() {
+    fn host_binds_stay_for_the_share() {
         let mut s = spec_with(serde_json::json!([
-            {"destination": "/data", "type": "bind", "source": "/srv/data", "options": ["rbind", "rw"]}
+            {"destination": "/data", "type": "bind", "source": "/srv/data", "options": ["rbind", "rw"]},
+            {"destination": "/etc/hosts", "type": "bind", "source": "/var/lib/x/hosts", "options": ["rbind"]}
         ]));
-        let e = adapt(&mut s).unwrap_err().to_string();
-        assert!(e.contains("/srv/data -> /data"), "{e}");
-        let mut s = spec_with(serde_json::json!([
-            {"destination": "/data", "source": "/srv/data", "options": ["bind"]}
-        ]));
-        assert!(matches!(adapt(&mut s), Err(SpecError::HostBind { .. })));
+        adapt(&mut s).unwrap();
+        let mounts = s.mounts().as_ref().unwrap();
+        assert_eq!(mounts.len(), 1);
+        assert_eq!(mounts[0].source().as_deref(), Some(std::path::Path::new("/srv/data")));
     }
 
     #[test]

@@ -54,6 +54,7 @@ fn to_ttrpc(e: ContainerError) -> ttrpc::Error {
         ContainerError::Invalid(_)
         | ContainerError::SpecParse(_)
         | ContainerError::Spec(_)
+        | ContainerError::Volume(_)
         | ContainerError::Sizing(_)
         | ContainerError::BadNetns(_)
         | ContainerError::Io(_) => Code::INVALID_ARGUMENT,

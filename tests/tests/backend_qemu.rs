@@ -29,6 +29,7 @@ fn spec(run_dir: PathBuf) -> VmSpec {
         kernel_args: vec![],
         disks: vec![],
         net: None,
+        fs: None,
         guest_cid: 3,
         run_dir,
     }

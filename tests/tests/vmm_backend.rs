@@ -23,6 +23,7 @@ fn spec(kernel: &Path, initramfs: &Path, run_dir: &Path) -> VmSpec {
         kernel_args: vec!["capsid.test=backend".into()],
         disks: vec![],
         net: None,
+        fs: None,
         guest_cid: 3,
         run_dir: run_dir.to_path_buf(),
     }

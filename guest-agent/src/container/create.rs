@@ -37,6 +37,8 @@ pub struct CreateRequest {
     /// Non-zero: the host's vsock port answering DNS for the loopback
     /// servers ([`crate::dns_relay`]).
     pub dns_relay_port: u32,
+    /// Non-empty: the virtio-fs share the spec's volumes live on.
+    pub share_tag: String,
 }
 
 impl Containers {
@@ -108,6 +110,11 @@ impl Containers {
         if req.dns_relay_port != 0 {
             crate::dns_relay::ensure(&req.dns_servers, req.dns_relay_port)
                 .await
+                .map_err(|e| ContainerError::Runtime(crate::describe(&e)))?;
+        }
+
+        if !req.share_tag.is_empty() {
+            crate::share::ensure(&req.share_tag)
                 .map_err(|e| ContainerError::Runtime(crate::describe(&e)))?;
         }
 

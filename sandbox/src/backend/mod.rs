@@ -8,6 +8,7 @@
 pub mod capsid_vmm;
 mod process;
 pub mod qemu;
+pub mod virtiofsd;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -97,6 +98,45 @@ pub struct NetSpec {
     pub netns: Option<PathBuf>,
 }
 
+/// How the guest caches a virtio-fs share (virtiofsd's `--cache`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FsCache {
+    /// Data and metadata cached for a second, revalidated on open
+    /// (close-to-open consistency with the host).
+    #[default]
+    Auto,
+    /// Nothing cached: every access goes to the host.
+    Never,
+    /// Cached until the guest evicts it: fastest, blind to host changes.
+    Always,
+}
+
+impl FsCache {
+    /// virtiofsd's word for it.
+    pub fn as_arg(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Never => "never",
+            Self::Always => "always",
+        }
+    }
+}
+
+/// A host directory shared with the guest over virtio-fs (crate::volumes
+/// prepares it; the backend runs virtiofsd on it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FsSpec {
+    /// The virtiofsd binary (a bare name is looked up like capsid's own).
+    pub daemon: PathBuf,
+    /// The directory exported.
+    pub shared_dir: PathBuf,
+    /// The tag the guest mounts it by (at most 36 bytes).
+    pub tag: String,
+    /// The guest's caching.
+    pub cache: FsCache,
+}
+
 /// Everything a backend needs to start one VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmSpec {
@@ -116,6 +156,8 @@ pub struct VmSpec {
     pub disks: Vec<DiskSpec>,
     /// Network interface, if any.
     pub net: Option<NetSpec>,
+    /// The sandbox's virtio-fs share, if it has volumes.
+    pub fs: Option<FsSpec>,
     /// Guest CID for vsock.
     pub guest_cid: u32,
     /// Directory for the VM's sockets and logs. The backend creates it and
@@ -146,6 +188,20 @@ impl VmSpec {
                     "disk serial {:?} is longer than 20 bytes",
                     disk.serial
                 )));
+            }
+        }
+        if let Some(fs) = &self.fs {
+            if fs.tag.is_empty() || fs.tag.len() > 36 {
+                return Err(BackendError::InvalidSpec(format!(
+                    "virtio-fs tag {:?} must be 1 to 36 bytes",
+                    fs.tag
+                )));
+            }
+            if !fs.shared_dir.is_dir() {
+                return Err(BackendError::Missing {
+                    what: "shared directory",
+                    path: fs.shared_dir.clone(),
+                });
             }
         }
         if self.vcpus == 0 || self.vcpus > crate::config::MAX_VCPUS {

@@ -173,6 +173,19 @@ impl QemuBackend {
             sockets.push(s);
         }
 
+        // virtio-fs: virtiofsd is not a capsid-vhost, and the tag is QEMU's.
+        if let Some(fs) = &spec.fs {
+            let daemon = super::virtiofsd::start(fs, run)?;
+            qemu_args.extend(chardev("fs0", &daemon.socket));
+            qemu_args.extend([
+                "-device".into(),
+                format!("vhost-user-fs-device,chardev=fs0,tag={}", fs.tag),
+            ]);
+            vm.devices.push(daemon.process);
+            // Its socket is already there: the wait below skips it.
+            sockets.push(daemon.socket);
+        }
+
         if let Some(net) = &spec.net {
             let args = vec![
                 "net".into(),

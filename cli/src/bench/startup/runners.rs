@@ -162,6 +162,7 @@ impl Bench {
             kernel_args: vec![],
             disks: vec![],
             net: None,
+            fs: None,
             guest_cid: 3,
             run_dir: self.dir.path().join("bare"),
         };
