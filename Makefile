@@ -17,11 +17,11 @@ BINARIES    := capsid capsid-balloond capsid-vmm capsid-vhost containerd-shim-ca
 # Debian packages the build, the tests and the demo need.
 APT_PACKAGES := build-essential pkg-config python3 cpio xz-utils \
 	linux-source-6.1 flex bison bc libelf-dev libssl-dev \
-	qemu-system-x86 busybox-static erofs-utils e2fsprogs libseccomp-dev \
+	qemu-system-x86 busybox-static erofs-utils e2fsprogs libseccomp-dev libcap-ng-dev \
 	containerd runc iproute2 containernetworking-plugins iptables nftables util-linux \
 	fonts-dejavu-core
 
-.PHONY: all deps kernel agent guest-tool initramfs images assets build release lint test fuzz install demo clean clients
+.PHONY: all deps virtiofsd kernel agent guest-tool initramfs images assets build release lint test fuzz install demo clean clients
 
 all: build assets
 
@@ -34,6 +34,23 @@ deps:
 		echo "[deps] installing:" $$missing; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	else echo "[deps] all packages present"; fi
+	@$(MAKE) --no-print-directory virtiofsd
+
+# virtiofsd (the virtio-fs project's vhost-user-fs daemon) serves volumes to
+# the guest; Debian 12 has none, so it is built from crates.io into the
+# prefix (cargo skips it when this version is installed there already).
+VIRTIOFSD_VERSION := 1.14.0
+# Its build is kept outside the clone, so another prefix (the test of this
+# target) rebuilds nothing.
+VIRTIOFSD_BUILD := /var/cache/capsid/virtiofsd-build
+virtiofsd:
+	@if [ "$$($(PREFIX)/bin/virtiofsd --version 2>/dev/null)" = "virtiofsd $(VIRTIOFSD_VERSION)" ]; then \
+		echo "[deps] virtiofsd $(VIRTIOFSD_VERSION) present"; \
+	else \
+		echo "[deps] building virtiofsd $(VIRTIOFSD_VERSION) into $(PREFIX)/bin"; \
+		CARGO_TARGET_DIR=$(VIRTIOFSD_BUILD) $(CARGO) install --locked --quiet --root $(PREFIX) \
+			virtiofsd --version $(VIRTIOFSD_VERSION); \
+	fi
 
 kernel:
 	bash kernel-config/build.sh $(BUILD)/kernel

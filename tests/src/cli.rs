@@ -63,6 +63,7 @@ impl Capsid {
             .into_iter()
             .filter(|p| p.file_name() != Some(".cni".as_ref()) || cni_leases(p) > 0)
             .filter(|p| p.file_name() != Some(".runs".as_ref()) || !run_records(p).is_empty())
+            .filter(|p| p.file_name() != Some(".shares".as_ref()) || !is_empty_dir(p))
             .collect();
         assert!(left.is_empty(), "left in the state dir: {left:?}");
         let marker = self.dir.path().display().to_string();
@@ -76,6 +77,14 @@ impl Capsid {
                 "process left running: {cmdline}"
             );
         }
+        // No volume bind or share is left mounted.
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let state = run.display().to_string();
+        let mounted: Vec<&str> = mountinfo
+            .lines()
+            .filter(|l| l.split(' ').nth(4).is_some_and(|p| p.starts_with(&state)))
+            .collect();
+        assert!(mounted.is_empty(), "left mounted: {mounted:?}");
         // Only the image cache remains (disks, no temp files or locks).
         let cache = self.dir.path().join("cache/images");
         for entry in std::fs::read_dir(&cache).into_iter().flatten().flatten() {
@@ -92,6 +101,12 @@ impl Default for Capsid {
     fn default() -> Self {
         Self::new()
     }
+}
+
+fn is_empty_dir(p: &Path) -> bool {
+    std::fs::read_dir(p)
+        .map(|mut d| d.next().is_none())
+        .unwrap_or(true)
 }
 
 /// The run records (`*.json`) in a `.runs` dir.

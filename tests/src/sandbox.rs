@@ -89,6 +89,7 @@ pub async fn busybox_sandbox(dir: &Path, id: &str) -> Sandbox {
         kernel_args: vec![],
         network: None,
         balloon_opt_out: false,
+        share_dir: None,
     };
     Sandbox::start(&config, backend, opts).await.unwrap()
 }

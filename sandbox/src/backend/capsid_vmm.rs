@@ -79,6 +79,7 @@ impl CapsidVmmBackend {
                 ..BalloonConfig::default()
             }),
             control_socket: Some(control_path(&spec.run_dir)),
+            fs: None,
         })
     }
 }
@@ -296,6 +297,7 @@ mod tests {
                 mac: "52:54:00:00:00:01".into(),
                 netns: None,
             }),
+            fs: None,
             guest_cid: 7,
             run_dir: "/run/capsid/t".into(),
         };
