@@ -394,8 +394,12 @@ impl DockerHarness {
             }
         }
         let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        let state = self.state_dir().display().to_string();
         for m in mounts.lines() {
-            if m.contains(&format!("{}/run", dir)) || m.contains("capsid-lowers") {
+            if m.contains(&format!("{}/run", dir))
+                || m.contains("capsid-lowers")
+                || m.contains(&state)
+            {
                 found.push(format!("mount {m}"));
             }
         }

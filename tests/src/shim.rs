@@ -55,6 +55,14 @@ pub fn state_leftovers(state_dir: &Path) -> Vec<String> {
             {
                 found.push(format!("network namespace {}", ns.path().display()));
             }
+        } else if entry.file_name() == ".shares" {
+            for share in std::fs::read_dir(entry.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                found.push(format!("volume share {}", share.path().display()));
+            }
         } else {
             found.push(format!("run dir {}", entry.path().display()));
         }

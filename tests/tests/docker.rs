@@ -559,3 +559,71 @@ fn wait_log_count(h: &DockerHarness, name: &str, text: &str, count: usize) {
         h.log_tail()
     );
 }
+
+#[test]
+fn volumes_bind_mounts_named_volumes_and_init() {
+    let h = DockerHarness::start();
+    let host = h.dir().join("host-data");
+    std::fs::create_dir_all(&host).unwrap();
+    std::fs::write(host.join("in.txt"), "from the host\n").unwrap();
+    let cfg = h.dir().join("app.conf");
+    std::fs::write(&cfg, "setting=1\n").unwrap();
+    let data = format!("{}:/data", host.display());
+    let mount = format!("type=bind,src={},dst=/etc/app.conf,readonly", cfg.display());
+    for rt in RUNTIMES {
+        // -v read-write, --mount read-only single file.
+        let out = h.run_ok(
+            rt,
+            &[
+                "-v",
+                &data,
+                "--mount",
+                &mount,
+                BUSYBOX,
+                "sh",
+                "-c",
+                &format!(
+                    "cat /data/in.txt /etc/app.conf; echo {rt} > /data/by-{rt}; \
+                     echo x >> /etc/app.conf 2>/dev/null || echo conf-refused"
+                ),
+            ],
+        );
+        assert_eq!(out, "from the host\nsetting=1\nconf-refused\n", "[{rt}]");
+        assert_eq!(
+            std::fs::read_to_string(host.join(format!("by-{rt}"))).unwrap(),
+            format!("{rt}\n"),
+            "[{rt}] the write is on the host when the container exited"
+        );
+        assert_eq!(std::fs::read_to_string(&cfg).unwrap(), "setting=1\n");
+
+        // A named volume keeps data from one container to the next.
+        let volume = format!("vol-{rt}");
+        let (code, _, err) = h.docker(&["volume", "create", &volume]);
+        assert_eq!(code, 0, "{err}");
+        let at = format!("{volume}:/v");
+        h.run_ok(rt, &["-v", &at, BUSYBOX, "sh", "-c", "echo kept > /v/f"]);
+        let out = h.run_ok(rt, &["-v", &at, BUSYBOX, "cat", "/v/f"]);
+        assert_eq!(out, "kept\n", "[{rt}]");
+
+        // --init: Docker binds its docker-init (tini) as the container's init.
+        let out = h.run_ok(
+            rt,
+            &[
+                "--init",
+                BUSYBOX,
+                "sh",
+                "-c",
+                "cat /proc/1/cmdline | tr '\\0' ' '",
+            ],
+        );
+        assert!(out.starts_with("/sbin/docker-init -- sh"), "[{rt}] {out}");
+    }
+    // A device node cannot be shared with a VM: one error (runc binds it).
+    let (code, _, err) = h.run(CAPSID, &["--rm", "-v", "/dev/null:/x", BUSYBOX, "true"]);
+    assert_eq!(code, 125, "{err}");
+    assert!(
+        err.contains("/dev/null") && err.contains("device node"),
+        "{err}"
+    );
+    h.assert_clean();
+}

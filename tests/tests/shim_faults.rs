@@ -136,7 +136,19 @@ fn killing_the_vm_ends_the_task_with_a_fault() {
 #[test]
 fn killing_the_shim_lets_containerd_clean_up() {
     let h = ShimHarness::start();
-    h.run_detached("s1", &["sleep", "1000"]);
+    // With a volume: its share must be taken down, its contents kept.
+    let vol = h.state_dir().with_file_name("vol");
+    std::fs::create_dir_all(&vol).unwrap();
+    std::fs::write(vol.join("precious"), "keep me\n").unwrap();
+    let mount = format!("type=bind,src={},dst=/data,options=rbind:rw", vol.display());
+    let (code, out, err) = capsid_tests::run(&mut h.run_cmd(
+        &["-d", "--mount", &mount],
+        BUSYBOX,
+        "s1",
+        &["sh", "-c", "echo guest > /data/written; sleep 1000"],
+    ));
+    assert_eq!(code, 0, "{out}{err}\n{}", h.log_tail());
+    h.wait_status("s1", "RUNNING", Duration::from_secs(10));
     assert!(!h.vm_pids("s1").is_empty());
     let shim = h.shim_pid("s1").expect("the shim of s1");
     kill9(shim);
@@ -159,6 +171,10 @@ fn killing_the_shim_lets_containerd_clean_up() {
     let (code, _, err) = h.ctr(&["container", "delete", "s1"]);
     assert_eq!(code, 0, "{err}");
     h.assert_clean(&["s1"]);
+    assert_eq!(
+        std::fs::read_to_string(vol.join("precious")).unwrap(),
+        "keep me\n"
+    );
 }
 
 #[test]

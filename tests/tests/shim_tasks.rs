@@ -433,3 +433,67 @@ fn seccomp_profiles_from_ctr() {
 
     h.assert_clean(&["s1", "s2", "s3", "s4", "s5"]);
 }
+
+#[test]
+fn bind_mounts_reach_the_guest_through_virtio_fs() {
+    let h = ShimHarness::start();
+    let data = h.state_dir().with_file_name("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("in.txt"), "from the host\n").unwrap();
+    let token = h.state_dir().with_file_name("token");
+    std::fs::write(&token, "t0k3n\n").unwrap();
+    let rw = format!(
+        "type=bind,src={},dst=/data,options=rbind:rw",
+        data.display()
+    );
+    let ro = format!(
+        "type=bind,src={},dst=/run/token,options=rbind:ro",
+        token.display()
+    );
+    let (code, out, err) = h.run_with(
+        &["--rm", "--mount", &rw, "--mount", &ro],
+        "m1",
+        &[
+            "sh",
+            "-c",
+            "cat /data/in.txt /run/token; echo guest > /data/out.txt; \
+             echo x >> /run/token 2>/dev/null || echo token-refused",
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}\n{}", h.log_tail());
+    assert_eq!(out, "from the host\nt0k3n\ntoken-refused\n");
+    assert_eq!(
+        std::fs::read_to_string(data.join("out.txt")).unwrap(),
+        "guest\n"
+    );
+    assert_eq!(std::fs::read_to_string(&token).unwrap(), "t0k3n\n");
+
+    // Bad sources and destinations: one error from Create, nothing left.
+    let missing = h.state_dir().with_file_name("missing");
+    for (mount, words) in [
+        (
+            format!(
+                "type=bind,src={},dst=/data,options=rbind:rw",
+                missing.display()
+            ),
+            "cannot be opened",
+        ),
+        (
+            format!(
+                "type=bind,src={},dst=/proc/x,options=rbind:rw",
+                data.display()
+            ),
+            "inside /proc or /sys",
+        ),
+        (
+            "type=bind,src=/dev/null,dst=/null,options=rbind:rw".to_string(),
+            "device node",
+        ),
+    ] {
+        let (code, out, err) = h.run_with(&["--rm", "--mount", &mount], "m2", &["true"]);
+        assert_ne!(code, 0, "{mount}: {out}");
+        assert!(err.contains(words), "{mount}: {err}");
+        let _ = h.ctr(&["container", "delete", "m2"]);
+        h.assert_clean(&["m1", "m2"]);
+    }
+}

@@ -8,11 +8,15 @@
 //! * `resolve NAME`: asks the first nameserver of /etc/resolv.conf for
 //!   NAME's IPv4 address (a plain DNS query over UDP: static binaries
 //!   cannot use glibc's NSS) and prints it.
+//! * `iobench DIR [--size-mib N] [--ops N] [--files N]`: file I/O
+//!   throughput and metadata operations in DIR (benches/volumes.py), one
+//!   JSON object per line; every file it makes is removed again.
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::{Read, Seek, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::process::ExitCode;
+use std::time::Instant;
 
 const HOST_CID: u32 = 2;
 
@@ -129,10 +133,16 @@ fn main() -> ExitCode {
         (Some("vsock-connect"), Some(p), _) => cmd_connect(p),
         (Some("vsock-echo-server"), Some(p), Some(n)) => cmd_echo_server(p, n),
         (Some("resolve"), _, _) if args.len() == 2 => cmd_resolve(&args[1]),
+        (Some("iobench"), _, _) => match IoBench::parse(&args[1..]) {
+            Some(bench) => bench.run(),
+            None => Err(std::io::Error::other(
+                "usage: iobench DIR [--size-mib N] [--ops N] [--files N]",
+            )),
+        },
         _ => {
             eprintln!(
                 "usage: capsid-guest-tool vsock-connect PORT | vsock-echo-server PORT NOTIFY_PORT \
-                 | resolve NAME"
+                 | resolve NAME | iobench DIR [--size-mib N] [--ops N] [--files N]"
             );
             return ExitCode::from(2);
         }
@@ -205,4 +215,219 @@ fn cmd_resolve(name: &str) -> std::io::Result<()> {
         at += len;
     }
     Err(bad())
+}
+
+/// Block size of the random reads and writes.
+const IO_BLOCK: u64 = 4096;
+/// Size of each sequential write and read.
+const SEQ_CHUNK: usize = 1 << 20;
+
+/// `iobench`: what to measure, in which directory.
+#[derive(Debug)]
+struct IoBench {
+    dir: std::path::PathBuf,
+    size_mib: u64,
+    ops: u64,
+    files: u64,
+}
+
+/// Removes what iobench made when it goes out of scope, on error too.
+#[derive(Debug)]
+struct Cleanup {
+    file: std::path::PathBuf,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.file);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// xorshift64: the same offsets in every run and on every side.
+#[derive(Debug)]
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// Prints one result line: `{"test":TEST,FIELDS,"secs":S,"UNIT":COUNT/S}`.
+fn report(test: &str, fields: &str, count: f64, unit: &str, start: Instant) {
+    let secs = start.elapsed().as_secs_f64().max(1e-9);
+    println!(
+        r#"{{"test":"{test}",{fields},"secs":{secs:.4},"{unit}":{:.2}}}"#,
+        count / secs
+    );
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / f64::from(1u32 << 20)
+}
+
+impl IoBench {
+    fn parse(args: &[String]) -> Option<Self> {
+        let (dir, mut rest) = args.split_first()?;
+        let mut bench = Self {
+            dir: dir.into(),
+            size_mib: 64,
+            ops: 2000,
+            files: 500,
+        };
+        while let [flag, value, tail @ ..] = rest {
+            let value = value.parse::<u64>().ok().filter(|v| *v > 0)?;
+            match flag.as_str() {
+                "--size-mib" => bench.size_mib = value,
+                "--ops" => bench.ops = value,
+                "--files" => bench.files = value,
+                _ => return None,
+            }
+            rest = tail;
+        }
+        rest.is_empty().then_some(bench)
+    }
+
+    fn run(&self) -> std::io::Result<()> {
+        let tag = format!("iobench-{}", std::process::id());
+        let cleanup = Cleanup {
+            file: self.dir.join(format!("{tag}.bin")),
+            dir: self.dir.join(format!("{tag}.d")),
+        };
+        let written = &cleanup.file;
+        let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
+
+        // Sequential write: 1 MiB writes, then fsync.
+        let mut chunk = vec![0u8; SEQ_CHUNK];
+        for b in chunk.chunks_mut(8) {
+            let word = rng.next().to_le_bytes();
+            b.copy_from_slice(&word[..b.len()]);
+        }
+        let start = Instant::now();
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(written)?;
+        for _ in 0..self.size_mib {
+            f.write_all(&chunk)?;
+        }
+        f.sync_all()?;
+        drop(f);
+        let size = self.size_mib << 20;
+        let fields = format!(r#""mib":{}"#, self.size_mib);
+        report("seq_write", &fields, mib(size), "mib_s", start);
+
+        // Sequential reads of read.bin (made by the caller, so not in this
+        // kernel's page cache); again through a new open (what a cache
+        // kept across opens gives); and a third pass on that same open.
+        let pre_made = self.dir.join("read.bin");
+        let (source, note) = if pre_made.is_file() {
+            (pre_made, "read.bin")
+        } else {
+            (written.clone(), "written file (no read.bin: may be cached)")
+        };
+        let mut f: Option<File> = None;
+        for test in ["seq_read", "seq_reread", "seq_reread_same_fd"] {
+            let start = Instant::now();
+            let file = match f.take() {
+                Some(mut file) if test == "seq_reread_same_fd" => {
+                    file.seek(std::io::SeekFrom::Start(0))?;
+                    file
+                }
+                _ => File::open(&source)?,
+            };
+            let file = f.insert(file);
+            let mut total = 0u64;
+            loop {
+                let n = file.read(&mut chunk)?;
+                if n == 0 {
+                    break;
+                }
+                total += n as u64;
+            }
+            let fields = format!(r#""source":"{note}","mib":{:.2}"#, mib(total));
+            report(test, &fields, mib(total), "mib_s", start);
+        }
+        drop(f);
+
+        // Random 4 KiB reads at aligned offsets of read.bin.
+        let rand_io = |test: &str,
+                       path: &std::path::Path,
+                       write: bool,
+                       rng: &mut XorShift|
+         -> std::io::Result<()> {
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(write)
+                .open(path)?;
+            let blocks = f.metadata()?.len() / IO_BLOCK;
+            if blocks == 0 {
+                return Err(std::io::Error::other(format!(
+                    "{} is smaller than {IO_BLOCK} bytes",
+                    path.display()
+                )));
+            }
+            let mut block = [0u8; IO_BLOCK as usize];
+            let start = Instant::now();
+            for _ in 0..self.ops {
+                let offset = rng.next() % blocks * IO_BLOCK;
+                if write {
+                    block[..8].copy_from_slice(&offset.to_le_bytes());
+                    std::os::unix::fs::FileExt::write_all_at(&f, &block, offset)?;
+                } else {
+                    std::os::unix::fs::FileExt::read_exact_at(&f, &mut block, offset)?;
+                }
+            }
+            if write {
+                f.sync_all()?;
+            }
+            let fields = format!(r#""ops":{}"#, self.ops);
+            report(test, &fields, self.ops as f64, "iops", start);
+            Ok(())
+        };
+        rand_io("rand_read", &source, false, &mut rng)?;
+        // Random 4 KiB writes into the written file, then fsync.
+        rand_io("rand_write", written, true, &mut rng)?;
+        std::fs::remove_file(written)?;
+
+        // Metadata: create (64 bytes each), stat, unlink many small files.
+        std::fs::create_dir(&cleanup.dir)?;
+        let names: Vec<_> = (0..self.files)
+            .map(|i| cleanup.dir.join(format!("f{i}")))
+            .collect();
+        let content = [b'x'; 64];
+        let count = self.files as f64;
+        let fields = format!(r#""files":{}"#, self.files);
+        let start = Instant::now();
+        for name in &names {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(name)?
+                .write_all(&content)?;
+        }
+        report("create", &fields, count, "ops_s", start);
+        let start = Instant::now();
+        for name in &names {
+            if std::fs::symlink_metadata(name)?.len() != 64 {
+                return Err(std::io::Error::other(format!(
+                    "{} is not 64 bytes",
+                    name.display()
+                )));
+            }
+        }
+        report("stat", &fields, count, "ops_s", start);
+        let start = Instant::now();
+        for name in &names {
+            std::fs::remove_file(name)?;
+        }
+        report("unlink", &fields, count, "ops_s", start);
+        std::fs::remove_dir(&cleanup.dir)?;
+        Ok(())
+    }
 }
