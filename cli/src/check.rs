@@ -113,6 +113,13 @@ fn table(r: &HostReport) -> String {
         ("capsid-vmm", found(r.capsid_vmm.as_deref())),
         ("capsid-vhost", found(r.capsid_vhost.as_deref())),
         (
+            "virtiofsd",
+            match &r.virtiofsd {
+                Some((path, version)) => format!("{version} ({})", path.display()),
+                None => "not found: containers with volumes cannot run (make deps)".into(),
+            },
+        ),
+        (
             "containerd",
             r.containerd.clone().unwrap_or_else(|| "not found".into()),
         ),

@@ -133,6 +133,8 @@ pub struct HostReport {
     pub capsid_vmm: Option<PathBuf>,
     /// capsid-vhost (vhost-user device backends for QEMU), when found.
     pub capsid_vhost: Option<PathBuf>,
+    /// virtiofsd (volumes), when found: its path and `--version`.
+    pub virtiofsd: Option<(PathBuf, String)>,
     /// `containerd --version`, when containerd is installed.
     pub containerd: Option<String>,
     /// Guest kernel and initramfs.
@@ -217,6 +219,10 @@ impl HostReport {
             qemu,
             capsid_vmm,
             capsid_vhost,
+            virtiofsd: locate::binary(&config.paths.virtiofsd).map(|p| {
+                let version = command_first_line(&p, &["--version"]).unwrap_or_default();
+                (p, version)
+            }),
             containerd: command_first_line("containerd", &["--version"]),
             assets,
             selection,
