@@ -74,7 +74,9 @@ impl RunJournal {
 
     /// Records the volume share before it is made.
     pub fn set_share(&mut self, dir: &Path) -> anyhow::Result<()> {
-        Ok(self.file.update(|r| r.host.share = Some(dir.to_path_buf()))?)
+        Ok(self
+            .file
+            .update(|r| r.host.share = Some(dir.to_path_buf()))?)
     }
 
     /// Records the VM's processes.

@@ -524,10 +524,20 @@ mod tests {
         );
         let mounts = spec.mounts().clone().unwrap();
         assert_eq!(mounts[0].typ().as_deref(), Some("proc"));
-        assert_eq!(mounts[1].source().as_deref(), Some(Path::new("/run/capsid/volumes/v0")));
-        assert_eq!(mounts[2].source().as_deref(), Some(Path::new("/run/capsid/volumes/v1")));
+        assert_eq!(
+            mounts[1].source().as_deref(),
+            Some(Path::new("/run/capsid/volumes/v0"))
+        );
+        assert_eq!(
+            mounts[2].source().as_deref(),
+            Some(Path::new("/run/capsid/volumes/v1"))
+        );
         assert_eq!(mounts[2].typ().as_deref(), Some("bind"));
-        assert!(mounts[2].options().as_ref().unwrap().contains(&"ro".to_string()));
+        assert!(mounts[2]
+            .options()
+            .as_ref()
+            .unwrap()
+            .contains(&"ro".to_string()));
 
         let mut spec: Spec = serde_json::from_value(serde_json::json!({
             "ociVersion": "1.0.2",

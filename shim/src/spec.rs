@@ -195,7 +195,10 @@ mod tests {
         adapt(&mut s).unwrap();
         let mounts = s.mounts().as_ref().unwrap();
         assert_eq!(mounts.len(), 1);
-        assert_eq!(mounts[0].source().as_deref(), Some(std::path::Path::new("/srv/data")));
+        assert_eq!(
+            mounts[0].source().as_deref(),
+            Some(std::path::Path::new("/srv/data"))
+        );
     }
 
     #[test]
