@@ -24,6 +24,14 @@ pub const MAX_DRIVE_SERIAL_LEN: usize = 20;
 pub const REAL_MODE_LIMIT: u32 = 0x1_0000;
 /// Serial output path meaning the VMM's standard output.
 pub const SERIAL_STDOUT: &str = "-";
+/// Longest virtio-fs tag (the `tag` field of its configuration space).
+pub const MAX_FS_TAG_LEN: usize = 36;
+/// Most request queues a virtio-fs device gets (besides its hiprio queue).
+pub const MAX_FS_REQUEST_QUEUES: u16 = 16;
+/// Request queues of a virtio-fs device unless the config says otherwise.
+pub const DEFAULT_FS_REQUEST_QUEUES: u16 = 1;
+/// Size of each virtio-fs queue unless the config says otherwise.
+pub const DEFAULT_FS_QUEUE_SIZE: u16 = 128;
 
 /// A value of a VM description that is out of range.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,6 +56,13 @@ pub enum InvalidConfig {
         /// `memory_mib`.
         memory_mib: u32,
     },
+    /// `fs.tag` is empty, longer than [`MAX_FS_TAG_LEN`] bytes, or holds a
+    /// control character (NUL would cut it short in the guest).
+    FsTag(String),
+    /// `fs.num_request_queues` is 0 or above [`MAX_FS_REQUEST_QUEUES`].
+    FsRequestQueues(u16),
+    /// `fs.queue_size` is not a power of two.
+    FsQueueSize(u16),
 }
 
 impl fmt::Display for InvalidConfig {
@@ -78,6 +93,17 @@ impl fmt::Display for InvalidConfig {
                 f,
                 "balloon.target_mib = {target_mib} exceeds memory_mib = {memory_mib}"
             ),
+            Self::FsTag(tag) => write!(
+                f,
+                "fs.tag = {tag:?} is not 1 to {MAX_FS_TAG_LEN} bytes without control characters"
+            ),
+            Self::FsRequestQueues(n) => write!(
+                f,
+                "fs.num_request_queues = {n} is not between 1 and {MAX_FS_REQUEST_QUEUES}"
+            ),
+            Self::FsQueueSize(n) => {
+                write!(f, "fs.queue_size = {n} is not a power of two")
+            }
         }
     }
 }
@@ -113,6 +139,10 @@ pub struct VmConfig {
     /// An entropy device (virtio-rng) fed by the host's getrandom(2).
     #[serde(default)]
     pub rng: bool,
+    /// A virtio-fs device whose queues a vhost-user backend (virtiofsd)
+    /// serves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fs: Option<FsConfig>,
     /// Unix socket of the control API (line-delimited JSON, [`crate::control`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub control_socket: Option<PathBuf>,
@@ -199,6 +229,70 @@ pub struct BalloonConfig {
     pub free_page_reporting: bool,
 }
 
+/// A virtio-fs device: capsid-vmm is its vhost-user frontend (the
+/// virtio-mmio registers, the configuration space, feature negotiation);
+/// the backend behind `socket` (virtiofsd) serves its queues straight from
+/// guest memory, which is then shared memory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FsConfig {
+    /// The backend's vhost-user socket (virtiofsd's `--socket-path`),
+    /// connected to when the VM is built.
+    pub socket: PathBuf,
+    /// The name the guest mounts the share by (`mount -t virtiofs TAG`),
+    /// 1 to 36 bytes.
+    pub tag: String,
+    /// Request queues besides the hiprio queue (1 to 16; the backend must
+    /// serve that many).
+    #[serde(default = "default_fs_request_queues")]
+    pub num_request_queues: u16,
+    /// Entries per queue at most (a power of two).
+    #[serde(default = "default_fs_queue_size")]
+    pub queue_size: u16,
+}
+
+fn default_fs_request_queues() -> u16 {
+    DEFAULT_FS_REQUEST_QUEUES
+}
+
+fn default_fs_queue_size() -> u16 {
+    DEFAULT_FS_QUEUE_SIZE
+}
+
+impl FsConfig {
+    /// A device on `socket` mounted by `tag`, with the default queues.
+    pub fn new(socket: impl Into<PathBuf>, tag: impl Into<String>) -> Self {
+        Self {
+            socket: socket.into(),
+            tag: tag.into(),
+            num_request_queues: DEFAULT_FS_REQUEST_QUEUES,
+            queue_size: DEFAULT_FS_QUEUE_SIZE,
+        }
+    }
+
+    /// Checks the tag and the queues.
+    pub fn validate(&self) -> Result<(), InvalidConfig> {
+        if self.tag.is_empty()
+            || self.tag.len() > MAX_FS_TAG_LEN
+            || self.tag.chars().any(char::is_control)
+        {
+            return Err(InvalidConfig::FsTag(self.tag.clone()));
+        }
+        if !(1..=MAX_FS_REQUEST_QUEUES).contains(&self.num_request_queues) {
+            return Err(InvalidConfig::FsRequestQueues(self.num_request_queues));
+        }
+        if !self.queue_size.is_power_of_two() {
+            return Err(InvalidConfig::FsQueueSize(self.queue_size));
+        }
+        Ok(())
+    }
+
+    /// Queues of the device: hiprio, then the request queues.
+    pub fn queue_count(&self) -> usize {
+        1 + usize::from(self.num_request_queues)
+    }
+}
+
 impl VmConfig {
     /// Checks every value against what capsid-vmm can build.
     pub fn validate(&self) -> Result<(), InvalidConfig> {
@@ -238,6 +332,9 @@ impl VmConfig {
                 });
             }
         }
+        if let Some(fs) = &self.fs {
+            fs.validate()?;
+        }
         Ok(())
     }
 
@@ -248,6 +345,7 @@ impl VmConfig {
             + usize::from(self.vsock.is_some())
             + usize::from(self.balloon.is_some())
             + usize::from(self.rng)
+            + usize::from(self.fs.is_some())
     }
 
     /// Guest RAM in bytes.
@@ -272,6 +370,7 @@ mod tests {
         "vsock":{"guest_cid":3,"uds_path":"/run/v.sock"},
         "balloon":{"target_mib":0,"deflate_on_oom":true,"free_page_reporting":true},
         "rng":true,
+        "fs":{"socket":"/run/virtiofsd.sock","tag":"capsid"},
         "control_socket":"/run/api.sock"}"#;
 
     fn parse(text: &str) -> VmConfig {
@@ -302,8 +401,18 @@ mod tests {
     fn parses_a_full_linux_vm() {
         let c = parse(LINUX);
         c.validate().unwrap();
-        assert_eq!(c.virtio_device_count(), 5);
+        assert_eq!(c.virtio_device_count(), 6);
         assert!(matches!(&c.boot, BootConfig::Linux { cmdline, .. } if cmdline == "quiet"));
+        assert_eq!(
+            c.fs,
+            Some(FsConfig {
+                socket: "/run/virtiofsd.sock".into(),
+                tag: "capsid".into(),
+                num_request_queues: 1,
+                queue_size: 128,
+            })
+        );
+        assert_eq!(c.fs.as_ref().map(FsConfig::queue_count), Some(2));
         assert_eq!(c.drives[0].serial.as_deref(), Some("root"));
         assert_eq!(c.balloon.unwrap().stats_polling_interval_s, 0);
         assert_eq!(c.control_socket, Some("/run/api.sock".into()));
@@ -348,6 +457,7 @@ mod tests {
                 ..BalloonConfig::default()
             }),
             rng: true,
+            fs: Some(FsConfig::new("/run/t/virtiofsd.sock", "capsid")),
             control_socket: Some("/run/t/vmm-api.sock".into()),
         };
         assert_eq!(
@@ -371,6 +481,12 @@ mod tests {
                     "free_page_reporting": true,
                 },
                 "rng": true,
+                "fs": {
+                    "socket": "/run/t/virtiofsd.sock",
+                    "tag": "capsid",
+                    "num_request_queues": 1,
+                    "queue_size": 128,
+                },
                 "control_socket": "/run/t/vmm-api.sock",
             })
         );
@@ -379,11 +495,12 @@ mod tests {
             serial: None,
             vsock: None,
             balloon: None,
+            fs: None,
             control_socket: None,
             ..c
         };
         let v = serde_json::to_value(&bare).unwrap();
-        for key in ["serial", "vsock", "balloon", "control_socket"] {
+        for key in ["serial", "vsock", "balloon", "fs", "control_socket"] {
             assert!(v.get(key).is_none(), "{key} in {v}");
         }
         assert_eq!(serde_json::from_value::<VmConfig>(v).unwrap(), bare);
@@ -417,6 +534,46 @@ mod tests {
         let json = GOOD.replace("\"serial\"", &format!("\"drives\":[{drives}],\"serial\""));
         let e = invalid(&json);
         assert!(e.to_string().contains("virtio devices"), "{e}");
+    }
+
+    #[test]
+    fn checks_the_fs_device() {
+        let fs = |tag: &str, queues: u16, size: u16| {
+            let mut c = parse(GOOD);
+            c.fs = Some(FsConfig {
+                num_request_queues: queues,
+                queue_size: size,
+                ..FsConfig::new("/run/v.sock", tag)
+            });
+            c.validate()
+        };
+        assert_eq!(fs("capsid", 1, 128), Ok(()));
+        assert_eq!(fs(&"t".repeat(36), 16, 1024), Ok(()));
+        assert_eq!(fs("", 1, 128), Err(InvalidConfig::FsTag(String::new())));
+        let long = "t".repeat(37);
+        assert_eq!(fs(&long, 1, 128), Err(InvalidConfig::FsTag(long.clone())));
+        // 36 bytes, but fewer characters: bytes are what the config space holds.
+        let wide = "é".repeat(19);
+        assert_eq!(fs(&wide, 1, 128), Err(InvalidConfig::FsTag(wide.clone())));
+        assert!(fs("a\0b", 1, 128).is_err());
+        assert!(fs("a\nb", 1, 128).is_err());
+        assert_eq!(fs("t", 0, 128), Err(InvalidConfig::FsRequestQueues(0)));
+        assert_eq!(fs("t", 17, 128), Err(InvalidConfig::FsRequestQueues(17)));
+        assert_eq!(fs("t", 1, 0), Err(InvalidConfig::FsQueueSize(0)));
+        let e = fs("t", 1, 100).unwrap_err();
+        assert_eq!(e.to_string(), "fs.queue_size = 100 is not a power of two");
+        assert!(fs("t", 1, 32768).is_ok());
+        // Defaults, and the count of devices.
+        let c = parse(&GOOD.replace("\"serial\"", r#""fs":{"socket":"/s","tag":"t"},"serial""#));
+        c.validate().unwrap();
+        assert_eq!(c.fs, Some(FsConfig::new("/s", "t")));
+        assert_eq!(c.virtio_device_count(), 1);
+        let e = serde_json::from_str::<VmConfig>(&GOOD.replace(
+            "\"serial\"",
+            r#""fs":{"socket":"/s","tag":"t","cache":"auto"},"serial""#,
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("cache"), "{e}");
     }
 
     #[test]

@@ -124,7 +124,14 @@ pub fn build(config: &VmConfig) -> Result<Machine> {
             "build"
         );
     };
-    let memory = memory::create_guest_memory(config.memory_bytes())?;
+    // A vhost-user backend maps guest RAM itself: then it is a shared
+    // memfd; otherwise private anonymous memory, as it always was.
+    let backing = if config.fs.is_some() {
+        memory::Backing::Shared
+    } else {
+        memory::Backing::Private
+    };
+    let memory = memory::create_guest_memory(config.memory_bytes(), backing)?;
     // Devices go in a fixed order at fixed places, so the command line is
     // known before they exist: the kernel loads on a second thread while
     // KVM sets up the VM (both take milliseconds, mostly page faults and

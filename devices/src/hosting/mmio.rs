@@ -117,7 +117,8 @@ pub enum TransportEvent {
     /// The driver set DRIVER_OK on a valid set-up: start serving the
     /// device's host-side fd.
     Activated,
-    /// The driver reset a device that was active: stop serving its fd.
+    /// The driver reset a device that was active, or marked it FAILED:
+    /// stop serving its fd.
     Reset,
     /// The driver wrote `QueueNotify` through an exit (no ioeventfd caught
     /// it): the queue needs processing.
@@ -375,8 +376,17 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 device = self.device.name(),
                 "driver marked the device failed"
             );
+            let was_active = self.is_activated();
             self.device_status |= VIRTIO_CONFIG_S_FAILED;
-            return TransportEvent::None;
+            // The device no longer processes anything: its host-side fd
+            // must not be watched either, or a readable one (a tap, a
+            // vhost-user call) would wake the event loop for nothing, for
+            // ever.
+            return if was_active {
+                TransportEvent::Reset
+            } else {
+                TransportEvent::None
+            };
         }
         // The driver only ever adds bits (section 2.1.2).
         if value & self.device_status != self.device_status {
@@ -464,6 +474,17 @@ impl<D: VirtioDevice> MmioTransport<D> {
             self.raise(VIRTIO_MMIO_INT_CONFIG);
             return TransportEvent::None;
         }
+        if let Err(e) = self.device.activate(&self.queues, &self.mem) {
+            self.stats.device_errors += 1;
+            tracing::warn!(
+                device = self.device.name(),
+                error = %crate::describe(&e),
+                "device cannot start; it needs reset"
+            );
+            self.device_status |= VIRTIO_CONFIG_S_NEEDS_RESET;
+            self.raise(VIRTIO_MMIO_INT_CONFIG);
+            return TransportEvent::None;
+        }
         self.device_status |= VIRTIO_CONFIG_S_DRIVER_OK;
         tracing::debug!(device = self.device.name(), "device activated");
         TransportEvent::Activated
@@ -523,6 +544,12 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 }
             }
         };
+        if self.device.needs_reset() {
+            // The device logged why; the driver hears of it through the
+            // status and a configuration interrupt (section 2.1.2).
+            self.device_status |= VIRTIO_CONFIG_S_NEEDS_RESET;
+            self.raise(VIRTIO_MMIO_INT_CONFIG);
+        }
         let ready_mask = self
             .queues
             .iter()
@@ -831,6 +858,28 @@ mod tests {
         assert_eq!(w(&mut t, VIRTIO_MMIO_STATUS, 0), TransportEvent::Reset);
         assert_eq!(r(&mut t, VIRTIO_MMIO_STATUS), 0);
         assert!(!t.process(DeviceEvent::Queue(0)));
+    }
+
+    #[test]
+    fn a_driver_giving_up_stops_the_service() {
+        let (mut t, _, _) = transport();
+        negotiate(&mut t, VIRTIO_F_VERSION_1);
+        setup_queue(&mut t, 16);
+        let s = r(&mut t, VIRTIO_MMIO_STATUS);
+        assert_eq!(
+            w(&mut t, VIRTIO_MMIO_STATUS, s | VIRTIO_CONFIG_S_DRIVER_OK),
+            TransportEvent::Activated
+        );
+        let s = r(&mut t, VIRTIO_MMIO_STATUS);
+        assert_eq!(
+            w(&mut t, VIRTIO_MMIO_STATUS, s | VIRTIO_CONFIG_S_FAILED),
+            TransportEvent::Reset
+        );
+        assert!(!t.is_activated());
+        // Not again, and the later reset has nothing more to stop.
+        let s = r(&mut t, VIRTIO_MMIO_STATUS);
+        assert_eq!(w(&mut t, VIRTIO_MMIO_STATUS, s), TransportEvent::None);
+        assert_eq!(w(&mut t, VIRTIO_MMIO_STATUS, 0), TransportEvent::None);
     }
 
     #[test]

@@ -99,6 +99,18 @@ pub trait VirtioDevice: Send {
         queues: &mut [&mut Queue],
         mem: &GuestMemoryMmap,
     ) -> Result<u64, DeviceError>;
+    /// The driver set DRIVER_OK on queues the transport checked (each
+    /// ready queue lies in guest memory): a device whose queues are served
+    /// elsewhere (a vhost-user frontend) hands them over here. An error
+    /// puts the device out of service until the driver resets it.
+    fn activate(&mut self, _queues: &[Queue], _mem: &GuestMemoryMmap) -> Result<(), DeviceError> {
+        Ok(())
+    }
+    /// Whether the device broke while running (its backend went away) and
+    /// the driver must reset it; asked after every [`Self::process`].
+    fn needs_reset(&self) -> bool {
+        false
+    }
     /// The driver reset the device: drop all in-flight state.
     fn reset(&mut self) {}
 }

@@ -1,7 +1,9 @@
 //! capsid-vmm as a capsid backend: one `capsid-vmm` process per VM, given
 //! the whole VM as one JSON config (devices in-process: blk, net, vsock,
 //! rng, balloon), stopped through its control socket (Ctrl-Alt-Del, then
-//! the VMM's own deadline), then SIGTERM, then SIGKILL.
+//! the VMM's own deadline), then SIGTERM, then SIGKILL. A VM with a
+//! virtio-fs share also gets a virtiofsd, started first (capsid-vmm
+//! connects to it while building the VM) and reaped with the VM.
 
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
@@ -9,7 +11,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use capsid_vmm_api::config::{
-    BalloonConfig, BootConfig, DriveConfig, NetConfig, VmConfig, VsockConfig,
+    BalloonConfig, BootConfig, DriveConfig, FsConfig, NetConfig, VmConfig, VsockConfig,
 };
 use capsid_vmm_api::control::Request;
 
@@ -20,6 +22,8 @@ use crate::vmm_control;
 
 /// How long capsid-vmm gets to build the VM and put up its control socket.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long virtiofsd gets to exit once the VMM (its only client) is gone.
+const VIRTIOFSD_GRACE: Duration = Duration::from_secs(2);
 
 /// capsid's own VMM.
 #[derive(Debug, Clone)]
@@ -79,7 +83,11 @@ impl CapsidVmmBackend {
                 ..BalloonConfig::default()
             }),
             control_socket: Some(control_path(&spec.run_dir)),
-            fs: None,
+            // virtiofsd (started first, by `start`) serves the share's
+            // queues; the tag is the frontend's, in its config space.
+            fs: spec.fs.as_ref().map(|fs| {
+                FsConfig::new(super::virtiofsd::socket_path(&spec.run_dir), fs.tag.clone())
+            }),
         })
     }
 }
@@ -113,6 +121,7 @@ impl Backend for CapsidVmmBackend {
             control: control_path(&spec.run_dir),
             memory_mib: spec.memory_mib,
             vmm: None,
+            virtiofsd: None,
             exit: None,
             stopping: false,
         };
@@ -120,6 +129,14 @@ impl Backend for CapsidVmmBackend {
         // and removes the run directory.
         let config = spec.run_dir.join("vm.json");
         std::fs::write(&config, document).map_err(run_err)?;
+        // virtiofsd first: capsid-vmm connects to its socket while building
+        // the VM. It stays in this namespace (it makes its own sandbox);
+        // only the VMM joins the tap's network namespace, and a Unix socket
+        // path reaches across.
+        if let Some(fs) = &spec.fs {
+            let daemon = super::virtiofsd::start(fs, &spec.run_dir)?;
+            vm.virtiofsd = Some(daemon.process);
+        }
         let mut cmd = match spec.net.as_ref().and_then(|n| n.netns.as_ref()) {
             // The tap lives in the sandbox's network namespace: so must the VMM.
             Some(ns) => {
@@ -130,15 +147,32 @@ impl Backend for CapsidVmmBackend {
             None => Command::new(&self.vmm),
         };
         cmd.arg("--config").arg(&config);
-        let vmm = vm.vmm.insert(Supervised::spawn(
+        vm.vmm = Some(Supervised::spawn(
             "capsid-vmm",
             cmd,
             &spec.run_dir.join("vmm.log"),
         )?);
         // The control socket appears once the VM is built; a VMM that dies
-        // first (bad kernel, missing disk) fails the start with its words.
+        // first (bad kernel, missing disk) fails the start with its words,
+        // and a virtiofsd that died with its own (the VMM cannot have its
+        // share then).
         let deadline = Instant::now() + START_TIMEOUT;
         while !vm.control.exists() {
+            if let Some(daemon) = vm.virtiofsd.as_mut() {
+                if let Some(status) = daemon.try_wait()? {
+                    return Err(BackendError::StartFailed {
+                        what: "virtiofsd".into(),
+                        detail: format!(
+                            "exit status {}: {}",
+                            status_code(status),
+                            daemon.last_words()
+                        ),
+                    });
+                }
+            }
+            let Some(vmm) = vm.vmm.as_mut() else {
+                break;
+            };
             if let Some(status) = vmm.try_wait()? {
                 return Err(BackendError::StartFailed {
                     what: "capsid-vmm".into(),
@@ -166,6 +200,8 @@ pub struct CapsidVm {
     control: PathBuf,
     memory_mib: u32,
     vmm: Option<Supervised>,
+    /// The share's daemon, when the VM has one.
+    virtiofsd: Option<Supervised>,
     exit: Option<VmExit>,
     stopping: bool,
 }
@@ -181,7 +217,12 @@ impl CapsidVm {
         }
     }
 
+    /// Reaps virtiofsd (it ends by itself once the VMM has hung up, else
+    /// SIGTERM then SIGKILL) and removes the run directory.
     fn clean_up(&mut self) {
+        if let Some(daemon) = self.virtiofsd.as_mut() {
+            let _ = daemon.terminate(VIRTIOFSD_GRACE);
+        }
         let _ = std::fs::remove_dir_all(&self.run_dir);
     }
 }
@@ -196,7 +237,12 @@ impl Vm for CapsidVm {
     }
 
     fn pids(&self) -> Vec<u32> {
-        self.vmm.iter().map(Supervised::pid).collect()
+        // The VMM first, as the trait asks.
+        self.vmm
+            .iter()
+            .chain(&self.virtiofsd)
+            .map(Supervised::pid)
+            .collect()
     }
 
     fn try_wait(&mut self) -> Result<Option<VmExit>> {
@@ -328,9 +374,51 @@ mod tests {
                 cmdline: "quiet capsid.x=1".into(),
             }
         );
-        let too_many = VmSpec { vcpus: 256, ..spec };
+        let too_many = VmSpec {
+            vcpus: 256,
+            ..spec.clone()
+        };
         let e = CapsidVmmBackend::vm_config(&too_many).unwrap_err();
         assert!(matches!(e, BackendError::InvalidSpec(_)), "{e}");
+        // No share: no virtio-fs device.
+        let c = serde_json::to_value(CapsidVmmBackend::vm_config(&spec).unwrap()).unwrap();
+        assert!(c.get("fs").is_none(), "{c}");
+    }
+
+    #[test]
+    fn a_share_is_a_vhost_user_fs_device_on_virtiofsds_socket() {
+        use crate::backend::{FsCache, FsSpec};
+        let spec = VmSpec {
+            name: "t".into(),
+            vcpus: 1,
+            memory_mib: 256,
+            kernel: "/k/vmlinux".into(),
+            initramfs: "/k/initramfs".into(),
+            kernel_args: vec![],
+            disks: vec![],
+            net: None,
+            fs: Some(FsSpec {
+                daemon: "virtiofsd".into(),
+                shared_dir: "/run/capsid/shares/t".into(),
+                tag: "capsid-volumes".into(),
+                cache: FsCache::Auto,
+            }),
+            guest_cid: 3,
+            run_dir: "/run/capsid/t".into(),
+        };
+        let c = CapsidVmmBackend::vm_config(&spec).unwrap();
+        let fs = c.fs.clone().unwrap();
+        assert_eq!(fs.tag, "capsid-volumes");
+        // The socket virtiofsd::start puts up.
+        assert_eq!(
+            fs.socket,
+            super::super::virtiofsd::socket_path(&spec.run_dir)
+        );
+        assert_eq!(fs.socket, Path::new("/run/capsid/t/virtiofsd.sock"));
+        assert_eq!(fs.num_request_queues, 1);
+        c.validate().unwrap();
+        // vsock, rng, balloon and the share.
+        assert_eq!(c.virtio_device_count(), 4);
     }
 
     #[test]

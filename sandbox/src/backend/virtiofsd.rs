@@ -53,12 +53,17 @@ pub struct Virtiofsd {
     pub socket: PathBuf,
 }
 
+/// Where the VM in `run_dir` finds virtiofsd's vhost-user socket.
+pub fn socket_path(run_dir: &Path) -> PathBuf {
+    run_dir.join("virtiofsd.sock")
+}
+
 /// Starts virtiofsd for `spec` with its socket and log in `run_dir`, and
 /// waits for the socket. A daemon that dies first fails with its words.
 pub fn start(spec: &FsSpec, run_dir: &Path) -> Result<Virtiofsd> {
     let daemon = crate::locate::binary(&spec.daemon)
         .ok_or_else(|| BackendError::BinaryNotFound(spec.daemon.display().to_string()))?;
-    let socket = run_dir.join("virtiofsd.sock");
+    let socket = socket_path(run_dir);
     let mut process = Supervised::spawn(
         "virtiofsd",
         command(&daemon, spec, &socket),
@@ -109,7 +114,10 @@ mod tests {
         assert!(joined.contains("--sandbox namespace"), "{joined}");
         assert!(joined.contains("--seccomp kill"), "{joined}");
         assert!(joined.contains("--cache auto"), "{joined}");
-        assert!(joined.contains("--shared-dir /run/capsid/shares/s1"), "{joined}");
+        assert!(
+            joined.contains("--shared-dir /run/capsid/shares/s1"),
+            "{joined}"
+        );
         assert!(!args.iter().any(|a| a == "--tag"), "{joined}");
         assert!(!args.iter().any(|a| a == "--xattr"), "{joined}");
     }

@@ -10,7 +10,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::event_loop::LoopHandle;
 use super::legacy::LegacyBus;
-use super::MmioPlacement;
+use super::{MmioPlacement, QueueService};
 use crate::vstate::vcpu::Bus;
 
 /// One virtio-mmio device on the bus.
@@ -19,6 +19,7 @@ pub struct MmioSlot {
     place: MmioPlacement,
     device: Arc<Mutex<dyn MmioDevice>>,
     queue_evts: Vec<EventFd>,
+    service: QueueService,
 }
 
 impl std::fmt::Debug for MmioSlot {
@@ -43,7 +44,19 @@ impl MmioSlot {
             place,
             device,
             queue_evts,
+            service: QueueService::EventLoop,
         }
+    }
+
+    /// The same slot, its queue notify eventfds read by `service`.
+    pub fn served_by(mut self, service: QueueService) -> Self {
+        self.service = service;
+        self
+    }
+
+    /// Who reads the queue notify eventfds.
+    pub fn queue_service(&self) -> QueueService {
+        self.service
     }
 
     /// The device's short name.

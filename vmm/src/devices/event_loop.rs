@@ -1,7 +1,9 @@
 //! The one thread that serves every virtio device: an epoll set holding
 //! each queue's notify eventfd (signalled by KVM on the guest's
 //! `QueueNotify` write, without an exit) and, while a device is active,
-//! its host-side fd (tap, vsock sockets, balloon statistics timer).
+//! its host-side fd (tap, vsock sockets, balloon statistics timer, a
+//! vhost-user backend's call eventfds). The queues of a device served by
+//! a vhost-user backend are not watched: the backend reads them.
 
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -11,7 +13,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::bus::MmioSlot;
-use super::{DeviceError, Result};
+use super::{DeviceError, QueueService, Result};
 
 /// Token kind of a device's host-side fd (queue kinds are their index).
 const BACKEND: u64 = u32::MAX as u64;
@@ -96,6 +98,9 @@ impl EventLoop {
     pub fn new(slots: Arc<Vec<MmioSlot>>) -> Result<Self> {
         let epoll = Epoll::new().map_err(DeviceError::EventLoop)?;
         for (index, slot) in slots.iter().enumerate() {
+            if slot.queue_service() != QueueService::EventLoop {
+                continue;
+            }
             for (q, evt) in slot.queue_evts().iter().enumerate() {
                 epoll
                     .ctl(

@@ -1,11 +1,13 @@
 //! capsid-vmm's devices: interrupt lines (irqfds), the virtio-mmio devices
-//! from the `devices` crate behind their transports (`bus`), the legacy PC
-//! devices on port I/O (`legacy`: serial console, i8042), and the one event
-//! loop thread that serves the virtio ones (`event_loop`).
+//! from the `devices` crate behind their transports (`bus`), virtio-fs as
+//! a vhost-user frontend whose queues virtiofsd serves (`vhost_user`), the
+//! legacy PC devices on port I/O (`legacy`: serial console, i8042), and the
+//! one event loop thread that serves the virtio ones (`event_loop`).
 
 pub mod bus;
 pub mod event_loop;
 pub mod legacy;
+pub mod vhost_user;
 
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
@@ -23,6 +25,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::boot::{FIRST_VIRTIO_GSI, MMIO_DEVICES_START};
 use crate::config::VmConfig;
 use crate::vstate::vm::{Vm, VmError};
+use vhost_user::fs::VhostUserFs;
 
 pub use bus::{MmioSlot, VmBus};
 
@@ -126,7 +129,9 @@ fn model_err(device: &str, e: &dyn std::error::Error) -> DeviceError {
 }
 
 /// Builds every virtio device `config` asks for on `mem`, with an irqfd
-/// per device and an ioeventfd per queue registered with `vm`.
+/// per device and an ioeventfd per queue registered with `vm`. Order:
+/// drives, net, vsock, rng, balloon, fs (a VM without a share keeps the
+/// places it always had).
 pub fn create_virtio(vm: &Vm, mem: &GuestMemoryMmap, config: &VmConfig) -> Result<VirtioDevices> {
     let mut out = VirtioDevices {
         slots: Vec::new(),
@@ -170,25 +175,34 @@ pub fn create_virtio(vm: &Vm, mem: &GuestMemoryMmap, config: &VmConfig) -> Resul
         dev.set_target_pages(mib_to_pages(b.target_mib));
         out.balloon = Some(add(vm, mem, &mut out, dev)?);
     }
+    if let Some(fs) = &config.fs {
+        // The queues' notify eventfds are the backend's kick fds: they
+        // exist before the device, which hands them over at DRIVER_OK.
+        let place = placement(out.slots.len());
+        let queue_evts = queue_eventfds(vm, place, fs.queue_count())?;
+        let kicks = queue_evts
+            .iter()
+            .map(EventFd::try_clone)
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(DeviceError::EventFd)?;
+        let dev = VhostUserFs::connect(fs, kicks).map_err(|e| model_err("fs", &e))?;
+        place_device(vm, mem, &mut out, dev, queue_evts, QueueService::Backend)?;
+    }
     Ok(out)
 }
 
-/// Puts `device` behind a transport at the next free place.
-fn add<D: VirtioDevice + 'static>(
-    vm: &Vm,
-    mem: &GuestMemoryMmap,
-    out: &mut VirtioDevices,
-    device: D,
-) -> Result<Arc<Mutex<MmioTransport<D>>>> {
-    let place = placement(out.slots.len());
-    let irq = IrqLine::new(vm, place.gsi)?;
-    let queues = device.queue_max_sizes().len();
-    let name = device.name();
-    let transport = Arc::new(Mutex::new(MmioTransport::new(
-        device,
-        mem.clone(),
-        Arc::new(irq),
-    )));
+/// Who reads a device's queue notify eventfds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueService {
+    /// capsid-vmm's event loop, which hands kicks to the device model.
+    EventLoop,
+    /// A vhost-user backend, which was given them as its kick fds.
+    Backend,
+}
+
+/// One notify eventfd per queue of the device at `place`, each signalled
+/// by KVM when the guest writes the queue's index to `QueueNotify`.
+fn queue_eventfds(vm: &Vm, place: MmioPlacement, queues: usize) -> Result<Vec<EventFd>> {
     let mut queue_evts = Vec::with_capacity(queues);
     for q in 0..queues {
         let evt = EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
@@ -199,6 +213,40 @@ fn add<D: VirtioDevice + 'static>(
         )?;
         queue_evts.push(evt);
     }
+    Ok(queue_evts)
+}
+
+/// Puts `device` behind a transport at the next free place.
+fn add<D: VirtioDevice + 'static>(
+    vm: &Vm,
+    mem: &GuestMemoryMmap,
+    out: &mut VirtioDevices,
+    device: D,
+) -> Result<Arc<Mutex<MmioTransport<D>>>> {
+    let place = placement(out.slots.len());
+    let queue_evts = queue_eventfds(vm, place, device.queue_max_sizes().len())?;
+    place_device(vm, mem, out, device, queue_evts, QueueService::EventLoop)
+}
+
+/// Puts `device` behind a transport at the next free place, with its
+/// queues' notify eventfds `queue_evts` (registered there) read by
+/// `service`.
+fn place_device<D: VirtioDevice + 'static>(
+    vm: &Vm,
+    mem: &GuestMemoryMmap,
+    out: &mut VirtioDevices,
+    device: D,
+    queue_evts: Vec<EventFd>,
+    service: QueueService,
+) -> Result<Arc<Mutex<MmioTransport<D>>>> {
+    let place = placement(out.slots.len());
+    let irq = IrqLine::new(vm, place.gsi)?;
+    let name = device.name();
+    let transport = Arc::new(Mutex::new(MmioTransport::new(
+        device,
+        mem.clone(),
+        Arc::new(irq),
+    )));
     tracing::debug!(
         device = name,
         base = format_args!("{:#x}", place.base),
@@ -208,7 +256,7 @@ fn add<D: VirtioDevice + 'static>(
     );
     let dyn_dev: Arc<Mutex<dyn MmioDevice>> = transport.clone();
     out.slots
-        .push(MmioSlot::new(name, place, dyn_dev, queue_evts));
+        .push(MmioSlot::new(name, place, dyn_dev, queue_evts).served_by(service));
     Ok(transport)
 }
 

@@ -1,12 +1,23 @@
-//! Guest RAM: anonymous, private, `MAP_NORESERVE` mappings that the host
-//! backs only when the guest first touches a page, so RAM the guest never
-//! uses costs the host nothing.
+//! Guest RAM: `MAP_NORESERVE` mappings that the host backs only when the
+//! guest first touches a page, so RAM the guest never uses costs the host
+//! nothing.
+//!
+//! Two kinds: anonymous private mappings (the default), or, when a
+//! vhost-user backend must reach guest memory itself, one memfd mapped
+//! `MAP_SHARED` (sparse: its pages too exist only once touched), whose fd
+//! the backend is given. The memfd is sealed against growing and
+//! shrinking, so a backend cannot truncate it under the VMM's feet.
 //!
 //! Layout (x86-64): RAM from 0 up to the 32-bit MMIO gap, the rest above
 //! 4 GiB.
 
+use std::fs::File;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::sync::Arc;
+
 use vm_memory::{
-    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap,
 };
 
 /// Start of the hole below 4 GiB kept for MMIO devices (virtio-mmio, IOAPIC,
@@ -33,6 +44,26 @@ pub enum MemoryError {
         #[source]
         source: vm_memory::mmap::FromRangesError,
     },
+    /// The memfd behind shared guest RAM cannot be created, sized or sealed.
+    #[error("cannot create {size} bytes of shared guest RAM ({step})")]
+    Memfd {
+        /// Requested size.
+        size: u64,
+        /// memfd_create, ftruncate or the seals.
+        step: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// How guest RAM is backed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backing {
+    /// Anonymous private memory, only this process sees it.
+    Private,
+    /// A memfd mapped shared, which a vhost-user backend maps too.
+    Shared,
 }
 
 /// Result of memory operations.
@@ -51,16 +82,69 @@ pub fn ram_ranges(size: usize) -> Vec<(GuestAddress, usize)> {
     ranges
 }
 
-/// Maps `size` bytes of guest RAM, lazily backed, with transparent huge
-/// pages where the host allows them.
-pub fn create_guest_memory(size: u64) -> Result<GuestMemoryMmap> {
+/// Maps `size` bytes of guest RAM, lazily backed: private with transparent
+/// huge pages where the host allows them, or shared through a memfd.
+pub fn create_guest_memory(size: u64, backing: Backing) -> Result<GuestMemoryMmap> {
     let bytes = usize::try_from(size).map_err(|_| MemoryError::TooLarge { size })?;
-    let memory = GuestMemoryMmap::from_ranges(&ram_ranges(bytes))
-        .map_err(|source| MemoryError::Map { size, source })?;
-    for region in memory.iter() {
-        advise_huge_pages(region);
-    }
+    let ranges = ram_ranges(bytes);
+    let memory = match backing {
+        Backing::Private => {
+            let memory = GuestMemoryMmap::from_ranges(&ranges)
+                .map_err(|source| MemoryError::Map { size, source })?;
+            for region in memory.iter() {
+                advise_huge_pages(region);
+            }
+            memory
+        }
+        Backing::Shared => {
+            let file = Arc::new(ram_memfd(size)?);
+            let mut offset = 0u64;
+            let mut with_files = Vec::with_capacity(ranges.len());
+            for (addr, len) in ranges {
+                with_files.push((addr, len, Some(FileOffset::from_arc(file.clone(), offset))));
+                offset += len as u64;
+            }
+            // No MADV_HUGEPAGE here: on shmem it only matters when the host
+            // set shmem_enabled to `advise`, and then the balloon's 4 KiB
+            // holes would split what it gave; RAM stays 4 KiB pages.
+            GuestMemoryMmap::from_ranges_with_files(with_files)
+                .map_err(|source| MemoryError::Map { size, source })?
+        }
+    };
     Ok(memory)
+}
+
+/// A sparse memfd of `size` bytes, sealed at that size.
+fn ram_memfd(size: u64) -> Result<File> {
+    let err = |step| move |source| MemoryError::Memfd { size, step, source };
+    // SAFETY: the name is a NUL-terminated literal and the flags are plain
+    // bits; the call only creates a new fd.
+    let fd = unsafe {
+        libc::memfd_create(
+            c"capsid-guest-ram".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
+    if fd < 0 {
+        return Err(err("memfd_create")(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` was just returned by memfd_create and nothing else owns
+    // it.
+    let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    file.set_len(size).map_err(err("ftruncate"))?;
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: F_ADD_SEALS on an fd this function owns, with an int argument.
+    let rc = unsafe {
+        libc::fcntl(
+            std::os::fd::AsRawFd::as_raw_fd(&file),
+            libc::F_ADD_SEALS,
+            seals,
+        )
+    };
+    if rc != 0 {
+        return Err(err("seals")(std::io::Error::last_os_error()));
+    }
+    Ok(file)
 }
 
 /// Asks for transparent huge pages on a RAM region: a guest touching its
@@ -108,7 +192,7 @@ mod tests {
     #[test]
     fn untouched_ram_costs_nothing() {
         let before = rss_kib();
-        let mem = create_guest_memory(2 << 30).unwrap();
+        let mem = create_guest_memory(2 << 30, Backing::Private).unwrap();
         assert_eq!(mem.num_regions(), 1);
         let after_map = rss_kib();
         // 2 GiB mapped, almost nothing resident.
@@ -121,5 +205,43 @@ mod tests {
         let mut back = [0u8; 4096];
         mem.read_slice(&mut back, GuestAddress(1 << 30)).unwrap();
         assert_eq!(back, [1u8; 4096]);
+    }
+
+    #[test]
+    fn shared_ram_is_one_sealed_sparse_memfd() {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::MetadataExt;
+
+        // Above the MMIO gap too: two regions, one file, consecutive offsets.
+        let size = (3u64 << 30) + (64 << 20);
+        let mem = create_guest_memory(size, Backing::Shared).unwrap();
+        assert_eq!(mem.num_regions(), 2);
+        let regions: Vec<_> = mem.iter().collect();
+        let (low, high) = (regions[0], regions[1]);
+        let (lf, hf) = (low.file_offset().unwrap(), high.file_offset().unwrap());
+        assert_eq!(lf.file().as_raw_fd(), hf.file().as_raw_fd());
+        assert_eq!((lf.start(), hf.start()), (0, LOW_RAM_MAX as u64));
+        assert_eq!(high.start_addr(), GuestAddress(MMIO_GAP_END));
+        let file = lf.file();
+        assert_eq!(file.metadata().unwrap().len(), size);
+        // Nothing allocated until touched.
+        assert_eq!(file.metadata().unwrap().blocks(), 0);
+        mem.write_slice(&[5u8; 4096], GuestAddress(MMIO_GAP_END + 4096))
+            .unwrap();
+        assert!(file.metadata().unwrap().blocks() > 0);
+        // What the guest wrote is in the file, where a backend sees it.
+        let mut back = [0u8; 4096];
+        std::os::unix::fs::FileExt::read_exact_at(file, &mut back, LOW_RAM_MAX as u64 + 4096)
+            .unwrap();
+        assert_eq!(back, [5u8; 4096]);
+        // Sealed: nobody (a backend holding the fd) can shrink it.
+        assert!(file.set_len(4096).is_err());
+        assert!(file.set_len(size + 4096).is_err());
+    }
+
+    #[test]
+    fn private_ram_has_no_file() {
+        let mem = create_guest_memory(16 << 20, Backing::Private).unwrap();
+        assert!(mem.iter().all(|r| r.file_offset().is_none()));
     }
 }

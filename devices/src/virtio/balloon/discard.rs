@@ -1,5 +1,13 @@
-//! Giving guest pages back to the host: `madvise(MADV_DONTNEED)` on the
-//! host mapping of guest RAM. This is the balloon's only unsafe code.
+//! Giving guest pages back to the host through the host mapping of guest
+//! RAM. This is the balloon's only unsafe code.
+//!
+//! How depends on the mapping. Anonymous private RAM: `MADV_DONTNEED`
+//! drops the pages, and the next touch maps a fresh zero page. RAM backed
+//! by a file (a memfd, shared with a vhost-user backend): `MADV_DONTNEED`
+//! would only unmap the pages, which stay in the file, hold their old
+//! contents and keep costing the host; `MADV_REMOVE` punches the range out
+//! of the file instead (as `fallocate(PUNCH_HOLE)` does), for every process
+//! mapping it, and it reads as zeros afterwards.
 
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
@@ -13,8 +21,9 @@ pub trait PageDiscarder: Send {
     fn discard(&mut self, mem: &GuestMemoryMmap, addr: GuestAddress, len: u64) -> Result<()>;
 }
 
-/// Discards through `madvise(MADV_DONTNEED)` on the anonymous private
-/// mappings of guest RAM.
+/// Discards through `madvise` on the mappings of guest RAM:
+/// `MADV_DONTNEED` on anonymous private regions, `MADV_REMOVE` on
+/// file-backed (shared) ones.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct HostDiscarder;
 
@@ -37,14 +46,22 @@ impl PageDiscarder for HostDiscarder {
         }
         let host = mem.get_host_address(addr).map_err(|_| outside())?;
         let len_bytes = usize::try_from(len).map_err(|_| outside())?;
+        // vm-memory maps file-backed regions MAP_SHARED; only those have a
+        // file offset.
+        let advice = if region.file_offset().is_some() {
+            libc::MADV_REMOVE
+        } else {
+            libc::MADV_DONTNEED
+        };
         // SAFETY: [host, host + len) lies inside one region of `mem` (checked
-        // just above against the region's bounds), which is a live
-        // anonymous private mapping owned by the GuestMemoryMmap and kept
-        // mapped while `mem` is borrowed. MADV_DONTNEED only replaces those
-        // pages' contents with zeros on next access; no Rust reference into
-        // guest memory exists (vm-memory accesses it volatilely), and the
-        // guest gave these pages up, so zeroing them is what it asked for.
-        let rc = unsafe { libc::madvise(host.cast(), len_bytes, libc::MADV_DONTNEED) };
+        // just above against the region's bounds), which is a live mapping
+        // owned by the GuestMemoryMmap and kept mapped while `mem` is
+        // borrowed: anonymous private (MADV_DONTNEED) or a shared file
+        // mapping (MADV_REMOVE). Either only replaces those pages' contents
+        // with zeros on next access; no Rust reference into guest memory
+        // exists (vm-memory accesses it volatilely), and the guest gave
+        // these pages up, so zeroing them is what it asked for.
+        let rc = unsafe { libc::madvise(host.cast(), len_bytes, advice) };
         if rc != 0 {
             return Err(BalloonError::Discard {
                 addr: addr.0,
@@ -73,6 +90,66 @@ mod tests {
         assert_eq!(mem.read_obj::<u8>(GuestAddress(0x2000)).unwrap(), 0);
         assert_eq!(mem.read_obj::<u8>(GuestAddress(0x2fff)).unwrap(), 0);
         assert_eq!(mem.read_obj::<u8>(GuestAddress(0x3000)).unwrap(), 7);
+    }
+
+    fn memfd(size: u64) -> std::fs::File {
+        use std::os::fd::FromRawFd;
+        // SAFETY: the name is a NUL-terminated literal; the call creates a
+        // new fd and touches no memory of ours.
+        let fd = unsafe { libc::memfd_create(c"balloon-test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0, "{}", std::io::Error::last_os_error());
+        // SAFETY: `fd` was just created and is owned by nothing else.
+        let file = unsafe { std::fs::File::from_raw_fd(fd) };
+        file.set_len(size).unwrap();
+        file
+    }
+
+    fn allocated_bytes(file: &std::fs::File) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        file.metadata().unwrap().blocks() * 512
+    }
+
+    #[test]
+    fn discarded_shared_pages_read_as_zero_and_leave_the_file() {
+        use std::sync::Arc;
+        use vm_memory::FileOffset;
+
+        let file = Arc::new(memfd(0x20_0000));
+        let mem = GuestMemoryMmap::<()>::from_ranges_with_files([
+            (
+                GuestAddress(0),
+                0x10_0000,
+                Some(FileOffset::from_arc(file.clone(), 0)),
+            ),
+            (
+                GuestAddress(0x40_0000),
+                0x10_0000,
+                Some(FileOffset::from_arc(file.clone(), 0x10_0000)),
+            ),
+        ])
+        .unwrap();
+        mem.write_slice(&[7u8; 0x3000], GuestAddress(0x1000))
+            .unwrap();
+        mem.write_slice(&[9u8; 0x2000], GuestAddress(0x40_1000))
+            .unwrap();
+        let before = allocated_bytes(&file);
+        assert!(before >= 0x5000, "{before}");
+        HostDiscarder
+            .discard(&mem, GuestAddress(0x2000), 0x1000)
+            .unwrap();
+        HostDiscarder
+            .discard(&mem, GuestAddress(0x40_1000), 0x2000)
+            .unwrap();
+        // The file gave the pages back (before anything reads them again:
+        // a read of a hole in shmem allocates a fresh zero page).
+        let after = allocated_bytes(&file);
+        assert!(after <= before - 0x3000, "{before} -> {after}");
+        // MADV_DONTNEED would leave both the old bytes and the file's pages.
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x1fff)).unwrap(), 7);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x2000)).unwrap(), 0);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x2fff)).unwrap(), 0);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x3000)).unwrap(), 7);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x40_1000)).unwrap(), 0);
     }
 
     #[test]

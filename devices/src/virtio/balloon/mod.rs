@@ -3,8 +3,9 @@
 //! The host sets a target (`num_pages`); the driver gives pages back on the
 //! inflate queue and takes them again on the deflate queue. Pages given
 //! back are discarded from the host mapping of guest RAM
-//! (`madvise(MADV_DONTNEED)`), so the host's resident memory drops; a page
-//! the guest touches again after deflating is faulted in afresh. The
+//! (`madvise(MADV_DONTNEED)`, or `MADV_REMOVE` when RAM is a shared memfd),
+//! so the host's resident memory drops; a page the guest touches again
+//! after deflating is faulted in afresh. The
 //! statistics queue reports guest memory figures; free page reporting hands
 //! the host blocks the guest's allocator holds free, which are discarded
 //! the same way.
