@@ -196,15 +196,21 @@ async fn run_timed(
     // From here until the container runs, a signal ends the start-up
     // through the clean-up below instead of killing us mid-way.
     let mut early_signals = EarlySignals::catch();
-    // No volumes, no share and no virtiofsd. Dropped (taken down) after
-    // the VM stops, at the end of this function.
-    let share = if volumes.is_empty() {
-        None
-    } else {
+    // No volumes, no share and no virtiofsd. The journal takes the share
+    // down when it goes, after the VM (on every path), and keeps the
+    // record for the next run if that fails.
+    let mut share_dir = None;
+    if !volumes.is_empty() {
         let dir = volumes::share_dir(&config.paths.state_dir, &id);
         journal.set_share(&dir)?;
-        Some(Share::prepare(&dir, &volumes)?)
-    };
+        let share = Share::prepare(
+            &dir,
+            &volumes,
+            &[&config.paths.state_dir, &config.paths.cache_dir],
+        )?;
+        share_dir = Some(share.dir().to_path_buf());
+        journal.adopt_share(share);
+    }
     let net = net_plan.setup(&config, &id, &mut journal).await?;
     let dns = net_plan.resolver(net.as_ref());
     let backend_kind = backend.kind();
@@ -222,7 +228,7 @@ async fn run_timed(
             kernel_args: vec![],
             network: net.as_ref().and_then(|n| n.guest_network()),
             balloon_opt_out: args.no_balloon,
-            share_dir: share.as_ref().map(|s| s.dir().to_path_buf()),
+            share_dir,
         },
     )
     .instrument(tracing::info_span!("sandbox_start"));
@@ -271,7 +277,6 @@ async fn run_timed(
         .await;
     timings.phases().vm_gone_ms = Some(timings.now());
     crate::network::teardown(net, &mut journal).await;
-    drop(share);
     drop(journal);
     drop(rootfs);
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;

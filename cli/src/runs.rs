@@ -48,6 +48,9 @@ pub struct RunRecord {
 pub struct RunJournal {
     file: RecordFile<RunRecord>,
     keep: bool,
+    /// The volume share, taken down when the journal goes (after the VM,
+    /// which is dropped first); if it cannot be, the record stays.
+    share: Option<capsid_sandbox::volumes::Share>,
 }
 
 impl RunJournal {
@@ -64,6 +67,7 @@ impl RunJournal {
         Ok(Self {
             file: RecordFile::create(dir.join(format!("{id}.json")), record)?,
             keep: false,
+            share: None,
         })
     }
 
@@ -72,11 +76,17 @@ impl RunJournal {
         Ok(self.file.update(|r| r.host.cni = Some(network.clone()))?)
     }
 
-    /// Records the volume share before it is made.
+    /// Records the volume share at `dir` before it is made.
     pub fn set_share(&mut self, dir: &Path) -> anyhow::Result<()> {
         Ok(self
             .file
             .update(|r| r.host.share = Some(dir.to_path_buf()))?)
+    }
+
+    /// Takes over the share made at the recorded place: it is taken down
+    /// when the journal is dropped, and the record kept if that fails.
+    pub fn adopt_share(&mut self, share: capsid_sandbox::volumes::Share) {
+        self.share = Some(share);
     }
 
     /// Records the VM's processes.
@@ -92,6 +102,16 @@ impl RunJournal {
 
 impl Drop for RunJournal {
     fn drop(&mut self) {
+        if let Some(share) = self.share.take() {
+            let dir = share.keep();
+            if let Err(e) = capsid_sandbox::volumes::undo(&dir) {
+                eprintln!(
+                    "capsid: taking down the volume share: {:#}",
+                    anyhow::Error::from(e)
+                );
+                self.keep = true;
+            }
+        }
         if !self.keep {
             if let Err(e) = RecordFile::<RunRecord>::remove(self.file.path()) {
                 tracing::warn!(error = %format!("{:#}", anyhow::Error::from(e)), "cannot remove the run record");

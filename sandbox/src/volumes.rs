@@ -18,6 +18,7 @@
 //! rmdir'ed).
 
 use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 
@@ -42,6 +43,19 @@ pub enum VolumeError {
         /// Why.
         #[source]
         source: std::io::Error,
+    },
+    /// The source is (in, or holds) capsid's own state, or a kernel
+    /// interface of the host.
+    #[error(
+        "volume source {source_path} (for {destination}) cannot be shared with a VM: {reason}"
+    )]
+    Forbidden {
+        /// The host path.
+        source_path: PathBuf,
+        /// Where it was to be mounted.
+        destination: PathBuf,
+        /// Why.
+        reason: String,
     },
     /// The source is not a directory or a regular file.
     #[error("volume source {source_path} (for {destination}) is a {kind}: only directories and regular files can be shared with the VM")]
@@ -94,6 +108,9 @@ pub struct Volume {
     pub destination: PathBuf,
     /// The container may not write to it.
     pub readonly: bool,
+    /// Mounts under the source come along (`rbind`, Docker's default);
+    /// `bind` alone takes the source's own mount only.
+    pub recursive: bool,
 }
 
 impl Volume {
@@ -157,7 +174,8 @@ pub fn take_volumes(spec: &mut Spec) -> Result<Vec<Volume>> {
         let volume = Volume {
             source: source.clone(),
             destination: m.destination().clone(),
-            readonly: options.iter().any(|o| o == "ro"),
+            readonly: options.iter().any(|o| o == "ro" || o == "rro"),
+            recursive: !options.iter().any(|o| o == "bind"),
         };
         volume.check_destination()?;
         if let Some(size) = memory_empty_dir(&source) {
@@ -235,13 +253,18 @@ pub struct Share {
 }
 
 impl Share {
-    /// Makes `dir` (0700, must not exist) a private mount and binds each
-    /// volume into it, in order (`volumes[i]` at `v{i}`). On error nothing
-    /// is left: every bind made is undone and the directory removed.
-    pub fn prepare(dir: &Path, volumes: &[Volume]) -> Result<Self> {
+    /// Makes `dir` (0700) a mount of its own and binds each volume into
+    /// it, in order (`volumes[i]` at `v{i}`); then the share's root is made
+    /// read-only, so the guest can write only inside read-write volumes.
+    /// No source may be inside a `protected` directory (capsid's state
+    /// and cache directories) or hold one. A stale share at `dir` (a sandbox of the same name whose
+    /// teardown failed) is taken down first. On error nothing is left:
+    /// every bind made is undone and the directory removed.
+    pub fn prepare(dir: &Path, volumes: &[Volume], protected: &[&Path]) -> Result<Self> {
         for v in volumes {
             v.check_destination()?;
         }
+        undo(dir)?;
         if let Some(parent) = dir.parent() {
             std::fs::DirBuilder::new()
                 .recursive(true)
@@ -259,21 +282,40 @@ impl Share {
             armed: true,
         };
         bind(dir, dir, MsFlags::empty()).map_err(host("bind-mount the share", dir))?;
-        mount(
-            None::<&str>,
-            dir,
-            None::<&str>,
-            MsFlags::MS_PRIVATE,
-            None::<&str>,
-        )
-        .map_err(|e| VolumeError::Host {
-            what: "make private",
-            path: dir.to_path_buf(),
-            source: e.into(),
-        })?;
-        for (index, volume) in volumes.iter().enumerate() {
-            share.add(index, volume)?;
+        // Private first, to leave the parent's peer group (volume binds
+        // never propagate to the host's other namespaces); then shared in
+        // a peer group of its own, so virtiofsd's copy (a slave of it)
+        // sees later changes, and the teardown reaches copies that a
+        // namespace cloned meanwhile holds.
+        for (flag, what) in [
+            (MsFlags::MS_PRIVATE, "make private"),
+            (MsFlags::MS_SHARED, "make shared"),
+        ] {
+            mount(None::<&str>, dir, None::<&str>, flag, None::<&str>).map_err(|e| {
+                VolumeError::Host {
+                    what,
+                    path: dir.to_path_buf(),
+                    source: e.into(),
+                }
+            })?;
         }
+        let protected: Vec<PathBuf> = protected
+            .iter()
+            .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()))
+            .collect();
+        for (index, volume) in volumes.iter().enumerate() {
+            share.add(index, volume, &protected)?;
+        }
+        bind(
+            dir,
+            dir,
+            MsFlags::MS_REMOUNT
+                | MsFlags::MS_RDONLY
+                | MsFlags::MS_NOSUID
+                | MsFlags::MS_NODEV
+                | MsFlags::MS_NOEXEC,
+        )
+        .map_err(host("make read-only the share", dir))?;
         Ok(share)
     }
 
@@ -282,7 +324,7 @@ impl Share {
         &self.dir
     }
 
-    fn add(&self, index: usize, volume: &Volume) -> Result<()> {
+    fn add(&self, index: usize, volume: &Volume, protected: &[PathBuf]) -> Result<()> {
         let source_err = |source| VolumeError::Source {
             source_path: volume.source.clone(),
             destination: volume.destination.clone(),
@@ -315,6 +357,30 @@ impl Share {
                 kind,
             });
         }
+        let forbidden = |reason: String| VolumeError::Forbidden {
+            source_path: volume.source.clone(),
+            destination: volume.destination.clone(),
+            reason,
+        };
+        // Where the source really is, once every symlink was followed.
+        let real =
+            std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).map_err(source_err)?;
+        if let Some(p) = protected
+            .iter()
+            .find(|p| real.starts_with(p) || p.starts_with(&real))
+        {
+            return Err(forbidden(format!(
+                "{} is in or holds capsid's own directory {}",
+                real.display(),
+                p.display()
+            )));
+        }
+        let fs = nix::sys::statfs::fstatfs(&fd).map_err(|e| source_err(e.into()))?;
+        if let Some(name) = kernel_interface(fs.filesystem_type()) {
+            return Err(forbidden(format!(
+                "it is on the host's {name}, which no guest may see"
+            )));
+        }
         let stat = nix::sys::statvfs::fstatvfs(&fd).map_err(|e| source_err(e.into()))?;
         if !volume.readonly && stat.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY) {
             return Err(VolumeError::ReadOnlySource {
@@ -337,15 +403,18 @@ impl Share {
                 .map_err(host("create", &entry))?;
         }
         let from = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
-        bind(&from, &entry, MsFlags::empty()).map_err(host("bind-mount a volume on", &entry))?;
-        // A bind takes the source mount's flags; the remount sets ours.
-        // nodev: a device node inside a volume must not open the host's
-        // device through virtiofsd. nosuid: nothing on it runs on the host.
-        let mut flags = MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
-        if volume.readonly {
-            flags |= MsFlags::MS_RDONLY;
-        }
-        bind(&entry, &entry, flags).map_err(host("restrict the volume on", &entry))?;
+        let recursive = if volume.recursive {
+            MsFlags::MS_REC
+        } else {
+            MsFlags::empty()
+        };
+        bind(&from, &entry, recursive).map_err(host("bind-mount a volume on", &entry))?;
+        // A bind takes the source mounts' flags; ours are set on the whole
+        // tree, submounts included. nodev: a device node inside a volume
+        // never opens a host device through virtiofsd (which also refuses
+        // to open special files). nosuid: belt and braces, nothing on the
+        // share runs on the host.
+        restrict_tree(&entry, volume.readonly).map_err(host("restrict the volume on", &entry))?;
         drop(fd);
         Ok(())
     }
@@ -379,6 +448,71 @@ fn crate_describe(e: &dyn std::error::Error) -> String {
     text
 }
 
+/// The host kernel interfaces a volume must never expose, by filesystem.
+fn kernel_interface(fs: nix::sys::statfs::FsType) -> Option<&'static str> {
+    use nix::sys::statfs as f;
+    [
+        (f::PROC_SUPER_MAGIC, "procfs"),
+        (f::SYSFS_MAGIC, "sysfs"),
+        (f::CGROUP_SUPER_MAGIC, "cgroup filesystem"),
+        (f::CGROUP2_SUPER_MAGIC, "cgroup2 filesystem"),
+        (f::DEBUGFS_MAGIC, "debugfs"),
+        (f::TRACEFS_MAGIC, "tracefs"),
+        (f::SECURITYFS_MAGIC, "securityfs"),
+        (f::BPF_FS_MAGIC, "bpf filesystem"),
+    ]
+    .into_iter()
+    .find(|(magic, _)| *magic == fs)
+    .map(|(_, name)| name)
+}
+
+/// `mount_setattr(2)`'s argument (linux/mount.h).
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+const MOUNT_ATTR_RDONLY: u64 = 0x1;
+const MOUNT_ATTR_NOSUID: u64 = 0x2;
+const MOUNT_ATTR_NODEV: u64 = 0x4;
+
+/// Sets nosuid, nodev (and read-only) on the mount at `path` and every
+/// mount under it, in one call (a remount would reach the top one only).
+fn restrict_tree(path: &Path, readonly: bool) -> std::io::Result<()> {
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(std::io::Error::other)?;
+    let mut attr = MountAttr {
+        attr_set: MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    if readonly {
+        attr.attr_set |= MOUNT_ATTR_RDONLY;
+    }
+    // SAFETY: mount_setattr reads `c_path` (a NUL-terminated string alive
+    // for the call) and `size_of::<MountAttr>()` bytes of `attr` (a live,
+    // properly laid out struct); it writes neither.
+    let rc = unsafe {
+        nix::libc::syscall(
+            nix::libc::SYS_mount_setattr,
+            nix::libc::AT_FDCWD,
+            c_path.as_ptr(),
+            nix::libc::AT_RECURSIVE | nix::libc::AT_SYMLINK_NOFOLLOW,
+            std::ptr::addr_of!(attr),
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 fn bind(from: &Path, to: &Path, extra: MsFlags) -> std::result::Result<(), std::io::Error> {
     mount(
         Some(from),
@@ -399,14 +533,21 @@ fn host(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Volum
 /// it, then removes the placeholders and the directory, never
 /// recursively. Returns `Ok` when `dir` is gone (or never existed).
 pub fn undo(dir: &Path) -> Result<()> {
-    if !dir.exists() {
-        return Ok(());
+    match std::fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(host("inspect", dir)(e)),
+        Ok(m) if !m.is_dir() => {
+            return Err(host("take down (not a directory, left alone)", dir)(
+                std::io::Error::from_raw_os_error(nix::libc::ENOTDIR),
+            ))
+        }
+        Ok(_) => {}
     }
     // The share's own bind carries every volume under it: one lazy
     // unmount detaches the whole tree. Repeat for stacked mounts; EINVAL
     // says `dir` is no longer a mount point.
     for _ in 0..64 {
-        match umount2(dir, MntFlags::MNT_DETACH) {
+        match umount2(dir, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW) {
             Ok(()) => continue,
             Err(nix::errno::Errno::EINVAL | nix::errno::Errno::ENOENT) => break,
             Err(e) => {
@@ -418,31 +559,58 @@ pub fn undo(dir: &Path) -> Result<()> {
             }
         }
     }
-    let entries = std::fs::read_dir(dir).map_err(host("read", dir))?;
-    for entry in entries {
-        let entry = entry.map_err(host("read", dir))?;
-        let path = entry.path();
-        // A placeholder still mounted on (EBUSY) or holding anything
-        // (ENOTEMPTY) is refused by the kernel: its contents are safe.
-        let removed = match entry.file_type() {
-            Ok(t) if t.is_dir() => std::fs::remove_dir(&path),
-            _ => remove_empty_file(&path),
-        };
-        removed.map_err(host("remove", &path))?;
-    }
+    remove_placeholders(dir)?;
     std::fs::remove_dir(dir).map_err(host("remove", dir))
 }
 
-/// Unlinks `path` only if it is an empty regular file (a placeholder).
-fn remove_empty_file(path: &Path) -> std::io::Result<()> {
-    let meta = std::fs::symlink_metadata(path)?;
-    if meta.is_file() && meta.len() == 0 {
-        std::fs::remove_file(path)
-    } else {
-        Err(std::io::Error::other(
-            "not an empty placeholder: left in place",
-        ))
+/// Removes the share's placeholders through a descriptor of `dir` opened
+/// without following symlinks: empty directories and empty regular files
+/// only. A placeholder still mounted on (EBUSY) or holding anything
+/// (ENOTEMPTY) is refused by the kernel: its contents are safe.
+fn remove_placeholders(dir: &Path) -> Result<()> {
+    use nix::fcntl::{AtFlags, OFlag};
+    use nix::sys::stat::{fstatat, Mode, SFlag};
+    use nix::unistd::{unlinkat, UnlinkatFlags};
+    let errno = |what, path: &Path| {
+        let path = path.to_path_buf();
+        move |e: nix::Error| VolumeError::Host {
+            what,
+            path,
+            source: e.into(),
+        }
+    };
+    let mut d = nix::dir::Dir::open(
+        dir,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(errno("open", dir))?;
+    let names: Vec<std::ffi::CString> = d
+        .iter()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_owned())
+        .filter(|n| n.as_bytes() != b"." && n.as_bytes() != b"..")
+        .collect();
+    let fd = std::os::fd::AsFd::as_fd(&d);
+    for name in names {
+        let path = dir.join(std::ffi::OsStr::from_bytes(name.as_bytes()));
+        let st = fstatat(fd, name.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
+            .map_err(errno("inspect", &path))?;
+        let kind = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT;
+        let how = if kind == SFlag::S_IFDIR {
+            UnlinkatFlags::RemoveDir
+        } else if kind == SFlag::S_IFREG && st.st_size == 0 {
+            UnlinkatFlags::NoRemoveDir
+        } else {
+            return Err(VolumeError::Host {
+                what: "remove (not an empty placeholder, left in place)",
+                path,
+                source: std::io::Error::from_raw_os_error(nix::libc::EEXIST),
+            });
+        };
+        unlinkat(fd, name.as_c_str(), how).map_err(errno("remove", &path))?;
     }
+    Ok(())
 }
 
 /// A read-only check that `path` is (still) a mount point of this mount
@@ -484,6 +652,7 @@ mod tests {
             source: source.to_path_buf(),
             destination: PathBuf::from(destination),
             readonly,
+            recursive: true,
         }
     }
 
@@ -519,7 +688,10 @@ mod tests {
             volumes,
             vec![
                 vol(Path::new("/srv/data"), "/data", false),
-                vol(Path::new("/srv/token"), "/etc/token", true)
+                Volume {
+                    recursive: false,
+                    ..vol(Path::new("/srv/token"), "/etc/token", true)
+                }
             ]
         );
         let mounts = spec.mounts().clone().unwrap();
@@ -567,12 +739,40 @@ mod tests {
         std::fs::write(data.join("keep"), b"precious").unwrap();
         let file = tmp.path().join("token");
         std::fs::write(&file, b"t0k3n").unwrap();
-        let dir = tmp.path().join("shares/s1");
-        let share = Share::prepare(
-            &dir,
-            &[vol(&data, "/data", false), vol(&file, "/token", true)],
+        // A mount under the source comes along (rbind), restricted too.
+        let sub = data.join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        mount(
+            Some("tmpfs"),
+            &sub,
+            Some("tmpfs"),
+            MsFlags::empty(),
+            Some("size=1m"),
         )
         .unwrap();
+        std::fs::write(sub.join("on-submount"), b"s").unwrap();
+        let dir = tmp.path().join("shares/s1");
+        let state = tmp.path().join("state");
+        let share = Share::prepare(
+            &dir,
+            &[
+                vol(&data, "/data", false),
+                vol(&file, "/token", true),
+                vol(&data, "/data-ro", true),
+            ],
+            &[&state],
+        )
+        .unwrap();
+        assert_eq!(std::fs::read(dir.join("v0/sub/on-submount")).unwrap(), b"s");
+        let e = std::fs::write(dir.join("v2/sub/x"), b"x").unwrap_err();
+        assert_eq!(
+            e.raw_os_error(),
+            Some(nix::libc::EROFS),
+            "submount of a ro volume: {e}"
+        );
+        // The share's root takes no writes: only read-write volumes do.
+        let e = std::fs::write(dir.join("planted"), b"x").unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(nix::libc::EROFS), "{e}");
         assert_eq!(
             std::fs::read(dir.join("v0/keep")).unwrap(),
             b"precious".to_vec()
@@ -589,6 +789,34 @@ mod tests {
         assert_eq!(std::fs::read(data.join("keep")).unwrap(), b"precious");
         assert_eq!(std::fs::read(data.join("new")).unwrap(), b"n");
         assert_eq!(std::fs::read(&file).unwrap(), b"t0k3n");
+        assert_eq!(std::fs::read(sub.join("on-submount")).unwrap(), b"s");
+        umount2(&sub, MntFlags::MNT_DETACH).unwrap();
+    }
+
+    #[test]
+    fn undo_leaves_anything_but_placeholders_and_never_follows_links() {
+        if !nix::unistd::Uid::effective().is_root() {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        // A symlink where a share should be is not followed.
+        let victim = tmp.path().join("victim");
+        std::fs::create_dir(&victim).unwrap();
+        std::fs::write(victim.join("empty"), b"").unwrap();
+        std::fs::create_dir(victim.join("emptydir")).unwrap();
+        let link = tmp.path().join("shares/link");
+        std::fs::create_dir_all(link.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(&victim, &link).unwrap();
+        assert!(undo(&link).is_err());
+        assert!(victim.join("empty").exists() && victim.join("emptydir").exists());
+        // A stale share holding a file with data: that file stays.
+        let stale = tmp.path().join("shares/stale");
+        std::fs::create_dir(&stale).unwrap();
+        std::fs::write(stale.join("v0"), b"data").unwrap();
+        std::fs::write(stale.join("v1"), b"").unwrap();
+        let e = undo(&stale).unwrap_err();
+        assert!(e.to_string().contains("not an empty placeholder"), "{e}");
+        assert_eq!(std::fs::read(stale.join("v0")).unwrap(), b"data");
     }
 
     #[test]
@@ -600,14 +828,23 @@ mod tests {
         let data = tmp.path().join("data");
         std::fs::create_dir(&data).unwrap();
         let dir = tmp.path().join("shares/s2");
+        let state = tmp.path().join("state");
+        std::fs::create_dir_all(state.join("run1")).unwrap();
+        std::os::unix::fs::symlink(state.join("run1"), tmp.path().join("sneaky")).unwrap();
         let cases = [
             (tmp.path().join("missing"), "cannot be opened"),
             (PathBuf::from("/dev/null"), "device node"),
+            (state.join("run1"), "capsid's own directory"),
+            (tmp.path().join("sneaky"), "capsid's own directory"),
+            (tmp.path().to_path_buf(), "capsid's own directory"),
+            (PathBuf::from("/proc/version"), "procfs"),
+            (PathBuf::from("/sys/kernel"), "sysfs"),
         ];
         for (source, words) in cases {
             let e = Share::prepare(
                 &dir,
                 &[vol(&data, "/ok", false), vol(&source, "/bad", false)],
+                &[&state],
             )
             .unwrap_err();
             assert!(e.to_string().contains(words), "{e}");
@@ -619,13 +856,13 @@ mod tests {
         std::fs::create_dir(&ro).unwrap();
         bind(&data, &ro, MsFlags::empty()).unwrap();
         bind(&ro, &ro, MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY).unwrap();
-        let e = Share::prepare(&dir, &[vol(&ro, "/rw", false)]).unwrap_err();
+        let e = Share::prepare(&dir, &[vol(&ro, "/rw", false)], &[&state]).unwrap_err();
         assert!(matches!(e, VolumeError::ReadOnlySource { .. }), "{e}");
         assert!(!dir.exists());
-        Share::prepare(&dir, &[vol(&ro, "/ro", true)]).unwrap();
+        Share::prepare(&dir, &[vol(&ro, "/ro", true)], &[&state]).unwrap();
         assert!(!dir.exists(), "dropped at once");
         umount2(&ro, MntFlags::MNT_DETACH).unwrap();
-        let e = Share::prepare(&dir, &[vol(&data, "/proc/x", false)]).unwrap_err();
+        let e = Share::prepare(&dir, &[vol(&data, "/proc/x", false)], &[&state]).unwrap_err();
         assert!(matches!(e, VolumeError::Destination { .. }), "{e}");
         assert!(!dir.exists());
     }

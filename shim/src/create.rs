@@ -199,7 +199,11 @@ pub async fn make(req: &CreateRequest, plan: &Plan, config: &Config) -> Result<M
     } else {
         let dir = volumes::share_dir(&config.paths.state_dir, &name);
         rollback.update(|r| r.share = Some(dir.clone()))?;
-        Some(Share::prepare(&dir, &plan.volumes)?)
+        Some(Share::prepare(
+            &dir,
+            &plan.volumes,
+            &[&config.paths.state_dir, &config.paths.cache_dir],
+        )?)
     };
 
     let backend = backend_for(config)?;

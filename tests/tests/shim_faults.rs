@@ -149,6 +149,12 @@ fn killing_the_shim_lets_containerd_clean_up() {
     ));
     assert_eq!(code, 0, "{out}{err}\n{}", h.log_tail());
     h.wait_status("s1", "RUNNING", Duration::from_secs(10));
+    // The guest's write reaches the host before the shim dies.
+    let start = Instant::now();
+    while !vol.join("written").exists() {
+        assert!(start.elapsed() < LONG, "the guest's write never arrived");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert!(!h.vm_pids("s1").is_empty());
     let shim = h.shim_pid("s1").expect("the shim of s1");
     kill9(shim);
@@ -174,6 +180,10 @@ fn killing_the_shim_lets_containerd_clean_up() {
     assert_eq!(
         std::fs::read_to_string(vol.join("precious")).unwrap(),
         "keep me\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(vol.join("written")).unwrap(),
+        "guest\n"
     );
 }
 

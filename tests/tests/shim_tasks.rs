@@ -470,6 +470,24 @@ fn bind_mounts_reach_the_guest_through_virtio_fs() {
 
     // Bad sources and destinations: one error from Create, nothing left.
     let missing = h.state_dir().with_file_name("missing");
+    // Outside the harness's directory, whose mounts count as leftovers.
+    let ro_dir = tempfile::tempdir().unwrap();
+    let ro = ro_dir.path().join("ro");
+    std::fs::create_dir_all(&ro).unwrap();
+    let bound = std::process::Command::new("mount")
+        .args(["--bind", "-o", "ro"])
+        .arg(&data)
+        .arg(&ro)
+        .status()
+        .unwrap();
+    assert!(bound.success());
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(ro.clone());
     for (mount, words) in [
         (
             format!(
@@ -488,6 +506,10 @@ fn bind_mounts_reach_the_guest_through_virtio_fs() {
         (
             "type=bind,src=/dev/null,dst=/null,options=rbind:rw".to_string(),
             "device node",
+        ),
+        (
+            format!("type=bind,src={},dst=/ro,options=rbind:rw", ro.display()),
+            "read-only filesystem",
         ),
     ] {
         let (code, out, err) = h.run_with(&["--rm", "--mount", &mount], "m2", &["true"]);

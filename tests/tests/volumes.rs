@@ -216,12 +216,19 @@ fn a_container_without_volumes_gets_no_virtiofsd_and_one_with_gets_one() {
             .all(|d| d.contains("--sandbox namespace") && d.contains(&share)),
         "{daemons:?}"
     );
+    // Killed outright: the next run takes its share down from the record.
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(bg.child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
+        nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
     let _ = bg.wait();
+    let shares = c.dir.path().join("run/.shares");
+    assert_eq!(
+        std::fs::read_dir(&shares).unwrap().count(),
+        1,
+        "the killed run's share"
+    );
     let o = c.run(&["--", "true"], None);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     c.assert_no_leftovers();
@@ -334,6 +341,7 @@ fn kubernetes_volume_shapes() {
         (while [ ! -f /cache/go ]; do sleep 0.1; done; echo ack-from-second > /cache/ack) & \
         echo go > /cache/go; wait; cat /cache/ack; \
         grep ' /mem ' /proc/mounts | cut -d' ' -f3; df -k /mem | tail -1 | awk '{print $2}'; \
+        echo in-guest-memory > /mem/f; \
         echo waiting; \
         i=0; while [ \"$(cat /etc/config/key)\" = v1 ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; \
         cat /etc/config/key; echo";
@@ -374,6 +382,11 @@ fn kubernetes_volume_shapes() {
     assert_eq!(
         std::fs::read_to_string(empty.join("ack")).unwrap(),
         "ack-from-second\n"
+    );
+    assert_eq!(
+        std::fs::read_dir(&mem).unwrap().count(),
+        0,
+        "the memory emptyDir lived in the guest"
     );
     c.assert_no_leftovers();
 }
@@ -469,7 +482,12 @@ fn bad_volumes_get_one_clear_error_and_leave_nothing() {
         .unwrap();
     assert!(bound.success());
     let missing = c.dir.path().join("missing");
+    let state = c.dir.path().join("run");
+    std::fs::create_dir_all(&state).unwrap();
     let cases: Vec<(String, &str)> = vec![
+        (vol(&state, "/state"), "capsid's own directory"),
+        (vol(c.dir.path(), "/all"), "capsid's own directory"),
+        (vol(Path::new("/proc/self"), "/p"), "procfs"),
         (vol(&missing, "/data"), "cannot be opened"),
         (vol(&data, "/proc/x"), "inside /proc or /sys"),
         (vol(&data, "/sys/kernel/x"), "inside /proc or /sys"),
@@ -492,6 +510,31 @@ fn bad_volumes_get_one_clear_error_and_leave_nothing() {
         assert_eq!(errors.len(), 1, "{arg}: one error: {err}");
         c.assert_no_leftovers();
     }
+    // virtiofsd missing: the run fails after the share was made; nothing
+    // of it is left.
+    let broken = c.dir.path().join("broken.toml");
+    let text = std::fs::read_to_string(c.config()).unwrap();
+    let text = text.replacen(
+        "virtiofsd = \"virtiofsd\"",
+        "virtiofsd = \"/nonexistent/virtiofsd\"",
+        1,
+    );
+    assert!(text.contains("/nonexistent/virtiofsd"), "{text}");
+    std::fs::write(&broken, text).unwrap();
+    let o = Command::new(capsid_tests::bin("capsid"))
+        .arg("--config")
+        .arg(&broken)
+        .args(["run", "-v", &vol(&data, "/data"), "busybox", "--", "true"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(125), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("/nonexistent/virtiofsd"),
+        "{}",
+        stderr(&o)
+    );
+    c.assert_no_leftovers();
     // Read-only is fine.
     let o = c.run(
         &[

@@ -30,6 +30,9 @@ const START_TIMEOUT: Duration = Duration::from_secs(10);
 ///   st_dev, no inode collisions between volumes).
 /// * No `--tag`: the tag is the frontend's (QEMU's `tag=`, capsid-vmm's
 ///   config space); advertising it from the daemon crashes QEMU 7.1–8.0.
+/// * `--modcaps=-mknod:-setfcap`: the guest's root cannot make device
+///   nodes or set file capabilities in a volume (virtiofsd keeps the
+///   capabilities it needs to act for the guest's users otherwise).
 /// * No xattrs, no posix ACLs, no writeback cache, no direct I/O.
 pub fn command(daemon: &Path, spec: &FsSpec, socket: &Path) -> Command {
     let mut cmd = Command::new(daemon);
@@ -40,6 +43,7 @@ pub fn command(daemon: &Path, spec: &FsSpec, socket: &Path) -> Command {
         .args(["--sandbox", "namespace"])
         .args(["--seccomp", "kill"])
         .args(["--cache", spec.cache.as_arg()])
+        .arg("--modcaps=-mknod:-setfcap")
         .arg("--announce-submounts")
         .args(["--log-level", "warn"]);
     cmd
@@ -121,5 +125,6 @@ mod tests {
         );
         assert!(!args.iter().any(|a| a == "--tag"), "{joined}");
         assert!(!args.iter().any(|a| a == "--xattr"), "{joined}");
+        assert!(joined.contains("--modcaps=-mknod:-setfcap"), "{joined}");
     }
 }
