@@ -40,6 +40,9 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Everything this process makes (run directories, sockets, logs,
+    // disks) is for root alone unless it says otherwise.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("CAPSID_LOG")

@@ -134,6 +134,9 @@ async fn run_timed(
 ) -> anyhow::Result<i32> {
     let t0 = timings.origin();
     let config = Config::load(config_path)?;
+    // Refused before anything is made when another user could reach them.
+    capsid_sandbox::private_dir::ensure_root(&config.paths.state_dir)?;
+    capsid_sandbox::private_dir::ensure_root(&config.paths.cache_dir)?;
     let memory_mib = args.memory.unwrap_or(config.vm.memory_mib);
     if memory_mib < MIN_MEMORY_MIB {
         bail!("--memory {memory_mib}: a guest needs at least {MIN_MEMORY_MIB} MiB");

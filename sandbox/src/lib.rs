@@ -19,6 +19,7 @@ pub mod image;
 pub mod locate;
 pub mod netns;
 pub mod network;
+pub mod private_dir;
 pub mod process;
 pub mod record;
 pub mod sandbox;

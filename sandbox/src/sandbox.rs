@@ -20,6 +20,9 @@ pub enum SandboxError {
     /// The VM could not be started.
     #[error(transparent)]
     Backend(#[from] BackendError),
+    /// The state directory is not private, or the run directory exists.
+    #[error(transparent)]
+    Private(#[from] crate::private_dir::PrivateDirError),
     /// The memory registry refused the sandbox (over-assignment limit) or
     /// cannot be written.
     #[error(transparent)]
@@ -160,8 +163,13 @@ impl Sandbox {
         opts: SandboxOptions,
     ) -> Result<Self> {
         let start = Instant::now();
-        // Refused here when over the over-assignment limit, before
-        // anything is made; deregistered when dropped, on any error too.
+        let run_dir = config.paths.state_dir.join(&opts.id);
+        // Made first, and only if new (the balloon registration below
+        // writes into it); removed again on every early return below. The
+        // VM, once started, is killed when dropped on those paths too.
+        let run_dir_guard = RunDirGuard::create(&config.paths.state_dir, &run_dir)?;
+        // Refused here when over the over-assignment limit, before the VM
+        // is started; deregistered when dropped, on any error too.
         let mut balloon_registration = crate::balloon::register_sandbox(
             config,
             &opts.id,
@@ -169,10 +177,6 @@ impl Sandbox {
             opts.memory_mib,
             !opts.balloon_opt_out,
         )?;
-        let run_dir = config.paths.state_dir.join(&opts.id);
-        // Removed again on every early return below; the VM, once started,
-        // is killed when dropped on those paths too.
-        let run_dir_guard = RunDirGuard::create(&run_dir)?;
         let spec = VmSpec {
             name: opts.id.clone(),
             vcpus: opts.vcpus,
@@ -380,11 +384,12 @@ struct RunDirGuard<'a> {
 }
 
 impl<'a> RunDirGuard<'a> {
-    fn create(path: &'a Path) -> Result<Self> {
-        std::fs::create_dir_all(path).map_err(|source| SandboxError::Io {
-            what: format!("run directory {}", path.display()),
-            source,
-        })?;
+    /// Makes the run directory, private, under the private state
+    /// directory; one that exists already (a sandbox of the same name, a
+    /// planted directory or symlink) is refused, never reused.
+    fn create(state_dir: &Path, path: &'a Path) -> Result<Self> {
+        crate::private_dir::ensure_root(state_dir)?;
+        crate::private_dir::create_exclusive(path)?;
         Ok(Self { path, keep: false })
     }
 

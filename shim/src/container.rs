@@ -96,6 +96,9 @@ pub enum ContainerError {
     /// A hook failed.
     #[error(transparent)]
     Hook(#[from] crate::hooks::HookError),
+    /// capsid's state or cache directory is not private.
+    #[error(transparent)]
+    Private(#[from] capsid_sandbox::private_dir::PrivateDirError),
     /// A volume cannot be shared with the VM.
     #[error(transparent)]
     Volume(#[from] capsid_sandbox::volumes::VolumeError),

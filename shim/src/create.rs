@@ -151,6 +151,9 @@ pub struct LateNetwork {
 /// nothing is left behind.
 pub async fn make(req: &CreateRequest, plan: &Plan, config: &Config) -> Result<Made> {
     let name = sandbox_name(&req.namespace, &req.id);
+    // Refused before anything is made when another user could reach them.
+    capsid_sandbox::private_dir::ensure_root(&config.paths.state_dir)?;
+    capsid_sandbox::private_dir::ensure_root(&config.paths.cache_dir)?;
     let lowers_mount = req.bundle.join(LOWERS_MOUNT);
     // Declared first, dropped last: on an early return the live objects
     // below (VM, lease) go before the record is undone.
@@ -350,18 +353,21 @@ async fn build_disk(
     )
 }
 
-/// The sandbox's name: readable when short, a digest otherwise (it names
-/// a run directory whose sockets must fit in a Unix socket path).
+/// The sandbox's name: unique per (namespace, id) — `a-b`/`c` and
+/// `a`/`b-c` must never share a run directory — and readable when short:
+/// `{namespace}-{id}-{digest}`, the digest of both with a separator that
+/// neither may contain; only the digest when that is too long (it names a
+/// run directory whose sockets must fit in a Unix socket path).
 pub fn sandbox_name(namespace: &str, id: &str) -> String {
     use sha2::{Digest, Sha256};
-    let name = format!("{namespace}-{id}");
-    if name.len() <= 48 {
-        return name;
-    }
     let digest = format!(
         "{:x}",
         Sha256::digest(format!("{namespace}/{id}").as_bytes())
     );
+    let name = format!("{namespace}-{id}-{}", &digest[..8]);
+    if name.len() <= 48 {
+        return name;
+    }
     format!("c-{}", &digest[..30])
 }
 
@@ -371,7 +377,10 @@ mod tests {
 
     #[test]
     fn sandbox_names_fit_socket_paths() {
-        assert_eq!(sandbox_name("default", "t1"), "default-t1");
+        let short = sandbox_name("default", "t1");
+        assert!(short.starts_with("default-t1-"), "{short}");
+        assert_eq!(short.len(), "default-t1-".len() + 8);
+        assert_ne!(sandbox_name("a-b", "c"), sandbox_name("a", "b-c"));
         let long = "a".repeat(64);
         let name = sandbox_name("k8s.io", &long);
         assert_eq!(name.len(), 32);

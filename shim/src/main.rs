@@ -10,6 +10,10 @@ use anyhow::{bail, Context};
 use capsid_shim::{bootstrap, logging};
 
 fn main() -> ExitCode {
+    // Everything this process and its children make (run directories,
+    // sockets, logs, disks, the VM's files) is for root alone unless it
+    // says otherwise.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     match run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

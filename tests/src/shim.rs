@@ -203,7 +203,8 @@ impl ShimHarness {
 
     /// Host pids of a running task's VM (QEMU and its device processes).
     pub fn vm_pids(&self, id: &str) -> Vec<u32> {
-        processes_with(&format!("{}/default-{id}/", self.state_dir().display()))
+        // The run directory is `default-{id}-{digest}`.
+        processes_with(&format!("{}/default-{id}-", self.state_dir().display()))
     }
 
     /// The pid of the shim serving task `id`.

@@ -22,6 +22,13 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    // Everything capsid-vmm makes (its control socket, vsock sockets,
+    // console log) is for root alone.
+    // SAFETY: umask(2) only changes this process's file mode mask; it
+    // cannot fail and touches no memory.
+    unsafe {
+        libc::umask(0o077);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("CAPSID_LOG")

@@ -134,11 +134,12 @@ impl RootfsCache {
             tracing::debug!(name, path = %hit.path.display(), "rootfs cache hit");
             return Ok(hit);
         }
-        fs::create_dir_all(&self.dir).map_err(|source| ImageError::Cache {
-            action: "create",
-            path: self.dir.clone(),
-            source,
-        })?;
+        // Private, so no other user walks into an image being unpacked
+        // (its setuid files, its device nodes) or reads a disk.
+        if let Some(root) = self.dir.parent() {
+            crate::private_dir::ensure_root(root)?;
+        }
+        crate::private_dir::ensure_root(&self.dir)?;
         let _build_lock = BuildLock::acquire(&self.dir.join(format!("{key}.lock")))?;
         // Another process may have built it while this one waited.
         if let Some(hit) = self.lookup(key)? {

@@ -36,6 +36,9 @@ use layout::BlobStore;
 /// Errors finding, reading or converting an image.
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
+    /// The cache directory is not private to capsid.
+    #[error(transparent)]
+    Private(#[from] crate::private_dir::PrivateDirError),
     /// A bare name that is not among the bundled images.
     #[error("unknown image {name}: no {name}.tar or {name}/ in {} ({available})", dir.display())]
     UnknownImage {
