@@ -5,6 +5,7 @@
 //! The same code is hosted in-process by capsid-vmm and served over
 //! vhost-user to QEMU (`hosting`).
 
+pub mod capped_log;
 pub mod hosting;
 pub mod socket_claim;
 pub mod virtio;

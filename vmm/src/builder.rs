@@ -3,7 +3,6 @@
 //! structures, the vCPUs' entry state, the legacy devices, the control
 //! socket. Anything that fails leaves nothing behind.
 
-use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
@@ -274,15 +273,17 @@ fn bind_control(path: &Path) -> Result<ControlSocket> {
     Ok(ControlSocket { listener, claim })
 }
 
-fn open_serial(path: &Path) -> Result<File> {
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(|source| BuildError::Serial {
-            path: path.display().to_string(),
-            source,
-        })
+/// The console log: capped and rotating, since the guest decides how much
+/// it prints (capsid_devices::capped_log).
+fn open_serial(path: &Path) -> Result<capsid_devices::capped_log::CappedLog> {
+    capsid_devices::capped_log::CappedLog::open(
+        path,
+        capsid_devices::capped_log::DEFAULT_MAX_BYTES,
+    )
+    .map_err(|source| BuildError::Serial {
+        path: path.display().to_string(),
+        source,
+    })
 }
 
 #[cfg(test)]

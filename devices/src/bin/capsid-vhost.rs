@@ -70,6 +70,41 @@ enum Device {
         #[arg(long, value_name = "PATH")]
         uds_path: PathBuf,
     },
+    /// Not a virtio device: QEMU's serial console, written to a capped,
+    /// rotating log (a guest printing forever fills no host disk).
+    Console {
+        /// Unix socket QEMU's chardev connects to.
+        #[arg(long, value_name = "PATH")]
+        socket: PathBuf,
+        /// The log file (the previous generation is `<FILE>.1`).
+        #[arg(long, value_name = "FILE")]
+        log: PathBuf,
+        /// Bytes per generation.
+        #[arg(long, value_name = "BYTES", default_value_t = capsid_devices::capped_log::DEFAULT_MAX_BYTES)]
+        max_bytes: u64,
+    },
+}
+
+/// Accepts QEMU's one connection on `socket` and copies what the guest
+/// prints into `log` until QEMU goes.
+fn serve_console(socket: &std::path::Path, log: &std::path::Path, max_bytes: u64) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let mut out = capsid_devices::capped_log::CappedLog::open(log, max_bytes)?;
+    let listener = std::os::unix::net::UnixListener::bind(socket)?;
+    let (mut conn, _) = listener.accept()?;
+    drop(listener);
+    let _ = std::fs::remove_file(socket);
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match conn.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e.into()),
+        };
+        out.write_all(&buf[..n])?;
+        out.flush()?;
+    }
 }
 
 fn main() -> ExitCode {
@@ -111,6 +146,11 @@ fn main() -> ExitCode {
         } => Vsock::new(guest_cid, &uds_path)
             .map_err(anyhow::Error::from)
             .and_then(|dev| vhost_user::serve(dev, &socket).map_err(anyhow::Error::from)),
+        Device::Console {
+            socket,
+            log,
+            max_bytes,
+        } => serve_console(&socket, &log, max_bytes),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
