@@ -7,6 +7,7 @@
 
 pub mod capped_log;
 pub mod hosting;
+pub mod log_limit;
 pub mod socket_claim;
 pub mod virtio;
 

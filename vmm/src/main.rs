@@ -29,13 +29,9 @@ fn main() -> ExitCode {
     unsafe {
         libc::umask(0o077);
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CAPSID_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // Warnings the guest can cause are bounded (a flood of bad requests
+    // must not fill the host's log).
+    capsid_devices::log_limit::init_guest_facing_logging();
     let args = Args::parse();
     match run(&args) {
         Ok(VmEnd::Reset) => ExitCode::from(EXIT_GUEST_RESET),

@@ -111,13 +111,9 @@ fn main() -> ExitCode {
     // Everything this process makes (run directories, sockets, logs,
     // disks) is for root alone unless it says otherwise.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CAPSID_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // Warnings the guest can cause are bounded (a flood of bad requests
+    // must not fill the host's log).
+    capsid_devices::log_limit::init_guest_facing_logging();
     let args = Args::parse();
     let result = match args.device {
         Device::Blk {
