@@ -1,12 +1,13 @@
 //! The QEMU microvm backend of the sandbox crate: starts our kernel and
-//! agent with capsid's vhost-user devices, and leaves nothing behind.
+//! agent with capsid's vhost-user devices, and leaves nothing behind;
+//! a device process that dies under the VM ends it as a failure.
 
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use capsid_sandbox::backend::qemu::QemuBackend;
-use capsid_sandbox::backend::{Backend, VmExit, VmSpec};
+use capsid_sandbox::backend::{Backend, DiskSpec, FsCache, FsSpec, VmExit, VmSpec};
 use capsid_sandbox::config::BackendKind;
 use capsid_tests::{artifact, bin};
 
@@ -128,4 +129,78 @@ fn impossible_specs_are_refused() {
         .unwrap_err()
         .to_string()
         .contains("0 vCPUs"));
+}
+
+/// The process of `pids` whose command line names `needle`.
+fn process_naming(pids: &[u32], needle: &str) -> u32 {
+    pids.iter()
+        .copied()
+        .find(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(needle))
+                .unwrap_or(false)
+        })
+        .unwrap_or_else(|| panic!("no VM process names {needle}"))
+}
+
+#[test]
+fn a_device_process_that_dies_fails_the_vm_and_takes_qemu_with_it() {
+    // Each device in turn, in a VM of its own: vsock, rng, a disk, and
+    // virtiofsd (not a capsid-vhost, but as much a part of the VM).
+    for (device, needle) in [
+        ("vsock", "vhost-vsock.sock"),
+        ("rng", "vhost-rng.sock"),
+        ("blk0", "vhost-blk0.sock"),
+        ("virtiofsd", "virtiofsd.sock"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("vm");
+        std::fs::create_dir(&run).unwrap();
+        // Keeps the agent from giving up on the host (and powering off)
+        // while the test runs.
+        let _listener = UnixListener::bind(run.join("vsock.sock_1024")).unwrap();
+        let disk = dir.path().join("disk.img");
+        std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+        let share = dir.path().join("share");
+        std::fs::create_dir(&share).unwrap();
+        let mut s = spec(run.clone());
+        s.disks.push(DiskSpec {
+            path: disk,
+            readonly: true,
+            serial: "disk".into(),
+        });
+        s.fs = Some(FsSpec {
+            daemon: "virtiofsd".into(),
+            shared_dir: share,
+            tag: "capsid-test".into(),
+            cache: FsCache::Auto,
+        });
+        let mut vm = backend().start(&s).unwrap();
+        let pids = vm.pids();
+        assert_eq!(pids.len(), 5, "qemu + vsock, rng, blk0 and virtiofsd");
+        assert_eq!(vm.try_wait().unwrap(), None);
+        let victim = process_naming(&pids[1..], needle);
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(victim as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        let killed = Instant::now();
+        let exit = vm.wait_timeout(Duration::from_secs(5)).unwrap();
+        eprintln!(
+            "{device}: VM failed {:?} after its SIGKILL",
+            killed.elapsed()
+        );
+        assert_eq!(exit, Some(VmExit::Failed(128 + 9)), "{device}");
+        // Everything is reaped and the run directory gone, as for any end.
+        for pid in &pids {
+            assert!(!alive(*pid), "{device}: process {pid} survived");
+        }
+        assert!(!run.exists(), "{device}: run directory left behind");
+        // The end is kept: a later stop reports it, and does nothing else.
+        assert_eq!(
+            vm.stop(Duration::from_secs(2)).unwrap(),
+            VmExit::Failed(128 + 9)
+        );
+    }
 }

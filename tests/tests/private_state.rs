@@ -190,7 +190,7 @@ fn namespace_and_id_that_spell_the_same_run_side_by_side() {
         cmd
     };
     for ns in ["a-b", "a"] {
-        let (code, out, err) = run(&mut ctr_in(ns, &["images", "import"]).arg(&tar));
+        let (code, out, err) = run(ctr_in(ns, &["images", "import"]).arg(&tar));
         assert_eq!(code, 0, "{out}{err}");
     }
     let image = BUSYBOX;

@@ -1,6 +1,6 @@
 //! capsid's shim under stress and failure: bad input refused with one
-//! clear error and nothing left, concurrent containers, the VM or the shim
-//! killed with SIGKILL, and a batch of run/delete cycles that must leave no
+//! clear error and nothing left, concurrent containers, the VM, one of its
+//! device processes or the shim killed with SIGKILL, and a batch of run/delete cycles that must leave no
 //! processes, mounts, files or containerd fds behind.
 
 use std::time::{Duration, Instant};
@@ -36,7 +36,7 @@ fn bad_input_fails_create_with_one_clear_error() {
         (
             "b3",
             vec!["--mount", "type=bind,src=/tmp,dst=/host,options=rbind:rw"],
-            "host bind mount /tmp -> /host is not supported",
+            "/tmp is in or holds capsid's own directory",
         ),
         (
             "b4",
@@ -131,6 +131,130 @@ fn killing_the_vm_ends_the_task_with_a_fault() {
     let (code, _, err) = h.ctr(&["container", "delete", "v1"]);
     assert_eq!(code, 0, "{err}");
     h.assert_clean(&["v1"]);
+}
+
+/// How soon a task must be seen stopped after one of its VM's device
+/// processes died.
+const DEVICE_DEATH_DETECTION: Duration = Duration::from_secs(5);
+
+#[test]
+fn killing_any_device_process_ends_the_task_with_a_fault() {
+    let h = ShimHarness::start();
+    let vol = h.state_dir().with_file_name("vol");
+    std::fs::create_dir_all(&vol).unwrap();
+    let mount = format!("type=bind,src={},dst=/data,options=rbind:rw", vol.display());
+    let start = |id: &str, flags: &[&str]| {
+        let mut all = vec!["-d"];
+        all.extend(flags);
+        let (code, out, err) =
+            capsid_tests::run(&mut h.run_cmd(&all, BUSYBOX, id, &["sleep", "1000"]));
+        assert_eq!(code, 0, "{id}: {out}{err}\n{}", h.log_tail());
+        h.wait_status(id, "RUNNING", Duration::from_secs(60));
+    };
+    // A plain sandbox shows which capsid-vhost devices there are (vsock,
+    // rng, a disk per image disk, net0 with a network); each is killed in
+    // a sandbox of its own, then virtiofsd in one with a volume.
+    start("dev0", &[]);
+    let mut devices: Vec<String> = device_processes(&h, "dev0")
+        .into_iter()
+        .map(|(name, _)| name)
+        .filter(|name| name != "virtiofsd")
+        .collect();
+    for wanted in ["vsock", "rng", "blk0"] {
+        assert!(
+            devices.iter().any(|d| d == wanted),
+            "no {wanted} in {devices:?}"
+        );
+    }
+    devices.push("virtiofsd".into());
+    let mut report = Vec::new();
+    for (n, device) in devices.iter().enumerate() {
+        let id = format!("dev{n}");
+        if device == "virtiofsd" {
+            start(&id, &["--mount", &mount]);
+        } else if n > 0 {
+            start(&id, &[]);
+        }
+        let pid = device_processes(&h, &id)
+            .into_iter()
+            .find(|(name, _)| name == device)
+            .map(|(_, pid)| pid)
+            .unwrap_or_else(|| panic!("no {device} process in {id}"));
+        kill9(pid);
+        let killed = Instant::now();
+        while h.status(&id) != "STOPPED" {
+            assert!(
+                killed.elapsed() < DEVICE_DEATH_DETECTION,
+                "{id}: task still {:?} {:?} after {device} died\n{}",
+                h.status(&id),
+                killed.elapsed(),
+                h.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let detected = killed.elapsed();
+        assert!(
+            detected < DEVICE_DEATH_DETECTION,
+            "{id}: stopped only {detected:?} after {device} died"
+        );
+        eprintln!("{device}: task stopped {detected:?} after its SIGKILL");
+        report.push((device.clone(), detected));
+        let (code, _, err) = h.ctr(&["task", "delete", &id]);
+        assert_eq!(code, 0, "{id}: {err}");
+        assert!(err.contains("exit code 255"), "{id} ({device}): {err}");
+        let (code, _, err) = h.ctr(&["container", "delete", &id]);
+        assert_eq!(code, 0, "{id}: {err}");
+        h.assert_clean(&[&id]);
+        // The shim's log names the dead process, once per sandbox.
+        let said = h
+            .log()
+            .matches("a device process of the VM exited while the VM ran")
+            .count();
+        assert_eq!(
+            said,
+            n + 1,
+            "{id}: {device}'s death not logged once\n{}",
+            h.log_tail()
+        );
+    }
+    eprintln!("detection times: {report:?}");
+}
+
+/// The device processes the shim of task `id` runs beside its VM, by
+/// device ("vsock", "blk0", ..., from their vhost-user socket; or
+/// "virtiofsd"): the shim's own children, so not virtiofsd's sandboxed
+/// child.
+fn device_processes(h: &ShimHarness, id: &str) -> Vec<(String, u32)> {
+    let shim = h.shim_pid(id).expect("the task's shim");
+    h.vm_pids(id)
+        .into_iter()
+        .filter(|pid| parent(*pid) == Some(shim))
+        .filter_map(|pid| {
+            let args = capsid_tests::shim::cmdline(pid);
+            let program = args.first()?;
+            if program.ends_with("virtiofsd") {
+                return Some(("virtiofsd".to_string(), pid));
+            }
+            if !program.ends_with("capsid-vhost") {
+                return None;
+            }
+            let socket = args.windows(2).find(|w| w[0] == "--socket")?[1].clone();
+            let name = std::path::Path::new(&socket)
+                .file_name()?
+                .to_str()?
+                .strip_prefix("vhost-")?
+                .strip_suffix(".sock")?
+                .to_string();
+            Some((name, pid))
+        })
+        .collect()
+}
+
+/// A process's parent pid.
+fn parent(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(1)?.parse().ok()
 }
 
 #[test]

@@ -367,6 +367,50 @@ fn the_backend_runs_virtiofsd_beside_the_vmm() {
 }
 
 #[test]
+fn a_virtiofsd_that_dies_under_the_vm_ends_it_as_a_failure() {
+    if !have_virtiofsd() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let shared = dir.path().join("share");
+    std::fs::create_dir(&shared).unwrap();
+    let (spec, run_dir) = spec(
+        dir.path(),
+        FsSpec {
+            daemon: VIRTIOFSD.into(),
+            shared_dir: shared,
+            tag: "capsid".into(),
+            cache: FsCache::Auto,
+        },
+    );
+    let backend = CapsidVmmBackend::new(&bin("capsid-vmm")).unwrap();
+    let mut vm = backend.start(&spec).unwrap();
+    let pids = vm.pids();
+    assert_eq!(vm.try_wait().unwrap(), None);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pids[1] as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let killed = Instant::now();
+    let exit = vm.wait_timeout(Duration::from_secs(5)).unwrap();
+    eprintln!(
+        "virtiofsd: VM failed {:?} after its SIGKILL",
+        killed.elapsed()
+    );
+    assert_eq!(exit, Some(VmExit::Failed(128 + 9)));
+    for pid in pids {
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists()
+                || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .is_ok_and(|s| s.contains(") Z ")),
+            "{pid} still runs"
+        );
+    }
+    assert!(!run_dir.exists());
+}
+
+#[test]
 fn a_virtiofsd_that_dies_fails_the_start_with_its_words() {
     let dir = tempfile::tempdir().unwrap();
     let shared = dir.path().join("share");

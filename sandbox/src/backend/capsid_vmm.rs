@@ -3,7 +3,8 @@
 //! rng, balloon), stopped through its control socket (Ctrl-Alt-Del, then
 //! the VMM's own deadline), then SIGTERM, then SIGKILL. A VM with a
 //! virtio-fs share also gets a virtiofsd, started first (capsid-vmm
-//! connects to it while building the VM) and reaped with the VM.
+//! connects to it while building the VM) and reaped with the VM; if it
+//! dies while the VM runs, the VM is ended as a failure ([`DeviceWatch`]).
 
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
@@ -15,7 +16,7 @@ use capsid_vmm_api::config::{
 };
 use capsid_vmm_api::control::Request;
 
-use super::process::{status_code, Supervised};
+use super::process::{end_for_dead_device, status_code, DeviceWatch, Supervised};
 use super::{Backend, BackendError, Result, Vm, VmExit, VmSpec};
 use crate::config::BackendKind;
 use crate::vmm_control;
@@ -122,6 +123,7 @@ impl Backend for CapsidVmmBackend {
             memory_mib: spec.memory_mib,
             vmm: None,
             virtiofsd: None,
+            device_watch: DeviceWatch::default(),
             exit: None,
             stopping: false,
         };
@@ -202,6 +204,7 @@ pub struct CapsidVm {
     vmm: Option<Supervised>,
     /// The share's daemon, when the VM has one.
     virtiofsd: Option<Supervised>,
+    device_watch: DeviceWatch,
     exit: Option<VmExit>,
     stopping: bool,
 }
@@ -252,15 +255,30 @@ impl Vm for CapsidVm {
         let Some(vmm) = self.vmm.as_mut() else {
             return Ok(None);
         };
-        match vmm.try_wait()? {
-            Some(status) => {
-                let exit = self.exit_from(status);
-                self.exit = Some(exit);
-                self.clean_up();
-                Ok(Some(exit))
+        let exit = match vmm.try_wait()? {
+            // A VMM that gave up on the share because virtiofsd died: the
+            // dead daemon is the news.
+            Some(status) if !status.success() => {
+                match DeviceWatch::crashed(self.virtiofsd.as_mut_slice())? {
+                    Some(dead) => {
+                        end_for_dead_device(vmm, &self.virtiofsd.as_slice()[dead], &self.run_dir)?
+                    }
+                    None => self.exit_from(status),
+                }
             }
-            None => Ok(None),
-        }
+            Some(status) => self.exit_from(status),
+            // Without virtiofsd the guest's volume requests never complete:
+            // the VM ends with it rather than hang its containers.
+            None => match self.device_watch.failed(self.virtiofsd.as_mut_slice())? {
+                Some(dead) => {
+                    end_for_dead_device(vmm, &self.virtiofsd.as_slice()[dead], &self.run_dir)?
+                }
+                None => return Ok(None),
+            },
+        };
+        self.exit = Some(exit);
+        self.clean_up();
+        Ok(Some(exit))
     }
 
     fn stop(&mut self, grace: Duration) -> Result<VmExit> {

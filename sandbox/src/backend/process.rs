@@ -1,7 +1,8 @@
 //! Child processes of a VM (the VMM, device backends): started with their
 //! stderr in a log file (tied to this process when it asked,
 //! [`crate::process::die_with_this_process`]), stopped with SIGTERM then
-//! SIGKILL, always reaped.
+//! SIGKILL, always reaped. [`DeviceWatch`] holds the rule that a VM lives
+//! only as long as all of its device processes do.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -11,8 +12,15 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use super::{BackendError, Result};
+use super::{BackendError, Result, VmExit};
 use crate::process::spawn_child;
+
+/// How long the VM's main process gets to be seen exiting after a device
+/// process exited cleanly. A device backend exits cleanly (status 0) when
+/// its frontend hangs up, and the VMM hangs up as it exits (guest
+/// power-off, or a VMM crash) a moment before it can be reaped: such an
+/// exit is the VM's own end, not a device failing under it.
+pub const HANG_UP_GRACE: Duration = Duration::from_secs(1);
 
 /// A supervised child process.
 #[derive(Debug)]
@@ -82,6 +90,22 @@ impl Supervised {
         }
     }
 
+    /// SIGKILL at once; returns once reaped.
+    pub fn kill(&mut self) -> Result<ExitStatus> {
+        if let Some(status) = self.try_wait()? {
+            return Ok(status);
+        }
+        let supervise_err = |source| BackendError::Supervise {
+            what: self.what.clone(),
+            source,
+        };
+        // Fails only when the child has exited meanwhile: the wait reaps it.
+        let _ = self.child.kill();
+        let status = self.child.wait().map_err(supervise_err)?;
+        self.status = Some(status);
+        Ok(status)
+    }
+
     /// SIGTERM, then SIGKILL after `grace`; returns once reaped.
     pub fn terminate(&mut self, grace: Duration) -> Result<ExitStatus> {
         if let Some(status) = self.try_wait()? {
@@ -121,6 +145,81 @@ impl Drop for Supervised {
     }
 }
 
+/// Watches the device processes running beside a VM's main process
+/// (QEMU's capsid-vhost backends, virtiofsd). A device process that ends
+/// while the VM runs leaves the guest with a device that never answers
+/// again: a disk whose requests hang, a vsock whose connections are gone
+/// while the guest runs on. Such a VM is failed, not left running.
+#[derive(Debug, Default)]
+pub struct DeviceWatch {
+    /// The first device seen to have exited cleanly, and when: it fails
+    /// the VM only if the VMM outlives [`HANG_UP_GRACE`].
+    clean_exit: Option<(usize, Instant)>,
+}
+
+impl DeviceWatch {
+    /// Looks at `devices` while the VM's main process runs (callers reap
+    /// that first): the index of the device whose exit fails the VM, if
+    /// one has. A device killed by a signal or exiting with an error fails
+    /// it at once; a clean exit after [`HANG_UP_GRACE`].
+    pub fn failed(&mut self, devices: &mut [Supervised]) -> Result<Option<usize>> {
+        if let Some(index) = Self::crashed(devices)? {
+            return Ok(Some(index));
+        }
+        if self.clean_exit.is_none() {
+            // Every exit found now is a clean one.
+            for (index, dev) in devices.iter_mut().enumerate() {
+                if dev.try_wait()?.is_some() {
+                    tracing::debug!(process = %dev.what(), pid = dev.pid(), "a device process exited cleanly: waiting for the VMM to end too");
+                    self.clean_exit = Some((index, Instant::now()));
+                    break;
+                }
+            }
+        }
+        Ok(self
+            .clean_exit
+            .filter(|(_, since)| since.elapsed() >= HANG_UP_GRACE)
+            .map(|(index, _)| index))
+    }
+
+    /// The first of `devices` that died by itself: killed by a signal or
+    /// exited with an error (a clean exit is a hang-up). Asked also when
+    /// the VMM failed: QEMU sometimes gives up on a device whose backend
+    /// died (vsock), and then the device's death, found already reaped or
+    /// a zombie, is what says why the VM ended.
+    pub fn crashed(devices: &mut [Supervised]) -> Result<Option<usize>> {
+        for (index, dev) in devices.iter_mut().enumerate() {
+            if dev.try_wait()?.is_some_and(|status| !status.success()) {
+                return Ok(Some(index));
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// Ends a VM whose device process `dead` exited under it: kills the VMM at
+/// once if it still runs (the guest cannot go on without the device, and
+/// nothing in it is worth a graceful stop), says once which process died,
+/// how, and its last words, and returns the VM's exit: `Failed` with the
+/// device's status.
+pub fn end_for_dead_device(
+    vmm: &mut Supervised,
+    dead: &Supervised,
+    run_dir: &Path,
+) -> Result<VmExit> {
+    let code = dead.status.map_or(-1, status_code);
+    tracing::warn!(
+        vm = %run_dir.display(),
+        process = %dead.what(),
+        pid = dead.pid(),
+        status = code,
+        last_words = %dead.last_words(),
+        "a device process of the VM exited while the VM ran: ending the VM"
+    );
+    vmm.kill()?;
+    Ok(VmExit::Failed(code))
+}
+
 /// A process exit status as a number: the code, or 128+N for signal N.
 pub fn status_code(status: ExitStatus) -> i32 {
     use std::os::unix::process::ExitStatusExt;
@@ -155,5 +254,66 @@ mod tests {
             "{status}"
         );
         child.terminate(Duration::from_secs(1)).unwrap();
+    }
+
+    fn spawn(dir: &Path, name: &str, script: &str) -> Supervised {
+        let mut c = Command::new("sh");
+        c.args(["-c", script]);
+        Supervised::spawn(name, c, &dir.join(format!("{name}.log"))).unwrap()
+    }
+
+    fn wait_exited(dev: &mut Supervised) {
+        assert!(dev.wait_timeout(Duration::from_secs(5)).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_device_killed_under_the_vm_ends_it_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut vmm = spawn(dir.path(), "vmm", "exec sleep 1000");
+        let mut devices = vec![
+            spawn(dir.path(), "dev-a", "exec sleep 1000"),
+            spawn(dir.path(), "dev-b", "echo bad sector >&2; exec sleep 1000"),
+        ];
+        let mut watch = DeviceWatch::default();
+        assert_eq!(watch.failed(&mut devices).unwrap(), None);
+        std::thread::sleep(Duration::from_millis(100));
+        devices[1].kill().unwrap();
+        assert_eq!(watch.failed(&mut devices).unwrap(), Some(1));
+        assert_eq!(DeviceWatch::crashed(&mut devices).unwrap(), Some(1));
+        let exit = end_for_dead_device(&mut vmm, &devices[1], dir.path()).unwrap();
+        assert_eq!(exit, VmExit::Failed(128 + 9));
+        assert!(
+            vmm.try_wait().unwrap().is_some(),
+            "the VMM was left running"
+        );
+        assert_eq!(devices[1].last_words(), "bad sector");
+        devices[0].terminate(Duration::from_secs(1)).unwrap();
+    }
+
+    #[test]
+    fn a_clean_device_exit_fails_the_vm_only_once_the_grace_is_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut devices = vec![spawn(dir.path(), "dev", "exit 0")];
+        wait_exited(&mut devices[0]);
+        let mut watch = DeviceWatch::default();
+        let seen = Instant::now();
+        // A device hung up on by an exiting VMM: the VMM's own exit says how
+        // the VM ended, if it comes within the grace.
+        assert_eq!(watch.failed(&mut devices).unwrap(), None);
+        while seen.elapsed() < HANG_UP_GRACE - Duration::from_millis(100) {
+            assert_eq!(watch.failed(&mut devices).unwrap(), None);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(watch.failed(&mut devices).unwrap(), Some(0));
+        // A hang-up is no crash: a VMM's own failure speaks for itself.
+        assert_eq!(DeviceWatch::crashed(&mut devices).unwrap(), None);
+        // An error exit does not wait.
+        let mut devices = vec![spawn(dir.path(), "dev2", "exit 3")];
+        wait_exited(&mut devices[0]);
+        assert_eq!(
+            DeviceWatch::default().failed(&mut devices).unwrap(),
+            Some(0)
+        );
     }
 }

@@ -1,13 +1,15 @@
 //! QEMU microvm as a capsid backend: `-M microvm,acpi=off` with KVM or TCG,
 //! memfd-shared guest RAM, and capsid's own virtio devices served over
-//! vhost-user by one `capsid-vhost` process per device.
+//! vhost-user by one `capsid-vhost` process per device. The VM lives as
+//! long as QEMU and every device process do: a device process that dies
+//! under a running VM ends it as a failure ([`DeviceWatch`]).
 
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use super::process::{status_code, Supervised};
+use super::process::{end_for_dead_device, status_code, DeviceWatch, Supervised};
 use super::{Backend, BackendError, Result, Vm, VmExit, VmSpec};
 use crate::config::BackendKind;
 
@@ -83,6 +85,7 @@ impl Backend for QemuBackend {
             memory_mib: spec.memory_mib,
             qemu: None,
             devices: Vec::new(),
+            device_watch: DeviceWatch::default(),
             exit: None,
             stopping: false,
         };
@@ -308,6 +311,7 @@ pub struct QemuVm {
     memory_mib: u32,
     qemu: Option<Supervised>,
     devices: Vec<Supervised>,
+    device_watch: DeviceWatch,
     exit: Option<VmExit>,
     stopping: bool,
 }
@@ -357,15 +361,25 @@ impl Vm for QemuVm {
         let Some(qemu) = self.qemu.as_mut() else {
             return Ok(None);
         };
-        match qemu.try_wait()? {
-            Some(status) => {
-                let exit = self.exit_from(status);
-                self.exit = Some(exit);
-                self.clean_up();
-                Ok(Some(exit))
-            }
-            None => Ok(None),
-        }
+        let exit = match qemu.try_wait()? {
+            // QEMU itself sometimes gives up on a device whose backend
+            // died (vsock in use): the dead device is the news then.
+            Some(status) if !status.success() => match DeviceWatch::crashed(&mut self.devices)? {
+                Some(dead) => end_for_dead_device(qemu, &self.devices[dead], &self.run_dir)?,
+                None => self.exit_from(status),
+            },
+            Some(status) => self.exit_from(status),
+            // Mostly QEMU runs on when a vhost-user backend dies (it waits
+            // for a reconnect), leaving the guest with a dead device: a hung
+            // disk, a vsock whose connections are gone. The VM ends with it.
+            None => match self.device_watch.failed(&mut self.devices)? {
+                Some(dead) => end_for_dead_device(qemu, &self.devices[dead], &self.run_dir)?,
+                None => return Ok(None),
+            },
+        };
+        self.exit = Some(exit);
+        self.clean_up();
+        Ok(Some(exit))
     }
 
     fn stop(&mut self, grace: Duration) -> Result<VmExit> {
