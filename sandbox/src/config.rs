@@ -11,8 +11,10 @@ use serde::{Deserialize, Serialize};
 
 mod memory;
 mod network;
+pub mod policy;
 pub use memory::MemoryConfig;
 pub use network::{check_ifname, parse_subnet, NetworkConfig};
+pub use policy::PolicyConfig;
 
 /// Where the configuration is read from unless told otherwise.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/capsid/config.toml";
@@ -190,6 +192,10 @@ pub struct VmConfig {
     pub vcpus: u32,
     /// Guest RAM per sandbox, in MiB.
     pub memory_mib: u32,
+    /// `[vm.policy]`: what a spec may ask of its VM (annotations, largest
+    /// size). Here rather than top-level so that sizing, which is given
+    /// the `[vm]` defaults, always has the bounds with them.
+    pub policy: PolicyConfig,
 }
 
 impl Default for VmConfig {
@@ -197,6 +203,7 @@ impl Default for VmConfig {
         Self {
             vcpus: 1,
             memory_mib: 256,
+            policy: PolicyConfig::default(),
         }
     }
 }
@@ -282,6 +289,9 @@ impl Config {
                 ),
             });
         }
+        if let Err((key, message)) = self.vm.policy.check(self.vm.vcpus, self.vm.memory_mib) {
+            return Err(ConfigError::Value { key, message });
+        }
         if let Err(message) = parse_subnet(&self.network.subnet) {
             return Err(ConfigError::Value {
                 key: "network.subnet",
@@ -363,7 +373,8 @@ mod tests {
             c.vm,
             VmConfig {
                 vcpus: 2,
-                memory_mib: 512
+                memory_mib: 512,
+                policy: PolicyConfig::default(),
             }
         );
     }

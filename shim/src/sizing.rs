@@ -4,19 +4,22 @@
 //! * vCPUs: `io.capsid.vcpus`, else ceil(cpu quota / period), else the default.
 //! * RAM: `io.capsid.memory_mib`, else the memory limit plus headroom for the
 //!   guest kernel and agent, else the default.
+//!
+//! The spec is the tenant's word (in Kubernetes it writes pod annotations
+//! and limits), so the host's `[vm.policy]` bounds it: only the annotations
+//! it allows, no unknown `io.capsid.*` one (a typo must not silently mean
+//! the default), and no VM larger than its maxima, whichever part of the
+//! spec asked for the size.
 
 use std::collections::HashMap;
 
-use capsid_sandbox::config::{VmConfig, MAX_VCPUS, MIN_MEMORY_MIB};
+use capsid_sandbox::config::policy::{ANNOTATION_PREFIX, KNOWN_ANNOTATIONS};
+use capsid_sandbox::config::{PolicyConfig, VmConfig, MAX_VCPUS, MIN_MEMORY_MIB};
 use oci_spec::runtime::{LinuxResources, Spec};
 
-/// Annotation overriding the number of vCPUs.
-pub const ANNOTATION_VCPUS: &str = "io.capsid.vcpus";
-/// Annotation overriding guest RAM, in MiB.
-pub const ANNOTATION_MEMORY_MIB: &str = "io.capsid.memory_mib";
-/// Annotation opting a sandbox in or out of the balloon policy: `on`
-/// (default) or `off` (the host never reclaims its memory).
-pub const ANNOTATION_BALLOON_POLICY: &str = "io.capsid.balloon.policy";
+pub use capsid_sandbox::config::policy::{
+    ANNOTATION_BALLOON_POLICY, ANNOTATION_MEMORY_MIB, ANNOTATION_VCPUS,
+};
 /// Guest RAM added to a container's memory limit for the guest kernel, the
 /// agent and page tables.
 pub const MEMORY_HEADROOM_MIB: u32 = 64;
@@ -37,6 +40,43 @@ pub enum SizingError {
     /// The spec's resources ask for something no VM can be.
     #[error("OCI spec resources: {0}")]
     Resources(String),
+    /// An `io.capsid.*` annotation capsid does not know.
+    #[error("unknown annotation {key}={value:?} (capsid knows {known})")]
+    UnknownAnnotation {
+        /// The annotation, escaped to one line.
+        key: String,
+        /// Its value.
+        value: String,
+        /// The annotations capsid knows.
+        known: String,
+    },
+    /// An annotation the host's `[vm.policy]` does not let specs use.
+    #[error(
+        "annotation {key}={value:?} is not allowed by this host's policy (allowed: {allowed})"
+    )]
+    NotAllowed {
+        /// The annotation.
+        key: &'static str,
+        /// Its value.
+        value: String,
+        /// The annotations the policy allows.
+        allowed: String,
+    },
+    /// The spec asks for a VM larger than the host's `[vm.policy]` allows.
+    #[error(
+        "the VM would have {size} (from {from}), more than this host's policy allows \
+         ([vm.policy] {key} = {max})"
+    )]
+    AbovePolicy {
+        /// The size asked for, with its unit.
+        size: String,
+        /// Which part of the spec asked for it.
+        from: String,
+        /// The policy key that bounds it.
+        key: &'static str,
+        /// Its value.
+        max: u32,
+    },
     /// An update asks for more than the running VM has.
     #[error("the VM's size is fixed when it boots: {0}")]
     Fixed(String),
@@ -54,55 +94,118 @@ pub struct VmSize {
     pub memory_mib: u32,
 }
 
-/// Sizes the VM for `spec`, with `defaults` from the host config.
+/// Sizes the VM for `spec`, with `defaults` from the host config, and
+/// holds the spec to the host's policy (`defaults.policy`): this is where
+/// Create refuses an `io.capsid.*` annotation the policy does not allow,
+/// the balloon opt-out included, before anything is made.
 pub fn vm_size(spec: &Spec, defaults: &VmConfig) -> Result<VmSize> {
     let empty = HashMap::new();
     let annotations = spec.annotations().as_ref().unwrap_or(&empty);
     let resources = spec.linux().as_ref().and_then(|l| l.resources().as_ref());
+    let policy = &defaults.policy;
+    check_annotations(annotations, policy)?;
 
-    let vcpus = match annotation(annotations, ANNOTATION_VCPUS, 1, MAX_VCPUS)? {
-        Some(v) => v,
+    let (vcpus, vcpus_from) = match annotation(annotations, ANNOTATION_VCPUS, 1, MAX_VCPUS)? {
+        Some(v) => (v, format!("annotation {ANNOTATION_VCPUS}={v}")),
         None => {
             let cpu = resources.and_then(|r| r.cpu().as_ref());
             match (cpu.and_then(|c| c.quota()), cpu.and_then(|c| c.period())) {
                 (Some(quota), Some(period)) if quota > 0 && period > 0 => {
                     let quota = quota.unsigned_abs();
                     let n = quota.div_ceil(period);
-                    u32::try_from(n)
+                    let n = u32::try_from(n)
                         .ok()
                         .filter(|n| *n <= MAX_VCPUS)
                         .ok_or_else(|| {
                             SizingError::Resources(format!(
                                 "cpu quota {quota}/{period} needs {n} vCPUs, more than {MAX_VCPUS}"
                             ))
-                        })?
+                        })?;
+                    (n, format!("the OCI cpu quota {quota}/{period}"))
                 }
-                _ => defaults.vcpus,
+                _ => (defaults.vcpus, "the [vm] default".into()),
             }
         }
     };
+    if vcpus > policy.max_vcpus {
+        return Err(SizingError::AbovePolicy {
+            size: format!("{vcpus} vCPUs"),
+            from: vcpus_from,
+            key: "max_vcpus",
+            max: policy.max_vcpus,
+        });
+    }
 
-    let memory_mib = match annotation(annotations, ANNOTATION_MEMORY_MIB, MIN_MEMORY_MIB, u32::MAX)?
-    {
-        Some(m) => m,
-        None => match resources
-            .and_then(|r| r.memory().as_ref())
-            .and_then(|m| m.limit())
-        {
-            Some(limit) if limit > 0 => {
-                let limit_mib = limit.unsigned_abs().div_ceil(1 << 20);
-                u32::try_from(limit_mib)
-                    .ok()
-                    .and_then(|m| m.checked_add(MEMORY_HEADROOM_MIB))
-                    .ok_or_else(|| {
-                        SizingError::Resources(format!("memory limit {limit} bytes is too large"))
-                    })?
-                    .max(MIN_MEMORY_MIB)
-            }
-            _ => defaults.memory_mib,
-        },
-    };
+    let (memory_mib, memory_from) =
+        match annotation(annotations, ANNOTATION_MEMORY_MIB, MIN_MEMORY_MIB, u32::MAX)? {
+            Some(m) => (m, format!("annotation {ANNOTATION_MEMORY_MIB}={m}")),
+            None => match resources
+                .and_then(|r| r.memory().as_ref())
+                .and_then(|m| m.limit())
+            {
+                Some(limit) if limit > 0 => {
+                    let limit_mib = limit.unsigned_abs().div_ceil(1 << 20);
+                    let m = u32::try_from(limit_mib)
+                        .ok()
+                        .and_then(|m| m.checked_add(MEMORY_HEADROOM_MIB))
+                        .ok_or_else(|| {
+                            SizingError::Resources(format!(
+                                "memory limit {limit} bytes is too large"
+                            ))
+                        })?
+                        .max(MIN_MEMORY_MIB);
+                    (
+                        m,
+                        format!(
+                            "the OCI memory limit of {limit_mib} MiB \
+                             and {MEMORY_HEADROOM_MIB} MiB for the guest"
+                        ),
+                    )
+                }
+                _ => (defaults.memory_mib, "the [vm] default".into()),
+            },
+        };
+    if memory_mib > policy.max_memory_mib {
+        return Err(SizingError::AbovePolicy {
+            size: format!("{memory_mib} MiB of RAM"),
+            from: memory_from,
+            key: "max_memory_mib",
+            max: policy.max_memory_mib,
+        });
+    }
     Ok(VmSize { vcpus, memory_mib })
+}
+
+/// Refuses an `io.capsid.*` annotation capsid does not know or `policy`
+/// does not allow; other annotations are not capsid's business. Keys are
+/// looked at in order, so that the error names the same one every time.
+fn check_annotations(annotations: &HashMap<String, String>, policy: &PolicyConfig) -> Result<()> {
+    let mut keys: Vec<&String> = annotations
+        .keys()
+        .filter(|k| {
+            k.get(..ANNOTATION_PREFIX.len())
+                .is_some_and(|p| p.eq_ignore_ascii_case(ANNOTATION_PREFIX))
+        })
+        .collect();
+    keys.sort();
+    for key in keys {
+        let value = annotations.get(key).cloned().unwrap_or_default();
+        let Some(known) = KNOWN_ANNOTATIONS.iter().copied().find(|k| k == key) else {
+            return Err(SizingError::UnknownAnnotation {
+                key: key.escape_debug().to_string(),
+                value,
+                known: KNOWN_ANNOTATIONS.join(", "),
+            });
+        };
+        if !policy.allows(known) {
+            return Err(SizingError::NotAllowed {
+                key: known,
+                value,
+                allowed: policy.allowed_list(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Refuses a resource update the running VM cannot follow: limits must fit
@@ -180,6 +283,8 @@ fn annotation(
 }
 
 /// Whether the balloon policy may reclaim memory from `spec`'s sandbox.
+/// Whether the spec may carry the opt-out at all is the policy's call,
+/// made in [`vm_size`].
 pub fn balloon_policy(spec: &Spec) -> Result<bool> {
     let value = spec
         .annotations()
@@ -326,6 +431,163 @@ mod tests {
         let same: HashMap<String, String> =
             [(ANNOTATION_MEMORY_MIB.to_string(), "256".to_string())].into();
         check_update(&res("{}"), &same, size).unwrap();
+    }
+
+    fn with_annotations(pairs: &[(&str, &str)]) -> Spec {
+        let mut s = spec(&format!("{BASE}}}"));
+        s.set_annotations(Some(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        ));
+        s
+    }
+
+    fn policy(allowed: &[&str]) -> VmConfig {
+        let mut vm = VmConfig::default();
+        vm.policy.allowed_annotations = allowed.iter().map(|a| a.to_string()).collect();
+        vm
+    }
+
+    #[test]
+    fn the_balloon_opt_out_is_refused_unless_allowed() {
+        let s = with_annotations(&[(ANNOTATION_BALLOON_POLICY, "off")]);
+        let e = vm_size(&s, &VmConfig::default()).unwrap_err();
+        assert!(matches!(e, SizingError::NotAllowed { .. }), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "annotation io.capsid.balloon.policy=\"off\" is not allowed by this host's policy \
+             (allowed: io.capsid.vcpus, io.capsid.memory_mib)"
+        );
+        let vm = policy(&[ANNOTATION_BALLOON_POLICY]);
+        assert_eq!(vm_size(&s, &vm).unwrap().vcpus, 1);
+        assert!(!balloon_policy(&s).unwrap());
+    }
+
+    #[test]
+    fn size_annotations_obey_the_allow_list() {
+        let s = with_annotations(&[(ANNOTATION_VCPUS, "2")]);
+        assert_eq!(vm_size(&s, &VmConfig::default()).unwrap().vcpus, 2);
+        let e = vm_size(&s, &policy(&[ANNOTATION_MEMORY_MIB]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("io.capsid.vcpus=\"2\" is not allowed")
+                && e.ends_with("(allowed: io.capsid.memory_mib)"),
+            "{e}"
+        );
+        let e = vm_size(&s, &policy(&[])).unwrap_err().to_string();
+        assert!(e.ends_with("(allowed: none)"), "{e}");
+    }
+
+    #[test]
+    fn unknown_capsid_annotations_are_refused() {
+        for key in ["io.capsid.vcpu", "IO.Capsid.vcpus", "io.capsid.balloon"] {
+            let s = with_annotations(&[(key, "2")]);
+            let e = vm_size(&s, &policy(&KNOWN_ANNOTATIONS)).unwrap_err();
+            assert!(matches!(e, SizingError::UnknownAnnotation { .. }), "{e}");
+            assert_eq!(
+                e.to_string(),
+                format!(
+                    "unknown annotation {key}=\"2\" (capsid knows io.capsid.vcpus, \
+                     io.capsid.memory_mib, io.capsid.balloon.policy)"
+                )
+            );
+        }
+        // Tenant text stays on one line.
+        let s = with_annotations(&[("io.capsid.x\ny", "a\nb")]);
+        let e = vm_size(&s, &VmConfig::default()).unwrap_err().to_string();
+        assert!(
+            !e.contains('\n') && e.starts_with(r#"unknown annotation io.capsid.x\ny="a\nb""#),
+            "{e}"
+        );
+        // The first bad key in order is named, every time.
+        let s = with_annotations(&[
+            ("io.capsid.zzz", "1"),
+            (ANNOTATION_BALLOON_POLICY, "off"),
+            ("io.capsid.aaa", "1"),
+        ]);
+        let e = vm_size(&s, &VmConfig::default()).unwrap_err().to_string();
+        assert!(e.starts_with("unknown annotation io.capsid.aaa="), "{e}");
+    }
+
+    #[test]
+    fn other_annotations_are_ignored() {
+        let s = with_annotations(&[
+            ("io.kubernetes.cri.sandbox-id", "x"),
+            ("io.capsidx.vcpus", "99"),
+            ("io.capsid", "99"),
+            ("nerdctl/name", "y"),
+        ]);
+        assert_eq!(
+            vm_size(&s, &policy(&[])).unwrap(),
+            vm_size(&spec(&format!("{BASE}}}")), &VmConfig::default()).unwrap()
+        );
+    }
+
+    #[test]
+    fn sizes_above_the_policy_are_refused_whatever_asks() {
+        let vm = VmConfig::default();
+        // Right at the maxima is fine.
+        let s = with_annotations(&[(ANNOTATION_VCPUS, "8"), (ANNOTATION_MEMORY_MIB, "8192")]);
+        assert_eq!(
+            vm_size(&s, &vm).unwrap(),
+            VmSize {
+                vcpus: 8,
+                memory_mib: 8192
+            }
+        );
+        let cases = [
+            (
+                r#""annotations":{"io.capsid.vcpus":"9"}"#,
+                "the VM would have 9 vCPUs (from annotation io.capsid.vcpus=9), more than \
+                 this host's policy allows ([vm.policy] max_vcpus = 8)",
+            ),
+            (
+                r#""annotations":{"io.capsid.memory_mib":"4294967295"}"#,
+                "the VM would have 4294967295 MiB of RAM (from annotation \
+                 io.capsid.memory_mib=4294967295), more than this host's policy allows \
+                 ([vm.policy] max_memory_mib = 8192)",
+            ),
+            (
+                r#""linux":{"resources":{"cpu":{"quota":1600000,"period":100000}}}"#,
+                "the VM would have 16 vCPUs (from the OCI cpu quota 1600000/100000), more \
+                 than this host's policy allows ([vm.policy] max_vcpus = 8)",
+            ),
+            (
+                r#""linux":{"resources":{"memory":{"limit":8589934592}}}"#,
+                "the VM would have 8256 MiB of RAM (from the OCI memory limit of 8192 MiB \
+                 and 64 MiB for the guest), more than this host's policy allows \
+                 ([vm.policy] max_memory_mib = 8192)",
+            ),
+        ];
+        for (json, want) in cases {
+            let s = spec(&format!("{BASE},{json}}}"));
+            let e = vm_size(&s, &vm).unwrap_err();
+            assert!(matches!(e, SizingError::AbovePolicy { .. }), "{e}");
+            assert_eq!(e.to_string(), want);
+        }
+        // Beyond what any VM can be, the absolute range speaks first.
+        let s = with_annotations(&[(ANNOTATION_VCPUS, "99")]);
+        let e = vm_size(&s, &vm).unwrap_err().to_string();
+        assert!(e.contains("must be between 1 and 32"), "{e}");
+        // A raised policy lets the same spec through.
+        let mut big = VmConfig::default();
+        big.policy.max_vcpus = 16;
+        let s = spec(&format!(
+            r#"{BASE},"linux":{{"resources":{{"cpu":{{"quota":1600000,"period":100000}}}}}}}}"#
+        ));
+        assert_eq!(vm_size(&s, &big).unwrap().vcpus, 16);
+        // Defaults set past the policy by code, not by a checked file.
+        let odd = VmConfig {
+            vcpus: 12,
+            ..VmConfig::default()
+        };
+        let e = vm_size(&spec(&format!("{BASE}}}")), &odd)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("12 vCPUs (from the [vm] default)"), "{e}");
     }
 
     #[test]

@@ -206,6 +206,11 @@ impl Bench {
         config.paths.cache_dir = self.dir.path().join("shim-cache");
         config.vm.memory_mib = self.setup.memory_mib;
         config.vm.vcpus = self.setup.vcpus;
+        // The size benchmarked is the admin's choice here: the policy's
+        // maxima must not refuse it.
+        let policy = &mut config.vm.policy;
+        policy.max_memory_mib = policy.max_memory_mib.max(self.setup.memory_mib);
+        policy.max_vcpus = policy.max_vcpus.max(self.setup.vcpus);
         let path = self.dir.path().join("shim.toml");
         std::fs::write(&path, toml::to_string(&config)?).context("writing the shim config")?;
         Ok(path)
