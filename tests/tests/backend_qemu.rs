@@ -52,7 +52,7 @@ fn agent_reaches_the_host_and_stop_cleans_up() {
     let listener = UnixListener::bind(run.join("vsock.sock_1024")).unwrap();
     let mut vm = backend().start(&spec(run.clone())).unwrap();
     let pids = vm.pids();
-    assert_eq!(pids.len(), 3, "qemu + vsock + rng backends");
+    assert_eq!(pids.len(), 4, "qemu + console, vsock, rng backends");
     let (_agent, _) = listener.accept().unwrap();
 
     assert_eq!(vm.stop(Duration::from_secs(2)).unwrap(), VmExit::Stopped);
@@ -149,6 +149,7 @@ fn a_device_process_that_dies_fails_the_vm_and_takes_qemu_with_it() {
     // virtiofsd (not a capsid-vhost, but as much a part of the VM).
     for (device, needle) in [
         ("vsock", "vhost-vsock.sock"),
+        ("console", "vhost-console.sock"),
         ("rng", "vhost-rng.sock"),
         ("blk0", "vhost-blk0.sock"),
         ("virtiofsd", "virtiofsd.sock"),
@@ -177,7 +178,11 @@ fn a_device_process_that_dies_fails_the_vm_and_takes_qemu_with_it() {
         });
         let mut vm = backend().start(&s).unwrap();
         let pids = vm.pids();
-        assert_eq!(pids.len(), 5, "qemu + vsock, rng, blk0 and virtiofsd");
+        assert_eq!(
+            pids.len(),
+            6,
+            "qemu + console, vsock, rng, blk0 and virtiofsd"
+        );
         assert_eq!(vm.try_wait().unwrap(), None);
         let victim = process_naming(&pids[1..], needle);
         nix::sys::signal::kill(

@@ -160,7 +160,7 @@ fn killing_any_device_process_ends_the_task_with_a_fault() {
         .map(|(name, _)| name)
         .filter(|name| name != "virtiofsd")
         .collect();
-    for wanted in ["vsock", "rng", "blk0"] {
+    for wanted in ["console", "vsock", "rng", "blk0"] {
         assert!(
             devices.iter().any(|d| d == wanted),
             "no {wanted} in {devices:?}"

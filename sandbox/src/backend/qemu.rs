@@ -150,6 +150,22 @@ impl QemuBackend {
         ]);
         sockets.push(s);
 
+        // The serial console goes through capsid-vhost's capped log, not
+        // straight into a file: the guest decides how much it prints.
+        let s = add(
+            vm,
+            "console",
+            vec![
+                "console".into(),
+                "--log".into(),
+                spec.serial_log().display().to_string(),
+            ],
+            None,
+        )?;
+        qemu_args.extend(chardev("console", &s));
+        qemu_args.extend(["-serial".into(), "chardev:console".into()]);
+        sockets.push(s);
+
         let s = add(vm, "rng", vec!["rng".into()], None)?;
         qemu_args.extend(chardev("rng", &s));
         qemu_args.extend(["-device".into(), "vhost-user-rng,chardev=rng".into()]);
@@ -270,7 +286,6 @@ impl QemuBackend {
                 "none",
                 "-no-reboot",
             ])
-            .args(["-serial", &format!("file:{}", spec.serial_log().display())])
             .args([
                 "-qmp",
                 &format!(
