@@ -94,7 +94,10 @@ impl GuestTriggeredLimit {
         let total = self.total.fetch_add(1, Ordering::Relaxed);
         if total >= self.limit {
             if total == self.limit {
-                eprintln!("capsid: {} warnings logged: further warnings are dropped", self.limit);
+                eprintln!(
+                    "capsid: {} warnings logged: further warnings are dropped",
+                    self.limit
+                );
             }
             return false;
         }
@@ -153,7 +156,9 @@ mod tests {
     }
 
     fn lines(buf: &Buf) -> usize {
-        String::from_utf8_lossy(&buf.0.lock().unwrap()).lines().count()
+        String::from_utf8_lossy(&buf.0.lock().unwrap())
+            .lines()
+            .count()
     }
 
     #[test]

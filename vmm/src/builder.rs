@@ -276,14 +276,11 @@ fn bind_control(path: &Path) -> Result<ControlSocket> {
 /// The console log: capped and rotating, since the guest decides how much
 /// it prints (capsid_devices::capped_log).
 fn open_serial(path: &Path) -> Result<capsid_devices::capped_log::CappedLog> {
-    capsid_devices::capped_log::CappedLog::open(
-        path,
-        capsid_devices::capped_log::DEFAULT_MAX_BYTES,
-    )
-    .map_err(|source| BuildError::Serial {
-        path: path.display().to_string(),
-        source,
-    })
+    capsid_devices::capped_log::CappedLog::open(path, capsid_devices::capped_log::DEFAULT_MAX_BYTES)
+        .map_err(|source| BuildError::Serial {
+            path: path.display().to_string(),
+            source,
+        })
 }
 
 #[cfg(test)]

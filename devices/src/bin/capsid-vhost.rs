@@ -87,7 +87,11 @@ enum Device {
 
 /// Accepts QEMU's one connection on `socket` and copies what the guest
 /// prints into `log` until QEMU goes.
-fn serve_console(socket: &std::path::Path, log: &std::path::Path, max_bytes: u64) -> anyhow::Result<()> {
+fn serve_console(
+    socket: &std::path::Path,
+    log: &std::path::Path,
+    max_bytes: u64,
+) -> anyhow::Result<()> {
     use std::io::{Read, Write};
     let mut out = capsid_devices::capped_log::CappedLog::open(log, max_bytes)?;
     let listener = std::os::unix::net::UnixListener::bind(socket)?;
