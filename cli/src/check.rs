@@ -46,6 +46,16 @@ fn found(p: Option<&Path>) -> String {
     p.map_or_else(|| "not found".to_string(), |p| p.display().to_string())
 }
 
+/// What the selected backend means for isolation: plain words for TCG,
+/// which capsid may have chosen without the user asking for it.
+fn isolation(r: &HostReport) -> String {
+    match (r.selection.backend, &r.selection.isolation_warning) {
+        (None, _) => "-".to_string(),
+        (Some(_), Some(warning)) => format!("WARNING: {warning} (docs/security.md)"),
+        (Some(_), None) => "hardware-assisted KVM".to_string(),
+    }
+}
+
 fn table(r: &HostReport) -> String {
     let kvm = match (&r.kvm.error, r.kvm.api_version) {
         (Some(e), _) => e.clone(),
@@ -127,10 +137,108 @@ fn table(r: &HostReport) -> String {
         ("bzImage", asset(&r.assets.bzimage)),
         ("initramfs", asset(&r.assets.initramfs)),
         ("backend", format!("{backend}: {}", r.selection.reason)),
+        ("isolation", isolation(r)),
         ("balloon coordinator", coordinator),
     ];
     let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     rows.iter()
         .map(|(k, v)| format!("{k:<width$}  {v}\n"))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use capsid_sandbox::check::{
+        select_backend, Asset, AssetsReport, BackendFacts, KvmReport, QemuReport, TCG_WARNING,
+    };
+    use capsid_sandbox::config::BackendKind;
+
+    use super::*;
+
+    fn report(flavor: KvmFlavor, forced: Option<BackendKind>) -> HostReport {
+        let kvm = KvmReport {
+            present: true,
+            api_version: Some(12),
+            missing_caps: vec![],
+            flavor,
+            cpu_virt: None,
+            tdp: None,
+            error: None,
+        };
+        let qemu = QemuReport {
+            path: PathBuf::from("/usr/bin/qemu-system-x86_64"),
+            version: "QEMU emulator version 7.2.0".into(),
+            microvm: true,
+            vhost_user: true,
+        };
+        let facts = BackendFacts {
+            kvm: &kvm,
+            qemu: Some(&qemu),
+            capsid_vmm: true,
+            capsid_vhost: true,
+        };
+        let selection = select_backend(&facts, forced);
+        let asset = |p: &str| Asset {
+            path: PathBuf::from(p),
+            present: true,
+        };
+        HostReport {
+            kvm: kvm.clone(),
+            tun: true,
+            vhost_vsock: false,
+            vhost_net: false,
+            qemu: Some(qemu.clone()),
+            capsid_vmm: Some(PathBuf::from("/usr/bin/capsid-vmm")),
+            capsid_vhost: Some(PathBuf::from("/usr/bin/capsid-vhost")),
+            virtiofsd: None,
+            containerd: None,
+            assets: AssetsReport {
+                kernel: asset("/k"),
+                bzimage: asset("/b"),
+                initramfs: asset("/i"),
+            },
+            selection,
+            balloon_coordinator: None,
+        }
+    }
+
+    fn row(table: &str, name: &str) -> String {
+        table
+            .lines()
+            .find(|l| l.split("  ").next() == Some(name))
+            .unwrap_or_else(|| panic!("no {name} row in\n{table}"))
+            .to_string()
+    }
+
+    #[test]
+    fn tcg_is_said_plainly() {
+        // PVM: TCG chosen without being asked for.
+        let text = table(&report(KvmFlavor::Pvm, None));
+        assert!(
+            row(&text, "backend").contains("qemu-tcg: KVM is PVM"),
+            "{text}"
+        );
+        let isolation = row(&text, "isolation");
+        assert!(
+            isolation.ends_with(&format!("WARNING: {TCG_WARNING} (docs/security.md)")),
+            "{text}"
+        );
+        assert!(isolation.contains("not a security boundary"), "{text}");
+        // Forced by the config on a host that has KVM: said all the same.
+        let text = table(&report(KvmFlavor::Hardware, Some(BackendKind::QemuTcg)));
+        assert!(row(&text, "isolation").contains(TCG_WARNING), "{text}");
+    }
+
+    #[test]
+    fn kvm_backends_carry_no_warning() {
+        let text = table(&report(KvmFlavor::Hardware, None));
+        assert!(row(&text, "backend").contains("capsid-vmm"), "{text}");
+        assert!(
+            row(&text, "isolation").ends_with("  hardware-assisted KVM"),
+            "{text}"
+        );
+        assert!(!text.contains("WARNING"), "{text}");
+    }
 }

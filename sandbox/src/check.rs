@@ -114,6 +114,44 @@ pub struct Selection {
     pub backend: Option<BackendKind>,
     /// One line saying why.
     pub reason: String,
+    /// What the chosen backend means for isolation, when the user must be
+    /// told: set for qemu-tcg ([`TCG_WARNING`]).
+    pub isolation_warning: Option<String>,
+}
+
+/// What running guests under TCG means, said by `capsid check` and logged
+/// once per process when a sandbox starts under TCG. QEMU's security policy
+/// (its docs/system/security.rst) holds only the "virtualization use case",
+/// guests run with hardware virtualization extensions, to security
+/// requirements; of TCG it says that bugs affecting it "are not considered
+/// security bugs at this time". capsid picks TCG on its own where KVM cannot
+/// run standard guests (PVM, no KVM), so a user may not know.
+pub const TCG_WARNING: &str = "QEMU with TCG (CPU emulation) is not a security boundary: \
+     QEMU's security policy does not treat bugs a TCG guest can reach as security bugs; \
+     run only guests you trust here, or use a host with hardware-assisted KVM";
+
+/// [`TCG_WARNING`] for qemu-tcg, nothing for the KVM backends.
+pub fn isolation_warning(backend: BackendKind) -> Option<&'static str> {
+    match backend {
+        BackendKind::QemuTcg => Some(TCG_WARNING),
+        BackendKind::CapsidVmm | BackendKind::QemuKvm => None,
+    }
+}
+
+/// Logs [`TCG_WARNING`] the first time this process starts a sandbox under
+/// qemu-tcg, naming that sandbox; later sandboxes of the process start
+/// without it. Once per process, not per sandbox: the backend is chosen
+/// once per process (see `sandbox::backend_for`), so one line says all there
+/// is to say; `capsid run` starts one sandbox and the shim one per pod, so
+/// there it comes to once per sandbox anyway, while a bench or a test
+/// starting hundreds is not flooded.
+pub fn warn_once_if_tcg(backend: BackendKind, sandbox: &str) {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    if let Some(warning) = isolation_warning(backend) {
+        WARNED.call_once(|| {
+            tracing::warn!(sandbox, backend = backend.as_str(), "{warning}");
+        });
+    }
 }
 
 /// Everything `capsid check` reports.
@@ -205,6 +243,7 @@ impl HostReport {
             selection = Selection {
                 backend: None,
                 reason: format!("guest assets missing: {missing} (run `make install`)"),
+                isolation_warning: None,
             };
         }
         Self {
@@ -246,7 +285,8 @@ pub struct BackendFacts<'a> {
 
 /// Picks the backend: capsid-vmm on hardware KVM, else QEMU microvm with KVM,
 /// else QEMU microvm with TCG; `forced` (from the config) is honoured or
-/// refused with the reason.
+/// refused with the reason. A qemu-tcg choice, automatic or forced, carries
+/// [`TCG_WARNING`].
 pub fn select_backend(facts: &BackendFacts<'_>, forced: Option<BackendKind>) -> Selection {
     let kvm = facts.kvm;
     let kvm_ok = kvm.runs_standard_guests();
@@ -276,10 +316,12 @@ pub fn select_backend(facts: &BackendFacts<'_>, forced: Option<BackendKind>) -> 
     let pick = |backend, reason: String| Selection {
         backend: Some(backend),
         reason,
+        isolation_warning: isolation_warning(backend).map(str::to_string),
     };
     let refuse = |reason: String| Selection {
         backend: None,
         reason,
+        isolation_warning: None,
     };
 
     match forced {
@@ -461,6 +503,28 @@ mod tests {
         let s = select_backend(&facts(&k, Some(&q), true), None);
         assert_eq!(s.backend, Some(BackendKind::QemuTcg));
         assert!(s.reason.contains("PVM"), "{}", s.reason);
+        // Chosen automatically, so said plainly.
+        assert_eq!(s.isolation_warning.as_deref(), Some(TCG_WARNING));
+        assert!(TCG_WARNING.contains("not a security boundary"));
+    }
+
+    #[test]
+    fn only_tcg_carries_the_isolation_warning() {
+        let q = qemu(true);
+        let hw = kvm(KvmFlavor::Hardware);
+        for vmm in [true, false] {
+            let s = select_backend(&facts(&hw, Some(&q), vmm), None);
+            assert!(s.backend.is_some());
+            assert_eq!(s.isolation_warning, None, "{:?}", s.backend);
+        }
+        // Forced TCG on a KVM host is warned about too.
+        let s = select_backend(&facts(&hw, Some(&q), true), Some(BackendKind::QemuTcg));
+        assert_eq!(s.backend, Some(BackendKind::QemuTcg));
+        assert_eq!(s.isolation_warning.as_deref(), Some(TCG_WARNING));
+        // Nothing selected, nothing to warn about.
+        let pvm = kvm(KvmFlavor::Pvm);
+        let s = select_backend(&facts(&pvm, None, false), None);
+        assert_eq!((s.backend, s.isolation_warning), (None, None));
     }
 
     #[test]

@@ -163,6 +163,9 @@ impl Sandbox {
         opts: SandboxOptions,
     ) -> Result<Self> {
         let start = Instant::now();
+        // TCG may have been chosen without the user asking: say once per
+        // process what it means for isolation.
+        crate::check::warn_once_if_tcg(backend.kind(), &opts.id);
         let run_dir = config.paths.state_dir.join(&opts.id);
         // Made first, and only if new (the balloon registration below
         // writes into it); removed again on every early return below. The

@@ -272,8 +272,9 @@ fn bad_input_is_one_clear_error() {
     }
     c.assert_no_leftovers();
 
-    // A corrupt layer (in a fresh cache: a cached image is not read again):
-    // the digest check names it, nothing is cached.
+    // A corrupt layer (in a fresh cache, so the conversion's own checks
+    // speak; a cache hit checks the blobs too, image_rootfs.rs): the digest
+    // check names it, nothing is cached.
     let c = Capsid::new();
     let bad = c.dir.path().join("bad");
     let src = capsid_tests::artifact("images/busybox");

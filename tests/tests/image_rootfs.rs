@@ -275,3 +275,90 @@ fn bad_input_gives_one_clear_error() {
     assert_eq!(err, format!("layer {digest} is missing from the image"));
     assert_eq!(names(cache.dir()), Vec::<String>::new());
 }
+
+/// An image whose index, manifest and config are busybox's (so it names
+/// busybox's layers and has its cache key) but whose layer blob is other
+/// bytes, damaged or absent gets nothing from the cache, even with
+/// busybox's disk cached; the real busybox still hits.
+#[test]
+fn a_cache_hit_needs_the_layers_themselves() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = RootfsCache::new(&tmp.path().join("cache"));
+    let busybox = open_archive("busybox");
+    let built = cache.prepare(&busybox, &|_| {}).unwrap();
+    let disk = built.path.clone();
+    drop(built);
+    let cached = names(cache.dir());
+
+    assert_eq!(busybox.layers.len(), 1);
+    let digest = busybox.layers[0].descriptor.digest().to_string();
+    let size = busybox.layers[0].size();
+    let hex = digest.strip_prefix("sha256:").unwrap().to_string();
+    let other = open_archive("layered").layers[2].descriptor.clone();
+    let other_blob = artifact("images/layered/blobs/sha256")
+        .join(other.digest().to_string().strip_prefix("sha256:").unwrap());
+    // (name, damage done to the layer blob, the error it gives)
+    type Case<'a> = (&'a str, &'a dyn Fn(&Path), String);
+    let cases: [Case<'_>; 3] = [
+        (
+            "other",
+            &|blob| {
+                std::fs::copy(&other_blob, blob).unwrap();
+            },
+            format!(
+                "layer {digest} has {} bytes where its descriptor says {size}",
+                other.size()
+            ),
+        ),
+        (
+            "flipped",
+            &|blob| {
+                let mut data = std::fs::read(blob).unwrap();
+                let middle = data.len() / 2;
+                data[middle] ^= 0xff;
+                std::fs::write(blob, data).unwrap();
+            },
+            format!("layer {digest} does not match its digest"),
+        ),
+        (
+            "missing",
+            &|blob| std::fs::remove_file(blob).unwrap(),
+            format!("layer {digest} is missing from the image"),
+        ),
+    ];
+    for (case, damage, expected) in cases {
+        let layout = tmp.path().join(case);
+        let (code, out, err) = run(Command::new("cp")
+            .arg("-r")
+            .arg(artifact("images/busybox"))
+            .arg(&layout));
+        assert_eq!(code, 0, "{out}{err}");
+        damage(&layout.join("blobs/sha256").join(&hex));
+        let image =
+            image::open(&image::resolve(layout.to_str().unwrap(), tmp.path()).unwrap()).unwrap();
+        assert_eq!(image.chain_key(), busybox.chain_key(), "{case}");
+        let err = cache
+            .prepare(&image, &|m| panic!("{case}: a refused hit reports {m}"))
+            .unwrap_err();
+        assert_eq!(err.to_string(), expected, "{case}");
+        assert_eq!(names(cache.dir()), cached, "{case}");
+    }
+
+    for source in [
+        image::resolve("busybox", &artifact("images")).unwrap(),
+        image::resolve(artifact("images/busybox.tar").to_str().unwrap(), tmp.path()).unwrap(),
+    ] {
+        let image = image::open(&source).unwrap();
+        let start = std::time::Instant::now();
+        let hit = cache
+            .prepare(&image, &|m| panic!("a hit reports {m}"))
+            .unwrap();
+        eprintln!(
+            "busybox {:?} hit, layer blobs verified: {:?}",
+            source.format,
+            start.elapsed()
+        );
+        assert!(hit.cache_hit);
+        assert_eq!(hit.path, disk);
+    }
+}

@@ -739,7 +739,14 @@ fn a_killed_runs_leftovers_are_removed_by_the_next_run_or_gc() {
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    assert_eq!(stderr(&o), "");
+    // Nothing but the notice that TCG is no security boundary, where the
+    // host runs guests under TCG.
+    let err = stderr(&o);
+    let other: Vec<&str> = err
+        .lines()
+        .filter(|l| !l.contains("not a security boundary"))
+        .collect();
+    assert!(other.is_empty(), "{err}");
     assert!(run_records(&c).is_empty(), "{:?}", run_records(&c));
     assert_clean(&c, &ns, &before, pid, &ip);
 

@@ -18,7 +18,7 @@ use std::time::SystemTime;
 use nix::fcntl::{Flock, FlockArg};
 
 use super::mkfs::{FsType, Mkfs};
-use super::{unpack, Image, ImageError, Result};
+use super::{layout, unpack, Image, ImageError, Result};
 
 /// Distinguishes temporary names made by threads of one process.
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -42,7 +42,7 @@ pub struct PreparedRootfs {
     pub cache_hit: bool,
     /// The image's layer-chain key.
     pub key: String,
-    _lease: Flock<File>,
+    lease: Flock<File>,
 }
 
 /// What [`RootfsCache::evict_to`] did.
@@ -86,9 +86,16 @@ impl RootfsCache {
 
     /// The image's rootfs disk: from the cache, or converted from its layers
     /// (reported through `progress`) and cached.
+    ///
+    /// A cached disk is returned only once the image's layer blobs hash to
+    /// the digests its key was made from (a stream through sha256, nothing
+    /// unpacked): the key comes from the image's own manifest and config,
+    /// which could name another image's layers without holding them. On a
+    /// mismatch the error names the layer and the cache is left as it was.
     pub fn prepare(&self, image: &Image, progress: &dyn Fn(&str)) -> Result<PreparedRootfs> {
         let key = image.chain_key();
-        self.prepare_key(&key, &image.name, &|mkfs, unique, out| {
+        let verify_hit = || layout::verify_layer_blobs(image);
+        self.prepare_key(&key, &image.name, &verify_hit, &|mkfs, unique, out| {
             let staging = RemoveOnDrop::new(self.dir.join(format!("{key}.staging-{unique}")));
             fs::create_dir(&staging.0)
                 .map_err(|source| cache_error("create", &staging.0, source))?;
@@ -115,22 +122,31 @@ impl RootfsCache {
                 "cache key {key:?} is not 64 hex digits"
             )));
         }
-        self.prepare_key(key, name, &|mkfs, _, out| {
+        // The key is the caller's account of the tree's identity (for the
+        // shim, the inodes of containerd's snapshots), not a claim read
+        // from an image: there is nothing more to check on a hit.
+        self.prepare_key(key, name, &|| Ok(()), &|mkfs, _, out| {
             tracing::info!(name, key, dir = %dir.display(), "building {} image", mkfs.fs_type);
             mkfs.build(dir, out)
         })
     }
 
-    /// The disk for `key`: a leased cache hit, or `produce(mkfs, unique,
-    /// out)` builds it at the temporary path `out` under the key's build
-    /// lock and it is published.
+    /// The disk for `key`: a leased cache hit that `verify_hit` accepts,
+    /// or `produce(mkfs, unique, out)` builds it at the temporary path `out`
+    /// under the key's build lock and it is published. A hit `verify_hit`
+    /// refuses is an error (the disk stays: it is right for its key).
     fn prepare_key(
         &self,
         key: &str,
         name: &str,
+        verify_hit: &dyn Fn() -> Result<()>,
         produce: &dyn Fn(&Mkfs, &str, &Path) -> Result<()>,
     ) -> Result<PreparedRootfs> {
         if let Some(hit) = self.lookup(key)? {
+            verify_hit()?;
+            // Marked as used only once accepted: a refused image does not
+            // keep another image's disk from eviction.
+            touch(&hit.lease, &hit.path);
             tracing::debug!(name, path = %hit.path.display(), "rootfs cache hit");
             return Ok(hit);
         }
@@ -143,12 +159,15 @@ impl RootfsCache {
         let _build_lock = BuildLock::acquire(&self.dir.join(format!("{key}.lock")))?;
         // Another process may have built it while this one waited.
         if let Some(hit) = self.lookup(key)? {
+            verify_hit()?;
+            touch(&hit.lease, &hit.path);
             return Ok(hit);
         }
         self.build(name, key, produce)
     }
 
-    /// A cached disk for `key`, leased; `None` if there is none.
+    /// A cached disk for `key`, leased (not yet marked as used); `None` if
+    /// there is none.
     fn lookup(&self, key: &str) -> Result<Option<PreparedRootfs>> {
         let candidates: &[FsType] = match &self.fs_type {
             Some(fs_type) => std::slice::from_ref(fs_type),
@@ -167,13 +186,12 @@ impl RootfsCache {
             if !same_file(&lease, &path) {
                 continue;
             }
-            touch(&lease, &path);
             return Ok(Some(PreparedRootfs {
                 path,
                 fs_type,
                 cache_hit: true,
                 key: key.to_string(),
-                _lease: lease,
+                lease,
             }));
         }
         Ok(None)
@@ -225,7 +243,7 @@ impl RootfsCache {
             fs_type: mkfs.fs_type,
             cache_hit: false,
             key: key.to_string(),
-            _lease: lease,
+            lease,
         })
     }
 
@@ -474,6 +492,10 @@ mod tests {
         assert_eq!(cache.evict_to(0).unwrap().removed, vec![used]);
     }
 
+    fn no_build(_: &Mkfs, _: &str, _: &Path) -> Result<()> {
+        panic!("a hit builds nothing")
+    }
+
     #[test]
     fn a_hit_leases_the_disk_and_marks_it_used() {
         let tmp = tempfile::tempdir().unwrap();
@@ -482,7 +504,7 @@ mod tests {
         assert!(cache.lookup(&key).unwrap().is_none());
         let disk = fake_disk(&cache, 'd', 4096, 1000);
         let before = fs::metadata(&disk).unwrap().modified().unwrap();
-        let hit = cache.lookup(&key).unwrap().unwrap();
+        let hit = cache.prepare_key(&key, "d", &|| Ok(()), &no_build).unwrap();
         assert!(hit.cache_hit);
         assert_eq!(
             (hit.path.as_path(), hit.fs_type),
@@ -491,6 +513,28 @@ mod tests {
         assert!(fs::metadata(&disk).unwrap().modified().unwrap() > before);
         assert!(cache.evict_to(0).unwrap().removed.is_empty());
         drop(hit);
+        assert_eq!(cache.evict_to(0).unwrap().removed, vec![disk]);
+    }
+
+    #[test]
+    fn a_refused_hit_is_an_error_and_changes_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = RootfsCache::new(tmp.path());
+        let key = "d".repeat(64);
+        let disk = fake_disk(&cache, 'd', 4096, 1000);
+        let before = fs::metadata(&disk).unwrap().modified().unwrap();
+        let refuse = || {
+            Err(ImageError::MissingBlob {
+                what: "layer",
+                digest: "sha256:x".into(),
+            })
+        };
+        let err = cache
+            .prepare_key(&key, "d", &refuse, &no_build)
+            .unwrap_err();
+        assert!(matches!(err, ImageError::MissingBlob { .. }), "{err}");
+        // The disk is still there, unused, not even marked as used.
+        assert_eq!(fs::metadata(&disk).unwrap().modified().unwrap(), before);
         assert_eq!(cache.evict_to(0).unwrap().removed, vec![disk]);
     }
 
@@ -536,6 +580,115 @@ mod tests {
         assert_eq!(fs::read_dir(cache.dir()).unwrap().count(), 1);
         let e = cache.prepare_dir("../x", "tree", &tree).unwrap_err();
         assert!(e.to_string().contains("64 hex digits"), "{e}");
+    }
+
+    fn listing(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn a_hit_needs_the_blobs_its_key_names() {
+        use super::super::open;
+        use super::super::testing::{self, TestImage};
+        if Mkfs::detect(None).is_err() {
+            eprintln!("neither mkfs.erofs nor mke2fs: skipped");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = RootfsCache::new(&tmp.path().join("cache"));
+        let layers = || {
+            vec![
+                testing::layer(|l| l.file("base", &"base ".repeat(5000))),
+                testing::layer(|l| {
+                    let text: String = (0..20_000).map(|i| format!("{i} ")).collect();
+                    l.file("top", &text);
+                }),
+            ]
+        };
+        let img = TestImage::new(layers());
+        let real = img.write_dir(&tmp.path().join("real"));
+        let built = cache.prepare(&open(&real).unwrap(), &|_| {}).unwrap();
+        assert!(!built.cache_hit);
+        let key = built.key.clone();
+        drop(built);
+        let cached = listing(cache.dir());
+
+        // Layouts whose index, manifest and config are the real image's
+        // (so they name its layers and have its key) but whose top blob is
+        // damaged, another blob, or absent.
+        let top = img.layer_digests()[1];
+        let (top_len, base_len) = (img.blob_len(1), img.blob_len(0));
+        let base = img.layer_digests()[0];
+        // (name, damage done to the top blob, the error it gives)
+        type Case<'a> = (&'a str, &'a dyn Fn(&Path), String);
+        let cases: [Case<'_>; 3] = [
+            (
+                "flipped",
+                &|blob| {
+                    let mut data = fs::read(blob).unwrap();
+                    data[top_len / 2] ^= 1;
+                    fs::write(blob, data).unwrap();
+                },
+                format!("layer {top} does not match its digest"),
+            ),
+            (
+                "other",
+                &|blob| {
+                    let other = blob.with_file_name(base.hex());
+                    fs::copy(other, blob).unwrap();
+                },
+                format!("layer {top} has {base_len} bytes where its descriptor says {top_len}"),
+            ),
+            (
+                "missing",
+                &|blob| fs::remove_file(blob).unwrap(),
+                format!("layer {top} is missing from the image"),
+            ),
+        ];
+        for (name, damage, expected) in cases {
+            let source = img.write_dir(&tmp.path().join(name));
+            damage(&source.path.join("blobs/sha256").join(top.hex()));
+            let image = open(&source).unwrap();
+            assert_eq!(image.chain_key(), key, "{name}");
+            let err = cache
+                .prepare(&image, &|m| panic!("{name}: a refused hit reports {m}"))
+                .unwrap_err();
+            assert_eq!(err.to_string(), expected, "{name}");
+            assert_eq!(listing(cache.dir()), cached, "{name}");
+        }
+        // The same through an archive.
+        let mut damaged = TestImage::new(layers());
+        damaged.corrupt_layer(1, top_len / 2);
+        let archive = damaged.write_archive(&tmp.path().join("flipped"));
+        let err = cache
+            .prepare(&open(&archive).unwrap(), &|_| {})
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("layer {top} does not match its digest")
+        );
+        assert_eq!(listing(cache.dir()), cached);
+
+        // The real image, as a layout or an archive, still hits.
+        let archive = img.write_archive(&tmp.path().join("real"));
+        for source in [real, archive] {
+            let start = std::time::Instant::now();
+            let hit = cache
+                .prepare(&open(&source).unwrap(), &|m| panic!("a hit reports {m}"))
+                .unwrap();
+            eprintln!(
+                "verified hit of {} B of layers: {:?}",
+                top_len + base_len,
+                start.elapsed()
+            );
+            assert!(hit.cache_hit);
+            assert_eq!(hit.key, key);
+        }
     }
 
     #[test]

@@ -230,6 +230,41 @@ pub fn open(source: &ImageSource) -> Result<Image> {
     })
 }
 
+/// Reads every layer blob of `image` through once, checking it against its
+/// descriptor's sha256 and size, without decompressing or unpacking it:
+/// what a cache hit rests on. The cache key holds each layer's blob digest
+/// beside its diff_id ([`Image::chain_key`]), and a disk is only built from
+/// blobs verified against both, so blobs that hash to the key's digests
+/// are the very bytes the disk was made from.
+///
+/// The errors are those a conversion gives for the same blob (`layer
+/// sha256:… is missing from the image`, `… does not match its digest`),
+/// so an image that names layers it does not hold fails alike whether or
+/// not their disk is cached.
+pub(crate) fn verify_layer_blobs(image: &Image) -> Result<()> {
+    let start = std::time::Instant::now();
+    let mut bytes = 0;
+    for layer in &image.layers {
+        let file = image.store.open_blob("layer", layer.digest)?;
+        let mut blob = VerifyingReader::new(
+            io::BufReader::with_capacity(super::unpack::READ_BUFFER, file),
+            layer.digest,
+            Some(layer.size()),
+        );
+        blob.finish()
+            .map_err(|m| blob_mismatch("layer", layer.digest, layer.size(), m))?;
+        bytes += layer.size();
+    }
+    tracing::debug!(
+        image = %image.name,
+        layers = image.layers.len(),
+        bytes,
+        elapsed_us = start.elapsed().as_micros(),
+        "verified layer blobs"
+    );
+    Ok(())
+}
+
 /// The linux/amd64 manifest of an index, following one nested index.
 fn select_manifest(store: &BlobStore, index: &ImageIndex) -> Result<Descriptor> {
     let mut chosen = choose_platform(index.manifests())?;

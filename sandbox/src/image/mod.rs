@@ -244,22 +244,40 @@ pub struct Image {
 
 impl Image {
     /// The cache key of this image's flattened rootfs: the sha256 of its
-    /// ordered diff_id chain, so the same layers give the same disk whatever
+    /// ordered chain of layers, each named by its blob digest, its diff_id
+    /// and its compression, so the same layers give the same disk whatever
     /// the image is called.
+    ///
+    /// The blob digests are in the key so that a cache hit can be checked
+    /// cheaply: a disk is only ever built from blobs verified against both
+    /// digests, so an image whose blobs hash to the key's blob digests holds
+    /// exactly the bytes that disk was made from, and
+    /// [`RootfsCache::prepare`] hashes them before it returns a hit (see
+    /// `verify_layer_blobs`). With diff_ids alone, a hit would have to
+    /// decompress every layer to prove the image holds it.
     pub fn chain_key(&self) -> String {
-        chain_key(self.layers.iter().map(|l| l.diff))
+        chain_key(
+            self.layers
+                .iter()
+                .map(|l| (l.digest, l.diff, l.compression)),
+        )
     }
 }
 
-/// Bumped when the disk layout capsid builds changes, so old disks are not
-/// reused.
-const CHAIN_KEY_VERSION: &str = "capsid-rootfs-v1";
+/// Bumped when the disk layout capsid builds or the key's text changes, so
+/// old disks are not reused. v2: blob digests and compression joined the
+/// diff_ids (v1 keyed by diff_ids alone, which a hit could not check
+/// without decompressing the layers).
+const CHAIN_KEY_VERSION: &str = "capsid-rootfs-v2";
 
-fn chain_key(diff_ids: impl Iterator<Item = Sha256Digest>) -> String {
+fn chain_key(layers: impl Iterator<Item = (Sha256Digest, Sha256Digest, Compression)>) -> String {
     let mut text = String::from(CHAIN_KEY_VERSION);
-    for diff in diff_ids {
-        text.push('\n');
-        text.push_str(&diff.to_string());
+    for (blob, diff, compression) in layers {
+        let compression = match compression {
+            Compression::None => "tar",
+            Compression::Gzip => "tar+gzip",
+        };
+        text.push_str(&format!("\n{blob} {diff} {compression}"));
     }
     Sha256Digest::of(text.as_bytes()).hex()
 }
@@ -495,15 +513,31 @@ mod tests {
 
     #[test]
     fn chain_key_is_stable() {
-        let a = Sha256Digest::of(b"layer a");
-        let b = Sha256Digest::of(b"layer b");
+        let a = (
+            Sha256Digest::of(b"blob a"),
+            Sha256Digest::of(b"layer a"),
+            Compression::Gzip,
+        );
+        let b = (
+            Sha256Digest::of(b"blob b"),
+            Sha256Digest::of(b"layer b"),
+            Compression::Gzip,
+        );
+        let key = |layers: &[(Sha256Digest, Sha256Digest, Compression)]| {
+            chain_key(layers.iter().copied())
+        };
         // The key names cached disks: changing it orphans every cached disk.
         assert_eq!(
-            chain_key([a, b].into_iter()),
-            "5f6c5c4a358ea100d30469e3e8ccbfebd6847a7da14ead1f53f1c89b3235d295"
+            key(&[a, b]),
+            "826671632c2cb4c3c47f45b3e0c49d91358cb4a632d3b809aa4212daff9bb0bf"
         );
-        assert_ne!(chain_key([a, b].into_iter()), chain_key([b, a].into_iter()));
-        assert_ne!(chain_key([a].into_iter()), chain_key([a, b].into_iter()));
+        assert_ne!(key(&[a, b]), key(&[b, a]));
+        assert_ne!(key(&[a]), key(&[a, b]));
+        // Every part of a layer counts: the same diff_id from another blob
+        // is another disk, so a hit can be checked on the blobs alone.
+        assert_ne!(key(&[a]), key(&[(b.0, a.1, a.2)]));
+        assert_ne!(key(&[a]), key(&[(a.0, b.1, a.2)]));
+        assert_ne!(key(&[a]), key(&[(a.0, a.1, Compression::None)]));
     }
 
     #[test]

@@ -20,7 +20,7 @@ use super::staging::{
 use super::{human_size, Compression, Image, ImageError, Layer, Result};
 
 /// Read size for layer blobs.
-const READ_BUFFER: usize = 256 << 10;
+pub(crate) const READ_BUFFER: usize = 256 << 10;
 
 /// Unpacks all layers of `image` into the empty directory `staging`.
 pub(crate) fn unpack_layers(image: &Image, staging: &Path, progress: &dyn Fn(&str)) -> Result<()> {
