@@ -3,11 +3,14 @@
 //! network namespace, runs the plugin chain of a conflist (the bundled
 //! `capsid` network: bridge + host-local + portmap + firewall) to put a veth
 //! in it, closes every unpublished port ([`isolation`]), and joins a tap for
-//! the VM to the veth ([`crate::network::attach`]). Teardown undoes it all
-//! in reverse: tap, filter, CNI DEL (iptables rules, IPAM lease, veth),
-//! namespace.
+//! the VM to the veth ([`crate::network::attach`]), guarded against
+//! spoofing; on the bundled network the host drops every new connection
+//! from a guest to itself ([`containment`]). Teardown undoes it all in
+//! reverse: tap, filter, CNI DEL (iptables rules, IPAM lease, veth), the
+//! bundled bridge and its host firewall once unused, namespace.
 
 pub mod conflist;
+pub mod containment;
 pub mod exec;
 pub mod isolation;
 pub mod ports;
@@ -28,6 +31,7 @@ use crate::config::Config;
 use crate::netns::{self, NamedNetns, NetnsError};
 use crate::network::{self, GuestNetwork, NetworkError, TapAttachment};
 use conflist::ConfList;
+use containment::HostFirewall;
 use exec::{Attachment, Plugins};
 use isolation::Isolation;
 use ports::PortMapping;
@@ -86,7 +90,7 @@ pub enum CniError {
         /// Its error reply or stderr.
         reason: String,
     },
-    /// An iptables command failed.
+    /// A firewall command (iptables, nft) failed.
     #[error("`{command}` failed: {reason}")]
     Firewall {
         /// What was run.
@@ -216,6 +220,11 @@ impl CniNetwork {
         // From here on an error drops `net`, which undoes what was done.
         let added = {
             let _lock = net.lock_bridge()?;
+            // Before the first guest is on the bridge; replaced whole for
+            // each sandbox, so a table changed or lost since is repaired.
+            if let Some(firewall) = net.host_firewall()? {
+                firewall.ensure()?;
+            }
             net.plugins.add(&net.list, &net.attachment, &net.runtime)?
         };
         let addr = added.container_ipv4().first().map(|(a, _)| *a);
@@ -230,7 +239,10 @@ impl CniNetwork {
         }
         let tap = network::attach(&net.attachment.netns, &network::tap_name_for(id))
             .map_err(CniError::Attach)?;
+        // Before the VM exists: nothing has gone through the tap yet.
+        let guarded = containment::guard_tap(&tap);
         net.tap = Some(tap);
+        guarded?;
         tracing::info!(id, netns = %net.attachment.netns.display(), address = ?addr, "on CNI network {}", net.list.name);
         Ok(net)
     }
@@ -300,7 +312,11 @@ impl CniNetwork {
         }
         match lock {
             // Also after a failed ADD, which may have made the bridge.
-            Ok(_lock) => self.remove_unused_bridge(),
+            Ok(_lock) => {
+                if let Err(e) = self.remove_unused_bridge() {
+                    first_err.get_or_insert(e);
+                }
+            }
             Err(e) => {
                 first_err.get_or_insert(e);
             }
@@ -342,30 +358,50 @@ impl CniNetwork {
             .map_err(|(_, errno)| io(errno.into()))
     }
 
-    /// Deletes the bundled bridge once no container is on it, so nothing
-    /// of capsid stays on the host after its last container (ADD makes it
-    /// again). Called with the bridge lock held.
-    fn remove_unused_bridge(&self) {
+    /// The bundled network's host firewall (`None` for a user's conflist,
+    /// whose host side is its owner's).
+    fn host_firewall(&self) -> Result<Option<HostFirewall>> {
+        self.bridge
+            .as_ref()
+            .map(|(bridge, _)| HostFirewall::for_bridge(bridge))
+            .transpose()
+    }
+
+    /// Deletes the bundled bridge and its host firewall once no container
+    /// is on it, so nothing of capsid stays on the host after its last
+    /// container (the next ADD makes both again). Called with the bridge
+    /// lock held, so no set-up is between its firewall and its ADD. A
+    /// bridge that could not be deleted is only logged; the firewall's
+    /// removal failing is the error.
+    fn remove_unused_bridge(&self) -> Result<()> {
         let Some((bridge, _)) = &self.bridge else {
-            return;
+            return Ok(());
         };
-        // Fails when the bridge does not exist: nothing to do then.
-        let ports = Command::new("ip")
-            .args(["-o", "link", "show", "master", bridge])
-            .stderr(std::process::Stdio::null())
-            .output();
-        match ports {
-            Ok(out) if out.status.success() && out.stdout.trim_ascii().is_empty() => {
-                let deleted = Command::new("ip")
-                    .args(["link", "del", "dev", bridge])
-                    .status();
-                if deleted.is_ok_and(|s| s.success()) {
-                    tracing::info!(bridge, "removed the unused bridge");
-                } else {
-                    tracing::warn!(bridge, "could not remove the unused bridge");
+        let quiet = |args: &[&str]| {
+            Command::new("ip")
+                .args(args)
+                .stderr(std::process::Stdio::null())
+                .output()
+        };
+        if quiet(&["link", "show", "dev", bridge]).is_ok_and(|o| o.status.success()) {
+            match quiet(&["-o", "link", "show", "master", bridge]) {
+                Ok(out) if out.status.success() && out.stdout.trim_ascii().is_empty() => {
+                    let deleted = Command::new("ip")
+                        .args(["link", "del", "dev", bridge])
+                        .status();
+                    if deleted.is_ok_and(|s| s.success()) {
+                        tracing::info!(bridge, "removed the unused bridge");
+                    } else {
+                        tracing::warn!(bridge, "could not remove the unused bridge");
+                    }
                 }
+                // In use (or unreadable): the firewall stays with it.
+                _ => return Ok(()),
             }
-            _ => {}
+        }
+        match self.host_firewall()? {
+            Some(firewall) => firewall.remove(),
+            None => Ok(()),
         }
     }
 
