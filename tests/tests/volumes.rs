@@ -12,6 +12,15 @@ use std::time::{Duration, Instant};
 use capsid_tests::cli::{stderr, stdout, Capsid};
 use sha2::{Digest, Sha256};
 
+/// A mount the test made, unmounted when dropped (a failing test too).
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
 fn vol(host: &Path, guest: &str) -> String {
     format!("{}:{guest}", host.display())
 }
@@ -329,12 +338,6 @@ fn kubernetes_volume_shapes() {
         .status()
         .unwrap();
     assert!(mounted.success());
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(&self.0).status();
-        }
-    }
     let _unmount = Unmount(mem.clone());
 
     let script = "cat /etc/config/key; echo; \
@@ -481,6 +484,8 @@ fn bad_volumes_get_one_clear_error_and_leave_nothing() {
         .status()
         .unwrap();
     assert!(bound.success());
+    // Unmounted however the test ends.
+    let ro_mount = Unmount(ro.clone());
     let missing = c.dir.path().join("missing");
     let state = c.dir.path().join("run");
     std::fs::create_dir_all(&state).unwrap();
@@ -547,6 +552,6 @@ fn bad_volumes_get_one_clear_error_and_leave_nothing() {
         None,
     );
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    let _ = Command::new("umount").arg(&ro).status();
+    drop(ro_mount);
     c.assert_no_leftovers();
 }
