@@ -345,7 +345,7 @@ pub fn undo(record: &HostRecord) -> UndoReport {
 }
 
 /// An error with its sources, for a report line.
-fn chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

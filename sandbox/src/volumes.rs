@@ -431,21 +431,10 @@ impl Drop for Share {
     fn drop(&mut self) {
         if self.armed {
             if let Err(e) = undo(&self.dir) {
-                tracing::warn!(share = %self.dir.display(), error = %crate_describe(&e), "cannot take the volume share down");
+                tracing::warn!(share = %self.dir.display(), error = %crate::record::chain(&e), "cannot take the volume share down");
             }
         }
     }
-}
-
-fn crate_describe(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 /// The host kernel interfaces a volume must never expose, by filesystem.
