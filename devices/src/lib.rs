@@ -8,6 +8,8 @@
 pub mod capped_log;
 pub mod hosting;
 pub mod log_limit;
+pub mod passed_fd;
+pub mod seccomp;
 pub mod socket_claim;
 pub mod virtio;
 

@@ -6,7 +6,7 @@
 //! `<vsock path>_<port>`; that socket is bound before the VM starts, so
 //! readiness costs no polling at all.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use capsid_protocol::agent::*;
@@ -56,7 +56,11 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Binds the socket the agent will dial (`<vsock>_<AGENT_HOST_PORT>`).
 pub fn bind_agent_listener(vsock_path: &Path) -> std::io::Result<UnixListener> {
-    UnixListener::bind(format!("{}_{AGENT_HOST_PORT}", vsock_path.display()))
+    let path = PathBuf::from(format!("{}_{AGENT_HOST_PORT}", vsock_path.display()));
+    let listener = UnixListener::bind(&path)?;
+    // The vsock device (a jailed process) connects to it.
+    crate::private_dir::give_to_dir_owner(&path)?;
+    Ok(listener)
 }
 
 /// A connected agent.

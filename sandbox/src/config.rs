@@ -119,6 +119,32 @@ pub struct Config {
     pub memory: MemoryConfig,
     /// Host directories shared with guests (virtio-fs).
     pub volumes: VolumesConfig,
+    /// How VM-side processes are confined.
+    pub jail: JailConfig,
+}
+
+/// `[jail]`: every VM-side process (QEMU, capsid-vmm, capsid-vhost) runs
+/// through capsid-jail as a uid of its sandbox's own (docs/security.md).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JailConfig {
+    /// Off only to debug a VMM by hand: the processes then run as root.
+    pub enabled: bool,
+    /// The first uid (and gid) sandboxes run as; no user of the host may
+    /// own one in the range.
+    pub uid_base: u32,
+    /// How many: the most sandboxes that can run at once.
+    pub uid_count: u32,
+}
+
+impl Default for JailConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            uid_base: 2_000_000_000,
+            uid_count: 65_536,
+        }
+    }
 }
 
 /// `[volumes]`: how host directories reach the guest (docs/volumes.md).
@@ -154,6 +180,8 @@ pub struct PathsConfig {
     /// virtiofsd, the virtio-fs daemon serving volumes (`make deps`
     /// installs it beside capsid).
     pub virtiofsd: PathBuf,
+    /// capsid-jail, which starts VM-side processes confined.
+    pub jailer: PathBuf,
 }
 
 impl Default for PathsConfig {
@@ -170,6 +198,7 @@ impl Default for PathsConfig {
             vmm: PathBuf::from("capsid-vmm"),
             vhost: PathBuf::from("capsid-vhost"),
             virtiofsd: PathBuf::from("virtiofsd"),
+            jailer: PathBuf::from("capsid-jail"),
         }
     }
 }

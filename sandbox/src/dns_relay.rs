@@ -73,10 +73,16 @@ impl DnsRelay {
             source,
         })?;
         let path = PathBuf::from(format!("{}_{DNS_RELAY_PORT}", vsock_path.display()));
-        let listener = UnixListener::bind(&path).map_err(|source| DnsRelayError::Listen {
-            path: path.clone(),
-            source,
-        })?;
+        let listener = UnixListener::bind(&path)
+            .and_then(|l| {
+                // The vsock device (a jailed process) connects to it.
+                crate::private_dir::give_to_dir_owner(&path)?;
+                Ok(l)
+            })
+            .map_err(|source| DnsRelayError::Listen {
+                path: path.clone(),
+                source,
+            })?;
         let upstream = SocketAddr::new(resolver, 53);
         let sockets = SocketMaker::start(netns_file, upstream);
         let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));

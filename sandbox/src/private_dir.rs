@@ -132,6 +132,69 @@ pub fn create_exclusive(dir: &Path) -> Result<()> {
     }
 }
 
+/// A VM's run directory belongs to its jail's uid (crate::backend::jail):
+/// whatever a root process does there by path must not be turned by a
+/// symlink the VM's processes planted. These are the ways in.
+///
+/// Connects to the Unix socket at `path` without following a symlink in
+/// its last component: through an `O_PATH` descriptor of the socket itself.
+pub fn connect_no_follow(path: &Path) -> std::io::Result<std::os::unix::net::UnixStream> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let handle = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW)
+        .open(path)?;
+    if !handle.metadata()?.file_type().is_socket() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{} is not a socket", path.display()),
+        ));
+    }
+    std::os::unix::net::UnixStream::connect(format!("/proc/self/fd/{}", handle.as_raw_fd()))
+}
+
+/// Reads the regular file at `path`, not through a symlink.
+pub fn read_no_follow(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{} is not a regular file", path.display()),
+        ));
+    }
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// Creates (or truncates) the regular file at `path` for writing, not
+/// through a symlink.
+pub fn create_no_follow(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+}
+
+/// Gives a socket this process bound in a run directory to the
+/// directory's owner (the jail's uid, or root: then nothing changes), so
+/// the VM's processes can connect to it. The link itself is changed, never
+/// what it might point to.
+pub fn give_to_dir_owner(path: &Path) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    let meta = std::fs::symlink_metadata(dir)?;
+    std::os::unix::fs::lchown(path, Some(meta.uid()), Some(meta.gid()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -130,13 +130,15 @@ pub fn backend_for(config: &Config) -> Result<Arc<dyn Backend>> {
         Some(kind) => kind,
         None => detected_backend(config)?,
     };
+    let jailer = backend::jail::Jailer::from_config(&config.paths.jailer, &config.jail)?;
     match kind {
         BackendKind::QemuKvm | BackendKind::QemuTcg => Ok(Arc::new(
-            backend::qemu::QemuBackend::new(kind, &config.paths.qemu, &config.paths.vhost)?,
+            backend::qemu::QemuBackend::new(kind, &config.paths.qemu, &config.paths.vhost)?
+                .with_jailer(jailer),
         )),
-        BackendKind::CapsidVmm => Ok(Arc::new(backend::capsid_vmm::CapsidVmmBackend::new(
-            &config.paths.vmm,
-        )?)),
+        BackendKind::CapsidVmm => Ok(Arc::new(
+            backend::capsid_vmm::CapsidVmmBackend::new(&config.paths.vmm)?.with_jailer(jailer),
+        )),
     }
 }
 
@@ -425,7 +427,9 @@ async fn watch_exit(vm: Arc<Mutex<Box<dyn Vm>>>) -> VmExit {
 }
 
 fn console_tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
+    // The console log is the VM's processes' to write: read, never followed.
+    let bytes = crate::private_dir::read_no_follow(path).unwrap_or_default();
+    let text = String::from_utf8_lossy(&bytes);
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     let tail = lines[lines.len().saturating_sub(5)..].join(" | ");
     if tail.is_empty() {

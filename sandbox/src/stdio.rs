@@ -78,7 +78,10 @@ impl PendingStreams {
             }
             let port = ports.take();
             let path = PathBuf::from(format!("{}_{port}", vsock_path.display()));
-            Ok((port, Some((UnixListener::bind(&path)?, path))))
+            let listener = UnixListener::bind(&path)?;
+            // The vsock device (a jailed process) connects to it.
+            crate::private_dir::give_to_dir_owner(&path)?;
+            Ok((port, Some((listener, path))))
         };
         let (p0, l0) = bind(wanted.stdin)?;
         let (p1, l1) = bind(wanted.stdout)?;

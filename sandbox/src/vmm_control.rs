@@ -4,7 +4,6 @@
 //! (`capsid_vmm_api::control`), so both ends read and write the same wire.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -66,7 +65,7 @@ pub fn exchange(socket: &Path, request: &Request) -> Result<Reply> {
         socket: socket.to_path_buf(),
         source,
     };
-    let stream = UnixStream::connect(socket).map_err(io)?;
+    let stream = crate::private_dir::connect_no_follow(socket).map_err(io)?;
     stream.set_read_timeout(Some(CONTROL_TIMEOUT)).map_err(io)?;
     stream
         .set_write_timeout(Some(CONTROL_TIMEOUT))

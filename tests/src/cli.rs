@@ -64,6 +64,7 @@ impl Capsid {
             .filter(|p| p.file_name() != Some(".cni".as_ref()) || cni_leases(p) > 0)
             .filter(|p| p.file_name() != Some(".runs".as_ref()) || !run_records(p).is_empty())
             .filter(|p| p.file_name() != Some(".shares".as_ref()) || !is_empty_dir(p))
+            .filter(|p| p.file_name() != Some(".jail".as_ref()) || !is_empty_dir(&p.join("root")))
             .collect();
         assert!(left.is_empty(), "left in the state dir: {left:?}");
         let marker = self.dir.path().display().to_string();
@@ -103,7 +104,8 @@ impl Default for Capsid {
     }
 }
 
-fn is_empty_dir(p: &Path) -> bool {
+/// Whether `p` is missing or an empty directory.
+pub fn is_empty_dir(p: &Path) -> bool {
     std::fs::read_dir(p)
         .map(|mut d| d.next().is_none())
         .unwrap_or(true)

@@ -4,9 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
 
-use capsid_sandbox::backend::qemu::QemuBackend;
 use capsid_sandbox::config::{BackendKind, Config};
 use capsid_sandbox::container::{ContainerError, ContainerSpec, Created, LayerDisk};
 use capsid_sandbox::sandbox::{Sandbox, SandboxOptions};
@@ -64,6 +62,7 @@ pub fn test_config(dir: &Path) -> Config {
     c.paths.state_dir = dir.join("run");
     c.paths.vhost = bin("capsid-vhost");
     c.paths.vmm = bin("capsid-vmm");
+    c.paths.jailer = bin("capsid-jail");
     c.backend.kind = Some(BackendKind::QemuTcg);
     c
 }
@@ -72,14 +71,8 @@ pub fn test_config(dir: &Path) -> Config {
 pub async fn busybox_sandbox(dir: &Path, id: &str) -> Sandbox {
     let rootfs = erofs_from_layout(&artifact("images/busybox"), &dir.join("busybox.erofs"));
     let config = test_config(dir);
-    let backend = Arc::new(
-        QemuBackend::new(
-            BackendKind::QemuTcg,
-            Path::new("qemu-system-x86_64"),
-            &config.paths.vhost,
-        )
-        .unwrap(),
-    );
+    // Jailed, as the config says by default.
+    let backend = capsid_sandbox::sandbox::backend_for(&config).unwrap();
     let opts = SandboxOptions {
         id: id.into(),
         vcpus: 1,

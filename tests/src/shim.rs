@@ -25,7 +25,7 @@ pub fn write_capsid_config(dir: &Path) -> PathBuf {
     let c = crate::sandbox::test_config(dir);
     let text = format!(
         "[paths]\nkernel = {:?}\nbzimage = {:?}\ninitramfs = {:?}\nimages_dir = {:?}\n\
-         cache_dir = {:?}\nstate_dir = {:?}\nvhost = {:?}\nvmm = {:?}\n\
+         cache_dir = {:?}\nstate_dir = {:?}\nvhost = {:?}\nvmm = {:?}\njailer = {:?}\n\
          [backend]\nkind = \"qemu-tcg\"\n",
         c.paths.kernel,
         c.paths.bzimage,
@@ -35,6 +35,7 @@ pub fn write_capsid_config(dir: &Path) -> PathBuf {
         c.paths.state_dir,
         c.paths.vhost,
         c.paths.vmm,
+        c.paths.jailer,
     );
     let config = dir.join("capsid.toml");
     std::fs::write(&config, text).expect("write capsid config");
@@ -54,6 +55,15 @@ pub fn state_leftovers(state_dir: &Path) -> Vec<String> {
                 .flatten()
             {
                 found.push(format!("network namespace {}", ns.path().display()));
+            }
+        } else if entry.file_name() == ".jail" {
+            // The uid locks stay (the kernel releases them); the jail root
+            // is a mount point only inside jails: empty on the host.
+            if !crate::cli::is_empty_dir(&entry.path().join("root")) {
+                found.push(format!(
+                    "jail root {}/root not empty",
+                    entry.path().display()
+                ));
             }
         } else if entry.file_name() == ".shares" {
             for share in std::fs::read_dir(entry.path())

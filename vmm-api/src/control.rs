@@ -40,7 +40,16 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         timeout_ms: Option<u64>,
     },
+    /// For tests of capsid-vmm's seccomp filters only: the control thread
+    /// makes a system call no filter allows, so that the kernel kills the
+    /// VMM (SIGSYS). capsid-vmm honours it only when started with
+    /// [`TEST_CONTROL_ENV`]`=1`, and refuses it otherwise.
+    TestForbiddenSyscall,
 }
+
+/// The environment variable that lets capsid-vmm honour test-only
+/// requests ([`Request::TestForbiddenSyscall`]) when set to `1`.
+pub const TEST_CONTROL_ENV: &str = "CAPSID_VMM_TEST_CONTROL";
 
 impl Request {
     /// The request's `op`, for messages.
@@ -52,6 +61,7 @@ impl Request {
             Self::Resume => "resume",
             Self::Metrics => "metrics",
             Self::Shutdown { .. } => "shutdown",
+            Self::TestForbiddenSyscall => "test_forbidden_syscall",
         }
     }
 }
@@ -306,6 +316,10 @@ mod tests {
             (Request::Pause, r#"{"op":"pause"}"#),
             (Request::Resume, r#"{"op":"resume"}"#),
             (Request::Metrics, r#"{"op":"metrics"}"#),
+            (
+                Request::TestForbiddenSyscall,
+                r#"{"op":"test_forbidden_syscall"}"#,
+            ),
         ];
         for (request, json) in pinned {
             assert_eq!(line(&request), json);

@@ -30,9 +30,23 @@ pub struct Call {
     pub reply: Sender<Reply>,
 }
 
+/// Whether test-only requests are honoured: [`TEST_CONTROL_ENV`] is `1`.
+pub fn test_control_from_env() -> bool {
+    std::env::var_os(TEST_CONTROL_ENV).is_some_and(|v| v == "1")
+}
+
 /// Serves `listener` on a thread of its own; every request becomes a
 /// [`Call`] sent with `send` (which wraps it in the machine's event type).
+/// Test-only requests are honoured when [`TEST_CONTROL_ENV`] is `1`.
 pub fn spawn<F>(listener: UnixListener, send: F) -> std::io::Result<()>
+where
+    F: Fn(Call) -> bool + Send + Sync + 'static,
+{
+    spawn_with(listener, test_control_from_env(), send)
+}
+
+/// [`spawn`], honouring test-only requests when `test_control`.
+pub fn spawn_with<F>(listener: UnixListener, test_control: bool, send: F) -> std::io::Result<()>
 where
     F: Fn(Call) -> bool + Send + Sync + 'static,
 {
@@ -41,6 +55,8 @@ where
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
+            // Client threads started from here inherit this filter.
+            crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::Control);
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { continue };
                 if clients.load(Ordering::SeqCst) >= MAX_CLIENTS {
@@ -52,7 +68,7 @@ where
                 let spawned = std::thread::Builder::new()
                     .name("control-client".into())
                     .spawn(move || {
-                        serve_client(stream, send.as_ref());
+                        serve_client(stream, test_control, send.as_ref());
                         clients.fetch_sub(1, Ordering::SeqCst);
                     });
                 if spawned.is_err() {
@@ -73,7 +89,7 @@ fn reply_line(mut stream: &UnixStream, reply: &Reply) -> std::io::Result<()> {
     stream.write_all(line.as_bytes())
 }
 
-fn serve_client(stream: UnixStream, send: &dyn Fn(Call) -> bool) {
+fn serve_client(stream: UnixStream, test_control: bool, send: &dyn Fn(Call) -> bool) {
     let Ok(reader) = stream.try_clone() else {
         return;
     };
@@ -94,6 +110,7 @@ fn serve_client(stream: UnixStream, send: &dyn Fn(Call) -> bool) {
             continue;
         }
         let reply = match serde_json::from_str::<Request>(&line) {
+            Ok(Request::TestForbiddenSyscall) => forbidden_syscall(test_control),
             Ok(request) => call(send, request),
             Err(e) => Reply::refused(format!("invalid request: {e}")),
         };
@@ -101,6 +118,29 @@ fn serve_client(stream: UnixStream, send: &dyn Fn(Call) -> bool) {
             return;
         }
     }
+}
+
+/// `test_forbidden_syscall`: makes a system call that no seccomp list
+/// allows, so that the kernel kills the VMM; refused unless
+/// `test_control`. The call is `reboot(2)` with wrong magic numbers,
+/// which does nothing even where no filter stops it (`--seccomp off`): the
+/// kernel answers EPERM or EINVAL, and so does the reply.
+fn forbidden_syscall(test_control: bool) -> Reply {
+    if !test_control {
+        return Reply::refused(format!(
+            "test_forbidden_syscall is a test-only request: start capsid-vmm with {TEST_CONTROL_ENV}=1"
+        ));
+    }
+    tracing::warn!("test_forbidden_syscall: calling reboot(2), which no seccomp list allows");
+    // SAFETY: reboot(2) with magic numbers that are not the kernel's
+    // reboots nothing (EINVAL, or EPERM without CAP_SYS_BOOT) and takes no
+    // pointer to read (the fourth argument is read only for
+    // LINUX_REBOOT_CMD_RESTART2 with valid magic).
+    let rc = unsafe { libc::syscall(libc::SYS_reboot, 0, 0, 0, 0) };
+    let error = std::io::Error::last_os_error();
+    Reply::refused(format!(
+        "reboot(2) was not stopped by a seccomp filter (returned {rc}: {error})"
+    ))
 }
 
 fn call(send: &dyn Fn(Call) -> bool, request: Request) -> Reply {
@@ -133,7 +173,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("api.sock");
         let listener = UnixListener::bind(&path).unwrap();
-        spawn(listener, |call: Call| {
+        spawn_with(listener, false, |call: Call| {
             let reply = match call.request {
                 Request::Pause => Reply::done(),
                 Request::Metrics => Reply::with_body(&serde_json::json!({"z": 1, "a": 2})).unwrap(),
@@ -160,6 +200,14 @@ mod tests {
         let v = ask("{\"op\":\"resume\"}\n");
         assert_eq!(v["ok"], false);
         assert!(v["error"].as_str().unwrap().contains("Resume"));
+        // Test-only requests are refused unless enabled, and never reach
+        // the machine.
+        let v = ask("{\"op\":\"test_forbidden_syscall\"}\n");
+        assert_eq!(v["ok"], false);
+        assert!(
+            v["error"].as_str().unwrap().contains(TEST_CONTROL_ENV),
+            "{v}"
+        );
         let v = ask("not json\n");
         assert!(v["error"].as_str().unwrap().contains("invalid request"));
         let long = format!(

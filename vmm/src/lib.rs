@@ -5,7 +5,7 @@
 //! lays out and loads what the guest starts with; `vstate` holds everything
 //! that talks to KVM; `devices` is the emulated hardware (virtio-mmio and,
 //! in `devices::legacy`, the PC's serial port and i8042); `control` is the
-//! API socket.
+//! API socket; `seccomp` the per-thread system call filters.
 
 pub mod boot;
 pub mod builder;
@@ -14,6 +14,7 @@ pub mod control;
 pub mod devices;
 pub mod machine;
 pub mod metrics;
+pub mod seccomp;
 pub mod vstate;
 
 /// Process exit status when the guest asked for a reset (i8042, as

@@ -25,6 +25,7 @@ use crate::control::{
 use crate::devices::event_loop::EventLoop;
 use crate::devices::{BalloonHandle, DeviceError, MmioSlot, VmBus};
 use crate::metrics::{first_kvm_run_ns, ExitCounters};
+use crate::seccomp::{self, SeccompError, ThreadKind};
 use crate::vstate::vcpu::{self, Bus, Vcpu, VcpuGate, VcpuStop};
 use crate::vstate::vm::Vm;
 
@@ -45,6 +46,9 @@ pub enum RunError {
     /// A thread could not be started, or a signal set up.
     #[error("cannot start the {0} thread")]
     Thread(&'static str, #[source] std::io::Error),
+    /// A thread could not install its seccomp filter.
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
 }
 
 /// Result of running.
@@ -76,6 +80,8 @@ enum Event {
     Vcpu(u8, vcpu::Result<VcpuStop>),
     Signal(i32),
     Control(Call),
+    /// A thread could not confine itself; it ended instead.
+    Seccomp(SeccompError),
 }
 
 struct VcpuThread {
@@ -189,6 +195,14 @@ impl Machine {
             let thread = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
                 .spawn(move || {
+                    // Everything the vCPU needed beyond KVM_RUN and the
+                    // bus was done by the builder.
+                    if let Err(e) = seccomp::apply(ThreadKind::Vcpu) {
+                        drop(vcpu);
+                        drop(memory);
+                        let _ = tx.send(Event::Seccomp(e));
+                        return;
+                    }
                     let result = vcpu.run(bus.as_ref() as &dyn Bus, &gate, &counters);
                     drop(vcpu);
                     drop(memory);
@@ -216,7 +230,12 @@ impl Machine {
             .map_err(|e| RunError::Thread("control", e))?;
         }
         drop(tx);
-        let end = self.supervise(&rx, &gate, &threads);
+        // Last, once every thread is started: a thread started under this
+        // filter would run under it as well as its own.
+        let end = match seccomp::apply(ThreadKind::Main) {
+            Ok(()) => self.supervise(&rx, &gate, &threads),
+            Err(e) => Err(e.into()),
+        };
         self.bus.legacy().flush();
         stop_vcpus(&gate, threads);
         if let Some(l) = event_loop {
@@ -262,6 +281,7 @@ impl Machine {
                 Event::Signal(sig) => {
                     return Ok(VmEnd::Stopped(format!("signal {sig}")));
                 }
+                Event::Seccomp(e) => return Err(e.into()),
                 Event::Control(call) => {
                     let reply = match call.request {
                         Request::Shutdown { timeout_ms } => {
@@ -295,6 +315,9 @@ impl Machine {
             }
             Request::Metrics => encode(&self.metrics(threads)),
             Request::Shutdown { .. } => Err("shutdown is handled by the machine".into()),
+            Request::TestForbiddenSyscall => {
+                Err("test_forbidden_syscall is handled by the control thread".into())
+            }
         };
         answer.unwrap_or_else(Reply::refused)
     }
@@ -473,18 +496,29 @@ fn spawn_signal_watcher(tx: Sender<Event>) -> Result<()> {
         .map_err(|e| RunError::Thread("signal", std::io::Error::from(e)))?;
     std::thread::Builder::new()
         .name("signals".into())
-        .spawn(move || loop {
-            let mut sig: libc::c_int = 0;
-            // SAFETY: `set` is an initialized signal set and `sig` a valid
-            // place for the result, both owned by this thread; the signals
-            // in `set` are blocked in every thread (the mask is set before
-            // any thread starts), as sigwait requires.
-            let rc = unsafe { libc::sigwait(&set, &mut sig) };
-            if rc == 0 {
-                let _ = tx.send(Event::Signal(sig));
+        .spawn(move || {
+            if let Err(e) = seccomp::apply(ThreadKind::Signals) {
+                let _ = tx.send(Event::Seccomp(e));
                 return;
             }
+            signal_loop(&set, &tx);
         })
         .map(|_| ())
         .map_err(|e| RunError::Thread("signal", e))
+}
+
+/// Waits for SIGTERM or SIGINT and tells the machine.
+fn signal_loop(set: &libc::sigset_t, tx: &Sender<Event>) {
+    loop {
+        let mut sig: libc::c_int = 0;
+        // SAFETY: `set` is an initialized signal set and `sig` a valid
+        // place for the result, both owned by this thread; the signals
+        // in `set` are blocked in every thread (the mask is set before
+        // any thread starts), as sigwait requires.
+        let rc = unsafe { libc::sigwait(set, &mut sig) };
+        if rc == 0 {
+            let _ = tx.send(Event::Signal(sig));
+            return;
+        }
+    }
 }

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use capsid_vmm::machine::VmEnd;
+use capsid_vmm::seccomp::{self, SeccompMode};
 use capsid_vmm::{builder, config};
 use capsid_vmm::{EXIT_GUEST_CRASH, EXIT_GUEST_RESET, EXIT_STOPPED, EXIT_VMM_ERROR};
 use clap::Parser;
@@ -19,6 +20,11 @@ struct Args {
     /// The VM description (JSON).
     #[arg(long, value_name = "FILE")]
     config: PathBuf,
+    /// What a system call outside a thread's seccomp list does: `kill`
+    /// the VMM, `log` it and let it through (for making lists on a new
+    /// host), or `off`: no filters.
+    #[arg(long, value_enum, value_name = "MODE", default_value = "kill")]
+    seccomp: SeccompMode,
 }
 
 fn main() -> ExitCode {
@@ -51,6 +57,9 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &Args) -> anyhow::Result<VmEnd> {
+    // Compiled before the build: a vhost-user watchdog thread started by
+    // the build installs its filter too.
+    seccomp::init(args.seccomp)?;
     let config = config::from_file(&args.config)?;
     let machine = builder::build(&config)?;
     Ok(machine.run()?)

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use capsid_devices::hosting::vhost_user;
+use capsid_devices::seccomp::{Confinement, Kind, Mode, Role};
 use capsid_devices::virtio::blk::{Blk, BlkConfig};
 use capsid_devices::virtio::net::{parse_mac, Net, Tap};
 use capsid_devices::virtio::rng::Rng;
@@ -18,6 +19,11 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "capsid-vhost", version, about)]
 struct Args {
+    /// What a syscall outside the device's seccomp allow-lists does: kill
+    /// the process, log it (kernel log, type=1326) and let it through, or
+    /// install no filter at all.
+    #[arg(long, global = true, value_enum, value_name = "MODE", default_value_t = Mode::Kill)]
+    seccomp: Mode,
     #[command(subcommand)]
     device: Device,
 }
@@ -91,13 +97,17 @@ fn serve_console(
     socket: &std::path::Path,
     log: &std::path::Path,
     max_bytes: u64,
+    seccomp: Confinement,
 ) -> anyhow::Result<()> {
     use std::io::{Read, Write};
     let mut out = capsid_devices::capped_log::CappedLog::open(log, max_bytes)?;
     let listener = std::os::unix::net::UnixListener::bind(socket)?;
+    seccomp.install(Role::Process)?;
     let (mut conn, _) = listener.accept()?;
     drop(listener);
     let _ = std::fs::remove_file(socket);
+    // From here on: QEMU's stream in, the capped log out.
+    seccomp.install(Role::Connected)?;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = match conn.read(&mut buf) {
@@ -119,6 +129,14 @@ fn main() -> ExitCode {
     // must not fill the host's log).
     capsid_devices::log_limit::init_guest_facing_logging();
     let args = Args::parse();
+    let kind = match &args.device {
+        Device::Blk { .. } => Kind::Blk,
+        Device::Net { .. } => Kind::Net,
+        Device::Rng { .. } => Kind::Rng,
+        Device::Vsock { .. } => Kind::Vsock,
+        Device::Console { .. } => Kind::Console,
+    };
+    let seccomp = Confinement::new(kind, args.seccomp);
     let result = match args.device {
         Device::Blk {
             socket,
@@ -131,26 +149,31 @@ fn main() -> ExitCode {
             serial,
         })
         .map_err(anyhow::Error::from)
-        .and_then(|dev| vhost_user::serve(dev, &socket).map_err(anyhow::Error::from)),
+        .and_then(|dev| {
+            vhost_user::serve_confined(dev, &socket, seccomp).map_err(anyhow::Error::from)
+        }),
         Device::Net { socket, tap, mac } => Tap::open(&tap)
             .map_err(anyhow::Error::from)
             .and_then(|tap| Net::new(tap, mac).map_err(anyhow::Error::from))
-            .and_then(|dev| vhost_user::serve(dev, &socket).map_err(anyhow::Error::from)),
-        Device::Rng { socket } => {
-            vhost_user::serve(Rng::default(), &socket).map_err(anyhow::Error::from)
-        }
+            .and_then(|dev| {
+                vhost_user::serve_confined(dev, &socket, seccomp).map_err(anyhow::Error::from)
+            }),
+        Device::Rng { socket } => vhost_user::serve_confined(Rng::default(), &socket, seccomp)
+            .map_err(anyhow::Error::from),
         Device::Vsock {
             socket,
             guest_cid,
             uds_path,
         } => Vsock::new(guest_cid, &uds_path)
             .map_err(anyhow::Error::from)
-            .and_then(|dev| vhost_user::serve(dev, &socket).map_err(anyhow::Error::from)),
+            .and_then(|dev| {
+                vhost_user::serve_confined(dev, &socket, seccomp).map_err(anyhow::Error::from)
+            }),
         Device::Console {
             socket,
             log,
             max_bytes,
-        } => serve_console(&socket, &log, max_bytes),
+        } => serve_console(&socket, &log, max_bytes, seccomp),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

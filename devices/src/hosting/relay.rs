@@ -19,11 +19,12 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{MAX_ATTACHED_FD_ENTRIES, MAX_MSG_SIZE};
 use vhost::vhost_user::VhostUserVirtioFeatures;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+use crate::seccomp::{Confinement, Role};
 
 /// `VHOST_USER_SET_FEATURES`.
 const VHOST_USER_SET_FEATURES: u32 = 2;
@@ -37,8 +38,6 @@ const FLAG_REPLY: u32 = 0x4;
 const FLAG_NEED_REPLY: u32 = 0x8;
 /// request, flags, size: three native-endian u32.
 const HEADER_LEN: usize = 12;
-/// How long the relay waits for the daemon's private socket to appear.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One vhost-user message with the descriptors that came with it.
 #[derive(Debug)]
@@ -217,41 +216,38 @@ pub(super) fn private_path(public: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// Connects to the daemon's socket at `path`, waiting for it to be bound.
-fn connect_daemon(path: &Path) -> io::Result<UnixStream> {
-    let start = Instant::now();
-    loop {
-        match UnixStream::connect(path) {
-            Ok(s) => return Ok(s),
-            Err(e) if start.elapsed() > CONNECT_TIMEOUT => return Err(e),
-            Err(_) => std::thread::sleep(Duration::from_millis(10)),
-        }
-    }
-}
-
-/// Accepts one frontend on `listener`, connects to the daemon at `daemon`,
-/// and relays until either side closes. Returns the relay thread.
+/// Accepts one frontend on `listener` and relays between it and `back`
+/// (already connected to the daemon) until either side closes, its
+/// threads confined by `seccomp`. Returns the relay thread.
 pub(super) fn spawn(
     listener: std::os::unix::net::UnixListener,
-    daemon: PathBuf,
+    back: UnixStream,
+    seccomp: Option<Confinement>,
 ) -> io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name("vhost-user-relay".into())
         .spawn(move || {
-            let result = listener
-                .accept()
-                .and_then(|(front, _)| Ok((front, connect_daemon(&daemon)?)));
+            let result = listener.accept();
             drop(listener);
-            let _ = std::fs::remove_file(&daemon);
             match result {
-                Ok((front, back)) => {
-                    if let Err(e) = relay(front, back) {
+                Ok((front, _)) => {
+                    if let Err(e) = relay(front, back, seccomp) {
                         tracing::warn!(error = %e, "vhost-user relay failed");
                     }
                 }
-                Err(e) => tracing::error!(error = %e, "vhost-user relay cannot connect"),
+                Err(e) => {
+                    tracing::error!(error = %e, "vhost-user relay cannot accept the frontend")
+                }
             }
         })
+}
+
+/// Stacks the relay's filter on the calling thread.
+fn confine(seccomp: Option<Confinement>) -> io::Result<()> {
+    match seccomp {
+        Some(s) => s.install(Role::Relay).map_err(io::Error::other),
+        None => Ok(()),
+    }
 }
 
 /// Runs the relay between two connected streams, `front` (QEMU's side)
@@ -260,12 +256,13 @@ pub(super) fn spawn(
 /// private, and the fuzzer plays both peers. Not part of the API.
 #[doc(hidden)]
 pub fn fuzz_relay(front: UnixStream, back: UnixStream) -> io::Result<()> {
-    relay(front, back)
+    relay(front, back, None)
 }
 
 /// Relays between `front` (QEMU) and `back` (the daemon) until either side
-/// closes; then closes both.
-fn relay(front: UnixStream, back: UnixStream) -> io::Result<()> {
+/// closes; then closes both. Both threads stack `seccomp`'s relay filter
+/// before reading a message.
+fn relay(front: UnixStream, back: UnixStream, seccomp: Option<Confinement>) -> io::Result<()> {
     let front_out = Arc::new(Mutex::new(front.try_clone()?));
     let back_in = back.try_clone()?;
     let replies = {
@@ -275,6 +272,7 @@ fn relay(front: UnixStream, back: UnixStream) -> io::Result<()> {
             .name("vhost-user-relay-replies".into())
             .spawn(move || {
                 let result = (|| -> io::Result<()> {
+                    confine(seccomp)?;
                     while let Some(msg) = read_message(&back_in)? {
                         let out = front_out
                             .lock()
@@ -290,6 +288,7 @@ fn relay(front: UnixStream, back: UnixStream) -> io::Result<()> {
     };
     let mut gate = Gate::default();
     let requests = (|| -> io::Result<()> {
+        confine(seccomp)?;
         while let Some(msg) = read_message(&front)? {
             for route in gate.route(msg) {
                 match route {
@@ -393,7 +392,7 @@ mod tests {
     fn messages_and_descriptors_cross_the_relay() {
         let (qemu, front) = UnixStream::pair().unwrap();
         let (back, daemon) = UnixStream::pair().unwrap();
-        let t = std::thread::spawn(move || relay(front, back));
+        let t = std::thread::spawn(move || relay(front, back, None));
 
         // An early enable, then SET_FEATURES, then a message carrying an fd.
         write_message(&qemu, &enable(0, 1, 0)).unwrap();

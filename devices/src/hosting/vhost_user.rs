@@ -1,11 +1,13 @@
 //! Serving a [`VirtioDevice`] as a vhost-user backend (the `vhost` and
 //! `vhost-user-backend` crates do the protocol; this adapts the model).
 
-use std::os::unix::net::UnixListener;
+use std::cell::Cell;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::Listener;
 use vhost_user_backend::{VhostUserBackendMut, VhostUserDaemon, VringRwLock, VringT};
 use virtio_queue::Queue;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
@@ -15,6 +17,7 @@ use vmm_sys_util::event::{
 };
 
 use super::relay;
+use crate::seccomp::{Confinement, Role, SeccompError};
 use crate::socket_claim::{ClaimError, SocketClaim};
 use crate::virtio::{DeviceEvent, VirtioDevice};
 
@@ -45,6 +48,9 @@ pub enum VhostUserError {
     /// The relay in front of the daemon could not be set up.
     #[error("cannot set up the vhost-user relay")]
     Relay(#[source] std::io::Error),
+    /// A seccomp filter could not be built or installed.
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
 }
 
 /// Result of vhost-user hosting.
@@ -63,6 +69,13 @@ pub struct VhostUserDevice<D: VirtioDevice> {
     device: D,
     mem: Option<GuestMemoryAtomic<GuestMemoryMmap>>,
     exit: (EventConsumer, EventNotifier),
+    /// Stacked on each queue worker at its first event.
+    seccomp: Option<Confinement>,
+}
+
+thread_local! {
+    /// Whether this thread (a queue worker) has its own filter yet.
+    static QUEUES_CONFINED: Cell<bool> = const { Cell::new(false) };
 }
 
 impl<D: VirtioDevice> std::fmt::Debug for VhostUserDevice<D> {
@@ -150,6 +163,16 @@ impl<D: VirtioDevice + Sync> VhostUserBackendMut for VhostUserDevice<D> {
         vrings: &[VringRwLock],
         _thread_id: usize,
     ) -> std::io::Result<()> {
+        // Before anything the guest wrote is looked at.
+        if let Some(seccomp) = self.seccomp {
+            if !QUEUES_CONFINED.get() {
+                seccomp.install(Role::Queues).map_err(|e| {
+                    tracing::error!(error = %crate::describe(&e), "queue worker left unconfined: stopping it");
+                    std::io::Error::other(e)
+                })?;
+                QUEUES_CONFINED.set(true);
+            }
+        }
         if !evset.contains(EventSet::IN) {
             return Ok(());
         }
@@ -191,8 +214,28 @@ impl<D: VirtioDevice + Sync> VhostUserBackendMut for VhostUserDevice<D> {
 
 /// Serves `device` on the vhost-user socket `path` for one frontend
 /// connection; returns when the frontend disconnects. The socket file is
-/// removed on return.
+/// removed on return. No seccomp filter: see [`serve_confined`].
 pub fn serve<D: VirtioDevice + Sync + 'static>(device: D, path: &Path) -> Result<()> {
+    run(device, path, None)
+}
+
+/// Like [`serve`], with the threads confined by `seccomp` once the socket
+/// is bound: the process-wide list before the daemon starts its threads,
+/// the queue workers' list on their first event, the main thread's once
+/// the frontend is connected (see [`crate::seccomp`]).
+pub fn serve_confined<D: VirtioDevice + Sync + 'static>(
+    device: D,
+    path: &Path,
+    seccomp: Confinement,
+) -> Result<()> {
+    run(device, path, Some(seccomp))
+}
+
+fn run<D: VirtioDevice + Sync + 'static>(
+    device: D,
+    path: &Path,
+    seccomp: Option<Confinement>,
+) -> Result<()> {
     // Held until return: the socket and its lock file go away with it.
     let _claim = SocketClaim::new(path)?;
     // QEMU's virtio-net front end enables rings before acking the protocol
@@ -201,11 +244,31 @@ pub fn serve<D: VirtioDevice + Sync + 'static>(device: D, path: &Path) -> Result
     let backend_fd = device.backend_fd();
     let exit =
         new_event_consumer_and_notifier(EventFlag::NONBLOCK).map_err(VhostUserError::EventFd)?;
+    let exit_notifier = exit.1.try_clone().map_err(VhostUserError::EventFd)?;
     let name = device.name();
+    // Every socket is bound (and the relay's connection to the daemon
+    // made) before the filters go on: they allow neither bind nor connect.
+    let (mut listener, relay_ends) = if relayed {
+        let public = UnixListener::bind(path).map_err(VhostUserError::Relay)?;
+        let private = relay::private_path(path);
+        let listener = Listener::new(&private, true).map_err(listen_error)?;
+        // Queued until the daemon accepts it; the path is not needed
+        // once connected.
+        let back = UnixStream::connect(&private).map_err(VhostUserError::Relay)?;
+        let _ = std::fs::remove_file(&private);
+        (listener, Some((public, back)))
+    } else {
+        (Listener::new(path, true).map_err(listen_error)?, None)
+    };
+    if let Some(seccomp) = seccomp {
+        // No other thread exists yet: every later one inherits this.
+        seccomp.install(Role::Process)?;
+    }
     let backend = Arc::new(RwLock::new(VhostUserDevice {
         device,
         mem: None,
         exit,
+        seccomp,
     }));
     let backend_event = backend
         .read()
@@ -221,21 +284,41 @@ pub fn serve<D: VirtioDevice + Sync + 'static>(device: D, path: &Path) -> Result
                 .map_err(VhostUserError::Watch)?;
         }
     }
-    if relayed {
-        let listener = UnixListener::bind(path).map_err(VhostUserError::Relay)?;
-        let private = relay::private_path(path);
-        let relay = relay::spawn(listener, private.clone()).map_err(VhostUserError::Relay)?;
-        let result = daemon
-            .serve(&private)
-            .map_err(daemon_error("serve the frontend"));
-        // Once the daemon's connection is over the relay winds down too.
-        if result.is_ok() {
-            let _ = relay.join();
+    let relay = match relay_ends {
+        Some((public, back)) => {
+            Some(relay::spawn(public, back, seccomp).map_err(VhostUserError::Relay)?)
         }
-        result
-    } else {
-        daemon
-            .serve(path)
-            .map_err(daemon_error("serve the frontend"))
+        None => None,
+    };
+    daemon
+        .start(&mut listener)
+        .map_err(daemon_error("accept the frontend"))?;
+    if let Some(seccomp) = seccomp {
+        seccomp.install(Role::Connected)?;
+    }
+    let result = daemon.wait();
+    // The workers exit on this whatever the session's end.
+    if let Err(e) = exit_notifier.notify() {
+        tracing::warn!(error = %e, "cannot tell the vhost-user workers to exit");
+    }
+    // A frontend going away mid-message is how a session ends.
+    let result = match result {
+        Err(vhost_user_backend::Error::HandleRequest(
+            vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+        )) => Ok(()),
+        other => other.map_err(daemon_error("serve the frontend")),
+    };
+    // Once the daemon's connection is over the relay winds down too.
+    if let (Ok(()), Some(relay)) = (&result, relay) {
+        let _ = relay.join();
+    }
+    result
+}
+
+/// A vhost-user listener that cannot be bound.
+fn listen_error(e: vhost::vhost_user::Error) -> VhostUserError {
+    VhostUserError::Daemon {
+        step: "listen",
+        message: e.to_string(),
     }
 }

@@ -6,9 +6,9 @@
 //! connects to it while building the VM) and reaped with the VM; if it
 //! dies while the VM runs, the VM is ended as a failure ([`DeviceWatch`]).
 
+use std::ffi::OsStr;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use capsid_vmm_api::config::{
@@ -16,6 +16,7 @@ use capsid_vmm_api::config::{
 };
 use capsid_vmm_api::control::Request;
 
+use super::jail::{Jailer, Launch};
 use super::process::{end_for_dead_device, status_code, DeviceWatch, Supervised};
 use super::{Backend, BackendError, Result, Vm, VmExit, VmSpec};
 use crate::config::BackendKind;
@@ -30,6 +31,7 @@ const VIRTIOFSD_GRACE: Duration = Duration::from_secs(2);
 #[derive(Debug, Clone)]
 pub struct CapsidVmmBackend {
     vmm: PathBuf,
+    jailer: Option<Jailer>,
 }
 
 impl CapsidVmmBackend {
@@ -38,7 +40,13 @@ impl CapsidVmmBackend {
     pub fn new(vmm: &Path) -> Result<Self> {
         let vmm = crate::locate::binary(vmm)
             .ok_or_else(|| BackendError::BinaryNotFound(vmm.display().to_string()))?;
-        Ok(Self { vmm })
+        Ok(Self { vmm, jailer: None })
+    }
+
+    /// Runs capsid-vmm in a jail (`None`: as root).
+    pub fn with_jailer(mut self, jailer: Option<Jailer>) -> Self {
+        self.jailer = jailer;
+        self
     }
 
     /// The VM config capsid-vmm is given for `spec`.
@@ -104,8 +112,7 @@ impl Backend for CapsidVmmBackend {
 
     fn start(&self, spec: &VmSpec) -> Result<Box<dyn Vm>> {
         spec.validate()?;
-        let document =
-            serde_json::to_string(&Self::vm_config(spec)?).map_err(BackendError::Encode)?;
+        let mut config = Self::vm_config(spec)?;
         let run_err = |source| BackendError::RunDir {
             path: spec.run_dir.clone(),
             source,
@@ -115,6 +122,13 @@ impl Backend for CapsidVmmBackend {
             .mode(0o700)
             .create(&spec.run_dir)
             .map_err(run_err)?;
+        // Made before `vm`, so dropped after it on an error: the jail's uid
+        // and cgroups outlive the processes in them.
+        let jail = self
+            .jailer
+            .as_ref()
+            .map(|j| j.enter(&spec.run_dir))
+            .transpose()?;
         let mut vm = CapsidVm {
             vsock: spec.vsock_path(),
             serial: spec.serial_log(),
@@ -126,34 +140,46 @@ impl Backend for CapsidVmmBackend {
             device_watch: DeviceWatch::default(),
             exit: None,
             stopping: false,
+            jail: None,
         };
         // From here on, an error drops `vm`, which kills what was started
         // and removes the run directory.
-        let config = spec.run_dir.join("vm.json");
-        std::fs::write(&config, document).map_err(run_err)?;
+        let mut launch = Launch::new(jail.as_ref(), &self.vmm);
+        // The tap lives in the sandbox's network namespace: so must the VMM.
+        launch
+            .netns(spec.net.as_ref().and_then(|n| n.netns.as_deref()))
+            .read(&spec.kernel)
+            .read(&spec.initramfs)
+            .device(Path::new("/dev/kvm"));
+        if let Some(net) = &spec.net {
+            launch.tap(&net.tap);
+        }
+        // Jailed, each disk is a descriptor the jailer opened.
+        for (drive, disk) in config.drives.iter_mut().zip(&spec.disks) {
+            drive.path = launch.disk(&disk.path, !disk.readonly);
+        }
+        let document = serde_json::to_string(&config).map_err(BackendError::Encode)?;
+        let config_path = spec.run_dir.join("vm.json");
+        std::fs::write(&config_path, document).map_err(run_err)?;
         // virtiofsd first: capsid-vmm connects to its socket while building
         // the VM. It stays in this namespace (it makes its own sandbox);
         // only the VMM joins the tap's network namespace, and a Unix socket
         // path reaches across.
         if let Some(fs) = &spec.fs {
-            let daemon = super::virtiofsd::start(fs, &spec.run_dir)?;
+            let daemon = super::virtiofsd::start(fs, &spec.run_dir, jail.as_ref())?;
             vm.virtiofsd = Some(daemon.process);
         }
-        let mut cmd = match spec.net.as_ref().and_then(|n| n.netns.as_ref()) {
-            // The tap lives in the sandbox's network namespace: so must the VMM.
-            Some(ns) => {
-                let mut c = Command::new("nsenter");
-                c.arg(format!("--net={}", ns.display())).arg(&self.vmm);
-                c
-            }
-            None => Command::new(&self.vmm),
-        };
-        cmd.arg("--config").arg(&config);
+        if let Some(jail) = &jail {
+            jail.hand_over(&config_path)?;
+        }
+        launch.args([OsStr::new("--config"), config_path.as_os_str()]);
         vm.vmm = Some(Supervised::spawn(
             "capsid-vmm",
-            cmd,
+            launch.command(),
             &spec.run_dir.join("vmm.log"),
         )?);
+        drop(launch);
+        vm.jail = jail;
         // The control socket appears once the VM is built; a VMM that dies
         // first (bad kernel, missing disk) fails the start with its words,
         // and a virtiofsd that died with its own (the VMM cannot have its
@@ -207,6 +233,8 @@ pub struct CapsidVm {
     device_watch: DeviceWatch,
     exit: Option<VmExit>,
     stopping: bool,
+    /// Last: released once every process above is reaped.
+    jail: Option<super::jail::SandboxJail>,
 }
 
 impl CapsidVm {
@@ -227,6 +255,8 @@ impl CapsidVm {
             let _ = daemon.terminate(VIRTIOFSD_GRACE);
         }
         let _ = std::fs::remove_dir_all(&self.run_dir);
+        // Its uid and cgroups go once the processes in them are reaped.
+        self.jail = None;
     }
 }
 

@@ -6,6 +6,7 @@
 //! nothing above this module knows which backend runs.
 
 pub mod capsid_vmm;
+pub mod jail;
 mod process;
 pub mod qemu;
 pub mod virtiofsd;
@@ -70,6 +71,17 @@ pub enum BackendError {
     /// The spec asks for something this backend cannot do.
     #[error("invalid VM spec: {0}")]
     InvalidSpec(String),
+    /// The sandbox's jail cannot be prepared.
+    #[error("jail: cannot {what} {}", path.display())]
+    Jail {
+        /// What was being done.
+        what: &'static str,
+        /// On what.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Result of backend operations.

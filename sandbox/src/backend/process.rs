@@ -4,7 +4,6 @@
 //! SIGKILL, always reaped. [`DeviceWatch`] holds the rule that a VM lives
 //! only as long as all of its device processes do.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -38,7 +37,9 @@ impl Supervised {
             what: what.to_string(),
             source,
         };
-        let stderr = File::create(log).map_err(spawn_err)?;
+        // In a run directory the VM's (jailed) processes may write to:
+        // never through a link they planted.
+        let stderr = crate::private_dir::create_no_follow(log).map_err(spawn_err)?;
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr);
@@ -130,7 +131,8 @@ impl Supervised {
 
     /// The last lines the process wrote to its log (for error messages).
     pub fn last_words(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let bytes = crate::private_dir::read_no_follow(&self.log).unwrap_or_default();
+        let text = String::from_utf8_lossy(&bytes);
         let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
         lines[lines.len().saturating_sub(3)..].join(" / ")
     }

@@ -4,11 +4,13 @@
 //! long as QEMU and every device process do: a device process that dies
 //! under a running VM ends it as a failure ([`DeviceWatch`]).
 
+use std::ffi::{OsStr, OsString};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use super::jail::{Jailer, Launch, SandboxJail, LOG_FILE_LIMIT};
 use super::process::{end_for_dead_device, status_code, DeviceWatch, Supervised};
 use super::{Backend, BackendError, Result, Vm, VmExit, VmSpec};
 use crate::config::BackendKind;
@@ -33,6 +35,7 @@ pub struct QemuBackend {
     kind: BackendKind,
     qemu: PathBuf,
     vhost: PathBuf,
+    jailer: Option<Jailer>,
 }
 
 impl QemuBackend {
@@ -52,7 +55,14 @@ impl QemuBackend {
             kind,
             qemu: find(qemu)?,
             vhost: find(vhost)?,
+            jailer: None,
         })
+    }
+
+    /// Runs QEMU and its device processes in jails (`None`: as root).
+    pub fn with_jailer(mut self, jailer: Option<Jailer>) -> Self {
+        self.jailer = jailer;
+        self
     }
 
     fn accel(&self) -> (&'static str, &'static str) {
@@ -78,6 +88,13 @@ impl Backend for QemuBackend {
                 path: spec.run_dir.clone(),
                 source,
             })?;
+        // Made before `vm`, so dropped after it on an error: the jail's uid
+        // and cgroups outlive the processes in them.
+        let jail = self
+            .jailer
+            .as_ref()
+            .map(|j| j.enter(&spec.run_dir))
+            .transpose()?;
         let mut vm = QemuVm {
             vsock: spec.vsock_path(),
             serial: spec.serial_log(),
@@ -88,15 +105,17 @@ impl Backend for QemuBackend {
             device_watch: DeviceWatch::default(),
             exit: None,
             stopping: false,
+            jail: None,
         };
         // On any error `vm` is dropped, which kills what was started and
         // removes the run directory.
-        let device_args = self.start_devices(spec, &mut vm)?;
+        let device_args = self.start_devices(spec, &mut vm, jail.as_ref())?;
         let qemu = Supervised::spawn(
             "qemu",
-            self.command(spec, &device_args),
+            self.command(spec, jail.as_ref(), &device_args),
             &spec.run_dir.join("qemu.log"),
         )?;
+        vm.jail = jail;
         vm.qemu = Some(qemu);
         Ok(Box::new(vm))
     }
@@ -104,45 +123,50 @@ impl Backend for QemuBackend {
 
 impl QemuBackend {
     /// Starts one capsid-vhost per device and returns QEMU's arguments for them.
-    fn start_devices(&self, spec: &VmSpec, vm: &mut QemuVm) -> Result<Vec<String>> {
+    fn start_devices(
+        &self,
+        spec: &VmSpec,
+        vm: &mut QemuVm,
+        jail: Option<&SandboxJail>,
+    ) -> Result<Vec<String>> {
         let run = &spec.run_dir;
         let mut qemu_args = Vec::new();
         let mut sockets = Vec::new();
-        let add = |vm: &mut QemuVm,
-                   id: &str,
-                   args: Vec<String>,
-                   netns: Option<&Path>|
-         -> Result<PathBuf> {
+        // virtio-fs first: virtiofsd's socket is made by root and handed
+        // to the jail's uid before any process of that uid runs.
+        let mut fs_device = None;
+        if let Some(fs) = &spec.fs {
+            let daemon = super::virtiofsd::start(fs, run, jail)?;
+            fs_device = Some((daemon.socket.clone(), daemon.process));
+        }
+        let add = |vm: &mut QemuVm, id: &str, mut launch: Launch| -> Result<PathBuf> {
             let socket = run.join(format!("vhost-{id}.sock"));
-            let mut cmd = match netns {
-                Some(ns) => {
-                    let mut c = Command::new("nsenter");
-                    c.arg(format!("--net={}", ns.display())).arg(&self.vhost);
-                    c
-                }
-                None => Command::new(&self.vhost),
-            };
-            cmd.args(&args).arg("--socket").arg(&socket);
+            launch.args([OsStr::new("--socket"), socket.as_os_str()]);
             vm.devices.push(Supervised::spawn(
                 &format!("capsid-vhost {id}"),
-                cmd,
+                launch.command(),
                 &run.join(format!("vhost-{id}.log")),
             )?);
             Ok(socket)
         };
+        let vhost = |_: &QemuVm, args: Vec<OsString>| -> Launch<'_> {
+            let mut l = Launch::new(jail, &self.vhost);
+            l.args(args);
+            l
+        };
 
-        let s = add(
+        let mut l = vhost(
             vm,
-            "vsock",
             vec![
                 "vsock".into(),
                 "--guest-cid".into(),
-                spec.guest_cid.to_string(),
+                spec.guest_cid.to_string().into(),
                 "--uds-path".into(),
-                spec.vsock_path().display().to_string(),
+                spec.vsock_path().into(),
             ],
-            None,
-        )?;
+        );
+        l.max_file_size(LOG_FILE_LIMIT);
+        let s = add(vm, "vsock", l)?;
         qemu_args.extend(chardev("vsock", &s));
         qemu_args.extend([
             "-device".into(),
@@ -152,38 +176,34 @@ impl QemuBackend {
 
         // The serial console goes through capsid-vhost's capped log, not
         // straight into a file: the guest decides how much it prints.
-        let s = add(
+        let mut l = vhost(
             vm,
-            "console",
-            vec![
-                "console".into(),
-                "--log".into(),
-                spec.serial_log().display().to_string(),
-            ],
-            None,
-        )?;
+            vec!["console".into(), "--log".into(), spec.serial_log().into()],
+        );
+        l.max_file_size(LOG_FILE_LIMIT);
+        let s = add(vm, "console", l)?;
         qemu_args.extend(chardev("console", &s));
         qemu_args.extend(["-serial".into(), "chardev:console".into()]);
         sockets.push(s);
 
-        let s = add(vm, "rng", vec!["rng".into()], None)?;
+        let mut l = vhost(vm, vec!["rng".into()]);
+        l.max_file_size(LOG_FILE_LIMIT);
+        let s = add(vm, "rng", l)?;
         qemu_args.extend(chardev("rng", &s));
         qemu_args.extend(["-device".into(), "vhost-user-rng,chardev=rng".into()]);
         sockets.push(s);
 
         for (i, disk) in spec.disks.iter().enumerate() {
             let id = format!("blk{i}");
-            let mut args = vec![
-                "blk".into(),
-                "--path".into(),
-                disk.path.display().to_string(),
-                "--serial".into(),
-                disk.serial.clone(),
-            ];
+            let mut l = vhost(vm, vec!["blk".into()]);
+            // Jailed, the disk is a descriptor the jailer opened.
+            let path = l.disk(&disk.path, !disk.readonly);
+            l.args([OsStr::new("--path"), path.as_os_str()]);
+            l.args(["--serial", &disk.serial]);
             if disk.readonly {
-                args.push("--readonly".into());
+                l.args(["--readonly"]);
             }
-            let s = add(vm, &id, args, None)?;
+            let s = add(vm, &id, l)?;
             qemu_args.extend(chardev(&id, &s));
             qemu_args.extend([
                 "-device".into(),
@@ -193,27 +213,31 @@ impl QemuBackend {
         }
 
         // virtio-fs: virtiofsd is not a capsid-vhost, and the tag is QEMU's.
-        if let Some(fs) = &spec.fs {
-            let daemon = super::virtiofsd::start(fs, run)?;
-            qemu_args.extend(chardev("fs0", &daemon.socket));
+        if let (Some(fs), Some((socket, process))) = (&spec.fs, fs_device) {
+            qemu_args.extend(chardev("fs0", &socket));
             qemu_args.extend([
                 "-device".into(),
                 format!("vhost-user-fs-device,chardev=fs0,tag={}", fs.tag),
             ]);
-            vm.devices.push(daemon.process);
+            vm.devices.push(process);
             // Its socket is already there: the wait below skips it.
-            sockets.push(daemon.socket);
+            sockets.push(socket);
         }
 
         if let Some(net) = &spec.net {
-            let args = vec![
-                "net".into(),
-                "--tap".into(),
-                net.tap.clone(),
-                "--mac".into(),
-                net.mac.clone(),
-            ];
-            let s = add(vm, "net0", args, net.netns.as_deref())?;
+            let mut l = vhost(
+                vm,
+                vec![
+                    "net".into(),
+                    "--tap".into(),
+                    net.tap.clone().into(),
+                    "--mac".into(),
+                    net.mac.clone().into(),
+                ],
+            );
+            l.netns(net.netns.as_deref()).tap(&net.tap);
+            l.max_file_size(LOG_FILE_LIMIT);
+            let s = add(vm, "net0", l)?;
             qemu_args.extend(chardev("net0", &s));
             qemu_args.extend([
                 "-netdev".into(),
@@ -252,7 +276,12 @@ impl QemuBackend {
         Ok(qemu_args)
     }
 
-    fn command(&self, spec: &VmSpec, device_args: &[String]) -> Command {
+    fn command(
+        &self,
+        spec: &VmSpec,
+        jail: Option<&SandboxJail>,
+        device_args: &[String],
+    ) -> Command {
         let (accel, cpu) = self.accel();
         let mem = format!("{}M", spec.memory_mib);
         let mut cmdline = String::from(BASE_CMDLINE);
@@ -260,16 +289,16 @@ impl QemuBackend {
             cmdline.push(' ');
             cmdline.push_str(arg);
         }
+        let mut cmd = Launch::new(jail, &self.qemu);
         // With a NIC in a network namespace, QEMU lives there too: it is the
         // VM's main process, whose pid names the container's namespace.
-        let mut cmd = match spec.net.as_ref().and_then(|n| n.netns.as_ref()) {
-            Some(ns) => {
-                let mut c = Command::new("nsenter");
-                c.arg(format!("--net={}", ns.display())).arg(&self.qemu);
-                c
-            }
-            None => Command::new(&self.qemu),
-        };
+        cmd.netns(spec.net.as_ref().and_then(|n| n.netns.as_deref()))
+            .read(&spec.kernel)
+            // No RLIMIT_FSIZE: it caps the guest RAM's memfd too.
+            .read(&spec.initramfs);
+        if self.kind == BackendKind::QemuKvm {
+            cmd.device(Path::new("/dev/kvm"));
+        }
         cmd.args(["-name", &format!("capsid-{}", spec.name)])
             .args(["-M", "microvm,acpi=off,memory-backend=mem"])
             .args(["-accel", accel, "-cpu", cpu])
@@ -293,10 +322,8 @@ impl QemuBackend {
                     spec.run_dir.join("qmp.sock").display()
                 ),
             ])
-            .arg("-kernel")
-            .arg(&spec.kernel)
-            .arg("-initrd")
-            .arg(&spec.initramfs)
+            .args([OsStr::new("-kernel"), spec.kernel.as_os_str()])
+            .args([OsStr::new("-initrd"), spec.initramfs.as_os_str()])
             .args(["-append", &cmdline])
             .args(device_args)
             // Memory the guest frees goes back to the host by itself, and an
@@ -305,8 +332,15 @@ impl QemuBackend {
                 "-device",
                 // The id gives it the QOM path the balloon's QMP client uses.
                 "virtio-balloon-device,id=balloon0,deflate-on-oom=on,free-page-reporting=on",
+            ])
+            // QEMU's own seccomp filter: no obsolete or privilege-raising
+            // calls, no exec of helpers, no scheduler or memory policy
+            // changes.
+            .args([
+                "-sandbox",
+                "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
             ]);
-        cmd
+        cmd.command()
     }
 }
 
@@ -329,6 +363,8 @@ pub struct QemuVm {
     device_watch: DeviceWatch,
     exit: Option<VmExit>,
     stopping: bool,
+    /// Last: released once every process above is reaped.
+    jail: Option<SandboxJail>,
 }
 
 impl QemuVm {
@@ -339,6 +375,8 @@ impl QemuVm {
             let _ = dev.terminate(Duration::from_secs(2));
         }
         let _ = std::fs::remove_dir_all(&self.run_dir);
+        // Its uid and cgroups go once the processes in them are reaped.
+        self.jail = None;
     }
 
     fn exit_from(&self, status: std::process::ExitStatus) -> VmExit {

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use super::jail::SandboxJail;
 use super::process::{status_code, Supervised};
 use super::{BackendError, FsSpec, Result};
 
@@ -65,15 +66,20 @@ pub fn socket_path(run_dir: &Path) -> PathBuf {
 
 /// Starts virtiofsd for `spec` with its socket and log in `run_dir`, and
 /// waits for the socket. A daemon that dies first fails with its words.
-pub fn start(spec: &FsSpec, run_dir: &Path) -> Result<Virtiofsd> {
+///
+/// With a jail, virtiofsd still runs as root (it acts for every user of
+/// the guest, with the capabilities `--modcaps` leaves it) in its own
+/// namespace sandbox, but in the sandbox's cgroups, and its socket is
+/// handed to the jail's uid, which the VMM runs as.
+pub fn start(spec: &FsSpec, run_dir: &Path, jail: Option<&SandboxJail>) -> Result<Virtiofsd> {
     let daemon = crate::locate::binary(&spec.daemon)
         .ok_or_else(|| BackendError::BinaryNotFound(spec.daemon.display().to_string()))?;
     let socket = socket_path(run_dir);
-    let mut process = Supervised::spawn(
-        "virtiofsd",
-        command(&daemon, spec, &socket),
-        &run_dir.join("virtiofsd.log"),
-    )?;
+    let mut cmd = command(&daemon, spec, &socket);
+    if let Some(jail) = jail {
+        jail.join_cgroups(&mut cmd);
+    }
+    let mut process = Supervised::spawn("virtiofsd", cmd, &run_dir.join("virtiofsd.log"))?;
     let deadline = Instant::now() + START_TIMEOUT;
     while !socket.exists() {
         if let Some(status) = process.try_wait()? {
@@ -93,6 +99,9 @@ pub fn start(spec: &FsSpec, run_dir: &Path) -> Result<Virtiofsd> {
             });
         }
         std::thread::sleep(Duration::from_millis(1));
+    }
+    if let Some(jail) = jail {
+        jail.hand_over(&socket)?;
     }
     Ok(Virtiofsd { process, socket })
 }

@@ -42,7 +42,7 @@ impl Qmp {
             socket: socket.to_path_buf(),
             source,
         };
-        let stream = UnixStream::connect(socket).map_err(io)?;
+        let stream = crate::private_dir::connect_no_follow(socket).map_err(io)?;
         stream.set_read_timeout(Some(TIMEOUT)).map_err(io)?;
         stream.set_write_timeout(Some(TIMEOUT)).map_err(io)?;
         let writer = stream.try_clone().map_err(io)?;

@@ -144,6 +144,8 @@ impl EventLoop {
     }
 
     fn run(self) {
+        // Every device's files, taps and sockets are open already.
+        crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::Devices);
         let LoopHandle { epoll, slots } = self.handle;
         let mut events = [EpollEvent::default(); EVENTS_PER_WAIT];
         loop {

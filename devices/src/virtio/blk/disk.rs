@@ -2,7 +2,7 @@
 //! opened once, accessed with positioned I/O straight into and out of guest
 //! memory.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, ErrorKind, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt};
@@ -28,16 +28,15 @@ pub struct Disk {
 }
 
 impl Disk {
-    /// Opens `path` read-write, or read-only when `read_only`.
+    /// Opens `path` read-write, or read-only when `read_only`; a path
+    /// `/proc/self/fd/N` or `/dev/fd/N` is the inherited descriptor N
+    /// (see [`crate::passed_fd`]).
     pub fn open(path: &Path, read_only: bool) -> Result<Self> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)
-            .map_err(|source| BlkError::Open {
-                path: path.to_path_buf(),
-                source,
-            })?;
+        // `/proc/self/fd/N` is a disk the jailer opened and passed.
+        let file = crate::passed_fd::open(path, !read_only).map_err(|source| BlkError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let kind = file.metadata().map_err(BlkError::Size)?.file_type();
         if !kind.is_file() && !kind.is_block_device() {
             return Err(BlkError::NotADisk(path.to_path_buf()));

@@ -270,6 +270,7 @@ impl VhostUserHandle {
             std::thread::Builder::new()
                 .name("vhost-user-watchdog".into())
                 .spawn_scoped(scope, move || {
+                    crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::VhostUser);
                     if let Err(RecvTimeoutError::Timeout) = wait.recv_timeout(timeout) {
                         timed_out.store(true, Ordering::SeqCst);
                         let _ = socket.shutdown(std::net::Shutdown::Both);

@@ -1,0 +1,262 @@
+//! Every VM-side process runs jailed (docs/security.md): on each backend,
+//! each process the VM is made of is read from /proc and must show a uid
+//! of its own, no capabilities, a seccomp filter, `no_new_privs`, a root
+//! and mount/pid namespaces that are not the host's, and the sandbox's
+//! cgroup. A forbidden system call in capsid-vmm (a test-only control
+//! request) kills it with SIGSYS and the VM reports the failure. Nothing is
+//! left once the VM is gone.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::Duration;
+
+use capsid_sandbox::backend::capsid_vmm::CapsidVmmBackend;
+use capsid_sandbox::backend::jail::Jailer;
+use capsid_sandbox::backend::{Backend, VmExit, VmSpec};
+use capsid_sandbox::config::JailConfig;
+use capsid_tests::asm::{self, LIB64};
+use capsid_tests::bin;
+
+fn field(status: &str, name: &str) -> String {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}:")))
+        .unwrap_or_else(|| panic!("no {name} in {status}"))
+        .trim()
+        .to_string()
+}
+
+fn ns(pid: &str, kind: &str) -> String {
+    std::fs::read_link(format!("/proc/{pid}/ns/{kind}"))
+        .unwrap()
+        .display()
+        .to_string()
+}
+
+/// Checks one process; `jailed_root`: its root must be the jail's.
+fn assert_confined(pid: &str, what: &str, cgroup: &str, jailed_root: bool) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let name = field(&status, "Name");
+    let ctx = format!("{what} (pid {pid}, {name})");
+    let uids: Vec<u32> = field(&status, "Uid")
+        .split_whitespace()
+        .map(|u| u.parse().unwrap())
+        .collect();
+    assert!(
+        uids.iter().all(|u| *u >= 2_000_000_000),
+        "{ctx}: Uid {uids:?}"
+    );
+    for caps in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(field(&status, caps), "0000000000000000", "{ctx}: {caps}");
+    }
+    assert_eq!(field(&status, "NoNewPrivs"), "1", "{ctx}");
+    assert_eq!(field(&status, "Seccomp"), "2", "{ctx}");
+    assert_ne!(
+        ns(pid, "mnt"),
+        ns("self", "mnt"),
+        "{ctx}: host mount namespace"
+    );
+    if jailed_root {
+        assert_ne!(
+            ns(pid, "pid"),
+            ns("self", "pid"),
+            "{ctx}: host pid namespace"
+        );
+        let root = std::fs::metadata(format!("/proc/{pid}/root/")).unwrap();
+        let host = std::fs::metadata("/").unwrap();
+        assert_ne!(
+            (root.dev(), root.ino()),
+            (host.dev(), host.ino()),
+            "{ctx}: host root"
+        );
+        // Nothing of the host but what it was given.
+        assert!(
+            !Path::new(&format!("/proc/{pid}/root/etc/passwd")).exists(),
+            "{ctx}: sees /etc/passwd"
+        );
+    }
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    for line in cgroups.lines() {
+        let controllers = line.split(':').nth(1).unwrap_or("");
+        if [
+            "memory",
+            "pids",
+            "cpu,cpuacct",
+            "cpu",
+            "cpuacct",
+            "blkio",
+            "",
+        ]
+        .iter()
+        .any(|c| controllers == *c || controllers.split(',').any(|x| x == *c && !c.is_empty()))
+        {
+            assert!(
+                line.ends_with(&format!("/capsid/{cgroup}")),
+                "{ctx}: cgroup {line}"
+            );
+        }
+    }
+}
+
+/// The jailer parent (what the backend supervises) and the program under
+/// it, both confined.
+fn assert_jailed(pid: u32, what: &str, cgroup: &str) {
+    let pid = pid.to_string();
+    assert_confined(&pid, &format!("{what}'s jailer"), cgroup, false);
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
+    let children: Vec<&str> = children.split_whitespace().collect();
+    assert_eq!(children.len(), 1, "{what}: {children:?}");
+    assert_confined(children[0], what, cgroup, true);
+}
+
+fn jailer() -> Option<Jailer> {
+    let j = Jailer::from_config(&bin("capsid-jail"), &JailConfig::default()).unwrap();
+    assert!(j.is_some());
+    j
+}
+
+fn cgroup_dirs(name: &str) -> Vec<std::path::PathBuf> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    let mut found = Vec::new();
+    for line in own.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next(), parts.next().unwrap(), parts.next().unwrap());
+        let mount = if controllers.is_empty() {
+            "/sys/fs/cgroup/unified".to_string()
+        } else if controllers == "memory" || controllers == "pids" {
+            format!("/sys/fs/cgroup/{controllers}")
+        } else {
+            continue;
+        };
+        let dir = Path::new(&mount)
+            .join(path.trim_start_matches('/'))
+            .join("capsid")
+            .join(name);
+        found.push(dir);
+    }
+    found
+}
+
+#[test]
+fn capsid_vmm_runs_jailed_and_a_forbidden_syscall_fails_the_vm() {
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = asm::elf(
+        &format!(
+            ".text\n.global _start\n_start:\n{}\n{LIB64}",
+            r#" lea rdi, [rip + m]
+    call puts
+1:  pause
+    jmp 1b
+m:  .asciz "UP\n""#
+        ),
+        dir.path(),
+        "guest",
+    );
+    let initramfs = dir.path().join("initramfs");
+    std::fs::write(&initramfs, b"070701").unwrap();
+    let disk = dir.path().join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    let run_dir = state.join("jailed-vmm");
+    let spec = VmSpec {
+        name: "jailed".into(),
+        vcpus: 1,
+        memory_mib: 64,
+        kernel,
+        initramfs,
+        kernel_args: vec![],
+        disks: vec![capsid_sandbox::backend::DiskSpec {
+            path: disk,
+            readonly: false,
+            serial: "d".into(),
+        }],
+        net: None,
+        fs: None,
+        guest_cid: 3,
+        run_dir: run_dir.clone(),
+    };
+    // Honoured only with this variable, which the VMM inherits.
+    std::env::set_var(capsid_vmm_api::control::TEST_CONTROL_ENV, "1");
+    let backend = CapsidVmmBackend::new(&bin("capsid-vmm"))
+        .unwrap()
+        .with_jailer(jailer());
+    let mut vm = backend.start(&spec).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !String::from_utf8_lossy(&std::fs::read(vm.serial_log()).unwrap_or_default())
+        .contains("UP")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest never printed"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let pids = vm.pids();
+    assert_eq!(pids.len(), 1);
+    assert_jailed(pids[0], "capsid-vmm", "jailed-vmm");
+    // The run directory is the jail uid's; the disk is not reachable by
+    // path in the jail, only as the descriptor it was given.
+    let owner = std::fs::metadata(&run_dir).unwrap().uid();
+    assert!(owner >= 2_000_000_000, "run dir owned by {owner}");
+    let reply = capsid_sandbox::vmm_control::exchange(
+        &run_dir.join("vmm-api.sock"),
+        &capsid_vmm_api::control::Request::TestForbiddenSyscall,
+    );
+    // The VMM dies while answering, or before.
+    drop(reply);
+    let exit = vm.wait_timeout(Duration::from_secs(10)).unwrap();
+    assert_eq!(exit, Some(VmExit::Failed(128 + 31)), "killed by SIGSYS");
+    assert!(!run_dir.exists(), "run dir left");
+    drop(vm);
+    for cg in cgroup_dirs("jailed-vmm") {
+        assert!(!cg.exists(), "cgroup {} left", cg.display());
+    }
+    assert!(capsid_tests::cli::is_empty_dir(&state.join(".jail/root")));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn qemu_and_its_devices_run_jailed() {
+    let dir = tempfile::tempdir().unwrap();
+    let sandbox = capsid_tests::sandbox::busybox_sandbox(dir.path(), "jailed-qemu").await;
+    let pids = sandbox.pids();
+    // QEMU, then vsock, console, rng and the disk's capsid-vhost.
+    assert_eq!(pids.len(), 5, "{pids:?}");
+    let name = std::fs::read_dir(dir.path().join("run"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| !n.starts_with('.'))
+        .unwrap();
+    for (i, pid) in pids.iter().enumerate() {
+        assert_jailed(*pid, &format!("VM process {i}"), &name);
+    }
+    let uids: std::collections::BTreeSet<String> = pids
+        .iter()
+        .map(|p| {
+            let s = std::fs::read_to_string(format!("/proc/{p}/status")).unwrap();
+            field(&s, "Uid")
+        })
+        .collect();
+    assert_eq!(uids.len(), 1, "one uid per sandbox: {uids:?}");
+    // The guest works through the jailed devices.
+    let out = capsid_tests::sandbox::run_container(
+        &sandbox,
+        "c1",
+        &capsid_tests::sandbox::sh("echo jailed; ls /"),
+        b"",
+    )
+    .await;
+    assert_eq!(out.status, 0, "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("jailed"));
+    sandbox.stop().await;
+    for pid in pids {
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "pid {pid} left"
+        );
+    }
+    for cg in cgroup_dirs(&name) {
+        assert!(!cg.exists(), "cgroup {} left", cg.display());
+    }
+}
