@@ -12,7 +12,7 @@ BUILD       := build
 TARGET      := x86_64-unknown-linux-gnu
 AGENT       := target/$(TARGET)/release/capsid-agent
 CARGO       ?= cargo
-BINARIES    := capsid capsid-balloond capsid-vmm capsid-vhost containerd-shim-capsid-v2
+BINARIES    := capsid capsid-balloond capsid-vmm capsid-vhost capsid-jail containerd-shim-capsid-v2
 
 # Debian packages the build, the tests and the demo need.
 APT_PACKAGES := build-essential pkg-config python3 cpio xz-utils \
