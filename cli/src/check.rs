@@ -133,6 +133,7 @@ fn table(r: &HostReport) -> String {
             "containerd",
             r.containerd.clone().unwrap_or_else(|| "not found".into()),
         ),
+        ("jail", r.jail.summary()),
         ("kernel", asset(&r.assets.kernel)),
         ("bzImage", asset(&r.assets.bzimage)),
         ("initramfs", asset(&r.assets.initramfs)),
@@ -194,6 +195,12 @@ mod tests {
             capsid_vhost: Some(PathBuf::from("/usr/bin/capsid-vhost")),
             virtiofsd: None,
             containerd: None,
+            jail: capsid_sandbox::check::JailReport {
+                enabled: true,
+                jailer: Some(PathBuf::from("/usr/bin/capsid-jail")),
+                uids: (2_000_000_000, 2_000_065_535),
+                clashing_users: vec![],
+            },
             assets: AssetsReport {
                 kernel: asset("/k"),
                 bzimage: asset("/b"),

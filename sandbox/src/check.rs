@@ -154,6 +154,67 @@ pub fn warn_once_if_tcg(backend: BackendKind, sandbox: &str) {
     }
 }
 
+/// The jail: on or off, where capsid-jail is, which uids sandboxes get.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct JailReport {
+    /// `[jail] enabled`.
+    pub enabled: bool,
+    /// capsid-jail, when found.
+    pub jailer: Option<PathBuf>,
+    /// The first and last uid sandboxes run as.
+    pub uids: (u32, u32),
+    /// Users of the host whose uid falls in that range (a clash: such a
+    /// user could signal or trace a sandbox's processes).
+    pub clashing_users: Vec<String>,
+}
+
+impl JailReport {
+    /// Looks at the config, the jailer binary and /etc/passwd.
+    pub fn probe(config: &Config) -> Self {
+        let first = config.jail.uid_base;
+        let last = first.saturating_add(config.jail.uid_count.saturating_sub(1));
+        let clashing_users = std::fs::read_to_string("/etc/passwd")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.split(':');
+                let name = f.next()?;
+                let uid: u32 = f.nth(1)?.parse().ok()?;
+                (first..=last).contains(&uid).then(|| name.to_string())
+            })
+            .collect();
+        Self {
+            enabled: config.jail.enabled,
+            jailer: locate::binary(&config.paths.jailer),
+            uids: (first, last),
+            clashing_users,
+        }
+    }
+
+    /// One line for `capsid check`.
+    pub fn summary(&self) -> String {
+        if !self.enabled {
+            return "off ([jail] enabled = false): VM processes run as root".into();
+        }
+        let Some(jailer) = &self.jailer else {
+            return "capsid-jail not found: no VM can start (make install)".into();
+        };
+        let mut line = format!(
+            "uids {}–{}, one per sandbox ({})",
+            self.uids.0,
+            self.uids.1,
+            jailer.display()
+        );
+        if !self.clashing_users.is_empty() {
+            line.push_str(&format!(
+                "; WARNING: host users in that range: {}",
+                self.clashing_users.join(", ")
+            ));
+        }
+        line
+    }
+}
+
 /// Everything `capsid check` reports.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct HostReport {
@@ -173,6 +234,8 @@ pub struct HostReport {
     pub capsid_vhost: Option<PathBuf>,
     /// virtiofsd (volumes), when found: its path and `--version`.
     pub virtiofsd: Option<(PathBuf, String)>,
+    /// How VM-side processes are confined (docs/security.md).
+    pub jail: JailReport,
     /// `containerd --version`, when containerd is installed.
     pub containerd: Option<String>,
     /// Guest kernel and initramfs.
@@ -263,6 +326,7 @@ impl HostReport {
                 (p, version)
             }),
             containerd: command_first_line("containerd", &["--version"]),
+            jail: JailReport::probe(config),
             assets,
             selection,
             balloon_coordinator: CoordinatorReport::probe(config),

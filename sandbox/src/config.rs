@@ -333,6 +333,41 @@ impl Config {
                 message,
             });
         }
+        if let Err((key, message)) = self.jail.check() {
+            return Err(ConfigError::Value { key, message });
+        }
+        Ok(())
+    }
+}
+
+impl JailConfig {
+    /// The uid range must hold at least one uid, none of them root and none
+    /// past the largest valid uid (`u32::MAX` is "no uid").
+    fn check(&self) -> std::result::Result<(), (&'static str, String)> {
+        if self.uid_base == 0 {
+            return Err((
+                "jail.uid_base",
+                "0 is root: pick a range no user owns".into(),
+            ));
+        }
+        if self.uid_count == 0 {
+            return Err(("jail.uid_count", "must be at least 1".into()));
+        }
+        if self
+            .uid_base
+            .checked_add(self.uid_count)
+            .is_none_or(|end| end > u32::MAX - 1)
+        {
+            return Err((
+                "jail.uid_count",
+                format!(
+                    "{} uids from {} run past the largest uid ({})",
+                    self.uid_count,
+                    self.uid_base,
+                    u32::MAX - 2
+                ),
+            ));
+        }
         Ok(())
     }
 }
@@ -376,6 +411,23 @@ mod tests {
     #[test]
     fn empty_file_means_defaults() {
         assert_eq!(Config::parse("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn jail_ranges_are_checked() {
+        let c = Config::parse("[jail]\nuid_base = 100000\nuid_count = 10\n").unwrap();
+        assert!(c.jail.enabled);
+        assert_eq!((c.jail.uid_base, c.jail.uid_count), (100_000, 10));
+        let e = message(&Config::parse("[jail]\nuid_base = 0\n").unwrap_err());
+        assert!(e.contains("jail.uid_base") && e.contains("root"), "{e}");
+        let e = message(&Config::parse("[jail]\nuid_count = 0\n").unwrap_err());
+        assert!(e.contains("jail.uid_count"), "{e}");
+        let e = message(&Config::parse("[jail]\nuid_base = 4294967000\n").unwrap_err());
+        assert!(e.contains("largest uid"), "{e}");
+        let e = message(&Config::parse("[jail]\nuid = 1\n").unwrap_err());
+        assert!(e.contains("uid"), "{e}");
+        let off = Config::parse("[jail]\nenabled = false\n").unwrap();
+        assert!(!off.jail.enabled);
     }
 
     #[test]

@@ -336,6 +336,13 @@ pub fn undo(record: &HostRecord) -> UndoReport {
             Err(e) => report.errors.push(e),
         }
     }
+    if !record.run_dir.as_os_str().is_empty() {
+        report
+            .removed
+            .extend(crate::backend::jail::remove_leftover_cgroups(
+                &record.run_dir,
+            ));
+    }
     if report.errors.is_empty() {
         tracing::info!(sandbox = %record.sandbox, killed = ?report.killed, removed = ?report.removed, "sandbox leftovers removed");
     } else {

@@ -31,12 +31,13 @@ pub enum SandboxError {
     #[error(transparent)]
     Agent(#[from] AgentError),
     /// The VM ended before its agent connected.
-    #[error("the VM exited before its agent was ready ({exit:?}); console: {console}")]
+    #[error("the VM exited before its agent was ready ({exit:?}); {words}")]
     DiedEarly {
         /// How it ended.
         exit: VmExit,
-        /// The last lines of the guest console.
-        console: String,
+        /// What its failed processes last wrote, and the console's last
+        /// lines.
+        words: String,
     },
     /// A host socket or directory could not be made.
     #[error("cannot set up {what}")]
@@ -223,8 +224,9 @@ impl Sandbox {
         let agent = tokio::select! {
             agent = Agent::accept(&listener, AGENT_TIMEOUT) => agent,
             exit = watch_exit(vm.clone()) => {
-                let console = console_tail(&run_dir.join("console.log"));
-                return Err(SandboxError::DiedEarly { exit, console });
+                // The run directory is gone by now: the VM kept the words.
+                let words = vm.lock().map(|vm| vm.last_words()).unwrap_or_default();
+                return Err(SandboxError::DiedEarly { exit, words });
             }
         };
         let agent = agent?;
@@ -423,18 +425,5 @@ async fn watch_exit(vm: Arc<Mutex<Box<dyn Vm>>>) -> VmExit {
             return exit;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-fn console_tail(path: &Path) -> String {
-    // The console log is the VM's processes' to write: read, never followed.
-    let bytes = crate::private_dir::read_no_follow(path).unwrap_or_default();
-    let text = String::from_utf8_lossy(&bytes);
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    let tail = lines[lines.len().saturating_sub(5)..].join(" | ");
-    if tail.is_empty() {
-        "(empty)".into()
-    } else {
-        tail
     }
 }

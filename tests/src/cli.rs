@@ -151,3 +151,30 @@ pub fn stdout(o: &Output) -> String {
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
+
+/// The cgroup directories capsid's jail made for sandbox `name` (a VM's
+/// run directory name) under this process's own cgroups, that exist now.
+pub fn jail_cgroups(name: &str) -> Vec<PathBuf> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let mut found = Vec::new();
+    for line in own.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(_), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        let mount = match controllers {
+            "" => "/sys/fs/cgroup/unified".to_string(),
+            "memory" | "pids" => format!("/sys/fs/cgroup/{controllers}"),
+            _ => continue,
+        };
+        let dir = Path::new(&mount)
+            .join(path.trim_start_matches('/'))
+            .join("capsid")
+            .join(name);
+        if dir.exists() {
+            found.push(dir);
+        }
+    }
+    found
+}

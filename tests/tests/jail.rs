@@ -115,28 +115,6 @@ fn jailer() -> Option<Jailer> {
     j
 }
 
-fn cgroup_dirs(name: &str) -> Vec<std::path::PathBuf> {
-    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
-    let mut found = Vec::new();
-    for line in own.lines() {
-        let mut parts = line.splitn(3, ':');
-        let (_, controllers, path) = (parts.next(), parts.next().unwrap(), parts.next().unwrap());
-        let mount = if controllers.is_empty() {
-            "/sys/fs/cgroup/unified".to_string()
-        } else if controllers == "memory" || controllers == "pids" {
-            format!("/sys/fs/cgroup/{controllers}")
-        } else {
-            continue;
-        };
-        let dir = Path::new(&mount)
-            .join(path.trim_start_matches('/'))
-            .join("capsid")
-            .join(name);
-        found.push(dir);
-    }
-    found
-}
-
 #[test]
 fn capsid_vmm_runs_jailed_and_a_forbidden_syscall_fails_the_vm() {
     let dir = tempfile::tempdir().unwrap();
@@ -209,9 +187,8 @@ m:  .asciz "UP\n""#
     assert_eq!(exit, Some(VmExit::Failed(128 + 31)), "killed by SIGSYS");
     assert!(!run_dir.exists(), "run dir left");
     drop(vm);
-    for cg in cgroup_dirs("jailed-vmm") {
-        assert!(!cg.exists(), "cgroup {} left", cg.display());
-    }
+    let left = capsid_tests::cli::jail_cgroups("jailed-vmm");
+    assert!(left.is_empty(), "cgroups left: {left:?}");
     assert!(capsid_tests::cli::is_empty_dir(&state.join(".jail/root")));
 }
 
@@ -256,7 +233,6 @@ async fn qemu_and_its_devices_run_jailed() {
             "pid {pid} left"
         );
     }
-    for cg in cgroup_dirs(&name) {
-        assert!(!cg.exists(), "cgroup {} left", cg.display());
-    }
+    let left = capsid_tests::cli::jail_cgroups(&name);
+    assert!(left.is_empty(), "cgroups left: {left:?}");
 }

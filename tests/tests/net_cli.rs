@@ -731,6 +731,9 @@ fn a_killed_runs_leftovers_are_removed_by_the_next_run_or_gc() {
     assert!(rules.contains(&format!("{ip}/32")), "{rules}");
     assert!(c.dir.path().join(format!("run/run-{pid}")).exists());
     assert_eq!(run_records(&c), [format!("run-{pid}.json")]);
+    // The jail's cgroups, whose processes are gone.
+    let cgroups = capsid_tests::cli::jail_cgroups(&format!("run-{pid}"));
+    assert!(!cgroups.is_empty());
 
     // The next run removes all of it before it starts.
     let o = ns
@@ -739,6 +742,8 @@ fn a_killed_runs_leftovers_are_removed_by_the_next_run_or_gc() {
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let left = capsid_tests::cli::jail_cgroups(&format!("run-{pid}"));
+    assert!(left.is_empty(), "cgroups left: {left:?}");
     // Nothing but the notice that TCG is no security boundary, where the
     // host runs guests under TCG.
     let err = stderr(&o);

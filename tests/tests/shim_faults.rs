@@ -223,14 +223,21 @@ fn killing_any_device_process_ends_the_task_with_a_fault() {
 /// The device processes the shim of task `id` runs beside its VM, by
 /// device ("vsock", "blk0", ..., from their vhost-user socket; or
 /// "virtiofsd"): the shim's own children, so not virtiofsd's sandboxed
-/// child.
+/// child; for a jailed device, the device process under its jailer.
 fn device_processes(h: &ShimHarness, id: &str) -> Vec<(String, u32)> {
     let shim = h.shim_pid(id).expect("the task's shim");
     h.vm_pids(id)
         .into_iter()
         .filter(|pid| parent(*pid) == Some(shim))
         .filter_map(|pid| {
-            let args = capsid_tests::shim::cmdline(pid);
+            let mut args = capsid_tests::shim::cmdline(pid);
+            let mut pid = pid;
+            if args.first()?.ends_with("capsid-jail") {
+                let children =
+                    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
+                pid = children.split_whitespace().next()?.parse().ok()?;
+                args = capsid_tests::shim::cmdline(pid);
+            }
             let program = args.first()?;
             if program.ends_with("virtiofsd") {
                 return Some(("virtiofsd".to_string(), pid));

@@ -448,7 +448,9 @@ fn large_files_match_and_synced_data_survives_a_killed_vm() {
             continue;
         };
         let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        if cmdline.contains("qemu-system") && cmdline.contains(&marker) {
+        // QEMU itself, not the jailer that started it.
+        let program = cmdline.split(' ').next().unwrap_or("");
+        if program.contains("qemu-system") && cmdline.contains(&marker) {
             let pid: i32 = entry.file_name().to_string_lossy().parse().unwrap();
             nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),

@@ -13,8 +13,10 @@ use super::{sys, JailError};
 #[derive(Debug, Clone, Copy)]
 pub enum Parent {
     /// The caller of the jailer, by its pid in this (the host's) pid
-    /// namespace.
-    Caller(Pid),
+    /// namespace, with the parent-death signal the caller gave the jailer
+    /// (`None`: the caller did not tie the jailer to itself, and neither
+    /// does the jailer).
+    Caller(Pid, Option<Signal>),
     /// The jailer parent, outside this pid namespace (where getppid says
     /// 0): alive while the write end of this pipe, which only it holds,
     /// is open.
@@ -24,7 +26,7 @@ pub enum Parent {
 impl Parent {
     fn alive(self) -> bool {
         match self {
-            Self::Caller(pid) => getppid() == pid,
+            Self::Caller(pid, _) => getppid() == pid,
             Self::Jailer(fd) => {
                 let mut poll = libc::pollfd {
                     fd,
@@ -41,7 +43,12 @@ impl Parent {
 
 /// SIGKILL when `parent` ends; fails if it has ended already.
 pub fn die_with(parent: Parent) -> Result<(), JailError> {
-    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(sys("set the parent-death signal"))?;
+    let signal = match parent {
+        Parent::Caller(_, None) => return Ok(()),
+        Parent::Caller(_, Some(signal)) => signal,
+        Parent::Jailer(_) => Signal::SIGKILL,
+    };
+    nix::sys::prctl::set_pdeathsig(signal).map_err(sys("set the parent-death signal"))?;
     if !parent.alive() {
         return Err(JailError::Sys {
             what: "outlive the process that started the jail",

@@ -81,6 +81,9 @@ pub fn run(spec: &JailSpec) -> Result<Infallible, JailError> {
     )
     .map_err(sys("unshare mount, pid, ipc and uts namespaces"))?;
     let caller = getppid();
+    // The tie to the caller it was started with, if any: a credential
+    // change clears it, so the parent sets it again after dropping root.
+    let tie = nix::sys::prctl::get_pdeathsig().map_err(sys("read the parent-death signal"))?;
     // The child's way to tell that the parent lives: only the parent keeps
     // the write end (close-on-exec: the program never has either end).
     let (alive_r, alive_w) =
@@ -100,7 +103,7 @@ pub fn run(spec: &JailSpec) -> Result<Infallible, JailError> {
         ForkResult::Parent { child } => {
             drop(alive_r);
             host::close_passed(spec);
-            watch::run(spec, child, creds::Parent::Caller(caller), alive_w)
+            watch::run(spec, child, creds::Parent::Caller(caller, tie), alive_w)
         }
     }
 }

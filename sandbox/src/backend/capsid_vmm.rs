@@ -17,7 +17,7 @@ use capsid_vmm_api::config::{
 use capsid_vmm_api::control::Request;
 
 use super::jail::{Jailer, Launch};
-use super::process::{end_for_dead_device, status_code, DeviceWatch, Supervised};
+use super::process::{end_for_dead_device, last_words, status_code, DeviceWatch, Supervised};
 use super::{Backend, BackendError, Result, Vm, VmExit, VmSpec};
 use crate::config::BackendKind;
 use crate::vmm_control;
@@ -140,6 +140,7 @@ impl Backend for CapsidVmmBackend {
             device_watch: DeviceWatch::default(),
             exit: None,
             stopping: false,
+            last_words: String::new(),
             jail: None,
         };
         // From here on, an error drops `vm`, which kills what was started
@@ -233,6 +234,8 @@ pub struct CapsidVm {
     device_watch: DeviceWatch,
     exit: Option<VmExit>,
     stopping: bool,
+    /// What the failed processes and the console said, once ended.
+    last_words: String,
     /// Last: released once every process above is reaped.
     jail: Option<super::jail::SandboxJail>,
 }
@@ -254,6 +257,7 @@ impl CapsidVm {
         if let Some(daemon) = self.virtiofsd.as_mut() {
             let _ = daemon.terminate(VIRTIOFSD_GRACE);
         }
+        self.last_words = last_words(self.vmm.iter_mut().chain(&mut self.virtiofsd), &self.serial);
         let _ = std::fs::remove_dir_all(&self.run_dir);
         // Its uid and cgroups go once the processes in them are reaped.
         self.jail = None;
@@ -344,6 +348,10 @@ impl Vm for CapsidVm {
         self.exit = Some(exit);
         self.clean_up();
         Ok(exit)
+    }
+
+    fn last_words(&self) -> String {
+        self.last_words.clone()
     }
 
     fn balloon(&self) -> Option<crate::balloon::BalloonHandle> {

@@ -352,7 +352,10 @@ impl<'a> Launch<'a> {
             cgroups: jail.cgroups.dirs.clone(),
             max_files: MAX_FILES,
             max_file_size: self.max_file_size,
-            program: self.program.clone(),
+            // The binary itself, not a link to it: programs find their
+            // own files next to their real path (QEMU's accelerator
+            // modules), and only that path is in the jail.
+            program: std::fs::canonicalize(&self.program).unwrap_or_else(|_| self.program.clone()),
             args: self.args.clone(),
         };
         let mut c = Command::new(&jail.jailer);
@@ -432,6 +435,20 @@ impl Cgroups {
         }
         bases
     }
+}
+
+/// Removes the cgroups a sandbox whose run directory was `run_dir` left
+/// (its shim died before dropping them; their processes are gone); returns
+/// those removed.
+pub fn remove_leftover_cgroups(run_dir: &Path) -> Vec<PathBuf> {
+    let Some(name) = run_dir.file_name() else {
+        return Vec::new();
+    };
+    Cgroups::bases()
+        .into_iter()
+        .map(|base| base.join("capsid").join(name))
+        .filter(|dir| std::fs::remove_dir(dir).is_ok())
+        .collect()
 }
 
 impl Drop for Cgroups {

@@ -294,6 +294,12 @@ pub trait Vm: Send + std::fmt::Debug {
     fn balloon(&self) -> Option<crate::balloon::BalloonHandle> {
         None
     }
+    /// Once the VM has ended: what its failed processes last wrote and the
+    /// console's last lines, kept from before the run directory went (for
+    /// error messages).
+    fn last_words(&self) -> String {
+        String::new()
+    }
 }
 
 /// Something that starts VMs.

@@ -222,6 +222,33 @@ pub fn end_for_dead_device(
     Ok(VmExit::Failed(code))
 }
 
+/// What ended a VM, for its error message, read before the run directory
+/// is removed: each of `processes` that exited with a failure and its last
+/// lines, then the console log's last lines.
+pub fn last_words<'a>(
+    processes: impl IntoIterator<Item = &'a mut Supervised>,
+    console: &Path,
+) -> String {
+    let mut parts = Vec::new();
+    for p in processes {
+        if p.try_wait().ok().flatten().is_some_and(|s| !s.success()) {
+            let words = p.last_words();
+            if !words.is_empty() {
+                parts.push(format!("{}: {words}", p.what()));
+            }
+        }
+    }
+    let console = crate::private_dir::read_no_follow(console).unwrap_or_default();
+    let text = String::from_utf8_lossy(&console);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let tail = lines[lines.len().saturating_sub(5)..].join(" | ");
+    parts.push(format!(
+        "console: {}",
+        if tail.is_empty() { "(empty)" } else { &tail }
+    ));
+    parts.join("; ")
+}
+
 /// A process exit status as a number: the code, or 128+N for signal N.
 pub fn status_code(status: ExitStatus) -> i32 {
     use std::os::unix::process::ExitStatusExt;

@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use super::jail::{Jailer, Launch, SandboxJail, LOG_FILE_LIMIT};
-use super::process::{end_for_dead_device, status_code, DeviceWatch, Supervised};
+use super::process::{end_for_dead_device, last_words, status_code, DeviceWatch, Supervised};
 use super::{Backend, BackendError, Result, Vm, VmExit, VmSpec};
 use crate::config::BackendKind;
 
@@ -105,6 +105,7 @@ impl Backend for QemuBackend {
             device_watch: DeviceWatch::default(),
             exit: None,
             stopping: false,
+            last_words: String::new(),
             jail: None,
         };
         // On any error `vm` is dropped, which kills what was started and
@@ -363,6 +364,8 @@ pub struct QemuVm {
     device_watch: DeviceWatch,
     exit: Option<VmExit>,
     stopping: bool,
+    /// What the failed processes and the console said, once ended.
+    last_words: String,
     /// Last: released once every process above is reaped.
     jail: Option<SandboxJail>,
 }
@@ -374,6 +377,7 @@ impl QemuVm {
         for dev in &mut self.devices {
             let _ = dev.terminate(Duration::from_secs(2));
         }
+        self.last_words = last_words(self.qemu.iter_mut().chain(&mut self.devices), &self.serial);
         let _ = std::fs::remove_dir_all(&self.run_dir);
         // Its uid and cgroups go once the processes in them are reaped.
         self.jail = None;
@@ -448,6 +452,10 @@ impl Vm for QemuVm {
         self.exit = Some(exit);
         self.clean_up();
         Ok(exit)
+    }
+
+    fn last_words(&self) -> String {
+        self.last_words.clone()
     }
 
     fn balloon(&self) -> Option<crate::balloon::BalloonHandle> {
