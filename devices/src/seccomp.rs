@@ -15,6 +15,11 @@
 //! * net's vhost-user relay threads, which only pass messages on
 //!   ([`Role::Relay`]).
 //!
+//! Under the process list goes one more filter ([`compile_refusals`]):
+//! read-only opens fail with EACCES instead of killing, because glibc
+//! opens `/proc/sys/vm/overcommit_memory` on its own and copes with a
+//! refusal. So a process carries two filters, a stacked thread three.
+//!
 //! The thread that handles QEMU's vhost-user messages keeps the
 //! process-wide list: mapping guest memory and taking ring descriptors is
 //! most of what that list allows.
@@ -182,12 +187,22 @@ impl Confinement {
             Mode::Kill => SeccompAction::KillProcess,
             Mode::Log => SeccompAction::Log,
         };
-        let program = compile(self.kind, role, mismatch)?;
-        seccompiler::apply_filter(&program).map_err(|source| SeccompError::Install {
-            kind: self.kind,
-            role,
-            source,
-        })?;
+        let install = |program: BpfProgram| {
+            seccompiler::apply_filter(&program).map_err(|source| SeccompError::Install {
+                kind: self.kind,
+                role,
+                source,
+            })
+        };
+        if role == Role::Process {
+            // Refused opens: EACCES when killing, logged when logging.
+            let refused = match self.mode {
+                Mode::Log => SeccompAction::Log,
+                _ => SeccompAction::Errno(libc::EACCES as u32),
+            };
+            install(compile_refusals(self.kind, refused)?)?;
+        }
+        install(compile(self.kind, role, mismatch)?)?;
         tracing::debug!(device = %self.kind, %role, "seccomp filter installed");
         Ok(())
     }
@@ -204,6 +219,31 @@ pub fn compile(
     let filter = SeccompFilter::new(rules(kind, role), mismatch, SeccompAction::Allow, arch)
         .map_err(build)?;
     BpfProgram::try_from(filter).map_err(build)
+}
+
+/// The process's first filter, under the allow-lists: read-only opens
+/// get `refused` (EACCES) instead of a kill, everything else passes on to
+/// the lists. glibc opens `/proc/sys/vm/overcommit_memory` the first time
+/// free() shrinks a thread's heap (seen killing vsock under a real guest)
+/// and copes with the open failing; so do a panic's backtrace and
+/// `sysconf`. The lists allow read-only opens so that this filter's error
+/// is what the caller sees: no device thread can read a file.
+pub fn compile_refusals(kind: Kind, refused: SeccompAction) -> Result<BpfProgram, SeccompError> {
+    let role = Role::Process;
+    let build = |source| SeccompError::Build { kind, role, source };
+    let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(build)?;
+    let mut r = Rules::new();
+    read_only_opens(&mut r);
+    let filter = SeccompFilter::new(r, SeccompAction::Allow, refused, arch).map_err(build)?;
+    BpfProgram::try_from(filter).map_err(build)
+}
+
+/// openat (and open on x86_64) for reading only.
+fn read_only_opens(r: &mut Rules) {
+    let mask = libc::O_ACCMODE as u64;
+    allow_masked(r, libc::SYS_openat, 2, mask, libc::O_RDONLY as u64);
+    #[cfg(target_arch = "x86_64")]
+    allow_masked(r, libc::SYS_open, 1, mask, libc::O_RDONLY as u64);
 }
 
 /// The allow-list of `role` in a `kind` process.
@@ -323,6 +363,10 @@ fn runtime(r: &mut Rules) {
     // Debug builds of std check, as each descriptor is closed, that it
     // is still open (fcntl F_GETFD).
     allow_arg(r, libc::SYS_fcntl, 1, &[libc::F_GETFD as u64]);
+    // Read-only opens pass here to be refused with EACCES by the filter
+    // under this one (`compile_refusals`): glibc's malloc and others
+    // handle that error, not a kill.
+    read_only_opens(r);
 }
 
 /// Starting threads: the vhost-user daemon starts its queue workers and
@@ -591,7 +635,10 @@ fn allow_masked(r: &mut Rules, syscall: libc::c_long, arg: u8, mask: u64, value:
         value,
     ) {
         if let Ok(rule) = SeccompRule::new(vec![cond]) {
-            r.entry(syscall).or_default().push(rule);
+            let entry = r.entry(syscall).or_default();
+            if !entry.contains(&rule) {
+                entry.push(rule);
+            }
         }
     }
 }
@@ -632,9 +679,13 @@ mod tests {
             for nr in [libc::SYS_clone, libc::SYS_clone3, libc::SYS_execve] {
                 assert!(!q.contains_key(&nr), "{kind}: {nr}");
             }
-            if kind != Kind::Console {
-                assert!(!q.contains_key(&libc::SYS_openat), "{kind}");
-            }
+            // Only the read-only open the refusals filter turns into EACCES.
+            let opens = if kind == Kind::Console { 2 } else { 1 };
+            assert_eq!(
+                q.get(&libc::SYS_openat).map(Vec::len),
+                Some(opens),
+                "{kind}"
+            );
         }
         // Only vsock reaches the host's sockets from its queues.
         assert!(rules(Kind::Vsock, Role::Queues).contains_key(&libc::SYS_connect));
@@ -721,16 +772,31 @@ mod tests {
     }
 
     #[test]
+    fn read_only_opens_are_refused_not_killed() {
+        use nix::sys::wait::WaitStatus;
+        let status = in_child(|| {
+            let c = Confinement::new(Kind::Vsock, Mode::Kill);
+            if c.install(Role::Process).is_err() || c.install(Role::Queues).is_err() {
+                return 2;
+            }
+            // What glibc's free() does the first time it shrinks a heap.
+            match std::fs::File::open("/proc/sys/vm/overcommit_memory") {
+                Err(e) if e.raw_os_error() == Some(libc::EACCES) => 0,
+                _ => 4,
+            }
+        });
+        assert!(matches!(status, WaitStatus::Exited(_, 0)), "{status:?}");
+    }
+
+    #[test]
     fn console_may_create_its_log_but_not_read_a_file() {
         use nix::sys::wait::WaitStatus;
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("c.log");
         let log2 = log.clone();
         let status = in_child(move || {
-            if Confinement::new(Kind::Console, Mode::Kill)
-                .install(Role::Connected)
-                .is_err()
-            {
+            let c = Confinement::new(Kind::Console, Mode::Kill);
+            if c.install(Role::Process).is_err() || c.install(Role::Connected).is_err() {
                 return 2;
             }
             let ok = std::fs::OpenOptions::new()
@@ -742,8 +808,14 @@ mod tests {
             if !ok {
                 return 3;
             }
-            // Reading is not on the list: killed here.
-            let _ = std::fs::File::open("/etc/hostname");
+            // Reading a file is refused (EACCES, the process lives on) …
+            match std::fs::File::open("/etc/hostname") {
+                Err(e) if e.raw_os_error() == Some(libc::EACCES) => {}
+                _ => return 4,
+            }
+            // … and a socket kills it.
+            // SAFETY: socket(2) takes no memory.
+            unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
             0
         });
         assert!(

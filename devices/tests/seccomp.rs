@@ -18,6 +18,11 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
+/// Filters on every thread once the process is confined: the refusals of
+/// read-only opens, and the process list.
+const PROCESS: u32 = 2;
+/// Filters on a thread that stacked its own list on top.
+const STACKED: u32 = 3;
 
 fn vhost() -> Command {
     Command::new(env!("CARGO_BIN_EXE_capsid-vhost"))
@@ -157,7 +162,7 @@ fn wait_tasks(pid: u32, threads: usize, ok: impl Fn(&Task) -> bool) -> Vec<Task>
 }
 
 fn all_filtered(pid: u32, threads: usize) -> Vec<Task> {
-    wait_tasks(pid, threads, |t| t.mode == 2 && t.filters >= 1)
+    wait_tasks(pid, threads, |t| t.mode == 2 && t.filters >= PROCESS)
 }
 
 fn thread<'a>(tasks: &'a [Task], name: &str) -> Vec<&'a Task> {
@@ -173,7 +178,7 @@ fn connect_and_leave(dev: &mut Device, socket: &Path) {
     let start = Instant::now();
     loop {
         let main = tasks(pid);
-        if main.first().is_some_and(|t| t.filters == 2) {
+        if main.first().is_some_and(|t| t.filters == STACKED) {
             break;
         }
         assert!(start.elapsed() < TIMEOUT, "{main:?}");
@@ -245,7 +250,7 @@ fn rng_threads_are_filtered_and_off_installs_nothing() {
     let all = all_filtered(dev.pid(), 2);
     // Before any guest event the workers carry the process filter only.
     for t in thread(&all, "vring_worker") {
-        assert_eq!(t.filters, 1, "{all:?}");
+        assert_eq!(t.filters, PROCESS, "{all:?}");
     }
     connect_and_leave(&mut dev, &socket);
 
@@ -292,13 +297,15 @@ fn vsock_worker_stacks_its_queue_filter_on_its_first_event() {
         .arg(&socket);
     let mut dev = Device::start(cmd, &socket);
     let all = all_filtered(dev.pid(), 2);
-    assert!(thread(&all, "vring_worker").iter().all(|t| t.filters == 1));
+    assert!(thread(&all, "vring_worker")
+        .iter()
+        .all(|t| t.filters == PROCESS));
     // A host client wakes the worker (the device's listener is on its
     // epoll): the worker confines itself before handling it.
     let mut client = UnixStream::connect(&uds).unwrap();
     client.write_all(b"CONNECT 1234\n").unwrap();
     let all = wait_tasks(dev.pid(), 2, |t| {
-        t.mode == 2 && (t.filters == 2 || !t.name.starts_with("vring_worker"))
+        t.mode == 2 && (t.filters == STACKED || !t.name.starts_with("vring_worker"))
     });
     assert!(!thread(&all, "vring_worker").is_empty(), "{all:?}");
     drop(client);
@@ -317,13 +324,13 @@ fn console_is_filtered_before_and_after_qemu_connects() {
         .arg(&log);
     let mut dev = Device::start(cmd, &socket);
     let all = all_filtered(dev.pid(), 0);
-    assert_eq!(all[0].filters, 1, "{all:?}");
+    assert_eq!(all[0].filters, PROCESS, "{all:?}");
     let mut qemu = UnixStream::connect(&socket).unwrap();
     // Enough to rotate the log a few times under the copy loop's filter.
     for i in 0..1000 {
         writeln!(qemu, "guest line {i:04}").unwrap();
     }
-    wait_tasks(dev.pid(), 0, |t| t.mode == 2 && t.filters == 2);
+    wait_tasks(dev.pid(), 0, |t| t.mode == 2 && t.filters == STACKED);
     drop(qemu);
     dev.assert_clean_exit();
     let text = std::fs::read_to_string(&log).unwrap();
@@ -353,7 +360,7 @@ fn net_threads_are_filtered_including_the_relay() {
     let conn = UnixStream::connect(&socket).unwrap();
     // The relay and its replies thread stack their own filter.
     let all = wait_tasks(dev.pid(), 4, |t| {
-        t.mode == 2 && (t.filters == 2 || !t.name.starts_with("vhost-user-rela"))
+        t.mode == 2 && (t.filters == STACKED || !t.name.starts_with("vhost-user-rela"))
     });
     assert_eq!(thread(&all, "vhost-user-rela").len(), 2, "{all:?}");
     drop(conn);
