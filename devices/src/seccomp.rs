@@ -230,12 +230,24 @@ pub fn compile(
 /// is what the caller sees: no device thread can read a file.
 pub fn compile_refusals(kind: Kind, refused: SeccompAction) -> Result<BpfProgram, SeccompError> {
     let role = Role::Process;
-    let build = |source| SeccompError::Build { kind, role, source };
-    let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(build)?;
+    refusals_filter(refused).map_err(|source| SeccompError::Build { kind, role, source })
+}
+
+/// The refusals filter of [`compile_refusals`], for any process that
+/// stacks allow-lists on it (capsid-vmm too): read-only opens get
+/// `refused`, everything else passes on.
+pub fn refusals_filter(refused: SeccompAction) -> Result<BpfProgram, seccompiler::BackendError> {
+    let arch = TargetArch::try_from(std::env::consts::ARCH)?;
     let mut r = Rules::new();
     read_only_opens(&mut r);
-    let filter = SeccompFilter::new(r, SeccompAction::Allow, refused, arch).map_err(build)?;
-    BpfProgram::try_from(filter).map_err(build)
+    BpfProgram::try_from(SeccompFilter::new(r, SeccompAction::Allow, refused, arch)?)
+}
+
+/// Allows, in an allow-list, the read-only opens the refusals filter turns
+/// into EACCES: the list must let them pass for that error, not a kill,
+/// to be what the caller sees.
+pub fn allow_read_only_opens(r: &mut Rules) {
+    read_only_opens(r);
 }
 
 /// openat (and open on x86_64) for reading only.

@@ -144,6 +144,13 @@ impl std::fmt::Display for ThreadKind {
 #[derive(Debug)]
 struct Filters {
     mode: SeccompMode,
+    /// Installed first on every thread: read-only opens fail with EACCES
+    /// (logged in `log` mode) instead of killing. glibc opens
+    /// `/proc/sys/vm/overcommit_memory` by itself the first time free()
+    /// shrinks a thread's heap, and copes with a refusal (a kill there
+    /// took capsid-vhost down under a real guest). The lists let those
+    /// opens through so that this error is what glibc sees.
+    refusals: Option<BpfProgram>,
     programs: BTreeMap<ThreadKind, BpfProgram>,
 }
 
@@ -154,6 +161,7 @@ static FILTERS: OnceLock<Filters> = OnceLock::new();
 /// nothing. `off` logs a warning, once.
 pub fn init(mode: SeccompMode) -> Result<()> {
     let mut programs = BTreeMap::new();
+    let mut refusals = None;
     if mode == SeccompMode::Off {
         tracing::warn!(
             "seccomp is off (--seccomp off): capsid-vmm's threads may make any system call"
@@ -162,9 +170,25 @@ pub fn init(mode: SeccompMode) -> Result<()> {
         for kind in ThreadKind::ALL {
             programs.insert(kind, compile(kind, mode)?);
         }
+        let refused = match mode {
+            SeccompMode::Log => SeccompAction::Log,
+            _ => SeccompAction::Errno(libc::EACCES as u32),
+        };
+        refusals = Some(
+            capsid_devices::seccomp::refusals_filter(refused).map_err(|source| {
+                SeccompError::Rule {
+                    kind: ThreadKind::Main,
+                    source,
+                }
+            })?,
+        );
     }
     FILTERS
-        .set(Filters { mode, programs })
+        .set(Filters {
+            mode,
+            refusals,
+            programs,
+        })
         .map_err(|_| SeccompError::AlreadySet)
 }
 
@@ -182,6 +206,10 @@ pub fn apply(kind: ThreadKind) -> Result<()> {
     let Some(program) = filters.programs.get(&kind) else {
         return Ok(());
     };
+    if let Some(refusals) = &filters.refusals {
+        seccompiler::apply_filter(refusals)
+            .map_err(|source| SeccompError::Install { kind, source })?;
+    }
     seccompiler::apply_filter(program).map_err(|source| SeccompError::Install { kind, source })?;
     tracing::debug!(thread = %kind, mode = ?filters.mode, "seccomp filter installed");
     Ok(())
@@ -291,6 +319,8 @@ fn rules(kind: ThreadKind) -> BResult<Rules> {
 /// time, thread exit), logging to stderr, closing what it drops.
 fn base() -> BResult<Rules> {
     let mut r = Rules::new();
+    // Refused with EACCES by the filter installed under the lists.
+    capsid_devices::seccomp::allow_read_only_opens(&mut r);
     allow(
         &mut r,
         &[
