@@ -16,7 +16,9 @@ use super::{sys, JailError};
 /// The flags capsid's devices attach to a tap with (an Ethernet tap with a
 /// virtio-net header, no packet-info prefix): TUNSETIFF on an existing tap
 /// must name its type.
-const TAP_FLAGS: libc::c_short = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as _;
+#[allow(clippy::cast_possible_truncation)] // 0x5002 fits in a short
+const TAP_FLAGS: libc::c_short =
+    (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
 
 /// Runs the host-side steps.
 pub fn enter(spec: &JailSpec) -> Result<(), JailError> {
