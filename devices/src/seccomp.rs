@@ -88,6 +88,24 @@ impl fmt::Display for Kind {
     }
 }
 
+/// What the vsock device does with the host's Unix sockets, in
+/// capsid-vhost and in capsid-vmm alike.
+pub const VSOCK_HOST_SOCKETS: &[libc::c_long] = &[
+    // Host clients on the vsock listener, and the guest's connections to
+    // `<uds>_<port>`.
+    libc::SYS_accept4,
+    libc::SYS_connect,
+    // Stream I/O (std's UnixStream read/write are recv/send) and
+    // half-closes.
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
+    libc::SYS_recvmsg,
+    libc::SYS_sendmsg,
+    libc::SYS_shutdown,
+    // A non-blocking connect's outcome (SO_ERROR).
+    libc::SYS_getsockopt,
+];
+
 /// Which thread a filter is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -542,24 +560,7 @@ fn device(r: &mut Rules, kind: Kind) {
         // getrandom is in `runtime`.
         Kind::Rng => {}
         Kind::Vsock => {
-            allow(
-                r,
-                &[
-                    // Host clients on the vsock listener, and the
-                    // guest's connections to `<uds>_<port>`.
-                    libc::SYS_accept4,
-                    libc::SYS_connect,
-                    // Stream I/O (std's UnixStream read/write are
-                    // recv/send) and half-closes.
-                    libc::SYS_recvfrom,
-                    libc::SYS_sendto,
-                    libc::SYS_recvmsg,
-                    libc::SYS_sendmsg,
-                    libc::SYS_shutdown,
-                    // A non-blocking connect's outcome (SO_ERROR).
-                    libc::SYS_getsockopt,
-                ],
-            );
+            allow(r, VSOCK_HOST_SOCKETS);
             // New host sockets: Unix only.
             allow_arg(r, libc::SYS_socket, 0, &[libc::AF_UNIX as u64]);
             // set_nonblocking on accepted clients.

@@ -550,24 +550,17 @@ fn devices(r: &mut Rules) -> BResult<()> {
             libc::SYS_fsync,
             libc::SYS_fdatasync,
             libc::SYS_fallocate,
-            // vsock: host connections accepted on the listener, guest
-            // connections made to `<uds>_<port>` (connect on a fresh
-            // socket), their streams read (recv is recvfrom) and written,
-            // shut down and closed.
-            libc::SYS_accept4,
+            // vsock's listener also by plain accept.
             libc::SYS_accept,
-            libc::SYS_connect,
-            libc::SYS_recvfrom,
-            libc::SYS_sendto,
-            libc::SYS_recvmsg,
-            libc::SYS_sendmsg,
-            libc::SYS_shutdown,
-            libc::SYS_getsockopt,
             // The balloon's statistics timer.
             libc::SYS_timerfd_settime,
             libc::SYS_timerfd_gettime,
         ],
     );
+    // vsock: host connections accepted on the listener, guest connections
+    // made to `<uds>_<port>` (connect on a fresh socket), their streams
+    // read, written and shut down: as in capsid-vhost.
+    allow(r, capsid_devices::seccomp::VSOCK_HOST_SOCKETS);
     allow_if(r, libc::SYS_socket, vec![arg_eq(0, libc::AF_UNIX as u64)?]);
     // An accepted vsock stream is made non-blocking with FIONBIO (std's
     // set_nonblocking); the tap's header length is set again should a
