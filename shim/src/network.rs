@@ -4,7 +4,11 @@
 //! the veth's addresses and routes. A new network namespace without a path
 //! (Docker ≥ 26) is made by the shim, the VM's processes live in it, and the
 //! interface that appears there before Start is joined then
-//! ([`capsid_sandbox::network::own`]). No network namespace entry, no NIC.
+//! ([`capsid_sandbox::network::own`]). Either way the tap is guarded
+//! against spoofing before its redirect to the interface exists: only the
+//! interface's MAC and addresses (what the CNI or Docker gave it) get out
+//! (`capsid_sandbox::cni::containment::guard`). No network namespace
+//! entry, no NIC.
 //! The container itself shares the VM's network namespace (the agent drops
 //! the entry).
 

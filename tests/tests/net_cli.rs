@@ -735,9 +735,15 @@ fn a_killed_runs_leftovers_are_removed_by_the_next_run_or_gc() {
     let cgroups = capsid_tests::cli::jail_cgroups(&format!("run-{pid}"));
     assert!(!cgroups.is_empty());
 
-    // The next run removes all of it before it starts.
-    let o = ns
-        .capsid_run(&c, &["--", "true"])
+    // The next run removes all of it before it starts. (Entered with
+    // nsenter too: under `ip netns exec`, which mounts a sysfs of its own,
+    // the cgroup filesystems the killed run used are out of sight.)
+    let o = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", ns.name))
+        .arg(bin("capsid"))
+        .arg("--config")
+        .arg(c.config())
+        .args(["run", "--", "true"])
         .stdin(Stdio::null())
         .output()
         .unwrap();

@@ -4,7 +4,9 @@
 //! network:PATH` with capsid's shim. The host side reaches a web server in
 //! the guest, the guest reaches a server in another namespace, and after
 //! delete no tap, qdisc or filter is left; CNI DEL and the namespaces go
-//! last. No traffic leaves the test's namespaces.
+//! last. The shim's tap drops what a guest sends from another MAC or
+//! address (runc, the reference, lets it through). No traffic leaves the
+//! test's namespaces.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -344,6 +346,8 @@ fn attach_reads_the_veth_joins_a_tap_and_undoes_everything() {
             "{dev}: {f}"
         );
     }
+    // The tap's side is guarded against spoofing, ahead of its redirect.
+    assert_guarded(&a, "tap0_t");
 
     // A second tap on the same veth is refused, and leaves nothing.
     let err = network::attach(&a.path(), "tap1_t")
@@ -537,9 +541,159 @@ fn a_container_on_a_cni_bridge_serves_and_reaches_the_network() {
     }
 }
 
+/// Asserts `tap`'s ingress in `ns` runs the anti-spoofing filter (classic
+/// BPF, direct action, priority 1) before its redirect to the veth (the
+/// kernel's first automatic priority, 49152).
+fn assert_guarded(ns: &Netns, tap: &str) {
+    let f = ns.tc(&["filter", "show", "dev", tap, "ingress"]);
+    let prefs: Vec<&str> = f
+        .lines()
+        .filter(|l| l.contains(" pref "))
+        .map(|l| l.split(" pref ").nth(1).unwrap_or(""))
+        .collect();
+    let bpf = prefs.iter().position(|p| p.starts_with("1 bpf"));
+    let redirect = prefs.iter().position(|p| p.starts_with("49152 u32"));
+    assert!(
+        matches!((bpf, redirect), (Some(b), Some(r)) if b < r),
+        "no anti-spoofing filter ahead of the redirect on {tap}:\n{f}"
+    );
+    assert!(f.contains("direct-action"), "{f}");
+    assert!(f.contains("mirred (Egress Redirect to device"), "{f}");
+}
+
+/// The probe of a container holding CAP_NET_ADMIN and CAP_NET_RAW (`ctr
+/// run --privileged`; a hostile guest kernel has both anyway): its own
+/// address and MAC get answers, then it sends from an address and a MAC
+/// that are not its own.
+const SPOOFER: &str = "\
+ping -c 1 -W 10 $GW >/dev/null 2>&1 && echo OWN_OK
+ip addr add $FOREIGN_IP/24 dev eth0 && echo ADDED_FOREIGN_IP
+ping -c 2 -W 3 -I $FOREIGN_IP $GW >/dev/null 2>&1 && echo FOREIGN_IP_OK
+ip addr del $FOREIGN_IP/24 dev eth0
+ip link set dev eth0 address $FOREIGN_MAC && echo NEWMAC $(cat /sys/class/net/eth0/address)
+arping -c 2 -w 4 -I eth0 $GW >/dev/null 2>&1 && echo FOREIGN_MAC_OK
+ip link set dev eth0 address $OWN_MAC
+echo DONE
+";
+
 /// Whether the namespace still holds a tap.
 fn has_tap(ns: &Netns) -> bool {
     link_kinds(ns).iter().any(|(_, kind)| kind == "tun")
+}
+
+/// The tap the shim joins to a CNI-made veth carries the anti-spoofing
+/// filter, built from the veth's MAC and addresses: a privileged container
+/// that takes another address or MAC gets nothing out with them, while
+/// with runc (the reference: no VM, no tap, the plain CNI bridge checks
+/// nothing) the same probe goes through.
+#[test]
+fn the_shims_tap_drops_what_a_privileged_guest_spoofs() {
+    const FOREIGN_IP: &str = "10.231.0.200";
+    const FOREIGN_MAC: &str = "02:00:00:00:00:99";
+    let mut cni = Cni::new("s");
+    let ctr_ns = Netns::new("s");
+    let _ = cni.add("capsid-t-s", &ctr_ns);
+    let links: serde_json::Value =
+        serde_json::from_str(&ctr_ns.ip(&["-j", "link", "show", "eth0"])).unwrap();
+    let veth_mac = links[0]["address"].as_str().unwrap().to_string();
+    let h = ShimHarness::start();
+    let with_ns = format!("network:{}", ctr_ns.path().display());
+    let script = format!(
+        "GW={GATEWAY} FOREIGN_IP={FOREIGN_IP} FOREIGN_MAC={FOREIGN_MAC} OWN_MAC={veth_mac}\n{SPOOFER}"
+    );
+    // capsid first: what runc's container sends is learnt by the bridge and
+    // the host side, which must know nothing of the foreign MAC and
+    // address while capsid's is checked.
+    for runtime in ["capsid", "runc"] {
+        let id = format!("spoof-{runtime}");
+        let mut cmd = if runtime == "runc" {
+            let mut c = h.ctrd.ctr();
+            c.args(["run", "--runtime", "io.containerd.runc.v2"])
+                .args(["-d", "--privileged", "--with-ns", &with_ns])
+                .args([BUSYBOX, &id, "sleep", "100000"]);
+            c
+        } else {
+            h.run_cmd(
+                &["-d", "--privileged", "--with-ns", &with_ns],
+                BUSYBOX,
+                &id,
+                &["sleep", "100000"],
+            )
+        };
+        let (code, out, err) = run(&mut cmd);
+        assert_eq!(code, 0, "[{runtime}] ctr run: {out}{err}\n{}", h.log_tail());
+        h.wait_status(&id, "RUNNING", LONG);
+        let tap = if runtime == "capsid" {
+            let taps = link_kinds(&ctr_ns);
+            let (tap, _) = taps
+                .iter()
+                .find(|(_, kind)| kind == "tun")
+                .unwrap_or_else(|| panic!("no tap in the namespace: {taps:?}"));
+            assert_guarded(&ctr_ns, tap);
+            Some(tap.clone())
+        } else {
+            None
+        };
+
+        let (code, out, err) = exec_in(&h, &id, "spoof", &["sh", "-c", &script]);
+        assert_eq!(code, 0, "[{runtime}] {out}{err}");
+        let lines: Vec<&str> = out.lines().collect();
+        assert!(lines.contains(&"OWN_OK"), "[{runtime}] {out}");
+        assert!(lines.contains(&"ADDED_FOREIGN_IP"), "[{runtime}] {out}");
+        assert!(
+            lines.contains(&format!("NEWMAC {FOREIGN_MAC}").as_str()),
+            "[{runtime}] {out}"
+        );
+        assert_eq!(lines.last(), Some(&"DONE"), "[{runtime}] {out}");
+        let fdb = cni
+            .root
+            .exec("bridge")
+            .args(["fdb", "show", "br", "capsidt0"])
+            .output()
+            .unwrap();
+        let fdb = String::from_utf8_lossy(&fdb.stdout).into_owned();
+        let neigh = cni.root.ip(&["neigh", "show", FOREIGN_IP]);
+        match tap {
+            // The reference: nothing checks the sources, both get through.
+            None => {
+                assert!(lines.contains(&"FOREIGN_IP_OK"), "[{runtime}] {out}");
+                assert!(lines.contains(&"FOREIGN_MAC_OK"), "[{runtime}] {out}");
+                assert!(fdb.contains(FOREIGN_MAC), "[{runtime}] {fdb}");
+            }
+            Some(tap) => {
+                assert!(!lines.contains(&"FOREIGN_IP_OK"), "[{runtime}] {out}");
+                assert!(!lines.contains(&"FOREIGN_MAC_OK"), "[{runtime}] {out}");
+                assert!(
+                    !fdb.contains(FOREIGN_MAC),
+                    "the bridge learnt the MAC: {fdb}"
+                );
+                assert!(
+                    !neigh.contains("lladdr"),
+                    "the host side learnt the foreign address: {neigh}"
+                );
+                // Where: the tap's ingress, before the redirect.
+                let qdisc = ctr_ns.tc(&["-s", "qdisc", "show", "dev", &tap, "ingress"]);
+                let dropped: u64 = qdisc
+                    .split("dropped ")
+                    .nth(1)
+                    .and_then(|rest| rest.split(',').next())
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or_else(|| panic!("no drop count in {qdisc}"));
+                assert!(dropped > 0, "{qdisc}");
+            }
+        }
+
+        let (code, _, err) = h.ctr(&["task", "kill", "-s", "SIGKILL", &id]);
+        assert_eq!(code, 0, "{err}");
+        h.wait_status(&id, "STOPPED", LONG);
+        let (code, _, err) = h.ctr(&["task", "delete", &id]);
+        assert_eq!(code, 0, "{err}");
+        let (code, _, err) = h.ctr(&["container", "delete", &id]);
+        assert_eq!(code, 0, "{err}");
+        assert_no_wiring(&ctr_ns);
+    }
+    h.assert_clean(&["spoof-capsid"]);
+    cni.del_all();
 }
 
 #[test]

@@ -17,6 +17,13 @@
 //! which plays the host: the bridge, capsid's nftables table, the test's
 //! listeners and counters all live there and go with it. Root and the
 //! build's assets are needed.
+//!
+//! Guests are kept apart twice: the `CAPSID-` chains in iptables FORWARD,
+//! which see bridged traffic only where `br_netfilter` is loaded, and the
+//! isolation of each sandbox's bridge port, which holds without it. The
+//! scenario runs once with `br_netfilter` out of the way (its
+//! `bridge-nf-call-iptables` turned off in the test's namespace, which is
+//! what a host without the module amounts to) and once with it.
 
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, SocketAddrV6, TcpListener};
@@ -534,11 +541,74 @@ read x
 echo BYE
 "#;
 
+/// Whether bridged traffic passes through iptables in the test's host
+/// namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BrNetfilter {
+    /// Not loaded, or its `bridge-nf-call-iptables` off in the namespace.
+    Off,
+    /// Loaded and on (the default once loaded).
+    On,
+}
+
+/// Sets `bridge-nf-call-iptables` in `ns` (per namespace since Linux 5.3)
+/// to what `mode` says; `false` when `On` cannot be had (no br_netfilter).
+fn set_br_netfilter(ns: &Netns, mode: BrNetfilter) -> bool {
+    const KNOB: &str = "/proc/sys/net/bridge/bridge-nf-call-iptables";
+    let loaded = |ns: &Netns| ns.sh(&format!("test -e {KNOB}")).0 == 0;
+    match mode {
+        // Not loaded at all is "off" already.
+        BrNetfilter::Off => {
+            if loaded(ns) {
+                assert_eq!(ns.sh(&format!("echo 0 > {KNOB}")).0, 0);
+            }
+            true
+        }
+        BrNetfilter::On => {
+            if !loaded(ns) {
+                let _ = Command::new("modprobe").arg("br_netfilter").status();
+            }
+            loaded(ns) && ns.sh(&format!("echo 1 > {KNOB}")).0 == 0
+        }
+    }
+}
+
+/// The bridge ports of `capsid0` in `ns` and their isolation flags, read
+/// from sysfs (`brport/isolated`) and as `bridge -d link` shows them.
+fn bridge_ports(ns: &Netns) -> Vec<(String, String, bool)> {
+    let (_, out) = ns.sh("for p in $(ls /sys/class/net/capsid0/brif); do \
+         echo \"$p $(cat /sys/class/net/$p/brport/isolated) \
+         $(bridge -d link show dev $p | grep -c 'isolated on')\"; done");
+    out.lines()
+        .map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            (w[0].to_owned(), w[1].to_owned(), w[2] == "1")
+        })
+        .collect()
+}
+
 #[test]
 fn guests_reach_neither_the_host_nor_each_other_and_cannot_spoof() {
+    scenario(BrNetfilter::Off);
+}
+
+#[test]
+fn guests_stay_apart_where_br_netfilter_is_loaded() {
+    scenario(BrNetfilter::On);
+}
+
+fn scenario(br_netfilter: BrNetfilter) {
     let c = Capsid::new();
-    let host = Netns::new("cont");
-    let srv = Netns::new("csrv");
+    let (tag, srv_tag) = match br_netfilter {
+        BrNetfilter::Off => ("cont", "csrv"),
+        BrNetfilter::On => ("cnf", "cnfsrv"),
+    };
+    let host = Netns::new(tag);
+    if !set_br_netfilter(&host, br_netfilter) {
+        eprintln!("br_netfilter cannot be loaded on this host: nothing to test");
+        return;
+    }
+    let srv = Netns::new(srv_tag);
     let www = tempfile::tempdir().unwrap();
     outside_server(&host, &srv, www.path(), "OUTSIDE\n");
     let before = host.snapshot();
@@ -563,6 +633,12 @@ fn guests_reach_neither_the_host_nor_each_other_and_cannot_spoof() {
     // capsid's table is there while its sandboxes are.
     let (_, tables) = host.sh("nft list tables");
     assert!(tables.contains("table inet capsid-capsid0"), "{tables}");
+    // Both sandboxes' bridge ports are isolated.
+    let ports = bridge_ports(&host);
+    assert_eq!(ports.len(), 2, "{ports:?}");
+    for (port, sysfs, shown) in &ports {
+        assert_eq!((sysfs.as_str(), *shown), ("1", true), "{port}: {ports:?}");
+    }
 
     // The host's listeners: on the bridge's address, on another address
     // of the host, and on the bridge's IPv6 link-local address.
@@ -615,8 +691,14 @@ fn guests_reach_neither_the_host_nor_each_other_and_cannot_spoof() {
     assert!(seen.contains(&"OUTSIDE".to_owned()), "{seen:?}");
     assert!(seen.contains(&"OUTBOUND_OK".to_owned()), "{seen:?}");
     // The target's published port, through an address of the host: DNATed
-    // and forwarded, not traffic to the host.
-    assert!(seen.contains(&"VIA_HOST PAGE".to_owned()), "{seen:?}");
+    // and forwarded (and masqueraded, so that the replies come back through
+    // the host), not traffic to the host. With br_netfilter the bridge
+    // itself forwards a DNATed frame whose new destination is on the same
+    // bridge, from port to port, which isolation forbids: documented.
+    match br_netfilter {
+        BrNetfilter::Off => assert!(seen.contains(&"VIA_HOST PAGE".to_owned()), "{seen:?}"),
+        BrNetfilter::On => assert!(!seen.contains(&"VIA_HOST PAGE".to_owned()), "{seen:?}"),
+    }
     for bad in [
         "PEER_81",
         "PEER_80",

@@ -378,7 +378,11 @@ const V1_CONTROLLERS: [&str; 5] = ["memory", "pids", "cpu", "cpuacct", "blkio"];
 impl Cgroups {
     fn make(name: &str) -> Result<Self> {
         let mut made = Self::default();
-        for base in Self::bases() {
+        let bases = Self::bases();
+        if bases.is_empty() {
+            tracing::info!(sandbox = name, "no cgroup filesystem is mounted in this mount namespace: the VM's processes stay in the caller's cgroups");
+        }
+        for base in bases {
             let dir = base.join("capsid").join(name);
             // A leftover of a crashed shim with the same name: empty by now.
             let _ = std::fs::remove_dir(&dir);
@@ -392,19 +396,25 @@ impl Cgroups {
         Ok(made)
     }
 
-    /// This process's cgroup in each hierarchy that counts.
+    /// This process's cgroup in each hierarchy that counts, as mounted in
+    /// this mount namespace. Where none is (`ip netns exec` mounts a sysfs
+    /// of its own over /sys), the sandbox gets no cgroups of its own: its
+    /// processes stay in the caller's.
     fn bases() -> Vec<PathBuf> {
-        let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
-            return Vec::new();
-        };
-        let Ok(own) = std::fs::read_to_string("/proc/self/cgroup") else {
+        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+        Self::bases_in(&own, "/proc/self/mountinfo", Path::new("/"))
+    }
+
+    /// [`Self::bases`] from one mount table, its mount points under `root`.
+    fn bases_in(own: &str, mountinfo: &str, root: &Path) -> Vec<PathBuf> {
+        let Ok(mountinfo) = std::fs::read_to_string(mountinfo) else {
             return Vec::new();
         };
         let own_path = |wanted: &dyn Fn(&str) -> bool| {
             own.lines().find_map(|l| {
                 let mut parts = l.splitn(3, ':');
                 let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
-                wanted(controllers).then(|| path.trim_start_matches('/').to_string())
+                wanted(controllers).then(|| path.to_string())
             })
         };
         let mut bases = Vec::new();
@@ -413,9 +423,12 @@ impl Cgroups {
             let Some(dash) = fields.iter().position(|f| *f == "-") else {
                 continue;
             };
-            let (Some(mount), Some(fstype), Some(options)) =
-                (fields.get(4), fields.get(dash + 1), fields.get(dash + 3))
-            else {
+            let (Some(mount_root), Some(mount), Some(fstype), Some(options)) = (
+                fields.get(3),
+                fields.get(4),
+                fields.get(dash + 1),
+                fields.get(dash + 3),
+            ) else {
                 continue;
             };
             let path = match *fstype {
@@ -429,9 +442,17 @@ impl Cgroups {
                 }
                 _ => continue,
             };
-            if let Some(path) = path {
-                bases.push(Path::new(mount).join(path));
-            }
+            // The mount shows the hierarchy from `mount_root` down.
+            let Some(relative) = path.as_deref().and_then(|p| {
+                Path::new(p)
+                    .strip_prefix(mount_root)
+                    .ok()
+                    .map(Path::to_path_buf)
+            }) else {
+                continue;
+            };
+            let mount = Path::new(mount).strip_prefix("/").unwrap_or(Path::new(mount));
+            bases.push(root.join(mount).join(relative));
         }
         bases
     }

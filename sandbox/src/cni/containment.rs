@@ -9,7 +9,10 @@
 //!   connection the host made or a published port's connection. Forwarded
 //!   traffic (outbound NAT, published ports, which portmap DNATs before the
 //!   input hook) is not touched.
-//! * In the sandbox's namespace, per sandbox: [`guard_tap`], a classic BPF
+//!   Its other chain masquerades a guest's connection to a published port
+//!   of another guest on the bridge (through a host address), whose replies
+//!   could not cross the isolated bridge ports otherwise.
+//! * In the sandbox's namespace, per sandbox: [`guard`], a classic BPF
 //!   filter on the tap's ingress ahead of the redirect to the veth, which
 //!   drops every frame whose source MAC, source address or ARP sender is
 //!   not what the network gave the sandbox, before it reaches the veth.
@@ -32,7 +35,7 @@ use std::process::{Command, Stdio};
 
 use super::{CniError, Result};
 use crate::netns::{Netns, NetnsError};
-use crate::network::TapAttachment;
+use crate::network::{GuestInterface, TapAttachment};
 
 /// The nftables table of the bundled network on bridge `bridge`: the
 /// host's side of containment. Per network, not per sandbox: made (or
@@ -69,7 +72,13 @@ impl HostFirewall {
         &self.table
     }
 
-    /// The table's definition.
+    /// The table's definition. Besides the `input` drop, a masquerade for
+    /// a guest's connection that the host DNATed (a published port, reached
+    /// through one of the host's addresses) to another guest, or itself, on
+    /// the bridge: the bridge's ports are isolated from each other
+    /// ([`super::isolation::isolate_port`]), so the target's replies must
+    /// go back through the host, which they do only when they are
+    /// addressed to it.
     fn ruleset(&self) -> String {
         let (table, bridge) = (&self.table, &self.bridge);
         // (nft 1.0.6 wants a new line before each closing brace.)
@@ -79,6 +88,10 @@ impl HostFirewall {
              \t\ttype filter hook input priority filter; policy accept;\n\
              \t\tiifname \"{bridge}\" ct state established,related accept\n\
              \t\tiifname \"{bridge}\" counter drop comment \"guests open no connection to the host\"\n\
+             \t}}\n\
+             \tchain postrouting {{\n\
+             \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+             \t\tiifname \"{bridge}\" oifname \"{bridge}\" ct status dnat counter masquerade comment \"a guest reaches a published port of another through the host\"\n\
              \t}}\n\
              }}\n"
         )
@@ -155,13 +168,9 @@ fn nft(script: &str, what: &str) -> Result<()> {
 /// (which gets the kernel's first automatic priority, 49152).
 const GUARD_PRIO: &str = "1";
 
-/// Adds the anti-spoofing filter to the tap of `tap`: frames from the
-/// guest pass on to the redirect only with the veth's MAC as source, and
-/// with one of its addresses as source (IPv4, ARP sender) or, for IPv6,
-/// one of its IPv6 addresses, the MAC's link-local address or `::`
-/// (duplicate address detection); without any IPv6 address on the veth,
-/// no IPv6 at all. Everything else (other EtherTypes, VLAN tags, short
-/// frames) is dropped. Deleting the tap removes the filter.
+/// Adds the anti-spoofing filter to the tap of `tap`: see [`guard`].
+/// [`crate::network::attach`] and [`crate::network::own::join_late`]
+/// already did, before their redirect; this is for a tap wired otherwise.
 pub fn guard_tap(tap: &TapAttachment) -> Result<()> {
     let Some(iface) = tap.guest.interfaces.first() else {
         return Err(CniError::Config {
@@ -169,8 +178,23 @@ pub fn guard_tap(tap: &TapAttachment) -> Result<()> {
             reason: "no interface to guard".into(),
         });
     };
+    guard(&Netns::open(&tap.netns)?, &tap.tap, &tap.veth, iface)
+}
+
+/// Adds the anti-spoofing filter to the ingress of `tap` (whose ingress
+/// qdisc must exist) in `ns`, from what the network gave interface `veth`
+/// (`iface`, as read from it): frames from the guest pass on to the
+/// redirect only with the veth's MAC as source, and with one of its
+/// addresses as source (IPv4, ARP sender) or, for IPv6, one of its IPv6
+/// addresses, the MAC's link-local address or `::` (duplicate address
+/// detection); without any IPv6 address on the veth, no IPv6 at all.
+/// Everything else (other EtherTypes, VLAN tags, short frames) is dropped.
+/// Deleting the tap (or its ingress qdisc) removes the filter. Every tap a
+/// sandbox is joined to a network with gets it, whoever made the network
+/// (`capsid run`'s CNI, containerd's, Docker's).
+pub(crate) fn guard(ns: &Netns, tap: &str, veth: &str, iface: &GuestInterface) -> Result<()> {
     let mac = parse_mac(&iface.mac).ok_or_else(|| CniError::Config {
-        what: format!("MAC of {}", tap.veth),
+        what: format!("MAC of {veth}"),
         reason: format!("{:?} is not a MAC address", iface.mac),
     })?;
     let mut v4 = Vec::new();
@@ -186,12 +210,11 @@ pub fn guard_tap(tap: &TapAttachment) -> Result<()> {
         v6.push(Ipv6Addr::UNSPECIFIED);
     }
     let program = spoof_filter(mac, &v4, &v6);
-    let ns = Netns::open(&tap.netns)?;
     ns.tc(&[
         "filter",
         "add",
         "dev",
-        &tap.tap,
+        tap,
         "parent",
         "ffff:",
         "prio",
@@ -208,15 +231,14 @@ pub fn guard_tap(tap: &TapAttachment) -> Result<()> {
         // reader of the error: name the filter instead.
         NetnsError::Command { netns, reason, .. } => CniError::Firewall {
             command: format!(
-                "tc filter add dev {} parent ffff: prio {GUARD_PRIO} bpf … da (anti-spoofing, in {})",
-                tap.tap,
+                "tc filter add dev {tap} parent ffff: prio {GUARD_PRIO} bpf … da (anti-spoofing, in {})",
                 netns.display()
             ),
             reason,
         },
         e => e.into(),
     })?;
-    tracing::info!(netns = %tap.netns.display(), tap = %tap.tap, mac = %iface.mac, ipv4 = ?v4, ipv6 = ?v6, "anti-spoofing filter on the tap");
+    tracing::info!(netns = %ns.path().display(), tap, veth, mac = %iface.mac, ipv4 = ?v4, ipv6 = ?v6, "anti-spoofing filter on the tap");
     Ok(())
 }
 
@@ -574,6 +596,13 @@ mod tests {
         );
         assert!(
             rules.contains("iifname \"capsid0\" counter drop"),
+            "{rules}"
+        );
+        assert!(
+            rules.contains(
+                "type nat hook postrouting priority srcnat; policy accept;\n\
+                 \t\tiifname \"capsid0\" oifname \"capsid0\" ct status dnat counter masquerade"
+            ),
             "{rules}"
         );
         assert!(HostFirewall::for_bridge("br\"0").is_err());

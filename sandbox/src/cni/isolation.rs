@@ -5,12 +5,20 @@
 //! container's own connections; new connections to any other port are
 //! rejected. One chain per container, jumped to from `filter` OUTPUT (the
 //! host's own connections) and FORWARD (everyone else's).
+//!
+//! FORWARD sees traffic between two guests on one bridge only where
+//! `br_netfilter` hands bridged frames to iptables. So on the bundled
+//! network each sandbox's bridge port is also isolated ([`isolate_port`]):
+//! the bridge never forwards a frame between two isolated ports, whatever
+//! is loaded, while traffic to and from the bridge device itself (the host,
+//! NAT, published ports) still flows.
 
 use std::net::Ipv4Addr;
 use std::process::Command;
 
 use sha2::{Digest, Sha256};
 
+use super::result::CniResult;
 use super::{CniError, Result};
 
 /// The inbound filter of one container.
@@ -128,6 +136,88 @@ impl Isolation {
     }
 }
 
+/// Isolates the sandbox's port on `bridge` (the host end of the veth the
+/// `bridge` plugin made, named in its ADD result `added`) from the
+/// bridge's other isolated ports: `IFLA_BRPORT_ISOLATED`, Linux ≥ 4.18,
+/// set by iproute2 like the rest of capsid's wiring. Read back, so that a
+/// kernel that ignores the attribute fails the set-up instead of leaving
+/// guests able to reach each other. The flag goes with the port at DEL.
+/// Returns the port's name.
+pub fn isolate_port(bridge: &str, added: &CniResult) -> Result<String> {
+    let port = added
+        .parsed
+        .interfaces
+        .iter()
+        .find(|i| i.sandbox.is_empty() && !i.name.is_empty() && i.name != bridge)
+        .map(|i| i.name.clone())
+        .ok_or_else(|| CniError::Config {
+            what: "CNI ADD result".into(),
+            reason: format!("no host-side interface on bridge {bridge} to isolate"),
+        })?;
+    ip(&[
+        "link",
+        "set",
+        "dev",
+        &port,
+        "type",
+        "bridge_slave",
+        "isolated",
+        "on",
+    ])?;
+    let show = ["-j", "-d", "link", "show", "dev", &port];
+    let out = ip(&show)?;
+    let (master, isolated) = port_state(&out).ok_or_else(|| CniError::Firewall {
+        command: format!("ip {}", show.join(" ")),
+        reason: format!("unexpected output: {}", out.trim()),
+    })?;
+    if master != bridge || !isolated {
+        return Err(CniError::Firewall {
+            command: format!("ip link set dev {port} type bridge_slave isolated on"),
+            reason: format!(
+                "{port} is on {master:?} with isolation {}; this kernel may predate \
+                 bridge port isolation (Linux 4.18)",
+                if isolated { "on" } else { "off" }
+            ),
+        });
+    }
+    tracing::debug!(bridge, port, "bridge port isolated");
+    Ok(port)
+}
+
+/// The master and the isolation flag of a bridge port, from `ip -j -d
+/// link show dev PORT`.
+fn port_state(json: &str) -> Option<(String, bool)> {
+    let links: serde_json::Value = serde_json::from_str(json).ok()?;
+    let link = links.as_array()?.first()?;
+    let master = link.get("master")?.as_str()?.to_owned();
+    let isolated = link
+        .get("linkinfo")
+        .and_then(|l| l.get("info_slave_data"))
+        .and_then(|d| d.get("isolated"))
+        .and_then(serde_json::Value::as_bool)
+        .unwrap_or(false);
+    Some((master, isolated))
+}
+
+/// Runs `ip ARGS…`: its stdout.
+fn ip(args: &[&str]) -> Result<String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|source| CniError::Io {
+            what: "running ip".into(),
+            source,
+        })?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(CniError::Firewall {
+            command: format!("ip {}", args.join(" ")),
+            reason: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        })
+    }
+}
+
 fn iptables(args: &[&str]) -> Result<()> {
     let out = Command::new("iptables")
         .arg("-w")
@@ -180,5 +270,26 @@ mod tests {
             rules.last().unwrap()[2..],
             ["-j".to_owned(), "REJECT".into()]
         );
+    }
+
+    #[test]
+    fn the_port_and_its_flag_are_read() {
+        let json = r#"[{"ifname":"veth1","master":"capsid0","linkinfo":{"info_kind":"veth",
+            "info_slave_kind":"bridge","info_slave_data":{"state":"forwarding","isolated":true}}}]"#;
+        assert_eq!(port_state(json), Some(("capsid0".into(), true)));
+        let off = json.replace("true", "false");
+        assert_eq!(port_state(&off), Some(("capsid0".into(), false)));
+        let old = r#"[{"ifname":"veth1","master":"capsid0","linkinfo":{"info_kind":"veth"}}]"#;
+        assert_eq!(port_state(old), Some(("capsid0".into(), false)));
+        assert_eq!(port_state(r#"[{"ifname":"veth1"}]"#), None);
+        assert_eq!(port_state("not json"), None);
+        // No host-side interface in the result: refused.
+        let added = CniResult::parse(
+            br#"{"cniVersion":"1.0.0","interfaces":[{"name":"capsid0"},
+                {"name":"eth0","sandbox":"/run/netns/x"}]}"#,
+        )
+        .unwrap();
+        let err = isolate_port("capsid0", &added).unwrap_err().to_string();
+        assert!(err.contains("no host-side interface"), "{err}");
     }
 }

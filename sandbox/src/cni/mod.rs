@@ -2,9 +2,10 @@
 //! the container runtime of the CNI spec (1.0.0) here. It creates a named
 //! network namespace, runs the plugin chain of a conflist (the bundled
 //! `capsid` network: bridge + host-local + portmap + firewall) to put a veth
-//! in it, closes every unpublished port ([`isolation`]), and joins a tap for
-//! the VM to the veth ([`crate::network::attach`]), guarded against
-//! spoofing; on the bundled network the host drops every new connection
+//! in it, closes every unpublished port and, on the bundled bridge,
+//! isolates the sandbox's port from the other guests' ([`isolation`]), and
+//! joins a tap for the VM to the veth ([`crate::network::attach`]), guarded
+//! against spoofing; on the bundled network the host drops every new connection
 //! from a guest to itself ([`containment`]). Teardown undoes it all in
 //! reverse: tap, filter, CNI DEL (iptables rules, IPAM lease, veth), the
 //! bundled bridge and its host firewall once unused, namespace.
@@ -228,8 +229,15 @@ impl CniNetwork {
             net.plugins.add(&net.list, &net.attachment, &net.runtime)?
         };
         let addr = added.container_ipv4().first().map(|(a, _)| *a);
+        // Guests on the bundled bridge never reach each other directly,
+        // with or without br_netfilter; before the VM exists.
+        let port = net
+            .bridge
+            .as_ref()
+            .map(|(bridge, _)| isolation::isolate_port(bridge, &added));
         net.added = Some(added);
         record(&net.record())?;
+        port.transpose()?;
         if let Some(addr) = addr {
             let iso = Isolation::new(&net.list.name, id, addr);
             iso.apply()?;
@@ -237,12 +245,10 @@ impl CniNetwork {
         } else {
             tracing::warn!(id, "the CNI result has no IPv4 address: no inbound filter");
         }
+        // Guarded against spoofing by attach itself, before the redirect.
         let tap = network::attach(&net.attachment.netns, &network::tap_name_for(id))
             .map_err(CniError::Attach)?;
-        // Before the VM exists: nothing has gone through the tap yet.
-        let guarded = containment::guard_tap(&tap);
         net.tap = Some(tap);
-        guarded?;
         tracing::info!(id, netns = %net.attachment.netns.display(), address = ?addr, "on CNI network {}", net.list.name);
         Ok(net)
     }

@@ -53,6 +53,16 @@ pub enum NetworkError {
         /// What was found instead.
         reason: String,
     },
+    /// The anti-spoofing filter could not be put on the tap (fails the
+    /// attach: a tap is never joined unguarded).
+    #[error("cannot put the anti-spoofing filter on tap {tap}")]
+    Guard {
+        /// The tap.
+        tap: String,
+        /// Why (the filter's code lives with `capsid run`'s containment).
+        #[source]
+        source: Box<crate::cni::CniError>,
+    },
     /// A command printed something unexpected.
     #[error("unexpected output from `{command}`: {reason}")]
     Parse {
@@ -185,7 +195,7 @@ pub fn attach_to(
 
     ns.ip(&["tuntap", "add", "dev", tap_name, "mode", "tap"])?;
     let mut veth_qdisc = false;
-    let wired = wire(&ns, tap_name, &veth.ifname, &mtu, &mut veth_qdisc);
+    let wired = wire(&ns, tap_name, &veth.ifname, &guest, &mtu, &mut veth_qdisc);
     if let Err(e) = wired {
         if veth_qdisc {
             if let Err(undo) = remove_ingress(&ns, &veth.ifname) {
@@ -207,13 +217,17 @@ pub fn attach_to(
     })
 }
 
-/// Configures the new tap and joins it to `veth` both ways; sets
-/// `veth_qdisc` once the veth's ingress qdisc exists (it is then ours to
-/// remove if a later step fails).
+/// Configures the new tap and joins it to `veth` both ways, the tap's side
+/// guarded against spoofing ([`crate::cni::containment::guard`], from the
+/// MAC and addresses `guest` read from `veth`) before its redirect exists:
+/// no frame of the guest reaches the veth unchecked, even from a VM that
+/// already runs ([`own::join_late`]). Sets `veth_qdisc` once the veth's
+/// ingress qdisc exists (it is then ours to remove if a later step fails).
 fn wire(
     ns: &Netns,
     tap: &str,
     veth: &str,
+    guest: &GuestNetwork,
     mtu: &str,
     veth_qdisc: &mut bool,
 ) -> Result<(), NetworkError> {
@@ -225,6 +239,18 @@ fn wire(
     }
     ns.ip(&["link", "set", "dev", tap, "mtu", mtu, "up"])?;
     ns.tc(&["qdisc", "add", "dev", tap, "handle", INGRESS, "ingress"])?;
+    let guard = |source| NetworkError::Guard {
+        tap: tap.to_owned(),
+        source: Box::new(source),
+    };
+    // (read::guest_network always gives the veth's interface.)
+    let iface = guest.interfaces.first().ok_or_else(|| {
+        guard(crate::cni::CniError::Config {
+            what: format!("network of tap {tap}"),
+            reason: "no interface to guard".into(),
+        })
+    })?;
+    crate::cni::containment::guard(ns, tap, veth, iface).map_err(guard)?;
     redirect(ns, tap, veth)?;
     ns.tc(&["qdisc", "add", "dev", veth, "handle", INGRESS, "ingress"])
         .map_err(|e| match e {

@@ -81,7 +81,8 @@ pub fn join_late(netns: &Path, tap: &str) -> Result<Option<TapAttachment>, Netwo
     let guest = read::guest_network(&ns, &veth)?;
     let mtu = veth.mtu.to_string();
     let mut veth_qdisc = false;
-    let wired = wire(&ns, tap, &veth.ifname, &mtu, &mut veth_qdisc)
+    // The tap is guarded before its redirect exists (the VM runs already).
+    let wired = wire(&ns, tap, &veth.ifname, &guest, &mtu, &mut veth_qdisc)
         .and_then(|()| let_host_traffic_through(&ns, &veth.ifname, tap));
     if let Err(e) = wired {
         // The tap stays (the VM holds it); its filters go.
