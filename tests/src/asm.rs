@@ -132,3 +132,143 @@ pub fn flat(source: &str, dir: &Path, name: &str, origin: u64) -> Vec<u8> {
     );
     std::fs::read(&out).expect("read flat binary")
 }
+
+/// GNU as macros for guests that drive a virtio-mmio device: put it
+/// before the source (it emits nothing by itself). RBX holds the device's
+/// register base wherever a macro touches a register.
+///
+/// - `virtio_status value`: writes the status register.
+/// - `virtio_modern`: reset, ACKNOWLEDGE, DRIVER, VIRTIO_F_VERSION_1 as
+///   the only feature, FEATURES_OK (status 0xb).
+/// - `virtio_queue index, size, desc, avail, used`: sets queue `index` up
+///   (its rings at those addresses) and marks it ready.
+/// - `virtio_desc table, index, addr, len, flags, next=0`: fills
+///   descriptor `index` of the table at `table` (`addr` a constant or a
+///   label).
+/// - `virtio_kick queue, avail, head=0`: puts descriptor `head` as the
+///   first entry of the available ring at `avail` and notifies `queue`.
+/// - `irq_route handler, gsi, vector, idt`: masks the legacy PIC, puts
+///   `handler` at `vector` of an IDT at `idt`, enables the LAPIC and
+///   routes IOAPIC pin `gsi` to `vector` (edge, to APIC 0).
+/// - `virtio_irq_handler mmio, flag`: the body of an interrupt handler
+///   that acknowledges the interrupt of the device at `mmio`, sets the
+///   byte at `flag` to 1 and signals the LAPIC's end of interrupt.
+/// - `wait_flag flag`: `hlt`s until the byte at `flag` is 1 (`sti; hlt`
+///   cannot lose the interrupt: STI's shadow).
+/// - `report message, values…`: prints the string at `message`, then
+///   each 32-bit value (`[USED+8]`, `eax`) as a space and 16 hex digits,
+///   then a newline (with [`LIB64`]).
+///
+/// They clobber RAX and RDI only (`report`: as LIB64's subroutines). An argument that is an expression must
+/// have no spaces (`Q+0x1000`): as splits macro arguments at spaces.
+pub const VIRTIO64: &str = r#"
+    .macro virtio_status value
+    mov dword ptr [rbx + 0x070], \value
+    .endm
+
+    .macro virtio_modern
+    virtio_status 0
+    virtio_status 1
+    virtio_status 3
+    mov dword ptr [rbx + 0x024], 1
+    mov dword ptr [rbx + 0x020], 1
+    mov dword ptr [rbx + 0x024], 0
+    mov dword ptr [rbx + 0x020], 0
+    virtio_status 0xb
+    .endm
+
+    .macro virtio_queue index, size, desc, avail, used
+    mov dword ptr [rbx + 0x030], \index
+    mov dword ptr [rbx + 0x038], \size
+    mov dword ptr [rbx + 0x080], \desc
+    mov dword ptr [rbx + 0x084], 0
+    mov dword ptr [rbx + 0x090], \avail
+    mov dword ptr [rbx + 0x094], 0
+    mov dword ptr [rbx + 0x0a0], \used
+    mov dword ptr [rbx + 0x0a4], 0
+    mov dword ptr [rbx + 0x044], 1
+    .endm
+
+    .macro virtio_desc table, index, addr, len, flags, next=0
+    mov rdi, \table + 16 * \index
+    lea rax, [\addr]
+    mov qword ptr [rdi], rax
+    mov dword ptr [rdi + 8], \len
+    mov word ptr [rdi + 12], \flags
+    mov word ptr [rdi + 14], \next
+    .endm
+
+    .macro virtio_kick queue, avail, head=0
+    mov rdi, \avail
+    mov word ptr [rdi], 0
+    mov word ptr [rdi + 4], \head
+    mov word ptr [rdi + 2], 1
+    mov dword ptr [rbx + 0x050], \queue
+    .endm
+
+    .macro irq_route handler, gsi, vector, idt
+    mov al, 0xff
+    out 0x21, al
+    out 0xa1, al
+    lea rax, [rip + \handler]
+    mov rdi, \idt + \vector * 16
+    mov word ptr [rdi], ax
+    mov word ptr [rdi + 2], 0x10
+    mov word ptr [rdi + 4], 0x8e00
+    shr rax, 16
+    mov word ptr [rdi + 6], ax
+    shr rax, 16
+    mov dword ptr [rdi + 8], eax
+    mov dword ptr [rdi + 12], 0
+    lidt [rip + idtr\@]
+    mov rdi, 0xfee00000
+    mov dword ptr [rdi + 0xf0], 0x1ff
+    mov rdi, 0xfec00000
+    mov dword ptr [rdi], 0x10 + 2 * \gsi + 1
+    mov dword ptr [rdi + 0x10], 0
+    mov dword ptr [rdi], 0x10 + 2 * \gsi
+    mov dword ptr [rdi + 0x10], \vector
+    .pushsection .rodata
+idtr\@: .word 256 * 16 - 1
+    .quad \idt
+    .popsection
+    .endm
+
+    .macro virtio_irq_handler mmio, flag
+    push rax
+    push rdi
+    mov rdi, \mmio
+    mov eax, [rdi + 0x060]
+    mov dword ptr [rdi + 0x064], eax
+    mov byte ptr [rip + \flag], 1
+    mov rdi, 0xfee00000
+    mov dword ptr [rdi + 0xb0], 0
+    pop rdi
+    pop rax
+    iretq
+    .endm
+
+    .macro report message, values:vararg
+    lea rdi, [rip + \message]
+    call puts
+    .ifnb \values
+    .irp value, \values
+    call putsp
+    mov eax, \value
+    call puthex
+    .endr
+    .endif
+    call putnl
+    .endm
+
+    .macro wait_flag flag
+wait\@:
+    cli
+    cmp byte ptr [rip + \flag], 1
+    je done\@
+    sti
+    hlt
+    jmp wait\@
+done\@:
+    .endm
+"#;

@@ -1,14 +1,18 @@
 //! Running capsid-vmm from tests: a VM config in a temporary directory,
-//! the serial console in a file, the control socket at hand.
+//! the serial console in a file, the control socket at hand; its threads
+//! as /proc shows them, and virtiofsd for its fs device.
 
+use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{json, Value};
 
+use crate::asm::{self, LIB64};
 use crate::bin;
 
 /// A capsid-vmm process started by a test.
@@ -18,6 +22,22 @@ pub struct Vmm {
     pub child: Child,
     /// Its directory (config, serial log, sockets).
     pub dir: tempfile::TempDir,
+    /// Whether `child` is a [`Launch::wrapper`], capsid-vmm its child.
+    wrapped: bool,
+}
+
+/// How [`Vmm::start_with`] runs capsid-vmm, beyond its config.
+#[derive(Debug, Default, Clone)]
+pub struct Launch {
+    /// A program and its arguments that capsid-vmm runs under (e.g.
+    /// `strace -f -o <file>`); empty: none.
+    pub wrapper: Vec<OsString>,
+    /// Arguments after `--config <file>` (e.g. `--seccomp off`).
+    pub args: Vec<String>,
+    /// Variables removed from the environment it inherits.
+    pub env_remove: Vec<String>,
+    /// Variables set (after `env_remove`).
+    pub env: Vec<(String, String)>,
 }
 
 /// How a capsid-vmm run ended.
@@ -29,6 +49,8 @@ pub struct Ended {
     pub serial: String,
     /// capsid-vmm's stderr.
     pub stderr: String,
+    /// The signal that killed it, if one did.
+    pub signal: Option<i32>,
 }
 
 impl Vmm {
@@ -39,8 +61,33 @@ impl Vmm {
     }
 
     /// As [`Vmm::start`], with extra environment variables.
-    pub fn start_with_env(mut config: Value, env: &[(&str, &str)]) -> Self {
+    pub fn start_with_env(config: Value, env: &[(&str, &str)]) -> Self {
+        let env = env.iter().map(|(k, v)| ((*k).into(), (*v).into()));
+        Self::start_with(
+            config,
+            &Launch {
+                env: env.collect(),
+                ..Launch::default()
+            },
+        )
+    }
+
+    /// As [`Vmm::start`], run as `launch` says.
+    pub fn start_with(config: Value, launch: &Launch) -> Self {
+        Self::spawn(tempfile::tempdir().expect("temp dir"), config, launch)
+    }
+
+    /// As [`Vmm::start_with`], booting a tiny guest: `source` assembled
+    /// with [`LIB64`] (by [`asm::elf`]) into the VMM's directory, its
+    /// `boot` added to `config`.
+    pub fn start_tiny(source: &str, mut config: Value, launch: &Launch) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
+        let kernel = asm::elf(&format!("{source}{LIB64}"), dir.path(), "guest");
+        config["boot"] = json!({"linux": {"kernel": kernel}});
+        Self::spawn(dir, config, launch)
+    }
+
+    fn spawn(dir: tempfile::TempDir, mut config: Value, launch: &Launch) -> Self {
         let obj = config.as_object_mut().expect("config is an object");
         obj.insert(
             "serial".into(),
@@ -53,16 +100,45 @@ impl Vmm {
         let path = dir.path().join("vm.json");
         std::fs::write(&path, config.to_string()).expect("write config");
         let stderr = std::fs::File::create(dir.path().join("stderr.log")).expect("stderr log");
-        let child = Command::new(bin("capsid-vmm"))
-            .arg("--config")
-            .arg(&path)
-            .envs(env.iter().copied())
+        let mut cmd = match launch.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(bin("capsid-vmm"));
+                cmd
+            }
+            None => Command::new(bin("capsid-vmm")),
+        };
+        cmd.arg("--config").arg(&path).args(&launch.args);
+        for name in &launch.env_remove {
+            cmd.env_remove(name);
+        }
+        let child = cmd
+            .envs(launch.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()
             .expect("start capsid-vmm");
-        Self { child, dir }
+        Self {
+            child,
+            dir,
+            wrapped: !launch.wrapper.is_empty(),
+        }
+    }
+
+    /// capsid-vmm's pid: the child's, or its wrapper's only child.
+    pub fn pid(&self) -> u32 {
+        let id = self.child.id();
+        if !self.wrapped {
+            return id;
+        }
+        let children = std::fs::read_to_string(format!("/proc/{id}/task/{id}/children"))
+            .expect("the wrapper's children");
+        children
+            .split_whitespace()
+            .next()
+            .and_then(|pid| pid.parse().ok())
+            .expect("capsid-vmm under its wrapper")
     }
 
     /// The serial console so far.
@@ -109,6 +185,18 @@ impl Vmm {
         control(&self.control_path(), request)
     }
 
+    /// A connection to the control socket, for several requests (the VMM
+    /// serves it on a thread of its own while it stays open).
+    pub fn connect(&self) -> UnixStream {
+        UnixStream::connect(self.control_path()).expect("connect to the control socket")
+    }
+
+    /// One request on a new connection; `None` when it closed without an
+    /// answer (the VMM died).
+    pub fn ask(&self, request: &Value) -> Option<Value> {
+        ask(&self.connect(), request)
+    }
+
     /// The VMM's resident set size in KiB (VmRSS).
     pub fn rss_kib(&self) -> u64 {
         rss_kib(self.child.id())
@@ -117,9 +205,9 @@ impl Vmm {
     /// Waits for the VMM to exit; kills it and panics after `timeout`.
     pub fn wait(mut self, timeout: Duration) -> Ended {
         let deadline = Instant::now() + timeout;
-        let code = loop {
+        let status = loop {
             if let Some(status) = self.child.try_wait().expect("wait") {
-                break status.code().unwrap_or(-1);
+                break status;
             }
             if Instant::now() > deadline {
                 let _ = self.child.kill();
@@ -133,9 +221,10 @@ impl Vmm {
             std::thread::sleep(Duration::from_millis(5));
         };
         Ended {
-            code,
+            code: status.code().unwrap_or(-1),
             serial: self.serial(),
             stderr: self.stderr(),
+            signal: status.signal(),
         }
     }
 }
@@ -163,23 +252,122 @@ pub fn control(path: &Path, request: Value) -> Value {
             Err(e) => panic!("cannot connect to {}: {e}", path.display()),
         }
     };
+    ask(&stream, &request).unwrap_or_else(|| panic!("no answer to {request} on {}", path.display()))
+}
+
+/// Sends one request on an open control connection; `None` when the
+/// connection closed (or failed) without an answer.
+pub fn ask(stream: &UnixStream, request: &Value) -> Option<Value> {
     let mut line = request.to_string();
     line.push('\n');
-    (&stream).write_all(line.as_bytes()).expect("send request");
+    (&*stream).write_all(line.as_bytes()).ok()?;
     let mut answer = String::new();
-    BufReader::new(&stream)
-        .read_line(&mut answer)
-        .expect("read answer");
-    serde_json::from_str(&answer).unwrap_or_else(|e| panic!("bad answer {answer:?}: {e}"))
+    match BufReader::new(stream).read_line(&mut answer) {
+        Ok(0) | Err(_) => None,
+        Ok(_) => Some(
+            serde_json::from_str(&answer).unwrap_or_else(|e| panic!("bad answer {answer:?}: {e}")),
+        ),
+    }
 }
 
 /// VmRSS of process `pid`, in KiB.
 pub fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
+    status_field(Path::new(&format!("/proc/{pid}/status")), "VmRSS")
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .expect("VmRSS")
+}
+
+/// The value of `field` (e.g. `Seccomp`) in a /proc `status` file, trimmed;
+/// `None` when the file or the field is not there (a thread that ended).
+pub fn status_field(status: &Path, field: &str) -> Option<String> {
+    let text = std::fs::read_to_string(status).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .map(|v| v.trim().to_string())
+}
+
+/// Every thread of process `pid`, sorted: its name (`comm`) and the
+/// value of `field` in its status.
+pub fn thread_fields(pid: u32, field: &str) -> Vec<(String, Option<String>)> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("/proc/<pid>/task");
+    let mut out: Vec<_> = tasks
+        .map(|task| {
+            let task = task.expect("task entry").path();
+            let name = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+            let value = status_field(&task.join("status"), field);
+            (name.trim().to_string(), value)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// virtiofsd (`make deps` installs it) serving a directory to capsid-vmm's
+/// fs device; killed when dropped.
+#[derive(Debug)]
+pub struct Virtiofsd(pub Child);
+
+impl Virtiofsd {
+    /// Where `make deps` installs it.
+    pub const PATH: &'static str = "/usr/local/bin/virtiofsd";
+
+    /// Starts it serving `shared` on `socket` and waits for the socket;
+    /// panics (with how to install it) when it is not installed.
+    pub fn start(shared: &Path, socket: &Path) -> Self {
+        assert!(
+            Path::new(Self::PATH).exists(),
+            "{} is not installed: run `make deps`",
+            Self::PATH
+        );
+        let mut daemon = Self(
+            Command::new(Self::PATH)
+                .arg("--shared-dir")
+                .arg(shared)
+                .arg("--socket-path")
+                .arg(socket)
+                .args(["--sandbox", "namespace", "--log-level", "warn"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("start virtiofsd"),
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            assert!(
+                daemon.0.try_wait().expect("wait").is_none(),
+                "virtiofsd died"
+            );
+            assert!(Instant::now() < deadline, "no virtiofsd socket");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        daemon
+    }
+
+    /// Starts it serving a new directory `share` in `dir`, on
+    /// `dir/virtiofsd.sock`; returns it and the socket.
+    pub fn share_new_dir(dir: &Path) -> (Self, PathBuf) {
+        let shared = dir.join("share");
+        std::fs::create_dir(&shared).expect("create the shared directory");
+        let socket = dir.join("virtiofsd.sock");
+        (Self::start(&shared, &socket), socket)
+    }
+
+    /// Whether it ends within `timeout` (as it does with its only client).
+    pub fn ends_within(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.0.try_wait().expect("wait").is_none() {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        true
+    }
+}
+
+impl Drop for Virtiofsd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

@@ -236,3 +236,42 @@ async fn qemu_and_its_devices_run_jailed() {
     let left = capsid_tests::cli::jail_cgroups(&name);
     assert!(left.is_empty(), "cgroups left: {left:?}");
 }
+
+#[test]
+fn a_kernel_the_jail_cannot_read_is_one_clear_error() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("vmlinux");
+    std::fs::write(&kernel, b"not read").unwrap();
+    std::fs::set_permissions(&kernel, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let initramfs = dir.path().join("initramfs");
+    std::fs::write(&initramfs, b"070701").unwrap();
+    std::fs::set_permissions(&initramfs, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    let run_dir = state.join("unreadable");
+    let spec = VmSpec {
+        name: "unreadable".into(),
+        vcpus: 1,
+        memory_mib: 64,
+        kernel: kernel.clone(),
+        initramfs,
+        kernel_args: vec![],
+        disks: vec![],
+        net: None,
+        fs: None,
+        guest_cid: 3,
+        run_dir: run_dir.clone(),
+    };
+    let backend = CapsidVmmBackend::new(&bin("capsid-vmm"))
+        .unwrap()
+        .with_jailer(jailer());
+    let e = backend.start(&spec).unwrap_err().to_string();
+    assert!(
+        e.contains(&kernel.display().to_string()) && e.contains("not readable by others"),
+        "{e}"
+    );
+    assert!(!run_dir.exists(), "run dir left");
+    let left = capsid_tests::cli::jail_cgroups("unreadable");
+    assert!(left.is_empty(), "cgroups left: {left:?}");
+}

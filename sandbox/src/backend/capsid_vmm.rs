@@ -122,13 +122,6 @@ impl Backend for CapsidVmmBackend {
             .mode(0o700)
             .create(&spec.run_dir)
             .map_err(run_err)?;
-        // Made before `vm`, so dropped after it on an error: the jail's uid
-        // and cgroups outlive the processes in them.
-        let jail = self
-            .jailer
-            .as_ref()
-            .map(|j| j.enter(&spec.run_dir))
-            .transpose()?;
         let mut vm = CapsidVm {
             vsock: spec.vsock_path(),
             serial: spec.serial_log(),
@@ -145,7 +138,21 @@ impl Backend for CapsidVmmBackend {
         };
         // From here on, an error drops `vm`, which kills what was started
         // and removes the run directory.
-        let mut launch = Launch::new(jail.as_ref(), &self.vmm);
+        // The VM holds the jail (its uid and cgroups) in its last field, so
+        // they outlive the processes in them; an error from here on drops
+        // `vm`, which also removes the run directory.
+        vm.jail = self
+            .jailer
+            .as_ref()
+            .map(|j| j.enter(&spec.run_dir))
+            .transpose()?
+            .map(std::sync::Arc::new);
+        let jail = vm.jail.clone();
+        if let Some(jail) = &jail {
+            jail.check_readable("kernel", &spec.kernel)?;
+            jail.check_readable("initramfs", &spec.initramfs)?;
+        }
+        let mut launch = Launch::new(jail.as_deref(), &self.vmm);
         // The tap lives in the sandbox's network namespace: so must the VMM.
         launch
             .netns(spec.net.as_ref().and_then(|n| n.netns.as_deref()))
@@ -167,7 +174,7 @@ impl Backend for CapsidVmmBackend {
         // only the VMM joins the tap's network namespace, and a Unix socket
         // path reaches across.
         if let Some(fs) = &spec.fs {
-            let daemon = super::virtiofsd::start(fs, &spec.run_dir, jail.as_ref())?;
+            let daemon = super::virtiofsd::start(fs, &spec.run_dir, jail.as_deref())?;
             vm.virtiofsd = Some(daemon.process);
         }
         if let Some(jail) = &jail {
@@ -180,7 +187,6 @@ impl Backend for CapsidVmmBackend {
             &spec.run_dir.join("vmm.log"),
         )?);
         drop(launch);
-        vm.jail = jail;
         // The control socket appears once the VM is built; a VMM that dies
         // first (bad kernel, missing disk) fails the start with its words,
         // and a virtiofsd that died with its own (the VMM cannot have its
@@ -237,7 +243,7 @@ pub struct CapsidVm {
     /// What the failed processes and the console said, once ended.
     last_words: String,
     /// Last: released once every process above is reaped.
-    jail: Option<super::jail::SandboxJail>,
+    jail: Option<std::sync::Arc<super::jail::SandboxJail>>,
 }
 
 impl CapsidVm {

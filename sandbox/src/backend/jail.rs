@@ -212,6 +212,29 @@ impl SandboxJail {
         }
     }
 
+    /// Checks that the VM's processes, running as the jail's uid, can read
+    /// the `what` at `path` (kernel, initramfs: bound into the jail, read
+    /// by path): it must be readable by others.
+    pub fn check_readable(&self, what: &'static str, path: &Path) -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path)
+            .map_err(|source| BackendError::Jail {
+                what: "read the permissions of",
+                path: path.to_path_buf(),
+                source,
+            })?
+            .permissions()
+            .mode();
+        if mode & 0o004 == 0 {
+            return Err(BackendError::InvalidSpec(format!(
+                "{what} {} is not readable by others (mode {:o}): the VM's processes run as a uid of their own and read it; make it readable (chmod o+r)",
+                path.display(),
+                mode & 0o7777
+            )));
+        }
+        Ok(())
+    }
+
     /// Gives `path` (a socket a root process made for the VM's processes)
     /// to the jail's uid, without following a link.
     pub fn hand_over(&self, path: &Path) -> Result<()> {
@@ -451,7 +474,9 @@ impl Cgroups {
             }) else {
                 continue;
             };
-            let mount = Path::new(mount).strip_prefix("/").unwrap_or(Path::new(mount));
+            let mount = Path::new(mount)
+                .strip_prefix("/")
+                .unwrap_or(Path::new(mount));
             bases.push(root.join(mount).join(relative));
         }
         bases

@@ -8,6 +8,7 @@ use std::ffi::{OsStr, OsString};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::jail::{Jailer, Launch, SandboxJail, LOG_FILE_LIMIT};
@@ -88,13 +89,6 @@ impl Backend for QemuBackend {
                 path: spec.run_dir.clone(),
                 source,
             })?;
-        // Made before `vm`, so dropped after it on an error: the jail's uid
-        // and cgroups outlive the processes in them.
-        let jail = self
-            .jailer
-            .as_ref()
-            .map(|j| j.enter(&spec.run_dir))
-            .transpose()?;
         let mut vm = QemuVm {
             vsock: spec.vsock_path(),
             serial: spec.serial_log(),
@@ -110,13 +104,26 @@ impl Backend for QemuBackend {
         };
         // On any error `vm` is dropped, which kills what was started and
         // removes the run directory.
-        let device_args = self.start_devices(spec, &mut vm, jail.as_ref())?;
+        // The VM holds the jail (its uid and cgroups) in its last field, so
+        // they outlive the processes in them; an error from here on drops
+        // `vm`, which also removes the run directory.
+        vm.jail = self
+            .jailer
+            .as_ref()
+            .map(|j| j.enter(&spec.run_dir))
+            .transpose()?
+            .map(Arc::new);
+        let jail = vm.jail.clone();
+        if let Some(jail) = &jail {
+            jail.check_readable("kernel", &spec.kernel)?;
+            jail.check_readable("initramfs", &spec.initramfs)?;
+        }
+        let device_args = self.start_devices(spec, &mut vm, jail.as_deref())?;
         let qemu = Supervised::spawn(
             "qemu",
-            self.command(spec, jail.as_ref(), &device_args),
+            self.command(spec, jail.as_deref(), &device_args),
             &spec.run_dir.join("qemu.log"),
         )?;
-        vm.jail = jail;
         vm.qemu = Some(qemu);
         Ok(Box::new(vm))
     }
@@ -367,7 +374,7 @@ pub struct QemuVm {
     /// What the failed processes and the console said, once ended.
     last_words: String,
     /// Last: released once every process above is reaped.
-    jail: Option<SandboxJail>,
+    jail: Option<Arc<SandboxJail>>,
 }
 
 impl QemuVm {

@@ -3,6 +3,7 @@
 //! --rm` with runc and with capsid's shim (a private containerd), and the
 //! bare VM boot; and setting up what `--compare` needs.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -153,6 +154,9 @@ impl Bench {
         let backend = sb::backend_for(&self.setup.config)?;
         let initramfs = self.dir.path().join("bare-initramfs.cpio");
         std::fs::write(&initramfs, bare::trivial_initramfs()).context("bare initramfs")?;
+        // Read by QEMU or capsid-vmm as the sandbox's uid (the jail).
+        std::fs::set_permissions(&initramfs, std::fs::Permissions::from_mode(0o644))
+            .context("bare initramfs")?;
         let spec = VmSpec {
             name: String::new(),
             vcpus: self.setup.vcpus,
