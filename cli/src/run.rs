@@ -232,6 +232,7 @@ async fn run_timed(
             network: net.as_ref().and_then(|n| n.guest_network()),
             balloon_opt_out: args.no_balloon,
             share_dir,
+            cgroup: None,
         },
     )
     .instrument(tracing::info_span!("sandbox_start"));

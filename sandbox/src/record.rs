@@ -90,6 +90,10 @@ pub struct HostRecord {
     /// removed, never anything inside a volume.
     #[serde(default)]
     pub share: Option<PathBuf>,
+    /// The cgroup the VM's processes were put in, when the spec named one
+    /// (`crate::backend::VmSpec::cgroup`); `None`: one under the caller's.
+    #[serde(default)]
+    pub cgroup: Option<PathBuf>,
 }
 
 impl HostRecord {
@@ -341,6 +345,7 @@ pub fn undo(record: &HostRecord) -> UndoReport {
             .removed
             .extend(crate::backend::jail::remove_leftover_cgroups(
                 &record.run_dir,
+                record.cgroup.as_deref(),
             ));
     }
     if report.errors.is_empty() {

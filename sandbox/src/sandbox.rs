@@ -80,6 +80,8 @@ pub struct SandboxOptions {
     /// The volume share ([`crate::volumes::Share`]) to serve over
     /// virtio-fs; `None`: no virtiofsd at all.
     pub share_dir: Option<PathBuf>,
+    /// The VM's cgroup ([`VmSpec::cgroup`]).
+    pub cgroup: Option<PathBuf>,
 }
 
 /// When each start-up phase finished, from [`Sandbox::start`]'s call.
@@ -200,6 +202,7 @@ impl Sandbox {
             }),
             guest_cid: 3,
             run_dir: run_dir.clone(),
+            cgroup: opts.cgroup.clone(),
         };
         let vsock_path = spec.vsock_path();
         let listener =

@@ -147,6 +147,21 @@ pub struct LateNetwork {
     pub boot_mac: String,
 }
 
+/// The cgroup the VM's host processes go in: the spec's
+/// `linux.cgroupsPath` in its cgroupfs form (`/default/<id>`,
+/// `/kubepods/…/pod<uid>/<id>`), as runc puts a container's processes
+/// there, so the node's accounting sees the VM. The systemd form
+/// (`slice:prefix:name`) needs systemd to make the unit: then the VM's
+/// processes get a cgroup under the shim's own.
+fn vm_cgroup(spec: &Spec) -> Option<PathBuf> {
+    let path = spec.linux().as_ref()?.cgroups_path().clone()?;
+    if path.is_absolute() {
+        return Some(path);
+    }
+    tracing::info!(cgroups_path = %path.display(), "a systemd-form cgroupsPath: the VM's processes get a cgroup under the shim's own");
+    None
+}
+
 /// Makes the sandbox for `plan` and creates the container in it; on error
 /// nothing is left behind.
 pub async fn make(req: &CreateRequest, plan: &Plan, config: &Config) -> Result<Made> {
@@ -161,6 +176,7 @@ pub async fn make(req: &CreateRequest, plan: &Plan, config: &Config) -> Result<M
         cleanup::state_path(&req.bundle),
         HostRecord {
             mounts: vec![lowers_mount.clone()],
+            cgroup: vm_cgroup(&plan.spec),
             ..HostRecord::new(&name, config.paths.state_dir.join(&name))
         },
     )?;
@@ -220,6 +236,7 @@ pub async fn make(req: &CreateRequest, plan: &Plan, config: &Config) -> Result<M
         network: attachment.as_ref().map(|a| a.guest.clone()),
         balloon_opt_out: !plan.balloon_policy,
         share_dir: share.as_ref().map(|s| s.dir().to_path_buf()),
+        cgroup: vm_cgroup(&plan.spec),
     };
     let sandbox = Sandbox::start(config, backend, opts).await?;
     rollback.update(|r| r.set_vm_processes(&sandbox.pids()))?;

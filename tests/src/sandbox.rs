@@ -83,6 +83,7 @@ pub async fn busybox_sandbox(dir: &Path, id: &str) -> Sandbox {
         network: None,
         balloon_opt_out: false,
         share_dir: None,
+        cgroup: None,
     };
     Sandbox::start(&config, backend, opts).await.unwrap()
 }

@@ -33,6 +33,7 @@ fn spec(run_dir: PathBuf) -> VmSpec {
         fs: None,
         guest_cid: 3,
         run_dir,
+        cgroup: None,
     }
 }
 

@@ -153,6 +153,7 @@ m:  .asciz "UP\n""#
         fs: None,
         guest_cid: 3,
         run_dir: run_dir.clone(),
+        cgroup: None,
     };
     // Honoured only with this variable, which the VMM inherits.
     std::env::set_var(capsid_vmm_api::control::TEST_CONTROL_ENV, "1");
@@ -262,6 +263,7 @@ fn a_kernel_the_jail_cannot_read_is_one_clear_error() {
         fs: None,
         guest_cid: 3,
         run_dir: run_dir.clone(),
+        cgroup: None,
     };
     let backend = CapsidVmmBackend::new(&bin("capsid-vmm"))
         .unwrap()
@@ -274,4 +276,82 @@ fn a_kernel_the_jail_cannot_read_is_one_clear_error() {
     assert!(!run_dir.exists(), "run dir left");
     let left = capsid_tests::cli::jail_cgroups("unreadable");
     assert!(left.is_empty(), "cgroups left: {left:?}");
+}
+
+/// Under containerd, the VM's host processes are where runc would put the
+/// container's: in the spec's `linux.cgroupsPath` (ctr's `/<namespace>/<id>`),
+/// in every hierarchy; the cgroup goes with the task.
+#[test]
+fn under_containerd_the_vm_is_in_the_containers_cgroup() {
+    let h = capsid_tests::shim::ShimHarness::start();
+    // The reference: runc puts the container's process there.
+    let (code, _, err) = h.ctr(&[
+        "run",
+        "-d",
+        "--runtime",
+        "io.containerd.runc.v2",
+        capsid_tests::shim::BUSYBOX,
+        "cg0",
+        "sleep",
+        "1000",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    h.wait_status("cg0", "RUNNING", Duration::from_secs(20));
+    let (_, tasks, _) = h.ctr(&["task", "ls"]);
+    let runc_pid = tasks
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("cg0")
+                .map(|r| r.split_whitespace().next().unwrap_or("").to_string())
+        })
+        .unwrap();
+    let runc_cgroups = std::fs::read_to_string(format!("/proc/{runc_pid}/cgroup")).unwrap();
+    assert!(
+        runc_cgroups
+            .lines()
+            .any(|l| l.contains(":memory:") && l.ends_with("/cg0")),
+        "{runc_cgroups}"
+    );
+    h.ctr(&["task", "kill", "-s", "KILL", "cg0"]);
+    h.wait_status("cg0", "STOPPED", Duration::from_secs(20));
+    h.ctr(&["task", "delete", "cg0"]);
+    h.ctr(&["container", "delete", "cg0"]);
+
+    h.run_detached("cg1", &["sleep", "1000"]);
+    let pids = h.vm_pids("cg1");
+    assert!(!pids.is_empty());
+    let mut dirs = std::collections::BTreeSet::new();
+    for pid in &pids {
+        let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+        for line in cgroups.lines() {
+            let mut parts = line.splitn(3, ':');
+            let (_, controllers, path) =
+                (parts.next(), parts.next().unwrap(), parts.next().unwrap());
+            let mount = match controllers {
+                "memory" | "pids" => format!("/sys/fs/cgroup/{controllers}"),
+                "" => "/sys/fs/cgroup/unified".into(),
+                _ => continue,
+            };
+            assert!(
+                path.ends_with("/cg1") && !path.contains("/capsid/"),
+                "pid {pid}: {line}"
+            );
+            dirs.insert(format!("{mount}{path}"));
+        }
+    }
+    assert!(!dirs.is_empty());
+    for d in &dirs {
+        assert!(Path::new(d).is_dir(), "{d}");
+    }
+    let (code, _, err) = h.ctr(&["task", "kill", "-s", "KILL", "cg1"]);
+    assert_eq!(code, 0, "{err}");
+    h.wait_status("cg1", "STOPPED", Duration::from_secs(20));
+    let (code, _, err) = h.ctr(&["task", "delete", "cg1"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = h.ctr(&["container", "delete", "cg1"]);
+    assert_eq!(code, 0, "{err}");
+    h.assert_clean(&["cg1"]);
+    for d in &dirs {
+        assert!(!Path::new(d).exists(), "cgroup {d} left");
+    }
 }

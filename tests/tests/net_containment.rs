@@ -240,6 +240,7 @@ impl Hostile {
                         network: net.guest_network(),
                         balloon_opt_out: true,
                         share_dir: None,
+                        cgroup: None,
                     },
                 )
                 .await

@@ -26,6 +26,7 @@ fn spec(kernel: &Path, initramfs: &Path, run_dir: &Path) -> VmSpec {
         fs: None,
         guest_cid: 3,
         run_dir: run_dir.to_path_buf(),
+        cgroup: None,
     }
 }
 

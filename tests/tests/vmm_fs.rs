@@ -313,6 +313,7 @@ fn spec(dir: &Path, fs: FsSpec) -> (VmSpec, PathBuf) {
             fs: Some(fs),
             guest_cid: 3,
             run_dir: run_dir.clone(),
+            cgroup: None,
         },
         run_dir,
     )

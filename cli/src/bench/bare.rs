@@ -125,6 +125,7 @@ pub fn boot(backend: &Arc<dyn Backend>, base: &VmSpec, name: &str) -> anyhow::Re
     let spec = VmSpec {
         name: name.into(),
         run_dir: base.run_dir.join(name),
+        cgroup: None,
         ..base.clone()
     };
     let t0 = Instant::now();

@@ -144,7 +144,7 @@ impl Backend for CapsidVmmBackend {
         vm.jail = self
             .jailer
             .as_ref()
-            .map(|j| j.enter(&spec.run_dir))
+            .map(|j| j.enter(&spec.run_dir, spec.cgroup.as_deref()))
             .transpose()?
             .map(std::sync::Arc::new);
         let jail = vm.jail.clone();
@@ -408,6 +408,7 @@ mod tests {
             fs: None,
             guest_cid: 7,
             run_dir: "/run/capsid/t".into(),
+            cgroup: None,
         };
         let c = serde_json::to_value(CapsidVmmBackend::vm_config(&spec).unwrap()).unwrap();
         assert_eq!(c["vcpus"], 2);
@@ -467,6 +468,7 @@ mod tests {
             }),
             guest_cid: 3,
             run_dir: "/run/capsid/t".into(),
+            cgroup: None,
         };
         let c = CapsidVmmBackend::vm_config(&spec).unwrap();
         let fs = c.fs.clone().unwrap();

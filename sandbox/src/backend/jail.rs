@@ -62,9 +62,10 @@ impl Jailer {
     }
 
     /// Makes the jail of the VM whose run directory (already made,
-    /// root-owned, 0700, named after the sandbox) is `run_dir`; its locks
-    /// live under `run_dir`'s parent (the state directory).
-    pub fn enter(&self, run_dir: &Path) -> Result<SandboxJail> {
+    /// root-owned, 0700, named after the sandbox) is `run_dir`, its
+    /// processes in `cgroup` ([`crate::backend::VmSpec::cgroup`]); its
+    /// locks live under `run_dir`'s parent (the state directory).
+    pub fn enter(&self, run_dir: &Path, cgroup: Option<&Path>) -> Result<SandboxJail> {
         let name = run_dir
             .file_name()
             .and_then(OsStr::to_str)
@@ -103,7 +104,7 @@ impl Jailer {
                     .map_err(io("give to the jail's uid", &entry.path()))?;
             }
         }
-        let cgroups = Cgroups::make(name)?;
+        let cgroups = Cgroups::make(name, cgroup)?;
         Ok(SandboxJail {
             jailer: self.binary.clone(),
             uid,
@@ -387,26 +388,49 @@ impl<'a> Launch<'a> {
     }
 }
 
-/// The sandbox's cgroups: one directory per hierarchy, under the cgroup
-/// this process is in, named after the sandbox; removed on drop (once the
-/// processes in them are gone).
+/// The sandbox's cgroups: one directory per hierarchy, the spec's
+/// cgroup (a pod's or container's `linux.cgroupsPath`) or else one named
+/// after the sandbox under the cgroup this process is in; those made here
+/// are removed on drop (once the processes in them are gone).
 #[derive(Debug, Default)]
 struct Cgroups {
     dirs: Vec<PathBuf>,
+    /// Those of `dirs` that existed before (left on drop).
+    found: Vec<PathBuf>,
 }
 
 /// v1 hierarchies whose controllers account for a VM's processes.
 const V1_CONTROLLERS: [&str; 5] = ["memory", "pids", "cpu", "cpuacct", "blkio"];
 
 impl Cgroups {
-    fn make(name: &str) -> Result<Self> {
+    fn make(name: &str, cgroup: Option<&Path>) -> Result<Self> {
         let mut made = Self::default();
-        let bases = Self::bases();
-        if bases.is_empty() {
+        if let Some(cg) = cgroup {
+            if !cg.is_absolute()
+                || cg
+                    .components()
+                    .any(|c| matches!(c, std::path::Component::ParentDir))
+            {
+                return Err(BackendError::InvalidSpec(format!(
+                    "cgroup {}: an absolute path without `..` (cgroupfs form)",
+                    cg.display()
+                )));
+            }
+        }
+        let hierarchies = Self::hierarchies();
+        if hierarchies.is_empty() {
             tracing::info!(sandbox = name, "no cgroup filesystem is mounted in this mount namespace: the VM's processes stay in the caller's cgroups");
         }
-        for base in bases {
-            let dir = base.join("capsid").join(name);
+        for (mount, own) in hierarchies {
+            let dir = match cgroup {
+                Some(cg) => mount.join(cg.strip_prefix("/").unwrap_or(cg)),
+                None => mount.join(own).join("capsid").join(name),
+            };
+            if cgroup.is_some() && dir.is_dir() {
+                made.found.push(dir.clone());
+                made.dirs.push(dir);
+                continue;
+            }
             // A leftover of a crashed shim with the same name: empty by now.
             let _ = std::fs::remove_dir(&dir);
             std::fs::create_dir_all(&dir).map_err(|source| BackendError::Jail {
@@ -419,17 +443,18 @@ impl Cgroups {
         Ok(made)
     }
 
-    /// This process's cgroup in each hierarchy that counts, as mounted in
-    /// this mount namespace. Where none is (`ip netns exec` mounts a sysfs
-    /// of its own over /sys), the sandbox gets no cgroups of its own: its
-    /// processes stay in the caller's.
-    fn bases() -> Vec<PathBuf> {
+    /// Each hierarchy that counts, as mounted in this mount namespace: its
+    /// mount point and this process's cgroup in it (relative). Where none
+    /// is (`ip netns exec` mounts a sysfs of its own over /sys), the
+    /// sandbox gets no cgroups of its own: its processes stay in the
+    /// caller's.
+    fn hierarchies() -> Vec<(PathBuf, PathBuf)> {
         let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-        Self::bases_in(&own, "/proc/self/mountinfo", Path::new("/"))
+        Self::hierarchies_in(&own, "/proc/self/mountinfo")
     }
 
-    /// [`Self::bases`] from one mount table, its mount points under `root`.
-    fn bases_in(own: &str, mountinfo: &str, root: &Path) -> Vec<PathBuf> {
+    /// [`Self::hierarchies`] from one mount table.
+    fn hierarchies_in(own: &str, mountinfo: &str) -> Vec<(PathBuf, PathBuf)> {
         let Ok(mountinfo) = std::fs::read_to_string(mountinfo) else {
             return Vec::new();
         };
@@ -474,10 +499,7 @@ impl Cgroups {
             }) else {
                 continue;
             };
-            let mount = Path::new(mount)
-                .strip_prefix("/")
-                .unwrap_or(Path::new(mount));
-            bases.push(root.join(mount).join(relative));
+            bases.push((PathBuf::from(mount), relative));
         }
         bases
     }
@@ -486,20 +508,23 @@ impl Cgroups {
 /// Removes the cgroups a sandbox whose run directory was `run_dir` left
 /// (its shim died before dropping them; their processes are gone); returns
 /// those removed.
-pub fn remove_leftover_cgroups(run_dir: &Path) -> Vec<PathBuf> {
+pub fn remove_leftover_cgroups(run_dir: &Path, cgroup: Option<&Path>) -> Vec<PathBuf> {
     let Some(name) = run_dir.file_name() else {
         return Vec::new();
     };
-    Cgroups::bases()
+    Cgroups::hierarchies()
         .into_iter()
-        .map(|base| base.join("capsid").join(name))
+        .map(|(mount, own)| match cgroup {
+            Some(cg) => mount.join(cg.strip_prefix("/").unwrap_or(cg)),
+            None => mount.join(own).join("capsid").join(name),
+        })
         .filter(|dir| std::fs::remove_dir(dir).is_ok())
         .collect()
 }
 
 impl Drop for Cgroups {
     fn drop(&mut self) {
-        for dir in &self.dirs {
+        for dir in self.dirs.iter().filter(|d| !self.found.contains(d)) {
             // The last processes may still be exiting: a few tries.
             for _ in 0..50 {
                 match std::fs::remove_dir(dir) {

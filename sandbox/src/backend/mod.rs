@@ -175,6 +175,11 @@ pub struct VmSpec {
     /// Directory for the VM's sockets and logs. The backend creates it and
     /// removes it when the VM is stopped.
     pub run_dir: PathBuf,
+    /// The cgroup the VM's processes go in, in every hierarchy (the OCI
+    /// `linux.cgroupsPath` of the sandbox, cgroupfs form: absolute from
+    /// the hierarchy's root); `None`: `capsid/<sandbox>` under the
+    /// caller's own cgroup.
+    pub cgroup: Option<PathBuf>,
 }
 
 impl VmSpec {

@@ -110,7 +110,7 @@ impl Backend for QemuBackend {
         vm.jail = self
             .jailer
             .as_ref()
-            .map(|j| j.enter(&spec.run_dir))
+            .map(|j| j.enter(&spec.run_dir, spec.cgroup.as_deref()))
             .transpose()?
             .map(Arc::new);
         let jail = vm.jail.clone();

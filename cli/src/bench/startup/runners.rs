@@ -169,6 +169,7 @@ impl Bench {
             fs: None,
             guest_cid: 3,
             run_dir: self.dir.path().join("bare"),
+            cgroup: None,
         };
         Ok((backend, spec))
     }
