@@ -16,13 +16,25 @@ Timestamps: capsid-vmm records CLOCK_MONOTONIC at its first KVM_RUN
 (compared with time.monotonic_ns() taken just before spawning); QEMU's
 trace log carries gettimeofday (compared with time.time_ns()).
 
+Reported for each: min, median, p90 (nearest rank) and max, since a
+start-up tail matters as much as the median. With --per-run, every
+capsid-vmm run is printed with the CPU time its process had spent by the
+first KVM_RUN (total, and the part spent by threads that had already
+exited, i.e. the kernel loader; clock ticks, so 10 ms steps) and the
+change of the host's THP and compaction counters in /proc/vmstat across
+the run (host-wide: other work on the machine counts too). A slow run
+with little CPU waited for a core; one with compact_stall counts paid for
+memory compaction.
+
 Usage: benches/vmm-startup.py [--runs N] [--vmm PATH] [--kernel PATH]
-         [--initramfs PATH] [--memory-mib N]
+         [--initramfs PATH] [--memory-mib N] [--per-run] [--no-qemu]
+         [--pause SECONDS]
 Build first: cargo build --release -p capsid-vmm; make kernel initramfs.
 """
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -84,6 +96,41 @@ def vm_rss_kib(pid):
     return 0
 
 
+VMSTAT_KEYS = ("thp_fault_alloc", "thp_fault_fallback", "compact_stall", "compact_fail",
+               "allocstall_normal", "allocstall_movable")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def vmstat():
+    out = {}
+    with open("/proc/vmstat") as f:
+        for line in f:
+            k, v = line.split()
+            if k in VMSTAT_KEYS:
+                out[k] = int(v)
+    return out
+
+
+def cpu_ms(stat_path):
+    """utime + stime of a /proc stat file, in ms."""
+    with open(stat_path) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * 1000 / CLK_TCK
+
+
+def cpu_split_ms(pid):
+    """(CPU of the whole process, CPU of its threads that have exited), ms.
+    A process's stat counts its dead threads; its tasks' stats do not."""
+    total = cpu_ms(f"/proc/{pid}/stat")
+    live = 0.0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            live += cpu_ms(f"/proc/{pid}/task/{tid}/stat")
+        except OSError:
+            pass
+    return total, max(total - live, 0.0)
+
+
 def run_capsid_vmm(args, workdir):
     api = os.path.join(workdir, "api.sock")
     config = {
@@ -99,6 +146,7 @@ def run_capsid_vmm(args, workdir):
     cfg = os.path.join(workdir, "vm.json")
     with open(cfg, "w") as f:
         json.dump(config, f)
+    before = vmstat()
     t0 = time.monotonic_ns()
     proc = subprocess.Popen([args.vmm, "--config", cfg], stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -112,10 +160,13 @@ def run_capsid_vmm(args, workdir):
             if time.monotonic() > deadline:
                 raise RuntimeError("capsid-vmm: no KVM_RUN within 10 s")
             time.sleep(0.0005)
+        cpu = cpu_split_ms(proc.pid)
+        after = vmstat()
         ranges = [(r["host_addr"], r["host_addr"] + r["size"]) for r in m["guest_memory"]]
         own = smaps_rss_kib(proc.pid, lambda s, e, _n: any(s < b and e > a for a, b in ranges))
         total = vm_rss_kib(proc.pid)
-        return (first - t0) / 1e6, own, total
+        delta = {k: after.get(k, 0) - before.get(k, 0) for k in VMSTAT_KEYS}
+        return (first - t0) / 1e6, own, total, cpu, delta
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -154,13 +205,31 @@ def run_qemu(args, workdir):
         proc.wait()
 
 
+def percentile(values, p):
+    """Nearest-rank percentile: the smallest value with at least p% of the
+    values at or below it."""
+    ordered = sorted(values)
+    return ordered[max(math.ceil(p / 100 * len(ordered)) - 1, 0)]
+
+
 def summary(name, results):
     ms = [r[0] for r in results]
     own = [r[1] for r in results]
     total = [r[2] for r in results]
-    print(f"{name:<22} launch->first KVM_RUN: median {statistics.median(ms):7.2f} ms "
-          f"(min {min(ms):.2f}, max {max(ms):.2f}); own RSS median {statistics.median(own) / 1024:6.2f} MiB "
+    median = statistics.median(ms)
+    p90 = percentile(ms, 90)
+    print(f"{name:<22} launch->first KVM_RUN: min {min(ms):.2f}, median {median:.2f}, "
+          f"p90 {p90:.2f}, max {max(ms):.2f} ms (p90/median {p90 / median:.2f}); "
+          f"own RSS median {statistics.median(own) / 1024:.2f} MiB "
           f"(total RSS {statistics.median(total) / 1024:.2f} MiB)")
+
+
+def per_run(results):
+    print("capsid-vmm per run: ms, CPU ms (all threads / exited threads), "
+          "host vmstat deltas")
+    for i, (ms, _own, _total, (cpu, dead), delta) in enumerate(results):
+        counters = " ".join(f"{k}={v}" for k, v in delta.items() if v)
+        print(f"  {i:3d} {ms:8.2f} ms  cpu {cpu:6.1f} / {dead:6.1f}  {counters}")
 
 
 def main():
@@ -171,20 +240,32 @@ def main():
     p.add_argument("--kernel", default=os.path.join(ROOT, "build/kernel/vmlinux"))
     p.add_argument("--initramfs", default=os.path.join(ROOT, "build/initramfs.cpio.gz"))
     p.add_argument("--memory-mib", type=int, default=256)
+    p.add_argument("--per-run", action="store_true",
+                   help="print every capsid-vmm run with its CPU time and vmstat deltas")
+    p.add_argument("--no-qemu", action="store_true", help="measure capsid-vmm only")
+    p.add_argument("--pause", type=float, default=0.0,
+                   help="seconds to sleep before each capsid-vmm run (a few seconds let the "
+                        "host reclaim or report what the previous run freed, as between "
+                        "sandboxes started one at a time)")
     args = p.parse_args()
     for path in (args.vmm, args.kernel, args.initramfs):
         if not os.path.exists(path):
             sys.exit(f"{path} is missing (cargo build --release -p capsid-vmm; make kernel initramfs)")
     vmm, qemu = [], []
     for _ in range(args.runs):
+        time.sleep(args.pause)
         with tempfile.TemporaryDirectory() as d:
             vmm.append(run_capsid_vmm(args, d))
-        with tempfile.TemporaryDirectory() as d:
-            qemu.append(run_qemu(args, d))
+        if not args.no_qemu:
+            with tempfile.TemporaryDirectory() as d:
+                qemu.append(run_qemu(args, d))
     print(f"{args.runs} runs each, alternating; kernel {args.kernel}, initramfs {args.initramfs}, "
-          f"{args.memory_mib} MiB, 1 vCPU")
+          f"{args.memory_mib} MiB, 1 vCPU; load average {' '.join(open('/proc/loadavg').read().split()[:3])}")
+    if args.per_run:
+        per_run(vmm)
     summary("capsid-vmm", vmm)
-    summary("QEMU microvm (KVM)", qemu)
+    if qemu:
+        summary("QEMU microvm (KVM)", qemu)
 
 
 if __name__ == "__main__":
