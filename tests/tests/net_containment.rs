@@ -199,6 +199,8 @@ impl Running {
 /// Everything of it (CNI, the VM, its teardown) happens in a thread that
 /// entered the test's host namespace, as `capsid run` would there.
 struct Hostile {
+    /// Its sandbox id.
+    id: String,
     input: Option<tokio::sync::mpsc::UnboundedSender<String>>,
     lines: mpsc::Receiver<String>,
     seen: Vec<String>,
@@ -209,7 +211,12 @@ impl Hostile {
     fn spawn(c: &Capsid, ns: &Netns, scratch: &Path, script: &str) -> Self {
         let config: Config = toml::from_str(&std::fs::read_to_string(c.config()).unwrap()).unwrap();
         let netns = format!("/run/netns/{}", ns.name);
-        let id = format!("hostile-{}", std::process::id());
+        // Unique per prober: the tests of this file run in parallel in one
+        // process.
+        static PROBERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = PROBERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = format!("hostile-{}-{n}", std::process::id());
+        let sandbox_id = id.clone();
         let rootfs = erofs_from_layout(&artifact("images/busybox"), &scratch.join("busybox.erofs"));
         let script = script.to_owned();
         let (input, mut input_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
@@ -303,6 +310,7 @@ impl Hostile {
             net.teardown().unwrap();
         });
         Self {
+            id: sandbox_id,
             input: Some(input),
             lines,
             seen: Vec::new(),
@@ -768,10 +776,10 @@ fn scenario(br_netfilter: BrNetfilter) {
         );
     }
     // Where they were dropped: the tap's ingress, in the prober's namespace.
-    let tap = capsid_sandbox::network::tap_name_for(&format!("hostile-{}", std::process::id()));
+    let tap = capsid_sandbox::network::tap_name_for(&prober.id);
     let qdisc = sh(&format!(
-        "ip netns exec capsid-hostile-{} tc -s qdisc show dev {tap} ingress",
-        std::process::id()
+        "ip netns exec capsid-{} tc -s qdisc show dev {tap} ingress",
+        prober.id
     ));
     let dropped: u64 = qdisc
         .split("dropped ")
