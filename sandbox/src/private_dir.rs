@@ -154,22 +154,25 @@ pub fn connect_no_follow(path: &Path) -> std::io::Result<std::os::unix::net::Uni
     std::os::unix::net::UnixStream::connect(format!("/proc/self/fd/{}", handle.as_raw_fd()))
 }
 
-/// Reads the regular file at `path`, not through a symlink.
-pub fn read_no_follow(path: &Path) -> std::io::Result<Vec<u8>> {
-    use std::io::Read;
+/// The last `max` bytes of the regular file at `path`, not through a
+/// symlink.
+pub fn read_tail_no_follow(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
     use std::os::unix::fs::OpenOptionsExt;
     let mut file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(path)?;
-    if !file.metadata()?.is_file() {
+    let meta = file.metadata()?;
+    if !meta.is_file() {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
             format!("{} is not a regular file", path.display()),
         ));
     }
+    file.seek(SeekFrom::Start(meta.len().saturating_sub(max)))?;
     let mut bytes = Vec::new();
-    file.read_to_end(&mut bytes)?;
+    file.take(max).read_to_end(&mut bytes)?;
     Ok(bytes)
 }
 

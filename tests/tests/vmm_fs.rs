@@ -15,7 +15,6 @@
 //! is PVM; the QEMU backend's tests cover the guest side.)
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use capsid_sandbox::backend::capsid_vmm::CapsidVmmBackend;
@@ -25,7 +24,7 @@ use capsid_tests::bin;
 use capsid_tests::vmm::Vmm;
 use serde_json::json;
 
-const VIRTIOFSD: &str = "/usr/local/bin/virtiofsd";
+const VIRTIOFSD: &str = capsid_tests::vmm::Virtiofsd::PATH;
 
 /// virtiofsd is part of capsid's dependencies (`make deps`): a test that
 /// needs it fails without it rather than passing vacuously.
@@ -209,37 +208,6 @@ m_irq:    .asciz "IRQ "
 got_irq: .byte 0
 "#;
 
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn virtiofsd(shared: &Path, socket: &Path) -> Daemon {
-    let mut daemon = Daemon(
-        Command::new(VIRTIOFSD)
-            .arg("--shared-dir")
-            .arg(shared)
-            .arg("--socket-path")
-            .arg(socket)
-            .args(["--sandbox", "namespace", "--log-level", "warn"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !socket.exists() {
-        assert!(daemon.0.try_wait().unwrap().is_none(), "virtiofsd died");
-        assert!(Instant::now() < deadline, "no virtiofsd socket");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    daemon
-}
-
 fn hex(v: u64) -> String {
     format!("{v:016x}")
 }
@@ -253,7 +221,7 @@ fn a_guest_sends_fuse_init_to_virtiofsd_through_capsid_vmm() {
     let shared = dir.path().join("share");
     std::fs::create_dir(&shared).unwrap();
     let socket = dir.path().join("virtiofsd.sock");
-    let mut daemon = virtiofsd(&shared, &socket);
+    let mut daemon = capsid_tests::vmm::Virtiofsd::start(&shared, &socket);
     let kernel = asm::elf(&format!("{DRIVER}{LIB64}"), dir.path(), "fs");
     let vm = Vmm::start(json!({
         "vcpus": 1,

@@ -136,22 +136,11 @@ impl Backend for CapsidVmmBackend {
             last_words: String::new(),
             jail: None,
         };
-        // From here on, an error drops `vm`, which kills what was started
-        // and removes the run directory.
         // The VM holds the jail (its uid and cgroups) in its last field, so
         // they outlive the processes in them; an error from here on drops
         // `vm`, which also removes the run directory.
-        vm.jail = self
-            .jailer
-            .as_ref()
-            .map(|j| j.enter(&spec.run_dir, spec.cgroup.as_deref()))
-            .transpose()?
-            .map(std::sync::Arc::new);
+        vm.jail = self.jailer.as_ref().map(|j| j.for_vm(spec)).transpose()?;
         let jail = vm.jail.clone();
-        if let Some(jail) = &jail {
-            jail.check_readable("kernel", &spec.kernel)?;
-            jail.check_readable("initramfs", &spec.initramfs)?;
-        }
         let mut launch = Launch::new(jail.as_deref(), &self.vmm);
         // The tap lives in the sandbox's network namespace: so must the VMM.
         launch

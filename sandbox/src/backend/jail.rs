@@ -19,6 +19,7 @@
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -83,7 +84,7 @@ impl Jailer {
         let uids = jail_dir.join("uids");
         let root = jail_dir.join("root");
         for dir in [&jail_dir, &uids, &root] {
-            match std::fs::DirBuilder::new().mode_0700().create(dir) {
+            match std::fs::DirBuilder::new().mode(0o700).create(dir) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
                 Err(e) => return Err(io("make", dir)(e)),
@@ -113,6 +114,16 @@ impl Jailer {
             run_dir: run_dir.to_path_buf(),
             cgroups,
         })
+    }
+
+    /// The jail of the VM `spec` describes ([`Self::enter`]), once its
+    /// kernel and initramfs are known to be readable by the jail's uid;
+    /// shared between the VM (which drops it last) and its start-up.
+    pub fn for_vm(&self, spec: &super::VmSpec) -> Result<std::sync::Arc<SandboxJail>> {
+        let jail = self.enter(&spec.run_dir, spec.cgroup.as_deref())?;
+        jail.check_readable("kernel", &spec.kernel)?;
+        jail.check_readable("initramfs", &spec.initramfs)?;
+        Ok(std::sync::Arc::new(jail))
     }
 
     /// A free uid, probed from one derived from the name so that
@@ -146,17 +157,6 @@ impl Jailer {
             self.uid_base,
             self.uid_base + count - 1
         )))
-    }
-}
-
-trait DirBuilderPrivate {
-    fn mode_0700(&mut self) -> &mut Self;
-}
-
-impl DirBuilderPrivate for std::fs::DirBuilder {
-    fn mode_0700(&mut self) -> &mut Self {
-        use std::os::unix::fs::DirBuilderExt;
-        self.mode(0o700)
     }
 }
 

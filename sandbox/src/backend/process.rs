@@ -21,6 +21,10 @@ use crate::process::spawn_child;
 /// exit is the VM's own end, not a device failing under it.
 pub const HANG_UP_GRACE: Duration = Duration::from_secs(1);
 
+/// How much of the end of a log is read for the last lines an error
+/// message quotes.
+const TAIL_BYTES: u64 = 8192;
+
 /// A supervised child process.
 #[derive(Debug)]
 pub struct Supervised {
@@ -131,7 +135,8 @@ impl Supervised {
 
     /// The last lines the process wrote to its log (for error messages).
     pub fn last_words(&self) -> String {
-        let bytes = crate::private_dir::read_no_follow(&self.log).unwrap_or_default();
+        let bytes =
+            crate::private_dir::read_tail_no_follow(&self.log, TAIL_BYTES).unwrap_or_default();
         let text = String::from_utf8_lossy(&bytes);
         let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
         lines[lines.len().saturating_sub(3)..].join(" / ")
@@ -238,7 +243,8 @@ pub fn last_words<'a>(
             }
         }
     }
-    let console = crate::private_dir::read_no_follow(console).unwrap_or_default();
+    // Five lines are kept: the end of the log is enough (it may be 1 MiB).
+    let console = crate::private_dir::read_tail_no_follow(console, TAIL_BYTES).unwrap_or_default();
     let text = String::from_utf8_lossy(&console);
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     let tail = lines[lines.len().saturating_sub(5)..].join(" | ");

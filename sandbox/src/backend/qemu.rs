@@ -102,22 +102,11 @@ impl Backend for QemuBackend {
             last_words: String::new(),
             jail: None,
         };
-        // On any error `vm` is dropped, which kills what was started and
-        // removes the run directory.
         // The VM holds the jail (its uid and cgroups) in its last field, so
         // they outlive the processes in them; an error from here on drops
         // `vm`, which also removes the run directory.
-        vm.jail = self
-            .jailer
-            .as_ref()
-            .map(|j| j.enter(&spec.run_dir, spec.cgroup.as_deref()))
-            .transpose()?
-            .map(Arc::new);
+        vm.jail = self.jailer.as_ref().map(|j| j.for_vm(spec)).transpose()?;
         let jail = vm.jail.clone();
-        if let Some(jail) = &jail {
-            jail.check_readable("kernel", &spec.kernel)?;
-            jail.check_readable("initramfs", &spec.initramfs)?;
-        }
         let device_args = self.start_devices(spec, &mut vm, jail.as_deref())?;
         let qemu = Supervised::spawn(
             "qemu",
