@@ -286,9 +286,9 @@ pub fn rules(kind: Kind, role: Role) -> Rules {
     match (kind, role) {
         (Kind::Console, Role::Process) => {
             stacking(&mut r);
-            // The one connection from QEMU, and the socket's removal
-            // right after it.
-            allow(&mut r, &[libc::SYS_accept4]);
+            // The one connection from QEMU, and the socket claim dropped
+            // right after it (unlock, remove the socket and lock file).
+            allow(&mut r, &[libc::SYS_accept4, libc::SYS_flock]);
             allow_unlink(&mut r);
             console(&mut r);
         }

@@ -9,6 +9,7 @@
 //! the claim is dropped.
 
 use std::fs::{File, OpenOptions};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
@@ -23,6 +24,15 @@ pub enum ClaimError {
     #[error("cannot create lock file {path}")]
     LockFile {
         /// The lock file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The listening socket cannot be made or put in place.
+    #[error("cannot listen on {path}")]
+    Listen {
+        /// The socket path.
         path: PathBuf,
         /// Why.
         #[source]
@@ -82,10 +92,58 @@ impl SocketClaim {
         })
     }
 
+    /// Listens on the claimed path. The socket is bound and listening under
+    /// a temporary name first and then renamed into place, so a peer that
+    /// waits for the path to appear never finds a socket that refuses it
+    /// (between `bind` and `listen` a connect is refused).
+    pub fn listen(&self) -> Result<UnixListener, ClaimError> {
+        let listen_error = |source| ClaimError::Listen {
+            path: self.path.clone(),
+            source,
+        };
+        // Named after the final name (each is claimed by one process; a
+        // pid would not do: every jailed device is pid 1 of its own pid
+        // namespace) and short, so the 108-byte limit on socket paths does
+        // not fail the temporary where the final name fits.
+        let name = self.path.file_name().unwrap_or_default();
+        let staging = self
+            .path
+            .with_file_name(format!(".{}", radix36(fnv1a(name.as_encoded_bytes()))));
+        let _ = std::fs::remove_file(&staging);
+        let listener = UnixListener::bind(&staging).map_err(listen_error)?;
+        if let Err(e) = std::fs::rename(&staging, &self.path) {
+            let _ = std::fs::remove_file(&staging);
+            return Err(listen_error(e));
+        }
+        Ok(listener)
+    }
+
     /// The claimed path.
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
+
+/// The 32-bit FNV-1a hash of `bytes`.
+fn fnv1a(bytes: &[u8]) -> u32 {
+    bytes.iter().fold(0x811c_9dc5, |h, &b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    })
+}
+
+/// `n` in base 36, for short file names.
+fn radix36(mut n: u32) -> String {
+    let digits = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut out = Vec::new();
+    loop {
+        out.push(digits[(n % 36) as usize]);
+        n /= 36;
+        if n == 0 {
+            break;
+        }
+    }
+    out.reverse();
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 impl Drop for SocketClaim {
@@ -122,6 +180,29 @@ mod tests {
         let claim = SocketClaim::new(&path).unwrap();
         assert!(!path.exists());
         assert!(std::os::unix::net::UnixListener::bind(claim.path()).is_ok());
+    }
+
+    #[test]
+    fn the_socket_appears_only_once_it_listens() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let claim = SocketClaim::new(&path).unwrap();
+        let listener = claim.listen().unwrap();
+        // Queued in the backlog, not refused.
+        let _client = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        assert!(listener.accept().is_ok());
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+        assert!(names.iter().all(|n| n.starts_with("s.sock")), "{names:?}");
+        drop(claim);
+        drop(listener);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        assert_eq!(radix36(0), "0");
+        assert_eq!(radix36(36 * 36 + 35), "10z");
+        assert_ne!(fnv1a(b"vhost-blk0.sock"), fnv1a(b"vhost-blk1.sock"));
     }
 
     #[test]

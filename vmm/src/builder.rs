@@ -4,7 +4,6 @@
 //! socket. Anything that fails leaves nothing behind.
 
 use std::io::Write;
-use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -80,15 +79,6 @@ pub enum BuildError {
     /// The kernel loader thread ended without a result.
     #[error("the kernel loader thread failed")]
     Loader,
-    /// The control socket cannot be bound.
-    #[error("cannot listen on control socket {path}")]
-    ControlBind {
-        /// The socket path.
-        path: String,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
 }
 
 /// Result of building.
@@ -315,10 +305,8 @@ fn load_boot_image(
 
 fn bind_control(path: &Path) -> Result<ControlSocket> {
     let claim = SocketClaim::new(path)?;
-    let listener = UnixListener::bind(path).map_err(|source| BuildError::ControlBind {
-        path: path.display().to_string(),
-        source,
-    })?;
+    // Listening before it appears: the launcher waits for the path.
+    let listener = claim.listen()?;
     Ok(ControlSocket { listener, claim })
 }
 

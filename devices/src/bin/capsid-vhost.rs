@@ -101,11 +101,13 @@ fn serve_console(
 ) -> anyhow::Result<()> {
     use std::io::{Read, Write};
     let mut out = capsid_devices::capped_log::CappedLog::open(log, max_bytes)?;
-    let listener = std::os::unix::net::UnixListener::bind(socket)?;
+    let claim = capsid_devices::socket_claim::SocketClaim::new(socket)?;
+    let listener = claim.listen()?;
     seccomp.install(Role::Process)?;
     let (mut conn, _) = listener.accept()?;
     drop(listener);
-    let _ = std::fs::remove_file(socket);
+    // The socket and its lock file go: nobody else may connect.
+    drop(claim);
     // From here on: QEMU's stream in, the capped log out.
     seccomp.install(Role::Connected)?;
     let mut buf = vec![0u8; 64 * 1024];

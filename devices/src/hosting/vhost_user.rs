@@ -2,7 +2,8 @@
 //! `vhost-user-backend` crates do the protocol; this adapts the model).
 
 use std::cell::Cell;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::fd::{FromRawFd, IntoRawFd};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
@@ -237,7 +238,7 @@ fn run<D: VirtioDevice + Sync + 'static>(
     seccomp: Option<Confinement>,
 ) -> Result<()> {
     // Held until return: the socket and its lock file go away with it.
-    let _claim = SocketClaim::new(path)?;
+    let claim = SocketClaim::new(path)?;
     // QEMU's virtio-net front end enables rings before acking the protocol
     // features, which the vhost crate refuses: serve it through the relay.
     let relayed = device.device_type() == crate::virtio::net::VIRTIO_ID_NET;
@@ -249,7 +250,7 @@ fn run<D: VirtioDevice + Sync + 'static>(
     // Every socket is bound (and the relay's connection to the daemon
     // made) before the filters go on: they allow neither bind nor connect.
     let (mut listener, relay_ends) = if relayed {
-        let public = UnixListener::bind(path).map_err(VhostUserError::Relay)?;
+        let public = claim.listen()?;
         let private = relay::private_path(path);
         let listener = Listener::new(&private, true).map_err(listen_error)?;
         // Queued until the daemon accepts it; the path is not needed
@@ -258,7 +259,11 @@ fn run<D: VirtioDevice + Sync + 'static>(
         let _ = std::fs::remove_file(&private);
         (listener, Some((public, back)))
     } else {
-        (Listener::new(path, true).map_err(listen_error)?, None)
+        let public = claim.listen()?;
+        // SAFETY: the descriptor is a listening socket owned by nothing
+        // else from here on; the claim, not the Listener, removes the path.
+        let listener = unsafe { Listener::from_raw_fd(public.into_raw_fd()) };
+        (listener, None)
     };
     if let Some(seccomp) = seccomp {
         // No other thread exists yet: every later one inherits this.
