@@ -19,6 +19,7 @@ pub mod image;
 pub mod locate;
 pub mod netns;
 pub mod network;
+pub mod pod_share;
 pub mod private_dir;
 pub mod process;
 pub mod record;

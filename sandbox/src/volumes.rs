@@ -159,6 +159,13 @@ pub fn is_bind(m: &Mount) -> bool {
 /// of the same size instead: its memory is the VM's. Every destination is
 /// checked; the sources are checked when the share is prepared.
 pub fn take_volumes(spec: &mut Spec) -> Result<Vec<Volume>> {
+    take_volumes_at(spec, Path::new(GUEST_SHARE_DIR))
+}
+
+/// [`take_volumes`] for volumes whose entries are `v0`, `v1`, ... under
+/// the guest directory `guest_dir` (a pod container's entry of its pod's
+/// share, [`crate::pod_share`]).
+pub fn take_volumes_at(spec: &mut Spec, guest_dir: &Path) -> Result<Vec<Volume>> {
     let Some(mounts) = spec.mounts().clone() else {
         return Ok(Vec::new());
     };
@@ -182,7 +189,7 @@ pub fn take_volumes(spec: &mut Spec) -> Result<Vec<Volume>> {
             out.push(guest_tmpfs(&m, size, volume.readonly));
             continue;
         }
-        m.set_source(Some(guest_path(volumes.len())));
+        m.set_source(Some(guest_dir.join(entry_name(volumes.len()))));
         m.set_typ(Some("bind".into()));
         if !options.iter().any(|o| o == "bind" || o == "rbind") {
             let mut options = options;
@@ -235,7 +242,8 @@ pub fn guest_path(index: usize) -> PathBuf {
     Path::new(GUEST_SHARE_DIR).join(entry_name(index))
 }
 
-fn entry_name(index: usize) -> String {
+/// The name of volume `index`'s entry (`v{index}`).
+pub(crate) fn entry_name(index: usize) -> String {
     format!("v{index}")
 }
 
@@ -261,6 +269,22 @@ impl Share {
     /// teardown failed) is taken down first. On error nothing is left:
     /// every bind made is undone and the directory removed.
     pub fn prepare(dir: &Path, volumes: &[Volume], protected: &[&Path]) -> Result<Self> {
+        Self::prepare_with(dir, volumes, protected, false)
+    }
+
+    /// [`Self::prepare`] for a share that takes entries while its VM runs
+    /// (a pod's, [`crate::pod_share`]): a writable peer of the share is
+    /// kept at [`live_peer`] for the host to add them through.
+    pub fn prepare_live(dir: &Path, volumes: &[Volume], protected: &[&Path]) -> Result<Self> {
+        Self::prepare_with(dir, volumes, protected, true)
+    }
+
+    fn prepare_with(
+        dir: &Path,
+        volumes: &[Volume],
+        protected: &[&Path],
+        live: bool,
+    ) -> Result<Self> {
         for v in volumes {
             v.check_destination()?;
         }
@@ -299,12 +323,24 @@ impl Share {
                 }
             })?;
         }
-        let protected: Vec<PathBuf> = protected
-            .iter()
-            .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()))
-            .collect();
+        let protected = canonical(protected);
         for (index, volume) in volumes.iter().enumerate() {
-            share.add(index, volume, &protected)?;
+            add_volume(&dir.join(entry_name(index)), volume, &protected)?;
+        }
+        if live {
+            // Bound before the share turns read-only: the peer stays
+            // writable, and what is mounted under it reaches the share and
+            // virtiofsd's copy (one peer group).
+            let peer = live_peer(dir);
+            for d in [peer.parent(), Some(peer.as_path())].into_iter().flatten() {
+                match std::fs::DirBuilder::new().mode(0o700).create(d) {
+                    Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                        return Err(host("create", d)(e))
+                    }
+                    _ => {}
+                }
+            }
+            bind(dir, &peer, MsFlags::empty()).map_err(host("bind-mount the share on", &peer))?;
         }
         bind(
             dir,
@@ -324,7 +360,26 @@ impl Share {
         &self.dir
     }
 
-    fn add(&self, index: usize, volume: &Volume, protected: &[PathBuf]) -> Result<()> {
+    /// Leaves the share in place for [`undo`] to take down later (a
+    /// process that hands it over to a record).
+    pub fn keep(mut self) -> PathBuf {
+        self.armed = false;
+        std::mem::take(&mut self.dir)
+    }
+}
+
+/// The protected directories as the kernel names them (symlinks followed).
+pub(crate) fn canonical(protected: &[&Path]) -> Vec<PathBuf> {
+    protected
+        .iter()
+        .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()))
+        .collect()
+}
+
+/// Binds `volume`'s source on `entry` (made here: a directory or an empty
+/// file, 0700/0600), restricted: nosuid, nodev, read-only if asked.
+pub(crate) fn add_volume(entry: &Path, volume: &Volume, protected: &[PathBuf]) -> Result<()> {
+    {
         let source_err = |source| VolumeError::Source {
             source_path: volume.source.clone(),
             destination: volume.destination.clone(),
@@ -388,7 +443,6 @@ impl Share {
                 destination: volume.destination.clone(),
             });
         }
-        let entry = self.dir.join(entry_name(index));
         if ft.is_dir() {
             std::fs::DirBuilder::new()
                 .mode(0o700)
@@ -408,23 +462,26 @@ impl Share {
         } else {
             MsFlags::empty()
         };
-        bind(&from, &entry, recursive).map_err(host("bind-mount a volume on", &entry))?;
+        bind(&from, entry, recursive).map_err(host("bind-mount a volume on", entry))?;
         // A bind takes the source mounts' flags; ours are set on the whole
         // tree, submounts included. nodev: a device node inside a volume
         // never opens a host device through virtiofsd (which also refuses
         // to open special files). nosuid: belt and braces, nothing on the
         // share runs on the host.
-        restrict_tree(&entry, volume.readonly).map_err(host("restrict the volume on", &entry))?;
+        restrict_tree(entry, volume.readonly).map_err(host("restrict the volume on", entry))?;
         drop(fd);
         Ok(())
     }
+}
 
-    /// Leaves the share in place for [`undo`] to take down later (a
-    /// process that hands it over to a record).
-    pub fn keep(mut self) -> PathBuf {
-        self.armed = false;
-        std::mem::take(&mut self.dir)
-    }
+/// The writable peer of live share `dir` (`<parent>/.rw/<name>`: no
+/// sandbox name starts with a dot).
+pub fn live_peer(dir: &Path) -> PathBuf {
+    let name = dir.file_name().unwrap_or_default();
+    dir.parent()
+        .unwrap_or(Path::new("/"))
+        .join(".rw")
+        .join(name)
 }
 
 impl Drop for Share {
@@ -470,7 +527,7 @@ const MOUNT_ATTR_NODEV: u64 = 0x4;
 
 /// Sets nosuid, nodev (and read-only) on the mount at `path` and every
 /// mount under it, in one call (a remount would reach the top one only).
-fn restrict_tree(path: &Path, readonly: bool) -> std::io::Result<()> {
+pub(crate) fn restrict_tree(path: &Path, readonly: bool) -> std::io::Result<()> {
     let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(std::io::Error::other)?;
     let mut attr = MountAttr {
@@ -502,7 +559,11 @@ fn restrict_tree(path: &Path, readonly: bool) -> std::io::Result<()> {
     }
 }
 
-fn bind(from: &Path, to: &Path, extra: MsFlags) -> std::result::Result<(), std::io::Error> {
+pub(crate) fn bind(
+    from: &Path,
+    to: &Path,
+    extra: MsFlags,
+) -> std::result::Result<(), std::io::Error> {
     mount(
         Some(from),
         to,
@@ -513,7 +574,7 @@ fn bind(from: &Path, to: &Path, extra: MsFlags) -> std::result::Result<(), std::
     .map_err(std::io::Error::from)
 }
 
-fn host(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> VolumeError {
+pub(crate) fn host(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> VolumeError {
     let path = path.to_path_buf();
     move |source| VolumeError::Host { what, path, source }
 }
@@ -532,6 +593,12 @@ pub fn undo(dir: &Path) -> Result<()> {
         }
         Ok(_) => {}
     }
+    // A live share's peer and the entries staged for it go first.
+    let peer = live_peer(dir);
+    if peer.exists() {
+        undo(&peer)?;
+    }
+    crate::pod_share::undo_staging(dir)?;
     // The share's own bind carries every volume under it: one lazy
     // unmount detaches the whole tree. Repeat for stacked mounts; EINVAL
     // says `dir` is no longer a mount point.

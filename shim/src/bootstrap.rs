@@ -34,6 +34,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::cleanup::{self, ADDRESS_FILE};
 use crate::events::Events;
 use crate::options::{self, OptionsError};
+use crate::pod_role::{Role, RoleError};
 use crate::shutdown::Shutdown;
 use crate::task::TaskService;
 
@@ -63,6 +64,17 @@ pub enum BootstrapError {
         /// Why.
         #[source]
         source: std::io::Error,
+    },
+    /// The task's role in a pod cannot be read from its bundle.
+    #[error(transparent)]
+    Role(#[from] RoleError),
+    /// A pod's container whose pod has no shim running.
+    #[error("container {id} belongs to pod sandbox {sandbox_id}, which is not running")]
+    NoPod {
+        /// The container.
+        id: String,
+        /// The pod's sandbox id.
+        sandbox_id: String,
     },
     /// The daemon did not come up.
     #[error("the shim daemon failed to start: {0}")]
@@ -135,20 +147,36 @@ fn start_daemon(flags: &Flags) -> Result<(String, bool)> {
     }
     let given = options::read_start_input(&input, &flags.id, &flags.namespace)?;
     let config_path = given.config_path;
-    let address = containerd_shim::socket_address(&flags.address, &flags.namespace, &flags.id);
+    // containerd runs `start` in the bundle.
+    let bundle = if flags.bundle.is_empty() {
+        std::env::current_dir().map_err(io_err("find the bundle"))?
+    } else {
+        PathBuf::from(&flags.bundle)
+    };
+    let role = Role::of_bundle(&flags.id, &bundle)?;
+    // Every task of a pod is served by the shim of the pod's sandbox.
+    let group = role.group(&flags.id);
+    let address = containerd_shim::socket_address(&flags.address, &flags.namespace, group);
     let socket = socket_path(&address);
     if socket.exists() {
         if std::os::unix::net::UnixStream::connect(socket).is_ok() {
-            // A live shim for this task: reuse it.
+            // A live shim for this task or its pod: reuse it.
+            std::fs::write(ADDRESS_FILE, &address).map_err(io_err("write the address file"))?;
             return Ok((address, given.bootstrap));
         }
         std::fs::remove_file(socket)
             .map_err(io_err(format!("remove stale {}", socket.display())))?;
     }
+    if let Role::Member { sandbox_id } = &role {
+        return Err(BootstrapError::NoPod {
+            id: flags.id.clone(),
+            sandbox_id: sandbox_id.clone(),
+        });
+    }
 
     let exe = std::env::current_exe().map_err(io_err("find the shim binary"))?;
     let mut cmd = Command::new(exe);
-    cmd.args(["-namespace", &flags.namespace, "-id", &flags.id])
+    cmd.args(["-namespace", &flags.namespace, "-id", group])
         .args(["-address", &flags.address, "-socket", &address]);
     if !flags.publish_binary.is_empty() {
         cmd.args(["-publish-binary", &flags.publish_binary]);
