@@ -14,12 +14,13 @@ AGENT       := target/$(TARGET)/release/capsid-agent
 CARGO       ?= cargo
 BINARIES    := capsid capsid-balloond capsid-vmm capsid-vhost capsid-jail containerd-shim-capsid-v2
 
-# Debian packages the build, the tests and the demo need.
+# Debian packages the build, the tests and the demo need (protobuf-compiler:
+# protoc, which the CRI tests' client, the k8s-cri crate, is generated with).
 APT_PACKAGES := build-essential pkg-config python3 cpio xz-utils \
 	linux-source-6.1 flex bison bc libelf-dev libssl-dev \
 	qemu-system-x86 busybox-static erofs-utils e2fsprogs libseccomp-dev libcap-ng-dev \
 	containerd runc iproute2 containernetworking-plugins iptables nftables util-linux \
-	fonts-dejavu-core
+	fonts-dejavu-core protobuf-compiler
 
 .PHONY: all deps virtiofsd kernel agent guest-tool initramfs images assets build release lint test fuzz install demo clean clients
 
@@ -94,9 +95,9 @@ clients:
 	bash contrib/clients/fetch.sh trixie
 	bash contrib/clients/fetch.sh sid
 
-# The ctr suites run again against containerd 1.7 (Debian 13) and 2.1
-# (Debian unstable); the default run uses the system's 1.6.
-CTR_SUITES := --test shim_tasks --test shim_faults --test net_containerd
+# The ctr suites and the CRI suite run again against containerd 1.7
+# (Debian 13) and 2.1 (Debian unstable); the default run uses the system's 1.6.
+CTR_SUITES := --test shim_tasks --test shim_faults --test net_containerd --test cri_pods
 
 test: deps lint build assets guest-tool clients
 	$(CARGO) test --locked --workspace --no-fail-fast

@@ -7,6 +7,10 @@ Images:
   layered   the busybox layer plus two more exercising whiteouts and opaque
             directories; the final tree has /data/keep.txt (no gone.txt),
             /opaque/new.txt only, and /etc/layer reading "3".
+  pause     registry.k8s.io/pause:3.9 for the CRI tests: one layer holding
+            /pause, a static binary built with gcc from images/pause.c
+            (reaps children, exits 0 on SIGINT/SIGTERM), run as 65535 with
+            PATH set, as Kubernetes' own pause image is.
 
 For each image NAME this writes DIR/NAME/ (an OCI image layout) and DIR/NAME.tar
 (the same layout as an OCI archive, accepted by `ctr images import`). Every
@@ -24,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUSYBOX = "/bin/busybox"
@@ -48,9 +53,22 @@ user:x:1000:
 nogroup:x:65534:
 """
 
+PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
 IMAGE_CONFIG = {
-    "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+    "Env": [PATH_ENV],
     "Cmd": ["/bin/sh"],
+    "WorkingDir": "/",
+}
+
+# The pause image stands in for the one containerd's CRI plugin pulls as its
+# sandbox_image; the tests import it, so nothing is ever pulled.
+PAUSE_REF = "registry.k8s.io/pause:3.9"
+PAUSE_SOURCE = os.path.join(REPO_ROOT, "images", "pause.c")
+PAUSE_CONFIG = {
+    "Env": [PATH_ENV],
+    "Entrypoint": ["/pause"],
+    "User": "65535:65535",
     "WorkingDir": "/",
 }
 
@@ -168,6 +186,27 @@ def busybox_layer():
     return layer
 
 
+def pause_layer():
+    """/pause, compiled static (gcc and libc.a from build-essential)."""
+    install_hint = "install it with: apt-get install build-essential"
+    with tempfile.TemporaryDirectory(prefix="capsid-pause-") as tmp:
+        binary = os.path.join(tmp, "pause")
+        cmd = ["gcc", "-Os", "-static", "-s", "-Wl,--build-id=none", "-o", binary, PAUSE_SOURCE]
+        try:
+            subprocess.run(cmd, check=True, capture_output=True, text=True)
+        except FileNotFoundError:
+            raise BuildError(f"gcc not found; {install_hint}")
+        except subprocess.CalledProcessError as e:
+            raise BuildError(f"{' '.join(cmd)} failed ({install_hint}):\n{e.stderr}")
+        if is_dynamic_elf(binary):
+            raise BuildError(f"gcc -static made a dynamic executable of {PAUSE_SOURCE}")
+        with open(binary, "rb") as f:
+            data = f.read()
+    layer = Layer("pause")
+    layer.file("pause", data, 0o755)
+    return layer
+
+
 def layered_layers(base):
     files = Layer("layered: files")
     files.dir("data")
@@ -200,8 +239,11 @@ class Blobs:
         return {"mediaType": media_type, "digest": digest, "size": len(data), **extra}
 
 
-def image_layout(name, layers):
-    """Returns {relative path: bytes} for the OCI image layout of one image."""
+def image_layout(name, layers, ref=None, image_config=None):
+    """Returns {relative path: bytes} for the OCI image layout of one image,
+    named `ref` (default: REGISTRY_PREFIX + name + ":" + TAG)."""
+    ref = ref or f"{REGISTRY_PREFIX}{name}:{TAG}"
+    tag = ref.rsplit(":", 1)[1]
     blobs = Blobs()
     layer_descs, diff_ids = [], []
     for layer in layers:
@@ -212,7 +254,7 @@ def image_layout(name, layers):
     config = {
         "architecture": "amd64",
         "os": "linux",
-        "config": IMAGE_CONFIG,
+        "config": image_config or IMAGE_CONFIG,
         "rootfs": {"type": "layers", "diff_ids": diff_ids},
         "history": [{"created_by": f"capsid images/build-oci.py: {layer.description}"} for layer in layers],
     }
@@ -228,8 +270,8 @@ def image_layout(name, layers):
         canonical_json(manifest),
         platform={"architecture": "amd64", "os": "linux"},
         annotations={
-            "io.containerd.image.name": f"{REGISTRY_PREFIX}{name}:{TAG}",
-            "org.opencontainers.image.ref.name": TAG,
+            "io.containerd.image.name": ref,
+            "org.opencontainers.image.ref.name": tag,
         },
     )
     index = {"schemaVersion": 2, "mediaType": MT_INDEX, "manifests": [manifest_desc]}
@@ -239,7 +281,7 @@ def image_layout(name, layers):
     # from both); Docker >= 25 writes the same pair.
     docker_manifest = [{
         "Config": "blobs/sha256/" + config_desc["digest"].split(":", 1)[1],
-        "RepoTags": [f"{REGISTRY_PREFIX}{name}:{TAG}"],
+        "RepoTags": [ref],
         "Layers": ["blobs/sha256/" + d["digest"].split(":", 1)[1] for d in layer_descs],
     }]
     files = {
@@ -291,8 +333,8 @@ def write_archive(path, files):
     os.replace(tmp, path)
 
 
-def build(name, layers, out):
-    manifest_desc, files = image_layout(name, layers)
+def build(name, layers, out, ref=None, image_config=None):
+    manifest_desc, files = image_layout(name, layers, ref, image_config)
     write_layout(os.path.join(out, name), files)
     archive = os.path.join(out, name + ".tar")
     write_archive(archive, files)
@@ -301,7 +343,7 @@ def build(name, layers, out):
 
 
 def main():
-    images = ("busybox", "layered")
+    images = ("busybox", "layered", "pause")
     parser = argparse.ArgumentParser(
         description="Build capsid's test OCI images (image layout directory and OCI archive per image).")
     parser.add_argument("--out", metavar="DIR", default=os.path.join(REPO_ROOT, "build", "images"),
@@ -311,11 +353,16 @@ def main():
 
     try:
         base = busybox_layer()
-        recipes = {"busybox": [base], "layered": layered_layers(base)}
+        recipes = {
+            "busybox": lambda: ([base], None, None),
+            "layered": lambda: (layered_layers(base), None, None),
+            "pause": lambda: ([pause_layer()], PAUSE_REF, PAUSE_CONFIG),
+        }
         os.makedirs(args.out, exist_ok=True)
         for name in images:
             if args.only in (None, name):
-                build(name, recipes[name], args.out)
+                layers, ref, image_config = recipes[name]()
+                build(name, layers, args.out, ref, image_config)
     except BuildError as e:
         print(f"build-oci: {e}", file=sys.stderr)
         return 1

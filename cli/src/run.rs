@@ -264,6 +264,7 @@ async fn run_timed(
         layers: std::slice::from_ref(&layer),
         dns: Some(&dns),
         hosts: None,
+        rootfs_in_share: None,
         streams: StreamsWanted {
             stdin: true,
             stdout: true,

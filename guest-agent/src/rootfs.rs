@@ -1,12 +1,16 @@
 //! The container's root filesystem inside the guest: read-only image
 //! layers from virtio-blk disks (found by serial), a writable upper layer,
-//! joined by overlayfs; plus the files a container expects to find
-//! (/etc/hostname, /etc/hosts, /etc/resolv.conf).
+//! joined by overlayfs; or a directory of the sandbox's virtio-fs share
+//! (a pod's container whose rootfs the host mounted there), bound in
+//! place. Plus the files a container expects to find (/etc/hostname,
+//! /etc/hosts, /etc/resolv.conf).
 
 use std::fs;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use capsid_protocol::agent::Rootfs;
+use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
 use crate::undo::Undo;
@@ -46,6 +50,27 @@ pub enum RootfsError {
         /// Why.
         #[source]
         source: nix::Error,
+    },
+    /// The rootfs's directory in the share cannot be opened beneath the
+    /// share (it is missing, not a directory, or leaves the share through
+    /// a symlink).
+    #[error("rootfs {path:?} cannot be opened beneath the share")]
+    Share {
+        /// The share path the host gave.
+        path: String,
+        /// Why.
+        #[source]
+        source: nix::Error,
+    },
+    /// A mount of the rootfs could not be taken down, or what is left of
+    /// the bundle could not be removed.
+    #[error("cannot remove {path}")]
+    Remove {
+        /// What was being unmounted or removed.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
     },
 }
 
@@ -125,18 +150,103 @@ fn do_mount(
     })
 }
 
-/// Mounts the layers and the overlay for container `id`.
-pub fn assemble(id: &str, spec: &Rootfs) -> Result<BundleDirs> {
+/// Checks a rootfs request before anything is mounted for it: either
+/// layers (and perhaps an upper disk), or a share path alone.
+pub fn check(spec: &Rootfs) -> Result<()> {
+    if spec.share_path.is_empty() {
+        if spec.layers.is_empty() {
+            return Err(RootfsError::Invalid("no image layers".into()));
+        }
+        return Ok(());
+    }
+    if !spec.layers.is_empty() || !spec.upper_disk_serial.is_empty() {
+        return Err(RootfsError::Invalid(
+            "a rootfs in the share has no image layers or upper disk".into(),
+        ));
+    }
+    check_share_path(&spec.share_path)
+}
+
+/// A path relative to the share's root that names a directory beneath it:
+/// not empty, not absolute, only plain components (no `..`, `.` or empty
+/// one), no NUL. Symlinks are the kernel's to refuse ([`open_in_share`]).
+pub fn check_share_path(path: &str) -> Result<()> {
+    let bad = |why: &str| Err(RootfsError::Invalid(format!("share path {path:?}: {why}")));
+    if path.is_empty() {
+        return bad("empty");
+    }
+    if path.len() > 4096 || path.contains('\0') {
+        return bad("not a path");
+    }
+    if path.starts_with('/') {
+        return bad("absolute");
+    }
+    for part in path.split('/') {
+        match part {
+            "" => return bad("empty component"),
+            "." | ".." => return bad("`.` or `..` component"),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Opens directory `path` (checked by [`check_share_path`]) beneath
+/// `share_root`, as an `O_PATH` descriptor: `RESOLVE_BENEATH` refuses
+/// every step out of the share (an absolute symlink, `..` in a link's
+/// target that climbs above the root) and magic links; the canonical path
+/// of what was opened is checked to be under the root as well.
+pub fn open_in_share(share_root: &Path, path: &str) -> Result<OwnedFd> {
+    check_share_path(path)?;
+    let share_err = |source| RootfsError::Share {
+        path: path.to_string(),
+        source,
+    };
+    let root = nix::fcntl::open(
+        share_root,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(share_err)?;
+    let how = OpenHow::new()
+        .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
+        .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+    let fd = nix::fcntl::openat2(&root, path, how).map_err(share_err)?;
+    let opened = fs::read_link(fd_path(&fd))
+        .map_err(|e| share_err(nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO))))?;
+    let canonical_root = fs::canonicalize(share_root)
+        .map_err(|e| share_err(nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO))))?;
+    if opened == canonical_root || !opened.starts_with(&canonical_root) {
+        return Err(RootfsError::Invalid(format!(
+            "share path {path:?} is {} and not beneath the share",
+            opened.display()
+        )));
+    }
+    Ok(fd)
+}
+
+/// The path through which `fd` can be named (a magic link).
+fn fd_path(fd: &OwnedFd) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
+/// Assembles container `id`'s rootfs: the layers joined by an overlay, or
+/// the share's directory bound in place (`share_root` is where the share
+/// is mounted).
+pub fn assemble(id: &str, spec: &Rootfs, share_root: &Path) -> Result<BundleDirs> {
     if !valid_id(id) {
         return Err(RootfsError::Invalid(format!("container id {id:?}")));
     }
-    if spec.layers.is_empty() {
-        return Err(RootfsError::Invalid("no image layers".into()));
+    check(spec)?;
+    if !spec.share_path.is_empty() {
+        return bind_from_share(id, &spec.share_path, share_root);
     }
     let dirs = BundleDirs::new(id);
     mkdir(&dirs.rootfs)?;
     // From here on a failure unmounts and removes whatever was made.
-    let undo = Undo::new(|| teardown(id));
+    let undo = Undo::new(|| {
+        let _ = teardown(id);
+    });
     let mut lowers = Vec::with_capacity(spec.layers.len());
     for (i, layer) in spec.layers.iter().enumerate() {
         if !matches!(layer.fs_type.as_str(), "erofs" | "ext4") {
@@ -199,23 +309,142 @@ pub fn assemble(id: &str, spec: &Rootfs) -> Result<BundleDirs> {
     Ok(dirs)
 }
 
-/// Unmounts and removes everything [`assemble`] made (best effort, and
-/// safe to call more than once).
-pub fn teardown(id: &str) {
+/// Binds the share's directory `path` at container `id`'s rootfs,
+/// recursively (what the host mounted under it comes along). The bind is
+/// `nodev` but not `nosuid`, as an image's rootfs is: the share itself is
+/// mounted `nosuid`, and each bind decides (see [`crate::share`]).
+fn bind_from_share(id: &str, path: &str, share_root: &Path) -> Result<BundleDirs> {
+    let dirs = BundleDirs::new(id);
+    let source = open_in_share(share_root, path)?;
+    mkdir(&dirs.rootfs)?;
+    let undo = Undo::new(|| {
+        let _ = teardown(id);
+    });
+    let what = format!("share:{path}");
+    let from = fd_path(&source);
+    mount(
+        Some(&from),
+        &dirs.rootfs,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(|source| RootfsError::Mount {
+        what: what.clone(),
+        target: dirs.rootfs.clone(),
+        source,
+    })?;
+    remount_bind(&dirs.rootfs, &what, MsFlags::MS_NODEV)?;
+    undo.disarm();
+    Ok(dirs)
+}
+
+fn remount_bind(target: &Path, what: &str, flags: MsFlags) -> Result<()> {
+    mount(
+        None::<&str>,
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | flags,
+        None::<&str>,
+    )
+    .map_err(|source| RootfsError::Mount {
+        what: format!("{what} (remount {flags:?})"),
+        target: target.to_path_buf(),
+        source,
+    })
+}
+
+/// Unmounts everything [`assemble`] made for container `id` (overlay or
+/// share bind, upper layer, image layers) and removes its bundle. Safe to
+/// call more than once, and on a half-made bundle.
+///
+/// The bundle is never removed recursively: its files are unlinked and
+/// its directories (mount points, empty once unmounted) removed with
+/// rmdir, which the kernel refuses for a mount point or a non-empty
+/// directory. So a mount that could not be taken down never has its
+/// contents deleted, above all not a host directory bound from the share.
+/// Every step is tried; the first failure is returned.
+pub fn teardown(id: &str) -> Result<()> {
     if !valid_id(id) {
-        return;
+        return Err(RootfsError::Invalid(format!("container id {id:?}")));
     }
     let dirs = BundleDirs::new(id);
-    let _ = umount2(&dirs.rootfs, MntFlags::MNT_DETACH);
-    let _ = umount2(&dirs.rw(), MntFlags::MNT_DETACH);
+    let mut first: Option<RootfsError> = None;
+    let mut note = |e: RootfsError| {
+        if first.is_none() {
+            first = Some(e);
+        }
+    };
+    let mut targets = vec![dirs.rootfs.clone(), dirs.rw()];
     for i in 0.. {
         let layer = dirs.layer(i);
         if !layer.exists() {
             break;
         }
-        let _ = umount2(&layer, MntFlags::MNT_DETACH);
+        targets.push(layer);
     }
-    let _ = fs::remove_dir_all(&dirs.bundle);
+    for target in &targets {
+        if let Err(e) = unmount(target) {
+            note(e);
+        }
+    }
+    if let Err(e) = remove_bundle(&dirs.bundle) {
+        note(e);
+    }
+    first.map_or(Ok(()), Err)
+}
+
+/// Takes the mount at `target` down, with what is mounted under it; a
+/// directory that is no mount point (or is gone) is fine.
+fn unmount(target: &Path) -> Result<()> {
+    // Lazily: the container's processes are gone, but the kernel may
+    // still hold the mount for a moment (a mount namespace being freed).
+    // Detached, it is out of the guest's tree at once and its memory is
+    // freed with the last reference.
+    match umount2(target, MntFlags::MNT_DETACH) {
+        Ok(()) | Err(nix::Error::EINVAL) | Err(nix::Error::ENOENT) => Ok(()),
+        Err(e) => Err(RootfsError::Remove {
+            path: target.to_path_buf(),
+            source: e.into(),
+        }),
+    }
+}
+
+/// Removes `bundle` without ever recursing into a directory.
+fn remove_bundle(bundle: &Path) -> Result<()> {
+    let remove_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| RootfsError::Remove { path, source }
+    };
+    let entries = match fs::read_dir(bundle) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(remove_err(bundle)(e)),
+    };
+    let mut first = None;
+    for entry in entries {
+        let entry = entry.map_err(remove_err(bundle))?;
+        let path = entry.path();
+        // The entry's own type: a symlink is removed, never followed.
+        let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+        let removed = if is_dir {
+            fs::remove_dir(&path)
+        } else {
+            fs::remove_file(&path)
+        };
+        if let Err(e) = removed {
+            if e.kind() != std::io::ErrorKind::NotFound && first.is_none() {
+                first = Some(remove_err(&path)(e));
+            }
+        }
+    }
+    if let Some(e) = first {
+        return Err(e);
+    }
+    match fs::remove_dir(bundle) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(remove_err(bundle)(e)),
+        _ => Ok(()),
+    }
 }
 
 /// The largest /etc/hosts the host may give.
@@ -448,6 +677,126 @@ mod tests {
                 .to_string();
             assert!(e.contains("exec format error"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn share_paths_are_checked_lexically() {
+        for ok in ["c3/rootfs", "c3", "a/b/c", "c3/root.fs", "..x/y", "x../y"] {
+            assert!(check_share_path(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "/c3/rootfs",
+            "/",
+            "..",
+            "../c3",
+            "c3/../../etc",
+            "c3/..",
+            "./c3",
+            "c3/./rootfs",
+            "c3//rootfs",
+            "c3/rootfs/",
+            "c3\0/rootfs",
+        ] {
+            let e = check_share_path(bad).unwrap_err();
+            assert!(matches!(e, RootfsError::Invalid(_)), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_share_rootfs_has_no_layers_or_upper_disk() {
+        let mut spec = Rootfs::new();
+        assert!(check(&spec).is_err(), "neither layers nor share path");
+        spec.share_path = "c3/rootfs".into();
+        assert!(check(&spec).is_ok());
+        spec.upper_disk_serial = "scratch".into();
+        assert!(matches!(check(&spec), Err(RootfsError::Invalid(_))));
+        spec.upper_disk_serial.clear();
+        spec.layers.push(capsid_protocol::agent::BlockLayer::new());
+        assert!(matches!(check(&spec), Err(RootfsError::Invalid(_))));
+        spec.share_path = "../c3".into();
+        spec.layers.clear();
+        assert!(matches!(check(&spec), Err(RootfsError::Invalid(_))));
+        spec.share_path.clear();
+        spec.layers.push(capsid_protocol::agent::BlockLayer::new());
+        assert!(check(&spec).is_ok());
+    }
+
+    #[test]
+    fn share_paths_are_opened_only_beneath_the_share() {
+        use std::os::unix::fs::symlink;
+        let top = tempfile::tempdir().unwrap();
+        let share = top.path().join("share");
+        let outside = top.path().join("outside");
+        fs::create_dir_all(share.join("c3/rootfs/etc")).unwrap();
+        fs::create_dir_all(share.join("c4")).unwrap();
+        fs::create_dir_all(&outside).unwrap();
+        fs::write(share.join("c3/file"), "x").unwrap();
+        symlink("rootfs", share.join("c3/inside")).unwrap();
+        symlink("../c3/rootfs", share.join("c4/rootfs")).unwrap();
+        symlink(&outside, share.join("c3/absolute")).unwrap();
+        symlink("../../outside", share.join("c3/relative")).unwrap();
+        symlink("/proc/self/cwd", share.join("c3/magic")).unwrap();
+        symlink(".", share.join("c3/here")).unwrap();
+        symlink("..", share.join("c3/up")).unwrap();
+
+        let opened = |p: &str| {
+            let fd = open_in_share(&share, p).unwrap();
+            fs::read_link(fd_path(&fd)).unwrap()
+        };
+        let canonical = fs::canonicalize(&share).unwrap();
+        assert_eq!(opened("c3/rootfs"), canonical.join("c3/rootfs"));
+        assert_eq!(opened("c3/rootfs/etc"), canonical.join("c3/rootfs/etc"));
+        // Links that stay beneath the share are followed.
+        assert_eq!(opened("c3/inside"), canonical.join("c3/rootfs"));
+        assert_eq!(opened("c4/rootfs"), canonical.join("c3/rootfs"));
+        assert_eq!(opened("c3/here"), canonical.join("c3"));
+
+        for bad in ["c3/absolute", "c3/relative", "c3/magic", "c3/absolute/x"] {
+            let e = open_in_share(&share, bad).unwrap_err();
+            assert!(matches!(e, RootfsError::Share { .. }), "{bad}: {e}");
+        }
+        // The share's root itself is no container's rootfs.
+        let e = open_in_share(&share, "c3/up").unwrap_err();
+        assert!(matches!(e, RootfsError::Invalid(_)), "{e}");
+        // Missing, or not a directory.
+        for bad in ["c9/rootfs", "c3/file"] {
+            let e = open_in_share(&share, bad).unwrap_err();
+            assert!(matches!(e, RootfsError::Share { .. }), "{bad}: {e}");
+        }
+        // Lexically bad paths never reach the kernel.
+        for bad in ["../outside", "/etc", "c3/../c3/rootfs"] {
+            let e = open_in_share(&share, bad).unwrap_err();
+            assert!(matches!(e, RootfsError::Invalid(_)), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn teardown_never_recurses_into_the_bundle_s_directories() {
+        // A directory of the bundle that is still full (a bind that could
+        // not be taken down) keeps its contents; files go.
+        let dir = tempfile::tempdir().unwrap();
+        let bundle = dir.path().join("b");
+        fs::create_dir_all(bundle.join("rootfs/bin")).unwrap();
+        fs::write(bundle.join("rootfs/bin/sh"), "keep").unwrap();
+        fs::create_dir(bundle.join("layer0")).unwrap();
+        fs::write(bundle.join("config.json"), "{}").unwrap();
+        std::os::unix::fs::symlink("rootfs", bundle.join("link")).unwrap();
+        let e = remove_bundle(&bundle).unwrap_err();
+        assert!(matches!(e, RootfsError::Remove { .. }), "{e}");
+        assert_eq!(
+            fs::read_to_string(bundle.join("rootfs/bin/sh")).unwrap(),
+            "keep"
+        );
+        assert!(!bundle.join("layer0").exists());
+        assert!(!bundle.join("config.json").exists());
+        assert!(!bundle.join("link").exists());
+        fs::remove_file(bundle.join("rootfs/bin/sh")).unwrap();
+        fs::remove_dir(bundle.join("rootfs/bin")).unwrap();
+        remove_bundle(&bundle).unwrap();
+        assert!(!bundle.exists());
+        // Gone already: fine.
+        remove_bundle(&bundle).unwrap();
     }
 
     #[test]

@@ -230,6 +230,19 @@ impl AgentService for Service {
         Ok(Empty::new())
     }
 
+    async fn remove_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: RemoveContainerRequest,
+    ) -> TtrpcResult<Empty> {
+        arrived("RemoveContainer");
+        self.containers
+            .remove(&req.container_id)
+            .await
+            .map_err(status)?;
+        Ok(Empty::new())
+    }
+
     async fn next_event(&self, _ctx: &TtrpcContext, _req: NextEventRequest) -> TtrpcResult<Event> {
         Ok(self.containers.next_event().await)
     }

@@ -1,7 +1,10 @@
 //! The sandbox's volume share: a virtio-fs filesystem the host exports
 //! (virtiofsd), mounted once at [`SHARE_DIR`]; containers bind its entries
 //! at their destinations (the host rewrote each volume's source to
-//! `SHARE_DIR/vN`).
+//! `SHARE_DIR/vN`, or `SHARE_DIR/c3/v0` for a pod's container). A pod's
+//! container may have its rootfs there too (`c3/rootfs`, bound by
+//! [`crate::rootfs::assemble`]): the share is mounted before the rootfs is
+//! assembled.
 
 use std::path::Path;
 use std::sync::Mutex;

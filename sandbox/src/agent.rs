@@ -39,11 +39,38 @@ pub enum AgentError {
 /// Result of agent calls.
 pub type Result<T> = std::result::Result<T, AgentError>;
 
+impl AgentError {
+    /// The agent's ttrpc status code, when it answered with an error
+    /// (`"NOT_FOUND"`, `"INVALID_ARGUMENT"`, ...).
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            Self::Rpc { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+
+    /// The agent answered NOT_FOUND: no such container or process (a
+    /// removed container's id included).
+    pub fn is_not_found(&self) -> bool {
+        self.code() == Some(code_name(ttrpc::Code::NOT_FOUND).as_str())
+    }
+
+    /// The agent refused the request as malformed (INVALID_ARGUMENT).
+    pub fn is_invalid_argument(&self) -> bool {
+        self.code() == Some(code_name(ttrpc::Code::INVALID_ARGUMENT).as_str())
+    }
+}
+
+/// How [`AgentError::Rpc`] names a status code.
+fn code_name(code: ttrpc::Code) -> String {
+    format!("{code:?}")
+}
+
 impl From<ttrpc::Error> for AgentError {
     fn from(e: ttrpc::Error) -> Self {
         match e {
             ttrpc::Error::RpcStatus(s) => AgentError::Rpc {
-                code: format!("{:?}", s.code()),
+                code: code_name(s.code()),
                 message: s.message().to_string(),
             },
             other => AgentError::Transport(other.to_string()),
@@ -53,6 +80,9 @@ impl From<ttrpc::Error> for AgentError {
 
 /// How long a control call may take (process waits and event polls have none).
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long RemoveContainer may take.
+pub const REMOVE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Binds the socket the agent will dial (`<vsock>_<AGENT_HOST_PORT>`).
 pub fn bind_agent_listener(vsock_path: &Path) -> std::io::Result<UnixListener> {
@@ -250,6 +280,20 @@ impl Agent {
         Ok(())
     }
 
+    /// Removes a container while the VM runs on: kills what of it still
+    /// runs, takes its rootfs down and forgets it ([`AgentError::is_not_found`]
+    /// for an unknown id); only [`crate::container`] calls it.
+    pub(crate) async fn remove_container(&self, container_id: &str) -> Result<()> {
+        let mut req = RemoveContainerRequest::new();
+        req.container_id = container_id.into();
+        // The agent waits up to 10 s for the processes to die, then takes
+        // the mounts down: more than a plain control call may need.
+        self.client
+            .remove_container(ctx(Some(REMOVE_TIMEOUT)), &req)
+            .await?;
+        Ok(())
+    }
+
     /// The next container event (waits for one).
     pub async fn next_event(&self) -> Result<Event> {
         Ok(self
@@ -264,5 +308,29 @@ impl Agent {
             .shutdown(ctx(Some(Duration::from_secs(5))), &ShutdownRequest::new())
             .await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(code: ttrpc::Code) -> AgentError {
+        let mut s = ttrpc::Status::new();
+        s.set_code(code);
+        s.set_message("container \"x\" not found".into());
+        AgentError::from(ttrpc::Error::RpcStatus(s))
+    }
+
+    #[test]
+    fn not_found_is_told_apart() {
+        let e = status(ttrpc::Code::NOT_FOUND);
+        assert!(e.is_not_found());
+        assert!(!e.is_invalid_argument());
+        assert_eq!(e.code(), Some("NOT_FOUND"));
+        assert_eq!(e.to_string(), "agent: container \"x\" not found");
+        assert!(status(ttrpc::Code::INVALID_ARGUMENT).is_invalid_argument());
+        assert!(!status(ttrpc::Code::INTERNAL).is_not_found());
+        assert!(!AgentError::Transport("gone".into()).is_not_found());
     }
 }

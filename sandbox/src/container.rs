@@ -3,6 +3,7 @@
 //! the test harness all create containers and exec processes through here;
 //! nothing else builds the agent's container requests.
 
+use std::path::Path;
 use std::time::Duration;
 
 use capsid_protocol::agent::{BlockLayer, CreateContainerRequest, ExecProcessRequest, Rootfs};
@@ -33,6 +34,9 @@ pub enum ContainerError {
     /// The agent refused or failed the call.
     #[error(transparent)]
     Agent(#[from] AgentError),
+    /// A rootfs in the share cannot be asked for as given.
+    #[error("rootfs in the share: {0}")]
+    RootfsInShare(String),
     /// The agent made the process but never connected its streams.
     #[error("the guest did not connect the process's stdio within {0:?}")]
     StreamTimeout(Duration),
@@ -46,6 +50,14 @@ pub enum ContainerError {
 
 /// Result of container operations.
 pub type Result<T> = std::result::Result<T, ContainerError>;
+
+impl ContainerError {
+    /// The agent answered NOT_FOUND: no such container or process (e.g.
+    /// [`Sandbox::remove_container`] of an id the guest does not know).
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, Self::Agent(e) if e.is_not_found())
+    }
+}
 
 /// A read-only disk holding one layer of a container's root filesystem
 /// (usually the image's whole flattened rootfs).
@@ -85,8 +97,17 @@ pub struct ContainerSpec<'a> {
     /// The spec as the guest must apply it (already adapted to the VM).
     pub oci: &'a Spec,
     /// The disks its root filesystem is built from, lowest first (a
-    /// writable upper layer in guest RAM goes on top).
+    /// writable upper layer in guest RAM goes on top). Empty when
+    /// `rootfs_in_share` is given.
     pub layers: &'a [LayerDisk],
+    /// `Some`: the root filesystem is this directory of the sandbox's
+    /// virtio-fs share, relative to the share's root (`c3/rootfs`: a pod's
+    /// container whose rootfs the host mounted there); `layers` must then
+    /// be empty and the sandbox must serve a share. The guest binds it in
+    /// place, read-only if the spec's root is; it refuses a path that is
+    /// absolute, has `..` or `.` components, or leaves the share through a
+    /// symlink. `None`: the rootfs is made of `layers`.
+    pub rootfs_in_share: Option<&'a Path>,
     /// Its /etc/resolv.conf; `None` leaves the image's.
     pub dns: Option<&'a GuestDns>,
     /// Its /etc/hosts; `None`: localhost and the hostname.
@@ -130,6 +151,30 @@ fn create_request(
     req.container_id = spec.id.into();
     req.oci_spec_json = serde_json::to_vec(spec.oci).map_err(ContainerError::Spec)?;
     let mut rootfs = Rootfs::new();
+    if let Some(path) = spec.rootfs_in_share {
+        if !spec.layers.is_empty() {
+            return Err(ContainerError::RootfsInShare(
+                "it cannot have image layers too".into(),
+            ));
+        }
+        if !share {
+            return Err(ContainerError::RootfsInShare(
+                "the sandbox serves no share".into(),
+            ));
+        }
+        // The agent checks the path itself (it is the one that must stay
+        // in the share); here it only has to be text.
+        rootfs.share_path = path
+            .to_str()
+            .filter(|p| !p.is_empty())
+            .ok_or_else(|| {
+                ContainerError::RootfsInShare(format!(
+                    "{} is not a non-empty UTF-8 path",
+                    path.display()
+                ))
+            })?
+            .to_owned();
+    }
     for disk in spec.layers {
         let mut layer = BlockLayer::new();
         layer.disk_serial = disk.serial.clone();
@@ -172,6 +217,24 @@ impl Sandbox {
             .await?;
         tracing::debug!(container = %spec.id, pid, "container created");
         Ok(Created { pid, streams })
+    }
+
+    /// Removes container `container_id` while the VM runs on: the agent
+    /// SIGKILLs what of it still runs, takes its rootfs down (its guest
+    /// RAM comes back), removes its bundle and cgroup and forgets it, so
+    /// the id can be created again. Waits pending on its processes return.
+    /// An id the guest does not know fails with
+    /// [`ContainerError::is_not_found`]. Fails if the VM ends first.
+    pub async fn remove_container(&self, container_id: &str) -> Result<()> {
+        let removed = async {
+            self.agent()
+                .remove_container(container_id)
+                .await
+                .map_err(ContainerError::from)
+        };
+        self.until_vm_exit(removed).await?;
+        tracing::debug!(container = %container_id, "container removed");
+        Ok(())
     }
 
     /// Starts a created container's init; returns its guest pid.
@@ -302,6 +365,7 @@ mod tests {
             layers: &layers,
             dns: Some(&dns),
             hosts: None,
+            rootfs_in_share: None,
             streams: StreamsWanted {
                 stdin: true,
                 stdout: true,
@@ -351,6 +415,7 @@ mod tests {
             layers: &layers,
             dns: None,
             hosts: None,
+            rootfs_in_share: None,
             streams: StreamsWanted {
                 stdin: false,
                 stdout: false,
@@ -361,6 +426,56 @@ mod tests {
         let req = create_request(&spec, &pending, 0, false).unwrap();
         assert!(req.dns_servers.is_empty() && req.dns_search.is_empty());
         assert!(!req.rootfs.as_ref().unwrap().readonly);
+    }
+
+    #[tokio::test]
+    async fn a_rootfs_in_the_share_is_asked_for_by_path_with_the_tag() {
+        let oci = build(
+            &ImageDefaults::default(),
+            &RunOptions {
+                command: vec!["true".into()],
+                read_only: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let (_dir, pending) = pending();
+        let spec = ContainerSpec {
+            id: "c3",
+            oci: &oci,
+            layers: &[],
+            dns: None,
+            hosts: None,
+            rootfs_in_share: Some(Path::new("c3/rootfs")),
+            streams: StreamsWanted {
+                stdin: false,
+                stdout: false,
+                stderr: false,
+                terminal: false,
+            },
+        };
+        let req = create_request(&spec, &pending, 0, true).unwrap();
+        let rootfs = req.rootfs.as_ref().unwrap();
+        assert_eq!(rootfs.share_path, "c3/rootfs");
+        assert!(rootfs.layers.is_empty() && rootfs.upper_disk_serial.is_empty());
+        assert!(rootfs.readonly);
+        assert_eq!(req.share_tag, crate::volumes::SHARE_TAG);
+
+        let e = create_request(&spec, &pending, 0, false).unwrap_err();
+        assert!(e.to_string().contains("no share"), "{e}");
+        let layers = [LayerDisk::primary("erofs")];
+        let both = ContainerSpec {
+            layers: &layers,
+            ..spec
+        };
+        let e = create_request(&both, &pending, 0, true).unwrap_err();
+        assert!(matches!(e, ContainerError::RootfsInShare(_)), "{e}");
+        let empty = ContainerSpec {
+            rootfs_in_share: Some(Path::new("")),
+            ..spec
+        };
+        assert!(create_request(&empty, &pending, 0, true).is_err());
+        assert!(!e.is_not_found());
     }
 
     #[test]

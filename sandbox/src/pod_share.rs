@@ -202,10 +202,15 @@ pub fn undo_staging(share: &Path) -> Result<()> {
     }
     match std::fs::remove_dir(&root) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            Err(volumes::host("remove", &root)(e))
+            return Err(volumes::host("remove", &root)(e))
         }
-        _ => Ok(()),
+        _ => {}
     }
+    // The staging directory goes with the last share that used it.
+    if let Some(parent) = root.parent() {
+        let _ = std::fs::remove_dir(parent);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -90,10 +90,23 @@ pub struct HostRecord {
     /// removed, never anything inside a volume.
     #[serde(default)]
     pub share: Option<PathBuf>,
+    /// A pod container's entry in its pod's share
+    /// ([`crate::pod_share`]): taken down, never anything inside it.
+    #[serde(default)]
+    pub pod_entry: Option<PodEntryRecord>,
     /// The cgroup the VM's processes were put in, when the spec named one
     /// (`crate::backend::VmSpec::cgroup`); `None`: one under the caller's.
     #[serde(default)]
     pub cgroup: Option<PathBuf>,
+}
+
+/// Where a pod container's files are in its pod's share.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodEntryRecord {
+    /// The pod's share directory.
+    pub share: PathBuf,
+    /// The entry's name in it.
+    pub name: String,
 }
 
 impl HostRecord {
@@ -299,6 +312,15 @@ pub fn undo(record: &HostRecord) -> UndoReport {
     for mount in &record.mounts {
         if let Err(e) = unmount(mount) {
             report.errors.push(e);
+        }
+    }
+    if let Some(entry) = &record.pod_entry {
+        if let Err(e) = crate::pod_share::undo_entry(&entry.share, &entry.name) {
+            report.errors.push(format!(
+                "taking down share entry {}: {}",
+                entry.name,
+                chain(&e)
+            ));
         }
     }
     if let Some(share) = &record.share {

@@ -379,99 +379,97 @@ pub(crate) fn canonical(protected: &[&Path]) -> Vec<PathBuf> {
 /// Binds `volume`'s source on `entry` (made here: a directory or an empty
 /// file, 0700/0600), restricted: nosuid, nodev, read-only if asked.
 pub(crate) fn add_volume(entry: &Path, volume: &Volume, protected: &[PathBuf]) -> Result<()> {
-    {
-        let source_err = |source| VolumeError::Source {
+    let source_err = |source| VolumeError::Source {
+        source_path: volume.source.clone(),
+        destination: volume.destination.clone(),
+        source,
+    };
+    // The source is opened once and bound through its descriptor, so a
+    // path swapped after the checks cannot be what gets mounted.
+    let fd = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_PATH | nix::libc::O_CLOEXEC)
+        .open(&volume.source)
+        .map_err(source_err)?;
+    let meta = fd.metadata().map_err(source_err)?;
+    let ft = meta.file_type();
+    let kind = if ft.is_dir() || ft.is_file() {
+        None
+    } else if ft.is_block_device() || ft.is_char_device() {
+        Some("device node")
+    } else if ft.is_socket() {
+        Some("socket")
+    } else if ft.is_fifo() {
+        Some("named pipe")
+    } else {
+        Some("special file")
+    };
+    if let Some(kind) = kind {
+        return Err(VolumeError::SourceKind {
             source_path: volume.source.clone(),
             destination: volume.destination.clone(),
-            source,
-        };
-        // The source is opened once and bound through its descriptor, so a
-        // path swapped after the checks cannot be what gets mounted.
-        let fd = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(nix::libc::O_PATH | nix::libc::O_CLOEXEC)
-            .open(&volume.source)
-            .map_err(source_err)?;
-        let meta = fd.metadata().map_err(source_err)?;
-        let ft = meta.file_type();
-        let kind = if ft.is_dir() || ft.is_file() {
-            None
-        } else if ft.is_block_device() || ft.is_char_device() {
-            Some("device node")
-        } else if ft.is_socket() {
-            Some("socket")
-        } else if ft.is_fifo() {
-            Some("named pipe")
-        } else {
-            Some("special file")
-        };
-        if let Some(kind) = kind {
-            return Err(VolumeError::SourceKind {
-                source_path: volume.source.clone(),
-                destination: volume.destination.clone(),
-                kind,
-            });
-        }
-        let forbidden = |reason: String| VolumeError::Forbidden {
-            source_path: volume.source.clone(),
-            destination: volume.destination.clone(),
-            reason,
-        };
-        // Where the source really is, once every symlink was followed.
-        let real =
-            std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).map_err(source_err)?;
-        if let Some(p) = protected
-            .iter()
-            .find(|p| real.starts_with(p) || p.starts_with(&real))
-        {
-            return Err(forbidden(format!(
-                "{} is in or holds capsid's own directory {}",
-                real.display(),
-                p.display()
-            )));
-        }
-        let fs = nix::sys::statfs::fstatfs(&fd).map_err(|e| source_err(e.into()))?;
-        if let Some(name) = kernel_interface(fs.filesystem_type()) {
-            return Err(forbidden(format!(
-                "it is on the host's {name}, which no guest may see"
-            )));
-        }
-        let stat = nix::sys::statvfs::fstatvfs(&fd).map_err(|e| source_err(e.into()))?;
-        if !volume.readonly && stat.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY) {
-            return Err(VolumeError::ReadOnlySource {
-                source_path: volume.source.clone(),
-                destination: volume.destination.clone(),
-            });
-        }
-        if ft.is_dir() {
-            std::fs::DirBuilder::new()
-                .mode(0o700)
-                .create(&entry)
-                .map_err(host("create", &entry))?;
-        } else {
-            std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&entry)
-                .map_err(host("create", &entry))?;
-        }
-        let from = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
-        let recursive = if volume.recursive {
-            MsFlags::MS_REC
-        } else {
-            MsFlags::empty()
-        };
-        bind(&from, entry, recursive).map_err(host("bind-mount a volume on", entry))?;
-        // A bind takes the source mounts' flags; ours are set on the whole
-        // tree, submounts included. nodev: a device node inside a volume
-        // never opens a host device through virtiofsd (which also refuses
-        // to open special files). nosuid: belt and braces, nothing on the
-        // share runs on the host.
-        restrict_tree(entry, volume.readonly).map_err(host("restrict the volume on", entry))?;
-        drop(fd);
-        Ok(())
+            kind,
+        });
     }
+    let forbidden = |reason: String| VolumeError::Forbidden {
+        source_path: volume.source.clone(),
+        destination: volume.destination.clone(),
+        reason,
+    };
+    // Where the source really is, once every symlink was followed.
+    let real =
+        std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).map_err(source_err)?;
+    if let Some(p) = protected
+        .iter()
+        .find(|p| real.starts_with(p) || p.starts_with(&real))
+    {
+        return Err(forbidden(format!(
+            "{} is in or holds capsid's own directory {}",
+            real.display(),
+            p.display()
+        )));
+    }
+    let fs = nix::sys::statfs::fstatfs(&fd).map_err(|e| source_err(e.into()))?;
+    if let Some(name) = kernel_interface(fs.filesystem_type()) {
+        return Err(forbidden(format!(
+            "it is on the host's {name}, which no guest may see"
+        )));
+    }
+    let stat = nix::sys::statvfs::fstatvfs(&fd).map_err(|e| source_err(e.into()))?;
+    if !volume.readonly && stat.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY) {
+        return Err(VolumeError::ReadOnlySource {
+            source_path: volume.source.clone(),
+            destination: volume.destination.clone(),
+        });
+    }
+    if ft.is_dir() {
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(entry)
+            .map_err(host("create", entry))?;
+    } else {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(entry)
+            .map_err(host("create", entry))?;
+    }
+    let from = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+    let recursive = if volume.recursive {
+        MsFlags::MS_REC
+    } else {
+        MsFlags::empty()
+    };
+    bind(&from, entry, recursive).map_err(host("bind-mount a volume on", entry))?;
+    // A bind takes the source mounts' flags; ours are set on the whole
+    // tree, submounts included. nodev: a device node inside a volume
+    // never opens a host device through virtiofsd (which also refuses
+    // to open special files). nosuid: belt and braces, nothing on the
+    // share runs on the host.
+    restrict_tree(entry, volume.readonly).map_err(host("restrict the volume on", entry))?;
+    drop(fd);
+    Ok(())
 }
 
 /// The writable peer of live share `dir` (`<parent>/.rw/<name>`: no
@@ -597,6 +595,11 @@ pub fn undo(dir: &Path) -> Result<()> {
     let peer = live_peer(dir);
     if peer.exists() {
         undo(&peer)?;
+        // The peers' directory goes with the last of them (other
+        // sandboxes' keep it: rmdir refuses a non-empty directory).
+        if let Some(parent) = peer.parent() {
+            let _ = std::fs::remove_dir(parent);
+        }
     }
     crate::pod_share::undo_staging(dir)?;
     // The share's own bind carries every volume under it: one lazy

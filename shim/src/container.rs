@@ -27,6 +27,8 @@ use crate::create::{self, LateNetwork, Plan};
 use crate::events::Events;
 use crate::hooks::{self, HostHooks};
 use crate::io::{IoError, LogOwner, ProcessIo, StdioPaths};
+use crate::pod::Pod;
+use crate::pod_role::Role;
 use crate::process::{ExitInfo, Process, Status};
 use crate::rootfs::{RootfsDisk, RootfsError};
 use crate::sizing::{self, SizingError, VmSize};
@@ -151,6 +153,10 @@ pub struct Container {
     execs: Mutex<HashMap<String, Arc<Process>>>,
     paused: AtomicBool,
     rootfs: Mutex<Option<RootfsDisk>>,
+    /// The pod this task's VM is (a pod's sandbox task).
+    pod: Option<Arc<Pod>>,
+    /// The pod whose VM this container was added to (a pod's container).
+    member_of: Option<Arc<Pod>>,
     /// What the sandbox made on the host, undone by [`Container::destroy`].
     record: Mutex<Option<RecordFile<HostRecord>>>,
     /// The sandbox's own network namespace, wired at the init's Start.
@@ -167,8 +173,22 @@ pub struct Container {
 impl Container {
     /// Boots the sandbox and creates the container in it (its init is
     /// prepared, not started). On error nothing is left behind.
-    pub async fn create(req: CreateRequest, config: Config, events: Events) -> Result<Arc<Self>> {
+    pub async fn create(
+        req: CreateRequest,
+        config: Config,
+        events: Events,
+        pod: Option<Arc<Pod>>,
+    ) -> Result<Arc<Self>> {
         let plan = Plan::read(&req, &config)?;
+        if let Role::Member { sandbox_id } = &plan.role {
+            let pod = pod.ok_or_else(|| {
+                ContainerError::NotFound(format!(
+                    "pod sandbox {sandbox_id} of container {} in this shim",
+                    req.id
+                ))
+            })?;
+            return Self::add_to_pod(req, plan, config, events, pod).await;
+        }
         let made = match create::make(&req, &plan, &config).await {
             Ok(made) => made,
             Err(e) => {
@@ -186,7 +206,16 @@ impl Container {
         tracing::info!(container = %req.id, guest_pid = made.pid, host_pid, "container created");
         init.set_pid(host_pid);
         init.set_io(made.io);
-        let (vm_tx, vm_exit) = watch::channel(None);
+        let (pod, vm_tx, vm_exit) = match made.pod {
+            Some((pod, tx)) => {
+                let rx = pod.vm_exit.clone();
+                (Some(pod), tx, rx)
+            }
+            None => {
+                let (tx, rx) = watch::channel(None);
+                (None, tx, rx)
+            }
+        };
         let container = Arc::new(Self {
             id: req.id.clone(),
             bundle: req.bundle.clone(),
@@ -198,7 +227,9 @@ impl Container {
             oom_reported: Arc::new(AtomicBool::new(false)),
             execs: Mutex::new(HashMap::new()),
             paused: AtomicBool::new(false),
-            rootfs: Mutex::new(Some(made.rootfs)),
+            rootfs: Mutex::new(made.rootfs),
+            pod,
+            member_of: None,
             record: Mutex::new(Some(made.record)),
             late_network: Mutex::new(made.late_network),
             hooks: plan.hooks,
@@ -211,17 +242,82 @@ impl Container {
             background: Mutex::new(Vec::new()),
         });
         let monitor = tokio::spawn(monitor_vm(Arc::downgrade(&container), vm_tx));
+        let oom_targets = match &container.pod {
+            Some(pod) => pod.oom_targets.clone(),
+            None => Arc::new(Mutex::new(HashMap::new())),
+        };
+        if let Ok(mut t) = oom_targets.lock() {
+            t.insert(container.id.clone(), container.oom_reported.clone());
+        }
+        // One reader of the VM's events: a pod's containers are told of
+        // theirs by the pod sandbox's.
         let oom = tokio::spawn(forward_oom(
             container.agent.clone(),
-            container.id.clone(),
+            oom_targets,
             container.events.clone(),
-            container.oom_reported.clone(),
         ));
         if let Ok(mut bg) = container.background.lock() {
             bg.extend([monitor, oom]);
         }
         container.watch(container.init.clone());
         Ok(container)
+    }
+
+    /// Adds the container of `req` to `pod`'s running VM.
+    async fn add_to_pod(
+        req: CreateRequest,
+        plan: Plan,
+        config: Config,
+        events: Events,
+        pod: Arc<Pod>,
+    ) -> Result<Arc<Self>> {
+        let added = match crate::pod::add(&pod, &req, &plan, false).await {
+            Ok(added) => added,
+            Err(e) => {
+                hooks::poststop_detached(&plan.hooks, &req.id, &req.bundle, 0).await;
+                return Err(e);
+            }
+        };
+        let host_pid = pod.sandbox.vm_pid().unwrap_or(0);
+        tracing::info!(container = %req.id, pod = %pod.id, guest_pid = added.pid, host_pid, "container added to its pod's VM");
+        let init = Process::new("", req.stdio.clone());
+        init.set_pid(host_pid);
+        init.set_io(added.io);
+        let container = Arc::new(Self {
+            id: req.id.clone(),
+            bundle: req.bundle.clone(),
+            init,
+            size: pod.size,
+            agent: pod.sandbox.agent().clone(),
+            sandbox: Mutex::new(Some(pod.sandbox.clone())),
+            vm_exit: pod.vm_exit.clone(),
+            oom_reported: Arc::new(AtomicBool::new(false)),
+            execs: Mutex::new(HashMap::new()),
+            paused: AtomicBool::new(false),
+            rootfs: Mutex::new(None),
+            pod: None,
+            member_of: Some(pod.clone()),
+            record: Mutex::new(added.record),
+            late_network: Mutex::new(None),
+            hooks: plan.hooks,
+            log_owner: LogOwner {
+                id: req.id.clone(),
+                namespace: req.namespace.clone(),
+            },
+            config,
+            events,
+            background: Mutex::new(Vec::new()),
+        });
+        if let Ok(mut t) = pod.oom_targets.lock() {
+            t.insert(container.id.clone(), container.oom_reported.clone());
+        }
+        container.watch(container.init.clone());
+        Ok(container)
+    }
+
+    /// The pod whose VM this task is, if it is a pod's sandbox.
+    pub fn pod(&self) -> Option<Arc<Pod>> {
+        self.pod.clone()
     }
 
     /// The running sandbox.
@@ -495,7 +591,21 @@ impl Container {
             p.abandon();
         }
         let sandbox = self.sandbox.lock().ok().and_then(|mut s| s.take());
-        if let Some(sandbox) = sandbox {
+        if let Some(pod) = &self.member_of {
+            // The VM is the pod's: only this container leaves it.
+            if let Ok(mut t) = pod.oom_targets.lock() {
+                t.remove(&self.id);
+            }
+            if let Some(sandbox) = sandbox.filter(|_| self.vm_exit.borrow().is_none()) {
+                if let Err(e) = sandbox.remove_container(&self.id).await {
+                    tracing::warn!(container = %self.id, pod = %pod.id, error = %crate::describe(&e), "cannot remove the container from its pod's VM");
+                }
+            }
+            self.run_hooks("poststop", "stopped").await;
+        } else if let Some(sandbox) = sandbox {
+            if let Some(pod) = &self.pod {
+                pod.stop_taking();
+            }
             let exit = sandbox.stop().await;
             tracing::info!(container = %self.id, ?exit, "sandbox stopped");
             // Before the undo: the namespace the hooks tear down is still there.
@@ -584,7 +694,11 @@ impl Container {
                 if w.oom_killed {
                     publish_oom(&self.events, &self.id, &self.oom_reported);
                 }
-                ExitInfo::from_agent(w.exit_status, w.exited_at_unix_ns)
+                // The time is the host's: the guest's wall clock is only
+                // as good as its boot-time RTC read (a second, under an
+                // emulated CPU), and an exit must not come before the
+                // start the host stamped.
+                ExitInfo::from_agent(w.exit_status, 0)
             }
             Err(e) => {
                 // The connection to the agent broke: the VM is going down.
@@ -624,11 +738,21 @@ async fn monitor_vm(container: std::sync::Weak<Container>, tx: watch::Sender<Opt
     }
 }
 
-/// Forwards the agent's OOM events as TaskOOM.
-async fn forward_oom(agent: Agent, id: String, events: Events, reported: Arc<AtomicBool>) {
+/// Who is told of OOM kills in a VM: container id → its reported flag.
+pub type OomTargets = Arc<Mutex<HashMap<String, Arc<AtomicBool>>>>;
+
+/// Forwards the agent's OOM events as TaskOOM, for the VM's containers.
+async fn forward_oom(agent: Agent, targets: OomTargets, events: Events) {
     while let Ok(ev) = agent.next_event().await {
-        if ev.container_id == id && matches!(ev.kind, Some(event::Kind::Oom(_))) {
-            publish_oom(&events, &id, &reported);
+        if !matches!(ev.kind, Some(event::Kind::Oom(_))) {
+            continue;
+        }
+        let reported = targets
+            .lock()
+            .ok()
+            .and_then(|t| t.get(&ev.container_id).cloned());
+        if let Some(reported) = reported {
+            publish_oom(&events, &ev.container_id, &reported);
         }
     }
 }

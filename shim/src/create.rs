@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use capsid_sandbox::backend::NetSpec;
+use capsid_sandbox::backend::VmExit;
 use capsid_sandbox::config::Config;
 use capsid_sandbox::container::{ContainerSpec, LayerDisk};
 use capsid_sandbox::image::RootfsCache;
@@ -17,13 +18,16 @@ use capsid_sandbox::network::{own, tap_name_for, NetworkError, TapRecord};
 use capsid_sandbox::record::{HostRecord, RecordFile, Rollback};
 use capsid_sandbox::sandbox::{backend_for, Sandbox, SandboxOptions};
 use capsid_sandbox::volumes::{self, Share, Volume};
-use oci_spec::runtime::Spec;
+use oci_spec::runtime::{LinuxNamespaceType, Spec};
+use tokio::sync::watch;
 
 use crate::cleanup;
 use crate::container::{ContainerError, CreateRequest, Result};
 use crate::hooks::{self, HostHooks};
 use crate::io::{LogOwner, ProcessIo};
 use crate::network::{self, NetMode};
+use crate::pod::Pod;
+use crate::pod_role::Role;
 use crate::rootfs::{self, RootfsDisk, RootfsSource};
 use crate::sizing::{self, VmSize};
 use crate::spec;
@@ -64,7 +68,19 @@ pub struct Plan {
     /// The spec's hooks, run on the host.
     pub hooks: HostHooks,
     /// Host paths shared with the guest (the spec binds share entries).
+    /// A pod's containers take theirs into their own share entry
+    /// ([`crate::pod`]): empty for them here.
     pub volumes: Vec<Volume>,
+    /// The task's part in a pod.
+    pub role: Role,
+    /// The IPC, UTS and PID namespaces the spec joins by path (a pod
+    /// container's: the pause container's in the VM).
+    pub joined_namespaces: Vec<LinuxNamespaceType>,
+    /// The spec's root directory in the bundle (where a caller-mounted
+    /// rootfs is).
+    pub root_dir: PathBuf,
+    /// capsid's state and cache directories: no volume may expose them.
+    pub protected: Vec<PathBuf>,
 }
 
 impl Plan {
@@ -77,7 +93,15 @@ impl Plan {
         })?;
         let mut spec: Spec = serde_json::from_slice(&text)
             .map_err(|e| ContainerError::SpecParse(oci_spec::OciSpecError::SerDe(e)))?;
-        let network = network::mode(&spec);
+        let role = Role::from_annotations(&req.id, &spec.annotations().clone().unwrap_or_default())
+            .map_err(|e| ContainerError::Invalid(e.to_string()))?;
+        let joined_namespaces = crate::pod::joined_namespaces(&spec);
+        // A pod container's network is its pod VM's: its spec names the
+        // namespace of the pod's first task (the VM's host process).
+        let network = match role {
+            Role::Member { .. } => NetMode::None,
+            _ => network::mode(&spec),
+        };
         match &network {
             NetMode::Join(path) => {
                 network::check_netns(path).map_err(ContainerError::BadNetns)?;
@@ -92,7 +116,10 @@ impl Plan {
         for change in dropped.into_iter().chain(spec::adapt(&mut spec)?) {
             tracing::info!(container = %req.id, "{change}");
         }
-        let volumes = volumes::take_volumes(&mut spec)?;
+        let volumes = match role {
+            Role::Single => volumes::take_volumes(&mut spec)?,
+            _ => Vec::new(),
+        };
         let size = sizing::vm_size(&spec, &config.vm)?;
         let balloon_policy = sizing::balloon_policy(&spec)?;
         req.stdio.validate()?;
@@ -101,8 +128,16 @@ impl Plan {
             .as_ref()
             .map(|r| r.path().clone())
             .unwrap_or_else(|| PathBuf::from("rootfs"));
-        let source = RootfsSource::from_mounts(&req.rootfs, &req.bundle.join(root))?;
+        let root_dir = req.bundle.join(root);
+        let source = RootfsSource::from_mounts(&req.rootfs, &root_dir)?;
         Ok(Self {
+            role,
+            joined_namespaces,
+            root_dir,
+            protected: vec![
+                config.paths.state_dir.clone(),
+                config.paths.cache_dir.clone(),
+            ],
             spec,
             size,
             balloon_policy,
@@ -123,8 +158,10 @@ pub struct Made {
     pub sandbox: Arc<Sandbox>,
     /// The record of what was made (kept in the bundle until Delete).
     pub record: RecordFile<HostRecord>,
-    /// The rootfs disk's lease.
-    pub rootfs: RootfsDisk,
+    /// The rootfs disk's lease (none for a pod's VM).
+    pub rootfs: Option<RootfsDisk>,
+    /// The pod a pod sandbox made, and where its VM's end is told.
+    pub pod: Option<(Arc<Pod>, watch::Sender<Option<VmExit>>)>,
     /// The init's guest pid.
     pub pid: u32,
     /// The VM's main host process: the task's pid for containerd.
@@ -181,15 +218,26 @@ pub async fn make(req: &CreateRequest, plan: &Plan, config: &Config) -> Result<M
         },
     )?;
 
-    let disk = build_disk(config, &plan.source, &name, lowers_mount).await?;
-    rollback.update(|r| {
-        // prepare() unmounted the lowers on every path.
-        r.mounts.clear();
-        if disk.scratch {
-            r.scratch_files.push(disk.prepared.path.clone());
-        }
-    })?;
-    let layer = LayerDisk::primary(disk.prepared.fs_type.as_str());
+    // A pod's VM boots without a disk: its containers' files come
+    // through its share.
+    let pod_vm = matches!(plan.role, Role::Sandbox { .. });
+    let disk = if pod_vm {
+        rollback.update(|r| r.mounts.clear())?;
+        None
+    } else {
+        let disk = build_disk(config, &plan.source, &name, lowers_mount).await?;
+        rollback.update(|r| {
+            // prepare() unmounted the lowers on every path.
+            r.mounts.clear();
+            if disk.scratch {
+                r.scratch_files.push(disk.prepared.path.clone());
+            }
+        })?;
+        Some(disk)
+    };
+    let layer = disk
+        .as_ref()
+        .map(|d| LayerDisk::primary(d.prepared.fs_type.as_str()));
 
     let mut attachment = None;
     let mut late_network = None;
@@ -213,7 +261,11 @@ pub async fn make(req: &CreateRequest, plan: &Plan, config: &Config) -> Result<M
     };
 
     // No volumes, no share and no virtiofsd.
-    let share = if plan.volumes.is_empty() {
+    let mut share = if pod_vm {
+        let dir = volumes::share_dir(&config.paths.state_dir, &name);
+        rollback.update(|r| r.share = Some(dir.clone()))?;
+        Some(Share::prepare_live(&dir, &[], &[])?)
+    } else if plan.volumes.is_empty() {
         None
     } else {
         let dir = volumes::share_dir(&config.paths.state_dir, &name);
@@ -230,7 +282,10 @@ pub async fn make(req: &CreateRequest, plan: &Plan, config: &Config) -> Result<M
         id: name.clone(),
         vcpus: plan.size.vcpus,
         memory_mib: plan.size.memory_mib,
-        disks: vec![layer.disk_spec(disk.prepared.path.clone())],
+        disks: match (&layer, &disk) {
+            (Some(layer), Some(disk)) => vec![layer.disk_spec(disk.prepared.path.clone())],
+            _ => Vec::new(),
+        },
         net,
         kernel_args: Vec::new(),
         network: attachment.as_ref().map(|a| a.guest.clone()),
@@ -282,6 +337,36 @@ pub async fn make(req: &CreateRequest, plan: &Plan, config: &Config) -> Result<M
             tracing::info!(container = %req.id, "DNS for loopback resolvers relayed to the host");
         }
     }
+    let sandbox = Arc::new(sandbox);
+    if let Some(share) = pod_vm.then(|| share.take()).flatten() {
+        // The pause container runs in the VM like the pod's others: their
+        // namespaces are its.
+        let (tx, rx) = watch::channel(None);
+        let pod = Arc::new(Pod::new(
+            &req.id,
+            sandbox.clone(),
+            plan.size,
+            share.dir().to_path_buf(),
+            rx,
+        ));
+        let added = crate::pod::add(&pod, req, plan, true).await?;
+        let host_pid = vm_pid(&sandbox)?;
+        let record = rollback
+            .commit()
+            .ok_or_else(|| ContainerError::Internal("the sandbox record is gone".into()))?;
+        share.keep();
+        return Ok(Made {
+            sandbox,
+            record,
+            rootfs: None,
+            pod: Some((pod, tx)),
+            pid: added.pid,
+            host_pid,
+            late_network,
+            io: added.io,
+        });
+    }
+    let layer = layer.ok_or_else(|| ContainerError::Internal("no rootfs disk".into()))?;
     let hosts = plan
         .hosts_file
         .as_deref()
@@ -291,6 +376,7 @@ pub async fn make(req: &CreateRequest, plan: &Plan, config: &Config) -> Result<M
             id: &req.id,
             oci: &plan.spec,
             layers: std::slice::from_ref(&layer),
+            rootfs_in_share: None,
             dns: dns.as_ref(),
             hosts: hosts.as_deref(),
             streams: req.stdio.wanted(),
@@ -311,9 +397,10 @@ pub async fn make(req: &CreateRequest, plan: &Plan, config: &Config) -> Result<M
         share.keep();
     }
     Ok(Made {
-        sandbox: Arc::new(sandbox),
+        sandbox,
         record,
         rootfs: disk,
+        pod: None,
         pid: created.pid,
         host_pid,
         late_network,

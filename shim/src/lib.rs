@@ -15,6 +15,7 @@ pub mod logging;
 pub mod metrics;
 pub mod network;
 pub mod options;
+pub mod pod;
 pub mod pod_role;
 pub mod premounted;
 pub mod process;

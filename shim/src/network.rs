@@ -18,14 +18,10 @@ use capsid_sandbox::netns::{self, NetnsError};
 use capsid_sandbox::network::{self, GuestDns, NetworkError, TapAttachment, TapRecord};
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
 
-/// The CRI plugin's annotation telling a pod's sandbox (pause) container
-/// from the pod's application containers.
-const CRI_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
-
 /// Where the VM's NIC goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NetMode {
-    /// No NIC: a pod's sandbox (pause) container.
+    /// No NIC of its own: a pod's container, in its pod's VM.
     None,
     /// The spec has no network namespace entry: it wants the host's
     /// network, which a VM cannot share (refused at Create).
@@ -36,18 +32,9 @@ pub enum NetMode {
     Own,
 }
 
-/// What the spec asks of the network. A pod's sandbox (pause) container
-/// does nothing with a network: it gets no NIC, leaving the pod's veth to
-/// the application container's VM.
+/// What the spec asks of the network. A pod's sandbox (pause) spec names
+/// the pod's namespace (the CNI's): the pod's VM gets the NIC there.
 pub fn mode(spec: &Spec) -> NetMode {
-    let pause = spec
-        .annotations()
-        .as_ref()
-        .and_then(|a| a.get(CRI_CONTAINER_TYPE))
-        .is_some_and(|t| t == "sandbox");
-    if pause {
-        return NetMode::None;
-    }
     let entry = spec
         .linux()
         .as_ref()
@@ -159,14 +146,19 @@ mod tests {
         assert_eq!(mode(&s), NetMode::Own);
         let s = spec(serde_json::json!([{"type": "pid"}]), serde_json::json!([]));
         assert_eq!(mode(&s), NetMode::Host);
+        // A pod's sandbox gets the pod's network for the pod's VM.
         let mut s = spec(
             serde_json::json!([{"type": "network", "path": "/var/run/netns/x"}]),
             serde_json::json!([]),
         );
         s.set_annotations(Some(
-            [(CRI_CONTAINER_TYPE.to_string(), "sandbox".to_string())].into(),
+            [(
+                crate::pod_role::CONTAINER_TYPE.to_string(),
+                "sandbox".to_string(),
+            )]
+            .into(),
         ));
-        assert_eq!(mode(&s), NetMode::None);
+        assert_eq!(mode(&s), NetMode::Join(PathBuf::from("/var/run/netns/x")));
     }
 
     #[test]

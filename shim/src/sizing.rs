@@ -101,7 +101,13 @@ pub struct VmSize {
 pub fn vm_size(spec: &Spec, defaults: &VmConfig) -> Result<VmSize> {
     let empty = HashMap::new();
     let annotations = spec.annotations().as_ref().unwrap_or(&empty);
-    let resources = spec.linux().as_ref().and_then(|l| l.resources().as_ref());
+    // A pod's VM is sized from the pod's resources, which the CRI plugin
+    // writes as annotations on the pod sandbox's spec (kubelet's sum of
+    // the pod's limits); its own resources are the pause process's.
+    let pod = pod_resources(annotations)?;
+    let resources = pod
+        .as_ref()
+        .or_else(|| spec.linux().as_ref().and_then(|l| l.resources().as_ref()));
     let policy = &defaults.policy;
     check_annotations(annotations, policy)?;
 
@@ -174,6 +180,59 @@ pub fn vm_size(spec: &Spec, defaults: &VmConfig) -> Result<VmSize> {
         });
     }
     Ok(VmSize { vcpus, memory_mib })
+}
+
+/// The CRI plugin's pod sizing annotations on a pod sandbox's spec.
+pub const SANDBOX_MEMORY: &str = "io.kubernetes.cri.sandbox-memory";
+/// The pod's CPU quota (with [`SANDBOX_CPU_PERIOD`]).
+pub const SANDBOX_CPU_QUOTA: &str = "io.kubernetes.cri.sandbox-cpu-quota";
+/// The pod's CPU period.
+pub const SANDBOX_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
+
+/// The pod's resources from a pod sandbox's CRI annotations, when the pod
+/// gave any (0 or absent: none).
+fn pod_resources(annotations: &HashMap<String, String>) -> Result<Option<LinuxResources>> {
+    let number = |key: &'static str| -> Result<Option<i64>> {
+        match annotations.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .trim()
+                .parse::<i64>()
+                .map(|n| (n > 0).then_some(n))
+                .map_err(|_| SizingError::Annotation {
+                    key,
+                    value: v.clone(),
+                    reason: "not a whole number".into(),
+                }),
+        }
+    };
+    let memory = number(SANDBOX_MEMORY)?;
+    let quota = number(SANDBOX_CPU_QUOTA)?;
+    let period = number(SANDBOX_CPU_PERIOD)?.and_then(|p| u64::try_from(p).ok());
+    if memory.is_none() && quota.is_none() {
+        return Ok(None);
+    }
+    let mut resources = LinuxResources::default();
+    if let Some(limit) = memory {
+        let mut m = oci_spec::runtime::LinuxMemory::default();
+        m.set_limit(Some(limit));
+        resources.set_memory(Some(m));
+    }
+    if let (Some(quota), Some(period)) = (quota, period) {
+        let mut c = oci_spec::runtime::LinuxCpu::default();
+        c.set_quota(Some(quota));
+        c.set_period(Some(period));
+        resources.set_cpu(Some(c));
+    }
+    Ok(Some(resources))
+}
+
+/// Refuses a pod container whose limits do not fit in its pod's VM.
+pub fn check_fits_pod(spec: &Spec, pod: VmSize) -> Result<()> {
+    match spec.linux().as_ref().and_then(|l| l.resources().as_ref()) {
+        Some(resources) => check_update(resources, &HashMap::new(), pod),
+        None => Ok(()),
+    }
 }
 
 /// Refuses an `io.capsid.*` annotation capsid does not know or `policy`
@@ -310,6 +369,43 @@ mod tests {
     }
 
     const BASE: &str = r#"{"ociVersion":"1.0.2","root":{"path":"rootfs"}"#;
+
+    #[test]
+    fn a_pods_vm_is_sized_from_the_pods_annotations() {
+        let s = spec(&format!(
+            r#"{BASE},"annotations":{{"io.kubernetes.cri.sandbox-memory":"268435456","io.kubernetes.cri.sandbox-cpu-quota":"150000","io.kubernetes.cri.sandbox-cpu-period":"100000"}},"linux":{{"resources":{{"memory":{{"limit":1048576}}}}}}}}"#
+        ));
+        let size = vm_size(&s, &VmConfig::default()).unwrap();
+        assert_eq!(
+            size,
+            VmSize {
+                vcpus: 2,
+                memory_mib: 256 + MEMORY_HEADROOM_MIB
+            }
+        );
+        // None given (0 is none): the [vm] defaults.
+        let s = spec(&format!(
+            r#"{BASE},"annotations":{{"io.kubernetes.cri.sandbox-memory":"0"}}}}"#
+        ));
+        assert_eq!(
+            vm_size(&s, &VmConfig::default()).unwrap(),
+            VmSize {
+                vcpus: 1,
+                memory_mib: 256
+            }
+        );
+        let s = spec(&format!(
+            r#"{BASE},"annotations":{{"io.kubernetes.cri.sandbox-memory":"lots"}}}}"#
+        ));
+        let e = vm_size(&s, &VmConfig::default()).unwrap_err();
+        assert!(e.to_string().contains("sandbox-memory"), "{e}");
+        // A container asking for more than its pod's VM has is refused.
+        let member = spec(&format!(
+            r#"{BASE},"linux":{{"resources":{{"memory":{{"limit":536870912}}}}}}}}"#
+        ));
+        let e = check_fits_pod(&member, size).unwrap_err();
+        assert!(e.to_string().contains("does not fit"), "{e}");
+    }
 
     #[test]
     fn balloon_policy_annotation() {

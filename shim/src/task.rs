@@ -28,6 +28,8 @@ use containerd_shim_protos::types::task::{ProcessInfo, Status as TaskStatus};
 use crate::container::{Container, ContainerError, CreateRequest};
 use crate::events::Events;
 use crate::io::StdioPaths;
+use crate::pod::Pod;
+use crate::pod_role::Role;
 use crate::process::{ExitInfo, Status};
 use crate::shutdown::Shutdown;
 use crate::{metrics, options};
@@ -114,6 +116,14 @@ impl TaskService {
         }
     }
 
+    /// The pod whose sandbox task is `sandbox_id`, if this shim runs it.
+    fn pod(&self, sandbox_id: &str) -> Option<Arc<Pod>> {
+        self.containers
+            .lock()
+            .ok()
+            .and_then(|c| c.get(sandbox_id).and_then(|c| c.pod()))
+    }
+
     fn reserve(&self, id: &str) -> ttrpc::Result<()> {
         let exists = self
             .containers
@@ -171,7 +181,12 @@ impl Task for TaskService {
             rootfs: req.rootfs.clone(),
             stdio: stdio.clone(),
         };
-        let created = Container::create(create, config, self.events.clone()).await;
+        // A pod's container goes in its pod's VM, run by this shim.
+        let pod = match Role::of_bundle(&req.id, &create.bundle) {
+            Ok(Role::Member { sandbox_id }) => self.pod(&sandbox_id),
+            _ => None,
+        };
+        let created = Container::create(create, config, self.events.clone(), pod).await;
         self.unreserve(&req.id);
         let container = created.map_err(|e| {
             tracing::error!(container = %req.id, error = %crate::describe(&e), "create failed");

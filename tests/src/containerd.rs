@@ -1,9 +1,13 @@
 //! A private containerd for tests: its own root, state and sockets under a
-//! temp dir, killed and cleaned up on drop.
+//! temp dir, killed and cleaned up on drop; its CRI plugin disabled unless
+//! a test asks for it (capsid_tests::cri), and network namespaces for
+//! daemons that must not touch the host's network.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use crate::run;
 
 /// A running private containerd.
 #[derive(Debug)]
@@ -23,6 +27,10 @@ pub struct ContainerdSetup {
     pub netns: Option<PathBuf>,
     /// Directories put first on containerd's PATH (where it finds shims).
     pub path_prefix: Vec<PathBuf>,
+    /// TOML appended to the config that enables the CRI plugin (its
+    /// `[plugins."io.containerd.grpc.v1.cri"]` tables); `None`: the CRI
+    /// plugin is disabled.
+    pub cri_config: Option<String>,
 }
 
 impl ContainerdSetup {
@@ -55,12 +63,16 @@ impl Containerd {
             .tempdir()
             .expect("temp dir");
         let d = dir.path();
-        let config = format!(
+        let disabled = if setup.cri_config.is_some() {
+            ""
+        } else {
+            "disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n"
+        };
+        let mut config = format!(
             r#"version = 2
 root = "{root}"
 state = "{state}"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-[grpc]
+{disabled}[grpc]
   address = "{sock}"
 [ttrpc]
   address = "{sock}.ttrpc"
@@ -72,6 +84,9 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             sock = d.join("containerd.sock").display(),
             opt = d.join("opt").display(),
         );
+        if let Some(cri) = &setup.cri_config {
+            config.push_str(cri);
+        }
         let cfg = d.join("config.toml");
         std::fs::write(&cfg, config).expect("write containerd config");
         let log = std::fs::File::create(d.join("containerd.log")).expect("containerd log");
@@ -113,7 +128,8 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         {
             assert!(
                 start.elapsed() < Duration::from_secs(20),
-                "containerd did not come up"
+                "containerd did not come up:\n{}",
+                me.log()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -142,6 +158,16 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         cmd
     }
 
+    /// The temp dir holding containerd's config, root, state and sockets.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// containerd's pid (for telling it from what it started).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// containerd's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
@@ -165,4 +191,53 @@ impl Drop for Containerd {
             let _ = Command::new("umount").arg("-l").arg(m).status();
         }
     }
+}
+
+/// A network namespace made with `ip netns add` (`/run/netns/NAME`), its
+/// loopback up, deleted on drop.
+#[derive(Debug)]
+pub struct TestNetns {
+    name: String,
+}
+
+impl TestNetns {
+    /// `PREFIX-<pid>-<random hex>`: unique among parallel tests.
+    pub fn create(prefix: &str) -> Self {
+        let name = format!("{prefix}-{}", std::process::id()) + &format!("-{:x}", rand_suffix());
+        let (code, _, err) = run(Command::new("ip").args(["netns", "add", &name]));
+        assert_eq!(code, 0, "ip netns add {name}: {err}");
+        // Daemons bind 127.0.0.1 in it (the CRI stream server, a DNS stub).
+        let (code, _, err) = run(Command::new("ip").args(["-n", &name, "link", "set", "lo", "up"]));
+        assert_eq!(code, 0, "ip -n {name} link set lo up: {err}");
+        Self { name }
+    }
+
+    /// The namespace's name for `ip -n`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The namespace file (for `nsenter --net=`).
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+}
+
+impl Drop for TestNetns {
+    fn drop(&mut self) {
+        let _ = run(Command::new("ip").args(["netns", "del", &self.name]));
+    }
+}
+
+/// 32 random-enough bits (clock and std's hash seed) for unique names.
+pub fn rand_suffix() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.finish() & 0xffff_ffff
 }

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::containerd::{Containerd, ContainerdSetup};
+use crate::containerd::{Containerd, ContainerdSetup, TestNetns};
 use crate::shim::{cmdline, processes_with, state_leftovers, write_capsid_config};
 use crate::{artifact, bin, repo_root, run};
 
@@ -41,32 +41,6 @@ pub fn clients_root() -> PathBuf {
     let (code, out, err) = run(Command::new("bash").arg(&script).arg("trixie"));
     assert_eq!(code, 0, "{} trixie failed: {err}", script.display());
     PathBuf::from(out.trim())
-}
-
-/// A network namespace made with `ip netns add`, deleted on drop.
-#[derive(Debug)]
-struct TestNetns {
-    name: String,
-}
-
-impl TestNetns {
-    fn create(prefix: &str) -> Self {
-        let name = format!("{prefix}-{}", std::process::id()) + &format!("-{:x}", rand_suffix());
-        let (code, _, err) = run(Command::new("ip").args(["netns", "add", &name]));
-        assert_eq!(code, 0, "ip netns add {name}: {err}");
-        let _ = run(Command::new("ip").args(["-n", &name, "link", "set", "lo", "up"]));
-        Self { name }
-    }
-
-    fn path(&self) -> PathBuf {
-        PathBuf::from("/run/netns").join(&self.name)
-    }
-}
-
-impl Drop for TestNetns {
-    fn drop(&mut self) {
-        let _ = run(Command::new("ip").args(["netns", "del", &self.name]));
-    }
 }
 
 /// Answers A queries for [`UPSTREAM_NAME`] (NXDOMAIN otherwise) on
@@ -121,18 +95,6 @@ fn dns_answer(query: &[u8]) -> Option<Vec<u8>> {
     Some(answer)
 }
 
-fn rand_suffix() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-    );
-    h.finish() & 0xffff_ffff
-}
-
 /// A running private dockerd on a private containerd 1.7.
 #[derive(Debug)]
 pub struct DockerHarness {
@@ -166,6 +128,7 @@ impl DockerHarness {
             bin_dir: Some(root.join("usr/bin")),
             netns: Some(netns.path()),
             path_prefix: vec![shims],
+            cri_config: None,
         });
         let capsid_config = write_capsid_config(d);
         let daemon_json = serde_json::json!({

@@ -5,6 +5,7 @@ pub mod asm;
 pub mod cachefill;
 pub mod cli;
 pub mod containerd;
+pub mod cri;
 pub mod docker;
 pub mod initramfs;
 pub mod oci;

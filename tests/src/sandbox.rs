@@ -141,6 +141,7 @@ pub async fn create_on(
         layers,
         dns: None,
         hosts: None,
+        rootfs_in_share: None,
         streams,
     })
     .await

@@ -269,6 +269,7 @@ impl Hostile {
                         layers: std::slice::from_ref(&layer),
                         dns: None,
                         hosts: None,
+                        rootfs_in_share: None,
                         streams: StreamsWanted {
                             stdin: true,
                             stdout: true,

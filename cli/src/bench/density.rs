@@ -341,6 +341,7 @@ async fn start_idle(
         layers: std::slice::from_ref(layer),
         dns: None,
         hosts: None,
+        rootfs_in_share: None,
         streams: NO_STREAMS,
     };
     let created = match sandbox.create_container(container).await {

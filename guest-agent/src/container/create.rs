@@ -1,5 +1,6 @@
-//! Creating a container: the id reserved, the rootfs assembled, /etc and
-//! the OCI spec made to fit the guest, the init created (not started).
+//! Creating a container: the id reserved, the share mounted if the
+//! container uses it, the rootfs assembled, /etc and the OCI spec made to
+//! fit the guest, the init created (not started).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -9,7 +10,7 @@ use capsid_protocol::agent::{Rootfs, Stdio};
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
 
 use super::process::Process;
-use super::{Container, ContainerError, Containers, Laps, Result, CGROUP_PARENT};
+use super::{Container, ContainerError, Containers, Laps, Result, Stage, CGROUP_PARENT};
 use crate::lock::LockExt as _;
 use crate::rootfs::{self, RootfsError};
 use crate::runtime::{Job, STATE_ROOT};
@@ -22,7 +23,7 @@ pub struct CreateRequest {
     pub id: String,
     /// config.json bytes.
     pub spec_json: Vec<u8>,
-    /// The rootfs disks.
+    /// The rootfs: disks, or a directory of the share.
     pub rootfs: Rootfs,
     /// Stdio wiring.
     pub stdio: Stdio,
@@ -62,11 +63,14 @@ impl Containers {
         // The id goes last: a new create of the same id must not start
         // while this one's rootfs is still being torn down.
         let undo = Undo::new(|| {
-            rootfs::teardown(&req.id);
+            if let Err(e) = rootfs::teardown(&req.id) {
+                tracing::warn!(container = %req.id, error = %crate::describe(&e), "rootfs of a failed create left");
+            }
             let _ = fs::remove_dir_all(Path::new(STATE_ROOT).join(&req.id));
             self.by_id.lock_or_recover().remove(&req.id);
         });
         let pid = self.prepare(&container, &req, spec).await?;
+        container.set_stage(Stage::Ready);
         undo.disarm();
         Ok(pid)
     }
@@ -90,31 +94,51 @@ impl Containers {
         mut spec: Spec,
     ) -> Result<u32> {
         let mut laps = Laps::new("create", &req.id);
+        rootfs::check(&req.rootfs).map_err(ContainerError::BadRootfs)?;
+        let in_share = !req.rootfs.share_path.is_empty();
+        if in_share && req.share_tag.is_empty() {
+            return Err(ContainerError::Invalid(
+                "a rootfs in the share needs the share's tag".into(),
+            ));
+        }
+        // The share first: a rootfs may live on it.
+        if !req.share_tag.is_empty() {
+            crate::share::ensure(&req.share_tag)
+                .map_err(|e| ContainerError::Runtime(crate::describe(&e)))?;
+        }
         let id = req.id.clone();
         let rootfs_spec = req.rootfs.clone();
-        let dirs = tokio::task::spawn_blocking(move || rootfs::assemble(&id, &rootfs_spec))
-            .await
-            .map_err(ContainerError::task("rootfs task"))?
-            .map_err(|e| rootfs_error("assembling the rootfs", e))?;
+        let dirs = tokio::task::spawn_blocking(move || {
+            rootfs::assemble(&id, &rootfs_spec, Path::new(crate::share::SHARE_DIR))
+        })
+        .await
+        .map_err(ContainerError::task("rootfs task"))?
+        .map_err(|e| rootfs_error("assembling the rootfs", e))?;
         laps.lap("rootfs");
         let hostname = spec.hostname().clone().unwrap_or_default();
-        rootfs::write_etc(
+        match rootfs::write_etc(
             &dirs.rootfs,
             &hostname,
             &req.etc_hosts,
             &req.dns_servers,
             &req.dns_search,
             &req.dns_options,
-        )
-        .map_err(|e| rootfs_error("writing /etc", e))?;
+        ) {
+            // The host may export a rootfs read-only: its /etc files are
+            // then the spec's binds or the image's own.
+            Err(RootfsError::Write { path, source })
+                if in_share && source.raw_os_error() == Some(libc::EROFS) =>
+            {
+                tracing::warn!(container = %req.id, path = %path.display(), "read-only rootfs in the share: /etc left as it is");
+            }
+            done => done.map_err(|e| rootfs_error("writing /etc", e))?,
+        }
+        // root.readonly is the runtime's to apply, once the mount points
+        // the spec needs (/proc, /dev, ...) are made in the rootfs, as
+        // runc does: an image may lack them (a pause image holds one file).
         if req.dns_relay_port != 0 {
             crate::dns_relay::ensure(&req.dns_servers, req.dns_relay_port)
                 .await
-                .map_err(|e| ContainerError::Runtime(crate::describe(&e)))?;
-        }
-
-        if !req.share_tag.is_empty() {
-            crate::share::ensure(&req.share_tag)
                 .map_err(|e| ContainerError::Runtime(crate::describe(&e)))?;
         }
 
@@ -143,11 +167,14 @@ impl Containers {
     }
 }
 
-/// A rootfs failure is the request's when it names a disk the guest lacks
-/// or something the guest refuses, the guest's otherwise.
+/// A rootfs failure is the request's when it names a disk the guest lacks,
+/// a share path it cannot open beneath the share, or something the guest
+/// refuses; the guest's otherwise.
 fn rootfs_error(what: &'static str, e: RootfsError) -> ContainerError {
     match e {
-        RootfsError::NoSuchDisk(_) | RootfsError::Invalid(_) => ContainerError::BadRootfs(e),
+        RootfsError::NoSuchDisk(_) | RootfsError::Invalid(_) | RootfsError::Share { .. } => {
+            ContainerError::BadRootfs(e)
+        }
         source => ContainerError::Rootfs { what, source },
     }
 }
@@ -218,11 +245,16 @@ fn check_program(spec: &Spec, rootfs: &Path) -> Result<()> {
 }
 
 /// Makes the host's OCI spec fit the guest: the rootfs is the assembled
-/// overlay, the cgroup is under /capsid, the terminal flag follows the
-/// stdio request, the container shares the VM's network namespace —
-/// the VM is the network boundary, and the agent configures its NIC — and
-/// seccomp argument rules are put in libcontainer's order. Returns the
-/// `net.*` sysctls, which the agent applies itself ([`crate::sysctl`]).
+/// overlay (or share bind), the cgroup is under /capsid, the terminal flag
+/// follows the stdio request, the container shares the VM's network
+/// namespace — the VM is the network boundary, and the agent configures
+/// its NIC — and seccomp argument rules are put in libcontainer's order.
+/// Every other namespace entry is kept as it is, a `path` included: a
+/// pod's container joins the IPC, UTS and PID namespaces of the pod's
+/// first container by the `/proc/<guest pid>/ns/*` paths the host wrote,
+/// and libcontainer setns(2)es into them (sethostname only for a UTS
+/// namespace of its own). Returns the `net.*` sysctls, which the agent
+/// applies itself ([`crate::sysctl`]).
 fn adapt_spec(
     spec: &mut Spec,
     rootfs: &Path,
@@ -302,6 +334,66 @@ mod tests {
             .unwrap()
             .iter()
             .any(|n| n.typ() == LinuxNamespaceType::Pid));
+    }
+
+    #[test]
+    fn namespaces_given_by_path_are_kept_to_be_joined() {
+        use oci_spec::runtime::LinuxNamespaceBuilder;
+        let mut spec = Spec::default();
+        let mut linux = spec.linux().clone().unwrap();
+        let mut ns: Vec<_> = linux
+            .namespaces()
+            .clone()
+            .unwrap()
+            .into_iter()
+            .filter(|n| {
+                !matches!(
+                    n.typ(),
+                    LinuxNamespaceType::Ipc | LinuxNamespaceType::Uts | LinuxNamespaceType::Pid
+                )
+            })
+            .collect();
+        for (typ, name) in [
+            (LinuxNamespaceType::Ipc, "ipc"),
+            (LinuxNamespaceType::Uts, "uts"),
+            (LinuxNamespaceType::Pid, "pid"),
+            (LinuxNamespaceType::Network, "net"),
+        ] {
+            ns.retain(|n| n.typ() != typ);
+            ns.push(
+                LinuxNamespaceBuilder::default()
+                    .typ(typ)
+                    .path(format!("/proc/42/ns/{name}"))
+                    .build()
+                    .unwrap(),
+            );
+        }
+        linux.set_namespaces(Some(ns));
+        spec.set_linux(Some(linux));
+        spec.set_hostname(Some("ignored-when-joined".into()));
+        adapt_spec(&mut spec, Path::new("/r"), "c2", false).unwrap();
+        let kept = spec.linux().as_ref().unwrap().namespaces().clone().unwrap();
+        let path_of = |typ| {
+            kept.iter()
+                .find(|n| n.typ() == typ)
+                .and_then(|n| n.path().clone())
+        };
+        for (typ, name) in [
+            (LinuxNamespaceType::Ipc, "ipc"),
+            (LinuxNamespaceType::Uts, "uts"),
+            (LinuxNamespaceType::Pid, "pid"),
+        ] {
+            assert_eq!(
+                path_of(typ),
+                Some(PathBuf::from(format!("/proc/42/ns/{name}"))),
+                "{name}"
+            );
+        }
+        assert!(kept.iter().all(|n| n.typ() != LinuxNamespaceType::Network));
+        // Mount and cgroup namespaces stay the container's own.
+        assert!(kept
+            .iter()
+            .any(|n| n.typ() == LinuxNamespaceType::Mount && n.path().is_none()));
     }
 
     #[test]

@@ -40,7 +40,8 @@ impl Events {
     }
 }
 
-fn now_unix_ns() -> u64 {
+/// The wall clock, Unix nanoseconds.
+pub(super) fn now_unix_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))

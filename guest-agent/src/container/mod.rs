@@ -5,12 +5,14 @@
 //! split by kind: `create.rs` (rootfs, bundle and spec; the init created),
 //! `process.rs` (the runtime helper; starting the init and exec'd
 //! processes; their terminals), `exit.rs` (exits, waits, signals, the event
-//! queue) and `control.rs` (pause, resource updates, stats, process list).
+//! queue), `control.rs` (pause, resource updates, stats, process list)
+//! and `remove.rs` (a container taken away while the VM runs on).
 
 mod control;
 mod create;
 mod exit;
 mod process;
+mod remove;
 
 use std::collections::HashMap;
 use std::fs;
@@ -79,6 +81,9 @@ pub enum ContainerError {
     /// libcontainer could not freeze or thaw the container.
     #[error(transparent)]
     Freeze(LibcontainerError),
+    /// libcontainer could not delete the container.
+    #[error("deleting the container in the runtime")]
+    Delete(#[source] LibcontainerError),
     /// A blocking task of the agent ended without a result (it panicked).
     #[error("{what}")]
     Task {
@@ -157,6 +162,7 @@ impl ContainerError {
             | Self::Rootfs { .. }
             | Self::SaveSpec(_)
             | Self::EncodeProcess(_)
+            | Self::Delete(_)
             | Self::Io { .. }
             | Self::Kill(_)
             | Self::RuntimeOutput(_)
@@ -221,12 +227,25 @@ pub struct ExitInfo {
     pub oom_killed: bool,
 }
 
+/// Where a container is in its life: operations other than waits see
+/// only [`Stage::Creating`] and [`Stage::Ready`] containers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// CreateContainer is still at work on it.
+    Creating,
+    /// Created: its processes may run.
+    Ready,
+    /// RemoveContainer is taking it down.
+    Removing,
+}
+
 /// One container.
 struct Container {
     id: String,
     dirs: BundleDirs,
     cgroup: PathBuf,
     processes: Mutex<HashMap<String, Arc<Process>>>,
+    stage: Mutex<Stage>,
 }
 
 impl Container {
@@ -238,7 +257,16 @@ impl Container {
                 .join(CGROUP_PARENT.trim_start_matches('/'))
                 .join(id),
             processes: Mutex::new(HashMap::new()),
+            stage: Mutex::new(Stage::Creating),
         }
+    }
+
+    fn stage(&self) -> Stage {
+        *self.stage.lock_or_recover()
+    }
+
+    fn set_stage(&self, stage: Stage) {
+        *self.stage.lock_or_recover() = stage;
     }
 
     fn process(&self, exec_id: &str) -> Result<Arc<Process>> {
@@ -282,10 +310,12 @@ impl Containers {
         }
     }
 
+    /// Container `id`, unless it is unknown or being removed.
     fn container(&self, id: &str) -> Result<Arc<Container>> {
         self.by_id
             .lock_or_recover()
             .get(id)
+            .filter(|c| c.stage() != Stage::Removing)
             .cloned()
             .ok_or_else(|| ContainerError::NotFound(format!("container {id:?}")))
     }
