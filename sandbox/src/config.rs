@@ -121,6 +121,57 @@ pub struct Config {
     pub volumes: VolumesConfig,
     /// How VM-side processes are confined.
     pub jail: JailConfig,
+    /// How a Kubernetes pod's VM grows.
+    pub pod: PodConfig,
+}
+
+/// `[pod]`: a Kubernetes pod's VM boots with `max_memory_mib` of RAM, all
+/// but the pod's size held in its balloon, and grows (the balloon
+/// deflates) as containers are added, up to this maximum
+/// (docs/kubernetes.md).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PodConfig {
+    /// Most guest RAM a pod's VM may grow to, MiB; a pod whose own size
+    /// is larger is refused. 0: a pod's VM keeps the size it boots with.
+    pub max_memory_mib: u32,
+}
+
+/// Default `[pod] max_memory_mib`: the guest kernel keeps 64 bytes of page
+/// descriptors per 4 KiB page of the maximum (1/64), so a larger default
+/// would cost every pod memory it may never use.
+pub const DEFAULT_POD_MAX_MEMORY_MIB: u32 = 2048;
+
+impl Default for PodConfig {
+    fn default() -> Self {
+        Self {
+            max_memory_mib: DEFAULT_POD_MAX_MEMORY_MIB,
+        }
+    }
+}
+
+impl PodConfig {
+    /// Checks the maximum against the `[vm]` default (the size of a pod
+    /// that gives none) and the policy's largest VM.
+    fn check(&self, vm: &VmConfig) -> std::result::Result<(), String> {
+        let max = self.max_memory_mib;
+        if max == 0 {
+            return Ok(());
+        }
+        if max < vm.memory_mib {
+            return Err(format!(
+                "{max} MiB is below vm.memory_mib = {}: a pod without resources would be refused",
+                vm.memory_mib
+            ));
+        }
+        if max > vm.policy.max_memory_mib {
+            return Err(format!(
+                "{max} MiB is above vm.policy.max_memory_mib = {}",
+                vm.policy.max_memory_mib
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// `[jail]`: every VM-side process (QEMU, capsid-vmm, capsid-vhost) runs
@@ -321,6 +372,12 @@ impl Config {
         if let Err((key, message)) = self.vm.policy.check(self.vm.vcpus, self.vm.memory_mib) {
             return Err(ConfigError::Value { key, message });
         }
+        if let Err(message) = self.pod.check(&self.vm) {
+            return Err(ConfigError::Value {
+                key: "pod.max_memory_mib",
+                message,
+            });
+        }
         if let Err(message) = parse_subnet(&self.network.subnet) {
             return Err(ConfigError::Value {
                 key: "network.subnet",
@@ -458,6 +515,31 @@ mod tests {
                 policy: PolicyConfig::default(),
             }
         );
+    }
+
+    #[test]
+    fn the_pod_maximum_is_bounded() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.pod.max_memory_mib, DEFAULT_POD_MAX_MEMORY_MIB);
+        assert_eq!(
+            Config::parse("[pod]\nmax_memory_mib = 0\n")
+                .unwrap()
+                .pod
+                .max_memory_mib,
+            0
+        );
+        let e = message(&Config::parse("[pod]\nmax_memory_mib = 128\n").unwrap_err());
+        assert!(
+            e.contains("pod.max_memory_mib") && e.contains("below vm.memory_mib = 256"),
+            "{e}"
+        );
+        let e = message(&Config::parse("[pod]\nmax_memory_mib = 9000\n").unwrap_err());
+        assert!(
+            e.contains("pod.max_memory_mib") && e.contains("vm.policy.max_memory_mib = 8192"),
+            "{e}"
+        );
+        let c = Config::parse("[pod]\nmax_memory_mib = 8192\n").unwrap();
+        assert_eq!(c.pod.max_memory_mib, 8192);
     }
 
     #[test]

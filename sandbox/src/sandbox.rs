@@ -116,7 +116,13 @@ pub struct Sandbox {
     vsock_path: PathBuf,
     ports: PortAllocator,
     /// The sandbox's entry for the balloon policy; removed when dropped.
-    _balloon_registration: Option<crate::balloon::registry::Registration>,
+    balloon_registration: Mutex<Option<crate::balloon::registry::Registration>>,
+    /// The VM's RAM, MiB.
+    memory_mib: u32,
+    /// Of it, MiB the guest may use: the rest is held in the balloon (a
+    /// pod's room to grow, [`Sandbox::start_reserved`]). Locked across a
+    /// resize.
+    usable_mib: Mutex<u32>,
     /// Some disk is writable: the guest must flush it before the VM ends.
     writable_disks: bool,
     /// The host end of the guest's DNS relay, once asked for.
@@ -167,7 +173,31 @@ impl Sandbox {
         backend: Arc<dyn Backend>,
         opts: SandboxOptions,
     ) -> Result<Self> {
+        Self::start_reserved(config, backend, opts, 0).await
+    }
+
+    /// Starts a VM of `opts.memory_mib` whose balloon holds `reserve_mib`
+    /// of it as soon as the agent is up, so the guest has the rest: a
+    /// pod's VM, which grows by deflating the balloon
+    /// ([`Sandbox::set_usable_memory`]). Only the usable part counts as
+    /// assigned for the over-assignment limit; guest RAM is allocated on
+    /// the host when touched, so the reserve costs the host little.
+    pub async fn start_reserved(
+        config: &Config,
+        backend: Arc<dyn Backend>,
+        opts: SandboxOptions,
+        reserve_mib: u32,
+    ) -> Result<Self> {
         let start = Instant::now();
+        if reserve_mib > 0 && reserve_mib >= opts.memory_mib {
+            return Err(SandboxError::Balloon(
+                crate::balloon::BalloonError::TargetTooLarge {
+                    target_mib: u64::from(reserve_mib),
+                    assigned_mib: opts.memory_mib,
+                },
+            ));
+        }
+        let usable_mib = opts.memory_mib.saturating_sub(reserve_mib);
         // TCG may have been chosen without the user asking: say once per
         // process what it means for isolation.
         crate::check::warn_once_if_tcg(backend.kind(), &opts.id);
@@ -182,7 +212,8 @@ impl Sandbox {
             config,
             &opts.id,
             backend.kind(),
-            opts.memory_mib,
+            usable_mib,
+            reserve_mib,
             !opts.balloon_opt_out,
         )?;
         let spec = VmSpec {
@@ -241,6 +272,11 @@ impl Sandbox {
         if let Some(network) = &opts.network {
             agent.configure_network(network).await?;
         }
+        if reserve_mib > 0 {
+            let balloon = vm.lock().ok().and_then(|vm| vm.balloon());
+            set_balloon(balloon, u64::from(reserve_mib)).await?;
+            tracing::info!(id = %opts.id, memory_mib = opts.memory_mib, usable_mib, "balloon set to the pod's reserve");
+        }
         run_dir_guard.keep();
         Ok(Self {
             id: opts.id,
@@ -248,7 +284,9 @@ impl Sandbox {
             agent,
             vsock_path,
             ports: PortAllocator::default(),
-            _balloon_registration: balloon_registration,
+            balloon_registration: Mutex::new(balloon_registration),
+            memory_mib: opts.memory_mib,
+            usable_mib: Mutex::new(usable_mib),
             writable_disks: opts.disks.iter().any(|d| !d.readonly),
             dns_relay: Mutex::new(None),
             share: opts.share_dir.is_some(),
@@ -333,6 +371,68 @@ impl Sandbox {
         self.vm.lock().ok().and_then(|vm| vm.balloon())
     }
 
+    /// The VM's RAM and, of it, what the guest may use (the rest is held in
+    /// the balloon as a pod's room to grow), MiB.
+    pub fn memory(&self) -> (u32, u32) {
+        let usable = *self.usable_mib.lock().unwrap_or_else(|p| p.into_inner());
+        (self.memory_mib, usable)
+    }
+
+    /// Resizes a pod's VM: the guest may use `usable_mib` of the VM's RAM,
+    /// the balloon holds the rest. The memory registry is updated first,
+    /// refusing growth past the over-assignment limit of `config`; then the
+    /// balloon is set (on failure the registry is put back). More than the
+    /// VM's RAM is refused. Nothing changes on a refusal. Blocking (one
+    /// short call to the VMM).
+    pub fn set_usable_memory(&self, config: &Config, usable_mib: u32) -> Result<()> {
+        let mut usable = self.usable_mib.lock().unwrap_or_else(|p| p.into_inner());
+        if usable_mib > self.memory_mib || usable_mib == 0 {
+            return Err(SandboxError::Balloon(
+                crate::balloon::BalloonError::TargetTooLarge {
+                    target_mib: u64::from(self.memory_mib.saturating_sub(usable_mib)),
+                    assigned_mib: self.memory_mib,
+                },
+            ));
+        }
+        if usable_mib == *usable {
+            return Ok(());
+        }
+        let before = *usable;
+        let reserve = self.memory_mib - usable_mib;
+        let limit = crate::balloon::overcommit_limit(config);
+        self.resize_registration(usable_mib, reserve, limit)?;
+        let set = match self.balloon() {
+            Some(b) => b.set_target(u64::from(reserve)).map_err(SandboxError::from),
+            None => Err(SandboxError::Io {
+                what: "the VM's balloon".into(),
+                source: std::io::Error::other("the VM has no balloon"),
+            }),
+        };
+        if let Err(e) = set {
+            let _ = self.resize_registration(before, self.memory_mib - before, None);
+            return Err(e);
+        }
+        *usable = usable_mib;
+        tracing::info!(id = %self.id, from_mib = before, to_mib = usable_mib, reserve_mib = reserve, "pod VM resized");
+        Ok(())
+    }
+
+    fn resize_registration(
+        &self,
+        usable_mib: u32,
+        reserve_mib: u32,
+        limit: Option<crate::balloon::registry::Limit>,
+    ) -> Result<()> {
+        let mut reg = self
+            .balloon_registration
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(reg) = reg.as_mut() {
+            reg.resize(usable_mib, reserve_mib, limit)?;
+        }
+        Ok(())
+    }
+
     /// Host processes of the VM.
     pub fn pids(&self) -> Vec<u32> {
         self.vm.lock().map(|vm| vm.pids()).unwrap_or_default()
@@ -384,6 +484,21 @@ impl Sandbox {
         .await
         .unwrap_or(VmExit::Stopped)
     }
+}
+
+/// Sets a balloon's size (a blocking call, on a thread of its own).
+async fn set_balloon(balloon: Option<crate::balloon::BalloonHandle>, mib: u64) -> Result<()> {
+    let balloon = balloon.ok_or_else(|| SandboxError::Io {
+        what: "the VM's balloon".into(),
+        source: std::io::Error::other("the VM has no balloon"),
+    })?;
+    tokio::task::spawn_blocking(move || balloon.set_target(mib))
+        .await
+        .map_err(|e| SandboxError::Io {
+            what: "balloon task".into(),
+            source: std::io::Error::other(e),
+        })??;
+    Ok(())
 }
 
 /// A run directory made for a sandbox that is still starting: removed on

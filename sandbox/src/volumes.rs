@@ -525,7 +525,7 @@ const MOUNT_ATTR_NODEV: u64 = 0x4;
 
 /// Sets nosuid, nodev (and read-only) on the mount at `path` and every
 /// mount under it, in one call (a remount would reach the top one only).
-pub(crate) fn restrict_tree(path: &Path, readonly: bool) -> std::io::Result<()> {
+pub fn restrict_tree(path: &Path, readonly: bool) -> std::io::Result<()> {
     let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(std::io::Error::other)?;
     let mut attr = MountAttr {

@@ -546,11 +546,28 @@ impl Container {
         let resources: oci_spec::runtime::LinuxResources =
             serde_json::from_slice(resources_json)
                 .map_err(|e| ContainerError::Invalid(format!("resources: {e}")))?;
-        sizing::check_update(&resources, annotations, self.size)?;
-        Ok(self
+        let Some(pod) = &self.member_of else {
+            sizing::check_update(&resources, annotations, self.size)?;
+            return Ok(self
+                .agent
+                .update_container(&self.id, resources_json.to_vec())
+                .await?);
+        };
+        // In a pod, a higher memory limit grows the pod's VM first.
+        sizing::check_update_in_pod(&resources, annotations, self.size)?;
+        let limit = sizing::memory_limit_mib(&resources);
+        let before = pod.memory_limit(&self.id).await;
+        if limit.is_some() {
+            pod.fit_memory(&self.id, limit).await?;
+        }
+        let updated = self
             .agent
             .update_container(&self.id, resources_json.to_vec())
-            .await?)
+            .await;
+        if updated.is_err() && limit.is_some() {
+            pod.put_memory_limit(&self.id, before).await;
+        }
+        Ok(updated?)
     }
 
     /// Removes a stopped (or never started) exec process.
@@ -596,6 +613,7 @@ impl Container {
             if let Ok(mut t) = pod.oom_targets.lock() {
                 t.remove(&self.id);
             }
+            pod.put_memory_limit(&self.id, None).await;
             if let Some(sandbox) = sandbox.filter(|_| self.vm_exit.borrow().is_none()) {
                 if let Err(e) = sandbox.remove_container(&self.id).await {
                     tracing::warn!(container = %self.id, pod = %pod.id, error = %crate::describe(&e), "cannot remove the container from its pod's VM");

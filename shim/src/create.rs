@@ -51,6 +51,9 @@ pub struct Plan {
     pub spec: Spec,
     /// The VM's size.
     pub size: VmSize,
+    /// A pod sandbox's VM: the most RAM it may grow to, MiB (it boots with
+    /// it, all but `size` held in its balloon).
+    pub pod_max_mib: Option<u32>,
     /// Whether the host's balloon policy may reclaim the guest's memory.
     pub balloon_policy: bool,
     /// Where the container's files come from.
@@ -121,6 +124,10 @@ impl Plan {
             _ => Vec::new(),
         };
         let size = sizing::vm_size(&spec, &config.vm)?;
+        let pod_max_mib = match role {
+            Role::Sandbox { .. } => Some(sizing::pod_max_memory(size, &spec, &config.pod)?),
+            _ => None,
+        };
         let balloon_policy = sizing::balloon_policy(&spec)?;
         req.stdio.validate()?;
         let root = spec
@@ -140,6 +147,7 @@ impl Plan {
             ],
             spec,
             size,
+            pod_max_mib,
             balloon_policy,
             source,
             network,
@@ -278,10 +286,16 @@ pub async fn make(req: &CreateRequest, plan: &Plan, config: &Config) -> Result<M
     };
 
     let backend = backend_for(config)?;
+    // A pod's VM boots at its maximum, the rest of its size held in the
+    // balloon as its room to grow.
+    let vm_memory_mib = match plan.pod_max_mib {
+        Some(max) if pod_vm => max.max(plan.size.memory_mib),
+        _ => plan.size.memory_mib,
+    };
     let opts = SandboxOptions {
         id: name.clone(),
         vcpus: plan.size.vcpus,
-        memory_mib: plan.size.memory_mib,
+        memory_mib: vm_memory_mib,
         disks: match (&layer, &disk) {
             (Some(layer), Some(disk)) => vec![layer.disk_spec(disk.prepared.path.clone())],
             _ => Vec::new(),
@@ -293,7 +307,8 @@ pub async fn make(req: &CreateRequest, plan: &Plan, config: &Config) -> Result<M
         share_dir: share.as_ref().map(|s| s.dir().to_path_buf()),
         cgroup: vm_cgroup(&plan.spec),
     };
-    let sandbox = Sandbox::start(config, backend, opts).await?;
+    let reserve_mib = vm_memory_mib - sizing::pod_vm_usable(plan.size.memory_mib, vm_memory_mib);
+    let sandbox = Sandbox::start_reserved(config, backend, opts, reserve_mib).await?;
     rollback.update(|r| r.set_vm_processes(&sandbox.pids()))?;
     let timings = sandbox.timings;
     tracing::info!(
@@ -301,6 +316,7 @@ pub async fn make(req: &CreateRequest, plan: &Plan, config: &Config) -> Result<M
         sandbox = %name,
         vcpus = plan.size.vcpus,
         memory_mib = plan.size.memory_mib,
+        vm_memory_mib,
         vm_spawned_ms = timings.vm_spawned.as_millis(),
         agent_connected_ms = timings.agent_connected.as_millis(),
         guest_boot_ms = timings.guest_boot_to_agent.as_millis(),
@@ -348,6 +364,7 @@ pub async fn make(req: &CreateRequest, plan: &Plan, config: &Config) -> Result<M
             plan.size,
             share.dir().to_path_buf(),
             rx,
+            config,
         ));
         let added = crate::pod::add(&pod, req, plan, true).await?;
         let host_pid = vm_pid(&sandbox)?;

@@ -35,6 +35,16 @@ use crate::io::{LogOwner, ProcessIo};
 use crate::network;
 use crate::sizing::VmSize;
 
+/// A pod's memory.
+#[derive(Debug)]
+struct PodMemory {
+    /// The memory limits of the pod's containers, MiB, by container id.
+    limits: std::collections::HashMap<String, u64>,
+    /// The pod's size: the guest RAM its containers may have, MiB (the
+    /// VM's RAM is the maximum, the rest held in the balloon).
+    size_mib: u32,
+}
+
 /// Whether the pod takes new containers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum PodState {
@@ -49,8 +59,18 @@ pub struct Pod {
     pub id: String,
     /// The VM.
     pub sandbox: Arc<Sandbox>,
-    /// The VM's size: every container's limits must fit in it.
+    /// The VM's size when it booted: the vCPUs every container's quota
+    /// must fit in, and the guest RAM its containers had then. Memory
+    /// grows as containers are added ([`Pod::fit_memory`]).
     pub size: VmSize,
+    /// `[pod] max_memory_mib` when the pod started (0: no growth), named
+    /// in errors.
+    config_max_mib: u32,
+    /// The host's configuration (for the over-assignment limit).
+    config: capsid_sandbox::config::Config,
+    /// The pod's memory: its containers' limits and its size. Locked
+    /// across a resize, so growths happen one at a time.
+    memory: tokio::sync::Mutex<PodMemory>,
     /// The VM's share, where containers' entries go.
     share: PathBuf,
     /// The guest pid of the pause container: its namespaces are the pod's.
@@ -72,11 +92,18 @@ impl Pod {
         size: VmSize,
         share: PathBuf,
         vm_exit: watch::Receiver<Option<VmExit>>,
+        config: &capsid_sandbox::config::Config,
     ) -> Self {
         Self {
             id: id.to_string(),
             sandbox,
             size,
+            config_max_mib: config.pod.max_memory_mib,
+            config: config.clone(),
+            memory: tokio::sync::Mutex::new(PodMemory {
+                limits: Default::default(),
+                size_mib: size.memory_mib,
+            }),
             share,
             pause_pid: AtomicU32::new(0),
             vm_exit,
@@ -84,6 +111,55 @@ impl Pod {
             next_entry: AtomicU32::new(0),
             oom_targets: Default::default(),
         }
+    }
+
+    /// Records container `id`'s memory limit (`None`: none) and grows the
+    /// VM when the pod's containers' limits plus the guest's headroom
+    /// exceed what the guest may use now: the balloon deflates by the
+    /// difference. Past the VM's maximum, or past the host's
+    /// over-assignment limit, it is refused and nothing changes.
+    pub async fn fit_memory(&self, id: &str, limit_mib: Option<u64>) -> Result<()> {
+        let mut memory = self.memory.lock().await;
+        let mut next = memory.limits.clone();
+        match limit_mib {
+            Some(l) => next.insert(id.to_string(), l),
+            None => next.remove(id),
+        };
+        let total: u64 = next.values().copied().fold(0, u64::saturating_add);
+        let (vm_mib, _) = self.sandbox.memory();
+        if let Some(grow_to) = crate::sizing::pod_growth(
+            total,
+            limit_mib.unwrap_or(0),
+            memory.size_mib,
+            vm_mib,
+            self.config_max_mib,
+        )? {
+            let usable = crate::sizing::pod_vm_usable(grow_to, vm_mib);
+            let (sandbox, config) = (self.sandbox.clone(), self.config.clone());
+            tokio::task::spawn_blocking(move || sandbox.set_usable_memory(&config, usable))
+                .await
+                .map_err(|e| ContainerError::Internal(format!("pod growth task: {e}")))??;
+            tracing::info!(pod = %self.id, container = %id, from_mib = memory.size_mib, to_mib = grow_to, vm_mib, "pod VM grown");
+            memory.size_mib = grow_to;
+        }
+        memory.limits = next;
+        Ok(())
+    }
+
+    /// Container `id`'s recorded memory limit.
+    pub async fn memory_limit(&self, id: &str) -> Option<u64> {
+        self.memory.lock().await.limits.get(id).copied()
+    }
+
+    /// Records container `id`'s memory limit without resizing the VM (a
+    /// container that left, or an update undone). The VM keeps its size:
+    /// what the guest frees returns to the host by free page reporting.
+    pub async fn put_memory_limit(&self, id: &str, limit_mib: Option<u64>) {
+        let mut memory = self.memory.lock().await;
+        match limit_mib {
+            Some(l) => memory.limits.insert(id.to_string(), l),
+            None => memory.limits.remove(id),
+        };
     }
 
     /// Refuses new containers from now on (the pod is being stopped).
@@ -201,9 +277,21 @@ fn share_pause_shm(spec: &mut Spec, pause_pid: u32) {
 /// nothing of it is left.
 pub async fn add(pod: &Pod, req: &CreateRequest, plan: &Plan, pause: bool) -> Result<Added> {
     pod.check_running()?;
-    if !pause {
-        crate::sizing::check_fits_pod(&plan.spec, pod.size)?;
+    if pause {
+        return add_fitted(pod, req, plan, true).await;
     }
+    crate::sizing::check_fits_pod(&plan.spec, pod.size)?;
+    pod.fit_memory(&req.id, crate::sizing::spec_memory_limit_mib(&plan.spec))
+        .await?;
+    let added = add_fitted(pod, req, plan, false).await;
+    if added.is_err() {
+        pod.put_memory_limit(&req.id, None).await;
+    }
+    added
+}
+
+/// [`add`], once the container's limits fit in the pod's VM.
+async fn add_fitted(pod: &Pod, req: &CreateRequest, plan: &Plan, pause: bool) -> Result<Added> {
     let n = pod.next_entry.fetch_add(1, Ordering::SeqCst);
     let name = format!("c{n}");
     // The pause container's entry goes with the pod's share (the pod
@@ -247,7 +335,16 @@ pub async fn add(pod: &Pod, req: &CreateRequest, plan: &Plan, pause: bool) -> Re
     let protected = plan.protected.clone();
     let entry = tokio::task::spawn_blocking(move || -> Result<PathBuf> {
         let entry = PodEntry::begin(&share, &entry_name)?;
-        mount_rootfs(&mounts, &bundle_root, &entry.rootfs_dir())?;
+        let rootfs = entry.rootfs_dir();
+        mount_rootfs(&mounts, &bundle_root, &rootfs)?;
+        // The guest writes here through virtiofsd, as root: nothing it
+        // makes (a setuid file, a device node) may act on the host.
+        volumes::restrict_tree(&rootfs, false).map_err(|e| {
+            ContainerError::Internal(format!(
+                "cannot make {} nosuid,nodev: {e}",
+                rootfs.display()
+            ))
+        })?;
         let protected: Vec<&Path> = protected.iter().map(PathBuf::as_path).collect();
         entry.add_volumes(&volumes, &protected)?;
         Ok(entry.publish()?)

@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 
 use capsid_sandbox::config::policy::{ANNOTATION_PREFIX, KNOWN_ANNOTATIONS};
-use capsid_sandbox::config::{PolicyConfig, VmConfig, MAX_VCPUS, MIN_MEMORY_MIB};
+use capsid_sandbox::config::{PodConfig, PolicyConfig, VmConfig, MAX_VCPUS, MIN_MEMORY_MIB};
 use oci_spec::runtime::{LinuxResources, Spec};
 
 pub use capsid_sandbox::config::policy::{
@@ -80,6 +80,37 @@ pub enum SizingError {
     /// An update asks for more than the running VM has.
     #[error("the VM's size is fixed when it boots: {0}")]
     Fixed(String),
+    /// A pod is larger than the most its VM may grow to.
+    #[error(
+        "the pod's VM would have {size_mib} MiB of RAM (from {from}), more than this host lets \
+         a pod's VM grow to ([pod] max_memory_mib = {max_mib})"
+    )]
+    AbovePodMax {
+        /// The pod's size.
+        size_mib: u32,
+        /// Which part of the spec asked for it.
+        from: String,
+        /// `[pod] max_memory_mib`.
+        max_mib: u32,
+    },
+    /// A pod's containers' limits need more than its VM may grow to.
+    #[error(
+        "a memory limit of {limit_mib} MiB does not fit in the pod's VM: its containers' limits \
+         would total {total_mib} MiB, which with {MEMORY_HEADROOM_MIB} MiB for the guest needs \
+         {needed_mib} MiB, more than the {vm_max_mib} MiB the pod's VM may grow to ({why})"
+    )]
+    PastPodMax {
+        /// The container's limit.
+        limit_mib: u64,
+        /// The pod's containers' limits with it.
+        total_mib: u64,
+        /// What the VM would need.
+        needed_mib: u64,
+        /// The most the pod's VM may have.
+        vm_max_mib: u32,
+        /// Where that maximum comes from.
+        why: String,
+    },
 }
 
 /// Result of sizing.
@@ -227,10 +258,104 @@ fn pod_resources(annotations: &HashMap<String, String>) -> Result<Option<LinuxRe
     Ok(Some(resources))
 }
 
-/// Refuses a pod container whose limits do not fit in its pod's VM.
+/// The most guest RAM a pod's VM of `size` may grow to, MiB: `[pod]
+/// max_memory_mib` (0: the pod's own size, no growth). A pod larger than
+/// the maximum is refused, naming the key.
+pub fn pod_max_memory(size: VmSize, spec: &Spec, pod: &PodConfig) -> Result<u32> {
+    if pod.max_memory_mib == 0 {
+        return Ok(size.memory_mib);
+    }
+    if size.memory_mib > pod.max_memory_mib {
+        let annotations = spec.annotations().clone().unwrap_or_default();
+        let from = if annotations.contains_key(ANNOTATION_MEMORY_MIB) {
+            format!("annotation {ANNOTATION_MEMORY_MIB}")
+        } else if annotations.contains_key(SANDBOX_MEMORY) {
+            format!("{SANDBOX_MEMORY} and {MEMORY_HEADROOM_MIB} MiB for the guest")
+        } else {
+            "the [vm] default".into()
+        };
+        return Err(SizingError::AbovePodMax {
+            size_mib: size.memory_mib,
+            from,
+            max_mib: pod.max_memory_mib,
+        });
+    }
+    Ok(pod.max_memory_mib)
+}
+
+/// A memory limit in MiB (rounded up), when `resources` set one.
+pub fn memory_limit_mib(resources: &LinuxResources) -> Option<u64> {
+    resources
+        .memory()
+        .as_ref()
+        .and_then(|m| m.limit())
+        .filter(|l| *l > 0)
+        .map(|l| l.unsigned_abs().div_ceil(1 << 20))
+}
+
+/// The pod container's memory limit in MiB, when its spec sets one.
+pub fn spec_memory_limit_mib(spec: &Spec) -> Option<u64> {
+    spec.linux()
+        .as_ref()
+        .and_then(|l| l.resources().as_ref())
+        .and_then(memory_limit_mib)
+}
+
+/// What the guest of a pod's VM of `vm_mib` may use for the pod to have
+/// `size_mib`, MiB: the size, plus the page descriptors the guest kernel
+/// keeps for the RAM held in the balloon (64 bytes per 4 KiB page, 1/64),
+/// so that the pod has what a VM booted at its size would have. The
+/// balloon holds the rest.
+pub fn pod_vm_usable(size_mib: u32, vm_mib: u32) -> u32 {
+    let reserve = vm_mib.saturating_sub(size_mib);
+    size_mib.saturating_add(reserve / 64).min(vm_mib)
+}
+
+/// The guest RAM a pod's VM needs for its containers' memory limits
+/// totalling `limits_mib`: the limits plus the guest's headroom.
+pub fn pod_memory_needed(limits_mib: u64) -> u64 {
+    limits_mib.saturating_add(u64::from(MEMORY_HEADROOM_MIB))
+}
+
+/// How a pod's VM must change for `limits_mib` (its containers' memory
+/// limits, the new one included, which is `limit_mib`): `None` when its
+/// `usable_mib` suffices, else the size to grow to, refused past
+/// `vm_max_mib` (`config_max_mib` is `[pod] max_memory_mib`, named in the
+/// error).
+pub fn pod_growth(
+    limits_mib: u64,
+    limit_mib: u64,
+    usable_mib: u32,
+    vm_max_mib: u32,
+    config_max_mib: u32,
+) -> Result<Option<u32>> {
+    let needed = pod_memory_needed(limits_mib);
+    if needed <= u64::from(usable_mib) {
+        return Ok(None);
+    }
+    match u32::try_from(needed).ok().filter(|n| *n <= vm_max_mib) {
+        Some(n) => Ok(Some(n)),
+        None => Err(SizingError::PastPodMax {
+            limit_mib,
+            total_mib: limits_mib,
+            needed_mib: needed,
+            vm_max_mib,
+            why: if config_max_mib == 0 {
+                "[pod] max_memory_mib = 0: pods do not grow".into()
+            } else if vm_max_mib < config_max_mib {
+                format!("the pod's VM booted when [pod] max_memory_mib was {vm_max_mib}")
+            } else {
+                format!("[pod] max_memory_mib = {config_max_mib}")
+            },
+        }),
+    }
+}
+
+/// Refuses a pod container whose CPU quota does not fit in its pod's VM
+/// (its memory limit grows the VM instead: [`pod_growth`]).
 pub fn check_fits_pod(spec: &Spec, pod: VmSize) -> Result<()> {
     match spec.linux().as_ref().and_then(|l| l.resources().as_ref()) {
-        Some(resources) => check_update(resources, &HashMap::new(), pod),
+        Some(resources) => check_cpu(resources, pod),
         None => Ok(()),
     }
 }
@@ -291,17 +416,19 @@ pub fn check_update(
             )));
         }
     }
-    let cpu = resources.cpu().as_ref();
-    if let (Some(quota), Some(period)) = (cpu.and_then(|c| c.quota()), cpu.and_then(|c| c.period()))
-    {
-        if quota > 0 && period > 0 && quota.unsigned_abs().div_ceil(period) > u64::from(size.vcpus)
-        {
-            return Err(SizingError::Fixed(format!(
-                "a CPU quota of {quota}/{period} needs more than the VM's {} vCPUs",
-                size.vcpus
-            )));
-        }
-    }
+    check_update_in_pod(resources, annotations, size)
+}
+
+/// [`check_update`] for a pod's container: its memory limit grows the
+/// pod's VM ([`pod_growth`]); its CPU quota must fit in the VM's vCPUs and
+/// the `io.capsid.*` size annotations cannot change from `size`, the size
+/// the VM booted with.
+pub fn check_update_in_pod(
+    resources: &LinuxResources,
+    annotations: &HashMap<String, String>,
+    size: VmSize,
+) -> Result<()> {
+    check_cpu(resources, size)?;
     for (key, current) in [
         (ANNOTATION_VCPUS, size.vcpus),
         (ANNOTATION_MEMORY_MIB, size.memory_mib),
@@ -312,6 +439,22 @@ pub fn check_update(
                     "{key} cannot change from {current} to {value:?}"
                 )));
             }
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a CPU quota that needs more than the VM's vCPUs.
+fn check_cpu(resources: &LinuxResources, size: VmSize) -> Result<()> {
+    let cpu = resources.cpu().as_ref();
+    if let (Some(quota), Some(period)) = (cpu.and_then(|c| c.quota()), cpu.and_then(|c| c.period()))
+    {
+        if quota > 0 && period > 0 && quota.unsigned_abs().div_ceil(period) > u64::from(size.vcpus)
+        {
+            return Err(SizingError::Fixed(format!(
+                "a CPU quota of {quota}/{period} needs more than the VM's {} vCPUs",
+                size.vcpus
+            )));
         }
     }
     Ok(())
@@ -399,12 +542,103 @@ mod tests {
         ));
         let e = vm_size(&s, &VmConfig::default()).unwrap_err();
         assert!(e.to_string().contains("sandbox-memory"), "{e}");
-        // A container asking for more than its pod's VM has is refused.
+        // A container's memory limit grows the pod's VM; a CPU quota past
+        // its vCPUs is refused.
         let member = spec(&format!(
             r#"{BASE},"linux":{{"resources":{{"memory":{{"limit":536870912}}}}}}}}"#
         ));
+        check_fits_pod(&member, size).unwrap();
+        let member = spec(&format!(
+            r#"{BASE},"linux":{{"resources":{{"cpu":{{"quota":300000,"period":100000}}}}}}}}"#
+        ));
         let e = check_fits_pod(&member, size).unwrap_err();
-        assert!(e.to_string().contains("does not fit"), "{e}");
+        assert!(
+            e.to_string().contains("needs more than the VM's 2 vCPUs"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_pods_maximum_bounds_its_size() {
+        let size = |m| VmSize {
+            vcpus: 1,
+            memory_mib: m,
+        };
+        let pod = PodConfig::default();
+        let s = spec(&format!(
+            r#"{BASE},"annotations":{{"io.kubernetes.cri.sandbox-memory":"4294967296"}}}}"#
+        ));
+        assert_eq!(pod_max_memory(size(320), &s, &pod).unwrap(), 2048);
+        assert_eq!(pod_max_memory(size(2048), &s, &pod).unwrap(), 2048);
+        let e = pod_max_memory(size(4160), &s, &pod).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "the pod's VM would have 4160 MiB of RAM (from io.kubernetes.cri.sandbox-memory \
+             and 64 MiB for the guest), more than this host lets a pod's VM grow to \
+             ([pod] max_memory_mib = 2048)"
+        );
+        let fixed = PodConfig { max_memory_mib: 0 };
+        assert_eq!(pod_max_memory(size(4160), &s, &fixed).unwrap(), 4160);
+    }
+
+    #[test]
+    fn a_pods_guest_gets_the_page_descriptors_of_its_reserve() {
+        assert_eq!(pod_vm_usable(192, 2048), 192 + 29);
+        assert_eq!(pod_vm_usable(2048, 2048), 2048);
+        assert_eq!(pod_vm_usable(320, 320), 320);
+        assert_eq!(pod_vm_usable(8192, 2048), 2048);
+    }
+
+    #[test]
+    fn a_pod_grows_by_what_its_limits_need_up_to_its_maximum() {
+        // 256 + 64 usable: limits up to 256 fit.
+        assert_eq!(pod_growth(256, 64, 320, 2048, 2048).unwrap(), None);
+        // 100 + 200 + 300 = 600 MiB of limits: 664 MiB.
+        assert_eq!(pod_growth(600, 300, 320, 2048, 2048).unwrap(), Some(664));
+        // Right at the maximum, then one past it.
+        assert_eq!(pod_growth(1984, 1000, 664, 2048, 2048).unwrap(), Some(2048));
+        let e = pod_growth(1985, 1001, 664, 2048, 2048).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "a memory limit of 1001 MiB does not fit in the pod's VM: its containers' limits \
+             would total 1985 MiB, which with 64 MiB for the guest needs 2049 MiB, more than \
+             the 2048 MiB the pod's VM may grow to ([pod] max_memory_mib = 2048)"
+        );
+        let e = pod_growth(u64::MAX, 1, 664, 2048, 2048).unwrap_err();
+        assert!(matches!(e, SizingError::PastPodMax { .. }), "{e}");
+        let e = pod_growth(400, 400, 320, 320, 0).unwrap_err().to_string();
+        assert!(
+            e.ends_with("([pod] max_memory_mib = 0: pods do not grow)"),
+            "{e}"
+        );
+        // Limits in MiB, rounded up; none, 0 and -1 are no limit.
+        let res = |json: &str| -> LinuxResources { serde_json::from_str(json).unwrap() };
+        assert_eq!(memory_limit_mib(&res(r#"{"memory":{"limit":1}}"#)), Some(1));
+        assert_eq!(
+            memory_limit_mib(&res(r#"{"memory":{"limit":134217728}}"#)),
+            Some(128)
+        );
+        for none in [
+            "{}",
+            r#"{"memory":{"limit":0}}"#,
+            r#"{"memory":{"limit":-1}}"#,
+        ] {
+            assert_eq!(memory_limit_mib(&res(none)), None, "{none}");
+        }
+        // In a pod, an update's memory is the pod's business; its CPU and
+        // the size annotations are checked as before.
+        let size = VmSize {
+            vcpus: 2,
+            memory_mib: 320,
+        };
+        let none = HashMap::new();
+        check_update_in_pod(&res(r#"{"memory":{"limit":1073741824}}"#), &none, size).unwrap();
+        assert!(check_update_in_pod(
+            &res(r#"{"cpu":{"quota":300000,"period":100000}}"#),
+            &none,
+            size
+        )
+        .is_err());
     }
 
     #[test]

@@ -150,6 +150,8 @@ impl CriClient {
         list_container_stats(ListContainerStatsRequest) -> ListContainerStatsResponse;
         pod_sandbox_stats(PodSandboxStatsRequest) -> PodSandboxStatsResponse;
         list_pod_sandbox_stats(ListPodSandboxStatsRequest) -> ListPodSandboxStatsResponse;
+        update_container_resources(UpdateContainerResourcesRequest) -> UpdateContainerResourcesResponse;
+        reopen_container_log(ReopenContainerLogRequest) -> ReopenContainerLogResponse;
     }
 
     calls! {image:
@@ -411,6 +413,187 @@ impl CriHarness {
         dir
     }
 
+    /// A pod's sandbox config as kubelet writes it for pod `name` (its uid
+    /// unique to this test process): its log directory (created), the
+    /// harness's cgroup parent, kubelet's namespaces
+    /// ([`kubelet_namespaces`]) and the pod's
+    /// `resources` (kubelet's sum of its containers' limits).
+    pub fn pod_config(
+        &self,
+        name: &str,
+        resources: Option<LinuxContainerResources>,
+    ) -> PodSandboxConfig {
+        let metadata = PodSandboxMetadata {
+            name: name.into(),
+            uid: format!("uid-{name}-{}", std::process::id()),
+            namespace: "default".into(),
+            attempt: 0,
+        };
+        let log_directory = self.log_directory(&metadata);
+        PodSandboxConfig {
+            metadata: Some(metadata),
+            hostname: name.into(),
+            log_directory: log_directory.display().to_string(),
+            linux: Some(LinuxPodSandboxConfig {
+                cgroup_parent: self.cgroup_parent().into(),
+                security_context: Some(LinuxSandboxSecurityContext {
+                    namespace_options: Some(kubelet_namespaces()),
+                    ..Default::default()
+                }),
+                resources,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// RunPodSandbox of `config` with runtime handler `handler`: the pod's
+    /// id.
+    pub fn run_pod(&self, config: &PodSandboxConfig, handler: &str) -> String {
+        self.cri()
+            .run_pod_sandbox(RunPodSandboxRequest {
+                config: Some(config.clone()),
+                runtime_handler: handler.into(),
+            })
+            .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", self.log_tail()))
+            .pod_sandbox_id
+    }
+
+    /// PodSandboxStatus of pod `id`.
+    pub fn pod_status(&self, id: &str) -> PodSandboxStatus {
+        self.cri()
+            .pod_sandbox_status(PodSandboxStatusRequest {
+                pod_sandbox_id: id.into(),
+                verbose: false,
+            })
+            .unwrap_or_else(|e| panic!("PodSandboxStatus {id}: {e}\n{}", self.log_tail()))
+            .status
+            .unwrap_or_else(|| panic!("PodSandboxStatus {id}: no status"))
+    }
+
+    /// StopPodSandbox then RemovePodSandbox of pod `id`, as kubelet ends
+    /// a pod.
+    pub fn stop_and_remove_pod(&self, id: &str) {
+        self.cri()
+            .stop_pod_sandbox(StopPodSandboxRequest {
+                pod_sandbox_id: id.into(),
+            })
+            .unwrap_or_else(|e| panic!("StopPodSandbox {id}: {e}\n{}", self.log_tail()));
+        self.cri()
+            .remove_pod_sandbox(RemovePodSandboxRequest {
+                pod_sandbox_id: id.into(),
+            })
+            .unwrap_or_else(|e| panic!("RemovePodSandbox {id}: {e}\n{}", self.log_tail()));
+    }
+
+    /// CreateContainer then StartContainer of `config` in pod `pod` (whose
+    /// sandbox config is `sandbox`): the container's id.
+    pub fn create_and_start(
+        &self,
+        pod: &str,
+        sandbox: &PodSandboxConfig,
+        config: ContainerConfig,
+    ) -> String {
+        let name = config
+            .metadata
+            .as_ref()
+            .map(|m| m.name.clone())
+            .unwrap_or_default();
+        let id = self
+            .cri()
+            .create_container(CreateContainerRequest {
+                pod_sandbox_id: pod.into(),
+                config: Some(config),
+                sandbox_config: Some(sandbox.clone()),
+            })
+            .unwrap_or_else(|e| panic!("CreateContainer {name}: {e}\n{}", self.log_tail()))
+            .container_id;
+        self.cri()
+            .start_container(StartContainerRequest {
+                container_id: id.clone(),
+            })
+            .unwrap_or_else(|e| panic!("StartContainer {name}: {e}\n{}", self.log_tail()));
+        id
+    }
+
+    /// ExecSync `cmd…` in container `id` (30 s at most): (exit code,
+    /// stdout, stderr).
+    pub fn exec(&self, id: &str, cmd: &[&str]) -> (i32, String, String) {
+        let r = self
+            .cri()
+            .exec_sync(ExecSyncRequest {
+                container_id: id.into(),
+                cmd: cmd.iter().map(|s| s.to_string()).collect(),
+                timeout: 30,
+            })
+            .unwrap_or_else(|e| panic!("ExecSync {cmd:?} in {id}: {e}\n{}", self.log_tail()));
+        (
+            r.exit_code,
+            String::from_utf8_lossy(&r.stdout).into_owned(),
+            String::from_utf8_lossy(&r.stderr).into_owned(),
+        )
+    }
+
+    /// The pid containerd has for task `id` (a pod's sandbox or a
+    /// container): for capsid, the VM's main host process.
+    pub fn task_pid(&self, id: &str) -> Option<u32> {
+        let (code, out, err) =
+            run(self
+                .containerd()
+                .ctr()
+                .args(["-n", K8S_NAMESPACE, "tasks", "ls"]));
+        assert_eq!(code, 0, "ctr tasks ls: {out}{err}");
+        out.lines().find_map(|l| {
+            let fields: Vec<&str> = l.split_whitespace().collect();
+            (fields.first() == Some(&id))
+                .then(|| fields.get(1).and_then(|p| p.parse().ok()))
+                .flatten()
+        })
+    }
+
+    /// The memory limit of container `id` as its cgroup reads inside it
+    /// (cgroup v2 in capsid's guest, with or without a cgroup namespace;
+    /// v1 for runc on a v1 host): bytes, or `max`.
+    pub fn memory_limit_inside(&self, id: &str) -> String {
+        let (code, out, err) = self.exec(
+            id,
+            &[
+                "sh",
+                "-c",
+                "p=$(sed -n 's/^0:://p' /proc/self/cgroup); \
+                 cat /sys/fs/cgroup$p/memory.max 2>/dev/null || \
+                 cat /sys/fs/cgroup/memory.max 2>/dev/null || \
+                 cat /sys/fs/cgroup/memory/memory.limit_in_bytes",
+            ],
+        );
+        assert_eq!(code, 0, "reading the memory limit in {id}: {out}{err}");
+        out.trim().to_string()
+    }
+
+    /// Waits until the container's CRI log at `path` has a full stdout
+    /// line `want`; the log's lines.
+    pub fn wait_log_line(
+        &self,
+        path: &Path,
+        want: &str,
+        timeout: Duration,
+    ) -> Vec<(String, String)> {
+        let start = Instant::now();
+        loop {
+            let lines = cri_log(path);
+            if lines.iter().any(|(s, t)| s == "stdout" && t == want) {
+                return lines;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "{} has no line {want:?}: {lines:?}\n{}",
+                path.display(),
+                self.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Polls ContainerStatus until the container is in `state`.
     pub fn wait_container_state(
         &self,
@@ -461,16 +644,59 @@ impl CriHarness {
     /// parent, containerd's shims, and processes naming the harness's dir
     /// (capsid's VMs and device backends).
     pub fn pod_processes(&self) -> Vec<String> {
+        self.pod_pids()
+            .into_iter()
+            .map(|pid| format!("process {pid}: {}", cmdline(pid).join(" ")))
+            .collect()
+    }
+
+    /// The pids of [`CriHarness::pod_processes`].
+    pub fn pod_pids(&self) -> Vec<u32> {
         let ctrd = self.containerd();
         let mut pids: Vec<u32> = processes_in_cgroup(&self.cgroup_parent);
         pids.extend(processes_with(&ctrd.socket().display().to_string()));
         pids.extend(processes_with(&self.dir().display().to_string()));
         pids.sort_unstable();
         pids.dedup();
-        pids.into_iter()
-            .filter(|pid| *pid != ctrd.pid())
-            .map(|pid| format!("process {pid}: {}", cmdline(pid).join(" ")))
-            .collect()
+        pids.retain(|pid| *pid != ctrd.pid());
+        pids
+    }
+
+    /// The pods' processes and all their descendants (a VM's jailed
+    /// processes name none of the harness's paths), each with its start
+    /// time so that a pid reused later is not taken for it.
+    pub fn pod_process_tree(&self) -> Vec<HostProcess> {
+        let mut pids = self.pod_pids();
+        pids.extend(descendants(&pids));
+        pids.sort_unstable();
+        pids.dedup();
+        pids.into_iter().filter_map(HostProcess::of).collect()
+    }
+
+    /// The entries of the pods' VM shares (one per container in a pod's
+    /// VM) and what is staged for them, as `share/entry` paths under
+    /// capsid's state dir.
+    pub fn share_entries(&self) -> Vec<String> {
+        let shares = self.capsid_state_dir().join(".shares");
+        let mut found = Vec::new();
+        for share in std::fs::read_dir(&shares).into_iter().flatten().flatten() {
+            for entry in std::fs::read_dir(share.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                found.push(format!(
+                    "share entry {}",
+                    entry
+                        .path()
+                        .strip_prefix(&shares)
+                        .unwrap_or(&entry.path())
+                        .display()
+                ));
+            }
+        }
+        found.sort();
+        found
     }
 
     /// What pods left: sandboxes and containers the CRI still lists, pod
@@ -667,5 +893,150 @@ fn collect_dirs(dir: &Path, out: &mut Vec<PathBuf>) {
         if entry.file_type().is_ok_and(|t| t.is_dir()) {
             collect_dirs(&entry.path(), out);
         }
+    }
+}
+
+/// A live host process, told from a later one with the same pid by its
+/// start time.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct HostProcess {
+    /// Its pid.
+    pub pid: u32,
+    /// Its start time (clock ticks since boot, /proc/PID/stat field 22).
+    pub start: u64,
+    /// Its name (`comm`).
+    pub name: String,
+    /// Its command line.
+    pub cmdline: String,
+}
+
+impl HostProcess {
+    /// Process `pid`, if it is alive and not a zombie.
+    pub fn of(pid: u32) -> Option<Self> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let open = stat.find('(')?;
+        let close = stat.rfind(')')?;
+        let name = stat[open + 1..close].to_string();
+        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        // Fields from the 3rd (state) on: the start time is the 22nd.
+        if fields.first() == Some(&"Z") {
+            return None;
+        }
+        let start = fields.get(19)?.parse().ok()?;
+        Some(Self {
+            pid,
+            start,
+            name,
+            cmdline: cmdline(pid).join(" "),
+        })
+    }
+
+    /// Whether this very process is still alive.
+    pub fn alive(&self) -> bool {
+        Self::of(self.pid).is_some_and(|p| p.start == self.start)
+    }
+}
+
+/// Every live descendant of `pids`.
+pub fn descendants(pids: &[u32]) -> Vec<u32> {
+    let mut children: std::collections::HashMap<u32, Vec<u32>> = Default::default();
+    for pid in std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+    {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let ppid = stat
+            .rfind(')')
+            .and_then(|i| stat[i + 1..].split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if let Some(ppid) = ppid {
+            children.entry(ppid).or_default().push(pid);
+        }
+    }
+    let mut found = Vec::new();
+    let mut todo: Vec<u32> = pids.to_vec();
+    while let Some(pid) = todo.pop() {
+        for child in children.get(&pid).into_iter().flatten() {
+            if !found.contains(child) && !pids.contains(child) {
+                found.push(*child);
+                todo.push(*child);
+            }
+        }
+    }
+    found
+}
+
+/// A CRI log file's lines (`<RFC 3339 time> <stream> <P|F> <text>`) as
+/// (stream, text), checking the format of each; none if there is no file.
+pub fn cri_log(path: &Path) -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .map(|line| {
+            let fields: Vec<&str> = line.splitn(4, ' ').collect();
+            assert_eq!(fields.len(), 4, "not a CRI log line: {line:?}");
+            let time = fields[0].as_bytes();
+            assert!(
+                time.len() >= 20 && time[4] == b'-' && time[10] == b'T' && time[13] == b':',
+                "no RFC 3339 time in {line:?}"
+            );
+            assert!(
+                ["stdout", "stderr"].contains(&fields[1]),
+                "no stream in {line:?}"
+            );
+            assert!(["P", "F"].contains(&fields[2]), "no tag in {line:?}");
+            (fields[1].to_string(), fields[3].to_string())
+        })
+        .collect()
+}
+
+/// The namespaces kubelet gives a pod and each of its containers (without
+/// `shareProcessNamespace`): network and IPC are the pod's, each container
+/// has a PID namespace of its own.
+pub fn kubelet_namespaces() -> NamespaceOption {
+    NamespaceOption {
+        network: NamespaceMode::Pod as i32,
+        pid: NamespaceMode::Container as i32,
+        ipc: NamespaceMode::Pod as i32,
+        ..Default::default()
+    }
+}
+
+/// A busybox container running `sh -c script`, configured as kubelet does:
+/// log path `NAME/0.log` under the pod's log directory (created), the
+/// `io.kubernetes.container.name` label, kubelet's namespaces, and
+/// `memory_limit` (bytes, 0: none) as its `resources.limits.memory`.
+pub fn busybox_container(
+    sandbox: &PodSandboxConfig,
+    name: &str,
+    script: &str,
+    memory_limit: i64,
+) -> ContainerConfig {
+    std::fs::create_dir_all(Path::new(&sandbox.log_directory).join(name))
+        .expect("container log directory");
+    ContainerConfig {
+        metadata: Some(ContainerMetadata {
+            name: name.into(),
+            attempt: 0,
+        }),
+        image: Some(image_spec(BUSYBOX)),
+        command: vec!["sh".into(), "-c".into(), script.into()],
+        labels: std::collections::HashMap::from([(
+            "io.kubernetes.container.name".into(),
+            name.into(),
+        )]),
+        log_path: format!("{name}/0.log"),
+        linux: Some(LinuxContainerConfig {
+            resources: (memory_limit > 0).then(|| LinuxContainerResources {
+                memory_limit_in_bytes: memory_limit,
+                ..Default::default()
+            }),
+            security_context: Some(LinuxContainerSecurityContext {
+                namespace_options: Some(kubelet_namespaces()),
+                ..Default::default()
+            }),
+        }),
+        ..Default::default()
     }
 }

@@ -143,6 +143,10 @@ impl Containers {
         }
 
         let net_sysctls = adapt_spec(&mut spec, &dirs.rootfs, &req.id, req.stdio.terminal)?;
+        container.shares_pid_namespace.store(
+            !owns_pid_namespace(&spec),
+            std::sync::atomic::Ordering::SeqCst,
+        );
         check_program(&spec, &dirs.rootfs)?;
         crate::sysctl::apply(&net_sysctls)
             .map_err(|e| ContainerError::Invalid(crate::describe(&e)))?;
@@ -242,6 +246,20 @@ fn check_program(spec: &Spec, rootfs: &Path) -> Result<()> {
     };
     rootfs::check_executable(rootfs, &program, path, &mount_points)
         .map_err(ContainerError::NotExecutable)
+}
+
+/// Whether the spec gives the container a PID namespace of its own (an
+/// entry without a path).
+fn owns_pid_namespace(spec: &Spec) -> bool {
+    spec.linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .is_some_and(|ns| {
+            ns.iter().any(|n| {
+                n.typ() == LinuxNamespaceType::Pid
+                    && n.path().as_ref().is_none_or(|p| p.as_os_str().is_empty())
+            })
+        })
 }
 
 /// Makes the host's OCI spec fit the guest: the rootfs is the assembled
@@ -422,6 +440,26 @@ mod tests {
         // createContainer: programs of the guest itself (this test's host).
         assert_eq!(paths(hooks.create_container()), ["/bin/sh"]);
         assert_eq!(paths(hooks.start_container()), ["/bin/in-image"]);
+    }
+
+    #[test]
+    fn a_joined_or_missing_pid_namespace_is_shared() {
+        let with = |ns: serde_json::Value| -> Spec {
+            serde_json::from_value(serde_json::json!({
+                "ociVersion": "1.0.2",
+                "linux": {"namespaces": ns}
+            }))
+            .unwrap()
+        };
+        assert!(owns_pid_namespace(&with(
+            serde_json::json!([{"type": "pid"}])
+        )));
+        assert!(!owns_pid_namespace(&with(
+            serde_json::json!([{"type": "pid", "path": "/proc/7/ns/pid"}])
+        )));
+        assert!(!owns_pid_namespace(&with(
+            serde_json::json!([{"type": "mount"}])
+        )));
     }
 
     #[test]

@@ -77,6 +77,16 @@ impl Containers {
                 signaled: false,
             });
             let mut laps = Laps::new("exit", &container.id);
+            // An init that shared its PID namespace leaves its children
+            // running, holding its output open: they go with it, as with
+            // runc, and the exit is not held up by them.
+            if process.exec_id.is_empty()
+                && container
+                    .shares_pid_namespace
+                    .load(std::sync::atomic::Ordering::SeqCst)
+            {
+                let _ = std::fs::write(container.cgroup.join("cgroup.kill"), "1");
+            }
             if let Some(tty) = process.tty() {
                 let _ = tokio::task::spawn_blocking(move || tty.lock_or_recover().drain()).await;
             }

@@ -246,6 +246,10 @@ struct Container {
     cgroup: PathBuf,
     processes: Mutex<HashMap<String, Arc<Process>>>,
     stage: Mutex<Stage>,
+    /// Its init is not PID 1 of a PID namespace of its own (it joined a
+    /// pod's, or the VM's): the kernel does not end the rest of the
+    /// container with it, so the agent does, as runc's shim does.
+    shares_pid_namespace: std::sync::atomic::AtomicBool,
 }
 
 impl Container {
@@ -258,6 +262,7 @@ impl Container {
                 .join(id),
             processes: Mutex::new(HashMap::new()),
             stage: Mutex::new(Stage::Creating),
+            shares_pid_namespace: std::sync::atomic::AtomicBool::new(false),
         }
     }
 

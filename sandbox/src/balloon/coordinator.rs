@@ -104,6 +104,10 @@ pub struct Coordinator {
     /// Per sandbox, whether its balloon's growth still lowers the host's
     /// footprint.
     gains: HashMap<String, GainTracker>,
+    /// Per sandbox, the pod reserve its entry had last round: when a pod
+    /// grows (its shim deflated the balloon), the target remembered from
+    /// before is forgotten.
+    reserves: HashMap<String, u32>,
 }
 
 /// Rounds a balloon short of its target may stand still before it counts
@@ -127,6 +131,7 @@ impl Coordinator {
             working_sets: HashMap::new(),
             progress: HashMap::new(),
             gains: HashMap::new(),
+            reserves: HashMap::new(),
         }
     }
 
@@ -178,6 +183,19 @@ impl Coordinator {
         self.working_sets.retain(|id, _| present(id));
         self.progress.retain(|id, _| present(id));
         self.gains.retain(|id, _| present(id));
+        self.reserves.retain(|id, _| present(id));
+        for s in sandboxes {
+            let before = self
+                .reserves
+                .insert(s.entry.id.clone(), s.entry.reserve_mib);
+            if before.is_some_and(|r| r != s.entry.reserve_mib) {
+                // The pod's shim resized its balloon: what this coordinator
+                // asked for before no longer stands.
+                self.targets.remove(&s.entry.id);
+                self.progress.remove(&s.entry.id);
+                self.gains.remove(&s.entry.id);
+            }
+        }
         let mut unproductive = HashMap::new();
         for s in sandboxes {
             if let (Some(b), Some(resident)) = (s.balloon, s.guest_resident_mib) {
@@ -251,6 +269,7 @@ impl Coordinator {
                         .is_some_and(|p| p.1 >= STALL_ROUNDS),
                     host_resident_mib: s.guest_resident_mib,
                     unproductive: unproductive.get(&s.entry.id).copied().unwrap_or(false),
+                    reserve_mib: u64::from(s.entry.reserve_mib).min(u64::from(b.assigned_mib)),
                 })
             })
             .collect()
@@ -456,6 +475,13 @@ mod tests {
         measured.guest_resident_mib = Some(200);
         let verdicts = c.track(&[measured], now);
         assert_eq!(verdicts.keys().collect::<Vec<_>>(), ["a"]);
+        c.targets.insert("a".into(), 150);
+        // A pod that grew: its reserve changed, the old target is dropped.
+        let mut grown = seen("a", true, 100, 200);
+        grown.entry.reserve_mib = 64;
+        c.track(std::slice::from_ref(&grown), now);
+        assert!(c.targets.is_empty());
+        assert_eq!(c.views(&[grown], &HashMap::new())[0].reserve_mib, 64);
         c.targets.insert("a".into(), 150);
         assert!(c.track(&[], now).is_empty());
         assert!(c.targets.is_empty() && c.progress.is_empty());

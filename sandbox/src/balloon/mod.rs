@@ -87,6 +87,29 @@ pub enum BalloonError {
         /// The host memory the ratio applies to.
         host_mib: u64,
     },
+    /// Growing a pod's sandbox would assign more memory than the host may
+    /// lend.
+    #[error(
+        "growing {id} from {from_mib} to {to_mib} MiB would assign {total_mib} MiB in all, over \
+         the limit of {limit_mib} MiB (memory.overcommit_ratio {ratio} x {host_mib} MiB of host \
+         memory)"
+    )]
+    GrowthOvercommitted {
+        /// The sandbox growing.
+        id: String,
+        /// Its memory now.
+        from_mib: u64,
+        /// Its memory asked for.
+        to_mib: u64,
+        /// The sum with every other running sandbox.
+        total_mib: u64,
+        /// The limit.
+        limit_mib: u64,
+        /// The configured ratio.
+        ratio: f64,
+        /// The host memory the ratio applies to.
+        host_mib: u64,
+    },
 }
 
 /// Result of balloon operations.
@@ -187,26 +210,35 @@ impl BalloonHandle {
 /// Registers a sandbox being started with the balloon policy (when
 /// `memory.enabled`), refusing it when the memory assigned to all running
 /// sandboxes would exceed `memory.overcommit_ratio` times the host's memory.
+/// `memory_mib` is what the sandbox is assigned; a pod's VM holds
+/// `reserve_mib` more in its balloon, which does not count.
 pub fn register_sandbox(
     config: &crate::config::Config,
     id: &str,
     backend: crate::config::BackendKind,
     memory_mib: u32,
+    reserve_mib: u32,
     policy: bool,
 ) -> Result<Option<registry::Registration>> {
-    let memory = &config.memory;
-    if !memory.enabled {
+    if !config.memory.enabled {
         return Ok(None);
     }
-    let host = coordinator::HostSource::from_config(memory);
-    let limit = host.total_mib().map(|host_mib| registry::Limit {
-        ratio: memory.overcommit_ratio,
-        host_mib,
-    });
-    let entry = registry::Entry::new(id, backend, memory_mib, policy);
+    let limit = overcommit_limit(config);
+    let mut entry = registry::Entry::new(id, backend, memory_mib, policy);
+    entry.reserve_mib = reserve_mib;
     registry::Registry::new(&config.paths.state_dir)
         .register(entry, limit)
         .map(Some)
+}
+
+/// The over-assignment limit of the configured host, when its size is known.
+pub fn overcommit_limit(config: &crate::config::Config) -> Option<registry::Limit> {
+    let memory = &config.memory;
+    let host = coordinator::HostSource::from_config(memory);
+    host.total_mib().map(|host_mib| registry::Limit {
+        ratio: memory.overcommit_ratio,
+        host_mib,
+    })
 }
 
 /// The balloon size implied by QEMU's "guest has this many bytes" figure.

@@ -72,20 +72,35 @@ pub struct SandboxView {
     /// The balloon grew lately while the host's footprint did not fall
     /// ([`GainTracker`]): growing it further would gain nothing.
     pub unproductive: bool,
+    /// Of `assigned_mib`, MiB held in the balloon as a pod's room to grow
+    /// (its maximum minus its size): the policy never deflates the balloon
+    /// below it nor counts it as reclaimable. 0 for other sandboxes.
+    pub reserve_mib: u64,
 }
 
 impl SandboxView {
     /// Guest-usable memory that must stay, MiB (the whole VM when the
     /// guest's report is unusable).
     pub fn floor_mib(&self, p: &PolicyParams) -> u64 {
+        let size = self.size_mib();
         match self.stats.working_set_mib(self.actual_mib) {
             Some(ws) => ws
                 .max(self.recent_working_set_mib)
                 .saturating_add(p.headroom_mib)
                 .max(p.floor_mib)
-                .min(self.assigned_mib),
-            None => self.assigned_mib,
+                .min(size),
+            None => size,
         }
+    }
+
+    /// The guest's memory without the pod's reserve, MiB: what it may use.
+    pub fn size_mib(&self) -> u64 {
+        self.assigned_mib.saturating_sub(self.reserve_mib)
+    }
+
+    /// The smallest balloon the policy may set: the pod's reserve.
+    fn min_balloon_mib(&self) -> u64 {
+        self.reserve_mib.min(self.assigned_mib)
     }
 
     /// The guest has stopped reporting.
@@ -284,7 +299,7 @@ pub fn decide(p: &PolicyParams, host: &HostMemory, sandboxes: &[SandboxView]) ->
     // least a step back before its kernel has to deflate on OOM a page at
     // a time while the host keeps asking for the target.
     for s in sandboxes {
-        if !s.stats.valid || s.target_mib == 0 {
+        if !s.stats.valid || s.target_mib <= s.min_balloon_mib() {
             continue;
         }
         let mut to = s.target_mib;
@@ -298,8 +313,10 @@ pub fn decide(p: &PolicyParams, host: &HostMemory, sandboxes: &[SandboxView]) ->
                 s.assigned_mib
             ));
         }
+        // What the policy may give back: never the pod's reserve.
+        let givable = s.target_mib - s.min_balloon_mib();
         if s.stale(p) {
-            to = to.min(s.target_mib - p.deflate_step_mib.min(s.target_mib));
+            to = to.min(s.target_mib - p.deflate_step_mib.min(givable));
             reasons.push(format!(
                 "no guest report for {} s",
                 s.stats.age_s.unwrap_or_default()
@@ -308,7 +325,7 @@ pub fn decide(p: &PolicyParams, host: &HostMemory, sandboxes: &[SandboxView]) ->
             let give = p
                 .deflate_step_mib
                 .max(p.headroom_mib - s.stats.available_mib)
-                .min(s.target_mib);
+                .min(givable);
             to = to.min(s.target_mib - give);
             reasons.push(format!(
                 "guest short: {} MiB available, below the {} MiB headroom",
@@ -328,11 +345,14 @@ pub fn decide(p: &PolicyParams, host: &HostMemory, sandboxes: &[SandboxView]) ->
     // A balloon stuck short of its target settles where it is: the guest
     // cannot give more, and an unreachable target would keep it trying.
     for s in sandboxes {
-        if (s.stalled || s.unproductive) && s.target_mib > s.actual_mib && !touched(&s.id, &out) {
+        // A pod's balloon still inflating to its reserve settles there at
+        // the lowest.
+        let settle = s.actual_mib.max(s.min_balloon_mib());
+        if (s.stalled || s.unproductive) && s.target_mib > settle && !touched(&s.id, &out) {
             out.push(Decision {
                 id: s.id.clone(),
                 from_mib: s.target_mib,
-                to_mib: s.actual_mib,
+                to_mib: settle,
                 reason: if s.stalled {
                     format!(
                         "balloon stalled at {} MiB: the guest gave what it could",
@@ -388,11 +408,13 @@ pub fn decide(p: &PolicyParams, host: &HostMemory, sandboxes: &[SandboxView]) ->
             // The guests with the least available memory get theirs first.
             let mut order: Vec<&SandboxView> = sandboxes
                 .iter()
-                .filter(|s| s.target_mib > 0 && !touched(&s.id, &out))
+                .filter(|s| s.target_mib > s.min_balloon_mib() && !touched(&s.id, &out))
                 .collect();
             order.sort_by_key(|s| s.stats.available_mib);
             for s in order {
-                let give = s.target_mib.min(p.deflate_step_mib).min(budget);
+                let give = (s.target_mib - s.min_balloon_mib())
+                    .min(p.deflate_step_mib)
+                    .min(budget);
                 if give == 0 {
                     break;
                 }
@@ -410,6 +432,13 @@ pub fn decide(p: &PolicyParams, host: &HostMemory, sandboxes: &[SandboxView]) ->
         }
         Pressure::Steady => {}
     }
+    // Whatever a rule said, a pod's balloon never goes below its reserve.
+    for d in &mut out {
+        if let Some(s) = sandboxes.iter().find(|s| s.id == d.id) {
+            d.to_mib = d.to_mib.max(s.min_balloon_mib());
+        }
+    }
+    out.retain(|d| d.to_mib != d.from_mib);
     out
 }
 
@@ -460,6 +489,82 @@ mod tests {
             // figures alone decide, as in the cases below.
             host_resident_mib: Some(512),
             unproductive: false,
+            reserve_mib: 0,
+        }
+    }
+
+    /// A pod of 192 MiB in a VM booted at 512: 320 MiB of reserve in the
+    /// balloon, plus `extra` the policy took; the guest reports `s`.
+    fn pod(extra: u64, s: GuestMemStats) -> SandboxView {
+        let mut v = view("pod", 320 + extra, s);
+        v.reserve_mib = 320;
+        v
+    }
+
+    #[test]
+    fn a_pods_reserve_is_never_given_back_nor_counted_as_reclaimable() {
+        // The reserve alone: a guest with plenty free and available, a host
+        // with plenty to spare. Nothing moves.
+        let idle = pod(0, stats(500, 150, 170, 20));
+        assert!(decide(&P, &host(10_000), std::slice::from_ref(&idle)).is_empty());
+        // The floor is within the pod's size, not the VM's.
+        assert_eq!(idle.size_mib(), 192);
+        assert!(idle.floor_mib(&P) <= 192);
+        assert!(idle.max_balloon_mib(&P) >= 320);
+        // Squeezed, silent, stalled, unusable: the policy gives back only
+        // what it took, down to the reserve.
+        let mut squeezed = pod(40, stats(500, 5, 10, 5));
+        let d = decide(&P, &host(0), std::slice::from_ref(&squeezed));
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert_eq!(d[0].to_mib, 320);
+        squeezed.stats.age_s = Some(30);
+        assert_eq!(decide(&P, &host(0), &[squeezed])[0].to_mib, 320);
+        let mut stalled = pod(100, stats(500, 5, 100, 0));
+        stalled.actual_mib = 200;
+        stalled.stalled = true;
+        let d = decide(&P, &host(0), &[stalled]);
+        assert_eq!(d[0].to_mib, 320, "{d:?}");
+        // Comfortable: a step of what the policy took, never the reserve.
+        let d = decide(&P, &host(10_000), &[pod(30, stats(500, 100, 120, 20))]);
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert_eq!(d[0].to_mib, 320);
+        // Under pressure only free + cache of the pod's own memory counts:
+        // the reserve is not reclaimable.
+        let mut cached = pod(0, stats(500, 40, 140, 100));
+        cached.host_resident_mib = Some(192);
+        assert!(cached.reclaimable_mib(&P) <= 192 - P.floor_mib);
+        for d in decide(&P, &host(0), &[cached]) {
+            assert!(d.to_mib >= 320 && d.to_mib <= 512 - P.floor_mib, "{d:?}");
+        }
+    }
+
+    #[test]
+    fn no_rule_crosses_a_pods_reserve() {
+        let hostile = [
+            GuestMemStats::default(),
+            stats(512, 512, 512, 512),
+            stats(500, 0, 0, 0),
+            stats(u64::MAX, u64::MAX, u64::MAX, u64::MAX),
+        ];
+        for s in hostile {
+            for extra in [0, 1, 64, 200] {
+                for (stalled, unproductive, age) in [
+                    (false, false, None),
+                    (true, false, None),
+                    (false, true, Some(60)),
+                ] {
+                    let mut v = pod(extra, s);
+                    v.actual_mib = 100 + extra;
+                    v.stalled = stalled;
+                    v.unproductive = unproductive;
+                    v.stats.age_s = age;
+                    for avail in [0, 200, 10_000] {
+                        for d in decide(&P, &host(avail), std::slice::from_ref(&v)) {
+                            assert!(d.to_mib >= 320, "{s:?} {d:?}");
+                        }
+                    }
+                }
+            }
         }
     }
 

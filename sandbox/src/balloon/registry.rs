@@ -33,8 +33,15 @@ pub struct Entry {
     pub id: String,
     /// Which backend runs it.
     pub backend: BackendKind,
-    /// Memory assigned to the VM, MiB.
+    /// Memory assigned to the sandbox, MiB: what counts against the
+    /// over-assignment limit. A pod's VM has `assigned_mib + reserve_mib`
+    /// of RAM.
     pub assigned_mib: u32,
+    /// RAM of the VM held in its balloon as a pod's room to grow, MiB: not
+    /// assigned, never given to the guest by the policy, never counted as
+    /// reclaimable (docs/kubernetes.md).
+    #[serde(default)]
+    pub reserve_mib: u32,
     /// Whether the policy may inflate its balloon (false: opted out).
     pub policy: bool,
     /// The process that started the sandbox (shim or `capsid run`).
@@ -57,6 +64,7 @@ impl Entry {
             id: id.to_string(),
             backend,
             assigned_mib,
+            reserve_mib: 0,
             policy,
             owner_pid: me,
             owner_start: host::start_time(me),
@@ -224,6 +232,7 @@ impl Registry {
         std::fs::create_dir_all(&run_dir).map_err(Self::err(&run_dir))?;
         let reg = Registration {
             path: run_dir.join(ENTRY_FILE),
+            registry: self.clone(),
             entry,
         };
         reg.write()?;
@@ -265,6 +274,7 @@ fn read_entry(path: &Path) -> Option<Entry> {
 #[derive(Debug)]
 pub struct Registration {
     path: PathBuf,
+    registry: Registry,
     entry: Entry,
 }
 
@@ -284,6 +294,50 @@ impl Registration {
         self.entry.vmm_start = vmm_pid.and_then(host::start_time);
         self.entry.balloon = balloon;
         self.write()
+    }
+
+    /// Resizes a pod's sandbox: `assigned_mib` assigned, `reserve_mib`
+    /// held in its balloon. Growth is refused (nothing changed) when the
+    /// memory assigned to all live sandboxes would then exceed `limit`;
+    /// the check and the write happen under the registry's lock, as at
+    /// registration.
+    pub fn resize(
+        &mut self,
+        assigned_mib: u32,
+        reserve_mib: u32,
+        limit: Option<Limit>,
+    ) -> Result<()> {
+        let _lock = self.registry.lock()?;
+        if let Some(limit) = limit.filter(|_| assigned_mib > self.entry.assigned_mib) {
+            let others: u64 = self
+                .registry
+                .entries()?
+                .iter()
+                .filter(|e| e.id != self.entry.id)
+                .map(|e| u64::from(e.assigned_mib))
+                .sum();
+            let total = others + u64::from(assigned_mib);
+            let limit_mib = limit.limit_mib();
+            if total > limit_mib {
+                return Err(BalloonError::GrowthOvercommitted {
+                    id: self.entry.id.clone(),
+                    from_mib: u64::from(self.entry.assigned_mib),
+                    to_mib: u64::from(assigned_mib),
+                    total_mib: total,
+                    limit_mib,
+                    ratio: limit.ratio,
+                    host_mib: limit.host_mib,
+                });
+            }
+        }
+        let before = (self.entry.assigned_mib, self.entry.reserve_mib);
+        self.entry.assigned_mib = assigned_mib;
+        self.entry.reserve_mib = reserve_mib;
+        let written = self.write();
+        if written.is_err() {
+            (self.entry.assigned_mib, self.entry.reserve_mib) = before;
+        }
+        written
     }
 
     fn write(&self) -> Result<()> {
@@ -364,6 +418,34 @@ mod tests {
         assert!(!dir.path().join("b").exists(), "nothing made when refused");
         reg.register(Entry::new("b", BackendKind::QemuTcg, 400, true), limit(500))
             .unwrap();
+    }
+
+    #[test]
+    fn growth_counts_the_size_not_the_maximum_and_rechecks_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::new(dir.path());
+        // A pod of 300 MiB in a VM of 2048: 300 count, not 2048.
+        let mut pod = Entry::new("pod", BackendKind::QemuTcg, 300, true);
+        pod.reserve_mib = 1748;
+        let mut pod = reg.register(pod, limit(500)).unwrap();
+        let _other = reg
+            .register(Entry::new("b", BackendKind::QemuTcg, 600, true), limit(500))
+            .unwrap();
+        pod.resize(400, 1648, limit(500)).unwrap();
+        let seen = reg.entries().unwrap();
+        assert_eq!((seen[1].assigned_mib, seen[1].reserve_mib), (400, 1648));
+        let e = pod.resize(401, 1647, limit(500)).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "growing pod from 400 to 401 MiB would assign 1001 MiB in all, over the limit of \
+             1000 MiB (memory.overcommit_ratio 2 x 500 MiB of host memory)"
+        );
+        // Refused: nothing changed.
+        let seen = reg.entries().unwrap();
+        assert_eq!((seen[1].assigned_mib, seen[1].reserve_mib), (400, 1648));
+        assert_eq!(pod.entry().assigned_mib, 400);
+        // Shrinking is never refused.
+        pod.resize(350, 1698, limit(1)).unwrap();
     }
 
     #[test]
