@@ -568,14 +568,14 @@ mod tests {
         let s = spec(&format!(
             r#"{BASE},"annotations":{{"io.kubernetes.cri.sandbox-memory":"4294967296"}}}}"#
         ));
-        assert_eq!(pod_max_memory(size(320), &s, &pod).unwrap(), 2048);
-        assert_eq!(pod_max_memory(size(2048), &s, &pod).unwrap(), 2048);
+        assert_eq!(pod_max_memory(size(320), &s, &pod).unwrap(), 1024);
+        assert_eq!(pod_max_memory(size(1024), &s, &pod).unwrap(), 1024);
         let e = pod_max_memory(size(4160), &s, &pod).unwrap_err();
         assert_eq!(
             e.to_string(),
             "the pod's VM would have 4160 MiB of RAM (from io.kubernetes.cri.sandbox-memory \
              and 64 MiB for the guest), more than this host lets a pod's VM grow to \
-             ([pod] max_memory_mib = 2048)"
+             ([pod] max_memory_mib = 1024)"
         );
         let fixed = PodConfig { max_memory_mib: 0 };
         assert_eq!(pod_max_memory(size(4160), &s, &fixed).unwrap(), 4160);

@@ -2,7 +2,7 @@
 //! private containerd with its CRI plugin, capsid_tests::cri, driven by
 //! CRI calls only, as in cri_pods.rs).
 //!
-//! The pod's VM boots at `[pod] max_memory_mib` (2048 MiB by default) with
+//! The pod's VM boots at `[pod] max_memory_mib` (1024 MiB by default) with
 //! all but the pod's size held in its balloon. Containers whose memory
 //! limits sum past the pod's size, and an UpdateContainerResources that
 //! raises a limit, deflate the balloon: the guest's available memory, read
@@ -149,7 +149,7 @@ fn a_pod_grows_as_containers_are_added_capsid() {
 
     // The balloon holds the reserve: the guest has about the pod's 192 MiB.
     let (total, small) = wait_available(&h, &a, "the reserve inflated", |av| av < 192);
-    println!("pod of 192 MiB in a VM of 2048: MemTotal {total} MiB, MemAvailable {small} MiB");
+    println!("pod of 192 MiB in a VM of 1024: MemTotal {total} MiB, MemAvailable {small} MiB");
     std::thread::sleep(SETTLE);
     let (footprint_max, resident_max) = vm_host_memory(&h, &pod);
     println!("idle pod booted at the maximum: VMM holds {footprint_max} MiB, guest RAM resident {resident_max} MiB");
@@ -183,7 +183,7 @@ fn a_pod_grows_as_containers_are_added_capsid() {
         "grew by more than asked: {grown} -> {updated}"
     );
 
-    // c. 2 GiB more: 2816 MiB of limits, past the pod's 2048. Refused,
+    // c. 2 GiB more: 2816 MiB of limits, past the pod's 1024. Refused,
     // nothing grows, a and b keep running.
     let e = refused(
         &h,
@@ -195,7 +195,7 @@ fn a_pod_grows_as_containers_are_added_capsid() {
     assert!(
         e.message()
             .contains("a memory limit of 2048 MiB does not fit in the pod's VM")
-            && e.message().contains("[pod] max_memory_mib = 2048"),
+            && e.message().contains("[pod] max_memory_mib = 1024"),
         "{e:?}"
     );
     let e = update(&h, &b, 4096 * MIB).expect_err("an update past the pod's maximum was made");
@@ -204,7 +204,7 @@ fn a_pod_grows_as_containers_are_added_capsid() {
         e.code(),
         e.message()
     );
-    assert!(e.message().contains("[pod] max_memory_mib = 2048"), "{e:?}");
+    assert!(e.message().contains("[pod] max_memory_mib = 1024"), "{e:?}");
     assert_eq!(h.memory_limit_inside(&b), (256 * MIB).to_string());
     for id in [&a, &b] {
         h.wait_container_state(id, ContainerState::ContainerRunning, LONG);
