@@ -677,6 +677,13 @@ impl Container {
                 io.finish(OUTPUT_DRAIN_TIMEOUT).await;
             }
             p.set_exited(info);
+            // A pod whose pause container ended is stopping: it takes no
+            // more containers (the CRI plugin tears it down next).
+            if p.exec_id.is_empty() {
+                if let Some(pod) = &container.pod {
+                    pod.stop_taking();
+                }
+            }
             tracing::info!(container = %container.id, exec = %p.exec_id, status = info.status, "process exited");
             container.events.publish(TaskExit {
                 container_id: container.id.clone(),
