@@ -323,17 +323,7 @@ pub async fn make(req: &CreateRequest, plan: &Plan, config: &Config) -> Result<M
         "sandbox started"
     );
 
-    if !plan.hooks.create.is_empty() {
-        let hooks = plan.hooks.clone();
-        let (id, bundle) = (req.id.clone(), req.bundle.clone());
-        let pid = vm_pid(&sandbox)?;
-        tokio::task::spawn_blocking(move || {
-            let state = hooks.state(&id, "creating", pid, &bundle);
-            hooks::run("prestart/createRuntime", &hooks.create, &state)
-        })
-        .await
-        .map_err(|e| ContainerError::Internal(format!("hook task: {e}")))??;
-    }
+    run_create_hooks(req, plan, &sandbox).await?;
 
     let from_spec = plan.resolv_conf.as_deref().and_then(network::dns_from_file);
     let dns = from_spec.or_else(|| {
@@ -449,6 +439,24 @@ async fn own_netns(config: &Config, name: &str, rollback: &mut Rollback) -> Resu
         tap,
         boot_mac,
     })
+}
+
+/// Runs the spec's prestart/createRuntime hooks on the host, once the VM
+/// (the task's pid) exists and before the container is made in it.
+pub async fn run_create_hooks(req: &CreateRequest, plan: &Plan, sandbox: &Sandbox) -> Result<()> {
+    if plan.hooks.create.is_empty() {
+        return Ok(());
+    }
+    let hooks = plan.hooks.clone();
+    let (id, bundle) = (req.id.clone(), req.bundle.clone());
+    let pid = vm_pid(sandbox)?;
+    tokio::task::spawn_blocking(move || {
+        let state = hooks.state(&id, "creating", pid, &bundle);
+        hooks::run("prestart/createRuntime", &hooks.create, &state)
+    })
+    .await
+    .map_err(|e| ContainerError::Internal(format!("hook task: {e}")))??;
+    Ok(())
 }
 
 /// The VM's main host process: the task's pid as containerd and hooks see it.

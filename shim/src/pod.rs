@@ -353,6 +353,10 @@ async fn add_fitted(pod: &Pod, req: &CreateRequest, plan: &Plan, pause: bool) ->
     .map_err(|e| ContainerError::Internal(format!("share entry task: {e}")))??;
     let rootfs_in_share = entry.join(pod_share::ROOTFS);
 
+    // The pause container's hooks ran when its VM was made.
+    if !pause {
+        crate::create::run_create_hooks(req, plan, &pod.sandbox).await?;
+    }
     let dns = plan.resolv_conf.as_deref().and_then(network::dns_from_file);
     let hosts = plan
         .hosts_file
@@ -377,7 +381,16 @@ async fn add_fitted(pod: &Pod, req: &CreateRequest, plan: &Plan, pause: bool) ->
         id: req.id.clone(),
         namespace: req.namespace.clone(),
     };
-    let io = ProcessIo::connect(&req.stdio, created.streams, &owner).await?;
+    let io = match ProcessIo::connect(&req.stdio, created.streams, &owner).await {
+        Ok(io) => io,
+        Err(e) => {
+            // The VM runs on: the container made in it goes.
+            if let Err(e) = pod.sandbox.remove_container(&req.id).await {
+                tracing::warn!(container = %req.id, error = %crate::describe(&e), "cannot remove a half-made container from its pod's VM");
+            }
+            return Err(e.into());
+        }
+    };
     let record = match rollback {
         Some(r) => Some(
             r.commit()

@@ -244,18 +244,17 @@ fn two_container_pod(handler: &str) {
         std::fs::read_to_string(www.join("index.html")).unwrap(),
         format!("{PAGE}\n")
     );
+    // The shell creates the file, then writes it: wait for the whole note.
     let start = Instant::now();
-    while !www.join("fetched").exists() {
+    let note = || std::fs::read_to_string(www.join("fetched")).unwrap_or_default();
+    while note() != format!("{PAGE}\n") {
         assert!(
             start.elapsed() < LONG,
-            "the client's note never reached the emptyDir"
+            "the client's note never reached the emptyDir: {:?}",
+            note()
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert_eq!(
-        std::fs::read_to_string(www.join("fetched")).unwrap(),
-        format!("{PAGE}\n")
-    );
 
     // ExecSync: output, exit code, the pod's network and limits.
     assert_eq!(
