@@ -162,7 +162,18 @@ fn wait_tasks(pid: u32, threads: usize, ok: impl Fn(&Task) -> bool) -> Vec<Task>
 }
 
 fn all_filtered(pid: u32, threads: usize) -> Vec<Task> {
-    wait_tasks(pid, threads, |t| t.mode == 2 && t.filters >= PROCESS)
+    let start = Instant::now();
+    loop {
+        let all = wait_tasks(pid, threads, |t| t.mode == 2 && t.filters >= PROCESS);
+        // A spawned thread names itself just after it starts: until then
+        // it has the process's name, as the process's status and its main
+        // thread do.
+        if all.iter().filter(|t| t.name == "capsid-vhost").count() <= 2 {
+            return all;
+        }
+        assert!(start.elapsed() < TIMEOUT, "threads of {pid}: {all:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 fn thread<'a>(tasks: &'a [Task], name: &str) -> Vec<&'a Task> {
