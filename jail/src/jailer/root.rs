@@ -87,20 +87,26 @@ fn build_in(spec: &JailSpec, root: &Path) -> Result<(), JailError> {
     )
     .map_err(nix_path_err("mount the jail's root on", root))?;
 
+    // Read-only trees bound whole: whatever lies inside them is already
+    // in the jail at its own path.
+    let mut trees: Vec<&Path> = Vec::new();
     for path in USR_LINKS.iter().map(Path::new) {
         match std::fs::read_link(path) {
             Ok(target) => {
                 symlink(&target, inside(root, path)).map_err(path_err("link in the jail", path))?
             }
             // A real directory (no merged /usr): bound like /usr.
-            Err(_) if path.is_dir() => bind(
-                root,
-                &BindMount {
-                    path: path.to_path_buf(),
-                    writable: false,
-                },
-                true,
-            )?,
+            Err(_) if path.is_dir() => {
+                bind(
+                    root,
+                    &BindMount {
+                        path: path.to_path_buf(),
+                        writable: false,
+                    },
+                    true,
+                )?;
+                trees.push(path);
+            }
             Err(_) => {}
         }
     }
@@ -113,9 +119,13 @@ fn build_in(spec: &JailSpec, root: &Path) -> Result<(), JailError> {
             },
             true,
         )?;
+        if path.is_dir() {
+            trees.push(path);
+        }
     }
+    let visible = |path: &Path| trees.iter().any(|t| path.starts_with(t));
     // A program outside /usr (a build tree's binary) is bound on its own.
-    if !spec.program.starts_with("/usr") {
+    if !visible(&spec.program) {
         bind(
             root,
             &BindMount {
@@ -126,6 +136,12 @@ fn build_in(spec: &JailSpec, root: &Path) -> Result<(), JailError> {
         )?;
     }
     for b in &spec.binds {
+        // An installed kernel (/usr/local/share/capsid/vmlinux) is in the
+        // jail already, read-only with /usr, whose read-only bind also
+        // leaves no room for a mount point of its own.
+        if !b.writable && visible(&b.path) {
+            continue;
+        }
         bind(root, b, false)?;
     }
     devices(spec)?;
