@@ -133,6 +133,20 @@ pub struct CreateRequest {
     pub stdio: StdioPaths,
 }
 
+/// What differs between a container with a VM of its own and one added
+/// to a pod's VM ([`Container::assemble`]).
+struct Parts {
+    init: Arc<Process>,
+    size: VmSize,
+    sandbox: Arc<Sandbox>,
+    vm_exit: watch::Receiver<Option<VmExit>>,
+    rootfs: Option<RootfsDisk>,
+    pod: Option<Arc<Pod>>,
+    member_of: Option<Arc<Pod>>,
+    record: Option<RecordFile<HostRecord>>,
+    late_network: Option<LateNetwork>,
+}
+
 /// A container in its sandbox.
 #[derive(Debug)]
 pub struct Container {
@@ -216,31 +230,23 @@ impl Container {
                 (None, tx, rx)
             }
         };
-        let container = Arc::new(Self {
-            id: req.id.clone(),
-            bundle: req.bundle.clone(),
-            init,
-            size: plan.size,
-            agent: made.sandbox.agent().clone(),
-            sandbox: Mutex::new(Some(made.sandbox)),
-            vm_exit,
-            oom_reported: Arc::new(AtomicBool::new(false)),
-            execs: Mutex::new(HashMap::new()),
-            paused: AtomicBool::new(false),
-            rootfs: Mutex::new(made.rootfs),
-            pod,
-            member_of: None,
-            record: Mutex::new(Some(made.record)),
-            late_network: Mutex::new(made.late_network),
-            hooks: plan.hooks,
-            log_owner: LogOwner {
-                id: req.id.clone(),
-                namespace: req.namespace.clone(),
-            },
+        let container = Self::assemble(
+            &req,
+            plan.hooks,
             config,
             events,
-            background: Mutex::new(Vec::new()),
-        });
+            Parts {
+                init,
+                size: plan.size,
+                sandbox: made.sandbox,
+                vm_exit,
+                rootfs: made.rootfs,
+                pod,
+                member_of: None,
+                record: Some(made.record),
+                late_network: made.late_network,
+            },
+        );
         let monitor = tokio::spawn(monitor_vm(Arc::downgrade(&container), vm_tx));
         let oom_targets = match &container.pod {
             Some(pod) => pod.oom_targets.clone(),
@@ -283,23 +289,56 @@ impl Container {
         let init = Process::new("", req.stdio.clone());
         init.set_pid(host_pid);
         init.set_io(added.io);
-        let container = Arc::new(Self {
+        let container = Self::assemble(
+            &req,
+            plan.hooks,
+            config,
+            events,
+            Parts {
+                init,
+                size: pod.size,
+                sandbox: pod.sandbox.clone(),
+                vm_exit: pod.vm_exit.clone(),
+                rootfs: None,
+                pod: None,
+                member_of: Some(pod.clone()),
+                record: added.record,
+                late_network: None,
+            },
+        );
+        if let Ok(mut t) = pod.oom_targets.lock() {
+            t.insert(container.id.clone(), container.oom_reported.clone());
+        }
+        container.watch(container.init.clone());
+        Ok(container)
+    }
+
+    /// A container of `req` from its `parts` (what differs between a
+    /// container in a VM of its own and one added to a pod's).
+    fn assemble(
+        req: &CreateRequest,
+        hooks: HostHooks,
+        config: Config,
+        events: Events,
+        parts: Parts,
+    ) -> Arc<Self> {
+        Arc::new(Self {
             id: req.id.clone(),
             bundle: req.bundle.clone(),
-            init,
-            size: pod.size,
-            agent: pod.sandbox.agent().clone(),
-            sandbox: Mutex::new(Some(pod.sandbox.clone())),
-            vm_exit: pod.vm_exit.clone(),
+            init: parts.init,
+            size: parts.size,
+            agent: parts.sandbox.agent().clone(),
+            sandbox: Mutex::new(Some(parts.sandbox)),
+            vm_exit: parts.vm_exit,
             oom_reported: Arc::new(AtomicBool::new(false)),
             execs: Mutex::new(HashMap::new()),
             paused: AtomicBool::new(false),
-            rootfs: Mutex::new(None),
-            pod: None,
-            member_of: Some(pod.clone()),
-            record: Mutex::new(added.record),
-            late_network: Mutex::new(None),
-            hooks: plan.hooks,
+            rootfs: Mutex::new(parts.rootfs),
+            pod: parts.pod,
+            member_of: parts.member_of,
+            record: Mutex::new(parts.record),
+            late_network: Mutex::new(parts.late_network),
+            hooks,
             log_owner: LogOwner {
                 id: req.id.clone(),
                 namespace: req.namespace.clone(),
@@ -307,12 +346,7 @@ impl Container {
             config,
             events,
             background: Mutex::new(Vec::new()),
-        });
-        if let Ok(mut t) = pod.oom_targets.lock() {
-            t.insert(container.id.clone(), container.oom_reported.clone());
-        }
-        container.watch(container.init.clone());
-        Ok(container)
+        })
     }
 
     /// The pod whose VM this task is, if it is a pod's sandbox.

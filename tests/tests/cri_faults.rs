@@ -149,7 +149,7 @@ fn bad_sizes_are_refused_capsid() {
 
     // b. A container of 4 GiB in the pod's VM of 320 MiB: more than the
     // VM has, and more than it may grow to (the test config's [pod]
-    // max_memory_mib, the default, 2048 MiB), though under the policy's
+    // max_memory_mib, the default, 1024 MiB), though under the policy's
     // largest VM.
     let big = busybox_container(&sandbox, "big", "exec sleep 3600", TOO_BIG);
     let refused = match h.cri().create_container(CreateContainerRequest {

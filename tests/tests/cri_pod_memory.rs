@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use capsid_tests::cri::{image_spec, CriHarness, BUSYBOX, CAPSID};
+use capsid_tests::cri::{busybox_container, CriHarness, CAPSID};
 use k8s_cri::v1::*;
 
 /// How long a pod sits idle before it is measured (the guest's boot work
@@ -98,63 +98,11 @@ fn measure(h: &CriHarness) -> (u64, u64, Vec<(String, u64)>) {
 
 fn pod(h: &CriHarness, containers: usize) {
     let cri = h.cri();
-    let metadata = PodSandboxMetadata {
-        name: format!("idle-{containers}"),
-        uid: format!("uid-idle-{containers}-{}", std::process::id()),
-        namespace: "default".into(),
-        attempt: 0,
-    };
-    let log_directory = h.log_directory(&metadata);
-    let sandbox = PodSandboxConfig {
-        metadata: Some(metadata),
-        hostname: format!("idle-{containers}"),
-        log_directory: log_directory.display().to_string(),
-        linux: Some(LinuxPodSandboxConfig {
-            cgroup_parent: h.cgroup_parent().into(),
-            security_context: Some(LinuxSandboxSecurityContext {
-                namespace_options: Some(NamespaceOption {
-                    network: NamespaceMode::Pod as i32,
-                    pid: NamespaceMode::Container as i32,
-                    ipc: NamespaceMode::Pod as i32,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let pod = cri
-        .run_pod_sandbox(RunPodSandboxRequest {
-            config: Some(sandbox.clone()),
-            runtime_handler: CAPSID.into(),
-        })
-        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", h.log_tail()))
-        .pod_sandbox_id;
+    let sandbox = h.pod_config(&format!("idle-{containers}"), None);
+    let pod = h.run_pod(&sandbox, CAPSID);
     for i in 0..containers {
-        let name = format!("c{i}");
-        std::fs::create_dir_all(log_directory.join(&name)).unwrap();
-        let id = cri
-            .create_container(CreateContainerRequest {
-                pod_sandbox_id: pod.clone(),
-                config: Some(ContainerConfig {
-                    metadata: Some(ContainerMetadata {
-                        name: name.clone(),
-                        attempt: 0,
-                    }),
-                    image: Some(image_spec(BUSYBOX)),
-                    command: vec!["sleep".into(), "3600".into()],
-                    log_path: format!("{name}/0.log"),
-                    ..Default::default()
-                }),
-                sandbox_config: Some(sandbox.clone()),
-            })
-            .unwrap_or_else(|e| panic!("CreateContainer: {e}\n{}", h.log_tail()))
-            .container_id;
-        cri.start_container(StartContainerRequest {
-            container_id: id.clone(),
-        })
-        .unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", h.log_tail()));
+        let c = busybox_container(&sandbox, &format!("c{i}"), "exec sleep 3600", 0);
+        h.create_and_start(&pod, &sandbox, c);
     }
     std::thread::sleep(SETTLE);
     let (total, guest, list) = measure(h);
