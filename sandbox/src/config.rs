@@ -123,7 +123,80 @@ pub struct Config {
     pub jail: JailConfig,
     /// How a Kubernetes pod's VM grows.
     pub pod: PodConfig,
+    /// Pre-booted sandboxes ([`crate::pool`]).
+    pub pool: PoolConfig,
 }
+
+/// `[pool]`: sandboxes booted ahead of time by `capsid-poold`, one set per
+/// VM shape, each taken once by a container of that shape
+/// (docs/pool.md).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PoolConfig {
+    /// Whether the shim looks for a pooled sandbox before booting one.
+    pub enabled: bool,
+    /// The shapes kept booted and how many of each.
+    pub shapes: Vec<PoolShapeConfig>,
+}
+
+/// One shape of `[[pool.shapes]]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolShapeConfig {
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Guest RAM, MiB.
+    pub memory_mib: u32,
+    /// How many are kept booted.
+    pub size: u32,
+}
+
+impl PoolConfig {
+    /// Each shape must be a VM the policy allows, and a pool must not be
+    /// larger than [`MAX_POOL_SIZE`]; whether the host can hold it is the
+    /// over-assignment limit's to say, when `capsid-poold` starts.
+    fn check(&self, vm: &VmConfig) -> std::result::Result<(), String> {
+        for (i, shape) in self.shapes.iter().enumerate() {
+            let name = format!(
+                "shape {} ({} vCPUs, {} MiB)",
+                i + 1,
+                shape.vcpus,
+                shape.memory_mib
+            );
+            if shape.memory_mib < MIN_MEMORY_MIB {
+                return Err(format!(
+                    "{name}: {} MiB is below the {MIN_MEMORY_MIB} MiB a guest needs",
+                    shape.memory_mib
+                ));
+            }
+            if shape.vcpus == 0 || shape.vcpus > MAX_VCPUS {
+                return Err(format!(
+                    "{name}: {} vCPUs is not between 1 and {MAX_VCPUS}",
+                    shape.vcpus
+                ));
+            }
+            if let Err((key, message)) = vm.policy.check(shape.vcpus, shape.memory_mib) {
+                return Err(format!("{name}: {message} ({key})"));
+            }
+            if shape.size > MAX_POOL_SIZE {
+                return Err(format!(
+                    "{name}: size {} is above {MAX_POOL_SIZE}",
+                    shape.size
+                ));
+            }
+            if self.shapes[..i]
+                .iter()
+                .any(|s| s.vcpus == shape.vcpus && s.memory_mib == shape.memory_mib)
+            {
+                return Err(format!("{name} is given twice"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Most sandboxes of one shape a pool keeps booted.
+pub const MAX_POOL_SIZE: u32 = 64;
 
 /// `[pod]`: a Kubernetes pod's VM boots with `max_memory_mib` of RAM, all
 /// but the pod's size held in its balloon, and grows (the balloon
@@ -381,6 +454,12 @@ impl Config {
                 message,
             });
         }
+        if let Err(message) = self.pool.check(&self.vm) {
+            return Err(ConfigError::Value {
+                key: "pool.shapes",
+                message,
+            });
+        }
         if let Err(message) = parse_subnet(&self.network.subnet) {
             return Err(ConfigError::Value {
                 key: "network.subnet",
@@ -471,6 +550,34 @@ mod tests {
     #[test]
     fn empty_file_means_defaults() {
         assert_eq!(Config::parse("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn pool_shapes_are_checked() {
+        let c = Config::parse(
+            "[pool]\nenabled = true\n[[pool.shapes]]\nvcpus = 1\nmemory_mib = 256\nsize = 2\n",
+        )
+        .unwrap();
+        assert!(c.pool.enabled);
+        assert_eq!(c.pool.shapes[0].size, 2);
+        let zero = "[[pool.shapes]]\nvcpus = 1\nmemory_mib = 0\nsize = 1\n";
+        let e = message(&Config::parse(&format!("[pool]\n{zero}")).unwrap_err());
+        assert!(
+            e.contains("pool.shapes") && e.contains("0 MiB is below"),
+            "{e}"
+        );
+        let e = message(
+            &Config::parse("[[pool.shapes]]\nvcpus = 0\nmemory_mib = 256\nsize = 1\n").unwrap_err(),
+        );
+        assert!(e.contains("0 vCPUs"), "{e}");
+        let e = message(
+            &Config::parse("[[pool.shapes]]\nvcpus = 1\nmemory_mib = 256\nsize = 1000\n")
+                .unwrap_err(),
+        );
+        assert!(e.contains("size 1000"), "{e}");
+        let twice = "[[pool.shapes]]\nvcpus = 1\nmemory_mib = 256\nsize = 1\n";
+        let e = message(&Config::parse(&format!("{twice}{twice}")).unwrap_err());
+        assert!(e.contains("given twice"), "{e}");
     }
 
     #[test]

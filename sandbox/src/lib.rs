@@ -20,6 +20,7 @@ pub mod locate;
 pub mod netns;
 pub mod network;
 pub mod pod_share;
+pub mod pool;
 pub mod private_dir;
 pub mod process;
 pub mod record;

@@ -229,6 +229,13 @@ impl Rollback {
         })
     }
 
+    /// Goes on recording in `file`, written already (a pooled sandbox's,
+    /// taken by a container): undone on drop unless committed, like one
+    /// begun here.
+    pub fn resume(file: RecordFile<HostRecord>) -> Self {
+        Self { file: Some(file) }
+    }
+
     /// Changes the record and writes it: call before making what the change
     /// records.
     pub fn update(&mut self, change: impl FnOnce(&mut HostRecord)) -> Result<()> {

@@ -174,6 +174,15 @@ fn start_daemon(flags: &Flags) -> Result<(String, bool)> {
         });
     }
 
+    // A container of its own VM takes a pooled sandbox when one of its
+    // shape is ready; otherwise it boots cold, and the log says why.
+    if matches!(role, Role::Single)
+        && crate::pool_claim::claim(flags, &bundle, config_path.as_deref(), &address)
+    {
+        std::fs::write(ADDRESS_FILE, &address).map_err(io_err("write the address file"))?;
+        return Ok((address, given.bootstrap));
+    }
+
     let exe = std::env::current_exe().map_err(io_err("find the shim binary"))?;
     let mut cmd = Command::new(exe);
     cmd.args(["-namespace", &flags.namespace, "-id", group])
@@ -235,29 +244,90 @@ pub async fn serve(flags: &Flags, log: Option<std::fs::File>) -> Result<()> {
         return Err(BootstrapError::MissingFlag("socket"));
     }
     let socket = socket_path(&flags.socket).to_path_buf();
+    let listener = bind_task_socket(&socket)?;
+    let address = std::env::var("TTRPC_ADDRESS").unwrap_or_default();
+    let service = TaskService::new(
+        flags.namespace.clone(),
+        connect_events(&address, &flags.namespace).await?,
+        Shutdown::default(),
+    );
+    let server = start_server(listener, &socket, service).await?;
+    announce_ready(log)?;
+    tracing::info!(id = %flags.id, socket = %socket.display(), pid = std::process::id(), "serving");
+    run_until_shutdown(server, &socket, &flags.id).await
+}
+
+/// A warm shim's claim taken ([`crate::warm`]): serves the claimed task's
+/// Task API with its pooled sandbox, once the claimant is told it does.
+/// On failure the claimant is told why and the sandbox is discarded.
+pub async fn serve_claimed(
+    claim: capsid_sandbox::pool::Claim,
+    warm: crate::warm::WarmVm,
+    conn: std::os::unix::net::UnixStream,
+) -> Result<()> {
+    let socket = socket_path(&claim.address).to_path_buf();
+    let ready = async {
+        let listener = bind_task_socket(&socket)?;
+        let events = connect_events(&claim.ttrpc_address, &claim.namespace).await?;
+        Ok::<_, BootstrapError>((listener, events))
+    }
+    .await;
+    let (listener, events) = match ready {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = crate::warm::answer(&conn, Some(crate::describe(&e)));
+            warm.discard().await;
+            return Err(e);
+        }
+    };
+    let service = TaskService::new(claim.namespace.clone(), events, Shutdown::default())
+        .with_warm(claim.id.clone(), warm);
+    let server = start_server(listener, &socket, service).await?;
+    if let Err(e) = crate::warm::answer(&conn, None) {
+        // The claimant gave up and boots cold: containerd will not call.
+        tracing::warn!(error = %e, "the claimant is gone");
+        let _ = std::fs::remove_file(&socket);
+        return Err(io_err("answer the claim")(e));
+    }
+    drop(conn);
+    // From here on the log is containerd's, as a shim's started for the
+    // task would be.
+    if let Some(fifo) = crate::logging::open_fifo(&claim.bundle) {
+        let _ = nix::unistd::dup2_stderr(&fifo);
+    }
+    tracing::info!(id = %claim.id, socket = %socket.display(), pid = std::process::id(), "serving with a pooled sandbox");
+    run_until_shutdown(server, &socket, &claim.id).await
+}
+
+fn bind_task_socket(socket: &Path) -> Result<Listener> {
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir).map_err(io_err(format!("create {}", dir.display())))?;
     }
     let listener =
-        UnixListener::bind(&socket).map_err(io_err(format!("listen on {}", socket.display())))?;
-    let listener =
-        Listener::try_from(listener).map_err(io_err(format!("listen on {}", socket.display())))?;
+        UnixListener::bind(socket).map_err(io_err(format!("listen on {}", socket.display())))?;
+    Listener::try_from(listener).map_err(io_err(format!("listen on {}", socket.display())))
+}
 
-    let address = std::env::var("TTRPC_ADDRESS").unwrap_or_default();
-    let publisher =
-        RemotePublisher::new(&address)
-            .await
-            .map_err(|e| BootstrapError::Publisher {
-                address: address.clone(),
-                message: e.to_string(),
-            })?;
-    let events = Events::forward_to(publisher, flags.namespace.clone());
-    let shutdown = Shutdown::default();
-    let service = Arc::new(TaskService::new(
-        flags.namespace.clone(),
-        events,
-        shutdown.clone(),
-    ));
+async fn connect_events(address: &str, namespace: &str) -> Result<Events> {
+    let publisher = RemotePublisher::new(address)
+        .await
+        .map_err(|e| BootstrapError::Publisher {
+            address: address.to_string(),
+            message: e.to_string(),
+        })?;
+    Ok(Events::forward_to(publisher, namespace.to_string()))
+}
+
+/// A started ttrpc server for `service`, and the service.
+struct Serving {
+    server: Server,
+    service: Arc<TaskService>,
+    shutdown: Shutdown,
+}
+
+async fn start_server(listener: Listener, socket: &Path, service: TaskService) -> Result<Serving> {
+    let shutdown = service.shutdown_handle();
+    let service = Arc::new(service);
     let task: Arc<dyn Task + Send + Sync> = service.clone();
     let mut services = create_task(task.clone());
     if let Some(v3) = create_task(task).remove(TASK_SERVICE_V3) {
@@ -270,12 +340,22 @@ pub async fn serve(flags: &Flags, log: Option<std::fs::File>) -> Result<()> {
         .start()
         .await
         .map_err(|source| BootstrapError::Server {
-            socket: socket.clone(),
+            socket: socket.to_path_buf(),
             source,
         })?;
-    announce_ready(log)?;
-    tracing::info!(id = %flags.id, socket = %socket.display(), pid = std::process::id(), "serving");
+    Ok(Serving {
+        server,
+        service,
+        shutdown,
+    })
+}
 
+async fn run_until_shutdown(serving: Serving, socket: &Path, id: &str) -> Result<()> {
+    let Serving {
+        mut server,
+        service,
+        shutdown,
+    } = serving;
     let mut term = signal(SignalKind::terminate()).map_err(io_err("handle SIGTERM"))?;
     let mut int = signal(SignalKind::interrupt()).map_err(io_err("handle SIGINT"))?;
     tokio::select! {
@@ -285,8 +365,16 @@ pub async fn serve(flags: &Flags, log: Option<std::fs::File>) -> Result<()> {
     }
     service.destroy_all().await;
     let _ = server.shutdown().await;
-    let _ = std::fs::remove_file(&socket);
-    tracing::info!(id = %flags.id, "shim exiting");
+    let _ = std::fs::remove_file(socket);
+    tracing::info!(%id, "shim exiting");
+    Ok(())
+}
+
+/// Points stdout at /dev/null (nothing more is written to the pipe of
+/// whoever started this process).
+pub fn stdout_to_null() -> std::io::Result<()> {
+    let null = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
+    nix::unistd::dup2_stdout(&null)?;
     Ok(())
 }
 

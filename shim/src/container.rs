@@ -192,8 +192,12 @@ impl Container {
         config: Config,
         events: Events,
         pod: Option<Arc<Pod>>,
+        warm: Option<crate::warm::WarmVm>,
     ) -> Result<Arc<Self>> {
-        let plan = Plan::read(&req, &config)?;
+        let (plan, warm) = match warm {
+            Some(warm) => Self::plan_for_warm(&req, &config, warm).await?,
+            None => (Plan::read(&req, &config)?, None),
+        };
         if let Role::Member { sandbox_id } = &plan.role {
             let pod = pod.ok_or_else(|| {
                 ContainerError::NotFound(format!(
@@ -203,7 +207,11 @@ impl Container {
             })?;
             return Self::add_to_pod(req, plan, config, events, pod).await;
         }
-        let made = match create::make(&req, &plan, &config).await {
+        let made = match warm {
+            Some(warm) => create::make_warm(&req, &plan, &config, warm).await,
+            None => create::make(&req, &plan, &config).await,
+        };
+        let made = match made {
             Ok(made) => made,
             Err(e) => {
                 // As runc does: a Create that failed still runs poststop
@@ -267,6 +275,41 @@ impl Container {
         }
         container.watch(container.init.clone());
         Ok(container)
+    }
+
+    /// The plan for `req` with a pooled sandbox, and the sandbox if the
+    /// container can take it: a container of its own VM whose size is the
+    /// sandbox's shape and that stays in the balloon policy (as pooled
+    /// sandboxes are). Otherwise the sandbox is discarded, the log says
+    /// why, and the plan is a cold boot's.
+    async fn plan_for_warm(
+        req: &CreateRequest,
+        config: &Config,
+        warm: crate::warm::WarmVm,
+    ) -> Result<(Plan, Option<crate::warm::WarmVm>)> {
+        let plan = Plan::read_pooled(req, config)?;
+        let shape = (plan.size.vcpus, plan.size.memory_mib);
+        let why_not = if !matches!(plan.role, Role::Single) {
+            Some("a pod's task boots its own VM".to_string())
+        } else if shape != (warm.shape.vcpus, warm.shape.memory_mib) {
+            Some(format!(
+                "the container needs {} vCPUs and {} MiB, the pooled sandbox has {} and {}",
+                shape.0, shape.1, warm.shape.vcpus, warm.shape.memory_mib
+            ))
+        } else if !plan.balloon_policy {
+            Some(
+                "the container opts out of the balloon policy, which pooled sandboxes are in"
+                    .into(),
+            )
+        } else {
+            None
+        };
+        let Some(why) = why_not else {
+            return Ok((plan, Some(warm)));
+        };
+        tracing::info!(container = %req.id, sandbox = %warm.name, reason = %why, "pooled sandbox not used: booting cold");
+        warm.discard().await;
+        Ok((Plan::read(req, config)?, None))
     }
 
     /// Adds the container of `req` to `pod`'s running VM.

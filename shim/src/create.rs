@@ -89,6 +89,17 @@ pub struct Plan {
 impl Plan {
     /// Reads and checks `req`'s bundle.
     pub fn read(req: &CreateRequest, config: &Config) -> Result<Self> {
+        Self::read_as(req, config, false)
+    }
+
+    /// [`Plan::read`] for a container going into a pooled sandbox: its
+    /// rootfs and volumes go into an entry of the VM's share, as a pod's
+    /// containers' do, so the spec keeps its volume binds.
+    pub fn read_pooled(req: &CreateRequest, config: &Config) -> Result<Self> {
+        Self::read_as(req, config, true)
+    }
+
+    fn read_as(req: &CreateRequest, config: &Config, pooled: bool) -> Result<Self> {
         let spec_path = req.bundle.join("config.json");
         let text = std::fs::read(&spec_path).map_err(|source| ContainerError::Bundle {
             path: spec_path.clone(),
@@ -120,7 +131,7 @@ impl Plan {
             tracing::info!(container = %req.id, "{change}");
         }
         let volumes = match role {
-            Role::Single => volumes::take_volumes(&mut spec)?,
+            Role::Single if !pooled => volumes::take_volumes(&mut spec)?,
             _ => Vec::new(),
         };
         let size = sizing::vm_size(&spec, &config.vm)?;
@@ -415,11 +426,107 @@ pub async fn make(req: &CreateRequest, plan: &Plan, config: &Config) -> Result<M
     })
 }
 
+/// Puts the container of `req` in a pooled sandbox ([`crate::warm`])
+/// instead of booting one: the VM's tap joins the spec's network (moved
+/// into its namespace, or left in the sandbox's own for a network made
+/// after Create, as Docker makes it), and the container's rootfs and
+/// volumes go into an entry of the VM's share, as a pod's first
+/// container's do. On error the sandbox is undone like a cold one.
+pub async fn make_warm(
+    req: &CreateRequest,
+    plan: &Plan,
+    config: &Config,
+    warm: crate::warm::WarmVm,
+) -> Result<Made> {
+    let name = warm.name.clone();
+    let parts = warm.into_parts();
+    // Declared first, dropped last: the VM goes before the record's undo.
+    let mut rollback = Rollback::resume(parts.record);
+    let sandbox = parts.sandbox;
+    let late = parts.late;
+    let mut attachment = None;
+    let mut late_network = None;
+    match &plan.network {
+        NetMode::Join(netns) => {
+            // Recorded in its new namespace before it moves there.
+            let tap = TapRecord {
+                netns: netns.clone(),
+                tap: late.tap.clone(),
+            };
+            rollback.update(|r| r.tap = Some(tap.clone()))?;
+            let (from, tap_name, to) = (late.netns.clone(), late.tap.clone(), netns.clone());
+            let adopted = tokio::task::spawn_blocking(move || {
+                capsid_sandbox::network::adopt_tap(&from, &tap_name, &to)
+            })
+            .await
+            .map_err(|e| ContainerError::Internal(format!("network attach task: {e}")))??;
+            sandbox
+                .configure_late_network(&adopted.guest, &late.boot_mac)
+                .await?;
+            attachment = Some(adopted);
+        }
+        NetMode::Own => late_network = Some(late),
+        NetMode::None | NetMode::Host => {}
+    }
+    rollback.update(|r| r.set_vm_processes(&sandbox.pids()))?;
+    tracing::info!(container = %req.id, sandbox = %name, "container takes a pooled sandbox");
+
+    run_create_hooks(req, plan, &sandbox).await?;
+    let from_spec = plan.resolv_conf.as_deref().and_then(network::dns_from_file);
+    let dns = from_spec.or_else(|| {
+        attachment
+            .as_ref()
+            .map(|a| a.guest.dns.clone())
+            .filter(|d| !d.is_empty())
+    });
+    let netns = attachment
+        .as_ref()
+        .map(|a| a.netns.clone())
+        .or_else(|| late_network.as_ref().map(|l| l.netns.clone()));
+    if let (Some(dns), Some(netns)) = (&dns, &netns) {
+        if sandbox.relay_dns(netns, dns)? {
+            tracing::info!(container = %req.id, "DNS for loopback resolvers relayed to the host");
+        }
+    }
+    let sandbox = Arc::new(sandbox);
+    // The container goes in as a pod's first one does; the pod is only
+    // the means (nothing else can join this VM).
+    let (_tx, rx) = watch::channel(None);
+    let pod = Pod::new(
+        &req.id,
+        sandbox.clone(),
+        plan.size,
+        parts.share_dir,
+        rx,
+        config,
+    );
+    let added = crate::pod::add(&pod, req, plan, true).await?;
+    drop(pod);
+    let host_pid = vm_pid(&sandbox)?;
+    let record = rollback
+        .commit()
+        .ok_or_else(|| ContainerError::Internal("the sandbox record is gone".into()))?;
+    Ok(Made {
+        sandbox,
+        record,
+        rootfs: None,
+        pod: None,
+        pid: added.pid,
+        host_pid,
+        late_network,
+        io: added.io,
+    })
+}
+
 /// Makes the sandbox's own network namespace and its VM's tap, recorded
 /// first (deleting the namespace takes the tap and anything moved in). It
 /// is pinned under capsid's state directory, like the sandbox's run
 /// directory (Docker keeps its containers' namespaces under its own too).
-async fn own_netns(config: &Config, name: &str, rollback: &mut Rollback) -> Result<LateNetwork> {
+pub(crate) async fn own_netns(
+    config: &Config,
+    name: &str,
+    rollback: &mut Rollback,
+) -> Result<LateNetwork> {
     let dir = config.paths.state_dir.join(OWN_NETNS_DIR);
     let path = dir.join(name);
     rollback.update(|r| r.own_netns = Some(path.clone()))?;

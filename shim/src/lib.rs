@@ -17,6 +17,7 @@ pub mod network;
 pub mod options;
 pub mod pod;
 pub mod pod_role;
+pub mod pool_claim;
 pub mod premounted;
 pub mod process;
 pub mod rootfs;
@@ -25,6 +26,7 @@ pub mod sizing;
 pub mod spec;
 
 pub mod task;
+pub mod warm;
 
 /// An error with its sources, as one line: `what: why: root cause`.
 pub fn describe(e: &dyn std::error::Error) -> String {

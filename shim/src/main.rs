@@ -61,6 +61,15 @@ fn run() -> anyhow::Result<()> {
             runtime.block_on(bootstrap::serve(&flags, stderr_sink))?;
             Ok(())
         }
+        capsid_sandbox::pool::WARM_ACTION => {
+            // The daemon points stderr at the sandbox's log.
+            logging::init(None, flags.debug);
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            runtime.block_on(capsid_shim::warm::run())
+        }
         other => bail!("unknown action {other:?} (expected start or delete)"),
     }
 }

@@ -42,6 +42,9 @@ pub struct TaskService {
     containers: Mutex<HashMap<String, Arc<Container>>>,
     creating: Mutex<Vec<String>>,
     shutdown: Shutdown,
+    /// A pooled sandbox this shim was claimed with, for the Create of the
+    /// task it was claimed for ([`crate::warm`]); taken once.
+    warm: tokio::sync::Mutex<Option<(String, crate::warm::WarmVm)>>,
 }
 
 fn status(code: Code, message: String) -> ttrpc::Error {
@@ -91,6 +94,32 @@ impl TaskService {
             containers: Mutex::new(HashMap::new()),
             creating: Mutex::new(Vec::new()),
             shutdown,
+            warm: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// What ends the shim's serving.
+    pub fn shutdown_handle(&self) -> Shutdown {
+        self.shutdown.clone()
+    }
+
+    /// A service claimed with a pooled sandbox for task `id`.
+    pub fn with_warm(self, id: String, warm: crate::warm::WarmVm) -> Self {
+        Self {
+            warm: tokio::sync::Mutex::new(Some((id, warm))),
+            ..self
+        }
+    }
+
+    /// The pooled sandbox, if it is task `id`'s and still unused.
+    async fn take_warm(&self, id: &str) -> Option<crate::warm::WarmVm> {
+        let mut warm = self.warm.lock().await;
+        match warm.take() {
+            Some((for_id, vm)) if for_id == id => Some(vm),
+            other => {
+                *warm = other;
+                None
+            }
         }
     }
 
@@ -104,6 +133,11 @@ impl TaskService {
 
     /// Stops every sandbox (the shim is ending).
     pub async fn destroy_all(&self) {
+        // A pooled sandbox whose task was never created goes too.
+        let unused = self.warm.lock().await.take();
+        if let Some((_, warm)) = unused {
+            warm.discard().await;
+        }
         let all: Vec<Arc<Container>> = self
             .containers
             .lock()
@@ -186,7 +220,8 @@ impl Task for TaskService {
             Ok(Role::Member { sandbox_id }) => self.pod(&sandbox_id),
             _ => None,
         };
-        let created = Container::create(create, config, self.events.clone(), pod).await;
+        let warm = self.take_warm(&req.id).await;
+        let created = Container::create(create, config, self.events.clone(), pod, warm).await;
         self.unreserve(&req.id);
         let container = created.map_err(|e| {
             tracing::error!(container = %req.id, error = %crate::describe(&e), "create failed");

@@ -65,6 +65,28 @@ pub fn state_leftovers(state_dir: &Path) -> Vec<String> {
                     entry.path().display()
                 ));
             }
+        } else if entry.file_name() == ".pool" {
+            // The daemon's lock stays; sockets, records and logs of
+            // pooled sandboxes must not.
+            for dir in std::fs::read_dir(entry.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                if !dir.path().is_dir() {
+                    if dir.file_name() != "poold.lock" {
+                        found.push(format!("pool file {}", dir.path().display()));
+                    }
+                    continue;
+                }
+                for file in std::fs::read_dir(dir.path())
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                {
+                    found.push(format!("pool file {}", file.path().display()));
+                }
+            }
         } else if entry.file_name() == ".shares" {
             for share in std::fs::read_dir(entry.path())
                 .into_iter()
@@ -387,6 +409,11 @@ impl Background {
             }
         });
         Self { child, lines }
+    }
+
+    /// The process's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Waits for the next output line.

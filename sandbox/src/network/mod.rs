@@ -217,6 +217,51 @@ pub fn attach_to(
     })
 }
 
+/// [`attach`] for a VM that booted already with its NIC on `tap` in
+/// `from` (a pooled sandbox's own namespace, [`crate::pool`]): the tap
+/// moves into `netns` and is wired to its only interface exactly as a new
+/// one would be. The tap must be recorded in `netns` before this is called:
+/// from the move on, deleting it there is the undo.
+pub fn adopt_tap(from: &Path, tap_name: &str, netns: &Path) -> Result<TapAttachment, NetworkError> {
+    check_ifname(tap_name)?;
+    let ns = Netns::open(netns)?;
+    let links = read::links(&ns)?;
+    if links.iter().any(|l| l.ifname == tap_name) {
+        return Err(NetworkError::NoInterface {
+            netns: netns.to_owned(),
+            reason: format!("an interface named {tap_name} already exists"),
+        });
+    }
+    let veth = read::pick_interface(&ns, &links, None)?;
+    let guest = read::guest_network(&ns, &veth)?;
+    let mtu = veth.mtu.to_string();
+    let target = netns.to_str().ok_or_else(|| NetworkError::NoInterface {
+        netns: netns.to_owned(),
+        reason: "the namespace's path is not UTF-8".into(),
+    })?;
+    // A device that changes namespace comes down and loses its addresses
+    // and qdiscs; wire() brings it up with the veth's MTU.
+    Netns::open(from)?.ip(&["link", "set", "dev", tap_name, "netns", target])?;
+    let mut veth_qdisc = false;
+    if let Err(e) = wire(&ns, tap_name, &veth.ifname, &guest, &mtu, &mut veth_qdisc) {
+        if veth_qdisc {
+            if let Err(undo) = remove_ingress(&ns, &veth.ifname) {
+                tracing::warn!(error = %undo, "undoing a failed tap adoption");
+            }
+        }
+        // The tap stays (the VM holds it, and the record deletes it).
+        let _ = remove_ingress(&ns, tap_name);
+        return Err(e);
+    }
+    tracing::info!(netns = %netns.display(), tap = tap_name, veth = %veth.ifname, "pooled VM's tap moved in and attached");
+    Ok(TapAttachment {
+        netns: netns.to_owned(),
+        tap: tap_name.to_owned(),
+        veth: veth.ifname,
+        guest,
+    })
+}
+
 /// Configures the new tap and joins it to `veth` both ways, the tap's side
 /// guarded against spoofing ([`crate::cni::containment::guard`], from the
 /// MAC and addresses `guest` read from `veth`) before its redirect exists:

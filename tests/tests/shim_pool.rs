@@ -1,0 +1,291 @@
+//! Pooled sandboxes through containerd: warm shims (as `capsid-poold`
+//! starts them) boot VMs ahead of time; `ctr run` with capsid's shim
+//! takes one per container, never twice, and a container the pool cannot
+//! serve boots cold with the reason in the log. A private containerd,
+//! QEMU-TCG sandboxes; runc runs the same containers as the reference.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use capsid_sandbox::pool;
+use capsid_tests::run;
+use capsid_tests::shim::{processes_with, Background, ShimHarness, BUSYBOX};
+
+const LONG: Duration = Duration::from_secs(180);
+
+/// Turns the pool on in the harness's config, with one shape: the
+/// default VM (1 vCPU, 256 MiB).
+fn enable_pool(h: &ShimHarness) {
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(h.config())
+        .unwrap();
+    writeln!(
+        f,
+        "[pool]\nenabled = true\n[[pool.shapes]]\nvcpus = 1\nmemory_mib = 256\nsize = 2"
+    )
+    .unwrap();
+}
+
+/// A warm shim as the daemon starts one; SIGTERMed on drop if it still
+/// runs.
+struct Warm {
+    bg: Option<Background>,
+    pid: u32,
+}
+
+impl Warm {
+    fn boot(h: &ShimHarness, name: &str) -> Self {
+        let mut cmd = Command::new(h.shim());
+        cmd.arg(pool::WARM_ACTION)
+            .env("CAPSID_CONFIG", h.config())
+            .env(pool::NAME_ENV, name)
+            .env(pool::VCPUS_ENV, "1")
+            .env(pool::MEMORY_ENV, "256")
+            .stdin(Stdio::null());
+        let bg = Background::spawn(cmd);
+        let pid = bg.pid();
+        let line = bg.line(LONG);
+        assert_eq!(line, pool::READY_LINE, "warm shim {name}\n{}", h.log_tail());
+        Self { bg: Some(bg), pid }
+    }
+
+    fn alive(&self) -> bool {
+        Path::new(&format!("/proc/{}", self.pid)).exists()
+            && !std::fs::read_to_string(format!("/proc/{}/stat", self.pid))
+                .unwrap_or_default()
+                .contains(") Z ")
+    }
+
+    /// Waits for the warm shim to end by itself: its (exit code, stderr).
+    fn wait(mut self) -> (i32, String) {
+        let bg = self.bg.take().unwrap();
+        let (code, _, err) = bg.wait(LONG);
+        (code, err)
+    }
+}
+
+impl Drop for Warm {
+    fn drop(&mut self) {
+        if let Some(bg) = self.bg.take() {
+            let _ = Command::new("kill").arg(self.pid.to_string()).status();
+            let _ = bg.wait(Duration::from_secs(30));
+        }
+    }
+}
+
+fn ready(h: &ShimHarness) -> Vec<String> {
+    let pool_dir = h.state_dir().join(".pool");
+    let mut names = Vec::new();
+    for dir in std::fs::read_dir(&pool_dir).into_iter().flatten().flatten() {
+        if dir.file_name() == "claimed" || !dir.path().is_dir() {
+            continue;
+        }
+        for f in std::fs::read_dir(dir.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let n = f.file_name().to_string_lossy().into_owned();
+            if let Some(stem) = n.strip_suffix(".sock") {
+                names.push(stem.to_string());
+            }
+        }
+    }
+    names.sort();
+    names
+}
+
+/// What a container reports of its VM and its neighbours.
+const PROBE: &str = "cat /proc/sys/kernel/random/boot_id; ls /dev/shm | tr '\\n' ' '; echo; \
+                     ps -o comm | grep -c sleep; echo secret > /dev/shm/mark-$0; \
+                     (sleep 1000 &) ; echo done";
+
+fn probe(h: &ShimHarness, id: &str) -> Vec<String> {
+    let (code, out, err) = h.run(id, BUSYBOX, &["sh", "-c", PROBE, id]);
+    assert_eq!(code, 0, "{id}: {out}{err}\n{}", h.log_tail());
+    let lines: Vec<String> = out.lines().map(str::to_owned).collect();
+    assert_eq!(lines.len(), 4, "{id}: {out}");
+    assert_eq!(lines[3], "done");
+    lines
+}
+
+#[test]
+fn each_container_takes_its_own_pooled_sandbox_and_sees_nothing_of_the_last() {
+    let h = ShimHarness::start();
+    enable_pool(&h);
+    let first = Warm::boot(&h, "w1");
+    let second = Warm::boot(&h, "w2");
+    assert_eq!(ready(&h), ["w1", "w2"]);
+    let vm1 = processes_with(&h.state_dir().join("w1").display().to_string());
+    assert!(!vm1.is_empty(), "the warm VM runs");
+
+    let a = probe(&h, "p1");
+    assert!(
+        h.log().contains("the task takes a pooled sandbox"),
+        "{}",
+        h.log_tail()
+    );
+    // The oldest was taken; it served p1 and ended with it.
+    assert_eq!(ready(&h), ["w2"]);
+    let (code, err) = first.wait();
+    assert_eq!(code, 0, "{err}");
+    for pid in vm1 {
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "VM process {pid} of w1 is left"
+        );
+    }
+
+    let b = probe(&h, "p2");
+    assert_eq!(ready(&h), Vec::<String>::new());
+    let (code, err) = second.wait();
+    assert_eq!(code, 0, "{err}");
+    // Another boot of another kernel, with nothing of p1's.
+    assert_ne!(a[0], b[0], "boot ids");
+    assert_eq!(a[1].trim(), "", "a fresh sandbox's /dev/shm is empty");
+    assert_eq!(b[1].trim(), "", "p1's mark is not in p2's /dev/shm");
+    assert_eq!(
+        (a[2].as_str(), b[2].as_str()),
+        ("0", "0"),
+        "no sleep of p1 in p2"
+    );
+
+    // The pool is empty now: cold, and the log says why.
+    let (code, out, err) = h.run("p3", BUSYBOX, &["echo", "cold"]);
+    assert_eq!((code, out.as_str()), (0, "cold\n"), "{err}");
+    assert!(
+        h.log().contains("capsid-poold is not running"),
+        "{}",
+        h.log_tail()
+    );
+    h.assert_clean(&["p1", "p2", "p3"]);
+}
+
+#[test]
+fn a_shape_the_pool_does_not_hold_boots_cold() {
+    let h = ShimHarness::start();
+    enable_pool(&h);
+    let warm = Warm::boot(&h, "w3");
+    // 512 MiB: not the pooled shape.
+    let (code, out, err) = h.run_with(
+        &["--rm", "--memory-limit", "536870912"],
+        "s1",
+        &["sh", "-c", "echo big"],
+    );
+    assert_eq!((code, out.as_str()), (0, "big\n"), "{err}");
+    assert!(
+        h.log().contains("no [[pool.shapes]] entry has 1 vCPUs and"),
+        "{}",
+        h.log_tail()
+    );
+    assert_eq!(ready(&h), ["w3"], "the pooled sandbox is still there");
+    assert!(warm.alive());
+    drop(warm);
+    h.assert_clean(&["s1"]);
+}
+
+/// Two network namespaces joined by a veth pair: the container's and a
+/// peer's, deleted on drop.
+struct Wire {
+    names: [String; 2],
+}
+
+impl Wire {
+    fn new() -> Self {
+        let pid = std::process::id();
+        let names = [format!("capsid-pl-c-{pid}"), format!("capsid-pl-p-{pid}")];
+        for n in &names {
+            let (code, _, err) = run(Command::new("ip").args(["netns", "add", n]));
+            assert_eq!(code, 0, "{err}");
+        }
+        let sh = format!(
+            "ip -n {c} link add eth0 type veth peer name peer0 netns {p} && \
+             ip -n {c} addr add 10.232.0.2/24 dev eth0 && ip -n {c} link set eth0 up && \
+             ip -n {p} addr add 10.232.0.1/24 dev peer0 && ip -n {p} link set peer0 up && \
+             ip -n {c} link set lo up && ip -n {p} link set lo up",
+            c = names[0],
+            p = names[1]
+        );
+        let (code, _, err) = run(Command::new("sh").args(["-c", &sh]));
+        assert_eq!(code, 0, "{err}");
+        Self { names }
+    }
+
+    fn container_ns(&self) -> PathBuf {
+        Path::new("/var/run/netns").join(&self.names[0])
+    }
+}
+
+impl Drop for Wire {
+    fn drop(&mut self) {
+        for n in &self.names {
+            let _ = Command::new("ip").args(["netns", "del", n]).status();
+        }
+    }
+}
+
+fn reaches_peer(h: &ShimHarness, runtime: &[&str], id: &str, wire: &Wire) -> String {
+    let ns = format!("network:{}", wire.container_ns().display());
+    let mut cmd = h.ctrd.ctr();
+    cmd.args(["run", "--rm"])
+        .args(runtime)
+        .args(["--with-ns", &ns, BUSYBOX, id])
+        .args([
+            "sh",
+            "-c",
+            "ip -4 -o addr show eth0 | grep -o '10.232.0.2/24'; ping -c 1 -W 10 10.232.0.1 >/dev/null && echo reached",
+        ]);
+    let (code, out, err) = run(&mut cmd);
+    assert_eq!(code, 0, "{id}: {out}{err}\n{}", h.log_tail());
+    out
+}
+
+#[test]
+fn a_pooled_sandbox_joins_the_containers_network() {
+    let h = ShimHarness::start();
+    enable_pool(&h);
+    let wire = Wire::new();
+    let reference = reaches_peer(&h, &["--runtime", "io.containerd.runc.v2"], "n0", &wire);
+    assert_eq!(reference, "10.232.0.2/24\nreached\n");
+
+    let warm = Warm::boot(&h, "w4");
+    let shim = h.shim().display().to_string();
+    let config = h.config().display().to_string();
+    let out = reaches_peer(
+        &h,
+        &["--runtime", &shim, "--runtime-config-path", &config],
+        "n1",
+        &wire,
+    );
+    assert_eq!(out, "10.232.0.2/24\nreached\n");
+    assert!(
+        h.log().contains("pooled VM's tap moved in and attached"),
+        "{}",
+        h.log_tail()
+    );
+    let (code, err) = warm.wait();
+    assert_eq!(code, 0, "{err}");
+    // Only the veth is left in the container's namespace.
+    let (_, links, _) = run(Command::new("ip").args(["-n", &wire.names[0], "-o", "link"]));
+    assert_eq!(links.lines().count(), 2, "lo and eth0 only:\n{links}");
+    h.assert_clean(&["n0", "n1"]);
+}
+
+#[test]
+fn an_unclaimed_warm_shim_leaves_nothing_when_terminated() {
+    let h = ShimHarness::start();
+    enable_pool(&h);
+    let warm = Warm::boot(&h, "w5");
+    let vm = processes_with(&h.state_dir().join("w5").display().to_string());
+    assert!(!vm.is_empty());
+    let pid = warm.pid;
+    drop(warm);
+    let start = Instant::now();
+    while Path::new(&format!("/proc/{pid}")).exists() && start.elapsed() < LONG {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    h.assert_clean(&[]);
+}
