@@ -468,8 +468,21 @@ pub async fn make_warm(
         NetMode::Own => late_network = Some(late),
         NetMode::None | NetMode::Host => {}
     }
+    // The VM's processes go where a cold boot would have put them, so
+    // the node's accounting sees the container's VM.
+    let cgroup = vm_cgroup(&plan.spec);
+    if let Some(cgroup) = cgroup.clone() {
+        rollback.update(|r| r.cgroup = Some(cgroup.clone()))?;
+        let sandbox_name = name.clone();
+        tokio::task::spawn_blocking(move || {
+            capsid_sandbox::backend::jail::move_sandbox_cgroups(&sandbox_name, &cgroup)
+        })
+        .await
+        .map_err(|e| ContainerError::Internal(format!("cgroup task: {e}")))?
+        .map_err(capsid_sandbox::sandbox::SandboxError::from)?;
+    }
     rollback.update(|r| r.set_vm_processes(&sandbox.pids()))?;
-    tracing::info!(container = %req.id, sandbox = %name, "container takes a pooled sandbox");
+    tracing::info!(container = %req.id, sandbox = %name, ?cgroup, "container takes a pooled sandbox");
 
     run_create_hooks(req, plan, &sandbox).await?;
     let from_spec = plan.resolv_conf.as_deref().and_then(network::dns_from_file);

@@ -289,3 +289,41 @@ fn an_unclaimed_warm_shim_leaves_nothing_when_terminated() {
     }
     h.assert_clean(&[]);
 }
+
+#[test]
+fn a_pooled_sandboxs_processes_move_into_the_containers_cgroup() {
+    let h = ShimHarness::start();
+    enable_pool(&h);
+    let warm = Warm::boot(&h, "w6");
+    let vm = processes_with(&h.state_dir().join("w6").display().to_string());
+    assert!(!vm.is_empty());
+    h.run_detached("g1", &["sleep", "1000"]);
+    for pid in &vm {
+        let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+        let memory = cgroups
+            .lines()
+            .find(|l| {
+                l.split(':')
+                    .nth(1)
+                    .is_some_and(|c| c.split(',').any(|c| c == "memory"))
+            })
+            .unwrap_or_else(|| cgroups.lines().last().unwrap());
+        assert!(
+            memory.ends_with("/default/g1"),
+            "VM process {pid} is in {memory}, not ctr's /default/g1:\n{cgroups}\n{}",
+            h.log_tail()
+        );
+    }
+    let (code, _, err) = h.ctr(&["task", "kill", "-s", "SIGKILL", "g1"]);
+    assert_eq!(code, 0, "{err}");
+    h.wait_status("g1", "STOPPED", LONG);
+    let (code, _, err) = h.ctr(&["task", "delete", "g1"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = h.ctr(&["container", "delete", "g1"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, err) = warm.wait();
+    assert_eq!(code, 0, "{err}");
+    h.assert_clean(&["g1"]);
+    let memory_root = Path::new("/sys/fs/cgroup/memory/default/g1");
+    assert!(!memory_root.exists(), "the container's cgroup is removed");
+}

@@ -505,6 +505,57 @@ impl Cgroups {
     }
 }
 
+/// Moves every process of the cgroups made for sandbox `name` under this
+/// process's own (a pooled sandbox, booted before its container's cgroup
+/// was known) into `to` (cgroupfs form, as [`VmSpec::cgroup`]), made where
+/// it is missing; the emptied cgroups are removed. Hierarchies where the
+/// sandbox has none are skipped.
+pub fn move_sandbox_cgroups(name: &str, to: &Path) -> Result<()> {
+    if !to.is_absolute()
+        || to
+            .components()
+            .any(|c| matches!(c, std::path::Component::ParentDir))
+    {
+        return Err(BackendError::InvalidSpec(format!(
+            "cgroup {}: an absolute path without `..` (cgroupfs form)",
+            to.display()
+        )));
+    }
+    let failed = |what: &'static str, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| BackendError::Jail { what, path, source }
+    };
+    for (mount, own) in Cgroups::hierarchies() {
+        let from = mount.join(own).join("capsid").join(name);
+        if !from.is_dir() {
+            continue;
+        }
+        let dest = mount.join(to.strip_prefix("/").unwrap_or(to));
+        std::fs::create_dir_all(&dest).map_err(failed("make the container's cgroup", &dest))?;
+        // A process forked while the list is read lands in the old
+        // cgroup: read again until it is empty.
+        for _ in 0..10 {
+            let procs = std::fs::read_to_string(from.join("cgroup.procs"))
+                .map_err(failed("read the processes of", &from))?;
+            if procs.trim().is_empty() {
+                break;
+            }
+            for pid in procs.lines() {
+                match std::fs::write(dest.join("cgroup.procs"), pid) {
+                    Ok(()) => {}
+                    // Gone meanwhile.
+                    Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
+                    Err(e) => return Err(failed("move a VM process into", &dest)(e)),
+                }
+            }
+        }
+        if let Err(e) = std::fs::remove_dir(&from) {
+            tracing::debug!(cgroup = %from.display(), error = %e, "the pooled sandbox's cgroup stays until the VM ends");
+        }
+    }
+    Ok(())
+}
+
 /// Removes the cgroups a sandbox whose run directory was `run_dir` left
 /// (its shim died before dropping them; their processes are gone); returns
 /// those removed.
