@@ -12,7 +12,7 @@ BUILD       := build
 TARGET      := x86_64-unknown-linux-gnu
 AGENT       := target/$(TARGET)/release/capsid-agent
 CARGO       ?= cargo
-BINARIES    := capsid capsid-balloond capsid-vmm capsid-vhost capsid-jail containerd-shim-capsid-v2
+BINARIES    := capsid capsid-balloond capsid-poold capsid-vmm capsid-vhost capsid-jail containerd-shim-capsid-v2
 
 # Debian packages the build, the tests and the demo need (protobuf-compiler:
 # protoc, which the CRI tests' client, the k8s-cri crate, is generated with).
@@ -120,10 +120,13 @@ install: release assets
 	install -m 0644 $(BUILD)/kernel/vmlinux $(BUILD)/kernel/bzImage $(BUILD)/initramfs.cpio.gz \
 		$(DESTDIR)$(PREFIX)/share/capsid/
 	install -m 0644 $(BUILD)/images/*.tar $(DESTDIR)$(PREFIX)/share/capsid/images/
-	# The balloon coordinator's unit, installed but not enabled (docs/memory.md).
+	# The balloon coordinator's and the pool daemon's units, installed but not
+	# enabled (docs/memory.md, docs/pool.md).
 	install -d $(DESTDIR)$(PREFIX)/lib/systemd/system
-	sed 's|/usr/local/bin/|$(PREFIX)/bin/|' contrib/systemd/capsid-balloond.service \
-		> $(DESTDIR)$(PREFIX)/lib/systemd/system/capsid-balloond.service
+	for u in capsid-balloond capsid-poold; do \
+		sed 's|/usr/local/bin/|$(PREFIX)/bin/|' contrib/systemd/$$u.service \
+			> $(DESTDIR)$(PREFIX)/lib/systemd/system/$$u.service || exit 1; \
+	done
 
 demo: deps install
 	$(PREFIX)/bin/capsid check

@@ -4,7 +4,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use capsid_sandbox::check::{HostReport, KvmFlavor};
+use capsid_sandbox::check::{HostReport, KvmFlavor, PoolReport};
 use capsid_sandbox::config::Config;
 
 /// Arguments of `capsid check`.
@@ -141,10 +141,50 @@ fn table(r: &HostReport) -> String {
         ("isolation", isolation(r)),
         ("balloon coordinator", coordinator),
     ];
+    let rows: Vec<(String, String)> = rows
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .chain(pool_rows(&r.pool))
+        .collect();
     let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     rows.iter()
         .map(|(k, v)| format!("{k:<width$}  {v}\n"))
         .collect()
+}
+
+/// The `pool` line, then one line per shape the daemon reported.
+fn pool_rows(p: &PoolReport) -> Vec<(String, String)> {
+    let daemon = match (p.enabled, p.daemon_running, &p.error) {
+        (_, _, Some(e)) => format!("capsid-poold unknown: {e}"),
+        (false, false, None) => "- (pool.enabled is false: every container boots cold)".into(),
+        (false, true, None) => "capsid-poold running, but pool.enabled is false here: no \
+                                container takes a pooled sandbox"
+            .into(),
+        (true, true, None) => "capsid-poold running".into(),
+        (true, false, None) => "capsid-poold NOT running: containers boot cold; start \
+                                capsid-poold (docs/pool.md)"
+            .into(),
+    };
+    let mut rows = vec![("pool".to_string(), daemon)];
+    for s in &p.shapes {
+        let mut line = format!(
+            "{} of {} ready, {} booting (key {})",
+            s.ready, s.size, s.booting, s.key
+        );
+        if let Some(failure) = &s.last_failure {
+            line.push_str(&format!("; last failure: {failure}"));
+        }
+        rows.push((
+            format!(
+                "pool {} vCPU{}, {} MiB",
+                s.vcpus,
+                if s.vcpus == 1 { "" } else { "s" },
+                s.memory_mib
+            ),
+            line,
+        ));
+    }
+    rows
 }
 
 #[cfg(test)]
@@ -208,6 +248,7 @@ mod tests {
             },
             selection,
             balloon_coordinator: None,
+            pool: PoolReport::default(),
         }
     }
 
@@ -236,6 +277,43 @@ mod tests {
         // Forced by the config on a host that has KVM: said all the same.
         let text = table(&report(KvmFlavor::Hardware, Some(BackendKind::QemuTcg)));
         assert!(row(&text, "isolation").contains(TCG_WARNING), "{text}");
+    }
+
+    #[test]
+    fn the_pool_says_whether_containers_boot_cold() {
+        let mut r = report(KvmFlavor::Hardware, None);
+        assert!(
+            row(&table(&r), "pool").ends_with("pool.enabled is false: every container boots cold)")
+        );
+        r.pool.enabled = true;
+        let text = table(&r);
+        assert!(
+            row(&text, "pool").contains("capsid-poold NOT running: containers boot cold"),
+            "{text}"
+        );
+        r.pool.daemon_running = true;
+        r.pool.shapes = vec![capsid_sandbox::pool_daemon::ShapeStatus {
+            vcpus: 2,
+            memory_mib: 512,
+            size: 3,
+            key: "0123456789abcdef".into(),
+            ready: 1,
+            booting: 1,
+            last_failure: Some("exited with status 1 before it was ready".into()),
+        }];
+        let text = table(&r);
+        assert!(
+            row(&text, "pool").ends_with("  capsid-poold running"),
+            "{text}"
+        );
+        assert_eq!(
+            row(&text, "pool 2 vCPUs, 512 MiB")
+                .trim_start_matches("pool 2 vCPUs, 512 MiB")
+                .trim_start(),
+            "1 of 3 ready, 1 booting (key 0123456789abcdef); last failure: exited with \
+             status 1 before it was ready",
+            "{text}"
+        );
     }
 
     #[test]

@@ -246,6 +246,50 @@ pub struct HostReport {
     /// (`capsid-balloond`) runs for the state directory; `None` when the
     /// memory policy is off.
     pub balloon_coordinator: Option<CoordinatorReport>,
+    /// The pool of pre-booted sandboxes (docs/pool.md).
+    pub pool: PoolReport,
+}
+
+/// The pool of pre-booted sandboxes: whether shims look for one, whether
+/// `capsid-poold` keeps it filled, and what it says of each shape.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PoolReport {
+    /// `[pool] enabled`: shims look for a pooled sandbox first.
+    pub enabled: bool,
+    /// `capsid-poold` answered on its status socket.
+    pub daemon_running: bool,
+    /// Each shape as the daemon reported it (empty when it did not).
+    pub shapes: Vec<crate::pool_daemon::ShapeStatus>,
+    /// Why the daemon could not be asked, when it could not.
+    pub error: Option<String>,
+}
+
+/// How long `capsid check` waits for the pool daemon's answer.
+const POOL_STATUS_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
+
+impl PoolReport {
+    /// Asks the daemon of `config`'s state directory.
+    fn probe(config: &Config) -> Self {
+        use crate::pool_daemon::{query, DaemonState};
+        let enabled = config.pool.enabled;
+        match query(config, POOL_STATUS_TIMEOUT) {
+            Ok(DaemonState::Running(status)) => Self {
+                enabled,
+                daemon_running: true,
+                shapes: status.shapes,
+                error: None,
+            },
+            Ok(DaemonState::NotRunning) => Self {
+                enabled,
+                ..Self::default()
+            },
+            Err(e) => Self {
+                enabled,
+                error: Some(e.to_string()),
+                ..Self::default()
+            },
+        }
+    }
 }
 
 /// Whether the balloon coordinator runs.
@@ -330,6 +374,7 @@ impl HostReport {
             assets,
             selection,
             balloon_coordinator: CoordinatorReport::probe(config),
+            pool: PoolReport::probe(config),
         }
     }
 }

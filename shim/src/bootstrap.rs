@@ -262,11 +262,17 @@ pub async fn serve(flags: &Flags, log: Option<std::fs::File>) -> Result<()> {
 /// On failure the claimant is told why and the sandbox is discarded.
 pub async fn serve_claimed(
     claim: capsid_sandbox::pool::Claim,
-    warm: crate::warm::WarmVm,
+    mut warm: crate::warm::WarmVm,
     conn: std::os::unix::net::UnixStream,
 ) -> Result<()> {
     let socket = socket_path(&claim.address).to_path_buf();
     let ready = async {
+        // containerd's `delete` undoes it from the bundle after a crash.
+        warm.move_record(cleanup::state_path(&claim.bundle))
+            .map_err(|e| BootstrapError::Io {
+                what: "move the sandbox's record into the bundle".into(),
+                source: std::io::Error::other(crate::describe(&e)),
+            })?;
         let listener = bind_task_socket(&socket)?;
         let events = connect_events(&claim.ttrpc_address, &claim.namespace).await?;
         Ok::<_, BootstrapError>((listener, events))

@@ -327,3 +327,58 @@ fn a_pooled_sandboxs_processes_move_into_the_containers_cgroup() {
     let memory_root = Path::new("/sys/fs/cgroup/memory/default/g1");
     assert!(!memory_root.exists(), "the container's cgroup is removed");
 }
+
+#[test]
+fn a_pooled_container_has_its_volumes_and_a_killed_shim_is_cleaned_up_from_the_bundle() {
+    let h = ShimHarness::start();
+    enable_pool(&h);
+    let vol = h.state_dir().with_file_name("vol");
+    std::fs::create_dir_all(&vol).unwrap();
+    std::fs::write(vol.join("precious"), "keep me\n").unwrap();
+    let warm = Warm::boot(&h, "w7");
+    let mount = format!("type=bind,src={},dst=/data,options=rbind:rw", vol.display());
+    let (code, out, err) = run(&mut h.run_cmd(
+        &["-d", "--mount", &mount],
+        BUSYBOX,
+        "k1",
+        &["sh", "-c", "cat /data/precious > /data/copy; sleep 1000"],
+    ));
+    assert_eq!(code, 0, "{out}{err}\n{}", h.log_tail());
+    h.wait_status("k1", "RUNNING", LONG);
+    assert!(
+        h.log().contains("the task takes a pooled sandbox"),
+        "{}",
+        h.log_tail()
+    );
+    let start = Instant::now();
+    while std::fs::read_to_string(vol.join("copy")).unwrap_or_default() != "keep me\n" {
+        assert!(start.elapsed() < LONG, "the guest's copy never arrived");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = Command::new("kill")
+        .args(["-9", &warm.pid.to_string()])
+        .status();
+    let (_, _) = warm.wait();
+    // containerd notices, runs `delete` in the bundle, and forgets the task.
+    let start = Instant::now();
+    while !h.status("k1").is_empty() {
+        assert!(start.elapsed() < LONG, "task k1 still listed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let start = Instant::now();
+    while !h.log().contains("killed sandbox process") {
+        assert!(
+            start.elapsed() < LONG,
+            "no cleanup report\n{}",
+            h.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (code, _, err) = h.ctr(&["container", "delete", "k1"]);
+    assert_eq!(code, 0, "{err}");
+    h.assert_clean(&["k1"]);
+    assert_eq!(
+        std::fs::read_to_string(vol.join("precious")).unwrap(),
+        "keep me\n"
+    );
+}

@@ -134,13 +134,21 @@ impl PrivateContainerd {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// `ctr run --rm --runtime RUNTIME IMAGE ID CMD…`, timed from spawn to
-    /// exit, in ms.
-    pub fn timed_run(&self, runtime: &str, id: &str, command: &[String]) -> anyhow::Result<f64> {
+    /// `ctr run --rm --runtime RUNTIME FLAGS… IMAGE ID CMD…`, timed from
+    /// spawn to exit, in ms.
+    pub fn timed_run(
+        &self,
+        runtime: &str,
+        id: &str,
+        command: &[String],
+        flags: &[&str],
+    ) -> anyhow::Result<f64> {
         let mut cmd = Command::new("ctr");
         cmd.arg("-a")
             .arg(self.socket())
-            .args(["run", "--rm", "--runtime", runtime, &self.image, id])
+            .args(["run", "--rm", "--runtime", runtime])
+            .args(flags)
+            .args([&self.image, id])
             .args(command)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -9,6 +9,7 @@ mod bare;
 mod compare;
 mod density;
 mod plot;
+mod pool;
 mod procfs;
 mod startup;
 pub mod stats;

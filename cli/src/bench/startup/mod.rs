@@ -38,6 +38,11 @@ pub struct StartupArgs {
     /// containerd) and the bare VM boot, interleaved with `capsid run`.
     #[arg(long)]
     compare: bool,
+    /// Also run `ctr run` with capsid's shim taking pre-booted sandboxes
+    /// from a pool (`capsid-poold`, in the benchmark's own state
+    /// directory); implies `--compare`. Reports the pool's idle memory.
+    #[arg(long)]
+    pool: bool,
     /// Write every run's phases and the summaries as JSON.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
@@ -49,6 +54,10 @@ pub struct StartupArgs {
     #[arg(last = true, value_name = "CMD")]
     command: Vec<String>,
 }
+
+/// Sandboxes kept booted by `--pool`: one taken per pooled run while the
+/// other waits, so a run never waits for a boot.
+const POOL_SIZE: u32 = 2;
 
 /// Runs `capsid bench startup`: the iterations, then the report.
 pub fn run(config_path: Option<&Path>, args: StartupArgs) -> anyhow::Result<()> {
@@ -63,14 +72,19 @@ pub fn run(config_path: Option<&Path>, args: StartupArgs) -> anyhow::Result<()> 
 
     let mut runners = vec![Runner::CapsidRun];
     let mut skipped = Vec::new();
-    if args.compare {
+    if args.compare || args.pool {
         bench.prepare_comparisons(&mut runners, &mut skipped);
+    }
+    if args.pool {
+        bench.prepare_pool(POOL_SIZE, &mut runners, &mut skipped);
     }
     for s in &skipped {
         eprintln!("capsid bench: skipping {}: {}", s.runner, s.reason);
     }
 
     let measured = measure(&bench, &runners, args.warmup, args.runs)?;
+    let pool_memory = bench.pool.as_ref().map(|p| p.idle_memory());
+    drop(bench.pool.take());
     // containerd, its shims and mounts go now, before the report.
     drop(bench.ctrd.take());
     if measured.interrupt.is_set() {
@@ -92,6 +106,14 @@ pub fn run(config_path: Option<&Path>, args: StartupArgs) -> anyhow::Result<()> 
         skipped,
         failures: measured.failures,
         iterations: measured.iterations,
+        pool_idle: match pool_memory {
+            Some(Ok(idle)) => Some(idle),
+            Some(Err(e)) => {
+                eprintln!("capsid bench: the pool's idle memory was not measured: {e:#}");
+                None
+            }
+            None => None,
+        },
     };
     output::emit(&report, json, plot_path)?;
     if report.iterations.iter().all(|i| i.capsid_run.is_none()) {

@@ -119,6 +119,12 @@ fn print_phases(r: &Report) {
 
 /// Every runner's wall time, and the per-run ratios.
 fn print_side_by_side(r: &Report) {
+    if let Some(idle) = &r.pool_idle {
+        println!(
+            "\npool: {} waiting sandboxes, {:.1} MiB PSS each ({:.1} MiB of it the warm shim)",
+            idle.sandboxes, idle.pss_mib_per_sandbox, idle.shim_pss_mib_per_sandbox
+        );
+    }
     let get = |k: &str| summary(r, k);
     println!(
         "\nside by side, wall time (ms){:>25}{:>9}{:>9}{:>9}",
@@ -128,6 +134,14 @@ fn print_side_by_side(r: &Report) {
     println!(
         "{}",
         row("ctr run --rm (capsid shim)", get("ctr_capsid.total_ms"), "")
+    );
+    println!(
+        "{}",
+        row(
+            "ctr run --rm (capsid, pooled)",
+            get("ctr_capsid_pool.total_ms"),
+            ""
+        )
     );
     println!(
         "{}",

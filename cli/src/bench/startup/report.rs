@@ -55,6 +55,9 @@ pub struct Report {
     pub iterations: Vec<Iteration>,
     pub summary: BTreeMap<String, Option<Summary>>,
     pub ratios: Vec<PairRatio>,
+    /// `--pool`: what a waiting pooled sandbox costs the host.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pool_idle: Option<crate::bench::pool::PoolIdle>,
 }
 
 /// One value per iteration.
@@ -124,6 +127,12 @@ fn comparison_summaries(its: &[Iteration]) -> BTreeMap<String, Option<Summary>> 
         })),
     );
     out.insert(
+        "ctr_capsid_pool.total_ms".into(),
+        summarize_some(&series(its, |it| {
+            it.ctr_capsid_pool.as_ref().map(|s| s.total_ms)
+        })),
+    );
+    out.insert(
         "bare_boot.kernel_at_init_ms".into(),
         summarize_some(&series(its, |it| {
             it.bare_boot.as_ref().and_then(|b| b.kernel_at_init_ms)
@@ -146,11 +155,22 @@ fn ratio_pairs() -> Vec<(&'static str, Pick, Pick)> {
     let runc = |it: &Iteration| it.ctr_runc.as_ref().map(|s| s.total_ms);
     let shim = |it: &Iteration| it.ctr_capsid.as_ref().map(|s| s.total_ms);
     let bare = |it: &Iteration| it.bare_boot.as_ref().map(|s| s.vm_gone_ms);
+    let pooled = |it: &Iteration| it.ctr_capsid_pool.as_ref().map(|s| s.total_ms);
     let overhead = |it: &Iteration| it.capsid_run.as_ref().and_then(|s| s.host_overhead_ms);
     vec![
         ("capsid run / ctr run (runc)", capsid_total, runc),
         ("ctr run (capsid shim) / ctr run (runc)", shim, runc),
         ("ctr run (capsid shim) / capsid run", shim, capsid_total),
+        (
+            "ctr run (capsid shim, pooled) / ctr run (capsid shim)",
+            pooled,
+            shim,
+        ),
+        (
+            "ctr run (capsid shim, pooled) / ctr run (runc)",
+            pooled,
+            runc,
+        ),
         ("capsid run / bare VM boot", capsid_total, bare),
         ("capsid host overhead / ctr run (runc)", overhead, runc),
     ]
@@ -199,6 +219,7 @@ mod tests {
             summary: summaries(&its),
             ratios: ratios(&its),
             iterations: its,
+            pool_idle: None,
         })
         .unwrap();
         let run = &v["iterations"][0]["capsid_run"];

@@ -26,6 +26,7 @@ use crate::bench::BenchSetup;
 pub enum Runner {
     CapsidRun,
     CtrCapsid,
+    CtrCapsidPool,
     CtrRunc,
     BareBoot,
 }
@@ -36,6 +37,7 @@ impl Runner {
         match self {
             Self::CapsidRun => "capsid_run",
             Self::CtrCapsid => "ctr_capsid",
+            Self::CtrCapsidPool => "ctr_capsid_pool",
             Self::CtrRunc => "ctr_runc",
             Self::BareBoot => "bare_boot",
         }
@@ -46,6 +48,7 @@ impl Runner {
         match self {
             Self::CapsidRun => "capsid run",
             Self::CtrCapsid => "ctr run (capsid shim)",
+            Self::CtrCapsidPool => "ctr run (capsid shim, pooled)",
             Self::CtrRunc => "ctr run (runc)",
             Self::BareBoot => "bare VM boot",
         }
@@ -63,6 +66,8 @@ pub struct Bench {
     /// The private containerd of `--compare` (gone when dropped).
     pub ctrd: Option<PrivateContainerd>,
     bare: Option<(Arc<dyn Backend>, VmSpec)>,
+    /// `--pool`: the pool daemon, its config and shape key.
+    pub pool: Option<crate::bench::pool::BenchPool>,
 }
 
 impl Bench {
@@ -85,6 +90,7 @@ impl Bench {
             image,
             ctrd: None,
             bare: None,
+            pool: None,
         })
     }
 
@@ -147,6 +153,44 @@ impl Bench {
             });
         }
         runners.sort();
+    }
+
+    /// Starts `capsid-poold` for `--pool` with the shim's config plus a
+    /// pool of `size` sandboxes of the benchmarked shape; the pooled
+    /// runner joins when it runs.
+    pub fn prepare_pool(
+        &mut self,
+        size: u32,
+        runners: &mut Vec<Runner>,
+        skipped: &mut Vec<Skipped>,
+    ) {
+        if !runners.contains(&Runner::CtrCapsid) {
+            skipped.push(Skipped {
+                runner: Runner::CtrCapsidPool.name(),
+                reason: "ctr run with capsid's shim cannot run here".into(),
+            });
+            return;
+        }
+        let started = self.shim_config().and_then(|shim_config| {
+            crate::bench::pool::BenchPool::start(
+                &shim_config,
+                &self.dir.path().join("pool.toml"),
+                self.setup.vcpus,
+                self.setup.memory_mib,
+                size,
+            )
+        });
+        match started {
+            Ok(pool) => {
+                self.pool = Some(pool);
+                runners.push(Runner::CtrCapsidPool);
+                runners.sort();
+            }
+            Err(e) => skipped.push(Skipped {
+                runner: Runner::CtrCapsidPool.name(),
+                reason: format!("{e:#}"),
+            }),
+        }
     }
 
     /// The backend and VM of the bare boot.
@@ -232,13 +276,29 @@ impl Bench {
                     Runner::CtrRunc => (RUNC_RUNTIME, format!("{id}-runc")),
                     _ => (CAPSID_RUNTIME, format!("{id}-capsid")),
                 };
-                let total_ms = ctrd.timed_run(runtime, &id, &self.command)?;
+                let total_ms = ctrd.timed_run(runtime, &id, &self.command, &[])?;
                 let sample = Some(WallSample { total_ms });
                 if runner == Runner::CtrRunc {
                     it.ctr_runc = sample;
                 } else {
                     it.ctr_capsid = sample;
                 }
+            }
+            Runner::CtrCapsidPool => {
+                let ctrd = self.ctrd.as_ref().ok_or_else(|| anyhow!("no containerd"))?;
+                let pool = self.pool.as_ref().ok_or_else(|| anyhow!("no pool"))?;
+                // A warm pool: the sandbox taken is one booted earlier,
+                // not one booting now (not timed).
+                let before = pool.wait_full()?;
+                let config = pool.config().display().to_string();
+                let total_ms = ctrd.timed_run(
+                    CAPSID_RUNTIME,
+                    &format!("{id}-pool"),
+                    &self.command,
+                    &["--runtime-config-path", &config],
+                )?;
+                pool.check_taken(&before)?;
+                it.ctr_capsid_pool = Some(WallSample { total_ms });
             }
             Runner::BareBoot => {
                 let (backend, spec) = self.bare.as_ref().ok_or_else(|| anyhow!("no backend"))?;

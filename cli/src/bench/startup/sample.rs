@@ -140,6 +140,9 @@ pub struct Iteration {
     pub capsid_run: Option<CapsidRunSample>,
     /// `ctr run --rm` with capsid's shim.
     pub ctr_capsid: Option<WallSample>,
+    /// `ctr run --rm` with capsid's shim taking a pooled sandbox.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ctr_capsid_pool: Option<WallSample>,
     /// `ctr run --rm` with runc.
     pub ctr_runc: Option<WallSample>,
     /// The bare VM boot.
