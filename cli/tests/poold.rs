@@ -118,7 +118,11 @@ impl World {
             &self.config,
             Some(&self.config_path),
             self.config.backend.kind,
-            Shape { vcpus, memory_mib },
+            Shape {
+                vcpus,
+                memory_mib,
+                max_memory_mib: memory_mib,
+            },
         )
     }
 

@@ -145,10 +145,22 @@ pub struct PoolConfig {
 pub struct PoolShapeConfig {
     /// vCPUs.
     pub vcpus: u32,
-    /// Guest RAM, MiB.
+    /// Guest RAM a waiting sandbox has, MiB.
     pub memory_mib: u32,
     /// How many are kept booted.
     pub size: u32,
+    /// The VM's RAM, MiB: a waiting sandbox's balloon holds all but
+    /// `memory_mib` of it, and a container of up to this much takes the
+    /// sandbox, the balloon giving it its size. 0: `memory_mib`.
+    #[serde(default)]
+    pub max_memory_mib: u32,
+}
+
+impl PoolShapeConfig {
+    /// The VM's RAM: `max_memory_mib`, or `memory_mib` without one.
+    pub fn vm_memory_mib(&self) -> u32 {
+        self.max_memory_mib.max(self.memory_mib)
+    }
 }
 
 impl PoolConfig {
@@ -177,6 +189,19 @@ impl PoolConfig {
             }
             if let Err((key, message)) = vm.policy.check(shape.vcpus, shape.memory_mib) {
                 return Err(format!("{name}: {message} ({key})"));
+            }
+            if shape.max_memory_mib != 0 && shape.max_memory_mib < shape.memory_mib {
+                return Err(format!(
+                    "{name}: max_memory_mib = {} is below memory_mib",
+                    shape.max_memory_mib
+                ));
+            }
+            if shape.vm_memory_mib() > vm.policy.max_memory_mib {
+                return Err(format!(
+                    "{name}: {} MiB is above vm.policy.max_memory_mib = {}",
+                    shape.vm_memory_mib(),
+                    vm.policy.max_memory_mib
+                ));
             }
             if shape.size > MAX_POOL_SIZE {
                 return Err(format!(
@@ -575,6 +600,20 @@ mod tests {
                 .unwrap_err(),
         );
         assert!(e.contains("size 1000"), "{e}");
+        let e = message(
+            &Config::parse(
+                "[[pool.shapes]]\nvcpus = 1\nmemory_mib = 256\nsize = 1\nmax_memory_mib = 128\n",
+            )
+            .unwrap_err(),
+        );
+        assert!(e.contains("max_memory_mib = 128 is below"), "{e}");
+        let e = message(
+            &Config::parse(
+                "[[pool.shapes]]\nvcpus = 1\nmemory_mib = 256\nsize = 1\nmax_memory_mib = 100000\n",
+            )
+            .unwrap_err(),
+        );
+        assert!(e.contains("above vm.policy.max_memory_mib"), "{e}");
         let twice = "[[pool.shapes]]\nvcpus = 1\nmemory_mib = 256\nsize = 1\n";
         let e = message(&Config::parse(&format!("{twice}{twice}")).unwrap_err());
         assert!(e.contains("given twice"), "{e}");

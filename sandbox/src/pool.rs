@@ -58,13 +58,72 @@ pub const DAEMON_SOCKET: &str = "poold.sock";
 /// The line a warm shim writes on stdout once it listens.
 pub const READY_LINE: &str = "ready";
 
-/// A VM shape: what a container's spec sizes its VM to.
+/// Environment variable with the warm shim's VM RAM, MiB.
+pub const MAX_MEMORY_ENV: &str = "CAPSID_POOL_MAX_MEMORY_MIB";
+
+/// A pooled VM's shape ([`crate::config::PoolShapeConfig`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Shape {
     /// vCPUs.
     pub vcpus: u32,
-    /// Guest RAM, MiB.
+    /// Guest RAM a waiting sandbox has, MiB.
     pub memory_mib: u32,
+    /// The VM's RAM, MiB (at least `memory_mib`; the balloon holds the
+    /// difference while it waits).
+    pub max_memory_mib: u32,
+}
+
+impl Shape {
+    /// The shape `config` describes.
+    pub fn of(config: &crate::config::PoolShapeConfig) -> Self {
+        Self {
+            vcpus: config.vcpus,
+            memory_mib: config.memory_mib,
+            max_memory_mib: config.vm_memory_mib(),
+        }
+    }
+
+    /// Whether a container whose VM would have `vcpus` and `memory_mib`
+    /// can take a sandbox of this shape: the same vCPUs, and no more
+    /// memory than the VM has (the balloon gives it its size).
+    pub fn fits(&self, vcpus: u32, memory_mib: u32) -> bool {
+        vcpus == self.vcpus && memory_mib <= self.max_memory_mib
+    }
+
+    /// The environment a warm shim of this shape is started with.
+    pub fn env(&self) -> [(&'static str, String); 3] {
+        [
+            (VCPUS_ENV, self.vcpus.to_string()),
+            (MEMORY_ENV, self.memory_mib.to_string()),
+            (MAX_MEMORY_ENV, self.max_memory_mib.to_string()),
+        ]
+    }
+
+    /// The shape of [`Shape::env`]; `MAX_MEMORY_ENV` may be absent.
+    pub fn from_env() -> std::result::Result<Self, String> {
+        let number = |name: &str| -> std::result::Result<Option<u32>, String> {
+            match std::env::var(name) {
+                Err(_) => Ok(None),
+                Ok(text) => text
+                    .parse()
+                    .map(Some)
+                    .map_err(|_| format!("${name} = {text:?} is not a number")),
+            }
+        };
+        let vcpus = number(VCPUS_ENV)?.ok_or_else(|| format!("${VCPUS_ENV} is not set"))?;
+        let memory_mib = number(MEMORY_ENV)?.ok_or_else(|| format!("${MEMORY_ENV} is not set"))?;
+        let max_memory_mib = number(MAX_MEMORY_ENV)?.unwrap_or(memory_mib);
+        if max_memory_mib < memory_mib {
+            return Err(format!(
+                "${MAX_MEMORY_ENV} = {max_memory_mib} is below ${MEMORY_ENV} = {memory_mib}"
+            ));
+        }
+        Ok(Self {
+            vcpus,
+            memory_mib,
+            max_memory_mib,
+        })
+    }
 }
 
 /// The pool's directory.
@@ -122,6 +181,7 @@ pub fn shape_key(
     h.update(b"capsid-pool-v1\0");
     h.update(shape.vcpus.to_le_bytes());
     h.update(shape.memory_mib.to_le_bytes());
+    h.update(shape.max_memory_mib.to_le_bytes());
     for file in [&config.paths.kernel, &config.paths.initramfs] {
         h.update(file.as_os_str().as_encoded_bytes());
         h.update(b"\0");
@@ -245,11 +305,29 @@ mod tests {
         let s = Shape {
             vcpus: 1,
             memory_mib: 256,
+            max_memory_mib: 256,
         };
         let k = shape_key(&c, None, None, s);
         assert_eq!(k.len(), 16);
         assert_eq!(k, shape_key(&c, None, None, s));
         assert_ne!(k, shape_key(&c, None, None, Shape { vcpus: 2, ..s }));
+        assert_ne!(
+            k,
+            shape_key(
+                &c,
+                None,
+                None,
+                Shape {
+                    max_memory_mib: 512,
+                    ..s
+                }
+            )
+        );
+        let big = Shape {
+            max_memory_mib: 512,
+            ..s
+        };
+        assert!(big.fits(1, 512) && big.fits(1, 128) && !big.fits(1, 513) && !big.fits(2, 256));
         assert_ne!(
             k,
             shape_key(

@@ -353,6 +353,7 @@ mod tests {
             vcpus,
             memory_mib,
             size,
+            max_memory_mib: 0,
         }
     }
 

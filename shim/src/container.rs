@@ -278,9 +278,9 @@ impl Container {
     }
 
     /// The plan for `req` with a pooled sandbox, and the sandbox if the
-    /// container can take it: a container of its own VM whose size is the
-    /// sandbox's shape and that stays in the balloon policy (as pooled
-    /// sandboxes are). Otherwise the sandbox is discarded, the log says
+    /// container can take it: a container of its own VM whose size fits
+    /// the sandbox's shape ([`capsid_sandbox::pool::Shape::fits`]) and
+    /// that stays in the balloon policy (as pooled sandboxes are). Otherwise the sandbox is discarded, the log says
     /// why, and the plan is a cold boot's.
     async fn plan_for_warm(
         req: &CreateRequest,
@@ -288,13 +288,12 @@ impl Container {
         warm: crate::warm::WarmVm,
     ) -> Result<(Plan, Option<crate::warm::WarmVm>)> {
         let plan = Plan::read_pooled(req, config)?;
-        let shape = (plan.size.vcpus, plan.size.memory_mib);
         let why_not = if !matches!(plan.role, Role::Single) {
             Some("a pod's task boots its own VM".to_string())
-        } else if shape != (warm.shape.vcpus, warm.shape.memory_mib) {
+        } else if !warm.shape.fits(plan.size.vcpus, plan.size.memory_mib) {
             Some(format!(
-                "the container needs {} vCPUs and {} MiB, the pooled sandbox has {} and {}",
-                shape.0, shape.1, warm.shape.vcpus, warm.shape.memory_mib
+                "the container needs {} vCPUs and {} MiB, the pooled sandbox has {} vCPUs and up to {} MiB",
+                plan.size.vcpus, plan.size.memory_mib, warm.shape.vcpus, warm.shape.max_memory_mib
             ))
         } else if !plan.balloon_policy {
             Some(

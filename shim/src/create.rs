@@ -482,7 +482,17 @@ pub async fn make_warm(
         .map_err(capsid_sandbox::sandbox::SandboxError::from)?;
     }
     rollback.update(|r| r.set_vm_processes(&sandbox.pids()))?;
-    tracing::info!(container = %req.id, sandbox = %name, ?cgroup, "container takes a pooled sandbox");
+    // The guest gets the container's size: the balloon gives it (or takes
+    // back) the difference from the pool's, within the over-assignment
+    // limit.
+    let sandbox = Arc::new(sandbox);
+    if sandbox.memory().1 != plan.size.memory_mib {
+        let (vm, cfg, mib) = (sandbox.clone(), config.clone(), plan.size.memory_mib);
+        tokio::task::spawn_blocking(move || vm.set_usable_memory(&cfg, mib))
+            .await
+            .map_err(|e| ContainerError::Internal(format!("balloon task: {e}")))??;
+    }
+    tracing::info!(container = %req.id, sandbox = %name, ?cgroup, memory_mib = plan.size.memory_mib, "container takes a pooled sandbox");
 
     run_create_hooks(req, plan, &sandbox).await?;
     let from_spec = plan.resolv_conf.as_deref().and_then(network::dns_from_file);
@@ -501,7 +511,6 @@ pub async fn make_warm(
             tracing::info!(container = %req.id, "DNS for loopback resolvers relayed to the host");
         }
     }
-    let sandbox = Arc::new(sandbox);
     // The container goes in as a pod's first one does; the pod is only
     // the means (nothing else can join this VM).
     let (_tx, rx) = watch::channel(None);

@@ -55,16 +55,38 @@ fn try_claim(
     if !config.pool.enabled {
         return Ok(Taken::Disabled);
     }
-    let shape = match shape_of(bundle, &config) {
-        Ok(shape) => shape,
+    let (vcpus, memory_mib) = match size_of(bundle, &config) {
+        Ok(size) => size,
         // The cold path reports a bad spec as Create's error.
         Err(why) => return Ok(Taken::No { why }),
     };
-    let file = pool::config_file(config_path);
-    let key = pool::shape_key(&config, file.as_deref(), config.backend.kind, shape);
-    let Some(socket) = pool::take(&config, &key).map_err(|e| crate::describe(&e))? else {
+    // The smallest shape that fits: the least RAM held for nothing.
+    let mut shapes: Vec<Shape> = config
+        .pool
+        .shapes
+        .iter()
+        .filter(|s| s.size > 0)
+        .map(Shape::of)
+        .filter(|s| s.fits(vcpus, memory_mib))
+        .collect();
+    shapes.sort_by_key(|s| (s.max_memory_mib, s.memory_mib));
+    if shapes.is_empty() {
         return Ok(Taken::No {
-            why: why_empty(&config, shape),
+            why: format!("no [[pool.shapes]] entry fits {vcpus} vCPUs and {memory_mib} MiB"),
+        });
+    }
+    let file = pool::config_file(config_path);
+    let mut taken = None;
+    for shape in &shapes {
+        let key = pool::shape_key(&config, file.as_deref(), config.backend.kind, *shape);
+        taken = pool::take(&config, &key).map_err(|e| crate::describe(&e))?;
+        if taken.is_some() {
+            break;
+        }
+    }
+    let Some(socket) = taken else {
+        return Ok(Taken::No {
+            why: why_empty(&config, vcpus, memory_mib),
         });
     };
     let sandbox = socket
@@ -94,32 +116,18 @@ fn try_claim(
     }
 }
 
-/// The VM shape a cold boot would give the bundle's container.
-fn shape_of(bundle: &Path, config: &Config) -> Result<Shape, String> {
+/// The vCPUs and memory a cold boot would give the bundle's container.
+fn size_of(bundle: &Path, config: &Config) -> Result<(u32, u32), String> {
     let path = bundle.join("config.json");
     let text = std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let spec: Spec =
         serde_json::from_slice(&text).map_err(|e| format!("invalid {}: {e}", path.display()))?;
     let size = crate::sizing::vm_size(&spec, &config.vm).map_err(|e| crate::describe(&e))?;
-    Ok(Shape {
-        vcpus: size.vcpus,
-        memory_mib: size.memory_mib,
-    })
+    Ok((size.vcpus, size.memory_mib))
 }
 
-/// Why no sandbox of `shape` was there to take.
-fn why_empty(config: &Config, shape: Shape) -> String {
-    let pooled = config
-        .pool
-        .shapes
-        .iter()
-        .any(|s| s.vcpus == shape.vcpus && s.memory_mib == shape.memory_mib && s.size > 0);
-    if !pooled {
-        return format!(
-            "no [[pool.shapes]] entry has {} vCPUs and {} MiB",
-            shape.vcpus, shape.memory_mib
-        );
-    }
+/// Why no fitting sandbox was there to take.
+fn why_empty(config: &Config, vcpus: u32, memory_mib: u32) -> String {
     let daemon = pool::dir(config).join(pool::DAEMON_SOCKET);
     if UnixStream::connect(&daemon).is_err() {
         return format!(
@@ -127,10 +135,7 @@ fn why_empty(config: &Config, shape: Shape) -> String {
             daemon.display()
         );
     }
-    format!(
-        "the pool of {} vCPUs and {} MiB is empty (being refilled)",
-        shape.vcpus, shape.memory_mib
-    )
+    format!("the pool has no sandbox for {vcpus} vCPUs and {memory_mib} MiB ready (being refilled)")
 }
 
 /// Sends `claim` to the warm shim at `socket` and reads its answer.
@@ -157,28 +162,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_unpooled_shape_is_named() {
+    fn a_stopped_daemon_is_named() {
         let mut config = Config::default();
         let dir = tempfile::tempdir().unwrap();
         config.paths.state_dir = dir.path().to_path_buf();
-        let shape = Shape {
-            vcpus: 1,
-            memory_mib: 256,
-        };
-        let why = why_empty(&config, shape);
-        assert!(
-            why.contains("no [[pool.shapes]] entry has 1 vCPUs and 256 MiB"),
-            "{why}"
-        );
-        config
-            .pool
-            .shapes
-            .push(capsid_sandbox::config::PoolShapeConfig {
-                vcpus: 1,
-                memory_mib: 256,
-                size: 1,
-            });
-        let why = why_empty(&config, shape);
+        let why = why_empty(&config, 1, 256);
         assert!(why.contains("capsid-poold is not running"), "{why}");
     }
 

@@ -75,7 +75,7 @@ impl WarmVm {
         let opts = SandboxOptions {
             id: name.to_string(),
             vcpus: shape.vcpus,
-            memory_mib: shape.memory_mib,
+            memory_mib: shape.max_memory_mib,
             disks: Vec::new(),
             net: Some(capsid_sandbox::backend::NetSpec {
                 tap: late.tap.clone(),
@@ -88,13 +88,18 @@ impl WarmVm {
             share_dir: Some(share_dir.clone()),
             cgroup: None,
         };
-        let sandbox = Sandbox::start(config, backend_for(config)?, opts).await?;
+        // Booted with the most a taker may need; while it waits the
+        // balloon holds all but the pool's size.
+        let reserve_mib = shape.max_memory_mib - shape.memory_mib;
+        let sandbox =
+            Sandbox::start_reserved(config, backend_for(config)?, opts, reserve_mib).await?;
         rollback.update(|r| r.set_vm_processes(&sandbox.pids()))?;
         let t = sandbox.timings;
         tracing::info!(
             sandbox = name,
             vcpus = shape.vcpus,
             memory_mib = shape.memory_mib,
+            vm_memory_mib = shape.max_memory_mib,
             agent_connected_ms = t.agent_connected.as_millis(),
             "warm sandbox booted"
         );
@@ -166,10 +171,7 @@ pub async fn run() -> anyhow::Result<()> {
     use anyhow::Context;
     let name = std::env::var(pool::NAME_ENV).context("no sandbox name ($CAPSID_POOL_NAME)")?;
     check_name(&name)?;
-    let shape = Shape {
-        vcpus: env_number(pool::VCPUS_ENV)?,
-        memory_mib: env_number(pool::MEMORY_ENV)?,
-    };
+    let shape = Shape::from_env().map_err(anyhow::Error::msg)?;
     let config = crate::options::load_config(None).context("configuration")?;
     let config_file = pool::config_file(None);
     let key = pool::shape_key(&config, config_file.as_deref(), config.backend.kind, shape);
@@ -299,12 +301,6 @@ pub fn answer(mut conn: &UnixStream, error: Option<String>) -> std::io::Result<(
     let mut text = serde_json::to_string(&ClaimAnswer { error }).map_err(std::io::Error::other)?;
     text.push('\n');
     conn.write_all(text.as_bytes())
-}
-
-fn env_number(name: &str) -> anyhow::Result<u32> {
-    let text = std::env::var(name).map_err(|_| anyhow::anyhow!("${name} is not set"))?;
-    text.parse()
-        .map_err(|_| anyhow::anyhow!("${name} = {text:?} is not a number"))
 }
 
 /// The name becomes a run directory, a network namespace and socket

@@ -18,13 +18,19 @@ const LONG: Duration = Duration::from_secs(180);
 /// Turns the pool on in the harness's config, with one shape: the
 /// default VM (1 vCPU, 256 MiB).
 fn enable_pool(h: &ShimHarness) {
+    enable_pool_with(h, 256);
+}
+
+/// [`enable_pool`], the VM booted with `max_memory_mib`.
+fn enable_pool_with(h: &ShimHarness, max_memory_mib: u32) {
     let mut f = std::fs::OpenOptions::new()
         .append(true)
         .open(h.config())
         .unwrap();
     writeln!(
         f,
-        "[pool]\nenabled = true\n[[pool.shapes]]\nvcpus = 1\nmemory_mib = 256\nsize = 2"
+        "[pool]\nenabled = true\n[[pool.shapes]]\nvcpus = 1\nmemory_mib = 256\nsize = 2\n\
+         max_memory_mib = {max_memory_mib}"
     )
     .unwrap();
 }
@@ -38,12 +44,21 @@ struct Warm {
 
 impl Warm {
     fn boot(h: &ShimHarness, name: &str) -> Self {
+        Self::boot_with(h, name, 256)
+    }
+
+    /// A warm shim of 1 vCPU and 256 MiB in a VM of `max_memory_mib`.
+    fn boot_with(h: &ShimHarness, name: &str, max_memory_mib: u32) -> Self {
+        let shape = pool::Shape {
+            vcpus: 1,
+            memory_mib: 256,
+            max_memory_mib,
+        };
         let mut cmd = Command::new(h.shim());
         cmd.arg(pool::WARM_ACTION)
             .env("CAPSID_CONFIG", h.config())
             .env(pool::NAME_ENV, name)
-            .env(pool::VCPUS_ENV, "1")
-            .env(pool::MEMORY_ENV, "256")
+            .envs(shape.env())
             .stdin(Stdio::null());
         let bg = Background::spawn(cmd);
         let pid = bg.pid();
@@ -177,7 +192,8 @@ fn a_shape_the_pool_does_not_hold_boots_cold() {
     );
     assert_eq!((code, out.as_str()), (0, "big\n"), "{err}");
     assert!(
-        h.log().contains("no [[pool.shapes]] entry has 1 vCPUs and"),
+        h.log()
+            .contains("no [[pool.shapes]] entry fits 1 vCPUs and"),
         "{}",
         h.log_tail()
     );
@@ -381,4 +397,51 @@ fn a_pooled_container_has_its_volumes_and_a_killed_shim_is_cleaned_up_from_the_b
         std::fs::read_to_string(vol.join("precious")).unwrap(),
         "keep me\n"
     );
+}
+
+/// MemAvailable inside a container of `flags`, MiB.
+fn available_mib(h: &ShimHarness, id: &str, flags: &[&str]) -> u64 {
+    let mut all = vec!["--rm"];
+    all.extend_from_slice(flags);
+    let (code, out, err) = h.run_with(
+        &all,
+        id,
+        &["sh", "-c", "awk '/MemAvailable/ {print $2}' /proc/meminfo"],
+    );
+    assert_eq!(code, 0, "{id}: {err}\n{}", h.log_tail());
+    out.trim().parse::<u64>().unwrap() / 1024
+}
+
+#[test]
+fn a_larger_container_takes_a_sandbox_booted_larger_and_the_balloon_gives_it_its_size() {
+    let h = ShimHarness::start();
+    enable_pool_with(&h, 1024);
+    // The reference: a cold VM for a 512 MiB limit (the limit and the
+    // guest's own headroom).
+    let cold = available_mib(&h, "m0", &["--memory-limit", "536870912"]);
+    assert!(
+        h.log().contains("capsid-poold is not running"),
+        "{}",
+        h.log_tail()
+    );
+    let warm = Warm::boot_with(&h, "w8", 1024);
+    let pooled = available_mib(&h, "m1", &["--memory-limit", "536870912"]);
+    assert!(
+        h.log().contains("the task takes a pooled sandbox"),
+        "{}",
+        h.log_tail()
+    );
+    let (code, err) = warm.wait();
+    assert_eq!(code, 0, "{err}");
+    // The balloon gave the guest the container's size of its 1024 MiB,
+    // no more, no less: what the cold VM has, give or take the page
+    // descriptors of the larger VM (1/64 of it) and the balloon driver.
+    eprintln!(
+        "MemAvailable: cold VM {cold} MiB, pooled (1024 MiB VM, the rest ballooned) {pooled} MiB"
+    );
+    assert!(
+        pooled + 48 >= cold && pooled <= cold + 16,
+        "cold {cold}, pooled {pooled}"
+    );
+    h.assert_clean(&["m0", "m1"]);
 }

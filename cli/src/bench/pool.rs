@@ -59,6 +59,7 @@ impl BenchPool {
                 vcpus,
                 memory_mib,
                 size,
+                max_memory_mib: 0,
             }],
         };
         std::fs::write(config_path, toml::to_string(&config)?)
@@ -81,7 +82,11 @@ impl BenchPool {
             &config,
             file.as_deref(),
             config.backend.kind,
-            Shape { vcpus, memory_mib },
+            Shape {
+                vcpus,
+                memory_mib,
+                max_memory_mib: memory_mib,
+            },
         );
         Ok(Self {
             child: Some(child),

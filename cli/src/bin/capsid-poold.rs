@@ -286,10 +286,7 @@ impl Daemon {
                     &config,
                     config_file.as_deref(),
                     config.backend.kind,
-                    Shape {
-                        vcpus: s.vcpus,
-                        memory_mib: s.memory_mib,
-                    },
+                    Shape::of(s),
                 );
                 ShapePool {
                     config: s.clone(),
@@ -575,8 +572,7 @@ impl Daemon {
             let mut cmd = tokio::process::Command::new(&self.shim);
             cmd.arg(pool::WARM_ACTION)
                 .env(pool::NAME_ENV, &name)
-                .env(pool::VCPUS_ENV, shape.config.vcpus.to_string())
-                .env(pool::MEMORY_ENV, shape.config.memory_mib.to_string())
+                .envs(Shape::of(&shape.config).env())
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(log)
