@@ -9,6 +9,7 @@ pub mod cri;
 pub mod docker;
 pub mod initramfs;
 pub mod oci;
+pub mod pool;
 pub mod qemu;
 pub mod sandbox;
 pub mod shim;

@@ -627,3 +627,44 @@ fn volumes_bind_mounts_named_volumes_and_init() {
     );
     h.assert_clean();
 }
+
+#[test]
+fn docker_run_takes_a_pooled_sandbox_on_dockers_network() {
+    let h = DockerHarness::start();
+    let gateway = {
+        let (code, out, err) = h.docker(&[
+            "network",
+            "inspect",
+            "bridge",
+            "-f",
+            "{{(index .IPAM.Config 0).Gateway}}",
+        ]);
+        assert_eq!(code, 0, "{err}");
+        out.trim().to_string()
+    };
+    let config = h.dir().join("capsid.toml");
+    capsid_tests::pool::enable(&config, 256, 1);
+    let daemon = capsid_tests::pool::PoolDaemon::start(&config);
+    for rt in RUNTIMES {
+        if rt == CAPSID {
+            daemon.wait_ready(1, Duration::from_secs(180));
+        }
+        let out = h.run_ok(
+            rt,
+            &[
+                BUSYBOX,
+                "sh",
+                "-c",
+                &format!("ip -4 -o addr show eth0 | grep -c inet; ping -c 1 -W 10 {gateway} | grep -c '1 packets received'"),
+            ],
+        );
+        assert_eq!(out, "1\n1\n", "[{rt}] {}", h.log_tail());
+    }
+    assert!(
+        h.log().contains("the task takes a pooled sandbox"),
+        "{}",
+        h.log_tail()
+    );
+    drop(daemon);
+    h.assert_clean();
+}

@@ -445,3 +445,58 @@ fn a_larger_container_takes_a_sandbox_booted_larger_and_the_balloon_gives_it_its
     );
     h.assert_clean(&["m0", "m1"]);
 }
+
+#[test]
+fn the_daemon_keeps_the_pool_filled_and_containers_take_from_it_until_it_stops() {
+    let h = ShimHarness::start();
+    capsid_tests::pool::enable(h.config(), 256, 1);
+    let mut daemon = capsid_tests::pool::PoolDaemon::start(h.config());
+    let first = daemon.wait_ready(1, LONG);
+    let (code, out, err) = run(Command::new(capsid_tests::bin("capsid"))
+        .arg("--config")
+        .arg(h.config())
+        .arg("check"));
+    assert!(
+        out.contains("capsid-poold running") && out.contains("1 of 1 ready"),
+        "capsid check ({code}): {out}{err}"
+    );
+    let mut taken = Vec::new();
+    for i in 0..3 {
+        let ready = daemon.wait_ready(1, LONG);
+        let id = format!("d{i}");
+        let (code, out, err) = h.run(&id, BUSYBOX, &["echo", &id]);
+        assert_eq!(
+            (code, out.trim()),
+            (0, id.as_str()),
+            "{err}\n{}",
+            h.log_tail()
+        );
+        assert!(
+            !daemon.ready().contains(&ready[0]),
+            "{id} took {}",
+            ready[0]
+        );
+        taken.push(ready[0].clone());
+    }
+    assert_eq!(taken[0], first[0]);
+    taken.dedup();
+    assert_eq!(
+        taken.len(),
+        3,
+        "three sandboxes, each taken once: {taken:?}"
+    );
+    assert_eq!(
+        h.log().matches("the task takes a pooled sandbox").count(),
+        3
+    );
+    assert_eq!(daemon.stop(), 0, "{}", daemon.log());
+    // The daemon down: a container boots cold and the log says why.
+    let (code, out, err) = h.run("d3", BUSYBOX, &["echo", "cold"]);
+    assert_eq!((code, out.as_str()), (0, "cold\n"), "{err}");
+    assert!(
+        h.log().contains("capsid-poold is not running"),
+        "{}",
+        h.log_tail()
+    );
+    h.assert_clean(&["d0", "d1", "d2", "d3"]);
+}
