@@ -99,7 +99,7 @@ clients:
 
 # The ctr suites and the CRI suite run again against containerd 1.7
 # (Debian 13) and 2.1 (Debian unstable); the default run uses the system's 1.6.
-CTR_SUITES := --test shim_tasks --test shim_faults --test net_containerd --test cri_pods --test cri_faults --test cri_streaming --test shim_pods
+CTR_SUITES := --test shim_tasks --test shim_faults --test net_containerd --test cri_pods --test cri_faults --test cri_streaming --test shim_pods --test shim_pool
 
 test: deps lint build assets guest-tool clients
 	$(CARGO) test --locked --workspace --no-fail-fast

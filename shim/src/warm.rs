@@ -27,6 +27,10 @@ use crate::create::LateNetwork;
 const CLAIM_TIMEOUT: Duration = Duration::from_secs(10);
 /// The largest claim read.
 const MAX_CLAIM: u64 = 64 << 10;
+/// How long a sandbox taken from the pool (its socket renamed away) may
+/// wait for its claimant to connect: a claimant that died between the
+/// rename and the connect must not leave a VM waiting for good.
+const TAKEN_GRACE: Duration = Duration::from_secs(30);
 
 /// A booted sandbox waiting for its container.
 #[derive(Debug)]
@@ -220,13 +224,20 @@ pub async fn run() -> anyhow::Result<()> {
         _ = term.recv() => {
             tracing::info!("SIGTERM: the unclaimed sandbox is discarded");
             let _ = std::fs::remove_file(&socket);
+            remove_claimed(&config, &name);
             warm.discard().await;
             return Ok(());
         }
         _ = int.recv() => {
             let _ = std::fs::remove_file(&socket);
+            remove_claimed(&config, &name);
             warm.discard().await;
             return Ok(());
+        }
+        () = taken_but_never_claimed(&socket) => {
+            remove_claimed(&config, &name);
+            warm.discard().await;
+            anyhow::bail!("taken from the pool but never claimed within {TAKEN_GRACE:?}: discarded");
         }
     };
     // Taken once: nobody else may connect, whoever this is.
@@ -266,6 +277,16 @@ fn listen(socket: &Path) -> std::io::Result<UnixListener> {
     listener.set_nonblocking(true)?;
     std::fs::rename(&staging, socket)?;
     Ok(listener)
+}
+
+/// Resolves [`TAKEN_GRACE`] after the socket left the pool's directory
+/// (a claimant renamed it), if no connection came meanwhile (the caller
+/// stops polling then).
+async fn taken_but_never_claimed(socket: &Path) {
+    while socket.exists() {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    tokio::time::sleep(TAKEN_GRACE).await;
 }
 
 /// Removes this shim's socket from the claimed directory (the claimant

@@ -94,6 +94,16 @@ impl PoolDaemon {
         }
     }
 
+    /// The log of warm shim `name`, while the daemon keeps it.
+    pub fn log_of(&self, name: &str) -> Option<String> {
+        std::fs::read_dir(pool::dir(&self.config))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| pool::log_path(&e.path(), name))
+            .find_map(|p| std::fs::read_to_string(p).ok())
+    }
+
     /// The daemon's log.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

@@ -91,6 +91,16 @@ impl Drop for Warm {
     }
 }
 
+/// The shape key whose directory holds ready sandbox `name`.
+fn ready_key(config: &capsid_sandbox::config::Config, name: &str) -> String {
+    std::fs::read_dir(pool::dir(config))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|key| pool::ready(config, key).iter().any(|n| n == name))
+        .expect("the sandbox's shape directory")
+}
+
 fn ready(h: &ShimHarness) -> Vec<String> {
     let pool_dir = h.state_dir().join(".pool");
     let mut names = Vec::new();
@@ -489,6 +499,31 @@ fn the_daemon_keeps_the_pool_filled_and_containers_take_from_it_until_it_stops()
         h.log().matches("the task takes a pooled sandbox").count(),
         3
     );
+    // An empty pool, its refill under way (a boot takes far longer than
+    // a claim): cold, and the log says so.
+    let ready = daemon.wait_ready(1, LONG);
+    let config = capsid_sandbox::config::Config::read(h.config()).unwrap();
+    let key = ready_key(&config, &ready[0]);
+    let socket = pool::take(&config, &key).unwrap().expect("a ready sandbox");
+    let (code, out, err) = h.run("d4", BUSYBOX, &["echo", "cold"]);
+    assert_eq!((code, out.as_str()), (0, "cold\n"), "{err}");
+    assert!(
+        h.log()
+            .contains("the pool has no sandbox for 1 vCPUs and 256 MiB ready (being refilled)"),
+        "{}",
+        h.log_tail()
+    );
+    // Taken without a claim: the daemon leaves it as claimed, and a
+    // claimant that never connects would leave it waiting (it discards
+    // itself after a grace period); stop it.
+    let name = socket.file_stem().unwrap().to_string_lossy().into_owned();
+    let warm = capsid_sandbox::pool_daemon::find_warm_shim(&name).expect("the taken warm shim");
+    let _ = Command::new("kill").arg(warm.pid.to_string()).status();
+    let start = Instant::now();
+    while warm.is_alive() || daemon.log_of(&name).is_some() {
+        assert!(start.elapsed() < LONG, "the taken warm shim did not end");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert_eq!(daemon.stop(), 0, "{}", daemon.log());
     // The daemon down: a container boots cold and the log says why.
     let (code, out, err) = h.run("d3", BUSYBOX, &["echo", "cold"]);
@@ -498,5 +533,5 @@ fn the_daemon_keeps_the_pool_filled_and_containers_take_from_it_until_it_stops()
         "{}",
         h.log_tail()
     );
-    h.assert_clean(&["d0", "d1", "d2", "d3"]);
+    h.assert_clean(&["d0", "d1", "d2", "d3", "d4"]);
 }
