@@ -135,14 +135,15 @@ impl PrivateContainerd {
     }
 
     /// `ctr run --rm --runtime RUNTIME FLAGS… IMAGE ID CMD…`, timed from
-    /// spawn to exit, in ms.
+    /// spawn to exit, in ms; with capsid's shim, its phases as it logged
+    /// them.
     pub fn timed_run(
         &self,
         runtime: &str,
         id: &str,
         command: &[String],
         flags: &[&str],
-    ) -> anyhow::Result<f64> {
+    ) -> anyhow::Result<(f64, Option<crate::bench::shim_phases::ShimPhases>)> {
         let mut cmd = Command::new("ctr");
         cmd.arg("-a")
             .arg(self.socket())
@@ -153,9 +154,11 @@ impl PrivateContainerd {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        let launched = std::time::SystemTime::now();
         let t0 = Instant::now();
         let out = cmd.output().context("running ctr")?;
         let elapsed = t0.elapsed().as_secs_f64() * 1000.0;
+        let exited = std::time::SystemTime::now();
         if !out.status.success() {
             bail!(
                 "ctr run --runtime {runtime} {id}: {} {}",
@@ -163,7 +166,12 @@ impl PrivateContainerd {
                 String::from_utf8_lossy(&out.stderr).trim()
             );
         }
-        Ok(elapsed)
+        let phases = (runtime == CAPSID_RUNTIME).then(|| {
+            let log =
+                std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default();
+            crate::bench::shim_phases::read(&log, id, launched, exited)
+        });
+        Ok((elapsed, phases))
     }
 
     fn log_tail(&self) -> String {

@@ -11,6 +11,7 @@ mod density;
 mod plot;
 mod pool;
 mod procfs;
+mod shim_phases;
 mod startup;
 pub mod stats;
 pub mod timings;

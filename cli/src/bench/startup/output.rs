@@ -117,8 +117,44 @@ fn print_phases(r: &Report) {
     );
 }
 
+/// The shim's phases of `ctr run`, cold and pooled, side by side
+/// (medians, ms), when the report has them.
+fn print_shim_phases(r: &Report) {
+    let labels = [
+        (
+            "to_create_ms",
+            "ctr launch → shim Create (with a pool: the claim)",
+        ),
+        ("vm_ms", "the VM: cold boot, or the pooled one fitted"),
+        ("container_ms", "container made in the VM"),
+        ("run_ms", "process started, ran, exit reported"),
+        ("teardown_ms", "Delete: VM stopped, host side undone"),
+        ("ctr_exit_ms", "ctr exits"),
+    ];
+    let median = |key: String| summary(r, &key).map(|s| s.median);
+    let any = labels
+        .iter()
+        .any(|(k, _)| median(format!("ctr_capsid.phases.{k}")).is_some());
+    if !any {
+        return;
+    }
+    println!(
+        "\nctr run with capsid's shim, phases (median ms){:>14}{:>10}",
+        "cold", "pooled"
+    );
+    let cell = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |v| format!("{v:.1}"));
+    for (key, label) in labels {
+        println!(
+            "  {label:<52}{:>10}{:>10}",
+            cell(median(format!("ctr_capsid.phases.{key}"))),
+            cell(median(format!("ctr_capsid_pool.phases.{key}")))
+        );
+    }
+}
+
 /// Every runner's wall time, and the per-run ratios.
 fn print_side_by_side(r: &Report) {
+    print_shim_phases(r);
     if let Some(idle) = &r.pool_idle {
         println!(
             "\npool: {} waiting sandboxes, {:.1} MiB PSS each ({:.1} MiB of it the warm shim)",

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use super::sample::{CapsidRunSample, Iteration, MILESTONES, PHASES};
+use super::sample::{CapsidRunSample, Iteration, WallSample, MILESTONES, PHASES};
 use crate::bench::stats::{self, paired_ratios, summarize_some, Summary};
 
 /// A runner `--compare` could not run, and why.
@@ -132,6 +132,24 @@ fn comparison_summaries(its: &[Iteration]) -> BTreeMap<String, Option<Summary>> 
             it.ctr_capsid_pool.as_ref().map(|s| s.total_ms)
         })),
     );
+    for (runner, pick) in [
+        (
+            "ctr_capsid",
+            (|it: &Iteration| it.ctr_capsid.as_ref()) as fn(&Iteration) -> Option<&WallSample>,
+        ),
+        ("ctr_capsid_pool", |it: &Iteration| {
+            it.ctr_capsid_pool.as_ref()
+        }),
+    ] {
+        for (phase, value) in SHIM_PHASES {
+            out.insert(
+                format!("{runner}.phases.{phase}"),
+                summarize_some(&series(its, |it| {
+                    pick(it).and_then(|s| s.phases.as_ref()).and_then(value)
+                })),
+            );
+        }
+    }
     out.insert(
         "bare_boot.kernel_at_init_ms".into(),
         summarize_some(&series(its, |it| {
@@ -146,6 +164,19 @@ fn comparison_summaries(its: &[Iteration]) -> BTreeMap<String, Option<Summary>> 
     );
     out
 }
+
+/// Reads one phase of the shim's.
+pub type ShimPhasePick = fn(&crate::bench::shim_phases::ShimPhases) -> Option<f64>;
+
+/// The shim's phases ([`crate::bench::shim_phases`]) by report key.
+pub const SHIM_PHASES: [(&str, ShimPhasePick); 6] = [
+    ("to_create_ms", |p| p.to_create_ms),
+    ("vm_ms", |p| p.vm_ms),
+    ("container_ms", |p| p.container_ms),
+    ("run_ms", |p| p.run_ms),
+    ("teardown_ms", |p| p.teardown_ms),
+    ("ctr_exit_ms", |p| p.ctr_exit_ms),
+];
 
 /// Reads one runner's value of an iteration.
 type Pick = fn(&Iteration) -> Option<f64>;
@@ -200,7 +231,10 @@ mod tests {
             index: 0,
             order: vec!["capsid_run", "ctr_runc"],
             capsid_run: Some(s),
-            ctr_runc: Some(WallSample { total_ms: 110.0 }),
+            ctr_runc: Some(WallSample {
+                total_ms: 110.0,
+                phases: None,
+            }),
             ..Iteration::default()
         };
         let its = vec![it];

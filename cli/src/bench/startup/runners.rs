@@ -276,8 +276,8 @@ impl Bench {
                     Runner::CtrRunc => (RUNC_RUNTIME, format!("{id}-runc")),
                     _ => (CAPSID_RUNTIME, format!("{id}-capsid")),
                 };
-                let total_ms = ctrd.timed_run(runtime, &id, &self.command, &[])?;
-                let sample = Some(WallSample { total_ms });
+                let (total_ms, phases) = ctrd.timed_run(runtime, &id, &self.command, &[])?;
+                let sample = Some(WallSample { total_ms, phases });
                 if runner == Runner::CtrRunc {
                     it.ctr_runc = sample;
                 } else {
@@ -291,14 +291,14 @@ impl Bench {
                 // not one booting now (not timed).
                 let before = pool.wait_full()?;
                 let config = pool.config().display().to_string();
-                let total_ms = ctrd.timed_run(
+                let (total_ms, phases) = ctrd.timed_run(
                     CAPSID_RUNTIME,
                     &format!("{id}-pool"),
                     &self.command,
                     &["--runtime-config-path", &config],
                 )?;
                 pool.check_taken(&before)?;
-                it.ctr_capsid_pool = Some(WallSample { total_ms });
+                it.ctr_capsid_pool = Some(WallSample { total_ms, phases });
             }
             Runner::BareBoot => {
                 let (backend, spec) = self.bare.as_ref().ok_or_else(|| anyhow!("no backend"))?;

@@ -126,6 +126,9 @@ impl CapsidRunSample {
 pub struct WallSample {
     /// Launch to exit.
     pub total_ms: f64,
+    /// capsid's shim: its phases, from its log.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub phases: Option<crate::bench::shim_phases::ShimPhases>,
 }
 
 /// One iteration: every runner once.
