@@ -535,3 +535,94 @@ fn the_daemon_keeps_the_pool_filled_and_containers_take_from_it_until_it_stops()
     );
     h.assert_clean(&["d0", "d1", "d2", "d3", "d4"]);
 }
+
+/// Whether the guest RAM of the QEMU whose command line names `run_dir`
+/// holds `marker`: its memfd-backed memory read through /proc/PID/mem.
+fn guest_ram_holds(run_dir: &Path, marker: &[u8]) -> bool {
+    let qemu = processes_with(&run_dir.display().to_string())
+        .into_iter()
+        .find(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.starts_with("qemu"))
+        })
+        .expect("the VM's QEMU");
+    let maps = std::fs::read_to_string(format!("/proc/{qemu}/maps")).unwrap();
+    let mut mem = std::fs::File::open(format!("/proc/{qemu}/mem")).unwrap();
+    let mut found_ram = false;
+    for line in maps.lines().filter(|l| l.contains("memfd:")) {
+        found_ram = true;
+        let range = line.split_whitespace().next().unwrap();
+        let (start, end) = range.split_once('-').unwrap();
+        let (start, end) = (
+            u64::from_str_radix(start, 16).unwrap(),
+            u64::from_str_radix(end, 16).unwrap(),
+        );
+        let mut at = start;
+        let mut buf = vec![0u8; 4 << 20];
+        while at < end {
+            use std::io::{Read, Seek, SeekFrom};
+            let len = buf.len().min((end - at) as usize);
+            mem.seek(SeekFrom::Start(at)).unwrap();
+            // Overlap chunks by the marker's length so none is split.
+            let n = mem.read(&mut buf[..len]).unwrap_or(0);
+            if buf[..n].windows(marker.len()).any(|w| w == marker) {
+                return true;
+            }
+            if at + len as u64 >= end {
+                break;
+            }
+            at += (len - marker.len()) as u64;
+        }
+    }
+    assert!(found_ram, "no guest RAM mapping in QEMU {qemu}:\n{maps}");
+    false
+}
+
+#[test]
+fn a_pooled_sandbox_holds_nothing_of_the_last_containers_memory() {
+    let h = ShimHarness::start();
+    enable_pool(&h);
+    let first = Warm::boot(&h, "w9");
+    let second = Warm::boot(&h, "wa");
+    // Written by the shell only: the marker exists nowhere but in the
+    // guest's memory (its page cache, the shell's heap).
+    let marker = format!("capsid-marker-{}", capsid_tests::containerd::rand_suffix());
+    let script = format!("M={marker}; echo \"$M$M\" > /dev/shm/m; sleep 1000");
+    h.run_detached("r1", &["sh", "-c", &script]);
+    let twice = format!("{marker}{marker}");
+    // The scan works: the first VM holds it.
+    let start = Instant::now();
+    while !guest_ram_holds(&h.state_dir().join("w9"), twice.as_bytes()) {
+        assert!(
+            start.elapsed() < LONG,
+            "the marker never reached the first VM's RAM"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (code, _, err) = h.ctr(&["task", "kill", "-s", "SIGKILL", "r1"]);
+    assert_eq!(code, 0, "{err}");
+    h.wait_status("r1", "STOPPED", LONG);
+    let (code, _, err) = h.ctr(&["task", "delete", "r1"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, err) = first.wait();
+    assert_eq!(code, 0, "{err}");
+
+    h.run_detached("r2", &["sleep", "1000"]);
+    assert!(
+        !guest_ram_holds(&h.state_dir().join("wa"), twice.as_bytes()),
+        "the second sandbox's RAM holds the first container's marker"
+    );
+    let (code, _, err) = h.ctr(&["task", "kill", "-s", "SIGKILL", "r2"]);
+    assert_eq!(code, 0, "{err}");
+    h.wait_status("r2", "STOPPED", LONG);
+    for id in ["r2"] {
+        let (code, _, err) = h.ctr(&["task", "delete", id]);
+        assert_eq!(code, 0, "{err}");
+    }
+    for id in ["r1", "r2"] {
+        let (code, _, err) = h.ctr(&["container", "delete", id]);
+        assert_eq!(code, 0, "{err}");
+    }
+    let (code, err) = second.wait();
+    assert_eq!(code, 0, "{err}");
+    h.assert_clean(&["r1", "r2"]);
+}
