@@ -614,10 +614,8 @@ fn a_pooled_sandbox_holds_nothing_of_the_last_containers_memory() {
     let (code, _, err) = h.ctr(&["task", "kill", "-s", "SIGKILL", "r2"]);
     assert_eq!(code, 0, "{err}");
     h.wait_status("r2", "STOPPED", LONG);
-    for id in ["r2"] {
-        let (code, _, err) = h.ctr(&["task", "delete", id]);
-        assert_eq!(code, 0, "{err}");
-    }
+    let (code, _, err) = h.ctr(&["task", "delete", "r2"]);
+    assert_eq!(code, 0, "{err}");
     for id in ["r1", "r2"] {
         let (code, _, err) = h.ctr(&["container", "delete", id]);
         assert_eq!(code, 0, "{err}");
