@@ -126,6 +126,48 @@ impl Vmm {
         }
     }
 
+    /// Starts capsid-vmm restoring the snapshot `state` (with its memory
+    /// file `memory`), as `launch` says. With `config` (a JSON object
+    /// without `serial` and `control_socket`: both are added, inside a new
+    /// temporary directory, as [`Vmm::start`] does) the restored VM gets
+    /// those host-side paths; without it, the snapshot's own.
+    pub fn restore(state: &Path, memory: &Path, config: Option<Value>, launch: &Launch) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut cmd = Command::new(bin("capsid-vmm"));
+        cmd.arg("--restore").arg(state).arg("--memory").arg(memory);
+        if let Some(mut config) = config {
+            let obj = config.as_object_mut().expect("config is an object");
+            obj.insert(
+                "serial".into(),
+                dir.path().join("serial.log").display().to_string().into(),
+            );
+            obj.insert(
+                "control_socket".into(),
+                dir.path().join("api.sock").display().to_string().into(),
+            );
+            let path = dir.path().join("vm.json");
+            std::fs::write(&path, config.to_string()).expect("write config");
+            cmd.arg("--config").arg(path);
+        }
+        cmd.args(&launch.args);
+        for name in &launch.env_remove {
+            cmd.env_remove(name);
+        }
+        let stderr = std::fs::File::create(dir.path().join("stderr.log")).expect("stderr log");
+        let child = cmd
+            .envs(launch.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("start capsid-vmm --restore");
+        Self {
+            child,
+            dir,
+            wrapped: false,
+        }
+    }
+
     /// capsid-vmm's pid: the child's, or its wrapper's only child.
     pub fn pid(&self) -> u32 {
         let id = self.child.id();
@@ -268,6 +310,14 @@ pub fn ask(stream: &UnixStream, request: &Value) -> Option<Value> {
             serde_json::from_str(&answer).unwrap_or_else(|e| panic!("bad answer {answer:?}: {e}")),
         ),
     }
+}
+
+/// CLOCK_MONOTONIC now, in nanoseconds: what capsid-vmm's
+/// `first_kvm_run_monotonic_ns` is measured in.
+pub fn monotonic_ns() -> u64 {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("clock");
+    u64::try_from(now.tv_sec()).expect("seconds") * 1_000_000_000
+        + u64::try_from(now.tv_nsec()).expect("nanoseconds")
 }
 
 /// VmRSS of process `pid`, in KiB.

@@ -5,6 +5,8 @@
 //! [`MetricsReply`]) or `{"ok":false,"error":"..."}`. docs/vmm.md lists
 //! the operations.
 
+use std::path::PathBuf;
+
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -33,6 +35,17 @@ pub enum Request {
     /// Exit counters, device counters, guest memory layout, start-up time
     /// ([`MetricsReply`]).
     Metrics,
+    /// Saves a paused VM: guest RAM to the file `memory`, everything else
+    /// (vCPUs, interrupt controllers, clock, devices, the config the VM
+    /// was built from) to the file `state` ([`SnapshotReply`]). The VM
+    /// stays paused. `capsid-vmm --restore` starts a VM from the two.
+    Snapshot {
+        /// The state file (written whole, then renamed into place).
+        state: PathBuf,
+        /// The memory file: the RAM regions in order, sparse where the
+        /// guest's pages are zero.
+        memory: PathBuf,
+    },
     /// Presses Ctrl-Alt-Del; if the guest has not reset within
     /// `timeout_ms`, the VMM ends anyway.
     Shutdown {
@@ -60,6 +73,7 @@ impl Request {
             Self::Pause => "pause",
             Self::Resume => "resume",
             Self::Metrics => "metrics",
+            Self::Snapshot { .. } => "snapshot",
             Self::Shutdown { .. } => "shutdown",
             Self::TestForbiddenSyscall => "test_forbidden_syscall",
         }
@@ -207,6 +221,20 @@ pub struct BalloonCounters {
     pub stats_updates: u64,
 }
 
+/// The answer to `snapshot`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotReply {
+    /// Bytes of the state file.
+    pub state_bytes: u64,
+    /// Bytes of the memory file (guest RAM; the file is sparse where the
+    /// guest's pages were zero).
+    pub memory_bytes: u64,
+    /// Bytes of guest RAM actually written (pages that were not zero).
+    pub memory_written_bytes: u64,
+    /// How long the snapshot took, in microseconds.
+    pub took_us: u64,
+}
+
 /// The answer to `metrics`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MetricsReply {
@@ -316,6 +344,13 @@ mod tests {
             (Request::Pause, r#"{"op":"pause"}"#),
             (Request::Resume, r#"{"op":"resume"}"#),
             (Request::Metrics, r#"{"op":"metrics"}"#),
+            (
+                Request::Snapshot {
+                    state: "/s/vm.state".into(),
+                    memory: "/s/vm.mem".into(),
+                },
+                r#"{"op":"snapshot","state":"/s/vm.state","memory":"/s/vm.mem"}"#,
+            ),
             (
                 Request::TestForbiddenSyscall,
                 r#"{"op":"test_forbidden_syscall"}"#,

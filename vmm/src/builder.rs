@@ -1,7 +1,9 @@
 //! Turns a [`VmConfig`] into a [`Machine`] ready to run: guest memory, the
 //! KVM VM, the virtio devices and their wiring, the kernel and its boot
 //! structures, the vCPUs' entry state, the legacy devices, the control
-//! socket. Anything that fails leaves nothing behind.
+//! socket ([`build`]); or a loaded snapshot into the machine it was, its
+//! memory file mapped copy-on-write ([`restore`]). Anything that fails
+//! leaves nothing behind.
 
 use std::io::Write;
 use std::path::Path;
@@ -15,9 +17,11 @@ use crate::boot::loader::{self, BootEntry, LinuxBoot};
 use crate::boot::{self, BootError, I8042_GSI, SERIAL_GSI};
 use crate::config::{BootConfig, VmConfig, SERIAL_STDOUT};
 use crate::devices::event_loop::EventLoop;
-use crate::devices::legacy::LegacyBus;
+use crate::devices::legacy::{LegacyBus, LegacyError};
 use crate::devices::{self, DeviceError, IrqLine, MmioPlacement, VmBus};
 use crate::machine::{ControlSocket, Machine};
+use crate::snapshot;
+use crate::snapshot::restore::Loaded;
 use crate::vstate::memory::{self, MemoryError};
 use crate::vstate::vcpu::{Vcpu, VcpuError};
 use crate::vstate::vm::{Vm, VmError};
@@ -79,6 +83,15 @@ pub enum BuildError {
     /// The kernel loader thread ended without a result.
     #[error("the kernel loader thread failed")]
     Loader,
+    /// A snapshot's VM-wide state was refused by KVM.
+    #[error("cannot restore the VM's interrupt controllers, PIT or clock")]
+    VmState(#[from] snapshot::vm::VmStateError),
+    /// A snapshot's virtio devices could not be restored.
+    #[error(transparent)]
+    DeviceState(#[from] snapshot::devices::DeviceStateError),
+    /// A snapshot's legacy devices could not be restored.
+    #[error(transparent)]
+    Legacy(#[from] LegacyError),
 }
 
 /// Result of building.
@@ -172,9 +185,10 @@ pub fn build(config: &VmConfig) -> Result<Machine> {
 
     let supported = vm.supported_cpuid()?;
     let tsc_deadline = vm.has_tsc_deadline();
+    let caps = Arc::new(vm.state_caps()?);
     let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
     for index in 0..config.vcpus {
-        let vcpu = Vcpu::new(vm.fd(), index)?;
+        let mut vcpu = Vcpu::new(vm.fd(), index, Arc::clone(&caps))?;
         vcpu.configure(&supported, config.vcpus, tsc_deadline)?;
         vcpus.push(vcpu);
     }
@@ -192,13 +206,8 @@ pub fn build(config: &VmConfig) -> Result<Machine> {
         .as_deref()
         .map(bind_control)
         .transpose()?;
-    let console: Box<dyn Write + Send> = match &config.serial {
-        Some(path) if path.as_os_str() == SERIAL_STDOUT => Box::new(std::io::stdout()),
-        Some(path) => Box::new(open_serial(path)?),
-        None => Box::new(std::io::sink()),
-    };
     let legacy = LegacyBus::new(
-        console,
+        open_console(config)?,
         IrqLine::new(&vm, SERIAL_GSI)?,
         IrqLine::new(&vm, I8042_GSI)?,
     );
@@ -206,7 +215,7 @@ pub fn build(config: &VmConfig) -> Result<Machine> {
     let event_loop = EventLoop::new(Arc::clone(&slots))?;
     let bus = Arc::new(VmBus::new(legacy, Arc::clone(&slots), event_loop.handle()));
     Ok(Machine::new(
-        config.memory_mib,
+        config.clone(),
         vcpus,
         vm,
         bus,
@@ -216,6 +225,89 @@ pub fn build(config: &VmConfig) -> Result<Machine> {
         memory,
         control,
     ))
+}
+
+/// Builds the machine a snapshot saved, from its checked files
+/// (`snapshot::restore::load`): guest RAM is the memory file mapped
+/// private, the devices are built from the config as at boot and then
+/// given their saved registers and queues, every vCPU and the interrupt
+/// controllers their saved state. Nothing of the guest is loaded or set
+/// up for a boot: the vCPUs go on where they stopped.
+pub fn restore(loaded: Loaded) -> Result<Machine> {
+    let start = std::time::Instant::now();
+    let phase = |name: &str| {
+        tracing::debug!(
+            phase = name,
+            elapsed_us = start.elapsed().as_micros(),
+            "restore"
+        );
+    };
+    let Loaded {
+        config,
+        state,
+        memory: memory_file,
+        memory_path,
+    } = loaded;
+    let memory = memory::map_private_file(memory_file, config.memory_bytes())?;
+    let vm = Vm::new(&memory, config.vcpus)?;
+    phase("vm");
+    let virtio = devices::create_virtio(&vm, &memory, &config)?;
+    phase("devices");
+    // vCPUs before the interrupt controllers: see snapshot::vm::restore.
+    let caps = Arc::new(vm.state_caps()?);
+    let vcpus = state
+        .vcpus
+        .iter()
+        .map(|s| Vcpu::restore(vm.fd(), s, Arc::clone(&caps)))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    snapshot::vm::restore(vm.fd(), &state.vm)?;
+    phase("vcpus");
+    let slots = Arc::new(virtio.slots);
+    let event_loop = EventLoop::new(Arc::clone(&slots))?;
+    snapshot::devices::restore(&slots, &state.devices, &event_loop.handle())?;
+
+    // Files last, so that a failure above leaves none behind.
+    let control = config
+        .control_socket
+        .as_deref()
+        .map(bind_control)
+        .transpose()?;
+    let legacy = LegacyBus::restore(
+        open_console(&config)?,
+        IrqLine::new(&vm, SERIAL_GSI)?,
+        IrqLine::new(&vm, I8042_GSI)?,
+        &state.legacy,
+    )?;
+    snapshot::devices::announce(&slots)?;
+    phase("devices restored");
+    tracing::info!(
+        memory = %memory_path.display(),
+        vcpus = vcpus.len(),
+        devices = slots.len(),
+        elapsed_us = start.elapsed().as_micros(),
+        "snapshot restored"
+    );
+    let bus = Arc::new(VmBus::new(legacy, Arc::clone(&slots), event_loop.handle()));
+    Ok(Machine::new(
+        config,
+        vcpus,
+        vm,
+        bus,
+        slots,
+        event_loop,
+        virtio.balloon,
+        memory,
+        control,
+    ))
+}
+
+/// COM1's output as the config says.
+fn open_console(config: &VmConfig) -> Result<Box<dyn Write + Send>> {
+    Ok(match &config.serial {
+        Some(path) if path.as_os_str() == SERIAL_STDOUT => Box::new(std::io::stdout()),
+        Some(path) => Box::new(open_serial(path)?),
+        None => Box::new(std::io::sink()),
+    })
 }
 
 /// 2 MiB blocks of guest RAM that loading the boot image touches, at most:

@@ -5,7 +5,8 @@
 //! lays out and loads what the guest starts with; `vstate` holds everything
 //! that talks to KVM; `devices` is the emulated hardware (virtio-mmio and,
 //! in `devices::legacy`, the PC's serial port and i8042); `control` is the
-//! API socket; `seccomp` the per-thread system call filters.
+//! API socket; `seccomp` the per-thread system call filters; `snapshot`
+//! saves a paused VM to files and loads them for the builder to restore.
 
 pub mod boot;
 pub mod builder;
@@ -15,6 +16,7 @@ pub mod devices;
 pub mod machine;
 pub mod metrics;
 pub mod seccomp;
+pub mod snapshot;
 pub mod vstate;
 
 /// Process exit status when the guest asked for a reset (i8042, as

@@ -18,6 +18,7 @@ use serde::Serialize;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::signal::{self, Killable};
 
+use crate::config::VmConfig;
 use crate::control::{
     self, BalloonCounters, BalloonStatsReply, Call, DeviceMetrics, GuestMemoryStats, MemoryRegion,
     MetricsReply, Reply, Request, VcpuMetrics, DEFAULT_SHUTDOWN_TIMEOUT_MS,
@@ -26,6 +27,7 @@ use crate::devices::event_loop::EventLoop;
 use crate::devices::{BalloonHandle, DeviceError, MmioSlot, VmBus};
 use crate::metrics::{first_kvm_run_ns, ExitCounters};
 use crate::seccomp::{self, SeccompError, ThreadKind};
+use crate::snapshot::{self, SnapshotError};
 use crate::vstate::vcpu::{self, Bus, Vcpu, VcpuGate, VcpuStop};
 use crate::vstate::vm::Vm;
 
@@ -92,7 +94,8 @@ struct VcpuThread {
 
 /// A VM ready to run.
 pub struct Machine {
-    memory_mib: u32,
+    /// What it was built from (a snapshot keeps it).
+    config: VmConfig,
     vcpus: Vec<Vcpu>,
     // Field order matters on drop: the VM goes before the memory it maps.
     vm: Vm,
@@ -124,7 +127,7 @@ impl Machine {
     /// Assembles a machine (see `builder::build`).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
-        memory_mib: u32,
+        config: VmConfig,
         vcpus: Vec<Vcpu>,
         vm: Vm,
         bus: Arc<VmBus>,
@@ -135,7 +138,7 @@ impl Machine {
         control: Option<ControlSocket>,
     ) -> Self {
         Self {
-            memory_mib,
+            config,
             vcpus,
             vm,
             bus,
@@ -314,12 +317,57 @@ impl Machine {
                 Ok(Reply::done())
             }
             Request::Metrics => encode(&self.metrics(threads)),
+            Request::Snapshot { state, memory } => self
+                .snapshot(gate, threads, &state, &memory)
+                .map_err(|e| capsid_devices::describe(&e))
+                .and_then(|reply| encode(&reply)),
             Request::Shutdown { .. } => Err("shutdown is handled by the machine".into()),
             Request::TestForbiddenSyscall => {
                 Err("test_forbidden_syscall is handled by the control thread".into())
             }
         };
         answer.unwrap_or_else(Reply::refused)
+    }
+
+    /// Saves the paused VM to `state` and `memory` (snapshot::take); it
+    /// stays paused.
+    fn snapshot(
+        &self,
+        gate: &VcpuGate,
+        threads: &[VcpuThread],
+        state: &std::path::Path,
+        memory: &std::path::Path,
+    ) -> std::result::Result<control::SnapshotReply, SnapshotError> {
+        if !gate.is_paused() {
+            return Err(SnapshotError::NotPaused);
+        }
+        if self.config.fs.is_some() {
+            return Err(SnapshotError::VirtioFs);
+        }
+        if let Some(t) = threads.iter().find(|t| t.thread.is_finished()) {
+            return Err(SnapshotError::VcpuEnded(t.index));
+        }
+        let vcpus = gate
+            .save_parked(threads.len(), VCPU_RESPONSE_TIMEOUT)
+            .ok_or(SnapshotError::VcpuTimeout)?
+            .into_iter()
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let reply = snapshot::take(
+            snapshot::Source {
+                config: &self.config,
+                vm: &self.vm,
+                memory: &self.memory,
+                slots: &self.slots,
+                legacy: self.bus.legacy(),
+                vcpus,
+            },
+            state,
+            memory,
+        );
+        if let Err(e) = &reply {
+            tracing::warn!(error = %capsid_devices::describe(e), "snapshot failed");
+        }
+        reply
     }
 
     /// The balloon's transport, locked. A lock poisoned by a panic puts
@@ -333,10 +381,10 @@ impl Machine {
     }
 
     fn balloon_set(&self, target_mib: u32) -> std::result::Result<(), String> {
-        if target_mib > self.memory_mib {
+        if target_mib > self.config.memory_mib {
             return Err(format!(
                 "balloon target {target_mib} MiB exceeds the VM's {} MiB",
-                self.memory_mib
+                self.config.memory_mib
             ));
         }
         let mut b = self.balloon()?;

@@ -1,4 +1,5 @@
-//! capsid-vmm: runs one microVM described by a JSON config file.
+//! capsid-vmm: runs one microVM described by a JSON config file, or
+//! restores one from a snapshot (`--restore`).
 //!
 //! Exit status: 0 when the guest reset itself (how a capsid guest ends),
 //! 1 when the VMM failed, 3 when the guest crashed, 4 when the host ended
@@ -9,6 +10,7 @@ use std::process::ExitCode;
 
 use capsid_vmm::machine::VmEnd;
 use capsid_vmm::seccomp::{self, SeccompMode};
+use capsid_vmm::snapshot::restore;
 use capsid_vmm::{builder, config};
 use capsid_vmm::{EXIT_GUEST_CRASH, EXIT_GUEST_RESET, EXIT_STOPPED, EXIT_VMM_ERROR};
 use clap::Parser;
@@ -17,9 +19,18 @@ use clap::Parser;
 #[derive(Debug, Parser)]
 #[command(name = "capsid-vmm", version, about)]
 struct Args {
-    /// The VM description (JSON).
-    #[arg(long, value_name = "FILE")]
-    config: PathBuf,
+    /// The VM description (JSON). With --restore: optional, the same VM
+    /// with other host-side paths (serial, control socket, disks, taps,
+    /// vsock socket).
+    #[arg(long, value_name = "FILE", required_unless_present = "restore")]
+    config: Option<PathBuf>,
+    /// Restores the VM a snapshot saved: its state file (`snapshot`
+    /// request of the control API).
+    #[arg(long, value_name = "STATE")]
+    restore: Option<PathBuf>,
+    /// The snapshot's memory file (default: where the snapshot wrote it).
+    #[arg(long, value_name = "FILE", requires = "restore")]
+    memory: Option<PathBuf>,
     /// What a system call outside a thread's seccomp list does: `kill`
     /// the VMM, `log` it and let it through (for making lists on a new
     /// host), or `off`: no filters.
@@ -60,7 +71,15 @@ fn run(args: &Args) -> anyhow::Result<VmEnd> {
     // Compiled before the build: a vhost-user watchdog thread started by
     // the build installs its filter too.
     seccomp::init(args.seccomp)?;
-    let config = config::from_file(&args.config)?;
-    let machine = builder::build(&config)?;
+    let machine = match (&args.restore, &args.config) {
+        // Both files are checked whole before any VM exists.
+        (Some(state), config) => builder::restore(restore::load(
+            state,
+            args.memory.as_deref(),
+            config.as_deref(),
+        )?)?,
+        (None, Some(config)) => builder::build(&config::from_file(config)?)?,
+        (None, None) => anyhow::bail!("--config or --restore is needed"),
+    };
     Ok(machine.run()?)
 }

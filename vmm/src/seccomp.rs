@@ -12,7 +12,8 @@
 //!   `openat`), irqfd and ioeventfd writes, device activation and reset
 //!   (epoll registrations, the tap's header size, the balloon's timer, the
 //!   virtio-fs rings handed to virtiofsd over vhost-user with a watchdog
-//!   thread).
+//!   thread); and, for a snapshot, the reads of its own KVM state
+//!   (`KVM_GET_*`, never a `KVM_SET_*`).
 //! * `devices` ([`ThreadKind::Devices`]): the event loop serving every
 //!   virtio device: disk I/O, the tap, vsock's Unix sockets, balloon
 //!   discards, random bytes, virtiofsd's call eventfds.
@@ -24,7 +25,9 @@
 //!   exchanges on the vCPU that activated the device, or on the main
 //!   thread at the end; only the watchdog is a thread of its own).
 //! * the main thread once every other thread runs ([`ThreadKind::Main`]):
-//!   control requests, pause (signals to vCPU threads), the end of the VM
+//!   control requests, pause (signals to vCPU threads), snapshots (the
+//!   VM's interrupt controllers, PIT and clock read; the memory and state
+//!   files created, written and renamed into place), the end of the VM
 //!   (joins, drops: sockets unlinked, the vhost-user rings taken back).
 //!
 //! Filters stack: a thread started by a filtered thread runs under its
@@ -47,6 +50,57 @@ use seccompiler::{
 
 /// KVM_RUN: `_IO(KVMIO, 0x80)`, KVMIO being 0xAE.
 pub const KVM_RUN: u64 = 0xAE80;
+
+/// The KVM ioctls that read state for a snapshot, numbered as
+/// linux/kvm.h does (`_IOR`/`_IOWR` over the structures' sizes).
+mod kvm_get {
+    #![allow(non_snake_case)]
+
+    use kvm_bindings::{
+        kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msrs,
+        kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+    };
+    use vmm_sys_util::{ioctl_ior_nr, ioctl_iowr_nr};
+
+    const KVMIO: u32 = 0xAE;
+    ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
+    ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_sregs);
+    ioctl_iowr_nr!(KVM_GET_MSRS, KVMIO, 0x88, kvm_msrs);
+    ioctl_ior_nr!(KVM_GET_LAPIC, KVMIO, 0x8e, kvm_lapic_state);
+    ioctl_ior_nr!(KVM_GET_MP_STATE, KVMIO, 0x98, kvm_mp_state);
+    ioctl_ior_nr!(KVM_GET_VCPU_EVENTS, KVMIO, 0x9f, kvm_vcpu_events);
+    ioctl_ior_nr!(KVM_GET_DEBUGREGS, KVMIO, 0xa1, kvm_debugregs);
+    ioctl_ior_nr!(KVM_GET_XSAVE, KVMIO, 0xa4, kvm_xsave);
+    ioctl_ior_nr!(KVM_GET_XCRS, KVMIO, 0xa6, kvm_xcrs);
+    ioctl_ior_nr!(KVM_GET_XSAVE2, KVMIO, 0xcf, kvm_xsave);
+    ioctl_iowr_nr!(KVM_GET_IRQCHIP, KVMIO, 0x62, kvm_irqchip);
+    ioctl_ior_nr!(KVM_GET_CLOCK, KVMIO, 0x7c, kvm_clock_data);
+    ioctl_ior_nr!(KVM_GET_PIT2, KVMIO, 0x9f, kvm_pit_state2);
+    // KVM_GET_TSC_KHZ is _IO(KVMIO, 0xa3): no structure.
+    pub const KVM_GET_TSC_KHZ: u64 = 0xAEA3;
+
+    /// What a vCPU thread reads of its own vCPU.
+    pub fn vcpu() -> Vec<u64> {
+        vec![
+            KVM_GET_REGS(),
+            KVM_GET_SREGS(),
+            KVM_GET_MSRS(),
+            KVM_GET_LAPIC(),
+            KVM_GET_MP_STATE(),
+            KVM_GET_VCPU_EVENTS(),
+            KVM_GET_DEBUGREGS(),
+            KVM_GET_XSAVE(),
+            KVM_GET_XCRS(),
+            KVM_GET_XSAVE2(),
+            KVM_GET_TSC_KHZ,
+        ]
+    }
+
+    /// What the main thread reads of the VM.
+    pub fn vm() -> Vec<u64> {
+        vec![KVM_GET_IRQCHIP(), KVM_GET_CLOCK(), KVM_GET_PIT2()]
+    }
+}
 
 /// Errors compiling or installing a filter.
 #[derive(Debug, thiserror::Error)]
@@ -465,9 +519,9 @@ fn vhost_user_frontend(r: &mut Rules) -> BResult<()> {
 }
 
 /// The main thread once every other thread is started: control requests
-/// (the balloon, pause, Ctrl-Alt-Del: device locks and irqfd writes),
-/// kicks (a signal to a vCPU thread), and the end: threads stopped and
-/// joined, every device dropped.
+/// (the balloon, pause, Ctrl-Alt-Del: device locks and irqfd writes;
+/// snapshots), kicks (a signal to a vCPU thread), and the end: threads
+/// stopped and joined, every device dropped.
 fn main_thread(r: &mut Rules) -> BResult<()> {
     allow(
         r,
@@ -487,18 +541,39 @@ fn main_thread(r: &mut Rules) -> BResult<()> {
     // Dropping virtio-fs takes its rings back from virtiofsd, under a
     // watchdog thread.
     vhost_user_frontend(r)?;
+    // A snapshot: the VM's interrupt controllers, PIT and clock are read
+    // (never written: a restore sets them while the VM is built, before
+    // any filter), and the memory and state files are written next to
+    // their final paths (created, sized, written at offsets, synced) and
+    // renamed into place.
+    allow_ioctls(r, &kvm_get::vm())?;
+    allow(
+        r,
+        &[
+            libc::SYS_ftruncate,
+            libc::SYS_pwrite64,
+            libc::SYS_rename,
+            libc::SYS_renameat,
+            libc::SYS_renameat2,
+        ],
+    );
+    let create = (libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC) as u64;
+    allow_if(r, libc::SYS_openat, vec![arg_eq(2, create)?]);
+    allow_if(r, libc::SYS_open, vec![arg_eq(1, create)?]);
     // A vCPU's KVM_RUN is interrupted by SIGRTMIN, sent with tgkill
-    // (already allowed to this process's threads by the base list); no
-    // ioctl is made on this thread after the build.
+    // (already allowed to this process's threads by the base list).
     Ok(())
 }
 
 /// A vCPU thread.
 fn vcpu(r: &mut Rules) -> BResult<()> {
-    // KVM_RUN is the only KVM ioctl after the build; TUNSETVNETHDRSZ is
-    // set when the guest's virtio-net driver acknowledges its features
-    // (a register write, on the vCPU that made it).
+    // KVM_RUN, and the reads of its state a snapshot asks of a parked
+    // vCPU (never a write: a restore sets them while the VM is built);
+    // TUNSETVNETHDRSZ is set when the guest's virtio-net driver
+    // acknowledges its features (a register write, on the vCPU that
+    // made it).
     allow_ioctls(r, &[KVM_RUN, libc::TUNSETVNETHDRSZ])?;
+    allow_ioctls(r, &kvm_get::vcpu())?;
     allow(
         r,
         &[
@@ -624,6 +699,59 @@ mod tests {
     }
 
     #[test]
+    fn snapshot_ioctls_are_the_kernels_numbers() {
+        // From linux/kvm.h on x86-64 (as strace prints them).
+        assert_eq!(
+            kvm_get::vcpu(),
+            vec![
+                0x8090_AE81, // KVM_GET_REGS
+                0x8138_AE83, // KVM_GET_SREGS
+                0xC008_AE88, // KVM_GET_MSRS
+                0x8400_AE8E, // KVM_GET_LAPIC
+                0x8004_AE98, // KVM_GET_MP_STATE
+                0x8040_AE9F, // KVM_GET_VCPU_EVENTS
+                0x8080_AEA1, // KVM_GET_DEBUGREGS
+                0x9000_AEA4, // KVM_GET_XSAVE
+                0x8188_AEA6, // KVM_GET_XCRS
+                0x9000_AECF, // KVM_GET_XSAVE2
+                0xAEA3,      // KVM_GET_TSC_KHZ
+            ]
+        );
+        assert_eq!(
+            kvm_get::vm(),
+            vec![
+                0xC208_AE62, // KVM_GET_IRQCHIP
+                0x8030_AE7C, // KVM_GET_CLOCK
+                0x8070_AE9F, // KVM_GET_PIT2
+            ]
+        );
+    }
+
+    #[test]
+    fn kvm_state_is_read_only_where_threads_read_it() {
+        // Reads of KVM state on the vCPU and main threads only; no thread
+        // may write it once the VM runs.
+        for kind in ThreadKind::ALL {
+            let allowed = ioctl_rules_allow(kind, kvm_get::KVM_GET_REGS());
+            assert_eq!(allowed, kind == ThreadKind::Vcpu, "{kind}");
+            let allowed = ioctl_rules_allow(kind, kvm_get::KVM_GET_IRQCHIP());
+            assert_eq!(allowed, kind == ThreadKind::Main, "{kind}");
+        }
+    }
+
+    /// Whether `kind`'s list has a rule for exactly this ioctl request.
+    fn ioctl_rules_allow(kind: ThreadKind, request: u64) -> bool {
+        let rules = rules(kind).unwrap();
+        let Some(ioctl) = rules.get(&libc::SYS_ioctl) else {
+            return false;
+        };
+        let wanted = arg_eq(1, request).unwrap();
+        ioctl
+            .iter()
+            .any(|r| format!("{r:?}") == format!("{wanted:?}"))
+    }
+
+    #[test]
     fn the_test_syscall_is_in_no_list() {
         for kind in ThreadKind::ALL {
             let syscalls = allowed_syscalls(kind).unwrap();
@@ -644,9 +772,11 @@ mod tests {
         assert!(rules(ThreadKind::Vcpu)
             .unwrap()
             .contains_key(&libc::SYS_ioctl));
-        assert!(!rules(ThreadKind::Main)
-            .unwrap()
-            .contains_key(&libc::SYS_ioctl));
+        // The main thread's ioctls are the snapshot's reads of the VM.
+        assert_eq!(
+            rules(ThreadKind::Main).unwrap()[&libc::SYS_ioctl].len(),
+            kvm_get::vm().len()
+        );
     }
 
     #[test]

@@ -14,10 +14,10 @@
 use std::os::fd::RawFd;
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
 
-use crate::virtio::{queue_bit, DeviceEvent, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::virtio::{queue_bit, DeviceEvent, ModelState, VirtioDevice, VIRTIO_F_VERSION_1};
 
 /// "virt" in little-endian: the value of `MagicValue`.
 pub const MMIO_MAGIC_VALUE: u32 = 0x7472_6976;
@@ -139,6 +139,85 @@ pub struct MmioStats {
     pub refused_accesses: u64,
     /// Interrupts that could not be delivered.
     pub interrupt_failures: u64,
+}
+
+/// A transport's registers and queues, as a snapshot keeps them: what
+/// the driver programmed (virtio 1.2, section 4.2.2) and where each queue
+/// stands, and the little a device model keeps beyond what feature
+/// negotiation gives it (which [`MmioTransport::restore_state`] hands it
+/// again).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TransportState {
+    /// The device's virtio id (a restore checks it is the same device).
+    pub device_type: u32,
+    /// `Status`.
+    pub device_status: u32,
+    /// `DeviceFeaturesSel`.
+    pub features_select: u32,
+    /// `DriverFeaturesSel`.
+    pub driver_features_select: u32,
+    /// The features the driver wrote.
+    pub driver_features: u64,
+    /// `QueueSel`.
+    pub queue_select: u32,
+    /// `InterruptStatus`.
+    pub interrupt_status: u32,
+    /// `ConfigGeneration`.
+    pub config_generation: u32,
+    /// Every queue: its registers and the device's positions in its rings.
+    pub queues: Vec<QueueState>,
+    /// The model's own state, for the models that have one.
+    pub model: Option<ModelState>,
+}
+
+/// Why a transport refused a saved state.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportRestoreError {
+    /// The state is another kind of device's.
+    #[error("the saved state is of virtio device type {saved}, this device is type {device}")]
+    DeviceType {
+        /// In the state.
+        saved: u32,
+        /// This device's.
+        device: u32,
+    },
+    /// The state has another number of queues.
+    #[error("the saved state has {saved} queues, the device has {device}")]
+    QueueCount {
+        /// In the state.
+        saved: usize,
+        /// This device's.
+        device: usize,
+    },
+    /// A queue's saved registers are not valid for it.
+    #[error("queue {index} cannot be restored")]
+    Queue {
+        /// The queue.
+        index: usize,
+        /// What virtio-queue said.
+        #[source]
+        source: virtio_queue::Error,
+    },
+    /// The saved driver features are not a modern subset of the device's.
+    #[error("the saved driver features {driver:#x} are not accepted by the device (it offers {offered:#x})")]
+    Features {
+        /// In the state.
+        driver: u64,
+        /// The device's.
+        offered: u64,
+    },
+    /// A running device has a ready queue outside guest memory.
+    #[error("queue {index} of a running device lies outside guest memory")]
+    QueueOutsideMemory {
+        /// The queue.
+        index: usize,
+    },
+    /// The device model refused to start on the restored queues.
+    #[error("the device cannot start on its restored queues")]
+    Activate(#[source] crate::virtio::DeviceError),
+    /// The device model refused its saved state.
+    #[error("the device model refused its saved state")]
+    Model(#[source] crate::virtio::DeviceError),
 }
 
 /// The virtio-mmio register file around a device model.
@@ -601,6 +680,142 @@ impl<D: VirtioDevice> MmioTransport<D> {
     }
 }
 
+impl<D: VirtioDevice> MmioTransport<D> {
+    /// The registers and queues, for a snapshot. Taken while nothing else
+    /// works on the device (the caller holds its lock, the vCPUs are
+    /// paused).
+    pub fn state(&self) -> TransportState {
+        TransportState {
+            device_type: self.device.device_type(),
+            device_status: self.device_status,
+            features_select: self.features_select,
+            driver_features_select: self.driver_features_select,
+            driver_features: self.driver_features,
+            queue_select: self.queue_select,
+            interrupt_status: self.interrupt_status,
+            config_generation: self.config_generation,
+            queues: self.queues.iter().map(Queue::state).collect(),
+            model: self.device.model_state(),
+        }
+    }
+
+    /// Puts a freshly built transport (its device built from the same
+    /// description) in the saved `state`: registers and queues as the
+    /// driver left them, the negotiated features handed to the device
+    /// again (a tap's header length, the balloon's timer follow from
+    /// them), and a running device started on its queues. Raises no
+    /// interrupt and processes nothing: that is [`Self::restored`]'s, once
+    /// the interrupt controller holds its own restored state. Returns
+    /// whether the device is running (its host-side fd must be served).
+    pub fn restore_state(&mut self, state: &TransportState) -> Result<bool, TransportRestoreError> {
+        let device = self.device.device_type();
+        if state.device_type != device {
+            return Err(TransportRestoreError::DeviceType {
+                saved: state.device_type,
+                device,
+            });
+        }
+        if state.queues.len() != self.queues.len() {
+            return Err(TransportRestoreError::QueueCount {
+                saved: state.queues.len(),
+                device: self.queues.len(),
+            });
+        }
+        let queues = state
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(index, q)| {
+                Queue::try_from(*q).map_err(|source| TransportRestoreError::Queue { index, source })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.device_status = state.device_status;
+        self.features_select = state.features_select;
+        self.driver_features_select = state.driver_features_select;
+        self.driver_features = state.driver_features;
+        self.queue_select = state.queue_select;
+        self.interrupt_status = state.interrupt_status;
+        self.config_generation = state.config_generation;
+        self.queues = queues;
+        if self.device_status & VIRTIO_CONFIG_S_FEATURES_OK != 0 {
+            if !self.features_acceptable() {
+                return Err(TransportRestoreError::Features {
+                    driver: self.driver_features,
+                    offered: self.device.features(),
+                });
+            }
+            self.device.ack_features(self.driver_features);
+        }
+        if let Some(model) = &state.model {
+            self.device
+                .restore_model_state(model)
+                .map_err(TransportRestoreError::Model)?;
+        }
+        if !self.is_activated() {
+            return Ok(false);
+        }
+        for (index, queue) in self.queues.iter().enumerate() {
+            if queue.ready() && (!queue.is_valid(&self.mem) || queue.avail_ring() == 0) {
+                return Err(TransportRestoreError::QueueOutsideMemory { index });
+            }
+        }
+        self.device
+            .activate(&self.queues, &self.mem)
+            .map_err(TransportRestoreError::Activate)?;
+        Ok(true)
+    }
+
+    /// The first thing a restored, running device does, once the whole VM
+    /// is restored and before its vCPUs run: an interrupt the driver had
+    /// not acknowledged is raised again (it may not have reached the
+    /// interrupt controller before the snapshot: irqfd delivery is
+    /// asynchronous), the device tells the driver what did not survive
+    /// ([`VirtioDevice::restored`]: vsock's transport reset), and every
+    /// ready queue is processed once, as a kick the old process had not
+    /// served yet would have had it. Returns whether an interrupt was
+    /// raised.
+    pub fn restored(&mut self) -> bool {
+        if !self.is_activated() {
+            return false;
+        }
+        let mut raised = false;
+        if self.interrupt_status != 0 {
+            let pending = self.interrupt_status;
+            self.raise(pending);
+            raised = true;
+        }
+        let notify = {
+            let mut queues: Vec<&mut Queue> = self.queues.iter_mut().collect();
+            match self.device.restored(&mut queues, &self.mem) {
+                Ok(mask) => mask,
+                Err(e) => {
+                    self.stats.device_errors += 1;
+                    tracing::warn!(device = self.device.name(), error = %crate::describe(&e), "device could not announce the restore");
+                    0
+                }
+            }
+        };
+        let ready: Vec<u16> = self
+            .queues
+            .iter()
+            .enumerate()
+            .filter(|(_, q)| q.ready())
+            .filter_map(|(i, _)| u16::try_from(i).ok())
+            .collect();
+        if ready
+            .iter()
+            .any(|&i| notify & queue_bit(usize::from(i)) != 0)
+        {
+            self.raise(VIRTIO_MMIO_INT_VRING);
+            raised = true;
+        }
+        for index in ready {
+            raised |= self.process(DeviceEvent::Queue(index));
+        }
+        raised
+    }
+}
+
 /// The largest power of two not above `size` (at least 1, at most 32768).
 fn largest_power_of_two(size: u16) -> u16 {
     let size = size.clamp(1, 1 << 15);
@@ -633,6 +848,12 @@ pub trait MmioDevice: Send {
     fn stats(&self) -> MmioStats;
     /// Whether the driver has the device running.
     fn is_activated(&self) -> bool;
+    /// The registers and queues, for a snapshot.
+    fn save_state(&self) -> TransportState;
+    /// See [`MmioTransport::restore_state`].
+    fn restore_state(&mut self, state: &TransportState) -> Result<bool, TransportRestoreError>;
+    /// See [`MmioTransport::restored`].
+    fn restored(&mut self) -> bool;
 }
 
 impl<D: VirtioDevice> MmioDevice for MmioTransport<D> {
@@ -666,6 +887,18 @@ impl<D: VirtioDevice> MmioDevice for MmioTransport<D> {
 
     fn is_activated(&self) -> bool {
         MmioTransport::is_activated(self)
+    }
+
+    fn save_state(&self) -> TransportState {
+        MmioTransport::state(self)
+    }
+
+    fn restore_state(&mut self, state: &TransportState) -> Result<bool, TransportRestoreError> {
+        MmioTransport::restore_state(self, state)
+    }
+
+    fn restored(&mut self) -> bool {
+        MmioTransport::restored(self)
     }
 }
 
@@ -927,6 +1160,145 @@ mod tests {
         assert_eq!(r(&mut t, VIRTIO_MMIO_CONFIG_GENERATION), 1);
         // Not interrupting a driver that is not there yet.
         assert_eq!(irq.0.load(Ordering::SeqCst), 0);
+    }
+
+    /// A running transport with one filled buffer behind it, and one
+    /// more posted that the device has not seen.
+    fn running_with_pending_buffer() -> (MmioTransport<Rng<Zeros>>, GuestMemoryMmap) {
+        let (mut t, _, mem) = transport();
+        negotiate(&mut t, VIRTIO_F_VERSION_1);
+        setup_queue(&mut t, 16);
+        let s = r(&mut t, VIRTIO_MMIO_STATUS);
+        w(&mut t, VIRTIO_MMIO_STATUS, s | VIRTIO_CONFIG_S_DRIVER_OK);
+        for (i, addr) in [(0u16, 0x8000u64), (1, 0x9000)] {
+            let d = RawDescriptor::from(SplitDescriptor::new(
+                addr,
+                32,
+                u16::try_from(VRING_DESC_F_WRITE).unwrap(),
+                0,
+            ));
+            mem.write_obj(d, GuestAddress(DESC + 16 * u64::from(i)))
+                .unwrap();
+            mem.write_obj(i, GuestAddress(AVAIL + 4 + 2 * u64::from(i)))
+                .unwrap();
+        }
+        mem.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap();
+        assert!(t.process(DeviceEvent::Queue(0)));
+        // The second buffer is posted; its kick is "lost" with the process.
+        mem.write_obj(2u16, GuestAddress(AVAIL + 2)).unwrap();
+        w(&mut t, VIRTIO_MMIO_QUEUE_SEL, 0);
+        (t, mem)
+    }
+
+    #[test]
+    fn a_restored_transport_goes_on_where_it_was() {
+        let (t, mem) = running_with_pending_buffer();
+        let state = t.state();
+        assert_eq!(state.device_type, 4);
+        assert_eq!(state.queues[0].next_avail, 1);
+        assert_eq!(state.queues[0].next_used, 1);
+        assert_eq!(state.interrupt_status, VIRTIO_MMIO_INT_VRING);
+        assert_eq!(state.model, None);
+
+        let irq = Arc::new(Counter::default());
+        let mut back = MmioTransport::new(Rng::with_source(Zeros), mem.clone(), irq.clone());
+        assert!(back.restore_state(&state).unwrap());
+        assert!(back.is_activated());
+        assert_eq!(back.state(), state);
+        // Registers read as the driver left them; nothing raised yet.
+        assert_eq!(r(&mut back, VIRTIO_MMIO_STATUS), 0xf);
+        assert_eq!(r(&mut back, VIRTIO_MMIO_QUEUE_READY), 1);
+        assert_eq!(irq.0.load(Ordering::SeqCst), 0);
+        // Its first act: the unacknowledged interrupt again, and the
+        // buffer the old process never saw, filled.
+        assert!(back.restored());
+        assert!(irq.0.load(Ordering::SeqCst) >= 2);
+        assert_eq!(mem.read_obj::<u16>(GuestAddress(USED + 2)).unwrap(), 2);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x9000)).unwrap(), 0x5a);
+        assert_eq!(back.state().queues[0].next_avail, 2);
+    }
+
+    #[test]
+    fn a_foreign_or_broken_state_is_refused() {
+        let (t, mem) = running_with_pending_buffer();
+        let state = t.state();
+        let fresh = || {
+            MmioTransport::new(
+                Rng::with_source(Zeros),
+                mem.clone(),
+                Arc::new(Counter::default()),
+            )
+        };
+        let e = fresh()
+            .restore_state(&TransportState {
+                device_type: 2,
+                ..state.clone()
+            })
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                TransportRestoreError::DeviceType {
+                    saved: 2,
+                    device: 4
+                }
+            ),
+            "{e}"
+        );
+        let e = fresh()
+            .restore_state(&TransportState {
+                queues: vec![],
+                ..state.clone()
+            })
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                TransportRestoreError::QueueCount {
+                    saved: 0,
+                    device: 1
+                }
+            ),
+            "{e}"
+        );
+        let mut bad = state.clone();
+        bad.queues[0].size = 3;
+        let e = fresh().restore_state(&bad).unwrap_err();
+        assert!(
+            matches!(e, TransportRestoreError::Queue { index: 0, .. }),
+            "{e}"
+        );
+        let e = fresh()
+            .restore_state(&TransportState {
+                driver_features: VIRTIO_F_VERSION_1 | 1 << 40,
+                ..state.clone()
+            })
+            .unwrap_err();
+        assert!(matches!(e, TransportRestoreError::Features { .. }), "{e}");
+        let mut bad = state.clone();
+        bad.queues[0].used_ring = 0x10_0000_0000;
+        let e = fresh().restore_state(&bad).unwrap_err();
+        assert!(
+            matches!(e, TransportRestoreError::QueueOutsideMemory { index: 0 }),
+            "{e}"
+        );
+        let e = fresh()
+            .restore_state(&TransportState {
+                model: Some(ModelState::Balloon(Default::default())),
+                ..state.clone()
+            })
+            .unwrap_err();
+        assert!(matches!(e, TransportRestoreError::Model(_)), "{e}");
+        // A device the driver never started is restored, and does nothing.
+        let mut idle = fresh();
+        assert!(!idle
+            .restore_state(&TransportState {
+                device_status: 0,
+                interrupt_status: 0,
+                ..state
+            })
+            .unwrap());
+        assert!(!idle.restored());
     }
 
     #[test]

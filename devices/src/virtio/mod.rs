@@ -64,6 +64,21 @@ impl DeviceError {
     }
 }
 
+/// What a device model keeps beyond its transport's registers and queues,
+/// for snapshots. Most models keep nothing more than their negotiated
+/// features, which the transport hands them again on restore.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelState {
+    /// The balloon's target, reported size and held statistics buffer.
+    Balloon(balloon::BalloonState),
+}
+
+/// A saved [`ModelState`] offered to a model that keeps none, or another
+/// kind.
+#[derive(Debug, thiserror::Error)]
+#[error("the saved model state does not belong to this device")]
+pub struct ForeignModelState;
+
 /// Bit for queue `index` in a notification mask.
 pub const fn queue_bit(index: usize) -> u64 {
     1 << index
@@ -113,6 +128,27 @@ pub trait VirtioDevice: Send {
     }
     /// The driver reset the device: drop all in-flight state.
     fn reset(&mut self) {}
+    /// What a snapshot must keep of the model besides its features.
+    fn model_state(&self) -> Option<ModelState> {
+        None
+    }
+    /// Takes a snapshot's [`Self::model_state`] back, once the features
+    /// are negotiated again.
+    fn restore_model_state(&mut self, _state: &ModelState) -> Result<(), DeviceError> {
+        Err(DeviceError::new(self.name(), ForeignModelState))
+    }
+    /// The device was restored from a snapshot into a new process, with
+    /// the driver running on `queues`: host-side state that cannot
+    /// survive that (connections) is gone, and the driver is told in the
+    /// way the device's section of the spec has for it. Returns a mask
+    /// ([`queue_bit`]) of the queues whose driver must be notified.
+    fn restored(
+        &mut self,
+        _queues: &mut [&mut Queue],
+        _mem: &GuestMemoryMmap,
+    ) -> Result<u64, DeviceError> {
+        Ok(0)
+    }
 }
 
 /// Whether the driver's available index is at most a queue's worth of

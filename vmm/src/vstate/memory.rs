@@ -15,7 +15,11 @@ use std::fs::File;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::Arc;
 
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::mmap::{FromRangesError, MmapRegionBuilder};
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap,
+};
 
 /// Start of the hole below 4 GiB kept for MMIO devices (virtio-mmio, IOAPIC,
 /// LAPIC).
@@ -40,6 +44,15 @@ pub enum MemoryError {
         /// Why.
         #[source]
         source: vm_memory::mmap::FromRangesError,
+    },
+    /// A snapshot's memory file cannot be mapped.
+    #[error("cannot map the {size}-byte memory file as guest RAM")]
+    MapFile {
+        /// Its size.
+        size: u64,
+        /// Why.
+        #[source]
+        source: FromRangesError,
     },
     /// The memfd behind shared guest RAM cannot be created, sized or sealed.
     #[error("cannot create {size} bytes of shared guest RAM ({step})")]
@@ -104,6 +117,34 @@ pub fn create_guest_memory(size: u64, backing: Backing) -> Result<GuestMemoryMma
         }
     };
     Ok(memory)
+}
+
+/// `size` bytes of guest RAM from a snapshot's memory `file` (the regions
+/// of [`ram_ranges`] one after the other), mapped private and lazily:
+/// copy-on-write, as Firecracker restores. A page the guest only reads is
+/// the page cache's, shared by every VM restored from the file; the first
+/// write to one gives this VM a copy of its own. The file is never
+/// written, so it may be opened read-only and restored from again.
+pub fn map_private_file(file: File, size: u64) -> Result<GuestMemoryMmap> {
+    let usize_size = usize::try_from(size).map_err(|_| MemoryError::TooLarge { size })?;
+    let map_err = |source| MemoryError::MapFile { size, source };
+    let file = Arc::new(file);
+    let mut offset = 0u64;
+    let mut regions = Vec::new();
+    for (addr, len) in ram_ranges(usize_size) {
+        let region = MmapRegionBuilder::new(len)
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .with_file_offset(FileOffset::from_arc(file.clone(), offset))
+            .build()
+            .map_err(|e| map_err(FromRangesError::from(e)))?;
+        regions.push(
+            GuestRegionMmap::new(region, addr)
+                .ok_or_else(|| map_err(FromRangesError::InvalidGuestRegion))?,
+        );
+        offset += len as u64;
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(|e| map_err(FromRangesError::from(e)))
 }
 
 /// A sparse memfd of `size` bytes, sealed at that size.
@@ -373,6 +414,34 @@ Node 0, zone   Normal
         assert_eq!(free_huge_blocks(buddyinfo, zoneinfo), 7 + 61);
         assert_eq!(free_huge_blocks(buddyinfo, ""), 0);
         assert_eq!(free_huge_blocks("", zoneinfo), 0);
+    }
+
+    #[test]
+    fn a_memory_file_maps_copy_on_write() {
+        use std::io::Write;
+
+        let size = 8u64 << 20;
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        let mut content = vec![0u8; usize::try_from(size).unwrap()];
+        content[0x1234] = 0xab;
+        content[(6 << 20) + 1] = 0xcd;
+        file.write_all(&content).unwrap();
+        let read_only = File::open(file.path()).unwrap();
+        let mem = map_private_file(read_only, size).unwrap();
+        assert_eq!(mem.num_regions(), 1);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x1234)).unwrap(), 0xab);
+        assert_eq!(
+            mem.read_obj::<u8>(GuestAddress((6 << 20) + 1)).unwrap(),
+            0xcd
+        );
+        // The guest writes; the file does not change.
+        mem.write_obj(0x11u8, GuestAddress(0x1234)).unwrap();
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x1234)).unwrap(), 0x11);
+        assert_eq!(std::fs::read(file.path()).unwrap()[0x1234], 0xab);
+        // Not shared memory: the balloon must not punch the file.
+        let region = mem.iter().next().unwrap();
+        assert!(region.file_offset().is_some());
+        assert_eq!(region.flags() & libc::MAP_SHARED, 0);
     }
 
     #[test]

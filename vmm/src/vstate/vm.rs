@@ -114,6 +114,12 @@ impl Vm {
             .map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))
     }
 
+    /// What a snapshot of this VM's vCPUs reads (the MSR list is a
+    /// /dev/kvm ioctl: asked here, on the thread that builds the VM).
+    pub fn state_caps(&self) -> Result<crate::snapshot::vcpu::StateCaps> {
+        crate::snapshot::vcpu::StateCaps::probe(&self.kvm).map_err(ioctl("KVM_GET_MSR_INDEX_LIST"))
+    }
+
     /// Whether the LAPIC timer has TSC-deadline mode.
     pub fn has_tsc_deadline(&self) -> bool {
         self.kvm.check_extension(Cap::TscDeadlineTimer)

@@ -17,7 +17,8 @@ use super::{
     VIRTIO_BALLOON_F_PAGE_REPORTING, VIRTIO_BALLOON_F_STATS_VQ, VIRTIO_ID_BALLOON,
 };
 use crate::virtio::{
-    queue_bit, read_config_bytes, DeviceError, DeviceEvent, VirtioDevice, VIRTIO_F_VERSION_1,
+    queue_bit, read_config_bytes, DeviceError, DeviceEvent, ModelState, VirtioDevice,
+    VIRTIO_F_VERSION_1,
 };
 
 /// Size of every balloon queue.
@@ -39,6 +40,20 @@ pub struct BalloonConfig {
     pub stats_polling_interval_s: u32,
     /// Offer free page reporting.
     pub free_page_reporting: bool,
+}
+
+/// What the balloon keeps beyond its transport's registers and queues,
+/// for snapshots: the host's target, what the driver reported holding,
+/// and the statistics buffer held until the host wants fresh figures
+/// (without it, the driver would never be asked again).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BalloonState {
+    /// `num_pages`.
+    pub target_pages: u32,
+    /// `actual`.
+    pub actual_pages: u32,
+    /// Head descriptor of the held statistics buffer.
+    pub stats_buffer: Option<u16>,
 }
 
 /// What a queue index means once features are negotiated: absent queues
@@ -109,6 +124,23 @@ impl<P: PageDiscarder> Balloon<P> {
     /// Pages the driver says it holds (`actual`).
     pub fn actual_pages(&self) -> u32 {
         self.actual_pages
+    }
+
+    /// What a snapshot keeps of the model.
+    pub fn state(&self) -> BalloonState {
+        BalloonState {
+            target_pages: self.target_pages,
+            actual_pages: self.actual_pages,
+            stats_buffer: self.stats_queue.held_buffer(),
+        }
+    }
+
+    /// Takes a snapshot's `state` back (after the transport's, which
+    /// negotiated the features again).
+    pub fn restore_state(&mut self, state: &BalloonState) {
+        self.target_pages = state.target_pages;
+        self.actual_pages = state.actual_pages;
+        self.stats_queue.hold(state.stats_buffer);
     }
 
     /// The guest's last statistics.
@@ -260,6 +292,16 @@ impl<P: PageDiscarder> VirtioDevice for Balloon<P> {
         Ok(if notify { queue_bit(index) } else { 0 })
     }
 
+    fn model_state(&self) -> Option<ModelState> {
+        Some(ModelState::Balloon(self.state()))
+    }
+
+    fn restore_model_state(&mut self, state: &ModelState) -> std::result::Result<(), DeviceError> {
+        let ModelState::Balloon(state) = state;
+        Balloon::restore_state(self, state);
+        Ok(())
+    }
+
     fn reset(&mut self) {
         self.acked = 0;
         self.actual_pages = 0;
@@ -368,6 +410,22 @@ mod tests {
         assert_eq!(b.stats().free_memory, Some(0x10_0000));
         assert_eq!(b.request_stats(&mut refs, &mem), queue_bit(2));
         assert_eq!(vqs[2].used().idx().load(), 1);
+    }
+
+    #[test]
+    fn state_comes_back_after_the_features() {
+        let mut b = balloon(BalloonConfig::default());
+        b.ack_features(VIRTIO_F_VERSION_1 | VIRTIO_BALLOON_F_STATS_VQ);
+        b.set_target_pages(300);
+        b.write_config(4, &200u32.to_le_bytes());
+        b.stats_queue.hold(Some(3));
+        let state = b.model_state().unwrap();
+        let mut back = balloon(BalloonConfig::default());
+        back.ack_features(VIRTIO_F_VERSION_1 | VIRTIO_BALLOON_F_STATS_VQ);
+        back.restore_model_state(&state).unwrap();
+        assert_eq!((back.target_pages(), back.actual_pages()), (300, 200));
+        assert_eq!(back.stats_queue.held_buffer(), Some(3));
+        assert_eq!(back.model_state(), Some(state));
     }
 
     #[test]

@@ -7,7 +7,12 @@
 //! would only unmap the pages, which stay in the file, hold their old
 //! contents and keep costing the host; `MADV_REMOVE` punches the range out
 //! of the file instead (as `fallocate(PUNCH_HOLE)` does), for every process
-//! mapping it, and it reads as zeros afterwards.
+//! mapping it, and it reads as zeros afterwards. A file mapped privately
+//! (a snapshot's memory file, copy-on-write): `MADV_DONTNEED` would drop
+//! the private copies and show the file's old contents again, and
+//! `MADV_REMOVE` is refused there; the range is mapped over with fresh
+//! anonymous memory instead (`MAP_FIXED`), as Firecracker does, which
+//! reads as zeros and costs nothing until touched.
 
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
@@ -21,9 +26,9 @@ pub trait PageDiscarder: Send {
     fn discard(&mut self, mem: &GuestMemoryMmap, addr: GuestAddress, len: u64) -> Result<()>;
 }
 
-/// Discards through `madvise` on the mappings of guest RAM:
-/// `MADV_DONTNEED` on anonymous private regions, `MADV_REMOVE` on
-/// file-backed (shared) ones.
+/// Discards through the mappings of guest RAM: `MADV_DONTNEED` on
+/// anonymous private regions, `MADV_REMOVE` on shared file mappings, fresh
+/// anonymous memory over private file mappings.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct HostDiscarder;
 
@@ -46,22 +51,49 @@ impl PageDiscarder for HostDiscarder {
         }
         let host = mem.get_host_address(addr).map_err(|_| outside())?;
         let len_bytes = usize::try_from(len).map_err(|_| outside())?;
-        // vm-memory maps file-backed regions MAP_SHARED; only those have a
-        // file offset.
-        let advice = if region.file_offset().is_some() {
-            libc::MADV_REMOVE
+        let shared = region.flags() & libc::MAP_SHARED != 0;
+        let rc = if region.file_offset().is_some() && !shared {
+            // SAFETY: [host, host + len) lies inside one region of `mem`
+            // (checked just above against the region's bounds), a live
+            // private file mapping owned by the GuestMemoryMmap and kept
+            // mapped while `mem` is borrowed. MAP_FIXED replaces exactly
+            // those pages with anonymous read-write memory of the same
+            // protection, so the region stays one contiguous mapping that
+            // its owner unmaps whole; no Rust reference into guest memory
+            // exists (vm-memory accesses it volatilely), and the guest gave
+            // these pages up, so zeroing them is what it asked for.
+            let addr = unsafe {
+                libc::mmap(
+                    host.cast(),
+                    len_bytes,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                    -1,
+                    0,
+                )
+            };
+            if addr == libc::MAP_FAILED {
+                -1
+            } else {
+                0
+            }
         } else {
-            libc::MADV_DONTNEED
+            let advice = if shared {
+                libc::MADV_REMOVE
+            } else {
+                libc::MADV_DONTNEED
+            };
+            // SAFETY: [host, host + len) lies inside one region of `mem`
+            // (checked just above against the region's bounds), which is a
+            // live mapping owned by the GuestMemoryMmap and kept mapped
+            // while `mem` is borrowed: anonymous private (MADV_DONTNEED) or
+            // a shared file mapping (MADV_REMOVE). Either only replaces
+            // those pages' contents with zeros on next access; no Rust
+            // reference into guest memory exists (vm-memory accesses it
+            // volatilely), and the guest gave these pages up, so zeroing
+            // them is what it asked for.
+            unsafe { libc::madvise(host.cast(), len_bytes, advice) }
         };
-        // SAFETY: [host, host + len) lies inside one region of `mem` (checked
-        // just above against the region's bounds), which is a live mapping
-        // owned by the GuestMemoryMmap and kept mapped while `mem` is
-        // borrowed: anonymous private (MADV_DONTNEED) or a shared file
-        // mapping (MADV_REMOVE). Either only replaces those pages' contents
-        // with zeros on next access; no Rust reference into guest memory
-        // exists (vm-memory accesses it volatilely), and the guest gave
-        // these pages up, so zeroing them is what it asked for.
-        let rc = unsafe { libc::madvise(host.cast(), len_bytes, advice) };
         if rc != 0 {
             return Err(BalloonError::Discard {
                 addr: addr.0,
@@ -150,6 +182,47 @@ mod tests {
         assert_eq!(mem.read_obj::<u8>(GuestAddress(0x2fff)).unwrap(), 0);
         assert_eq!(mem.read_obj::<u8>(GuestAddress(0x3000)).unwrap(), 7);
         assert_eq!(mem.read_obj::<u8>(GuestAddress(0x40_1000)).unwrap(), 0);
+    }
+
+    #[test]
+    fn discarded_pages_of_a_private_file_mapping_read_as_zero() {
+        use std::io::Write;
+        use std::sync::Arc;
+        use vm_memory::mmap::MmapRegionBuilder;
+        use vm_memory::{FileOffset, GuestRegionMmap};
+
+        // A snapshot's memory file, mapped copy-on-write.
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&[5u8; 0x10_0000]).unwrap();
+        let region = MmapRegionBuilder::new(0x10_0000)
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .with_file_offset(FileOffset::from_arc(Arc::new(file.try_clone().unwrap()), 0))
+            .build()
+            .unwrap();
+        let mem = GuestMemoryMmap::<()>::from_regions(vec![GuestRegionMmap::new(
+            region,
+            GuestAddress(0),
+        )
+        .unwrap()])
+        .unwrap();
+        mem.write_slice(&[7u8; 0x1000], GuestAddress(0x3000))
+            .unwrap();
+        HostDiscarder
+            .discard(&mem, GuestAddress(0x2000), 0x2000)
+            .unwrap();
+        // Neither the file's bytes (0x2000) nor the private copy (0x3000)
+        // show through; the pages around are untouched.
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x1fff)).unwrap(), 5);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x2000)).unwrap(), 0);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x3fff)).unwrap(), 0);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x4000)).unwrap(), 5);
+        // Still guest RAM: writable, and the file never changes.
+        mem.write_obj(9u8, GuestAddress(0x2000)).unwrap();
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x2000)).unwrap(), 9);
+        let mut back = [0u8; 1];
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut back, 0x3000).unwrap();
+        assert_eq!(back, [5]);
     }
 
     #[test]

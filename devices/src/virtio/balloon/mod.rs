@@ -17,7 +17,7 @@ mod device;
 mod discard;
 mod request;
 
-pub use device::{mib_to_pages, Balloon, BalloonConfig, BALLOON_QUEUE_SIZE};
+pub use device::{mib_to_pages, Balloon, BalloonConfig, BalloonState, BALLOON_QUEUE_SIZE};
 pub use discard::{HostDiscarder, PageDiscarder};
 pub use request::{
     process_deflate, process_inflate, process_reporting, BalloonCounters, BalloonStats, StatsQueue,

@@ -367,6 +367,17 @@ impl StatsQueue {
         self.held = None;
     }
 
+    /// The head descriptor of the held buffer (snapshots).
+    pub fn held_buffer(&self) -> Option<u16> {
+        self.held
+    }
+
+    /// Holds the buffer at head descriptor `head` again, as a restored
+    /// device whose driver posted it before the snapshot.
+    pub fn hold(&mut self, head: Option<u16>) {
+        self.held = head;
+    }
+
     /// Reads up to [`MAX_STAT_ENTRIES`] entries from the chain's readable
     /// buffers; false when the chain is malformed.
     fn read_stats(&mut self, chain: Chain<'_>, mem: &GuestMemoryMmap) -> bool {

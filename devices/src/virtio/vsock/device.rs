@@ -240,6 +240,59 @@ impl VirtioDevice for Vsock {
         // Connections die with the driver; the listening socket stays.
         self.muxer.reset_connections();
     }
+
+    fn restored(
+        &mut self,
+        queues: &mut [&mut Queue],
+        mem: &GuestMemoryMmap,
+    ) -> std::result::Result<u64, DeviceError> {
+        // The host ends of the guest's connections were Unix sockets of
+        // the process the snapshot came from: they are gone. The spec's
+        // transport reset event (5.10.6.4.3) makes the driver drop every
+        // connection (its peers see a reset) and read the CID again;
+        // listening sockets stay.
+        let Some(queue) = queues.get_mut(EVT_QUEUE) else {
+            return Ok(0);
+        };
+        Ok(if send_transport_reset(queue, mem) {
+            queue_bit(EVT_QUEUE)
+        } else {
+            0
+        })
+    }
+}
+
+/// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`, the id of `struct virtio_vsock_event`.
+pub const VSOCK_EVENT_TRANSPORT_RESET: u32 = 0;
+
+/// Puts a transport reset event in the first buffer the driver posted on
+/// the event queue; false when there was none (a driver that posts no
+/// event buffers is not told) or it was unusable.
+fn send_transport_reset(queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+    use vm_memory::Bytes;
+
+    let Some(chain) = queue.pop_descriptor_chain(mem) else {
+        tracing::warn!("vsock: no event buffer for the transport reset after a restore");
+        return false;
+    };
+    let head = chain.head_index();
+    // struct virtio_vsock_event { le32 id; }
+    const EVENT_LEN: u32 = 4;
+    let written = chain
+        .writable()
+        .find(|d| d.len() >= EVENT_LEN)
+        .is_some_and(|d| {
+            mem.write_slice(&VSOCK_EVENT_TRANSPORT_RESET.to_le_bytes(), d.addr())
+                .is_ok()
+        });
+    let len = if written { EVENT_LEN } else { 0 };
+    if queue.add_used(mem, head, len).is_err() {
+        return false;
+    }
+    if !written {
+        tracing::warn!("vsock: the event buffer cannot hold the transport reset");
+    }
+    written
 }
 
 #[cfg(test)]
@@ -754,6 +807,38 @@ mod tests {
         r.rxq.avail().idx().store(40);
         r.run(DeviceEvent::Queue(RXQ));
         // Reaching here is the test: neither drain loop spun.
+    }
+
+    #[test]
+    fn a_restore_is_announced_as_a_transport_reset() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut dev = Vsock::new(CID, &dir.path().join("v.sock")).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap();
+        let rxq = MockSplitQueue::create(&mem, GuestAddress(RX_Q), QSIZE);
+        let txq = MockSplitQueue::create(&mem, GuestAddress(TX_Q), QSIZE);
+        let evq = MockSplitQueue::create(&mem, GuestAddress(EVT_Q), QSIZE);
+        let mut queues = [
+            rxq.create_queue().unwrap(),
+            txq.create_queue().unwrap(),
+            evq.create_queue().unwrap(),
+        ];
+        let restored = |dev: &mut Vsock, queues: &mut [Queue; 3]| {
+            let [rx, tx, evt] = queues;
+            dev.restored(&mut [rx, tx, evt], &mem).unwrap()
+        };
+        // A driver that posted no event buffer is not told.
+        assert_eq!(restored(&mut dev, &mut queues), 0);
+        mem.write_slice(&[0xff; 8], GuestAddress(0x80_0000))
+            .unwrap();
+        evq.add_desc_chains(&[desc(0x80_0000, 8, VRING_DESC_F_WRITE, 0)], 0)
+            .unwrap();
+        assert_eq!(restored(&mut dev, &mut queues), queue_bit(EVT_QUEUE));
+        assert_eq!(evq.used().idx().load(), 1);
+        let elem = evq.used().ring().ref_at(0).unwrap().load();
+        assert_eq!(elem.len(), 4);
+        let mut event = [0u8; 8];
+        mem.read_slice(&mut event, GuestAddress(0x80_0000)).unwrap();
+        assert_eq!(event, [0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff]);
     }
 
     #[test]

@@ -15,7 +15,7 @@ mod connection;
 mod device;
 mod muxer;
 
-pub use device::{Vsock, VSOCK_QUEUE_SIZE};
+pub use device::{Vsock, VSOCK_EVENT_TRANSPORT_RESET, VSOCK_QUEUE_SIZE};
 pub use muxer::MuxerStats;
 
 /// Virtio device id of the socket device.
@@ -29,7 +29,7 @@ pub const MIN_GUEST_CID: u64 = 3;
 pub const RX_QUEUE: usize = 0;
 /// Driver-to-device packets.
 pub const TX_QUEUE: usize = 1;
-/// Device events (transport reset); capsid never sends any.
+/// Device events: the transport reset capsid-vmm sends after a restore.
 pub const EVT_QUEUE: usize = 2;
 
 /// VIRTIO_VSOCK_TYPE_STREAM.

@@ -6,6 +6,7 @@
 
 use std::collections::VecDeque;
 
+use serde::{Deserialize, Serialize};
 use vm_superio::Trigger;
 
 /// Offset of the data port (0x60) from the device base.
@@ -47,6 +48,17 @@ const CTRL_ALT_DEL_SET2: &[u8] = &[
     0x14, 0x11, 0xe0, 0x71, 0xe0, 0xf0, 0x71, 0xf0, 0x11, 0xf0, 0x14,
 ];
 
+/// What a snapshot keeps of the controller.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct I8042State {
+    /// The command byte.
+    pub command_byte: u8,
+    /// A command waiting for its data byte.
+    pub pending: Option<u8>,
+    /// Bytes waiting in the output buffer.
+    pub out: Vec<u8>,
+}
+
 /// The controller; `R` pulls the reset line, `I` raises IRQ 1.
 #[derive(Debug)]
 pub struct I8042<R: Trigger, I: Trigger> {
@@ -66,6 +78,26 @@ impl<R: Trigger, I: Trigger> I8042<R, I> {
             command_byte: CB_KBD_INT | CB_SYSTEM | CB_XLATE,
             pending: None,
             out: VecDeque::with_capacity(BUFFER_LEN),
+        }
+    }
+
+    /// A controller in a snapshot's `state` (a longer output buffer than
+    /// the controller's is cut); raises IRQ 1 when bytes wait for the
+    /// guest, as the controller would have.
+    pub fn from_state(reset: R, irq: I, state: &I8042State) -> Self {
+        let mut dev = Self::new(reset, irq);
+        dev.command_byte = state.command_byte;
+        dev.pending = state.pending;
+        dev.push(&state.out);
+        dev
+    }
+
+    /// The controller's state.
+    pub fn state(&self) -> I8042State {
+        I8042State {
+            command_byte: self.command_byte,
+            pending: self.pending,
+            out: self.out.iter().copied().collect(),
         }
     }
 
@@ -226,6 +258,27 @@ mod tests {
         d.write(DATA, CB_KBD_INT);
         d.ctrl_alt_del();
         assert_eq!(d.read(DATA), 0x14);
+    }
+
+    #[test]
+    fn state_round_trips() {
+        let (mut d, _, _) = dev();
+        d.write(COMMAND, 0x60);
+        d.write(DATA, CB_KBD_INT);
+        d.ctrl_alt_del();
+        d.read(DATA);
+        d.write(COMMAND, 0xd1);
+        let state = d.state();
+        assert_eq!(state.pending, Some(0xd1));
+        let (r, i) = (Count::default(), Count::default());
+        let mut back = I8042::from_state(r.clone(), i.clone(), &state);
+        assert_eq!(back.state(), state);
+        // Keys still waiting interrupt the restored guest.
+        assert!(i.0.load(Ordering::SeqCst) >= 1);
+        assert_eq!(back.read(DATA), CTRL_ALT_DEL_SET2[1]);
+        // The pending output-port write still resets.
+        assert!(back.write(DATA, 0xfe));
+        assert_eq!(r.0.load(Ordering::SeqCst), 1);
     }
 
     #[test]

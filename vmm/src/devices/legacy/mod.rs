@@ -9,9 +9,11 @@ use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::SerialState;
 use vm_superio::{Serial, Trigger};
 
-use self::i8042::I8042;
+use self::i8042::{I8042State, I8042};
 use super::IrqLine;
 use crate::vstate::vcpu::Bus;
 
@@ -51,6 +53,86 @@ fn port_offset(port: u16, base: u16) -> u8 {
 
 type Console = Box<dyn Write + Send>;
 
+/// Errors restoring the legacy devices.
+#[derive(Debug, thiserror::Error)]
+pub enum LegacyError {
+    /// The saved serial port is not one vm-superio takes.
+    #[error("the saved serial port cannot be restored: {0}")]
+    Serial(String),
+    /// A device's lock was poisoned by a panic.
+    #[error("the {0} is out of service")]
+    Poisoned(&'static str),
+}
+
+/// The 8250's registers, as a snapshot keeps them (vm-superio's
+/// `SerialState`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialRegisters {
+    /// Divisor latch, low byte.
+    pub baud_divisor_low: u8,
+    /// Divisor latch, high byte.
+    pub baud_divisor_high: u8,
+    /// Interrupt enable.
+    pub interrupt_enable: u8,
+    /// Interrupt identification.
+    pub interrupt_identification: u8,
+    /// Line control.
+    pub line_control: u8,
+    /// Line status.
+    pub line_status: u8,
+    /// Modem control.
+    pub modem_control: u8,
+    /// Modem status.
+    pub modem_status: u8,
+    /// Scratch.
+    pub scratch: u8,
+    /// Received bytes the guest has not read.
+    pub in_buffer: Vec<u8>,
+}
+
+impl From<SerialState> for SerialRegisters {
+    fn from(s: SerialState) -> Self {
+        Self {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+}
+
+impl From<&SerialRegisters> for SerialState {
+    fn from(s: &SerialRegisters) -> Self {
+        Self {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        }
+    }
+}
+
+/// What a snapshot keeps of the legacy devices.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LegacyState {
+    /// COM1.
+    pub serial: SerialRegisters,
+    /// The i8042.
+    pub i8042: I8042State,
+}
+
 /// The port-I/O devices of the VM.
 pub struct LegacyBus {
     serial: Mutex<Serial<IrqLine, vm_superio::serial::NoEvents, Console>>,
@@ -78,6 +160,49 @@ impl LegacyBus {
             reset,
             unhandled_logged: AtomicBool::new(false),
         }
+    }
+
+    /// The devices of [`Self::new`] in a snapshot's `state`; each raises
+    /// its interrupt if the state has one pending, so build them once the
+    /// interrupt controllers hold their own restored state.
+    pub fn restore(
+        console: Console,
+        serial_irq: IrqLine,
+        keyboard_irq: IrqLine,
+        state: &LegacyState,
+    ) -> Result<Self, LegacyError> {
+        let reset = Flag::default();
+        let serial = Serial::from_state(
+            &SerialState::from(&state.serial),
+            serial_irq,
+            vm_superio::serial::NoEvents,
+            console,
+        )
+        .map_err(|e| LegacyError::Serial(e.to_string()))?;
+        Ok(Self {
+            serial: Mutex::new(serial),
+            i8042: Mutex::new(I8042::from_state(reset.clone(), keyboard_irq, &state.i8042)),
+            reset,
+            unhandled_logged: AtomicBool::new(false),
+        })
+    }
+
+    /// The devices' state, for a snapshot.
+    pub fn state(&self) -> Result<LegacyState, LegacyError> {
+        let serial = self
+            .serial
+            .lock()
+            .map_err(|_| LegacyError::Poisoned("serial port"))?
+            .state();
+        let i8042 = self
+            .i8042
+            .lock()
+            .map_err(|_| LegacyError::Poisoned("i8042"))?
+            .state();
+        Ok(LegacyState {
+            serial: serial.into(),
+            i8042,
+        })
     }
 
     /// Presses Ctrl-Alt-Del on the guest's keyboard.
@@ -220,6 +345,35 @@ mod tests {
         let mut key = [0u8];
         bus.pio_read(I8042_DATA, &mut key);
         assert_eq!(key[0], 0x1d);
+    }
+
+    #[test]
+    fn state_survives_a_restore() {
+        let bus = bus(Box::new(std::io::sink()));
+        // The guest's line control and scratch registers, and a key.
+        bus.pio_write(COM1_BASE + 3, &[0x03]);
+        bus.pio_write(COM1_BASE + 7, &[0x5a]);
+        bus.ctrl_alt_del();
+        let state = bus.state().unwrap();
+        let json = serde_json::to_string(&state).unwrap();
+        let back: LegacyState = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, state);
+        let sink = Sink::default();
+        let restored = LegacyBus::restore(
+            Box::new(sink.clone()),
+            IrqLine::detached().unwrap(),
+            IrqLine::detached().unwrap(),
+            &back,
+        )
+        .unwrap();
+        let mut scratch = [0u8];
+        restored.pio_read(COM1_BASE + 7, &mut scratch);
+        assert_eq!(scratch[0], 0x5a);
+        let mut key = [0u8];
+        restored.pio_read(I8042_DATA, &mut key);
+        assert_eq!(key[0], 0x1d);
+        restored.pio_write(COM1_BASE, b"x");
+        assert_eq!(sink.0.lock().unwrap().as_slice(), b"x");
     }
 
     #[test]
