@@ -319,7 +319,7 @@ impl Container {
         events: Events,
         pod: Arc<Pod>,
     ) -> Result<Arc<Self>> {
-        let added = match crate::pod::add(&pod, &req, &plan, false).await {
+        let added = match crate::pod::add(&pod, &req, &plan, false, None).await {
             Ok(added) => added,
             Err(e) => {
                 hooks::poststop_detached(&plan.hooks, &req.id, &req.bundle, 0).await;

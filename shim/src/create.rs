@@ -336,24 +336,13 @@ pub async fn make(req: &CreateRequest, plan: &Plan, config: &Config) -> Result<M
 
     run_create_hooks(req, plan, &sandbox).await?;
 
-    let from_spec = plan.resolv_conf.as_deref().and_then(network::dns_from_file);
-    let dns = from_spec.or_else(|| {
-        attachment
-            .as_ref()
-            .map(|a| a.guest.dns.clone())
-            .filter(|d| !d.is_empty())
-    });
-    // Loopback resolvers (Docker's 127.0.0.11) live in the container's
-    // namespace on the host: the guest reaches them through a relay.
-    let netns = attachment
-        .as_ref()
-        .map(|a| a.netns.clone())
-        .or_else(|| late_network.as_ref().map(|l| l.netns.clone()));
-    if let (Some(dns), Some(netns)) = (&dns, &netns) {
-        if sandbox.relay_dns(netns, dns)? {
-            tracing::info!(container = %req.id, "DNS for loopback resolvers relayed to the host");
-        }
-    }
+    let dns = container_dns(
+        req,
+        plan,
+        &sandbox,
+        attachment.as_ref(),
+        late_network.as_ref(),
+    )?;
     let sandbox = Arc::new(sandbox);
     if let Some(share) = pod_vm.then(|| share.take()).flatten() {
         // The pause container runs in the VM like the pod's others: their
@@ -367,7 +356,7 @@ pub async fn make(req: &CreateRequest, plan: &Plan, config: &Config) -> Result<M
             rx,
             config,
         ));
-        let added = crate::pod::add(&pod, req, plan, true).await?;
+        let added = crate::pod::add(&pod, req, plan, true, dns).await?;
         let host_pid = vm_pid(&sandbox)?;
         let record = rollback
             .commit()
@@ -495,22 +484,13 @@ pub async fn make_warm(
     tracing::info!(container = %req.id, sandbox = %name, ?cgroup, memory_mib = plan.size.memory_mib, "container takes a pooled sandbox");
 
     run_create_hooks(req, plan, &sandbox).await?;
-    let from_spec = plan.resolv_conf.as_deref().and_then(network::dns_from_file);
-    let dns = from_spec.or_else(|| {
-        attachment
-            .as_ref()
-            .map(|a| a.guest.dns.clone())
-            .filter(|d| !d.is_empty())
-    });
-    let netns = attachment
-        .as_ref()
-        .map(|a| a.netns.clone())
-        .or_else(|| late_network.as_ref().map(|l| l.netns.clone()));
-    if let (Some(dns), Some(netns)) = (&dns, &netns) {
-        if sandbox.relay_dns(netns, dns)? {
-            tracing::info!(container = %req.id, "DNS for loopback resolvers relayed to the host");
-        }
-    }
+    let dns = container_dns(
+        req,
+        plan,
+        &sandbox,
+        attachment.as_ref(),
+        late_network.as_ref(),
+    )?;
     // The container goes in as a pod's first one does; the pod is only
     // the means (nothing else can join this VM).
     let (_tx, rx) = watch::channel(None);
@@ -522,7 +502,7 @@ pub async fn make_warm(
         rx,
         config,
     );
-    let added = crate::pod::add(&pod, req, plan, true).await?;
+    let added = crate::pod::add(&pod, req, plan, true, dns).await?;
     drop(pod);
     let host_pid = vm_pid(&sandbox)?;
     let record = rollback
@@ -538,6 +518,34 @@ pub async fn make_warm(
         late_network,
         io: added.io,
     })
+}
+
+/// The container's resolver settings: the spec's resolv.conf, else what
+/// its network's namespace gives. Loopback resolvers (Docker's
+/// 127.0.0.11) live in the container's namespace on the host: the guest
+/// reaches them through a relay, set up here.
+fn container_dns(
+    req: &CreateRequest,
+    plan: &Plan,
+    sandbox: &Sandbox,
+    attachment: Option<&capsid_sandbox::network::TapAttachment>,
+    late_network: Option<&LateNetwork>,
+) -> Result<Option<capsid_sandbox::network::GuestDns>> {
+    let from_spec = plan.resolv_conf.as_deref().and_then(network::dns_from_file);
+    let dns = from_spec.or_else(|| {
+        attachment
+            .map(|a| a.guest.dns.clone())
+            .filter(|d| !d.is_empty())
+    });
+    let netns = attachment
+        .map(|a| a.netns.clone())
+        .or_else(|| late_network.map(|l| l.netns.clone()));
+    if let (Some(dns), Some(netns)) = (&dns, &netns) {
+        if sandbox.relay_dns(netns, dns)? {
+            tracing::info!(container = %req.id, "DNS for loopback resolvers relayed to the host");
+        }
+    }
+    Ok(dns)
 }
 
 /// Makes the sandbox's own network namespace and its VM's tap, recorded

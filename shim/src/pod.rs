@@ -273,17 +273,23 @@ fn share_pause_shm(spec: &mut Spec, pause_pid: u32) {
 }
 
 /// Adds the container of `req` to `pod`'s VM: its rootfs and volumes in
-/// an entry of the share, then the container through the agent. On error
-/// nothing of it is left.
-pub async fn add(pod: &Pod, req: &CreateRequest, plan: &Plan, pause: bool) -> Result<Added> {
+/// an entry of the share, then the container through the agent, with
+/// `dns` (else the spec's resolv.conf). On error nothing of it is left.
+pub async fn add(
+    pod: &Pod,
+    req: &CreateRequest,
+    plan: &Plan,
+    pause: bool,
+    dns: Option<capsid_sandbox::network::GuestDns>,
+) -> Result<Added> {
     pod.check_running()?;
     if pause {
-        return add_fitted(pod, req, plan, true).await;
+        return add_fitted(pod, req, plan, true, dns).await;
     }
     crate::sizing::check_fits_pod(&plan.spec, pod.size)?;
     pod.fit_memory(&req.id, crate::sizing::spec_memory_limit_mib(&plan.spec))
         .await?;
-    let added = add_fitted(pod, req, plan, false).await;
+    let added = add_fitted(pod, req, plan, false, dns).await;
     if added.is_err() {
         pod.put_memory_limit(&req.id, None).await;
     }
@@ -291,7 +297,13 @@ pub async fn add(pod: &Pod, req: &CreateRequest, plan: &Plan, pause: bool) -> Re
 }
 
 /// [`add`], once the container's limits fit in the pod's VM.
-async fn add_fitted(pod: &Pod, req: &CreateRequest, plan: &Plan, pause: bool) -> Result<Added> {
+async fn add_fitted(
+    pod: &Pod,
+    req: &CreateRequest,
+    plan: &Plan,
+    pause: bool,
+    dns: Option<capsid_sandbox::network::GuestDns>,
+) -> Result<Added> {
     let n = pod.next_entry.fetch_add(1, Ordering::SeqCst);
     let name = format!("c{n}");
     // The pause container's entry goes with the pod's share (the pod
@@ -357,7 +369,7 @@ async fn add_fitted(pod: &Pod, req: &CreateRequest, plan: &Plan, pause: bool) ->
     if !pause {
         crate::create::run_create_hooks(req, plan, &pod.sandbox).await?;
     }
-    let dns = plan.resolv_conf.as_deref().and_then(network::dns_from_file);
+    let dns = dns.or_else(|| plan.resolv_conf.as_deref().and_then(network::dns_from_file));
     let hosts = plan
         .hosts_file
         .as_deref()

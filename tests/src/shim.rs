@@ -221,6 +221,29 @@ impl ShimHarness {
         }
     }
 
+    /// Waits until containerd, told the shim of task `id` died, has run
+    /// `delete` in its bundle (its cleanup report is in the log) and
+    /// forgotten the task.
+    pub fn wait_dead_shim_cleaned_up(&self, id: &str) {
+        let start = Instant::now();
+        while !self.status(id).is_empty() {
+            assert!(
+                start.elapsed() < Duration::from_secs(120),
+                "task {id} still listed"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let start = Instant::now();
+        while !self.log().contains("killed sandbox process") {
+            assert!(
+                start.elapsed() < Duration::from_secs(120),
+                "no cleanup report\n{}",
+                self.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// containerd's log (the shims log into it).
     pub fn log(&self) -> String {
         self.ctrd.log()

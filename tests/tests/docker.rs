@@ -10,6 +10,19 @@ use std::time::Duration;
 
 use capsid_tests::docker::{DockerHarness, BUSYBOX, CAPSID, RUNTIMES, TOOLS, UPSTREAM_NAME};
 
+/// The gateway address of Docker's default bridge network.
+fn bridge_gateway(h: &DockerHarness) -> String {
+    let (code, out, err) = h.docker(&[
+        "network",
+        "inspect",
+        "bridge",
+        "-f",
+        "{{(index .IPAM.Config 0).Gateway}}",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    out.trim().to_string()
+}
+
 /// Runs `docker ARGS…` with `input` on its stdin.
 fn docker_with_input(h: &DockerHarness, args: &[&str], input: &[u8]) -> (i32, String, String) {
     let mut child = h
@@ -250,17 +263,7 @@ fn a_detached_container_lives_and_dies_as_docker_says() {
 #[test]
 fn containers_are_on_dockers_networks() {
     let h = DockerHarness::start();
-    let gateway = {
-        let (code, out, err) = h.docker(&[
-            "network",
-            "inspect",
-            "bridge",
-            "-f",
-            "{{(index .IPAM.Config 0).Gateway}}",
-        ]);
-        assert_eq!(code, 0, "{err}");
-        out.trim().to_string()
-    };
+    let gateway = bridge_gateway(&h);
     h.load_tools_image();
     let (code, _, err) = h.docker(&["network", "create", "testnet"]);
     assert_eq!(code, 0, "{err}");
@@ -631,17 +634,7 @@ fn volumes_bind_mounts_named_volumes_and_init() {
 #[test]
 fn docker_run_takes_a_pooled_sandbox_on_dockers_network() {
     let h = DockerHarness::start();
-    let gateway = {
-        let (code, out, err) = h.docker(&[
-            "network",
-            "inspect",
-            "bridge",
-            "-f",
-            "{{(index .IPAM.Config 0).Gateway}}",
-        ]);
-        assert_eq!(code, 0, "{err}");
-        out.trim().to_string()
-    };
+    let gateway = bridge_gateway(&h);
     let config = h.dir().join("capsid.toml");
     capsid_tests::pool::enable(&config, 256, 1);
     let daemon = capsid_tests::pool::PoolDaemon::start(&config);

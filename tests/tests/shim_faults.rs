@@ -292,21 +292,7 @@ fn killing_the_shim_lets_containerd_clean_up() {
     let shim = h.shim_pid("s1").expect("the shim of s1");
     kill9(shim);
     // containerd notices, runs `delete` in the bundle, and forgets the task.
-    let start = Instant::now();
-    while !h.status("s1").is_empty() {
-        assert!(start.elapsed() < LONG, "task s1 still listed");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    // Its cleanup report arrives in containerd's log once `delete` is done.
-    let start = Instant::now();
-    while !h.log().contains("killed sandbox process") {
-        assert!(
-            start.elapsed() < LONG,
-            "no cleanup report\n{}",
-            h.log_tail()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    h.wait_dead_shim_cleaned_up("s1");
     let (code, _, err) = h.ctr(&["container", "delete", "s1"]);
     assert_eq!(code, 0, "{err}");
     h.assert_clean(&["s1"]);

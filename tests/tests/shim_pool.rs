@@ -386,20 +386,7 @@ fn a_pooled_container_has_its_volumes_and_a_killed_shim_is_cleaned_up_from_the_b
         .status();
     let (_, _) = warm.wait();
     // containerd notices, runs `delete` in the bundle, and forgets the task.
-    let start = Instant::now();
-    while !h.status("k1").is_empty() {
-        assert!(start.elapsed() < LONG, "task k1 still listed");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let start = Instant::now();
-    while !h.log().contains("killed sandbox process") {
-        assert!(
-            start.elapsed() < LONG,
-            "no cleanup report\n{}",
-            h.log_tail()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    h.wait_dead_shim_cleaned_up("k1");
     let (code, _, err) = h.ctr(&["container", "delete", "k1"]);
     assert_eq!(code, 0, "{err}");
     h.assert_clean(&["k1"]);

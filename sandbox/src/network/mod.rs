@@ -180,19 +180,7 @@ pub fn attach_to(
     tap_name: &str,
     veth: Option<&str>,
 ) -> Result<TapAttachment, NetworkError> {
-    check_ifname(tap_name)?;
-    let ns = Netns::open(netns)?;
-    let links = read::links(&ns)?;
-    if links.iter().any(|l| l.ifname == tap_name) {
-        return Err(NetworkError::NoInterface {
-            netns: netns.to_owned(),
-            reason: format!("an interface named {tap_name} already exists (attached twice?)"),
-        });
-    }
-    let veth = read::pick_interface(&ns, &links, veth)?;
-    let guest = read::guest_network(&ns, &veth)?;
-    let mtu = veth.mtu.to_string();
-
+    let (ns, veth, guest, mtu) = interface_for(netns, tap_name, veth)?;
     ns.ip(&["tuntap", "add", "dev", tap_name, "mode", "tap"])?;
     let mut veth_qdisc = false;
     let wired = wire(&ns, tap_name, &veth.ifname, &guest, &mtu, &mut veth_qdisc);
@@ -223,18 +211,7 @@ pub fn attach_to(
 /// one would be. The tap must be recorded in `netns` before this is called:
 /// from the move on, deleting it there is the undo.
 pub fn adopt_tap(from: &Path, tap_name: &str, netns: &Path) -> Result<TapAttachment, NetworkError> {
-    check_ifname(tap_name)?;
-    let ns = Netns::open(netns)?;
-    let links = read::links(&ns)?;
-    if links.iter().any(|l| l.ifname == tap_name) {
-        return Err(NetworkError::NoInterface {
-            netns: netns.to_owned(),
-            reason: format!("an interface named {tap_name} already exists"),
-        });
-    }
-    let veth = read::pick_interface(&ns, &links, None)?;
-    let guest = read::guest_network(&ns, &veth)?;
-    let mtu = veth.mtu.to_string();
+    let (ns, veth, guest, mtu) = interface_for(netns, tap_name, None)?;
     let target = netns.to_str().ok_or_else(|| NetworkError::NoInterface {
         netns: netns.to_owned(),
         reason: "the namespace's path is not UTF-8".into(),
@@ -260,6 +237,30 @@ pub fn adopt_tap(from: &Path, tap_name: &str, netns: &Path) -> Result<TapAttachm
         veth: veth.ifname,
         guest,
     })
+}
+
+/// The namespace at `netns`, the interface a tap named `tap_name` is to
+/// be joined to (`veth`, or the only candidate), what the guest must
+/// configure from it, and its MTU. A namespace that has an interface of
+/// the tap's name already is refused (attached twice?).
+fn interface_for(
+    netns: &Path,
+    tap_name: &str,
+    veth: Option<&str>,
+) -> Result<(Netns, read::Link, GuestNetwork, String), NetworkError> {
+    check_ifname(tap_name)?;
+    let ns = Netns::open(netns)?;
+    let links = read::links(&ns)?;
+    if links.iter().any(|l| l.ifname == tap_name) {
+        return Err(NetworkError::NoInterface {
+            netns: netns.to_owned(),
+            reason: format!("an interface named {tap_name} already exists (attached twice?)"),
+        });
+    }
+    let veth = read::pick_interface(&ns, &links, veth)?;
+    let guest = read::guest_network(&ns, &veth)?;
+    let mtu = veth.mtu.to_string();
+    Ok((ns, veth, guest, mtu))
 }
 
 /// Configures the new tap and joins it to `veth` both ways, the tap's side
