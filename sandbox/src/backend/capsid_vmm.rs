@@ -250,7 +250,13 @@ impl CapsidVm {
     /// SIGTERM then SIGKILL) and removes the run directory.
     fn clean_up(&mut self) {
         if let Some(daemon) = self.virtiofsd.as_mut() {
-            let _ = daemon.terminate(VIRTIOFSD_GRACE);
+            // A virtiofsd no VMM ever connected to has nobody to hang up.
+            let hang_up_by = std::time::Instant::now()
+                + self
+                    .vmm
+                    .as_ref()
+                    .map_or(Duration::ZERO, |_| super::process::HANG_UP_GRACE);
+            let _ = daemon.stop_after_hang_up(hang_up_by, VIRTIOFSD_GRACE);
         }
         self.last_words = last_words(self.vmm.iter_mut().chain(&mut self.virtiofsd), &self.serial);
         let _ = std::fs::remove_dir_all(&self.run_dir);

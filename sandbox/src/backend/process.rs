@@ -133,6 +133,26 @@ impl Supervised {
         Ok(status)
     }
 
+    /// Stops a device process once its VMM has been reaped: it first gets
+    /// until `hang_up_by` to exit by itself (a backend exits when its
+    /// frontend hangs up), then SIGTERM and `grace` before SIGKILL.
+    /// Why not SIGTERM at once: a daemon that forked (virtiofsd's
+    /// namespace sandbox waits in a parent for its worker) would die
+    /// before its worker, which is then orphaned and ends after this
+    /// process believes the VM gone.
+    pub fn stop_after_hang_up(
+        &mut self,
+        hang_up_by: Instant,
+        grace: Duration,
+    ) -> Result<ExitStatus> {
+        let left = hang_up_by.saturating_duration_since(Instant::now());
+        if let Some(status) = self.wait_timeout(left)? {
+            return Ok(status);
+        }
+        tracing::debug!(what = %self.what, "a device process did not exit when its VMM hung up");
+        self.terminate(grace)
+    }
+
     /// The last lines the process wrote to its log (for error messages).
     pub fn last_words(&self) -> String {
         let bytes =

@@ -370,8 +370,14 @@ impl QemuVm {
     /// Reaps the device backends (they exit once QEMU is gone) and removes
     /// the run directory.
     fn clean_up(&mut self) {
+        // Backends with no QEMU ever connected have nobody to hang up.
+        let hang_up_by = std::time::Instant::now()
+            + self
+                .qemu
+                .as_ref()
+                .map_or(Duration::ZERO, |_| super::process::HANG_UP_GRACE);
         for dev in &mut self.devices {
-            let _ = dev.terminate(Duration::from_secs(2));
+            let _ = dev.stop_after_hang_up(hang_up_by, Duration::from_secs(2));
         }
         self.last_words = last_words(self.qemu.iter_mut().chain(&mut self.devices), &self.serial);
         let _ = std::fs::remove_dir_all(&self.run_dir);
