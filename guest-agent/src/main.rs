@@ -8,7 +8,8 @@
 //! the VM rather than leaving it running unseen.
 //!
 //! Run as `capsid-agent __runtime …` it is instead the short-lived OCI
-//! runtime helper (`runtime.rs`).
+//! runtime helper (`runtime.rs`); as `capsid-agent __runtime-standby`, the
+//! same helper started ahead of time, waiting for its job (`standby.rs`).
 
 mod container;
 mod dns_relay;
@@ -23,6 +24,7 @@ mod runtime;
 mod seccomp;
 mod server;
 mod share;
+mod standby;
 mod stats;
 mod stdio;
 mod sysctl;
@@ -50,8 +52,10 @@ pub struct BootInfo {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) == Some(runtime::RUNTIME_ARG) {
-        return runtime::main(&args);
+    match args.first().map(String::as_str) {
+        Some(runtime::RUNTIME_ARG) => return runtime::main(&args),
+        Some(standby::STANDBY_ARG) => return standby::main(),
+        _ => {}
     }
     if std::process::id() != 1 {
         eprintln!("capsid-agent: must run as PID 1 of a capsid guest");
@@ -123,6 +127,10 @@ async fn serve(port: u32, boot: BootInfo) -> Result<(), String> {
         .start()
         .await
         .map_err(|e| format!("cannot serve the agent API: {e}"))?;
+    // Only now, with the host connected and served, and only once the
+    // containers are left alone (standby.rs): the boot path does not pay
+    // for it.
+    containers.start_standby();
     shutdown.notified().await;
     // Let the Shutdown reply reach the host before the VM goes away.
     tokio::time::sleep(Duration::from_millis(20)).await;

@@ -14,6 +14,10 @@
 //!
 //! The outcome is written to a result file: `pid N` or `error MESSAGE` on
 //! the first line, then the helper's own timings (logged at debug level).
+//!
+//! The agent usually has one helper started ahead of time, which gets its
+//! job and stdio over a socket instead of its arguments and stdio at spawn
+//! ([`crate::standby`]); from [`run_and_report`] on, the two are the same.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -141,6 +145,54 @@ pub fn main(args: &[String]) -> ExitCode {
         eprintln!("capsid-agent: bad runtime invocation {args:?}");
         return ExitCode::from(2);
     };
+    run_and_report(&inv, Entry::Fresh { entered })
+}
+
+/// How the helper came to its job, for the timings of a debug result.
+#[derive(Debug, Clone, Copy)]
+pub enum Entry {
+    /// Spawned for this job: `entered` its `main` (CLOCK_MONOTONIC ns).
+    Fresh {
+        /// When `main` was entered.
+        entered: u64,
+    },
+    /// Started ahead of time ([`crate::standby`]): `entered` its `main`
+    /// then, and was handed the job at `job`.
+    Standby {
+        /// When `main` was entered.
+        entered: u64,
+        /// When the job arrived.
+        job: u64,
+    },
+}
+
+impl Entry {
+    /// The timing line of a debug result (before `done at_ms=…`).
+    fn describe(self) -> String {
+        let ms = |ns: u64| ns as f64 / 1e6;
+        match self {
+            Self::Fresh { entered } => format!("entered at_ms={:.1}", ms(entered)),
+            Self::Standby { entered, job } => format!(
+                "standby entered at_ms={:.1} job received at_ms={:.1}",
+                ms(entered),
+                ms(job)
+            ),
+        }
+    }
+}
+
+/// Runs `inv` and writes its result file: what `main` does once the job is
+/// known, whether the helper was spawned for it or was a standby. The exit
+/// code only says whether a result was written.
+pub fn run_and_report(inv: &Invocation, entry: Entry) -> ExitCode {
+    // The agent's cwd is `/`, except for a moment in each start: libcontainer
+    // chdirs the agent into the container's state directory to reach its
+    // notify socket. A helper spawned, or a standby started, in that moment
+    // would inherit a directory that goes with the container (and
+    // libcontainer's create reads the cwd back). Jobs run from `/`.
+    if let Err(e) = std::env::set_current_dir("/") {
+        tracing::warn!(error = %e, "cannot chdir to /");
+    }
     // libcontainer says what exactly failed through tracing: keep that
     // next to the result so an error can quote it.
     let log_path = inv.result.with_extension("log");
@@ -163,10 +215,10 @@ pub fn main(args: &[String]) -> ExitCode {
                 .try_init()
         };
     }
-    let outcome = match run(&inv) {
+    let outcome = match run(inv) {
         Ok(pid) if debug => format!(
-            "pid {pid}\nentered at_ms={:.1} done at_ms={:.1}\n{}",
-            entered as f64 / 1e6,
+            "pid {pid}\n{} done at_ms={:.1}\n{}",
+            entry.describe(),
             crate::monotonic_ns() as f64 / 1e6,
             std::fs::read_to_string(&log_path).unwrap_or_default()
         ),
@@ -184,7 +236,7 @@ pub fn main(args: &[String]) -> ExitCode {
             } else {
                 format!("{e} ({last})")
             };
-            format!("error {}\n", text.replace('\n', " "))
+            error_outcome(&text)
         }
     };
     let _ = std::fs::remove_file(&log_path);
@@ -192,6 +244,11 @@ pub fn main(args: &[String]) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(_) => ExitCode::FAILURE,
     }
+}
+
+/// The result file's text for a job that failed with `text`: one line.
+pub fn error_outcome(text: &str) -> String {
+    format!("error {}\n", text.replace('\n', " "))
 }
 
 fn builder(id: &str, console_socket: Option<&Path>) -> Result<ContainerBuilder> {

@@ -1,11 +1,21 @@
 //! The guest agent runs OCI containers: a real guest under QEMU-TCG, the
 //! busybox rootfs on our virtio-blk, stdio over our vsock.
 
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use capsid_sandbox::container::ContainerSpec;
+use capsid_sandbox::sandbox::{backend_for, Sandbox, SandboxOptions};
 use capsid_sandbox::spec::RunOptions;
 use capsid_sandbox::stdio::StreamsWanted;
-use capsid_tests::sandbox::{all_streams, busybox_sandbox, create, run_container, sh};
+use capsid_tests::artifact;
+use capsid_tests::sandbox::{
+    all_streams, busybox_layer, busybox_sandbox, create, erofs_from_layout, oci_spec,
+    run_container, sh, test_config,
+};
+use oci_spec::runtime::{Capability, LinuxNamespace, LinuxNamespaceType};
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
@@ -320,5 +330,469 @@ async fn terminal_processes_get_a_pty() {
     assert!(out.contains("33 101"), "{out}");
     assert!(out.contains("done"), "{out}");
     drop(streams.stdin);
+    sb.stop().await;
+}
+
+/// The agent's debug lines that say where a job's runtime helper came from
+/// (guest-agent/src/standby.rs, container/process.rs).
+const STANDBY_READY: &str = "standby runtime helper started";
+const HANDED: &str = "job handed to the standby runtime helper";
+const NOT_USABLE: &str = "standby runtime helper not usable: spawning one";
+
+/// A busybox sandbox whose agent logs at debug level on the console.
+async fn debug_sandbox(dir: &Path, id: &str) -> (Sandbox, PathBuf) {
+    sandbox_with_args(dir, id, &["CAPSID_AGENT_LOG=debug"]).await
+}
+
+/// A busybox sandbox with `args` on the kernel command line; its console log.
+async fn sandbox_with_args(dir: &Path, id: &str, args: &[&str]) -> (Sandbox, PathBuf) {
+    let rootfs = erofs_from_layout(&artifact("images/busybox"), &dir.join("busybox.erofs"));
+    let config = test_config(dir);
+    let backend = backend_for(&config).unwrap();
+    let opts = SandboxOptions {
+        id: id.into(),
+        vcpus: 1,
+        memory_mib: 256,
+        disks: vec![busybox_layer().disk_spec(rootfs)],
+        kernel_args: args.iter().map(|a| a.to_string()).collect(),
+        ..Default::default()
+    };
+    let sb = Sandbox::start(&config, backend, opts).await.unwrap();
+    let log = find_file(&config.paths.state_dir.join(id), "console.log")
+        .expect("the sandbox's console.log");
+    (sb, log)
+}
+
+fn find_file(dir: &Path, name: &str) -> Option<PathBuf> {
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        if path.file_name().is_some_and(|n| n == name) {
+            return Some(path);
+        }
+        if path.is_dir() {
+            if let Some(found) = find_file(&path, name) {
+                return Some(found);
+            }
+        }
+    }
+    None
+}
+
+fn count_in(log: &Path, needle: &str) -> usize {
+    String::from_utf8_lossy(&std::fs::read(log).unwrap_or_default())
+        .matches(needle)
+        .count()
+}
+
+/// Waits until the console log has `n` lines with `needle`.
+async fn wait_for_lines(log: &Path, needle: &str, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while count_in(log, needle) < n {
+        if Instant::now() > deadline {
+            let text = String::from_utf8_lossy(&std::fs::read(log).unwrap_or_default())
+                .lines()
+                .filter(|l| l.contains("standby") || l.contains("spawn"))
+                .collect::<Vec<_>>()
+                .join("\n");
+            panic!(
+                "{n} lines of {needle:?} expected in the console log; the standby's lines:\n{text}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Runs `script` as exec `exec_id` of container `id` on stdio of its own
+/// (a terminal if `terminal`), with `stdin` fed then closed: stdout,
+/// stderr and the exit status.
+async fn exec_with_stdin(
+    sb: &Sandbox,
+    id: &str,
+    exec_id: &str,
+    script: &str,
+    stdin: &[u8],
+    terminal: bool,
+) -> (String, String, i32) {
+    let process = oci_spec::runtime::ProcessBuilder::default()
+        .args(vec!["sh".to_string(), "-c".into(), script.into()])
+        .env(vec!["PATH=/bin:/usr/bin".to_string()])
+        .cwd("/")
+        .terminal(terminal)
+        .build()
+        .unwrap();
+    let wanted = StreamsWanted {
+        stdin: true,
+        stdout: true,
+        stderr: true,
+        terminal,
+    };
+    let prepared = sb
+        .prepare_exec(id, exec_id, &serde_json::to_vec(&process).unwrap(), wanted)
+        .await
+        .unwrap();
+    let (_pid, streams) = sb.start_exec(id, prepared).await.unwrap();
+    let mut input = streams.stdin.unwrap();
+    let data = stdin.to_vec();
+    let feeder = tokio::spawn(async move {
+        input.write_all(&data).await.unwrap();
+        input.shutdown().await.unwrap();
+        // A terminal's input ends with the process, not with this stream.
+        input
+    });
+    let read = |s: Option<tokio::net::UnixStream>| async move {
+        let mut text = String::new();
+        if let Some(mut s) = s {
+            s.read_to_string(&mut text).await.unwrap();
+        }
+        text
+    };
+    let (out, err, exit) = tokio::join!(
+        read(streams.stdout),
+        read(streams.stderr),
+        sb.agent().wait_process(id, exec_id)
+    );
+    drop(feeder.await.unwrap());
+    (out, err, exit.unwrap().exit_status)
+}
+
+/// Jobs handed to standby runtime helpers (one per job, each started after
+/// the previous job) behave like jobs of helpers spawned for them: every
+/// process gets its own stdio (input, EOF, output and errors on their own
+/// streams), exit codes, and a terminal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standby_runtime_helpers_run_jobs_like_spawned_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sb, log) = debug_sandbox(dir.path(), "agent-standby").await;
+    // Before each job a standby is ready, so the job is handed to it.
+    let mut jobs = 0;
+
+    wait_for_lines(&log, STANDBY_READY, jobs + 1).await;
+    let out = run_container(
+        &sb,
+        "c1",
+        &sh("cat; echo out-c1; echo err-c1 >&2; exit 3"),
+        b"in-c1\n",
+    )
+    .await;
+    assert_eq!(
+        (text(&out.stdout), text(&out.stderr), out.status),
+        ("in-c1\nout-c1\n".into(), "err-c1\n".into(), 3)
+    );
+    jobs += 1;
+    wait_for_lines(&log, HANDED, jobs).await;
+
+    wait_for_lines(&log, STANDBY_READY, jobs + 1).await;
+    let sleeper = RunOptions {
+        command: vec!["sleep".into(), "100000".into()],
+        ..Default::default()
+    };
+    let none = StreamsWanted {
+        stdin: false,
+        stdout: false,
+        stderr: false,
+        terminal: false,
+    };
+    create(&sb, "c2", &sleeper, none).await.unwrap();
+    sb.start_init("c2").await.unwrap();
+    jobs += 1;
+    wait_for_lines(&log, HANDED, jobs).await;
+
+    for i in 1..=4 {
+        wait_for_lines(&log, STANDBY_READY, jobs + 1).await;
+        // Field 19 of /proc/PID/stat: the nice value, the agent's (0), as
+        // a spawned helper's process gets.
+        let script = format!(
+            "cat; echo out-{i} nice=$(cut -d' ' -f19 /proc/self/stat); echo err-{i} >&2; exit {i}"
+        );
+        let input = format!("in-{i}\n");
+        let got = exec_with_stdin(
+            &sb,
+            "c2",
+            &format!("e{i}"),
+            &script,
+            input.as_bytes(),
+            false,
+        )
+        .await;
+        assert_eq!(
+            got,
+            (format!("in-{i}\nout-{i} nice=0\n"), format!("err-{i}\n"), i),
+            "exec {i}"
+        );
+        jobs += 1;
+        wait_for_lines(&log, HANDED, jobs).await;
+    }
+
+    wait_for_lines(&log, STANDBY_READY, jobs + 1).await;
+    let (out, err, status) = exec_with_stdin(&sb, "c2", "tty1", "tty; echo done", b"", true).await;
+    let out = out.replace('\r', "");
+    assert!(out.contains("/dev/pts/") && out.contains("done"), "{out}");
+    assert_eq!((err.as_str(), status), ("", 0));
+    jobs += 1;
+    wait_for_lines(&log, HANDED, jobs).await;
+
+    wait_for_lines(&log, STANDBY_READY, jobs + 1).await;
+    let out = run_container(
+        &sb,
+        "c3",
+        &sh("cat; echo out-c3; echo err-c3 >&2; exit 5"),
+        b"in-c3\n",
+    )
+    .await;
+    assert_eq!(
+        (text(&out.stdout), text(&out.stderr), out.status),
+        ("in-c3\nout-c3\n".into(), "err-c3\n".into(), 5)
+    );
+    jobs += 1;
+    wait_for_lines(&log, HANDED, jobs).await;
+    assert_eq!(count_in(&log, NOT_USABLE), 0);
+    sb.stop().await;
+}
+
+/// A standby killed while it waits: the next job spawns its own helper
+/// and works; the one after that gets a standby again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_standby_is_replaced_by_a_spawned_helper() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sb, log) = debug_sandbox(dir.path(), "agent-standby-kill").await;
+
+    // The killer: in the VM's PID namespace, allowed to kill and to read
+    // other processes' memory maps. For each line on its stdin it reports
+    // the memory of every idle standby (there is one), kills it, and says
+    // "end".
+    let mut spec = oci_spec(&sh(r#"
+        while read cmd; do
+          for p in /proc/[0-9]*; do
+            case "$(tr '\000' ' ' < $p/cmdline 2>/dev/null)" in
+              "/proc/self/exe __runtime-standby"*)
+                echo "memory $(grep -E '^(Rss|Pss|Private_Clean|Private_Dirty|Shared_Clean):' $p/smaps_rollup | tr -s ' \n' '  ')"
+                kill -9 ${p#/proc/} && echo "killed ${p#/proc/}" ;;
+            esac
+          done
+          echo end
+        done"#));
+    let mut linux = spec.linux().clone().unwrap();
+    let ns: Vec<LinuxNamespace> = linux
+        .namespaces()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|n| n.typ() != LinuxNamespaceType::Pid)
+        .collect();
+    linux.set_namespaces(Some(ns));
+    spec.set_linux(Some(linux));
+    let mut process = spec.process().clone().unwrap();
+    let mut caps = process.capabilities().clone().unwrap_or_default();
+    let add = |set: Option<std::collections::HashSet<Capability>>| {
+        let mut set = set.unwrap_or_default();
+        set.extend([Capability::Kill, Capability::SysPtrace]);
+        Some(set)
+    };
+    caps.set_bounding(add(caps.bounding().clone()));
+    caps.set_effective(add(caps.effective().clone()));
+    caps.set_permitted(add(caps.permitted().clone()));
+    process.set_capabilities(Some(caps));
+    spec.set_process(Some(process));
+
+    wait_for_lines(&log, STANDBY_READY, 1).await;
+    let killer = sb
+        .create_container(ContainerSpec {
+            id: "killer",
+            oci: &spec,
+            layers: &[busybox_layer()],
+            dns: None,
+            hosts: None,
+            rootfs_in_share: None,
+            streams: StreamsWanted {
+                stdin: true,
+                stdout: true,
+                stderr: false,
+                terminal: false,
+            },
+        })
+        .await
+        .unwrap();
+    sb.start_init("killer").await.unwrap();
+    wait_for_lines(&log, HANDED, 1).await;
+    let mut orders = killer.streams.stdin.unwrap();
+    let mut reports = BufReader::new(killer.streams.stdout.unwrap());
+
+    // The second standby, idle (given a second to reach its socket):
+    // killed.
+    wait_for_lines(&log, STANDBY_READY, 2).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    orders.write_all(b"kill\n").await.unwrap();
+    let mut said = Vec::new();
+    loop {
+        let mut line = String::new();
+        reports.read_line(&mut line).await.unwrap();
+        assert!(!line.is_empty(), "the killer ended: {said:?}");
+        if line == "end\n" {
+            break;
+        }
+        said.push(line.trim_end().to_string());
+    }
+    eprintln!("the idle standby: {said:?}");
+    assert_eq!(said.len(), 2, "one standby found and killed: {said:?}");
+    assert!(said[1].starts_with("killed "), "{said:?}");
+
+    // The next create spawns its helper, and works.
+    let out = run_container(
+        &sb,
+        "c1",
+        &sh("cat; echo out-c1; echo err-c1 >&2; exit 4"),
+        b"in-c1\n",
+    )
+    .await;
+    assert_eq!(
+        (text(&out.stdout), text(&out.stderr), out.status),
+        ("in-c1\nout-c1\n".into(), "err-c1\n".into(), 4)
+    );
+    wait_for_lines(&log, NOT_USABLE, 1).await;
+    assert_eq!(count_in(&log, HANDED), 1, "c1's job was not handed over");
+
+    // A new standby follows, and takes the next job.
+    wait_for_lines(&log, STANDBY_READY, 3).await;
+    let out = run_container(&sb, "c2", &sh("cat; exit 6"), b"in-c2\n").await;
+    assert_eq!((text(&out.stdout), out.status), ("in-c2\n".into(), 6));
+    wait_for_lines(&log, HANDED, 2).await;
+
+    drop(orders);
+    assert_eq!(
+        sb.agent()
+            .wait_process("killer", "")
+            .await
+            .unwrap()
+            .exit_status,
+        0
+    );
+    sb.stop().await;
+}
+
+/// Not a test: what a create, a start and an exec cost in a VM that was
+/// idle before each (a pooled sandbox's situation), from the host, in ms.
+/// `CAPSID_BUILD_DIR` picks the initramfs to measure (docs/performance.md,
+/// "The runtime helper started ahead of time").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, run by hand with --ignored --nocapture"]
+async fn measure_jobs_in_an_idle_vm() {
+    const RUNS: usize = 8;
+    // Long enough for a standby to be started after the previous job
+    // (a second after it) and to reach its socket.
+    const IDLE: Duration = Duration::from_millis(2500);
+    let dir = tempfile::tempdir().unwrap();
+    // With CAPSID_MEASURE_DEBUG set, the agent's debug laps are printed too.
+    // With CAPSID_MEASURE_NO_STANDBY set, the agent spawns every helper.
+    let mut args = Vec::new();
+    let debug = std::env::var_os("CAPSID_MEASURE_DEBUG").is_some();
+    if debug {
+        args.push("CAPSID_AGENT_LOG=debug");
+    }
+    if std::env::var_os("CAPSID_MEASURE_NO_STANDBY").is_some() {
+        args.push("CAPSID_AGENT_STANDBY=off");
+    }
+    let (sb, log) = sandbox_with_args(dir.path(), "agent-measure", &args).await;
+    let log = debug.then_some(log);
+    let none = StreamsWanted {
+        stdin: false,
+        stdout: false,
+        stderr: false,
+        terminal: false,
+    };
+    let sleeper = RunOptions {
+        command: vec!["sleep".into(), "100000".into()],
+        ..Default::default()
+    };
+    tokio::time::sleep(IDLE).await;
+    create(&sb, "host", &sleeper, none).await.unwrap();
+    sb.start_init("host").await.unwrap();
+    let process = oci_spec::runtime::ProcessBuilder::default()
+        .args(vec!["true".to_string()])
+        .env(vec!["PATH=/bin:/usr/bin".to_string()])
+        .cwd("/")
+        .build()
+        .unwrap();
+    let (mut creates, mut starts, mut runs, mut execs) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
+    for i in 0..RUNS {
+        tokio::time::sleep(IDLE).await;
+        let id = format!("c{i}");
+        let t = Instant::now();
+        let outputs = StreamsWanted {
+            stdin: false,
+            stdout: true,
+            stderr: true,
+            terminal: false,
+        };
+        let created = create(
+            &sb,
+            &id,
+            &RunOptions {
+                command: vec!["echo".into()],
+                ..Default::default()
+            },
+            outputs,
+        )
+        .await
+        .unwrap();
+        creates.push(ms(t));
+        let t = Instant::now();
+        sb.start_init(&id).await.unwrap();
+        starts.push(ms(t));
+        // Then what a shim waits for before it reports the exit: the
+        // output at EOF, and the exit.
+        let drain = |s: Option<tokio::net::UnixStream>| async move {
+            let mut out = Vec::new();
+            s.unwrap().read_to_end(&mut out).await.unwrap();
+        };
+        let (_, _, exit) = tokio::join!(
+            drain(created.streams.stdout),
+            drain(created.streams.stderr),
+            sb.agent().wait_process(&id, "")
+        );
+        exit.unwrap();
+        runs.push(ms(t));
+        sb.remove_container(&id).await.unwrap();
+
+        tokio::time::sleep(IDLE).await;
+        let exec_id = format!("e{i}");
+        let prepared = sb
+            .prepare_exec(
+                "host",
+                &exec_id,
+                &serde_json::to_vec(&process).unwrap(),
+                none,
+            )
+            .await
+            .unwrap();
+        let t = Instant::now();
+        sb.start_exec("host", prepared).await.unwrap();
+        execs.push(ms(t));
+        sb.agent().wait_process("host", &exec_id).await.unwrap();
+    }
+    for (what, mut v) in [
+        ("CreateContainer", creates),
+        ("StartProcess (init)", starts),
+        ("start to EOF and exit", runs),
+        ("StartProcess (exec)", execs),
+    ] {
+        v.sort_by(f64::total_cmp);
+        eprintln!(
+            "{what:22} min {:7.1}  median {:7.1}  max {:7.1}  all {:?}",
+            v[0],
+            (v[RUNS / 2 - 1] + v[RUNS / 2]) / 2.0,
+            v[RUNS - 1],
+            v.iter().map(|x| x.round() as i64).collect::<Vec<_>>()
+        );
+    }
+    if let Some(log) = log {
+        let text = String::from_utf8_lossy(&std::fs::read(log).unwrap()).into_owned();
+        for line in text.lines() {
+            if line.contains(" lap ") || line.contains("standby") || line.contains("rpc=") {
+                eprintln!("{line}");
+            }
+        }
+    }
     sb.stop().await;
 }

@@ -46,6 +46,7 @@ impl Containers {
     /// Prepares the container: rootfs, bundle, init process created but not
     /// started. Returns the init's pid.
     pub async fn create(self: &Arc<Self>, req: CreateRequest) -> Result<u32> {
+        let _busy = self.standby.busy();
         if !rootfs::valid_id(&req.id) {
             return Err(ContainerError::Invalid(format!(
                 "container id {:?}",

@@ -99,6 +99,9 @@ impl Containers {
             };
             // send_replace stores the value even when nobody is subscribed yet.
             process.exit.send_replace(Some(info));
+            // The host drains its output and reacts (deletes it, stops the
+            // VM): no standby starts meanwhile.
+            containers.standby.touch();
             tracing::info!(container = %container.id, exec = %process.exec_id, pid, status = exit.status, oom, "process exited");
             if oom {
                 let mut ev = Event::new();

@@ -3,7 +3,8 @@
 //!
 //! [`Containers`] holds every container of this guest; its operations are
 //! split by kind: `create.rs` (rootfs, bundle and spec; the init created),
-//! `process.rs` (the runtime helper; starting the init and exec'd
+//! `process.rs` (the runtime helper, or the standby one of
+//! [`crate::standby`]; starting the init and exec'd
 //! processes; their terminals), `exit.rs` (exits, waits, signals, the event
 //! queue), `control.rs` (pause, resource updates, stats, process list)
 //! and `remove.rs` (a container taken away while the VM runs on).
@@ -26,6 +27,7 @@ use tokio::task::JoinError;
 use crate::lock::LockExt as _;
 use crate::reaper::Reaper;
 use crate::rootfs::{BundleDirs, RootfsError};
+use crate::standby::Standby;
 use crate::stdio::StdioError;
 
 pub use create::CreateRequest;
@@ -295,6 +297,8 @@ impl Container {
 /// Every container of this guest, and what the agent's API does with them.
 pub struct Containers {
     reaper: Reaper,
+    /// The runtime helper started ahead of time for the next job.
+    standby: Arc<Standby>,
     by_id: Mutex<HashMap<String, Arc<Container>>>,
     events: Events,
 }
@@ -309,10 +313,17 @@ impl Containers {
     /// No containers yet; `reaper` reports the exits of their processes.
     pub fn new(reaper: Reaper) -> Self {
         Self {
+            standby: Standby::new(reaper.clone(), crate::standby::enabled()),
             reaper,
             by_id: Mutex::new(HashMap::new()),
             events: Events::default(),
         }
+    }
+
+    /// Starts the first standby runtime helper in the background (later
+    /// ones follow each job). Must be called inside the tokio runtime.
+    pub fn start_standby(&self) {
+        self.standby.replenish();
     }
 
     /// Container `id`, unless it is unknown or being removed.

@@ -10,12 +10,14 @@ use std::time::Duration;
 
 use capsid_protocol::agent::Stdio;
 use libcontainer::container::Container as LcContainer;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
 use super::{Container, ContainerError, Containers, ExitInfo, Laps, Result};
 use crate::lock::LockExt as _;
+use crate::reaper::Exit;
 use crate::rootfs;
 use crate::runtime::{Invocation, Job, STATE_ROOT};
+use crate::standby::{self, Unavailable};
 use crate::stdio::{self, Streams, TtyPump};
 use crate::undo::Undo;
 
@@ -98,41 +100,53 @@ impl Containers {
             result: result.clone(),
             console_socket: console.as_ref().map(|c| c.path.clone()),
         };
-        let mut cmd = Command::new("/proc/self/exe");
-        cmd.args(inv.to_args());
-        let tty_streams = if terminal {
-            cmd.stdin(ProcStdio::null())
-                .stdout(ProcStdio::null())
-                .stderr(ProcStdio::null());
-            Some(streams)
+        // Without a terminal the streams are the process's stdio, and the
+        // helper's, which the process inherits; with one they go to the pty
+        // pump, and the helper's stdio is /dev/null.
+        let (mut stdio_fds, tty_streams) = if terminal {
+            (None, Some(streams))
         } else {
-            let Streams {
-                stdin,
-                stdout,
-                stderr,
-            } = streams;
-            cmd.stdin(ProcStdio::from(stdin))
-                .stdout(ProcStdio::from(stdout))
-                .stderr(ProcStdio::from(stderr));
-            None
+            (Some(streams), None)
         };
-        let (_, helper_exit) = self
-            .reaper
-            .spawn(&mut cmd)
-            .map_err(ContainerError::io("starting the runtime"))?;
-        laps.lap("helper spawned");
+        let (helper, helper_exit) = match self.standby.hand_over(&inv, stdio_fds.as_ref()).await {
+            Ok(handed) => {
+                tracing::debug!(container = %container.id, pid = handed.0, "job handed to the standby runtime helper");
+                laps.lap("job handed to the standby");
+                handed
+            }
+            Err(why) => {
+                if matches!(why, Unavailable::NotReady) {
+                    tracing::debug!(container = %container.id, "no standby runtime helper ready: spawning one");
+                } else {
+                    tracing::warn!(container = %container.id, error = %crate::describe(&why), "standby runtime helper not usable: spawning one");
+                }
+                let spawned = self.spawn_helper(&inv, stdio_fds.take())?;
+                laps.lap("helper spawned");
+                spawned
+            }
+        };
         // Our copies of the stream fds go now: the process holds the only
         // ones, so the host sees EOF exactly when the process is done.
-        drop(cmd);
+        drop(stdio_fds);
+        // The next job's helper, started in the background once the
+        // containers are left alone (see standby.rs).
+        self.standby.replenish();
         // The pty master arrives while the helper runs.
         let master = match console {
             Some(console) => Some(console.receive_master().await?),
             None => None,
         };
-        let _ = helper_exit.await;
+        let exit = helper_exit.await.ok();
         laps.lap("helper reaped");
         let text = fs::read_to_string(&result).unwrap_or_default();
         let _ = fs::remove_file(&result);
+        if text.trim().is_empty() {
+            // Killed, or it could not even read its job: it says nothing.
+            return Err(ContainerError::Runtime(format!(
+                "the runtime helper (pid {helper}) ended without a result ({})",
+                standby::how_it_ended(exit)
+            )));
+        }
         // The first line is the outcome; the helper's own timings follow.
         let mut lines = text.lines();
         let outcome = lines.next().unwrap_or_default();
@@ -149,8 +163,38 @@ impl Containers {
         Ok(pid)
     }
 
+    /// Spawns the runtime helper for `inv` with `stdio` as its stdin,
+    /// stdout and stderr (none: /dev/null): its pid and exit.
+    fn spawn_helper(
+        &self,
+        inv: &Invocation,
+        stdio: Option<Streams>,
+    ) -> Result<(i32, oneshot::Receiver<Exit>)> {
+        let mut cmd = Command::new("/proc/self/exe");
+        cmd.args(inv.to_args());
+        match stdio {
+            Some(Streams {
+                stdin,
+                stdout,
+                stderr,
+            }) => cmd
+                .stdin(ProcStdio::from(stdin))
+                .stdout(ProcStdio::from(stdout))
+                .stderr(ProcStdio::from(stderr)),
+            None => cmd
+                .stdin(ProcStdio::null())
+                .stdout(ProcStdio::null())
+                .stderr(ProcStdio::null()),
+        };
+        // `cmd`, and with it our copies of the stream fds, goes on return.
+        self.reaper
+            .spawn(&mut cmd)
+            .map_err(ContainerError::io("starting the runtime"))
+    }
+
     /// Starts the init (exec_id empty) or a prepared exec process.
     pub async fn start(self: &Arc<Self>, id: &str, exec_id: &str) -> Result<u32> {
+        let _busy = self.standby.busy();
         let container = self.container(id)?;
         let process = container.process(exec_id)?;
         if exec_id.is_empty() {
@@ -190,6 +234,8 @@ impl Containers {
         process_json: &[u8],
         stdio_spec: &Stdio,
     ) -> Result<()> {
+        // Its StartProcess follows: no standby starts in between.
+        self.standby.touch();
         let container = self.container(id)?;
         if exec_id.is_empty() || !rootfs::valid_id(exec_id) {
             return Err(ContainerError::Invalid(format!("exec id {exec_id:?}")));

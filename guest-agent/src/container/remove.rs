@@ -37,6 +37,7 @@ impl Containers {
     /// one fails; on a failure the container stays known (a retry does the
     /// rest: each step is idempotent) and the first failure is returned.
     pub async fn remove(self: &Arc<Self>, id: &str) -> Result<()> {
+        let _busy = self.standby.busy();
         let container = self
             .by_id
             .lock_or_recover()
