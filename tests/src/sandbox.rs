@@ -69,22 +69,28 @@ pub fn test_config(dir: &Path) -> Config {
 
 /// A started sandbox with the busybox rootfs attached.
 pub async fn busybox_sandbox(dir: &Path, id: &str) -> Sandbox {
+    busybox_sandbox_with(dir, id, |_| {}).await
+}
+
+/// [`busybox_sandbox`] with its options (1 vCPU, 256 MiB, the busybox
+/// disk) changed by `adjust` first.
+pub async fn busybox_sandbox_with(
+    dir: &Path,
+    id: &str,
+    adjust: impl FnOnce(&mut SandboxOptions),
+) -> Sandbox {
     let rootfs = erofs_from_layout(&artifact("images/busybox"), &dir.join("busybox.erofs"));
     let config = test_config(dir);
     // Jailed, as the config says by default.
     let backend = capsid_sandbox::sandbox::backend_for(&config).unwrap();
-    let opts = SandboxOptions {
+    let mut opts = SandboxOptions {
         id: id.into(),
         vcpus: 1,
         memory_mib: 256,
         disks: vec![busybox_layer().disk_spec(rootfs)],
-        net: None,
-        kernel_args: vec![],
-        network: None,
-        balloon_opt_out: false,
-        share_dir: None,
-        cgroup: None,
+        ..Default::default()
     };
+    adjust(&mut opts);
     Sandbox::start(&config, backend, opts).await.unwrap()
 }
 
@@ -113,6 +119,38 @@ pub fn oci_spec(opts: &RunOptions) -> oci_spec::runtime::Spec {
         ..Default::default()
     };
     spec::build(&image, opts).unwrap()
+}
+
+/// `spec` made an observer of the guest itself: in the agent's (guest
+/// PID 1's) PID namespace, with `caps` added to its bounding, effective
+/// and permitted sets.
+pub fn in_the_agents_pid_namespace(
+    spec: &mut oci_spec::runtime::Spec,
+    caps: &[oci_spec::runtime::Capability],
+) {
+    use oci_spec::runtime::LinuxNamespaceType;
+    let mut linux = spec.linux().clone().unwrap();
+    let ns: Vec<_> = linux
+        .namespaces()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|n| n.typ() != LinuxNamespaceType::Pid)
+        .collect();
+    linux.set_namespaces(Some(ns));
+    spec.set_linux(Some(linux));
+    let mut process = spec.process().clone().unwrap();
+    let mut all = process.capabilities().clone().unwrap_or_default();
+    let add = |set: Option<std::collections::HashSet<oci_spec::runtime::Capability>>| {
+        let mut set = set.unwrap_or_default();
+        set.extend(caps.iter().copied());
+        Some(set)
+    };
+    all.set_bounding(add(all.bounding().clone()));
+    all.set_effective(add(all.effective().clone()));
+    all.set_permitted(add(all.permitted().clone()));
+    process.set_capabilities(Some(all));
+    spec.set_process(Some(process));
 }
 
 /// Every stream, with a terminal if `opts` asks for one.

@@ -5,15 +5,14 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use capsid_sandbox::container::ContainerSpec;
-use capsid_sandbox::sandbox::{backend_for, Sandbox, SandboxOptions};
+use capsid_sandbox::sandbox::Sandbox;
 use capsid_sandbox::spec::RunOptions;
 use capsid_sandbox::stdio::StreamsWanted;
-use capsid_tests::artifact;
 use capsid_tests::sandbox::{
-    all_streams, busybox_layer, busybox_sandbox, create, erofs_from_layout, oci_spec,
-    run_container, sh, test_config,
+    all_streams, busybox_layer, busybox_sandbox, busybox_sandbox_with, create,
+    in_the_agents_pid_namespace, oci_spec, run_container, sh, test_config,
 };
-use oci_spec::runtime::{Capability, LinuxNamespace, LinuxNamespaceType};
+use oci_spec::runtime::Capability;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
@@ -346,19 +345,11 @@ async fn debug_sandbox(dir: &Path, id: &str) -> (Sandbox, PathBuf) {
 
 /// A busybox sandbox with `args` on the kernel command line; its console log.
 async fn sandbox_with_args(dir: &Path, id: &str, args: &[&str]) -> (Sandbox, PathBuf) {
-    let rootfs = erofs_from_layout(&artifact("images/busybox"), &dir.join("busybox.erofs"));
-    let config = test_config(dir);
-    let backend = backend_for(&config).unwrap();
-    let opts = SandboxOptions {
-        id: id.into(),
-        vcpus: 1,
-        memory_mib: 256,
-        disks: vec![busybox_layer().disk_spec(rootfs)],
-        kernel_args: args.iter().map(|a| a.to_string()).collect(),
-        ..Default::default()
-    };
-    let sb = Sandbox::start(&config, backend, opts).await.unwrap();
-    let log = find_file(&config.paths.state_dir.join(id), "console.log")
+    let sb = busybox_sandbox_with(dir, id, |o| {
+        o.kernel_args = args.iter().map(|a| a.to_string()).collect();
+    })
+    .await;
+    let log = find_file(&test_config(dir).paths.state_dir.join(id), "console.log")
         .expect("the sandbox's console.log");
     (sb, log)
 }
@@ -571,28 +562,7 @@ async fn a_killed_standby_is_replaced_by_a_spawned_helper() {
           done
           echo end
         done"#));
-    let mut linux = spec.linux().clone().unwrap();
-    let ns: Vec<LinuxNamespace> = linux
-        .namespaces()
-        .clone()
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|n| n.typ() != LinuxNamespaceType::Pid)
-        .collect();
-    linux.set_namespaces(Some(ns));
-    spec.set_linux(Some(linux));
-    let mut process = spec.process().clone().unwrap();
-    let mut caps = process.capabilities().clone().unwrap_or_default();
-    let add = |set: Option<std::collections::HashSet<Capability>>| {
-        let mut set = set.unwrap_or_default();
-        set.extend([Capability::Kill, Capability::SysPtrace]);
-        Some(set)
-    };
-    caps.set_bounding(add(caps.bounding().clone()));
-    caps.set_effective(add(caps.effective().clone()));
-    caps.set_permitted(add(caps.permitted().clone()));
-    process.set_capabilities(Some(caps));
-    spec.set_process(Some(process));
+    in_the_agents_pid_namespace(&mut spec, &[Capability::Kill, Capability::SysPtrace]);
 
     wait_for_lines(&log, STANDBY_READY, 1).await;
     let killer = sb

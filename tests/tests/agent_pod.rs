@@ -9,11 +9,13 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use capsid_sandbox::container::{ContainerError, ContainerSpec, Created};
-use capsid_sandbox::sandbox::{backend_for, Sandbox, SandboxOptions};
+use capsid_sandbox::sandbox::Sandbox;
 use capsid_sandbox::spec::RunOptions;
 use capsid_sandbox::stdio::StreamsWanted;
 use capsid_tests::artifact;
-use capsid_tests::sandbox::{busybox_layer, erofs_from_layout, oci_spec, sh, test_config};
+use capsid_tests::sandbox::{
+    busybox_layer, busybox_sandbox_with, in_the_agents_pid_namespace, oci_spec, sh,
+};
 use oci_spec::runtime::{
     Capability, LinuxNamespace, LinuxNamespaceBuilder, LinuxNamespaceType, Spec,
 };
@@ -63,18 +65,7 @@ fn unpack_busybox(dest: &Path) {
 
 /// A sandbox with the busybox disk and `share` served over virtio-fs.
 async fn pod_sandbox(dir: &Path, id: &str, share: &Path) -> Sandbox {
-    let rootfs = erofs_from_layout(&artifact("images/busybox"), &dir.join("busybox.erofs"));
-    let config = test_config(dir);
-    let backend = backend_for(&config).unwrap();
-    let opts = SandboxOptions {
-        id: id.into(),
-        vcpus: 1,
-        memory_mib: 256,
-        disks: vec![busybox_layer().disk_spec(rootfs)],
-        share_dir: Some(share.to_path_buf()),
-        ..Default::default()
-    };
-    Sandbox::start(&config, backend, opts).await.unwrap()
+    busybox_sandbox_with(dir, id, |o| o.share_dir = Some(share.to_path_buf())).await
 }
 
 async fn create_spec(
@@ -123,28 +114,7 @@ fn observer_spec() -> Spec {
         command: vec!["sleep".into(), "100001".into()],
         ..Default::default()
     });
-    let mut linux = spec.linux().clone().unwrap();
-    let ns: Vec<LinuxNamespace> = linux
-        .namespaces()
-        .clone()
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|n| n.typ() != LinuxNamespaceType::Pid)
-        .collect();
-    linux.set_namespaces(Some(ns));
-    spec.set_linux(Some(linux));
-    let mut process = spec.process().clone().unwrap();
-    let mut caps = process.capabilities().clone().unwrap_or_default();
-    let add = |set: Option<std::collections::HashSet<Capability>>| {
-        let mut set = set.unwrap_or_default();
-        set.insert(Capability::SysPtrace);
-        Some(set)
-    };
-    caps.set_bounding(add(caps.bounding().clone()));
-    caps.set_effective(add(caps.effective().clone()));
-    caps.set_permitted(add(caps.permitted().clone()));
-    process.set_capabilities(Some(caps));
-    spec.set_process(Some(process));
+    in_the_agents_pid_namespace(&mut spec, &[Capability::SysPtrace]);
     spec
 }
 
