@@ -30,15 +30,15 @@ Build first: cargo build --release -p capsid-vmm.
 
 import argparse
 import json
-import math
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+
+from vmm_bench import control, percentile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -95,27 +95,6 @@ def assemble_guest(workdir, touch_mib):
     return elf
 
 
-def control(path, request, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.connect(path)
-            break
-        except OSError:
-            s.close()
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.0005)
-    with s:
-        s.sendall((json.dumps(request) + "\n").encode())
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    return json.loads(data)
 
 
 def vm_config(args, boot, workdir, tag):
@@ -217,11 +196,6 @@ def restore_once(args, boot, workdir, state, memory, run):
                 pass
 
 
-def percentile(values, p):
-    """Nearest-rank percentile: the smallest value with at least p% of the
-    values at or below it."""
-    ordered = sorted(values)
-    return ordered[max(math.ceil(p / 100 * len(ordered)) - 1, 0)]
 
 
 def main():
