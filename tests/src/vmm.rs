@@ -87,19 +87,8 @@ impl Vmm {
         Self::spawn(dir, config, launch)
     }
 
-    fn spawn(dir: tempfile::TempDir, mut config: Value, launch: &Launch) -> Self {
-        let obj = config.as_object_mut().expect("config is an object");
-        obj.insert(
-            "serial".into(),
-            dir.path().join("serial.log").display().to_string().into(),
-        );
-        obj.insert(
-            "control_socket".into(),
-            dir.path().join("api.sock").display().to_string().into(),
-        );
-        let path = dir.path().join("vm.json");
-        std::fs::write(&path, config.to_string()).expect("write config");
-        let stderr = std::fs::File::create(dir.path().join("stderr.log")).expect("stderr log");
+    fn spawn(dir: tempfile::TempDir, config: Value, launch: &Launch) -> Self {
+        let path = write_config(dir.path(), config);
         let mut cmd = match launch.wrapper.split_first() {
             Some((program, args)) => {
                 let mut cmd = Command::new(program);
@@ -108,17 +97,8 @@ impl Vmm {
             }
             None => Command::new(bin("capsid-vmm")),
         };
-        cmd.arg("--config").arg(&path).args(&launch.args);
-        for name in &launch.env_remove {
-            cmd.env_remove(name);
-        }
-        let child = cmd
-            .envs(launch.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .expect("start capsid-vmm");
+        cmd.arg("--config").arg(&path);
+        let child = launch_child(cmd, dir.path(), launch, "start capsid-vmm");
         Self {
             child,
             dir,
@@ -135,32 +115,10 @@ impl Vmm {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut cmd = Command::new(bin("capsid-vmm"));
         cmd.arg("--restore").arg(state).arg("--memory").arg(memory);
-        if let Some(mut config) = config {
-            let obj = config.as_object_mut().expect("config is an object");
-            obj.insert(
-                "serial".into(),
-                dir.path().join("serial.log").display().to_string().into(),
-            );
-            obj.insert(
-                "control_socket".into(),
-                dir.path().join("api.sock").display().to_string().into(),
-            );
-            let path = dir.path().join("vm.json");
-            std::fs::write(&path, config.to_string()).expect("write config");
-            cmd.arg("--config").arg(path);
+        if let Some(config) = config {
+            cmd.arg("--config").arg(write_config(dir.path(), config));
         }
-        cmd.args(&launch.args);
-        for name in &launch.env_remove {
-            cmd.env_remove(name);
-        }
-        let stderr = std::fs::File::create(dir.path().join("stderr.log")).expect("stderr log");
-        let child = cmd
-            .envs(launch.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .expect("start capsid-vmm --restore");
+        let child = launch_child(cmd, dir.path(), launch, "start capsid-vmm --restore");
         Self {
             child,
             dir,
@@ -420,4 +378,37 @@ impl Drop for Virtiofsd {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// Writes `config` (a JSON object) as `dir/vm.json`, with its serial log
+/// and control socket in `dir`: the file's path.
+fn write_config(dir: &Path, mut config: Value) -> PathBuf {
+    let obj = config.as_object_mut().expect("config is an object");
+    obj.insert(
+        "serial".into(),
+        dir.join("serial.log").display().to_string().into(),
+    );
+    obj.insert(
+        "control_socket".into(),
+        dir.join("api.sock").display().to_string().into(),
+    );
+    let path = dir.join("vm.json");
+    std::fs::write(&path, config.to_string()).expect("write config");
+    path
+}
+
+/// Spawns `cmd` with `launch`'s arguments and environment, stdin and
+/// stdout on /dev/null and stderr in `dir/stderr.log`.
+fn launch_child(mut cmd: Command, dir: &Path, launch: &Launch, what: &str) -> Child {
+    cmd.args(&launch.args);
+    for name in &launch.env_remove {
+        cmd.env_remove(name);
+    }
+    let stderr = std::fs::File::create(dir.join("stderr.log")).expect("stderr log");
+    cmd.envs(launch.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .expect(what)
 }
