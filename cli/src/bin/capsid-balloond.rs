@@ -15,6 +15,9 @@ use capsid_sandbox::balloon::registry::Registry;
 use capsid_sandbox::config::Config;
 use clap::Parser;
 
+#[path = "../daemon/mod.rs"]
+mod daemon;
+
 /// Reclaims idle guests' memory when the host runs short.
 #[derive(Debug, Parser)]
 #[command(name = "capsid-balloond", version, about)]
@@ -33,14 +36,7 @@ struct Args {
 fn main() -> ExitCode {
     // Everything this process makes (run directories, sockets, logs,
     // disks) is for root alone unless it says otherwise.
-    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CAPSID_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    daemon::init();
     let args = Args::parse();
     let config = match Config::load(args.config.as_deref()) {
         Ok(config) if config.memory.enabled => config,

@@ -29,6 +29,9 @@ use tokio::net::UnixListener;
 use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
 
+#[path = "../daemon/mod.rs"]
+mod daemon;
+
 /// Keeps pre-booted sandboxes ready for containers to take.
 #[derive(Debug, Parser)]
 #[command(name = "capsid-poold", version, about)]
@@ -64,18 +67,8 @@ const STATUS_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 
 fn main() -> ExitCode {
     // Everything this process makes (sockets, logs, records) is for root
-    // alone; the warm shims it starts inherit the mask, as shims started
-    // by containerd have it set by their own `main`.
-    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CAPSID_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        // Colours only for a terminal: journald and log files get text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    // alone, and so for the warm shims it starts.
+    daemon::init();
     let args = Args::parse();
     // The file is part of the shape key, and the warm shims are told it: a
     // relative path would name another file (and another key) for a shim
