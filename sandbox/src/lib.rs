@@ -21,6 +21,7 @@ pub mod netns;
 pub mod network;
 pub mod pod_share;
 pub mod pool;
+pub mod pool_claim;
 pub mod pool_daemon;
 pub mod private_dir;
 pub mod process;

@@ -274,7 +274,12 @@ pub async fn serve_claimed(
                 source: std::io::Error::other(crate::describe(&e)),
             })?;
         let listener = bind_task_socket(&socket)?;
-        let events = connect_events(&claim.ttrpc_address, &claim.namespace).await?;
+        // `capsid run` claims without containerd: nobody to tell.
+        let events = if claim.ttrpc_address.is_empty() {
+            Events::discarded()
+        } else {
+            connect_events(&claim.ttrpc_address, &claim.namespace).await?
+        };
         Ok::<_, BootstrapError>((listener, events))
     }
     .await;

@@ -60,6 +60,14 @@ impl Events {
         (Self { queue }, receiver)
     }
 
+    /// A queue whose events go nowhere: a task served for a client
+    /// without an event service (`capsid run`).
+    pub fn discarded() -> Self {
+        let (events, mut receiver) = Self::channel();
+        tokio::spawn(async move { while receiver.recv().await.is_some() {} });
+        events
+    }
+
     /// A queue forwarded to containerd by `publisher` in `namespace`.
     pub fn forward_to(publisher: RemotePublisher, namespace: String) -> Self {
         let (events, mut receiver) = Self::channel();
