@@ -5,6 +5,7 @@ mod bench;
 mod check;
 mod network;
 mod run;
+mod run_pooled;
 mod runs;
 mod stats;
 mod tty;

@@ -11,7 +11,7 @@ use std::net::IpAddr;
 
 use anyhow::bail;
 use capsid_sandbox::cni::ports::PortMapping;
-use capsid_sandbox::cni::{self, CniError, CniNetwork};
+use capsid_sandbox::cni::{self, CniError, CniNetwork, Tap};
 use capsid_sandbox::config::Config;
 use capsid_sandbox::network::GuestDns;
 
@@ -90,7 +90,7 @@ impl Plan {
         }
         let (config, id, ports) = (config.clone(), id.to_owned(), self.ports.clone());
         let net = tokio::task::block_in_place(|| {
-            CniNetwork::setup_recorded(&config, &id, &ports, &mut |record| {
+            CniNetwork::setup_recorded(&config, &id, &ports, Tap::Attach, &mut |record| {
                 journal.set_network(record).map_err(|e| CniError::Io {
                     what: "recording the network set-up".into(),
                     source: std::io::Error::other(format!("{e:#}")),

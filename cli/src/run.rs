@@ -152,6 +152,31 @@ async fn run_timed(
         .clone()
         .or(args.image_arg.clone())
         .unwrap_or_else(|| "busybox".into());
+    let id = format!("run-{}", std::process::id());
+    if let Some(limit) = args.memory_limit {
+        if limit >= u64::from(memory_mib) {
+            bail!("--memory-limit {limit} MiB does not fit in a {memory_mib} MiB guest (raise --memory)");
+        }
+    }
+
+    if config.pool.enabled {
+        let pooled = crate::run_pooled::PooledRun {
+            config: &config,
+            config_path,
+            id: &id,
+            reference: &reference,
+            vcpus,
+            memory_mib,
+            networked: net_plan.mode != crate::network::Mode::None,
+            tty: args.tty,
+        };
+        if let Some(code) = pooled
+            .attempt(|defaults| build_spec(&args, defaults, &id))
+            .await?
+        {
+            return Ok(code);
+        }
+    }
 
     let prepared = prepare_image(&config, reference)
         .instrument(tracing::info_span!("rootfs"))
@@ -160,31 +185,9 @@ async fn run_timed(
     let rootfs_time = t0.elapsed();
     timings.phases().rootfs_ready_ms = Some(timings.now());
 
-    let id = format!("run-{}", std::process::id());
     let defaults = ImageDefaults::from_image(&prepared.config);
-    let opts = RunOptions {
-        command: args.command.clone(),
-        env: args.env.clone(),
-        workdir: args.workdir.clone(),
-        user: args.user.clone(),
-        tty: args.tty,
-        hostname: args.hostname.clone().unwrap_or_else(|| id.clone()),
-        read_only: args.read_only,
-        memory_limit: args
-            .memory_limit
-            .map(|m| i64::try_from(m.saturating_mul(1 << 20)).unwrap_or(i64::MAX)),
-        rlimits: args.rlimits.clone(),
-        seccomp: SeccompChoice::parse(&args.seccomp).profile()?,
-    };
-    let mut oci = spec::build(&defaults, &opts)?;
-    let volumes = parse_volumes(&args.volumes)?;
-    spec::add_binds(&mut oci, &volumes)?;
+    let mut oci = build_spec(&args, &defaults, &id)?;
     let volumes = volumes::take_volumes(&mut oci)?;
-    if let Some(limit) = args.memory_limit {
-        if limit >= u64::from(memory_mib) {
-            bail!("--memory-limit {limit} MiB does not fit in a {memory_mib} MiB guest (raise --memory)");
-        }
-    }
 
     let backend = sb::backend_for(&config)?;
     // What dead runs left goes first (a reused pid would otherwise find
@@ -296,6 +299,33 @@ async fn run_timed(
         "capsid run phases"
     );
     result
+}
+
+/// The container's OCI spec from the flags and the image's defaults, its
+/// `-v` binds still in it as mounts.
+fn build_spec(
+    args: &RunArgs,
+    defaults: &ImageDefaults,
+    id: &str,
+) -> anyhow::Result<oci_spec::runtime::Spec> {
+    let opts = RunOptions {
+        command: args.command.clone(),
+        env: args.env.clone(),
+        workdir: args.workdir.clone(),
+        user: args.user.clone(),
+        tty: args.tty,
+        hostname: args.hostname.clone().unwrap_or_else(|| id.to_string()),
+        read_only: args.read_only,
+        memory_limit: args
+            .memory_limit
+            .map(|m| i64::try_from(m.saturating_mul(1 << 20)).unwrap_or(i64::MAX)),
+        rlimits: args.rlimits.clone(),
+        seccomp: SeccompChoice::parse(&args.seccomp).profile()?,
+    };
+    let mut oci = spec::build(defaults, &opts)?;
+    let volumes = parse_volumes(&args.volumes)?;
+    spec::add_binds(&mut oci, &volumes)?;
+    Ok(oci)
 }
 
 /// `-v HOST:CONTAINER[:ro|rw]` as binds; HOST must be absolute (a name
@@ -532,12 +562,12 @@ fn forward_signals(
 }
 
 /// SIGINT, SIGTERM, SIGHUP and SIGQUIT caught while the sandbox starts.
-struct EarlySignals(Vec<(tokio::signal::unix::Signal, u32)>);
+pub(crate) struct EarlySignals(Vec<(tokio::signal::unix::Signal, u32)>);
 
 impl EarlySignals {
     /// Catches them from now on (they no longer end the process by
     /// themselves).
-    fn catch() -> Self {
+    pub(crate) fn catch() -> Self {
         let kinds = [
             (SignalKind::interrupt(), 2),
             (SignalKind::terminate(), 15),
@@ -553,7 +583,7 @@ impl EarlySignals {
     }
 
     /// The number of the first one that arrives.
-    async fn recv(&mut self) -> u32 {
+    pub(crate) async fn recv(&mut self) -> u32 {
         if self.0.is_empty() {
             return futures::future::pending().await;
         }

@@ -65,6 +65,13 @@ impl Capsid {
             .filter(|p| p.file_name() != Some(".runs".as_ref()) || !run_records(p).is_empty())
             .filter(|p| p.file_name() != Some(".shares".as_ref()) || !is_empty_dir(p))
             .filter(|p| p.file_name() != Some(".jail".as_ref()) || !is_empty_dir(&p.join("root")))
+            // Pooled sandboxes' network namespaces are pinned here, and
+            // the pool's directories stay (docs/pool.md).
+            .filter(|p| p.file_name() != Some(".netns".as_ref()) || !is_empty_dir(p))
+            .filter(|p| {
+                p.file_name() != Some(".pool".as_ref())
+                    || !crate::shim::pool_leftovers(p).is_empty()
+            })
             .collect();
         assert!(left.is_empty(), "left in the state dir: {left:?}");
         let marker = self.dir.path().display().to_string();

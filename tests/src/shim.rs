@@ -42,6 +42,29 @@ pub fn write_capsid_config(dir: &Path) -> PathBuf {
     config
 }
 
+/// What pooled sandboxes left in the pool's directory `dir`
+/// (`<state>/.pool`): the daemon's lock stays; sockets, records and logs
+/// must not.
+pub fn pool_leftovers(dir: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if !entry.path().is_dir() {
+            if entry.file_name() != "poold.lock" {
+                found.push(format!("pool file {}", entry.path().display()));
+            }
+            continue;
+        }
+        for file in std::fs::read_dir(entry.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            found.push(format!("pool file {}", file.path().display()));
+        }
+    }
+    found
+}
+
 /// What sandboxes left in capsid's state directory: run directories, and
 /// the network namespaces pinned under `.netns` (the directory itself may
 /// stay).
@@ -66,27 +89,7 @@ pub fn state_leftovers(state_dir: &Path) -> Vec<String> {
                 ));
             }
         } else if entry.file_name() == ".pool" {
-            // The daemon's lock stays; sockets, records and logs of
-            // pooled sandboxes must not.
-            for dir in std::fs::read_dir(entry.path())
-                .into_iter()
-                .flatten()
-                .flatten()
-            {
-                if !dir.path().is_dir() {
-                    if dir.file_name() != "poold.lock" {
-                        found.push(format!("pool file {}", dir.path().display()));
-                    }
-                    continue;
-                }
-                for file in std::fs::read_dir(dir.path())
-                    .into_iter()
-                    .flatten()
-                    .flatten()
-                {
-                    found.push(format!("pool file {}", file.path().display()));
-                }
-            }
+            found.extend(pool_leftovers(&entry.path()));
         } else if entry.file_name() == ".shares" {
             for share in std::fs::read_dir(entry.path())
                 .into_iter()

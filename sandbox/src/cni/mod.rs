@@ -157,22 +157,35 @@ pub struct CniNetwork {
     bridge: Option<(String, PathBuf)>,
 }
 
+/// Whether [`CniNetwork::setup_recorded`] attaches the VM's tap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tap {
+    /// A new tap for a VM booted on this network.
+    Attach,
+    /// None: a booted VM's tap is moved in later.
+    Leave,
+}
+
 impl CniNetwork {
     /// Creates namespace `capsid-ID`, runs ADD, closes unpublished ports
     /// and attaches tap for the VM. On error nothing is left. Blocks (runs
     /// plugins and iproute2).
     pub fn setup(config: &Config, id: &str, ports: &[PortMapping]) -> Result<Self> {
-        Self::setup_recorded(config, id, ports, &mut |_| Ok(()))
+        Self::setup_recorded(config, id, ports, Tap::Attach, &mut |_| Ok(()))
     }
 
     /// [`CniNetwork::setup`], handing `record` what teardown needs before
     /// anything is made and again once ADD returned, so that
     /// [`record::recover`] can undo it all if this process dies. A failing
-    /// `record` fails the set-up (nothing is left).
+    /// `record` fails the set-up (nothing is left). With [`Tap::Leave`] the
+    /// namespace is left for a VM's existing tap to be moved in (a pooled
+    /// sandbox's, `network::adopt_tap`), as a CNI runtime leaves it for a
+    /// container's shim.
     pub fn setup_recorded(
         config: &Config,
         id: &str,
         ports: &[PortMapping],
+        tap: Tap,
         record: &mut dyn FnMut(&NetworkRecord) -> Result<()>,
     ) -> Result<Self> {
         let list = conflist_for(config)?;
@@ -245,10 +258,12 @@ impl CniNetwork {
         } else {
             tracing::warn!(id, "the CNI result has no IPv4 address: no inbound filter");
         }
-        // Guarded against spoofing by attach itself, before the redirect.
-        let tap = network::attach(&net.attachment.netns, &network::tap_name_for(id))
-            .map_err(CniError::Attach)?;
-        net.tap = Some(tap);
+        if tap == Tap::Attach {
+            // Guarded against spoofing by attach itself, before the redirect.
+            let tap = network::attach(&net.attachment.netns, &network::tap_name_for(id))
+                .map_err(CniError::Attach)?;
+            net.tap = Some(tap);
+        }
         tracing::info!(id, netns = %net.attachment.netns.display(), address = ?addr, "on CNI network {}", net.list.name);
         Ok(net)
     }

@@ -310,6 +310,23 @@ pub fn prepare(
     })
 }
 
+/// Unpacks image `reference` into the empty directory `dir`, its layers
+/// applied in order and verified as they are read: the image's rootfs as
+/// a tree, for a sandbox that takes it over virtio-fs (a pooled one has no
+/// disk for it). Not cached: each call unpacks. Returns the image's
+/// configuration.
+pub fn unpack(
+    reference: &str,
+    images_dir: &Path,
+    dir: &Path,
+    progress: &dyn Fn(&str),
+) -> Result<ImageConfiguration> {
+    let source = resolve(reference, images_dir)?;
+    let image = open(&source)?;
+    unpack::unpack_layers(&image, dir, progress)?;
+    Ok(image.config)
+}
+
 /// Unpacks the layers of `image` into the empty directory `staging`, as
 /// [`RootfsCache::prepare`] does before it builds the disk. Public only as
 /// the entry point of the `oci_unpack` fuzz target (fuzz/), which needs the

@@ -1,0 +1,96 @@
+//! `capsid run` with a pool (docs/pool.md): it takes a sandbox that
+//! `capsid-poold` booted ahead of time, drives its warm shim through the
+//! Task API, and leaves nothing; without a fitting sandbox it boots cold
+//! and says why. QEMU-TCG sandboxes.
+
+use std::path::Path;
+use std::process::{Output, Stdio};
+use std::time::Duration;
+
+use capsid_sandbox::config::{Config, PoolShapeConfig};
+use capsid_tests::cli::{stderr, stdout, Capsid};
+use capsid_tests::pool::PoolDaemon;
+
+const LONG: Duration = Duration::from_secs(180);
+
+/// Turns the pool on in `c`'s config: one shape, the default VM (1 vCPU,
+/// 256 MiB), one sandbox kept.
+fn enable_pool(c: &Capsid) {
+    let mut config = Config::read(c.config()).unwrap();
+    config.pool.enabled = true;
+    config.pool.shapes = vec![PoolShapeConfig {
+        vcpus: 1,
+        memory_mib: 256,
+        size: 1,
+        max_memory_mib: 0,
+    }];
+    std::fs::write(c.config(), toml::to_string(&config).unwrap()).unwrap();
+}
+
+/// `capsid run ARGS` logging at info level (where the pool's choice is
+/// said), `stdin` as its standard input.
+fn run(c: &Capsid, args: &[&str], stdin: Option<&Path>) -> Output {
+    let mut cmd = c.run_cmd(args);
+    cmd.env("CAPSID_LOG", "info");
+    match stdin {
+        Some(p) => cmd.stdin(std::fs::File::open(p).unwrap()),
+        None => cmd.stdin(Stdio::null()),
+    };
+    cmd.output().unwrap()
+}
+
+#[test]
+fn a_run_takes_a_pooled_sandbox_and_leaves_nothing() {
+    let c = Capsid::new();
+    enable_pool(&c);
+    let daemon = PoolDaemon::start(c.config());
+    daemon.wait_ready(1, LONG);
+
+    let input = c.dir.path().join("input");
+    std::fs::write(&input, "from stdin\n").unwrap();
+    let o = run(
+        &c,
+        &[
+            "busybox",
+            "--",
+            "sh",
+            "-c",
+            "cat; echo out; echo err >&2; cat /proc/sys/kernel/random/boot_id >/dev/null; exit 3",
+        ],
+        Some(&input),
+    );
+    let err = stderr(&o);
+    assert_eq!(stdout(&o), "from stdin\nout\n", "{err}");
+    assert!(err.contains("err\n"), "{err}");
+    assert_eq!(o.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("the run takes a pooled sandbox"),
+        "not pooled:\n{err}"
+    );
+
+    // The one sandbox was taken; the next run boots cold while the daemon
+    // refills, or takes the refilled one: either way it runs.
+    let o = run(&c, &["--", "echo", "again"], None);
+    assert_eq!(stdout(&o), "again\n", "{}", stderr(&o));
+    drop(daemon);
+    c.assert_no_leftovers();
+}
+
+#[test]
+fn without_the_daemon_a_run_boots_cold_and_says_why() {
+    let c = Capsid::new();
+    enable_pool(&c);
+    let o = run(&c, &["--", "echo", "cold"], None);
+    let err = stderr(&o);
+    assert_eq!(stdout(&o), "cold\n", "{err}");
+    assert!(err.contains("capsid-poold is not running"), "{err}");
+    // A size no shape holds.
+    let o = run(&c, &["--memory", "512", "--", "echo", "cold"], None);
+    let err = stderr(&o);
+    assert_eq!(stdout(&o), "cold\n", "{err}");
+    assert!(
+        err.contains("no [[pool.shapes]] entry fits 1 vCPUs and 512 MiB"),
+        "{err}"
+    );
+    c.assert_no_leftovers();
+}
