@@ -68,6 +68,10 @@ pub struct RunArgs {
     /// Keep the host's balloon policy away from this sandbox's memory.
     #[arg(long)]
     no_balloon: bool,
+    /// Boot a VM for this run even when `capsid-poold` has one ready
+    /// (`[pool]` in the config; docs/pool.md).
+    #[arg(long)]
+    no_pool: bool,
     /// Resource limit, e.g. `nofile=1024:2048` (repeatable).
     #[arg(long = "rlimit", value_name = "NAME=SOFT[:HARD]")]
     rlimits: Vec<String>,
@@ -137,6 +141,7 @@ async fn run_timed(
     // Refused before anything is made when another user could reach them.
     capsid_sandbox::private_dir::ensure_root(&config.paths.state_dir)?;
     capsid_sandbox::private_dir::ensure_root(&config.paths.cache_dir)?;
+    crate::run_pooled::sweep(&config.paths.state_dir);
     let memory_mib = args.memory.unwrap_or(config.vm.memory_mib);
     if memory_mib < MIN_MEMORY_MIB {
         bail!("--memory {memory_mib}: a guest needs at least {MIN_MEMORY_MIB} MiB");
@@ -159,7 +164,13 @@ async fn run_timed(
         }
     }
 
-    if config.pool.enabled {
+    if config.pool.enabled && !args.no_pool && args.no_balloon {
+        tracing::info!(
+            id,
+            reason = "--no-balloon: a pooled VM's size is its balloon's",
+            "no pooled sandbox: booting cold"
+        );
+    } else if config.pool.enabled && !args.no_pool {
         let pooled = crate::run_pooled::PooledRun {
             config: &config,
             config_path,

@@ -109,6 +109,7 @@ impl PooledRun<'_> {
             ttrpc_address: String::new(),
             containerd_address: String::new(),
             debug: false,
+            owner_pid: Some(std::process::id()),
         };
         let (config, file) = (self.config.clone(), pool::config_file(self.config_path));
         let (vcpus, memory_mib) = (self.vcpus, self.memory_mib);
@@ -400,6 +401,34 @@ impl RunDir {
 
     fn path(&self) -> &Path {
         &self.0
+    }
+}
+
+/// Removes the directories of pooled runs that died (killed, say): their
+/// warm shims saw them end and took the task and the VM down, removing
+/// the task socket last; what is left is the bundle and the FIFOs.
+pub fn sweep(state_dir: &Path) {
+    for entry in std::fs::read_dir(state_dir).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("run-")
+            .and_then(|n| n.strip_suffix(".pooled"))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let alive = capsid_sandbox::process::ProcessRef::of(pid).is_some_and(|p| p.is_alive());
+        if alive || entry.path().join("task.sock").exists() {
+            continue;
+        }
+        match std::fs::remove_dir_all(entry.path()) {
+            Ok(()) => {
+                tracing::info!(dir = %entry.path().display(), "removed a dead pooled run's directory")
+            }
+            Err(e) => {
+                tracing::warn!(dir = %entry.path().display(), error = %e, "cannot remove a dead pooled run's directory")
+            }
+        }
     }
 }
 

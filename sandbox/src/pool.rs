@@ -218,6 +218,11 @@ pub struct Claim {
     pub containerd_address: String,
     /// Log at debug level.
     pub debug: bool,
+    /// The claimant's process, for a client without containerd (`capsid
+    /// run`): the task and its VM go when it ends, however it ends, as
+    /// containerd's `delete` would undo them. `None` for containerd's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_pid: Option<u32>,
 }
 
 /// The warm shim's answer to a [`Claim`]: `None` when it serves the task,

@@ -147,6 +147,7 @@ mod tests {
             ttrpc_address: String::new(),
             containerd_address: String::new(),
             debug: false,
+            owner_pid: None,
         };
         assert!(send(&path, &claim).is_err());
         t.join().unwrap();
@@ -163,6 +164,7 @@ mod tests {
             ttrpc_address: String::new(),
             containerd_address: String::new(),
             debug: false,
+            owner_pid: None,
         };
         let taken = super::claim(&config, None, 2, 512, &claim).unwrap();
         assert_eq!(

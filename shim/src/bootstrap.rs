@@ -301,6 +301,9 @@ pub async fn serve_claimed(
         return Err(io_err("answer the claim")(e));
     }
     drop(conn);
+    if let Some(owner) = claim.owner_pid {
+        watch_owner(owner, server.shutdown.clone());
+    }
     // From here on the log is containerd's, as a shim's started for the
     // task would be.
     if let Some(fifo) = crate::logging::open_fifo(&claim.bundle) {
@@ -308,6 +311,21 @@ pub async fn serve_claimed(
     }
     tracing::info!(id = %claim.id, socket = %socket.display(), pid = std::process::id(), "serving with a pooled sandbox");
     run_until_shutdown(server, &socket, &claim.id).await
+}
+
+/// Shuts this shim down (its task and VM undone) once process `owner`,
+/// the client that claimed it without containerd, has ended: nobody else
+/// would ever delete the task.
+fn watch_owner(owner: u32, shutdown: Shutdown) {
+    tokio::spawn(async move {
+        match capsid_sandbox::process::ended(owner).await {
+            Ok(()) => tracing::info!(owner, "the claimant ended: the task goes with it"),
+            Err(e) => {
+                tracing::warn!(owner, error = %e, "cannot watch the claimant: the task goes now")
+            }
+        }
+        shutdown.signal();
+    });
 }
 
 fn bind_task_socket(socket: &Path) -> Result<Listener> {

@@ -62,6 +62,7 @@ fn try_claim(
         ttrpc_address: std::env::var("TTRPC_ADDRESS").unwrap_or_default(),
         containerd_address: flags.address.clone(),
         debug: flags.debug,
+        owner_pid: None,
     };
     let file = pool::config_file(config_path);
     match pool_claim::claim(&config, file.as_deref(), vcpus, memory_mib, &claim) {

@@ -360,6 +360,7 @@ mod tests {
             ttrpc_address: "/run/containerd/containerd.sock.ttrpc".into(),
             containerd_address: "/run/containerd/containerd.sock".into(),
             debug: false,
+            owner_pid: None,
         };
         let mut text = serde_json::to_string(&claim).unwrap();
         text.push('\n');

@@ -94,3 +94,47 @@ fn without_the_daemon_a_run_boots_cold_and_says_why() {
     );
     c.assert_no_leftovers();
 }
+
+#[test]
+fn a_killed_pooled_run_takes_its_sandbox_down_with_it() {
+    let c = Capsid::new();
+    enable_pool(&c);
+    let daemon = PoolDaemon::start(c.config());
+    daemon.wait_ready(1, LONG);
+    let mut cmd = c.run_cmd(&["--", "sleep", "1000"]);
+    cmd.env("CAPSID_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut running = cmd.spawn().unwrap();
+    // Running once the claimed sandbox's directory holds a task socket.
+    let state = Config::read(c.config()).unwrap().paths.state_dir;
+    let dir = state.join(format!("run-{}.pooled", running.id()));
+    let deadline = std::time::Instant::now() + LONG;
+    while !dir.join("bundle/rootfs/bin").exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        dir.join("task.sock").exists(),
+        "the run did not take the pooled sandbox"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    running.kill().unwrap();
+    running.wait().unwrap();
+    // The warm shim sees its claimant gone, and takes the task and the VM
+    // down; its socket goes last.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while dir.join("task.sock").exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        !dir.join("task.sock").exists(),
+        "the claimed shim still serves"
+    );
+    drop(daemon);
+    // The next run removes the dead run's directory.
+    let o = run(&c, &["--no-pool", "--", "true"], None);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(!dir.exists(), "{} is left", dir.display());
+    c.assert_no_leftovers();
+}

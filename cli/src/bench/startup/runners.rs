@@ -314,7 +314,9 @@ impl Bench {
         let mut cmd = Command::new(&self.capsid);
         cmd.arg("--config")
             .arg(&self.run_config)
-            .args(["run", "--image", &self.image])
+            // Cold: its phases are the boot's (`--pool` measures pooled
+            // runs on their own).
+            .args(["run", "--no-pool", "--image", &self.image])
             .args(["--memory", &self.setup.memory_mib.to_string()])
             .args(["--cpus", &self.setup.vcpus.to_string(), "--"])
             .args(&self.command)
