@@ -85,12 +85,24 @@ impl Plan {
         id: &str,
         journal: &mut RunJournal,
     ) -> anyhow::Result<Option<CniNetwork>> {
+        self.setup_with(config, id, Tap::Attach, journal).await
+    }
+
+    /// [`Plan::setup`] for a pooled sandbox, whose booted VM's tap is moved
+    /// into the namespace ([`Tap::Leave`]).
+    pub async fn setup_with(
+        &self,
+        config: &Config,
+        id: &str,
+        tap: Tap,
+        journal: &mut RunJournal,
+    ) -> anyhow::Result<Option<CniNetwork>> {
         if self.mode == Mode::None {
             return Ok(None);
         }
         let (config, id, ports) = (config.clone(), id.to_owned(), self.ports.clone());
         let net = tokio::task::block_in_place(|| {
-            CniNetwork::setup_recorded(&config, &id, &ports, Tap::Attach, &mut |record| {
+            CniNetwork::setup_recorded(&config, &id, &ports, tap, &mut |record| {
                 journal.set_network(record).map_err(|e| CniError::Io {
                     what: "recording the network set-up".into(),
                     source: std::io::Error::other(format!("{e:#}")),

@@ -178,7 +178,7 @@ async fn run_timed(
             reference: &reference,
             vcpus,
             memory_mib,
-            networked: net_plan.mode != crate::network::Mode::None,
+            net_plan: &net_plan,
             tty: args.tty,
         };
         if let Some(code) = pooled

@@ -11,13 +11,16 @@
 //! Not pooled yet: a run on a network (`--network bridge`, `--publish`),
 //! which boots cold.
 
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
+use capsid_sandbox::cni::Tap;
 use capsid_sandbox::config::Config;
 use capsid_sandbox::image;
+use capsid_sandbox::network::GuestDns;
 use capsid_sandbox::pool::{self, Claim};
 use capsid_sandbox::pool_claim::{self, Taken};
 use capsid_sandbox::spec::ImageDefaults;
@@ -27,12 +30,13 @@ use containerd_shim_protos::api::{
 };
 use containerd_shim_protos::shim_async::{Client, TaskClient};
 use containerd_shim_protos::ttrpc::context;
-use oci_spec::runtime::Spec;
+use oci_spec::runtime::{LinuxNamespaceBuilder, LinuxNamespaceType, MountBuilder, Spec};
 use tokio::io::AsyncWriteExt;
 use tokio::net::unix::pipe;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::run::EarlySignals;
+use crate::runs::RunJournal;
 use crate::tty::RawMode;
 
 /// The containerd namespace the warm shim is told (it only names things).
@@ -64,8 +68,8 @@ pub struct PooledRun<'a> {
     pub vcpus: u32,
     /// The VM's memory.
     pub memory_mib: u32,
-    /// Whether the run asked for a network.
-    pub networked: bool,
+    /// The run's network.
+    pub net_plan: &'a crate::network::Plan,
     /// Whether the run has a terminal.
     pub tty: bool,
 }
@@ -78,9 +82,6 @@ impl PooledRun<'_> {
         &self,
         build: impl FnOnce(&ImageDefaults) -> anyhow::Result<Spec>,
     ) -> anyhow::Result<Option<i32>> {
-        if self.networked {
-            return Ok(self.cold("a run on a network is not pooled yet"));
-        }
         let (reference, images_dir) = (
             self.reference.to_string(),
             self.config.paths.images_dir.clone(),
@@ -126,10 +127,36 @@ impl PooledRun<'_> {
             Err(e) => return Ok(self.cold(&format!("the pool failed: {e}"))),
         }
         // From here the warm shim serves this task: it is shut down on
-        // every path.
+        // every path, and the network taken down after it.
+        let mut journal = RunJournal::begin(self.config, self.id, run_dir.path().to_path_buf())?;
         let shim = Shim::connect(&socket, self.id).await?;
-        let served = self.serve(&shim, &bundle, run_dir.path()).await;
+        let mut net = None;
+        let served = async {
+            net = self
+                .net_plan
+                .setup_with(self.config, self.id, Tap::Leave, &mut journal)
+                .await?;
+            let dns = self.net_plan.resolver(net.as_ref());
+            // The shim reaches the namespace through this process's open
+            // fd: a name under /run/netns is a mount, which another mount
+            // namespace (`ip netns exec`, a container) may not see.
+            let netns = net
+                .as_ref()
+                .map(|n| {
+                    std::fs::File::open(n.netns_path())
+                        .with_context(|| format!("opening {}", n.netns_path().display()))
+                })
+                .transpose()?;
+            let netns_path = netns.as_ref().map(|f| {
+                PathBuf::from(format!("/proc/{}/fd/{}", std::process::id(), f.as_raw_fd()))
+            });
+            write_bundle_spec(spec, netns_path.as_deref(), &dns, &bundle, run_dir.path())?;
+            self.serve(&shim, &bundle, run_dir.path()).await
+        }
+        .await;
         shim.finish(&socket).await;
+        crate::network::teardown(net, &mut journal).await;
+        drop(journal);
         served.map(Some)
     }
 
@@ -218,6 +245,56 @@ impl PooledRun<'_> {
         let code = waited.context("Wait")?.exit_status;
         i32::try_from(code).map_err(|_| anyhow!("exit status {code} out of range"))
     }
+}
+
+/// Writes the bundle's final spec: pointed at the run's network namespace,
+/// if it has one (the pooled VM's tap is moved there at Create), and with
+/// the run's resolver as `/etc/resolv.conf`, bound as Docker binds its own.
+fn write_bundle_spec(
+    mut spec: Spec,
+    netns: Option<&Path>,
+    dns: &GuestDns,
+    bundle: &Path,
+    dir: &Path,
+) -> anyhow::Result<()> {
+    if let Some(netns) = netns {
+        join_netns(&mut spec, netns)?;
+    }
+    if !dns.servers.is_empty() {
+        let resolv = dir.join("resolv.conf");
+        std::fs::write(&resolv, dns.to_resolv_conf())
+            .with_context(|| format!("writing {}", resolv.display()))?;
+        let mut mounts = spec.mounts().clone().unwrap_or_default();
+        mounts.retain(|m| m.destination() != Path::new("/etc/resolv.conf"));
+        mounts.push(
+            MountBuilder::default()
+                .destination("/etc/resolv.conf")
+                .typ("bind")
+                .source(resolv)
+                .options(vec!["rbind".into(), "ro".into()])
+                .build()?,
+        );
+        spec.set_mounts(Some(mounts));
+    }
+    std::fs::write(bundle.join("config.json"), serde_json::to_vec(&spec)?)
+        .with_context(|| format!("writing {}/config.json", bundle.display()))?;
+    Ok(())
+}
+
+/// Sets `spec`'s network namespace to the one at `netns`.
+fn join_netns(spec: &mut Spec, netns: &Path) -> anyhow::Result<()> {
+    let mut linux = spec.linux().clone().unwrap_or_default();
+    let mut namespaces = linux.namespaces().clone().unwrap_or_default();
+    namespaces.retain(|n| n.typ() != LinuxNamespaceType::Network);
+    namespaces.push(
+        LinuxNamespaceBuilder::default()
+            .typ(LinuxNamespaceType::Network)
+            .path(netns)
+            .build()?,
+    );
+    linux.set_namespaces(Some(namespaces));
+    spec.set_linux(Some(linux));
+    Ok(())
 }
 
 /// The warm shim serving this run's task.

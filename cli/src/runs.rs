@@ -203,6 +203,7 @@ pub struct GcArgs {}
 /// `capsid gc`: removes what dead `capsid run`s left, one line each.
 pub fn gc(config_path: Option<&Path>, _args: &GcArgs) -> anyhow::Result<ExitCode> {
     let config = Config::load(config_path)?;
+    crate::run_pooled::sweep(&config.paths.state_dir);
     let mut failed = false;
     for r in recover_dead(&config)? {
         match &r.error {

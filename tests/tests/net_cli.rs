@@ -814,3 +814,68 @@ fn a_killed_runs_leftovers_are_removed_by_the_next_run_or_gc() {
         .unwrap();
     assert_eq!((o.status.code(), o.stdout.len()), (Some(0), 0));
 }
+
+/// A pooled sandbox on the run's network: `capsid-poold` booted the VM
+/// before the run, whose CNI namespace then takes the VM's tap. Published
+/// port, outbound traffic and `--dns` as for a cold run, and the same
+/// clean-up.
+#[test]
+fn a_pooled_run_joins_its_network() {
+    let c = Capsid::new();
+    let mut config = capsid_sandbox::config::Config::read(c.config()).unwrap();
+    config.pool.enabled = true;
+    config.pool.shapes = vec![capsid_sandbox::config::PoolShapeConfig {
+        vcpus: 1,
+        memory_mib: 256,
+        size: 1,
+        max_memory_mib: 0,
+    }];
+    std::fs::write(c.config(), toml::to_string(&config).unwrap()).unwrap();
+    let daemon = capsid_tests::pool::PoolDaemon::start(c.config());
+    daemon.wait_ready(1, BOOT);
+
+    let ns = Netns::new("pool");
+    let srv = Netns::new("psrv");
+    let www = tempfile::tempdir().unwrap();
+    outside_server(&ns, &srv, www.path(), "OUTSIDE\n");
+    let before = ns.snapshot();
+    let script = "mkdir -p /w && echo PAGE > /w/index.html && httpd -p 80 -h /w && \
+                  wget -q -O- http://10.250.0.2:8000/; \
+                  grep nameserver /etc/resolv.conf; echo READY; read x; echo BYE";
+    let mut cmd = ns.capsid_run(
+        &c,
+        &[
+            "--publish",
+            "18080:80",
+            "--dns",
+            "10.250.0.53",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ],
+    );
+    cmd.env("CAPSID_LOG", "info");
+    let mut run = Running::spawn(cmd);
+    run.wait_for("READY");
+    assert!(run.seen.contains(&"OUTSIDE".to_owned()), "{:?}", run.seen);
+    assert!(
+        run.seen.contains(&"nameserver 10.250.0.53".to_owned()),
+        "{:?}",
+        run.seen
+    );
+    let lease = leases(&c);
+    assert_eq!(lease.len(), 1, "{lease:?}");
+    let ip = lease[0].clone();
+    assert_eq!(
+        fetch(&ns, "http://127.0.0.1:18080/").as_deref(),
+        Some("PAGE\n")
+    );
+    let pid = run.pid();
+    let (code, err, seen) = run.finish();
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("the run takes a pooled sandbox"), "{err}");
+    assert_eq!(seen.last().map(String::as_str), Some("BYE"), "{seen:?}");
+    drop(daemon);
+    assert_clean(&c, &ns, &before, pid, &ip);
+}

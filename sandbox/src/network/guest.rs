@@ -92,6 +92,22 @@ impl GuestDns {
         self.servers.is_empty() && self.search.is_empty() && self.options.is_empty()
     }
 
+    /// As resolv.conf text (for a container given it as a file, as Docker
+    /// does, rather than written by the agent).
+    pub fn to_resolv_conf(&self) -> String {
+        let mut text = String::new();
+        for server in &self.servers {
+            text.push_str(&format!("nameserver {server}\n"));
+        }
+        if !self.search.is_empty() {
+            text.push_str(&format!("search {}\n", self.search.join(" ")));
+        }
+        if !self.options.is_empty() {
+            text.push_str(&format!("options {}\n", self.options.join(" ")));
+        }
+        text
+    }
+
     /// Parses resolv.conf text (`nameserver`, `search`/`domain`, `options`).
     pub fn parse_resolv_conf(text: &str) -> Self {
         let mut dns = Self::default();
@@ -125,6 +141,21 @@ pub struct GuestNetwork {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resolv_conf_text_round_trips() {
+        let dns = GuestDns {
+            servers: vec!["10.0.0.1".into(), "fd00::53".into()],
+            search: vec!["a.example".into(), "b.example".into()],
+            options: vec!["ndots:2".into()],
+        };
+        let text = dns.to_resolv_conf();
+        assert_eq!(
+            text,
+            "nameserver 10.0.0.1\nnameserver fd00::53\nsearch a.example b.example\noptions ndots:2\n"
+        );
+        assert_eq!(GuestDns::parse_resolv_conf(&text), dns);
+    }
 
     #[test]
     fn prefixes_parse_and_check_length() {
