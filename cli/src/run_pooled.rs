@@ -7,9 +7,6 @@
 //! are made by the same code as for containerd's tasks; only the client
 //! differs. Whenever no pooled sandbox is taken, the run boots cold and
 //! the log says why.
-//!
-//! Not pooled yet: a run on a network (`--network bridge`, `--publish`),
-//! which boots cold.
 
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::DirBuilderExt;

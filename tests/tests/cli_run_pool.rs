@@ -48,19 +48,29 @@ fn a_run_takes_a_pooled_sandbox_and_leaves_nothing() {
 
     let input = c.dir.path().join("input");
     std::fs::write(&input, "from stdin\n").unwrap();
+    // A volume, as for a cold run (apart from capsid's own directories).
+    let vol = tempfile::tempdir().unwrap();
+    std::fs::write(vol.path().join("f"), "from the host\n").unwrap();
+    let bind = format!("{}:/data", vol.path().display());
     let o = run(
         &c,
         &[
+            "-v",
+            &bind,
             "busybox",
             "--",
             "sh",
             "-c",
-            "cat; echo out; echo err >&2; cat /proc/sys/kernel/random/boot_id >/dev/null; exit 3",
+            "cat; cat /data/f; echo out; echo err >&2; echo written > /data/g; exit 3",
         ],
         Some(&input),
     );
     let err = stderr(&o);
-    assert_eq!(stdout(&o), "from stdin\nout\n", "{err}");
+    assert_eq!(stdout(&o), "from stdin\nfrom the host\nout\n", "{err}");
+    assert_eq!(
+        std::fs::read_to_string(vol.path().join("g")).unwrap(),
+        "written\n"
+    );
     assert!(err.contains("err\n"), "{err}");
     assert_eq!(o.status.code(), Some(3), "{err}");
     assert!(
@@ -136,5 +146,30 @@ fn a_killed_pooled_run_takes_its_sandbox_down_with_it() {
     let o = run(&c, &["--no-pool", "--", "true"], None);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert!(!dir.exists(), "{} is left", dir.display());
+    c.assert_no_leftovers();
+}
+
+#[test]
+fn a_pooled_run_with_a_terminal() {
+    let c = Capsid::new();
+    enable_pool(&c);
+    let daemon = PoolDaemon::start(c.config());
+    daemon.wait_ready(1, LONG);
+    let cmd = format!(
+        "CAPSID_LOG=info {} --config {} run --tty -- sh -c 'tty; stty size; echo hello-tty; exit 4'",
+        capsid_tests::bin("capsid").display(),
+        c.config().display()
+    );
+    let o = std::process::Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = stdout(&o).replace('\r', "");
+    assert!(text.contains("the run takes a pooled sandbox"), "{text}");
+    assert!(text.contains("/dev/pts/"), "{text}");
+    assert!(text.contains("hello-tty"), "{text}");
+    assert_eq!(o.status.code(), Some(4), "{text}");
+    drop(daemon);
     c.assert_no_leftovers();
 }
