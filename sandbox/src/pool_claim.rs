@@ -121,6 +121,19 @@ fn send(socket: &Path, claim: &Claim) -> std::io::Result<ClaimAnswer> {
 mod tests {
     use super::*;
 
+    fn a_claim() -> Claim {
+        Claim {
+            namespace: "n".into(),
+            id: "i".into(),
+            bundle: "/b".into(),
+            address: "unix:///x".into(),
+            ttrpc_address: String::new(),
+            containerd_address: String::new(),
+            debug: false,
+            owner_pid: None,
+        }
+    }
+
     #[test]
     fn a_stopped_daemon_is_named() {
         let mut config = Config::default();
@@ -139,16 +152,7 @@ mod tests {
             let (c, _) = listener.accept().unwrap();
             drop(c);
         });
-        let claim = Claim {
-            namespace: "n".into(),
-            id: "i".into(),
-            bundle: "/b".into(),
-            address: "unix:///x".into(),
-            ttrpc_address: String::new(),
-            containerd_address: String::new(),
-            debug: false,
-            owner_pid: None,
-        };
+        let claim = a_claim();
         assert!(send(&path, &claim).is_err());
         t.join().unwrap();
     }
@@ -156,16 +160,7 @@ mod tests {
     #[test]
     fn an_unpooled_shape_is_named() {
         let config = Config::default();
-        let claim = Claim {
-            namespace: "n".into(),
-            id: "i".into(),
-            bundle: "/b".into(),
-            address: "unix:///x".into(),
-            ttrpc_address: String::new(),
-            containerd_address: String::new(),
-            debug: false,
-            owner_pid: None,
-        };
+        let claim = a_claim();
         let taken = super::claim(&config, None, 2, 512, &claim).unwrap();
         assert_eq!(
             taken,

@@ -39,6 +39,23 @@ impl Capsid {
         cmd
     }
 
+    /// `capsid run RUN_ARGS` (a shell-quoted string) under a pseudo-terminal
+    /// (`script`), with `env` (`NAME=VALUE …`) before it: its output, with
+    /// the terminal's carriage returns removed, and its exit status.
+    pub fn run_under_pty(&self, env: &str, run_args: &str) -> (String, Option<i32>) {
+        let cmd = format!(
+            "{env} {} --config {} run {run_args}",
+            bin("capsid").display(),
+            self.config.display()
+        );
+        let o = Command::new("script")
+            .args(["-qec", &cmd, "/dev/null"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        (stdout(&o).replace('\r', ""), o.status.code())
+    }
+
     /// Runs `capsid run ARGS` with `stdin` as its standard input file.
     pub fn run(&self, args: &[&str], stdin: Option<&Path>) -> Output {
         let mut cmd = self.run_cmd(args);

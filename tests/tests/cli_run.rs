@@ -231,20 +231,10 @@ fn a_signal_while_the_container_is_created_ends_the_run_cleanly() {
 #[test]
 fn tty_works_under_a_pty() {
     let c = Capsid::new();
-    let cmd = format!(
-        "{} --config {} run --tty -- sh -c 'tty; echo hello-tty'",
-        capsid_tests::bin("capsid").display(),
-        c.config().display()
-    );
-    let o = std::process::Command::new("script")
-        .args(["-qec", &cmd, "/dev/null"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let text = stdout(&o).replace('\r', "");
+    let (text, code) = c.run_under_pty("", "--tty -- sh -c 'tty; echo hello-tty'");
     assert!(text.contains("/dev/pts/"), "{text}");
     assert!(text.contains("hello-tty"), "{text}");
-    assert_eq!(o.status.code(), Some(0), "{text}");
+    assert_eq!(code, Some(0), "{text}");
     c.assert_no_leftovers();
 }
 

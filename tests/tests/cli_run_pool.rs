@@ -155,21 +155,14 @@ fn a_pooled_run_with_a_terminal() {
     enable_pool(&c);
     let daemon = PoolDaemon::start(c.config());
     daemon.wait_ready(1, LONG);
-    let cmd = format!(
-        "CAPSID_LOG=info {} --config {} run --tty -- sh -c 'tty; stty size; echo hello-tty; exit 4'",
-        capsid_tests::bin("capsid").display(),
-        c.config().display()
+    let (text, code) = c.run_under_pty(
+        "CAPSID_LOG=info",
+        "--tty -- sh -c 'tty; stty size; echo hello-tty; exit 4'",
     );
-    let o = std::process::Command::new("script")
-        .args(["-qec", &cmd, "/dev/null"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let text = stdout(&o).replace('\r', "");
     assert!(text.contains("the run takes a pooled sandbox"), "{text}");
     assert!(text.contains("/dev/pts/"), "{text}");
     assert!(text.contains("hello-tty"), "{text}");
-    assert_eq!(o.status.code(), Some(4), "{text}");
+    assert_eq!(code, Some(4), "{text}");
     drop(daemon);
     c.assert_no_leftovers();
 }
