@@ -529,47 +529,65 @@ fn forward_signals(
     tty: bool,
     caught: EarlySignals,
 ) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut streams = caught.0;
-        let mut winch = if tty {
-            signal(SignalKind::window_change()).ok()
-        } else {
-            None
-        };
-        let mut last: Option<Instant> = None;
-        loop {
-            let next = async {
-                if streams.is_empty() {
-                    return futures::future::pending().await;
-                }
-                let next = futures::future::select_all(streams.iter_mut().map(|(s, n)| {
-                    let n = *n;
-                    Box::pin(async move { s.recv().await.map(|()| n) })
-                }));
-                next.await.0
-            };
-            let winch_fut = async {
-                match winch.as_mut() {
-                    Some(w) => w.recv().await,
-                    None => futures::future::pending().await,
-                }
-            };
-            tokio::select! {
-                got = next => {
-                    let Some(num) = got else { return };
-                    let escalate = last.is_some_and(|t| t.elapsed() < KILL_ESCALATION);
-                    let sig = if escalate { 9 } else { num };
-                    last = Some(Instant::now());
-                    let _ = agent.signal_process(&id, "", sig, false).await;
-                }
-                Some(()) = winch_fut => {
-                    if let Some((rows, cols)) = crate::tty::size() {
-                        let _ = agent.resize_pty(&id, "", rows.into(), cols.into()).await;
-                    }
+    let resize_agent = agent.clone();
+    let resize_id = id.clone();
+    tokio::spawn(relay_signals(
+        caught,
+        tty,
+        move |sig| {
+            let (agent, id) = (agent.clone(), id.clone());
+            async move {
+                let _ = agent.signal_process(&id, "", sig, false).await;
+            }
+        },
+        move || {
+            let (agent, id) = (resize_agent.clone(), resize_id.clone());
+            async move {
+                if let Some((rows, cols)) = crate::tty::size() {
+                    let _ = agent.resize_pty(&id, "", rows.into(), cols.into()).await;
                 }
             }
+        },
+    ))
+}
+
+/// Sends each signal `caught` catches with `send` (a second within
+/// [`KILL_ESCALATION`] as SIGKILL) and, with a terminal, calls `resize`
+/// on every window size change; runs until aborted. The cold and the
+/// pooled `capsid run` differ only in where the two go.
+pub(crate) async fn relay_signals<S, SF, R, RF>(
+    mut caught: EarlySignals,
+    tty: bool,
+    send: S,
+    resize: R,
+) where
+    S: Fn(u32) -> SF,
+    SF: std::future::Future<Output = ()>,
+    R: Fn() -> RF,
+    RF: std::future::Future<Output = ()>,
+{
+    let mut winch = if tty {
+        signal(SignalKind::window_change()).ok()
+    } else {
+        None
+    };
+    let mut last: Option<Instant> = None;
+    loop {
+        let winch_fut = async {
+            match winch.as_mut() {
+                Some(w) => w.recv().await,
+                None => futures::future::pending().await,
+            }
+        };
+        tokio::select! {
+            num = caught.recv() => {
+                let escalate = last.is_some_and(|t| t.elapsed() < KILL_ESCALATION);
+                last = Some(Instant::now());
+                send(if escalate { 9 } else { num }).await;
+            }
+            Some(()) = winch_fut => resize().await,
         }
-    })
+    }
 }
 
 /// SIGINT, SIGTERM, SIGHUP and SIGQUIT caught while the sandbox starts.

@@ -30,9 +30,8 @@ use containerd_shim_protos::ttrpc::context;
 use oci_spec::runtime::{LinuxNamespaceBuilder, LinuxNamespaceType, MountBuilder, Spec};
 use tokio::io::AsyncWriteExt;
 use tokio::net::unix::pipe;
-use tokio::signal::unix::{signal, SignalKind};
 
-use crate::run::EarlySignals;
+use crate::run::{relay_signals, EarlySignals};
 use crate::runs::RunJournal;
 use crate::tty::RawMode;
 
@@ -47,9 +46,6 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long the shim gets to stop its VM and exit after Shutdown.
 const SHIM_EXIT_TIMEOUT: Duration = Duration::from_secs(15);
-
-/// A second signal within this time is sent as SIGKILL (as for a cold run).
-const KILL_ESCALATION: Duration = Duration::from_secs(5);
 
 /// What a pooled run needs to know.
 pub struct PooledRun<'a> {
@@ -223,7 +219,19 @@ impl PooledRun<'_> {
         if let Some(stderr) = stderr {
             outputs.push(tokio::spawn(pump_out(stderr, tokio::io::stderr())));
         }
-        let forward = tokio::spawn(forward_signals(shim.clone(), self.tty, signals));
+        let (killer, resizer) = (shim.clone(), shim.clone());
+        let forward = tokio::spawn(relay_signals(
+            signals,
+            self.tty,
+            move |sig| {
+                let shim = killer.clone();
+                async move { shim.kill(sig).await }
+            },
+            move || {
+                let shim = resizer.clone();
+                async move { shim.resize().await }
+            },
+        ));
         let waited = shim
             .client
             .wait(
@@ -430,33 +438,6 @@ async fn pump_stdin(mut to: pipe::Sender, shim: Shim) {
 async fn pump_out<W: tokio::io::AsyncWrite + Unpin>(mut from: pipe::Receiver, mut to: W) {
     let _ = tokio::io::copy(&mut from, &mut to).await;
     let _ = to.flush().await;
-}
-
-/// Relays SIGINT/SIGTERM/SIGHUP/SIGQUIT as Kill (a second within
-/// [`KILL_ESCALATION`] as SIGKILL), and window size changes as ResizePty.
-async fn forward_signals(shim: Shim, tty: bool, mut signals: EarlySignals) {
-    let mut winch = if tty {
-        signal(SignalKind::window_change()).ok()
-    } else {
-        None
-    };
-    let mut last: Option<Instant> = None;
-    loop {
-        let winch_fut = async {
-            match winch.as_mut() {
-                Some(w) => w.recv().await,
-                None => futures::future::pending().await,
-            }
-        };
-        tokio::select! {
-            num = signals.recv() => {
-                let escalate = last.is_some_and(|t| t.elapsed() < KILL_ESCALATION);
-                last = Some(Instant::now());
-                shim.kill(if escalate { 9 } else { num }).await;
-            }
-            Some(()) = winch_fut => shim.resize().await,
-        }
-    }
 }
 
 /// The run's private directory (bundle, FIFOs, the task socket), removed
