@@ -144,7 +144,7 @@ impl PooledRun<'_> {
                 PathBuf::from(format!("/proc/{}/fd/{}", std::process::id(), f.as_raw_fd()))
             });
             write_bundle_spec(spec, netns_path.as_deref(), &dns, &bundle, run_dir.path())?;
-            self.serve(&shim, &bundle, run_dir.path()).await
+            self.serve(&shim, image, &bundle, run_dir.path()).await
         }
         .await;
         shim.finish(&socket).await;
@@ -162,15 +162,17 @@ impl PooledRun<'_> {
         None
     }
 
-    async fn serve(&self, shim: &Shim, bundle: &Path, dir: &Path) -> anyhow::Result<i32> {
-        let (reference, images_dir, rootfs) = (
-            self.reference.to_string(),
-            self.config.paths.images_dir.clone(),
-            bundle.join("rootfs"),
-        );
+    async fn serve(
+        &self,
+        shim: &Shim,
+        image: image::Image,
+        bundle: &Path,
+        dir: &Path,
+    ) -> anyhow::Result<i32> {
+        let rootfs = bundle.join("rootfs");
         tokio::task::spawn_blocking(move || {
             let progress = |msg: &str| eprintln!("capsid: {msg}");
-            image::unpack(&reference, &images_dir, &rootfs, &progress)
+            image::unpack(&image, &rootfs, &progress)
         })
         .await
         .context("unpack task")??;

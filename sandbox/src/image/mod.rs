@@ -310,21 +310,12 @@ pub fn prepare(
     })
 }
 
-/// Unpacks image `reference` into the empty directory `dir`, its layers
-/// applied in order and verified as they are read: the image's rootfs as
-/// a tree, for a sandbox that takes it over virtio-fs (a pooled one has no
-/// disk for it). Not cached: each call unpacks. Returns the image's
-/// configuration.
-pub fn unpack(
-    reference: &str,
-    images_dir: &Path,
-    dir: &Path,
-    progress: &dyn Fn(&str),
-) -> Result<ImageConfiguration> {
-    let source = resolve(reference, images_dir)?;
-    let image = open(&source)?;
-    unpack::unpack_layers(&image, dir, progress)?;
-    Ok(image.config)
+/// Unpacks `image` into the empty directory `dir`, its layers applied in
+/// order and verified as they are read: the image's rootfs as a tree, for
+/// a sandbox that takes it over virtio-fs (a pooled one has no disk for
+/// it). Not cached: each call unpacks.
+pub fn unpack(image: &Image, dir: &Path, progress: &dyn Fn(&str)) -> Result<()> {
+    unpack::unpack_layers(image, dir, progress)
 }
 
 /// Unpacks the layers of `image` into the empty directory `staging`, as
