@@ -92,8 +92,8 @@ impl PooledRun<'_> {
             .recursive(true)
             .create(bundle.join("rootfs"))
             .with_context(|| format!("creating {}", bundle.display()))?;
-        std::fs::write(bundle.join("config.json"), serde_json::to_vec(&spec)?)
-            .with_context(|| format!("writing {}/config.json", bundle.display()))?;
+        // The spec is written once its network is known, before Create
+        // (the claim reads nothing of the bundle but its path).
         let socket = run_dir.path().join("task.sock");
         let claim = Claim {
             namespace: NAMESPACE.into(),
