@@ -14,6 +14,7 @@
 mod container;
 mod dns_relay;
 mod host;
+mod hotplug;
 mod lock;
 mod mount;
 mod netconf;

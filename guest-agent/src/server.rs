@@ -243,6 +243,24 @@ impl AgentService for Service {
         Ok(Empty::new())
     }
 
+    async fn add_memory(
+        &self,
+        _ctx: &TtrpcContext,
+        req: AddMemoryRequest,
+    ) -> TtrpcResult<AddMemoryResponse> {
+        arrived("AddMemory");
+        let keep = req.keep_absent_mib.saturating_mul(1 << 20);
+        let layout =
+            tokio::task::spawn_blocking(move || crate::hotplug::Sysfs::default().add_until(keep))
+                .await
+                .map_err(|e| rpc_status(Code::INTERNAL, &e))?
+                .map_err(|e| rpc_status(Code::INTERNAL, &e))?;
+        let mut r = AddMemoryResponse::new();
+        r.absent_mib = layout.absent_bytes() >> 20;
+        r.block_mib = layout.block_bytes >> 20;
+        Ok(r)
+    }
+
     async fn next_event(&self, _ctx: &TtrpcContext, _req: NextEventRequest) -> TtrpcResult<Event> {
         Ok(self.containers.next_event().await)
     }

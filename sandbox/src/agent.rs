@@ -294,6 +294,20 @@ impl Agent {
         Ok(())
     }
 
+    /// Has the guest add the RAM its kernel was booted without (`mem=`),
+    /// lowest blocks first, until at most `keep_absent_mib` is left out;
+    /// returns what is left out then, MiB (crate::hotplug). A guest may
+    /// say anything: callers count by differences and bound them.
+    pub async fn add_memory(&self, keep_absent_mib: u64) -> Result<u64> {
+        let mut req = AddMemoryRequest::new();
+        req.keep_absent_mib = keep_absent_mib;
+        let r = self
+            .client
+            .add_memory(ctx(Some(CALL_TIMEOUT)), &req)
+            .await?;
+        Ok(r.absent_mib)
+    }
+
     /// The next container event (waits for one).
     pub async fn next_event(&self) -> Result<Event> {
         Ok(self

@@ -377,6 +377,14 @@ pub struct VmConfig {
     /// size). Here rather than top-level so that sizing, which is given
     /// the `[vm]` defaults, always has the bounds with them.
     pub policy: PolicyConfig,
+    /// A VM that may grow (a pod's, a pool shape's with `max_memory_mib`)
+    /// boots with `mem=` what it uses, rounded up to a 128 MiB block, and
+    /// its agent adds blocks as it grows, instead of booting with all its
+    /// RAM and the balloon holding the rest: the guest kernel then keeps
+    /// page descriptors only for what it uses (crate::hotplug). Needs a
+    /// guest kernel with memory hotplug (capsid's has it); false boots
+    /// such VMs with all their RAM.
+    pub memory_hotplug: bool,
 }
 
 impl Default for VmConfig {
@@ -385,6 +393,7 @@ impl Default for VmConfig {
             vcpus: 1,
             memory_mib: 256,
             policy: PolicyConfig::default(),
+            memory_hotplug: true,
         }
     }
 }
@@ -661,7 +670,7 @@ mod tests {
             VmConfig {
                 vcpus: 2,
                 memory_mib: 512,
-                policy: PolicyConfig::default(),
+                ..VmConfig::default()
             }
         );
     }

@@ -15,6 +15,7 @@ pub mod cni;
 pub mod config;
 pub mod container;
 pub mod dns_relay;
+pub mod hotplug;
 pub mod image;
 pub mod locate;
 pub mod netns;

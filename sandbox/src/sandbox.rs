@@ -123,6 +123,9 @@ pub struct Sandbox {
     /// pod's room to grow, [`Sandbox::start_reserved`]). Locked across a
     /// resize.
     usable_mib: Mutex<u32>,
+    /// The VM's RAM the guest has not added (booted with `mem=` less than
+    /// it, crate::hotplug); `None`: it booted with all of it.
+    absent: Mutex<Option<crate::hotplug::Absent>>,
     /// Some disk is writable: the guest must flush it before the VM ends.
     writable_disks: bool,
     /// The host end of the guest's DNS relay, once asked for.
@@ -198,6 +201,14 @@ impl Sandbox {
             ));
         }
         let usable_mib = opts.memory_mib.saturating_sub(reserve_mib);
+        // A VM that may grow boots with only what it uses (whole blocks),
+        // so the guest kernel keeps page descriptors only for that.
+        let present_mib = (reserve_mib > 0)
+            .then(|| crate::hotplug::boot_present_mib(config, opts.memory_mib, usable_mib))
+            .flatten();
+        let absent_mib = present_mib.map_or(0, |p| opts.memory_mib - p);
+        let mut kernel_args = opts.kernel_args.clone();
+        kernel_args.extend(present_mib.map(crate::hotplug::kernel_arg));
         // TCG may have been chosen without the user asking: say once per
         // process what it means for isolation.
         crate::check::warn_once_if_tcg(backend.kind(), &opts.id);
@@ -222,7 +233,7 @@ impl Sandbox {
             memory_mib: opts.memory_mib,
             kernel: config.paths.kernel.clone(),
             initramfs: config.paths.initramfs.clone(),
-            kernel_args: opts.kernel_args.clone(),
+            kernel_args,
             disks: opts.disks.clone(),
             net: opts.net.clone(),
             fs: opts.share_dir.as_ref().map(|dir| crate::backend::FsSpec {
@@ -249,7 +260,8 @@ impl Sandbox {
             })??;
         let vm_spawned = start.elapsed();
         if let Some(reg) = balloon_registration.as_mut() {
-            if let Err(e) = reg.attach_vm(vm.pids().first().copied(), vm.balloon()) {
+            let balloon = vm.balloon().map(|b| b.with_absent(absent_mib));
+            if let Err(e) = reg.attach_vm(vm.pids().first().copied(), balloon) {
                 tracing::warn!(id = %opts.id, error = %e, "cannot record the VM for the balloon policy");
             }
         }
@@ -272,10 +284,15 @@ impl Sandbox {
         if let Some(network) = &opts.network {
             agent.configure_network(network).await?;
         }
+        let absent = match present_mib {
+            Some(present_mib) => Some(boot_absent(&agent, &opts.id, absent_mib, present_mib).await),
+            None => None,
+        };
         if reserve_mib > 0 {
             let balloon = vm.lock().ok().and_then(|vm| vm.balloon());
+            let balloon = balloon.map(|b| b.with_absent(absent_mib));
             set_balloon(balloon, u64::from(reserve_mib)).await?;
-            tracing::info!(id = %opts.id, memory_mib = opts.memory_mib, usable_mib, "balloon set to the pod's reserve");
+            tracing::info!(id = %opts.id, memory_mib = opts.memory_mib, ?present_mib, usable_mib, "balloon set to the pod's reserve");
         }
         run_dir_guard.keep();
         Ok(Self {
@@ -287,6 +304,7 @@ impl Sandbox {
             balloon_registration: Mutex::new(balloon_registration),
             memory_mib: opts.memory_mib,
             usable_mib: Mutex::new(usable_mib),
+            absent: Mutex::new(absent),
             writable_disks: opts.disks.iter().any(|d| !d.readonly),
             dns_relay: Mutex::new(None),
             share: opts.share_dir.is_some(),
@@ -368,7 +386,90 @@ impl Sandbox {
 
     /// The VM's balloon.
     pub fn balloon(&self) -> Option<crate::balloon::BalloonHandle> {
-        self.vm.lock().ok().and_then(|vm| vm.balloon())
+        let absent = self.absent_mib();
+        self.vm
+            .lock()
+            .ok()
+            .and_then(|vm| vm.balloon())
+            .map(|b| b.with_absent(absent))
+    }
+
+    /// The VM's RAM the guest has not added, MiB (crate::hotplug).
+    pub fn absent_mib(&self) -> u32 {
+        self.absent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map_or(0, |a| a.mib)
+    }
+
+    /// Resizes a pod's VM as [`Sandbox::set_usable_memory`] does, first
+    /// having the guest add the RAM it has not added yet and now needs
+    /// (crate::hotplug). What it added is held in the balloon until the
+    /// resize gives it, so a refused resize leaves the guest as it was.
+    pub async fn resize(self: &Arc<Self>, config: &Config, usable_mib: u32) -> Result<()> {
+        self.add_memory_for(usable_mib).await?;
+        let (me, config) = (self.clone(), config.clone());
+        tokio::task::spawn_blocking(move || me.set_usable_memory(&config, usable_mib))
+            .await
+            .map_err(|e| SandboxError::Io {
+                what: "VM resize task".into(),
+                source: std::io::Error::other(e),
+            })?
+    }
+
+    async fn add_memory_for(self: &Arc<Self>, usable_mib: u32) -> Result<()> {
+        let Some(absent) = *self.absent.lock().unwrap_or_else(|p| p.into_inner()) else {
+            return Ok(());
+        };
+        let usable_mib = usable_mib.min(self.memory_mib);
+        if usable_mib <= self.memory_mib - absent.mib {
+            return Ok(());
+        }
+        let want = crate::hotplug::present_for(usable_mib).min(self.memory_mib);
+        let reported = self
+            .agent
+            .add_memory(absent.keep_for(self.memory_mib, want))
+            .await;
+        // What the guest added stays added even when it stopped short.
+        let after = match &reported {
+            Ok(now) => absent.after_report(*now),
+            Err(_) => absent,
+        };
+        *self.absent.lock().unwrap_or_else(|p| p.into_inner()) = Some(after);
+        let added = absent.mib - after.mib;
+        if added > 0 {
+            let balloon = self.balloon();
+            if let Some(reg) = self
+                .balloon_registration
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_mut()
+            {
+                let pid = reg.entry().vmm_pid;
+                if let Err(e) = reg.attach_vm(pid, balloon.clone()) {
+                    tracing::warn!(id = %self.id, error = %e, "cannot record the VM's added memory for the balloon policy");
+                }
+            }
+            // The guest keeps what it may use now: the balloon takes what
+            // was added, until the resize gives it.
+            let held = self.memory_mib - *self.usable_mib.lock().unwrap_or_else(|p| p.into_inner());
+            set_balloon(balloon, u64::from(held)).await?;
+            tracing::info!(id = %self.id, added_mib = added, absent_mib = after.mib, "guest RAM added");
+        }
+        reported?;
+        let present = self.memory_mib - after.mib;
+        if present < usable_mib {
+            return Err(SandboxError::Io {
+                what: "the guest's RAM".into(),
+                source: std::io::Error::other(format!(
+                    "the guest has added {present} MiB of the VM's {} MiB and could add no \
+                     more, short of the {usable_mib} MiB asked for (a guest kernel without \
+                     memory hotplug? [vm] memory_hotplug = false boots with all of it)",
+                    self.memory_mib
+                )),
+            });
+        }
+        Ok(())
     }
 
     /// The VM's RAM and, of it, what the guest may use (the rest is held in
@@ -483,6 +584,32 @@ impl Sandbox {
         })
         .await
         .unwrap_or(VmExit::Stopped)
+    }
+}
+
+/// What the guest of a VM booted with `present_mib` reports it has not
+/// added (the host counts `absent_mib`). An agent that cannot say (an
+/// older one, a kernel without hotplug) is logged: the VM runs, and cannot
+/// grow past what it booted with.
+async fn boot_absent(
+    agent: &Agent,
+    id: &str,
+    absent_mib: u32,
+    present_mib: u32,
+) -> crate::hotplug::Absent {
+    let reported_mib = match agent.add_memory(u64::MAX).await {
+        Ok(mib) => mib,
+        Err(e) => {
+            tracing::warn!(id, error = %e, "the agent cannot add memory: the VM cannot grow past the {present_mib} MiB it booted with");
+            0
+        }
+    };
+    if reported_mib == 0 {
+        tracing::warn!(id, present_mib, absent_mib, "the guest kernel has no RAM to add (no memory hotplug?): the VM cannot grow past what it booted with");
+    }
+    crate::hotplug::Absent {
+        mib: absent_mib,
+        reported_mib,
     }
 }
 

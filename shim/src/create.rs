@@ -318,7 +318,9 @@ pub async fn make(req: &CreateRequest, plan: &Plan, config: &Config) -> Result<M
         share_dir: share.as_ref().map(|s| s.dir().to_path_buf()),
         cgroup: vm_cgroup(&plan.spec),
     };
-    let reserve_mib = vm_memory_mib - sizing::pod_vm_usable(plan.size.memory_mib, vm_memory_mib);
+    let hotplug = capsid_sandbox::hotplug::grows_by_hotplug(config, vm_memory_mib);
+    let reserve_mib =
+        vm_memory_mib - sizing::pod_vm_usable(plan.size.memory_mib, vm_memory_mib, hotplug);
     let sandbox = Sandbox::start_reserved(config, backend, opts, reserve_mib).await?;
     rollback.update(|r| r.set_vm_processes(&sandbox.pids()))?;
     let timings = sandbox.timings;
@@ -476,10 +478,7 @@ pub async fn make_warm(
     // limit.
     let sandbox = Arc::new(sandbox);
     if sandbox.memory().1 != plan.size.memory_mib {
-        let (vm, cfg, mib) = (sandbox.clone(), config.clone(), plan.size.memory_mib);
-        tokio::task::spawn_blocking(move || vm.set_usable_memory(&cfg, mib))
-            .await
-            .map_err(|e| ContainerError::Internal(format!("balloon task: {e}")))??;
+        sandbox.resize(config, plan.size.memory_mib).await?;
     }
     tracing::info!(container = %req.id, sandbox = %name, ?cgroup, memory_mib = plan.size.memory_mib, "container takes a pooled sandbox");
 

@@ -134,11 +134,9 @@ impl Pod {
             vm_mib,
             self.config_max_mib,
         )? {
-            let usable = crate::sizing::pod_vm_usable(grow_to, vm_mib);
-            let (sandbox, config) = (self.sandbox.clone(), self.config.clone());
-            tokio::task::spawn_blocking(move || sandbox.set_usable_memory(&config, usable))
-                .await
-                .map_err(|e| ContainerError::Internal(format!("pod growth task: {e}")))??;
+            let hotplug = capsid_sandbox::hotplug::grows_by_hotplug(&self.config, vm_mib);
+            let usable = crate::sizing::pod_vm_usable(grow_to, vm_mib, hotplug);
+            self.sandbox.resize(&self.config, usable).await?;
             tracing::info!(pod = %self.id, container = %id, from_mib = memory.size_mib, to_mib = grow_to, vm_mib, "pod VM grown");
             memory.size_mib = grow_to;
         }

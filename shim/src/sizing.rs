@@ -305,9 +305,16 @@ pub fn spec_memory_limit_mib(spec: &Spec) -> Option<u64> {
 /// `size_mib`, MiB: the size, plus the page descriptors the guest kernel
 /// keeps for the RAM held in the balloon (64 bytes per 4 KiB page, 1/64),
 /// so that the pod has what a VM booted at its size would have. The
-/// balloon holds the rest.
-pub fn pod_vm_usable(size_mib: u32, vm_mib: u32) -> u32 {
-    let reserve = vm_mib.saturating_sub(size_mib);
+/// balloon holds the rest. With `hotplug` (the VM boots with only whole
+/// blocks of what it uses, capsid_sandbox::hotplug) the kernel describes
+/// only those blocks, so only their part past the size is made up for.
+pub fn pod_vm_usable(size_mib: u32, vm_mib: u32, hotplug: bool) -> u32 {
+    let described = if hotplug {
+        capsid_sandbox::hotplug::present_for(size_mib).min(vm_mib)
+    } else {
+        vm_mib
+    };
+    let reserve = described.saturating_sub(size_mib);
     size_mib.saturating_add(reserve / 64).min(vm_mib)
 }
 
@@ -583,10 +590,13 @@ mod tests {
 
     #[test]
     fn a_pods_guest_gets_the_page_descriptors_of_its_reserve() {
-        assert_eq!(pod_vm_usable(192, 2048), 192 + 29);
-        assert_eq!(pod_vm_usable(2048, 2048), 2048);
-        assert_eq!(pod_vm_usable(320, 320), 320);
-        assert_eq!(pod_vm_usable(8192, 2048), 2048);
+        assert_eq!(pod_vm_usable(192, 2048, false), 192 + 29);
+        assert_eq!(pod_vm_usable(2048, 2048, false), 2048);
+        assert_eq!(pod_vm_usable(320, 320, false), 320);
+        assert_eq!(pod_vm_usable(8192, 2048, false), 2048);
+        // Booted with 256 of 2048: only 64 MiB past the size is described.
+        assert_eq!(pod_vm_usable(192, 2048, true), 193);
+        assert_eq!(pod_vm_usable(2048, 2048, true), 2048);
     }
 
     #[test]

@@ -2,11 +2,13 @@
 //! private containerd with its CRI plugin, capsid_tests::cri, driven by
 //! CRI calls only, as in cri_pods.rs).
 //!
-//! The pod's VM boots at `[pod] max_memory_mib` (1024 MiB by default) with
-//! all but the pod's size held in its balloon. Containers whose memory
-//! limits sum past the pod's size, and an UpdateContainerResources that
-//! raises a limit, deflate the balloon: the guest's available memory, read
-//! with ExecSync `cat /proc/meminfo`, grows by as much. A container whose
+//! The pod's VM is given `[pod] max_memory_mib` (1024 MiB by default) and
+//! boots with only the pod's size in whole 128 MiB blocks (`mem=`, memory
+//! hotplug), the balloon holding the rest of those blocks. Containers
+//! whose memory limits sum past the pod's size, and an
+//! UpdateContainerResources that raises a limit, have the guest add blocks
+//! and deflate the balloon: the guest's MemTotal and available memory,
+//! read with ExecSync `cat /proc/meminfo`, grow by as much. A container whose
 //! limit would take the pod past its maximum is refused with an error
 //! naming `[pod] max_memory_mib`, and the pod's other containers keep
 //! running. The test also prints what the idle pod's VM holds on the host,
@@ -150,9 +152,14 @@ fn a_pod_grows_as_containers_are_added_capsid() {
     // The balloon holds the reserve: the guest has about the pod's 192 MiB.
     let (total, small) = wait_available(&h, &a, "the reserve inflated", |av| av < 192);
     println!("pod of 192 MiB in a VM of 1024: MemTotal {total} MiB, MemAvailable {small} MiB");
+    // It booted with two blocks, not the whole 1024 MiB.
+    assert!(
+        total <= 256,
+        "the guest booted with {total} MiB, more than the pod's two blocks"
+    );
     std::thread::sleep(SETTLE);
     let (footprint_max, resident_max) = vm_host_memory(&h, &pod);
-    println!("idle pod booted at the maximum: VMM holds {footprint_max} MiB, guest RAM resident {resident_max} MiB");
+    println!("idle pod that may grow to 1024: VMM holds {footprint_max} MiB, guest RAM resident {resident_max} MiB");
     let (_, small) = meminfo(&h, &a);
 
     // b. 64 + 256 MiB of limits and 64 for the guest: the VM grows to 384.
@@ -163,7 +170,11 @@ fn a_pod_grows_as_containers_are_added_capsid() {
     );
     h.wait_container_state(&b, ContainerState::ContainerRunning, LONG);
     assert_eq!(h.memory_limit_inside(&b), (256 * MIB).to_string());
-    let (_, grown) = wait_available(&h, &a, "grown by 192 MiB", |av| av >= small + 160);
+    let (total, grown) = wait_available(&h, &a, "grown by 192 MiB", |av| av >= small + 160);
+    assert!(
+        (256..=384).contains(&total),
+        "the guest has {total} MiB after growing to 384"
+    );
     println!("after b (256 MiB): MemAvailable {small} -> {grown} MiB (VM 192 -> 384 MiB)");
     assert!(
         grown <= small + 230,
@@ -174,7 +185,11 @@ fn a_pod_grows_as_containers_are_added_capsid() {
     update(&h, &a, 512 * MIB)
         .unwrap_or_else(|e| panic!("update a to 512 MiB: {e}\n{}", h.log_tail()));
     assert_eq!(h.memory_limit_inside(&a), (512 * MIB).to_string());
-    let (_, updated) = wait_available(&h, &b, "grown by 448 MiB", |av| av >= grown + 400);
+    let (total, updated) = wait_available(&h, &b, "grown by 448 MiB", |av| av >= grown + 400);
+    assert!(
+        (768..=896).contains(&total),
+        "the guest has {total} MiB after growing to 832"
+    );
     println!(
         "after a's update to 512 MiB: MemAvailable {grown} -> {updated} MiB (VM 384 -> 832 MiB)"
     );

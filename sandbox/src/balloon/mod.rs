@@ -37,6 +37,17 @@ pub enum BalloonError {
         /// Memory assigned to the VM.
         assigned_mib: u32,
     },
+    /// The target would give the guest RAM it has not added yet.
+    #[error(
+        "balloon target {target_mib} MiB is below the {absent_mib} MiB of the VM's RAM the guest \
+         has not added: add memory to the guest first"
+    )]
+    BelowAbsent {
+        /// Requested balloon size.
+        target_mib: u64,
+        /// The VM's RAM the guest has not added.
+        absent_mib: u32,
+    },
     /// QEMU's QMP socket cannot be reached or did not answer.
     #[error("cannot talk to the VMM at {socket}")]
     Io {
@@ -138,6 +149,12 @@ pub struct BalloonHandle {
     pub endpoint: BalloonEndpoint,
     /// Memory assigned to the VM, MiB.
     pub assigned_mib: u32,
+    /// Of it, the RAM the guest kernel has not added (a VM booted with
+    /// `mem=` below its RAM, crate::hotplug), MiB. It counts as held in
+    /// the balloon: the guest cannot use it either. So a balloon size here
+    /// is the device's plus this, and none may be below it.
+    #[serde(default)]
+    pub absent_mib: u32,
 }
 
 /// A balloon's state and the guest's view of its memory.
@@ -160,7 +177,15 @@ impl BalloonHandle {
         Self {
             endpoint,
             assigned_mib,
+            absent_mib: 0,
         }
+    }
+
+    /// The same balloon on a VM whose guest has not added `absent_mib` of
+    /// its RAM.
+    pub fn with_absent(mut self, absent_mib: u32) -> Self {
+        self.absent_mib = absent_mib.min(self.assigned_mib);
+        self
     }
 
     /// Sets the balloon's size: `balloon_mib` MiB are taken from the guest
@@ -172,14 +197,24 @@ impl BalloonHandle {
                 assigned_mib: self.assigned_mib,
             });
         }
+        let absent = u64::from(self.absent_mib);
+        if balloon_mib < absent {
+            return Err(BalloonError::BelowAbsent {
+                target_mib: balloon_mib,
+                absent_mib: self.absent_mib,
+            });
+        }
+        // What the device holds: the absent RAM is not the guest's to give.
+        let device_mib = balloon_mib - absent;
         match &self.endpoint {
             BalloonEndpoint::Qmp { socket } => {
-                let guest_bytes = (u64::from(self.assigned_mib) - balloon_mib) * MIB;
+                // QEMU takes the guest's size out of the VM's whole RAM.
+                let guest_bytes = (u64::from(self.assigned_mib) - device_mib) * MIB;
                 qmp::Qmp::connect(socket)?.set_guest_memory(guest_bytes)
             }
             BalloonEndpoint::CapsidVmm { socket } => {
-                // Checked above: balloon_mib <= assigned_mib, a u32.
-                let mib = u32::try_from(balloon_mib).unwrap_or(self.assigned_mib);
+                // Checked above: device_mib <= assigned_mib, a u32.
+                let mib = u32::try_from(device_mib).unwrap_or(self.assigned_mib);
                 vmm_control::set_target(socket, mib)
             }
         }
@@ -197,6 +232,8 @@ impl BalloonHandle {
             }
             BalloonEndpoint::CapsidVmm { socket } => vmm_control::status(socket)?,
         };
+        let absent = u64::from(self.absent_mib);
+        let (target_mib, actual_mib) = (target_mib + absent, actual_mib + absent);
         let clamp = |mib: u64| u32::try_from(mib.min(u64::from(self.assigned_mib))).unwrap_or(0);
         Ok(BalloonStatus {
             assigned_mib: self.assigned_mib,
@@ -266,6 +303,40 @@ mod tests {
         // In range: the error is about the socket, not the value.
         let e = h.set_target(256).unwrap_err();
         assert!(matches!(e, BalloonError::Io { .. }), "{e}");
+    }
+
+    #[test]
+    fn ram_the_guest_has_not_added_counts_as_balloon_and_cannot_be_given() {
+        let h = BalloonHandle::new(
+            BalloonEndpoint::Qmp {
+                socket: "/nonexistent/qmp.sock".into(),
+            },
+            1024,
+        )
+        .with_absent(768);
+        let e = h.set_target(767).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                BalloonError::BelowAbsent {
+                    absent_mib: 768,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(
+            e.to_string().contains("add memory to the guest first"),
+            "{e}"
+        );
+        let e = h.set_target(768).unwrap_err();
+        assert!(matches!(e, BalloonError::Io { .. }), "{e}");
+        // Never more absent than the VM has; and an entry written before
+        // the field existed reads as nothing absent.
+        assert_eq!(h.clone().with_absent(5000).absent_mib, 1024);
+        let old = r#"{"endpoint":{"kind":"qmp","socket":"/q"},"assigned_mib":64}"#;
+        let back: BalloonHandle = serde_json::from_str(old).unwrap();
+        assert_eq!(back.absent_mib, 0);
     }
 
     #[test]

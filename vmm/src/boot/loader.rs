@@ -265,6 +265,46 @@ pub fn load_initramfs(
     Ok((addr, size))
 }
 
+/// The top of the RAM a kernel given `cmdline` uses: its last `mem=`
+/// (`nn[KMGTPE]`, decimal or `0x` hex, as the kernel's memparse reads
+/// it), or `None`.
+pub fn mem_limit(cmdline: &str) -> Option<u64> {
+    cmdline
+        .split_ascii_whitespace()
+        .filter_map(|arg| arg.strip_prefix("mem="))
+        .last()
+        .and_then(|v| {
+            let digits_end = v
+                .find(|c: char| !(c.is_ascii_hexdigit() || c == 'x' || c == 'X'))
+                .unwrap_or(v.len());
+            // A hex digit may also be a suffix letter only for `E`, which
+            // the kernel reads as a digit in hex and a suffix in decimal.
+            let (number, suffix) = v.split_at(digits_end);
+            let (number, suffix) = match number.strip_prefix("0x").or(number.strip_prefix("0X")) {
+                Some(hex) => (u64::from_str_radix(hex, 16).ok()?, suffix),
+                None => {
+                    let (n, s) = match number.strip_suffix(['e', 'E']) {
+                        Some(n) if suffix.is_empty() => (n, "E"),
+                        _ => (number, suffix),
+                    };
+                    (n.parse::<u64>().ok()?, s)
+                }
+            };
+            let shift = match suffix {
+                "" => 0,
+                "k" | "K" => 10,
+                "m" | "M" => 20,
+                "g" | "G" => 30,
+                "t" | "T" => 40,
+                "p" | "P" => 50,
+                "e" | "E" => 60,
+                _ => return None,
+            };
+            number.checked_mul(1u64.checked_shl(shift)?)
+        })
+        .filter(|m| *m > 0)
+}
+
 /// The command-line capacity the kernel accepts (NUL included).
 pub fn cmdline_capacity(kernel_header: Option<&setup_header>) -> usize {
     match kernel_header {
@@ -301,10 +341,23 @@ pub struct LinuxBoot<'a> {
 /// how to enter the kernel.
 pub fn load_linux(mem: &GuestMemoryMmap, boot: &LinuxBoot<'_>) -> Result<BootEntry> {
     let kernel = load_kernel(mem, boot.kernel, boot.low_ram_end)?;
-    let initrd = boot
-        .initramfs
-        .map(|p| load_initramfs(mem, p, &kernel, boot.low_ram_end))
-        .transpose()?;
+    // A kernel told `mem=` uses RAM only below it: an initramfs above it
+    // would be copied down by the kernel, and its first copy would stay
+    // written in RAM the guest never frees, resident on the host (a VM
+    // that boots small and adds memory as it grows). So it goes below,
+    // when it fits there.
+    let initrd = match boot.initramfs {
+        Some(p) => {
+            let below_mem = mem_limit(boot.cmdline)
+                .filter(|m| *m < boot.low_ram_end)
+                .and_then(|m| load_initramfs(mem, p, &kernel, m).ok());
+            match below_mem {
+                Some(placed) => Some(placed),
+                None => Some(load_initramfs(mem, p, &kernel, boot.low_ram_end)?),
+            }
+        }
+        None => None,
+    };
     let capacity = cmdline_capacity(kernel.setup_header.as_ref());
     let invalid = |source| BootError::Cmdline { capacity, source };
     let cmdline = Cmdline::try_from(boot.cmdline, capacity).map_err(invalid)?;
@@ -454,6 +507,27 @@ mod tests {
         assert!(matches!(e, BootError::NotAKernel(_)), "{e}");
         let e = load_kernel(&mem, Path::new("/nonexistent/vmlinux"), 16 << 20).unwrap_err();
         assert!(e.to_string().contains("/nonexistent/vmlinux"), "{e}");
+    }
+
+    #[test]
+    fn mem_on_the_command_line_is_read_as_the_kernel_reads_it() {
+        assert_eq!(mem_limit("console=ttyS0 mem=256M quiet"), Some(256 << 20));
+        assert_eq!(mem_limit("mem=1G mem=512m"), Some(512 << 20));
+        assert_eq!(mem_limit("mem=0x10000000"), Some(0x1000_0000));
+        assert_eq!(mem_limit("mem=65536K"), Some(64 << 20));
+        assert_eq!(mem_limit("mem=4096"), Some(4096));
+        for none in [
+            "",
+            "quiet",
+            "mem=",
+            "mem=nopentium",
+            "mem=12Q",
+            "mem=0",
+            "xmem=1G",
+        ] {
+            assert_eq!(mem_limit(none), None, "{none}");
+        }
+        assert_eq!(mem_limit("mem=99999999999E"), None);
     }
 
     #[test]
