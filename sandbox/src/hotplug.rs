@@ -31,7 +31,7 @@ pub fn boot_present_mib(config: &Config, vm_mib: u32, usable_mib: u32) -> Option
 
 /// Whether a VM of `vm_mib` that may grow does so by memory hotplug.
 pub fn grows_by_hotplug(config: &Config, vm_mib: u32) -> bool {
-    config.vm.memory_hotplug && vm_mib % BLOCK_MIB == 0
+    config.vm.memory_hotplug && vm_mib.is_multiple_of(BLOCK_MIB)
 }
 
 /// The RAM the guest must have added for `usable_mib` of it to be usable:

@@ -271,8 +271,8 @@ pub fn load_initramfs(
 pub fn mem_limit(cmdline: &str) -> Option<u64> {
     cmdline
         .split_ascii_whitespace()
-        .filter_map(|arg| arg.strip_prefix("mem="))
-        .last()
+        .rev()
+        .find_map(|arg| arg.strip_prefix("mem="))
         .and_then(|v| {
             let digits_end = v
                 .find(|c: char| !(c.is_ascii_hexdigit() || c == 'x' || c == 'X'))
