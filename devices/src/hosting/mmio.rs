@@ -249,10 +249,13 @@ impl<D: VirtioDevice> MmioTransport<D> {
     /// Puts `device` behind a transport on guest memory `mem`, signalling
     /// the driver through `interrupt`.
     pub fn new(device: D, mem: GuestMemoryMmap, interrupt: Arc<dyn Interrupt>) -> Self {
+        let offered = device.queue_offered_sizes();
         let queues = device
             .queue_max_sizes()
             .iter()
-            .filter_map(|&size| Queue::new(largest_power_of_two(size)).ok())
+            .enumerate()
+            .map(|(i, &max)| offered.get(i).map_or(max, |&o| o.min(max)))
+            .filter_map(|size| Queue::new(largest_power_of_two(size)).ok())
             .collect();
         Self {
             device,
@@ -984,6 +987,26 @@ mod tests {
         w(t, VIRTIO_MMIO_QUEUE_USED_LOW, low32(USED));
         w(t, VIRTIO_MMIO_QUEUE_USED_HIGH, 0);
         w(t, VIRTIO_MMIO_QUEUE_READY, 1);
+    }
+
+    #[test]
+    fn a_device_offers_drivers_less_than_its_maximum() {
+        // vsock takes queues of up to 1024 entries over vhost-user, but an
+        // MMIO driver, which fills every receive entry with a buffer of
+        // guest RAM, is offered 256.
+        let dir = tempfile::tempdir().unwrap();
+        let vsock = crate::virtio::vsock::Vsock::new(3, &dir.path().join("v.sock")).unwrap();
+        assert_eq!(vsock.queue_max_sizes(), &[1024; 3]);
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let mut t = MmioTransport::new(vsock, mem, Arc::new(Counter::default()));
+        let mut num_max = |queue: u32| {
+            t.write(VIRTIO_MMIO_QUEUE_SEL, &queue.to_le_bytes());
+            let mut d = [0u8; 4];
+            t.read(VIRTIO_MMIO_QUEUE_NUM_MAX, &mut d);
+            u32::from_le_bytes(d)
+        };
+        assert_eq!((num_max(0), num_max(1), num_max(2)), (256, 256, 256));
+        assert_eq!(num_max(3), 0);
     }
 
     #[test]

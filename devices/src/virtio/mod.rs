@@ -92,6 +92,15 @@ pub trait VirtioDevice: Send {
     fn name(&self) -> &'static str;
     /// Maximum size of each queue; its length is the number of queues.
     fn queue_max_sizes(&self) -> &[u16];
+    /// Size of each queue offered to a driver that sizes its rings by the
+    /// device (MMIO's QueueNumMax, which Linux takes as it is); at most
+    /// [`Self::queue_max_sizes`], same length. A driver keeps a buffer per
+    /// entry of a receive queue, in guest RAM, so a device whose receive
+    /// queues need not be deep offers less. Over vhost-user the frontend
+    /// picks the size within the maximum.
+    fn queue_offered_sizes(&self) -> &[u16] {
+        self.queue_max_sizes()
+    }
     /// Feature bits the device offers.
     fn features(&self) -> u64;
     /// Feature bits the driver accepted (a subset of [`Self::features`]).

@@ -17,6 +17,12 @@ use crate::virtio::{queue_bit, DeviceError, DeviceEvent, VirtioDevice, COMMON_FE
 /// Largest queue the driver may set up (QEMU asks for 1024).
 pub const VSOCK_QUEUE_SIZE: u16 = 1024;
 const QUEUE_SIZES: [u16; 3] = [VSOCK_QUEUE_SIZE; 3];
+/// Queue size offered to an MMIO driver: Linux fills the receive queue
+/// with a 4 KiB buffer per entry, so 1024 entries would keep 4 MiB of
+/// every guest's RAM. 256 entries (1 MiB in flight, as Firecracker
+/// offers) are plenty for the agent's streams.
+pub const VSOCK_OFFERED_QUEUE_SIZE: u16 = 256;
+const OFFERED_SIZES: [u16; 3] = [VSOCK_OFFERED_QUEUE_SIZE; 3];
 
 /// virtio-vsock with the hybrid Unix-socket host side.
 #[derive(Debug)]
@@ -186,6 +192,10 @@ impl VirtioDevice for Vsock {
 
     fn queue_max_sizes(&self) -> &[u16] {
         &QUEUE_SIZES
+    }
+
+    fn queue_offered_sizes(&self) -> &[u16] {
+        &OFFERED_SIZES
     }
 
     fn features(&self) -> u64 {
