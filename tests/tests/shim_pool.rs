@@ -156,7 +156,12 @@ fn each_container_takes_its_own_pooled_sandbox_and_sees_nothing_of_the_last() {
     // The oldest was taken; it served p1 and ended with it.
     assert_eq!(ready(&h), ["w2"]);
     let (code, err) = first.wait();
-    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        code,
+        0,
+        "the warm shim: {err}\ncontainerd's log:\n{}",
+        h.log_tail()
+    );
     // Nothing of the VM runs on once its shim is gone (a dead process's
     // entry may linger until whoever inherited it reaps it).
     let left = processes_with(&w1_dir);
@@ -165,7 +170,12 @@ fn each_container_takes_its_own_pooled_sandbox_and_sees_nothing_of_the_last() {
     let b = probe(&h, "p2");
     assert_eq!(ready(&h), Vec::<String>::new());
     let (code, err) = second.wait();
-    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        code,
+        0,
+        "the warm shim: {err}\ncontainerd's log:\n{}",
+        h.log_tail()
+    );
     // Another boot of another kernel, with nothing of p1's.
     assert_ne!(a[0], b[0], "boot ids");
     assert_eq!(a[1].trim(), "", "a fresh sandbox's /dev/shm is empty");
@@ -291,7 +301,12 @@ fn a_pooled_sandbox_joins_the_containers_network() {
         h.log_tail()
     );
     let (code, err) = warm.wait();
-    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        code,
+        0,
+        "the warm shim: {err}\ncontainerd's log:\n{}",
+        h.log_tail()
+    );
     // Only the veth is left in the container's namespace.
     let (_, links, _) = run(Command::new("ip").args(["-n", &wire.names[0], "-o", "link"]));
     assert_eq!(links.lines().count(), 2, "lo and eth0 only:\n{links}");
@@ -346,7 +361,12 @@ fn a_pooled_sandboxs_processes_move_into_the_containers_cgroup() {
     let (code, _, err) = h.ctr(&["container", "delete", "g1"]);
     assert_eq!(code, 0, "{err}");
     let (code, err) = warm.wait();
-    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        code,
+        0,
+        "the warm shim: {err}\ncontainerd's log:\n{}",
+        h.log_tail()
+    );
     h.assert_clean(&["g1"]);
     let memory_root = Path::new("/sys/fs/cgroup/memory/default/g1");
     assert!(!memory_root.exists(), "the container's cgroup is removed");
@@ -427,7 +447,12 @@ fn a_larger_container_takes_a_sandbox_booted_larger_and_the_balloon_gives_it_its
         h.log_tail()
     );
     let (code, err) = warm.wait();
-    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        code,
+        0,
+        "the warm shim: {err}\ncontainerd's log:\n{}",
+        h.log_tail()
+    );
     // The balloon gave the guest the container's size of its 1024 MiB,
     // no more, no less: what the cold VM has, give or take the page
     // descriptors of the larger VM (1/64 of it) and the balloon driver.
@@ -589,7 +614,12 @@ fn a_pooled_sandbox_holds_nothing_of_the_last_containers_memory() {
     let (code, _, err) = h.ctr(&["task", "delete", "r1"]);
     assert_eq!(code, 0, "{err}");
     let (code, err) = first.wait();
-    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        code,
+        0,
+        "the warm shim: {err}\ncontainerd's log:\n{}",
+        h.log_tail()
+    );
 
     h.run_detached("r2", &["sleep", "1000"]);
     assert!(
