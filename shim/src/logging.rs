@@ -31,10 +31,17 @@ pub fn open_fifo(bundle: &Path) -> Option<File> {
 pub fn init(sink: Option<File>, debug: bool) {
     let filter = EnvFilter::try_from_env(LOG_ENV)
         .unwrap_or_else(|_| EnvFilter::new(if debug { "debug" } else { "info" }));
+    // A sink that fails must not take the shim down. After Delete
+    // containerd closes its end of the log FIFO, which is also the shim's
+    // stderr, and the shim's last lines fail with EPIPE; by default the
+    // subscriber then reports the failure with `eprintln!`, which panics
+    // when stderr fails too: exit 101 on the main thread, and the panic's
+    // message lost in the same closed FIFO.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(false)
-        .with_target(false);
+        .with_target(false)
+        .log_internal_errors(false);
     let installed = match sink {
         Some(file) => builder.with_writer(Mutex::new(file)).try_init(),
         None => builder.with_writer(std::io::stderr).try_init(),

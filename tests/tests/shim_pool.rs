@@ -636,6 +636,11 @@ fn a_pooled_sandbox_holds_nothing_of_the_last_containers_memory() {
         assert_eq!(code, 0, "{err}");
     }
     let (code, err) = second.wait();
-    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        code,
+        0,
+        "the warm shim: {err}\ncontainerd's log:\n{}",
+        h.log_tail()
+    );
     h.assert_clean(&["r1", "r2"]);
 }
