@@ -259,9 +259,11 @@ impl Sandbox {
                 source: std::io::Error::other(e),
             })??;
         let vm_spawned = start.elapsed();
+        // The balloon as the host sees it: RAM the guest has not added
+        // counts as held in it.
+        let balloon = vm.balloon().map(|b| b.with_absent(absent_mib));
         if let Some(reg) = balloon_registration.as_mut() {
-            let balloon = vm.balloon().map(|b| b.with_absent(absent_mib));
-            if let Err(e) = reg.attach_vm(vm.pids().first().copied(), balloon) {
+            if let Err(e) = reg.attach_vm(vm.pids().first().copied(), balloon.clone()) {
                 tracing::warn!(id = %opts.id, error = %e, "cannot record the VM for the balloon policy");
             }
         }
@@ -289,8 +291,6 @@ impl Sandbox {
             None => None,
         };
         if reserve_mib > 0 {
-            let balloon = vm.lock().ok().and_then(|vm| vm.balloon());
-            let balloon = balloon.map(|b| b.with_absent(absent_mib));
             set_balloon(balloon, u64::from(reserve_mib)).await?;
             tracing::info!(id = %opts.id, memory_mib = opts.memory_mib, ?present_mib, usable_mib, "balloon set to the pod's reserve");
         }
